@@ -1,0 +1,147 @@
+//! Code generation: a resolved config becomes the Rust source of a trainer specialised to it.
+//!
+//! The output is flat and readable (it is written to `$OUT_DIR/pipeline.rs`): constants for
+//! every shape and count, the concrete model type, the embedded config texts (so `--set` is
+//! re-validated by this same crate at run time) and a `run()` that calls the runtime trainer.
+//! build.rs and the `trainer!` macro both call [`tokens`], so they cannot drift apart.
+
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote};
+
+use crate::plan::{cnn_1d_channels, cnn_light_channels};
+use crate::schema::TaskKind;
+use crate::{Kind, Resolved};
+
+/// The generated items, as tokens (for the macro) .
+pub fn tokens(r: &Resolved) -> TokenStream {
+    let Kind::Classification(c) = &r.kind else {
+        // resolve() rejects every other trainer kind before code generation.
+        let msg = "signal-diffusion: this trainer kind cannot be generated";
+        return quote! { compile_error!(#msg); };
+    };
+    let plan = r
+        .plan
+        .as_ref()
+        .expect("supported classification configs have a plan");
+    let rt = quote! { ::signal_diffusion_runtime };
+    let m = &c.model;
+
+    let name = &r.stem;
+    let config_path = r.config_path.display().to_string();
+    let embedded = r.sources.files.iter().filter_map(|f| {
+        let path = f.path.as_ref()?.display().to_string();
+        let (n, t) = (&f.name, &f.text);
+        Some(quote! { (#n, #path, #t) })
+    });
+    let plan_text = plan.render();
+    let params = plan.params;
+    let flops = plan.flops_per_step;
+    let batch = c.dataset.batch_size;
+    let input = &plan.input;
+    let input_rank = input.len();
+    let activation = format_ident!(
+        "{}",
+        match m.activation.as_str() {
+            "gelu" => "Gelu",
+            "relu" => "Relu",
+            "lrelu" => "LeakyRelu",
+            "silu" => "Silu",
+            "sigmoid" => "Sigmoid",
+            "tanh" => "Tanh",
+            _ => "PRelu",
+        }
+    );
+    let (in_ch, emb, reps, dropout) = (
+        m.input_channels,
+        m.embedding_dim,
+        m.layer_repeats,
+        m.dropout,
+    );
+
+    let (model_ty, shape) = match m.backbone.as_str() {
+        "cnn_light" => {
+            let (stem, channels) = cnn_light_channels(m.embedding_dim, m.depth);
+            let res = c.dataset.resolution;
+            (
+                quote! { #rt::models::CnnLight },
+                quote! {
+                    #rt::models::CnnLightShape {
+                        in_channels: #in_ch, resolution: #res, stem: #stem, channels: &[#(#channels),*],
+                        layer_repeats: #reps, embedding_dim: #emb,
+                        activation: #rt::nn::Activation::#activation, dropout: #dropout,
+                    }
+                },
+            )
+        }
+        _ => {
+            let (stem, channels, kernels) =
+                cnn_1d_channels(m.input_channels, m.embedding_dim, m.depth);
+            let len = c.dataset.sequence_length;
+            (
+                quote! { #rt::models::Cnn1d },
+                quote! {
+                    #rt::models::Cnn1dShape {
+                        in_channels: #in_ch, length: #len, stem: #stem, channels: &[#(#channels),*],
+                        kernels: &[#(#kernels),*], layer_repeats: #reps, embedding_dim: #emb,
+                        activation: #rt::nn::Activation::#activation, dropout: #dropout,
+                    }
+                },
+            )
+        }
+    };
+    let tasks = c.tasks.iter().map(|t| {
+        let (n, col, enc, out) = (&t.name, &t.column, &t.encoder, t.outputs);
+        let kind = match t.kind {
+            TaskKind::Classification => quote! { #rt::tasks::TaskKind::Classification },
+            TaskKind::Regression => quote! { #rt::tasks::TaskKind::Regression },
+        };
+        quote! { #rt::tasks::TaskSpec { name: #n, kind: #kind, outputs: #out, column: #col, encoder: #enc } }
+    });
+    let n_tasks = c.tasks.len();
+
+    quote! {
+        /// The config this trainer was compiled from.
+        pub const CONFIG_NAME: &str = #name;
+        pub const CONFIG_PATH: &str = #config_path;
+        /// (display name, path, text) of every file in the config chain, as read at build time.
+        pub const EMBEDDED: &[(&str, &str, &str)] = &[#(#embedded),*];
+        /// The shape plan, rendered (`--plan`).
+        pub const PLAN: &str = #plan_text;
+        pub const PARAMETERS: u64 = #params;
+        pub const FLOPS_PER_STEP: u64 = #flops;
+        pub const BATCH_SIZE: usize = #batch;
+        /// Per-sample input shape; a sample of another shape is an error naming its file.
+        pub const INPUT_SHAPE: [usize; #input_rank] = [#(#input),*];
+        pub type Model = #model_ty;
+        pub const MODEL: <Model as #rt::models::Backbone>::Shape = #shape;
+        pub const TASKS: [#rt::tasks::TaskSpec; #n_tasks] = [#(#tasks),*];
+
+        pub fn run(options: #rt::train::RunOptions) -> ::std::process::ExitCode {
+            #rt::train::classification::main::<Model>(
+                &#rt::train::Compiled {
+                    name: CONFIG_NAME,
+                    config_path: CONFIG_PATH,
+                    embedded: EMBEDDED,
+                    plan: PLAN,
+                    parameters: PARAMETERS,
+                    flops_per_step: FLOPS_PER_STEP,
+                    batch_size: BATCH_SIZE,
+                    input_shape: &INPUT_SHAPE,
+                    tasks: &TASKS,
+                },
+                &MODEL,
+                options,
+            )
+        }
+    }
+}
+
+/// The generated file: a header naming the config, then the items, formatted.
+pub fn generate(r: &Resolved) -> String {
+    let file: syn::File = syn::parse2(tokens(r)).expect("generated code parses");
+    format!(
+        "// @generated by signal-diffusion-config from {}. Do not edit: change the TOML and rebuild.\n\n{}",
+        r.config_path.display(),
+        prettyplease::unparse(&file)
+    )
+}

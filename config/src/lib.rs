@@ -1,0 +1,359 @@
+//! The config crate: schema, settings resolution, validation with TOML locations, shape plans
+//! and code generation. It never depends on Candle, so the build script stays fast to compile.
+//!
+//! Flow: [`resolve`] reads a training config and its settings chain, validates every key and
+//! every cross-field rule, checks that this build can honour the config ([`Target`]) and
+//! computes the shape [`plan::Plan`]. [`codegen::generate`] turns the result into the Rust source
+//! of a trainer. build.rs, the `trainer!` macro and `sigdiff validate` all go through here, so they
+//! report the same errors.
+
+pub mod codegen;
+pub mod diag;
+pub mod plan;
+pub mod schema;
+pub mod settings;
+pub mod tree;
+
+use std::path::{Path, PathBuf};
+
+use diag::{ConfigError, Diagnostic, Diagnostics, Loc, Sources};
+use schema::{Classification, Diffusion};
+use settings::{Env, Settings};
+use tree::{Ctx, Section};
+
+/// What the binary being built can do; configs that need more are rejected at build time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Target {
+    pub cuda: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "trainer", rename_all = "lowercase")]
+pub enum Kind {
+    Classification(Classification),
+    Diffusion(Diffusion),
+}
+
+/// A resolved, validated config.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub sources: Sources,
+    /// Warnings, rendered (keys that have no effect, and similar).
+    pub warnings: Vec<String>,
+    pub config_path: PathBuf,
+    /// The config file's stem: the trainer binary is `train-<stem>`.
+    pub stem: String,
+    pub settings: Settings,
+    pub output_type: String,
+    pub data_type: String,
+    pub kind: Kind,
+    pub plan: Option<plan::Plan>,
+}
+
+impl Resolved {
+    /// The resolved config as JSON (what `--print-config` shows and each run records).
+    pub fn to_json(&self) -> String {
+        let v = serde_json::json!({
+            "config": self.config_path,
+            "settings": self.settings,
+            "output_type": self.output_type,
+            "data_type": self.data_type,
+            "run": self.kind,
+        });
+        serde_json::to_string_pretty(&v).expect("plain data serializes")
+    }
+}
+
+/// Keys a compiled trainer accepts in `--set`: run-time paths and scalars that change no shape,
+/// type or code path. Everything else is baked in.
+pub const OVERRIDABLE: &[&str] = &[
+    "dataset.name",
+    "dataset.train_split",
+    "dataset.val_split",
+    "dataset.test_split",
+    "dataset.num_workers",
+    "dataset.shuffle",
+    "dataset.pin_memory",
+    "optimizer.learning_rate",
+    "optimizer.weight_decay",
+    "optimizer.betas",
+    "optimizer.eps",
+    "optimizer.momentum",
+    "scheduler.warmup_steps",
+    "scheduler.kwargs.min_lr_ratio",
+    "scheduler.kwargs.num_cycles",
+    "scheduler.min_lr_ratio",
+    "scheduler.num_cycles",
+    "training.epochs",
+    "training.max_steps",
+    "training.clip_grad_norm",
+    "training.log_every_batches",
+    "training.eval_strategy",
+    "training.eval_steps",
+    "training.output_dir",
+    "training.log_dir",
+    "training.tensorboard",
+    "training.run_name",
+    "training.checkpoint_total_limit",
+    "training.checkpoint_strategy",
+    "training.checkpoint_steps",
+    "training.metrics_summary_path",
+    "training.max_best_checkpoints",
+    "training.early_stopping_patience",
+    "training.label_smoothing",
+    "training.seed",
+    "training.resume",
+    "training.device",
+    "training.task_weights.*",
+];
+
+pub fn is_overridable(key: &str) -> bool {
+    OVERRIDABLE.iter().any(|k| match k.strip_suffix(".*") {
+        Some(prefix) => key
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('.') && rest.len() > 1),
+        None => *k == key,
+    })
+}
+
+/// Resolve and validate the training config at `path` (relative paths against `env.project_root`).
+pub fn resolve(path: &Path, env: &Env, target: Target) -> Result<Resolved, ConfigError> {
+    resolve_with(path, env, target, &[])
+}
+
+/// Like [`resolve`], with `--set key=value` overrides applied to the training config first.
+pub fn resolve_with(
+    path: &Path,
+    env: &Env,
+    target: Target,
+    sets: &[(String, String)],
+) -> Result<Resolved, ConfigError> {
+    resolve_any(path, env, Some(target), sets)
+}
+
+/// Validate a config and compute its plan without asking whether this build can train it
+/// (for plans and parameter counts of models whose trainer is not built yet).
+pub fn plan_unchecked(path: &Path, env: &Env) -> Result<Resolved, ConfigError> {
+    resolve_any(path, env, None, &[])
+}
+
+fn resolve_any(
+    path: &Path,
+    env: &Env,
+    target: Option<Target>,
+    sets: &[(String, String)],
+) -> Result<Resolved, ConfigError> {
+    let mut sources = Sources::default();
+    let mut ctx = Ctx::default();
+    let full = settings::normalize(&env.project_root.join(path));
+    let result = resolve_inner(&mut sources, &mut ctx, env, target, &full, sets);
+    match result {
+        Some(r) if !ctx.diags.has_errors() => Ok(Resolved {
+            warnings: ctx.diags.warnings().map(|d| d.render(&sources)).collect(),
+            sources,
+            ..r
+        }),
+        _ => {
+            if !ctx.diags.has_errors() {
+                ctx.diags
+                    .error(None, format!("cannot resolve `{}`", path.display()));
+            }
+            Err(ConfigError {
+                sources,
+                diagnostics: ctx.diags,
+            })
+        }
+    }
+}
+
+fn resolve_inner(
+    sources: &mut Sources,
+    ctx: &mut Ctx,
+    env: &Env,
+    target: Option<Target>,
+    path: &Path,
+    sets: &[(String, String)],
+) -> Option<Resolved> {
+    let target_checks = target.is_some();
+    let target = target.unwrap_or_default();
+    let mut table = settings::read_file(sources, ctx, env, path, None, "training config")?;
+    let main_file = sources.files.len() - 1;
+    apply_sets(sources, ctx, &mut table, sets);
+    if ctx.diags.has_errors() {
+        return None;
+    }
+    let top = Loc {
+        file: main_file,
+        span: 0..0,
+    };
+    let root = Section::root(&table);
+
+    let s = root.section(ctx, "settings");
+    let trainer = s.choice(ctx, "trainer", "", &["classification", "diffusion"]);
+    if !s.has("trainer") {
+        ctx.diags.push(
+            Diagnostic::error(
+                s.loc().or(Some(top.clone())),
+                "`settings.trainer` is required",
+            )
+            .help(
+                "add `[settings]` with `trainer = \"classification\"` or `trainer = \"diffusion\"`",
+            ),
+        );
+    }
+    let settings_path = match s.string(ctx, "config") {
+        Some(raw) => {
+            let loc = ctx.loc("settings.config").expect("just read");
+            (
+                settings::resolve_config_ref(env, sources, &raw, &loc),
+                Some(loc),
+            )
+        }
+        None => {
+            let p = match &env.settings_override {
+                Some(p) => settings::normalize(&env.project_root.join(env.expand_home(p))),
+                None => env.project_root.join("config/default.toml"),
+            };
+            (p, s.loc().or(Some(top.clone())))
+        }
+    };
+    s.finish(ctx, &[]);
+    let (settings_table, files) =
+        settings::load_chain(sources, ctx, env, settings_path.0, settings_path.1)?;
+    let settings = settings::read(sources, ctx, env, &settings_table, files);
+
+    let (kind, output_type, data_type) = match trainer.as_str() {
+        "classification" => {
+            let (c, o, d) = schema::read_classification(&root, ctx, &settings);
+            (Kind::Classification(c), o, d)
+        }
+        "diffusion" => {
+            let (c, o, d) = schema::read_diffusion(&root, ctx, &settings);
+            (Kind::Diffusion(c), o, d)
+        }
+        _ => return None,
+    };
+    if ctx.diags.has_errors() {
+        return None;
+    }
+    let plan = match &kind {
+        Kind::Classification(c) => plan::classification(c),
+        Kind::Diffusion(d) if d.model.name == "dit" => Some(plan::dit(d, &data_type)),
+        Kind::Diffusion(_) => None,
+    };
+    if target_checks {
+        check_support(ctx, &kind, target);
+    }
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Some(Resolved {
+        sources: Sources::default(),
+        warnings: vec![],
+        config_path: path.to_path_buf(),
+        stem,
+        settings,
+        output_type,
+        data_type,
+        kind,
+        plan,
+    })
+}
+
+/// Apply `--set key=value` to the training config's tree. Each value is its own source, so an
+/// error in it points at the override, not at the file.
+fn apply_sets(
+    sources: &mut Sources,
+    ctx: &mut Ctx,
+    table: &mut tree::Table,
+    sets: &[(String, String)],
+) {
+    for (key, value) in sets {
+        let id = sources.add(format!("--set {key}"), None, value.clone());
+        let loc = Loc {
+            file: id,
+            span: 0..value.len(),
+        };
+        if !is_overridable(key) {
+            ctx.diags.push(
+                Diagnostic::error(Some(loc), format!("`{key}` is structural: it is compiled into this trainer"))
+                    .help("change it in the TOML and rebuild with `SD_CONFIG=<file> cargo build --release`"),
+            );
+            continue;
+        }
+        // A bare word is taken as a string, so `--set training.run_name=exp1` works unquoted.
+        let node = match tree::parse_value(sources, id) {
+            Ok(n) => n,
+            Err(_) => tree::Node {
+                value: tree::Value::Str(value.clone()),
+                loc: loc.clone(),
+            },
+        };
+        let parts: Vec<&str> = key.split('.').collect();
+        if let Err(e) = table.set_path(&parts, node, loc.clone()) {
+            ctx.diags
+                .error(Some(loc), format!("cannot set `{key}`: {e}"));
+        }
+    }
+}
+
+/// Reject what this build cannot honour yet, at the key that asks for it.
+fn check_support(ctx: &mut Ctx, kind: &Kind, target: Target) {
+    let unsupported = |ctx: &mut Ctx, key: &str, what: String, help: &str| {
+        let loc = ctx.loc(key).or_else(|| ctx.loc("settings.trainer"));
+        ctx.diags.push(
+            Diagnostic::error(loc, format!("not yet supported: {what}")).help(help.to_string()),
+        );
+    };
+    match kind {
+        Kind::Diffusion(d) => unsupported(
+            ctx,
+            "settings.trainer",
+            format!("the diffusion trainer (model `{}`) is not built yet; this config validates, but cannot be compiled into a trainer", d.model.name),
+            "`sigdiff validate` checks diffusion configs today; training them arrives with the DiT trainer",
+        ),
+        Kind::Classification(c) => {
+            let b = c.model.backbone.as_str();
+            if matches!(b, "cnn" | "transformer") {
+                unsupported(ctx, "model.backbone", format!("backbone `{b}` has no implementation yet"), "use `cnn_light` for spectrograms or `cnn_1d` for time series");
+            }
+            let t = &c.training;
+            if t.swa_enabled {
+                unsupported(ctx, "training.swa_enabled", "stochastic weight averaging".into(), "set `swa_enabled = false`");
+            }
+            if t.wandb_project.is_some() || t.wandb_entity.is_some() || !t.wandb_tags.is_empty() {
+                let key = ["training.wandb_project", "training.wandb_entity", "training.wandb_tags"].into_iter().find(|k| ctx.loc(k).is_some()).unwrap_or("training.wandb_project");
+                unsupported(ctx, key, "Weights & Biases logging".into(), "remove the `wandb_*` keys; use `tensorboard = true` (event files TensorBoard reads)");
+            }
+            if t.use_amp && !target.cuda {
+                unsupported(ctx, "training.use_amp", "mixed precision on a CPU build (`use_amp` means bf16 autocast on CUDA)".into(), "set `use_amp = false`, or build with `--features cuda`");
+            }
+            if t.device == "cuda" && !target.cuda {
+                unsupported(ctx, "training.device", "`device = \"cuda\"` in a build without the `cuda` feature".into(), "use `device = \"auto\"` or \"cpu\", or build with `--features cuda`");
+            }
+            if target.cuda {
+                unsupported(ctx, "settings.trainer", "the CUDA backend for the classification trainer".into(), "build without `--features cuda`; CUDA kernels arrive with the CUDA backend work");
+            }
+        }
+    }
+}
+
+/// A config error rendered for a terminal (every error, then warnings count).
+pub fn render(err: &ConfigError) -> String {
+    err.render_errors()
+}
+
+/// Diagnostics as they go to cargo: one headline per diagnostic plus its snippet lines.
+pub fn render_lines(sources: &Sources, diags: &Diagnostics) -> Vec<String> {
+    diags
+        .list
+        .iter()
+        .flat_map(|d| {
+            d.render(sources)
+                .lines()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}

@@ -1,0 +1,412 @@
+//! The shape plan: every layer's output shape, parameter count and forward FLOPs, computed from
+//! the resolved config before any code is generated. The generated trainer bakes these numbers
+//! in as constants; `train --plan` prints them. Counts follow the reference's PyTorch modules
+//! exactly (tests pin them against `spec/reference/*`).
+
+use serde::Serialize;
+
+use crate::schema::{Classification, Diffusion};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Layer {
+    pub name: String,
+    /// Per-sample output shape (no batch dimension).
+    pub output: Vec<usize>,
+    pub params: u64,
+    /// Forward multiply-adds × 2, per sample.
+    pub flops: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub model: String,
+    pub batch: usize,
+    /// Per-sample input shape.
+    pub input: Vec<usize>,
+    pub layers: Vec<Layer>,
+    pub params: u64,
+    /// Forward + backward (≈ 3× forward) for one batch.
+    pub flops_per_step: u64,
+    /// Parameters, gradients and two optimizer moments in f32, plus activations kept for backward.
+    pub memory_bytes: u64,
+}
+
+impl Plan {
+    fn finish(model: &str, batch: usize, input: Vec<usize>, layers: Vec<Layer>) -> Plan {
+        let params: u64 = layers.iter().map(|l| l.params).sum();
+        let fwd: u64 = layers.iter().map(|l| l.flops).sum();
+        let act: u64 = layers
+            .iter()
+            .map(|l| l.output.iter().product::<usize>() as u64)
+            .sum();
+        // Each layer keeps about two tensors of its output size for backward (pre- and
+        // post-activation); this is an estimate, the benchmarks measure the real peak.
+        let memory_bytes = params * 4 * 4 + act * batch as u64 * 4 * 2;
+        Plan {
+            model: model.into(),
+            batch,
+            input,
+            layers,
+            params,
+            flops_per_step: 3 * fwd * batch as u64,
+            memory_bytes,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "model {}  batch {}  input {:?}\n",
+            self.model, self.batch, self.input
+        );
+        s.push_str(&format!(
+            "{:<28} {:>22} {:>14} {:>14}\n",
+            "layer", "output", "params", "MFLOP/sample"
+        ));
+        for l in &self.layers {
+            s.push_str(&format!(
+                "{:<28} {:>22} {:>14} {:>14.1}\n",
+                l.name,
+                format!("{:?}", l.output),
+                group(l.params),
+                l.flops as f64 / 1e6
+            ));
+        }
+        s.push_str(&format!(
+            "total parameters {}\nFLOPs per training step {:.3} GFLOP (forward + backward, batch {})\nmemory estimate {:.1} MiB (f32 weights, grads, Adam moments, saved activations)\n",
+            group(self.params),
+            self.flops_per_step as f64 / 1e9,
+            self.batch,
+            self.memory_bytes as f64 / (1 << 20) as f64
+        ));
+        s
+    }
+}
+
+/// 5249477 -> "5,249,477"
+pub fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn conv2d(name: String, cin: usize, cout: usize, k: usize, h: usize, w: usize) -> Layer {
+    let params = (cin * cout * k * k + cout) as u64;
+    Layer {
+        name,
+        output: vec![cout, h, w],
+        params,
+        flops: 2 * (cin * k * k * cout * h * w) as u64,
+    }
+}
+
+fn conv1d(name: String, cin: usize, cout: usize, k: usize, l: usize) -> Layer {
+    Layer {
+        name,
+        output: vec![cout, l],
+        params: (cin * cout * k + cout) as u64,
+        flops: 2 * (cin * k * cout * l) as u64,
+    }
+}
+
+fn linear(name: String, din: usize, dout: usize, tokens: usize, out_shape: Vec<usize>) -> Layer {
+    Layer {
+        name,
+        output: out_shape,
+        params: (din * dout + dout) as u64,
+        flops: 2 * (din * dout * tokens) as u64,
+    }
+}
+
+fn norm(name: String, shape: Vec<usize>, channels: usize) -> Layer {
+    let n: usize = shape.iter().product();
+    Layer {
+        name,
+        output: shape,
+        params: 2 * channels as u64,
+        flops: 8 * n as u64,
+    }
+}
+
+/// Channel plan of the reference `CNNBackbone` (cnn_light): growth 4 when E/4^depth ≥ 8, else 2.
+pub fn cnn_light_channels(embedding_dim: usize, depth: usize) -> (usize, Vec<usize>) {
+    let g = embedding_dim as f64 / 4f64.powi(depth as i32);
+    let (gf, c0) = if g >= 8.0 {
+        (4usize, g as usize)
+    } else {
+        (2usize, embedding_dim >> depth)
+    };
+    let c0 = c0.max(1);
+    (c0, (0..depth).map(|i| c0 * gf.pow(i as u32 + 1)).collect())
+}
+
+/// Channel plan of the reference `CNNBackbone1D`: c0 = max(8, next_pow2(Cin)), growth rounded from
+/// (E/c0)^(1/depth) into [2, 4], kernels max(3, 2·depth+1−2i).
+pub fn cnn_1d_channels(
+    input_channels: usize,
+    embedding_dim: usize,
+    depth: usize,
+) -> (usize, Vec<usize>, Vec<usize>) {
+    let c0 = input_channels.next_power_of_two().max(8);
+    let gf = (embedding_dim as f64 / c0 as f64)
+        .powf(1.0 / depth as f64)
+        .clamp(2.0, 4.0)
+        .round() as usize;
+    let channels = (0..depth).map(|i| c0 * gf.pow(i as u32 + 1)).collect();
+    let kernels = (0..depth)
+        .map(|i| (2 * depth + 1).saturating_sub(2 * i).max(3))
+        .collect();
+    (c0, channels, kernels)
+}
+
+fn heads(c: &Classification, layers: &mut Vec<Layer>) {
+    let e = c.model.embedding_dim;
+    for t in &c.tasks {
+        layers.push(linear(
+            format!("heads.{}.net.0", t.name),
+            e,
+            2 * e,
+            1,
+            vec![2 * e],
+        ));
+        layers.push(linear(
+            format!("heads.{}.net.2", t.name),
+            2 * e,
+            t.outputs,
+            1,
+            vec![t.outputs],
+        ));
+    }
+}
+
+/// Plan of a classification config, or None for a backbone that has no implementation yet.
+pub fn classification(c: &Classification) -> Option<Plan> {
+    let m = &c.model;
+    let prelu = u64::from(m.activation == "prelu");
+    let mut layers = vec![];
+    let input;
+    match m.backbone.as_str() {
+        "cnn_light" => {
+            let r = c.dataset.resolution;
+            input = vec![m.input_channels, r, r];
+            let (c0, channels) = cnn_light_channels(m.embedding_dim, m.depth);
+            let mut l = conv2d(
+                "backbone.input_conv.0".into(),
+                m.input_channels,
+                c0,
+                5,
+                r,
+                r,
+            );
+            l.params += prelu;
+            layers.push(l);
+            layers.push(norm(
+                "backbone.input_conv.2 (GroupNorm)".into(),
+                vec![c0, r, r],
+                c0,
+            ));
+            let mut side = r / 2;
+            let mut cin = c0;
+            for (i, &cout) in channels.iter().enumerate() {
+                layers.push(norm(
+                    format!("backbone.blocks.{i}.0 (GroupNorm)"),
+                    vec![cin, side, side],
+                    cin,
+                ));
+                for j in 0..m.layer_repeats {
+                    let mut l = conv2d(
+                        format!("backbone.blocks.{i}.{}", 1 + 2 * j),
+                        if j == 0 { cin } else { cout },
+                        cout,
+                        3,
+                        side,
+                        side,
+                    );
+                    l.params += prelu;
+                    layers.push(l);
+                }
+                side /= 2;
+                cin = cout;
+            }
+            layers.push(Layer {
+                name: "backbone.pool".into(),
+                output: vec![cin],
+                params: 0,
+                flops: 0,
+            });
+        }
+        "cnn_1d" | "cnn_1d_light" => {
+            let len = c.dataset.sequence_length;
+            input = vec![m.input_channels, len];
+            let (c0, channels, kernels) =
+                cnn_1d_channels(m.input_channels, m.embedding_dim, m.depth);
+            let mut l = conv1d(
+                "backbone.input_conv.0".into(),
+                m.input_channels,
+                c0,
+                kernels[0],
+                len,
+            );
+            l.params += prelu;
+            layers.push(l);
+            layers.push(norm(
+                "backbone.input_conv.2 (BatchNorm1d)".into(),
+                vec![c0, len],
+                c0,
+            ));
+            let mut l_len = len / 2;
+            let mut cin = c0;
+            for (i, (&cout, &k)) in channels.iter().zip(&kernels).enumerate() {
+                layers.push(norm(
+                    format!("backbone.blocks.{i}.0 (BatchNorm1d)"),
+                    vec![cin, l_len],
+                    cin,
+                ));
+                for j in 0..m.layer_repeats {
+                    let mut l = conv1d(
+                        format!("backbone.blocks.{i}.{}", 1 + 2 * j),
+                        if j == 0 { cin } else { cout },
+                        cout,
+                        k,
+                        l_len,
+                    );
+                    l.params += prelu;
+                    layers.push(l);
+                }
+                l_len /= 2;
+                cin = cout;
+            }
+            layers.push(linear(
+                "backbone.proj".into(),
+                cin,
+                m.embedding_dim,
+                1,
+                vec![m.embedding_dim],
+            ));
+        }
+        _ => return None,
+    }
+    heads(c, &mut layers);
+    Some(Plan::finish(
+        &m.backbone,
+        c.dataset.batch_size,
+        input,
+        layers,
+    ))
+}
+
+/// Plan of a DiT (diffusers `DiTTransformer2DModel` with adaLN-Zero and per-block embedders).
+pub fn dit(d: &Diffusion, data_type: &str) -> Plan {
+    let m = &d.model;
+    let dim = m.num_attention_heads * m.attention_head_dim;
+    let (h, w) = if data_type == "timeseries" {
+        (d.dataset.n_eeg_channels, d.dataset.sequence_length)
+    } else if m.latent_space {
+        (m.sample_size, m.sample_size)
+    } else {
+        (d.dataset.resolution, d.dataset.resolution)
+    };
+    let [ph, pw] = m.patch_size;
+    let tokens = (h / ph) * (w / pw);
+    // Label table: num_embeds_ada_norm (+1 for the CFG null row). Without class conditioning the
+    // reference feeds a dummy label into a table of num_timesteps rows.
+    let num_embeds = if m.conditioning == "classes" {
+        m.num_classes + 1
+    } else {
+        d.num_timesteps
+    };
+    let table_rows = num_embeds + 1;
+    let cin = m.in_channels;
+    let mut layers = vec![linear(
+        "pos_embed.proj".into(),
+        cin * ph * pw,
+        dim,
+        tokens,
+        vec![tokens, dim],
+    )];
+    for b in 0..m.num_layers {
+        let p = format!("transformer_blocks.{b}");
+        layers.push(Layer {
+            name: format!("{p}.norm1.emb"),
+            output: vec![dim],
+            params: (256 * dim + dim + dim * dim + dim + table_rows * dim) as u64,
+            flops: 2 * (256 * dim + dim * dim) as u64,
+        });
+        layers.push(linear(
+            format!("{p}.norm1.linear"),
+            dim,
+            6 * dim,
+            1,
+            vec![6 * dim],
+        ));
+        let attn_params = 4 * (dim * dim + dim) as u64;
+        let attn_flops =
+            2 * 4 * (dim * dim * tokens) as u64 + 2 * 2 * (tokens * tokens * dim) as u64;
+        layers.push(Layer {
+            name: format!("{p}.attn1"),
+            output: vec![tokens, dim],
+            params: attn_params,
+            flops: attn_flops,
+        });
+        layers.push(linear(
+            format!("{p}.ff.net.0.proj"),
+            dim,
+            4 * dim,
+            tokens,
+            vec![tokens, 4 * dim],
+        ));
+        layers.push(linear(
+            format!("{p}.ff.net.2"),
+            4 * dim,
+            dim,
+            tokens,
+            vec![tokens, dim],
+        ));
+    }
+    layers.push(linear("proj_out_1".into(), dim, 2 * dim, 1, vec![2 * dim]));
+    layers.push(linear(
+        "proj_out_2".into(),
+        dim,
+        ph * pw * m.out_channels,
+        tokens,
+        vec![m.out_channels, h, w],
+    ));
+    let input = if data_type == "timeseries" {
+        vec![cin, h, w]
+    } else {
+        vec![cin, h, w]
+    };
+    Plan::finish("dit", d.dataset.batch_size, input, layers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cnn_light_channel_plans_match_the_reference_table() {
+        assert_eq!(cnn_light_channels(256, 3), (32, vec![64, 128, 256]));
+        assert_eq!(cnn_light_channels(384, 3), (48, vec![96, 192, 384]));
+        assert_eq!(cnn_light_channels(256, 2), (16, vec![64, 256]));
+        assert_eq!(cnn_light_channels(192, 2), (12, vec![48, 192]));
+    }
+
+    #[test]
+    fn cnn_1d_channel_plan_matches_the_reference() {
+        assert_eq!(
+            cnn_1d_channels(20, 256, 3),
+            (32, vec![64, 128, 256], vec![7, 5, 3])
+        );
+    }
+
+    #[test]
+    fn groups_thousands() {
+        assert_eq!(group(5249477), "5,249,477");
+        assert_eq!(group(12), "12");
+    }
+}
