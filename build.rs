@@ -1,1 +1,91 @@
-fn main() {}
+//! Compiles the config named by `SD_CONFIG` into the `train` binary.
+//!
+//! SD_CONFIG (default: the classification quickstart) is resolved and validated by the config
+//! crate; any mistake fails the build with `file:line:col` diagnostics and nothing else noisy.
+//! The generated trainer goes to `$OUT_DIR/pipeline.rs` (rewritten only when it changes, so an
+//! unchanged config rebuilds nothing). `target/<profile>/train-<stem>` is made a symbolic link to
+//! `train` (it dangles until the link step writes `train`); links left by earlier builds of other
+//! configs are removed, so a `train-<stem>` always runs the config it is named after. Two presets
+//! with the same stem share the name: the last build wins (`train-<stem> --print-config` shows
+//! which file it was compiled from).
+
+use std::path::{Path, PathBuf};
+
+use signal_diffusion_config::{self as config, settings::Env, Target};
+
+const DEFAULT_CONFIG: &str = "config/classification/quickstart.toml";
+
+fn main() {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    println!("cargo::rerun-if-env-changed=SD_CONFIG");
+    println!("cargo::rerun-if-env-changed=SIGNAL_DIFFUSION_CONFIG");
+    println!("cargo::rerun-if-changed=build.rs");
+
+    let chosen = std::env::var("SD_CONFIG").ok().filter(|s| !s.is_empty());
+    let config_path = PathBuf::from(chosen.as_deref().unwrap_or(DEFAULT_CONFIG));
+    let target = Target {
+        cuda: std::env::var_os("CARGO_FEATURE_CUDA").is_some(),
+    };
+    let env = Env::from_process(root.clone());
+
+    match config::resolve(&config_path, &env, target) {
+        Ok(resolved) => {
+            for p in resolved.sources.paths() {
+                println!("cargo::rerun-if-changed={}", p.display());
+            }
+            for w in &resolved.warnings {
+                for line in w.lines() {
+                    println!("cargo::warning={line}");
+                }
+            }
+            let code = config::codegen::generate(&resolved);
+            let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it"));
+            write_if_changed(&out.join("pipeline.rs"), &code);
+            if let Some(profile_dir) = out.ancestors().nth(3) {
+                link_named_trainer(profile_dir, &resolved.stem);
+            }
+        }
+        Err(err) => {
+            // Re-run when the files that failed change (the chain may be partly read).
+            for p in err.sources.paths() {
+                println!("cargo::rerun-if-changed={}", p.display());
+            }
+            if let Some(dir) = config_path.parent() {
+                println!("cargo::rerun-if-changed={}", root.join(dir).display());
+            }
+            for line in config::render(&err).lines() {
+                println!("cargo::error={line}");
+            }
+        }
+    }
+}
+
+fn write_if_changed(path: &Path, content: &str) {
+    if std::fs::read_to_string(path).ok().as_deref() != Some(content) {
+        std::fs::write(path, content).expect("OUT_DIR is writable");
+    }
+}
+
+/// `train-<stem>` -> `train`, replacing links that name other configs.
+fn link_named_trainer(profile_dir: &Path, stem: &str) {
+    let exe = std::env::consts::EXE_SUFFIX;
+    let Ok(entries) = std::fs::read_dir(profile_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_link = e.file_type().map(|t| t.is_symlink()).unwrap_or(false);
+        if is_link && name.starts_with("train-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let link = profile_dir.join(format!("train-{stem}{exe}"));
+    #[cfg(unix)]
+    {
+        if let Err(e) = std::os::unix::fs::symlink(format!("train{exe}"), &link) {
+            println!("cargo::warning=could not link {}: {e}", link.display());
+        }
+    }
+    #[cfg(not(unix))]
+    println!("cargo::warning=train-{stem} is only linked on unix; run `train` directly");
+}

@@ -28,6 +28,7 @@ pub fn tokens(r: &Resolved) -> TokenStream {
 
     let name = &r.stem;
     let config_path = r.config_path.display().to_string();
+    let project_root = r.project_root.display().to_string();
     let embedded = r.sources.files.iter().filter_map(|f| {
         let path = f.path.as_ref()?.display().to_string();
         let (n, t) = (&f.name, &f.text);
@@ -103,6 +104,7 @@ pub fn tokens(r: &Resolved) -> TokenStream {
         /// The config this trainer was compiled from.
         pub const CONFIG_NAME: &str = #name;
         pub const CONFIG_PATH: &str = #config_path;
+        pub const PROJECT_ROOT: &str = #project_root;
         /// (display name, path, text) of every file in the config chain, as read at build time.
         pub const EMBEDDED: &[(&str, &str, &str)] = &[#(#embedded),*];
         /// The shape plan, rendered (`--plan`).
@@ -121,6 +123,7 @@ pub fn tokens(r: &Resolved) -> TokenStream {
                 &#rt::train::Compiled {
                     name: CONFIG_NAME,
                     config_path: CONFIG_PATH,
+                    project_root: PROJECT_ROOT,
                     embedded: EMBEDDED,
                     plan: PLAN,
                     parameters: PARAMETERS,

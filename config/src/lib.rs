@@ -41,6 +41,8 @@ pub struct Resolved {
     /// Warnings, rendered (keys that have no effect, and similar).
     pub warnings: Vec<String>,
     pub config_path: PathBuf,
+    /// The root bare `[settings].config` paths were resolved against.
+    pub project_root: PathBuf,
     /// The config file's stem: the trainer binary is `train-<stem>`.
     pub stem: String,
     pub settings: Settings,
@@ -252,6 +254,7 @@ fn resolve_inner(
         sources: Sources::default(),
         warnings: vec![],
         config_path: path.to_path_buf(),
+        project_root: env.project_root.clone(),
         stem,
         settings,
         output_type,

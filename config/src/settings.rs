@@ -125,12 +125,29 @@ fn dir_of(sources: &Sources, loc: &Loc) -> PathBuf {
         .unwrap_or_default()
 }
 
-/// A path to display: relative to the project root when it is inside it.
+/// A path to display: relative to the project root (with `..` where needed), so messages and
+/// snapshots do not depend on where the checkout lives.
 pub fn display_path(env: &Env, p: &Path) -> String {
-    p.strip_prefix(&env.project_root)
-        .unwrap_or(p)
-        .display()
-        .to_string()
+    relative_to(&env.project_root, p).display().to_string()
+}
+
+fn relative_to(base: &Path, p: &Path) -> PathBuf {
+    if !p.is_absolute() || !base.is_absolute() {
+        return p.to_path_buf();
+    }
+    let (b, t): (Vec<_>, Vec<_>) = (base.components().collect(), p.components().collect());
+    let common = b.iter().zip(&t).take_while(|(x, y)| x == y).count();
+    if common <= 1 {
+        return p.to_path_buf(); // only the root in common: absolute reads better
+    }
+    let mut out = PathBuf::new();
+    for _ in common..b.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c);
+    }
+    out
 }
 
 /// Resolve a `[settings].config` value written in the file of `loc`.
@@ -168,12 +185,7 @@ pub fn read_file(
             }
         }
         Err(e) => {
-            let d = Diagnostic::error(referrer, format!("cannot read {what} `{name}`: {e}")).help(
-                format!(
-                    "looked at {}; fix the path or create the file",
-                    path.display()
-                ),
-            );
+            let d = Diagnostic::error(referrer, format!("cannot read {what} `{name}`: {e}")).help("fix the path (`./` and `../` are relative to the file that names it, other relative paths to the project root) or create the file");
             ctx.diags.push(d);
             None
         }

@@ -1,1 +1,13 @@
-pub fn _x() {}
+//! The Candle runtime the generated trainers call. Data flows one way: `signal` (EEG to
+//! spectrograms) -> dataset on disk -> `data` (batches) -> `train` (models, optim) -> checkpoints
+//! and logs. The generated code only wires constants and types into `train`.
+
+pub mod data;
+pub mod io;
+pub mod log;
+pub mod models;
+pub mod nn;
+pub mod optim;
+pub mod signal;
+pub mod tasks;
+pub mod train;

@@ -1,1 +1,59 @@
-fn main() {}
+//! `train`: the trainer compiled from `SD_CONFIG` (default: the classification quickstart).
+//! build.rs writes the generated items to `$OUT_DIR/pipeline.rs`; this file only parses flags.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod pipeline {
+    include!(concat!(env!("OUT_DIR"), "/pipeline.rs"));
+}
+
+#[derive(Parser)]
+#[command(
+    name = "train",
+    version,
+    about = "Train the model this binary was compiled for (see --print-config)"
+)]
+struct Args {
+    /// Print the resolved config (JSON) this trainer was compiled from, then exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Print the shape plan: layer shapes, parameter counts, FLOPs, memory estimate.
+    #[arg(long)]
+    plan: bool,
+    /// Override a non-structural key, e.g. `--set optimizer.learning_rate=1e-3`. Structural keys
+    /// (shapes, model, tasks, batch size...) are refused: change the TOML and rebuild.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Where run directories go (default: training.output_dir, else runs/classification).
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// Continue from a checkpoint directory (`<run>/checkpoints/<name>`).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut sets = vec![];
+    for s in &args.sets {
+        match s.split_once('=') {
+            Some((k, v)) => sets.push((k.trim().to_string(), v.to_string())),
+            None => {
+                eprintln!(
+                    "error: `--set {s}` needs the form key=value, e.g. --set training.epochs=3"
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    pipeline::run(signal_diffusion_runtime::train::RunOptions {
+        print_config: args.print_config,
+        plan: args.plan,
+        sets,
+        output_dir: args.output_dir,
+        resume: args.resume,
+    })
+}

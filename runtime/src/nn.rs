@@ -1,0 +1,294 @@
+//! Layers with a working backward, initialised from a seeded RNG.
+//!
+//! Candle's CPU RNG cannot be seeded (`set_seed` bails), and its fused norms have no backward,
+//! so the layers here own their parameters: each is a `Var` created by [`Params`] with PyTorch's
+//! default initialisation (uniform ±1/√fan_in for weights and biases of convs and linears, ones
+//! and zeros for norms), drawn from a ChaCha RNG seeded by `training.seed`. Norms are composites
+//! of differentiable ops. Parameter names follow the reference's PyTorch modules, so a
+//! `model.safetensors` reads like the reference's `state_dict`.
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Every trainable parameter and every buffer (running statistics), by PyTorch name.
+pub struct Params {
+    pub trainable: Vec<(String, Var)>,
+    pub buffers: Vec<(String, Var)>,
+    rng: ChaCha8Rng,
+    device: Device,
+}
+
+impl Params {
+    pub fn new(seed: u64, device: &Device) -> Self {
+        Params {
+            trainable: vec![],
+            buffers: vec![],
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            device: device.clone(),
+        }
+    }
+
+    pub fn uniform(&mut self, name: String, shape: &[usize], bound: f64) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| self.rng.random_range(-bound..bound) as f32)
+            .collect();
+        let var = Var::from_tensor(&Tensor::from_vec(data, shape, &self.device)?)?;
+        self.trainable.push((name, var.clone()));
+        Ok(var.as_tensor().clone())
+    }
+
+    pub fn constant(&mut self, name: String, shape: &[usize], value: f32) -> Result<Tensor> {
+        let var =
+            Var::from_tensor(&(Tensor::ones(shape, DType::F32, &self.device)? * value as f64)?)?;
+        self.trainable.push((name, var.clone()));
+        Ok(var.as_tensor().clone())
+    }
+
+    pub fn buffer(&mut self, name: String, shape: &[usize], value: f32) -> Result<Var> {
+        let var =
+            Var::from_tensor(&(Tensor::ones(shape, DType::F32, &self.device)? * value as f64)?)?;
+        self.buffers.push((name, var.clone()));
+        Ok(var)
+    }
+
+    pub fn count(&self) -> usize {
+        self.trainable.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
+
+/// Whether a forward pass trains (dropout on, batch statistics) and the RNG it draws masks from.
+pub struct Mode {
+    pub train: bool,
+    pub rng: ChaCha8Rng,
+}
+
+impl Mode {
+    pub fn eval() -> Self {
+        Mode {
+            train: false,
+            rng: ChaCha8Rng::seed_from_u64(0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Gelu,
+    Relu,
+    LeakyRelu,
+    Silu,
+    Sigmoid,
+    Tanh,
+    PRelu,
+}
+
+/// An activation; PReLU owns one learned slope (PyTorch's `nn.PReLU()` default, init 0.25).
+pub struct Act {
+    kind: Activation,
+    slope: Option<Tensor>,
+}
+
+impl Act {
+    pub fn new(kind: Activation, p: &mut Params, name: String) -> Result<Self> {
+        let slope = if kind == Activation::PRelu {
+            Some(p.constant(format!("{name}.weight"), &[1], 0.25)?)
+        } else {
+            None
+        };
+        Ok(Act { kind, slope })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.kind {
+            // PyTorch's nn.GELU() default is the exact erf form.
+            Activation::Gelu => x.gelu_erf(),
+            Activation::Relu => x.relu(),
+            Activation::LeakyRelu => leaky(x, &Tensor::new(&[0.01f32], x.device())?),
+            Activation::Silu => x.silu(),
+            Activation::Sigmoid => candle_nn::ops::sigmoid(x),
+            Activation::Tanh => x.tanh(),
+            Activation::PRelu => leaky(x, self.slope.as_ref().expect("prelu has a slope")),
+        }
+    }
+}
+
+/// max(x, 0) + slope · min(x, 0), differentiable in both x and slope.
+fn leaky(x: &Tensor, slope: &Tensor) -> Result<Tensor> {
+    let neg = x.minimum(0f64)?;
+    x.relu()? + neg.broadcast_mul(slope)?
+}
+
+pub struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+    padding: usize,
+    dims: usize,
+}
+
+impl Conv {
+    /// `dims` = 1 or 2; kernel `k`, stride 1, padding `k / 2` (every conv of the CNNs here).
+    pub fn new(
+        p: &mut Params,
+        name: &str,
+        dims: usize,
+        cin: usize,
+        cout: usize,
+        k: usize,
+    ) -> Result<Self> {
+        let fan_in = cin * k.pow(dims as u32);
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let shape: Vec<usize> = if dims == 2 {
+            vec![cout, cin, k, k]
+        } else {
+            vec![cout, cin, k]
+        };
+        let weight = p.uniform(format!("{name}.weight"), &shape, bound)?;
+        let bias = p.uniform(format!("{name}.bias"), &[cout], bound)?;
+        Ok(Conv {
+            weight,
+            bias,
+            padding: k / 2,
+            dims,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.dims == 2 {
+            let y = x.conv2d(&self.weight, self.padding, 1, 1, 1)?;
+            y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        } else {
+            let y = x.conv1d(&self.weight, self.padding, 1, 1, 1)?;
+            y.broadcast_add(&self.bias.reshape((1, (), 1))?)
+        }
+    }
+}
+
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    pub fn new(p: &mut Params, name: &str, din: usize, dout: usize) -> Result<Self> {
+        let bound = 1.0 / (din as f64).sqrt();
+        let weight = p.uniform(format!("{name}.weight"), &[dout, din], bound)?;
+        let bias = p.uniform(format!("{name}.bias"), &[dout], bound)?;
+        Ok(Linear { weight, bias })
+    }
+
+    /// (B, din) -> (B, dout)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
+/// GroupNorm with one group: normalise over (C, H, W) per sample, then a per-channel affine.
+pub struct GroupNorm1 {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl GroupNorm1 {
+    pub fn new(p: &mut Params, name: &str, channels: usize) -> Result<Self> {
+        Ok(GroupNorm1 {
+            weight: p.constant(format!("{name}.weight"), &[channels], 1.0)?,
+            bias: p.constant(format!("{name}.bias"), &[channels], 0.0)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let b = dims[0];
+        let flat = x.reshape((b, ()))?;
+        let mean = flat.mean_keepdim(D::Minus1)?;
+        let centered = flat.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered
+            .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .reshape(dims.as_slice())?;
+        let mut affine_shape = vec![1, dims[1]];
+        affine_shape.extend(std::iter::repeat_n(1, dims.len() - 2));
+        normed
+            .broadcast_mul(&self.weight.reshape(affine_shape.as_slice())?)?
+            .broadcast_add(&self.bias.reshape(affine_shape.as_slice())?)
+    }
+}
+
+/// BatchNorm1d over (B, C, L): batch statistics in training (running averages updated with
+/// momentum 0.1 and the unbiased variance, as PyTorch does), running statistics in evaluation.
+pub struct BatchNorm1d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+}
+
+impl BatchNorm1d {
+    pub fn new(p: &mut Params, name: &str, channels: usize) -> Result<Self> {
+        Ok(BatchNorm1d {
+            weight: p.constant(format!("{name}.weight"), &[channels], 1.0)?,
+            bias: p.constant(format!("{name}.bias"), &[channels], 0.0)?,
+            running_mean: p.buffer(format!("{name}.running_mean"), &[channels], 0.0)?,
+            running_var: p.buffer(format!("{name}.running_var"), &[channels], 1.0)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: &Mode) -> Result<Tensor> {
+        let (b, c, l) = x.dims3()?;
+        let (mean, var) = if mode.train {
+            let mean = x.mean_keepdim(2)?.mean_keepdim(0)?; // (1, C, 1)
+            let var = x
+                .broadcast_sub(&mean)?
+                .sqr()?
+                .mean_keepdim(2)?
+                .mean_keepdim(0)?;
+            let n = (b * l) as f64;
+            let unbiased = (var.detach().flatten_all()? * (n / (n - 1.0).max(1.0)))?;
+            let m = mean.detach().flatten_all()?;
+            self.running_mean
+                .set(&((self.running_mean.as_tensor() * 0.9)? + (m * 0.1)?)?)?;
+            self.running_var
+                .set(&((self.running_var.as_tensor() * 0.9)? + (unbiased * 0.1)?)?)?;
+            (mean, var)
+        } else {
+            (
+                self.running_mean.as_tensor().reshape((1, c, 1))?,
+                self.running_var.as_tensor().reshape((1, c, 1))?,
+            )
+        };
+        x.broadcast_sub(&mean)?
+            .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .broadcast_mul(&self.weight.reshape((1, c, 1))?)?
+            .broadcast_add(&self.bias.reshape((1, c, 1))?)
+    }
+}
+
+/// Inverted dropout with a mask from the run's seeded RNG (so a seeded run is reproducible).
+pub fn dropout(x: &Tensor, p: f64, mode: &mut Mode) -> Result<Tensor> {
+    if !mode.train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let n = x.elem_count();
+    let keep = 1.0 - p;
+    let scale = (1.0 / keep) as f32;
+    let mask: Vec<f32> = (0..n)
+        .map(|_| {
+            if mode.rng.random::<f64>() < keep {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    x * Tensor::from_vec(mask, x.shape(), x.device())?
+}
+
+/// AvgPool1d(2, 2) over the last axis (floor, as PyTorch).
+pub fn avg_pool1d_2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, l) = x.dims3()?;
+    x.narrow(2, 0, l / 2 * 2)?
+        .reshape((b, c, l / 2, 2))?
+        .mean(3)
+}

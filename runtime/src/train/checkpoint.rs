@@ -1,0 +1,115 @@
+//! Checkpoints: a directory with `model.safetensors` (parameters and buffers, PyTorch names),
+//! `optimizer.safetensors` (moments, by parameter name) and `state.json` (step, epoch, position
+//! in the epoch, selection and early-stopping state, config hash). Written into a hidden
+//! temporary directory and renamed into place, so a crash never leaves half a checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    pub step: u64,
+    pub epoch: usize,
+    /// Batches of `epoch` already trained on (resume skips them).
+    pub batch_in_epoch: usize,
+    /// (score, step, checkpoint dir name) of the kept best checkpoints, best first.
+    pub best: Vec<(f64, u64, String)>,
+    pub evals_without_improvement: usize,
+    pub best_score: Option<f64>,
+    pub config_hash: String,
+}
+
+pub fn save(
+    dir: &Path,
+    vars: &[(String, Var)],
+    optimizer: &HashMap<String, Tensor>,
+    state: &State,
+) -> Result<()> {
+    let parent = dir.parent().context("checkpoint dir has a parent")?;
+    std::fs::create_dir_all(parent)?;
+    let name = dir
+        .file_name()
+        .context("checkpoint dir has a name")?
+        .to_string_lossy();
+    let tmp = parent.join(format!(".tmp-{name}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    let model: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&model, tmp.join("model.safetensors"))?;
+    candle_core::safetensors::save(optimizer, tmp.join("optimizer.safetensors"))?;
+    std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::rename(&tmp, dir)
+        .with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
+    Ok(())
+}
+
+pub struct Loaded {
+    pub model: HashMap<String, Tensor>,
+    pub optimizer: HashMap<String, Tensor>,
+    pub state: State,
+}
+
+pub fn load(dir: &Path) -> Result<Loaded> {
+    let read = |f: &str| -> Result<HashMap<String, Tensor>> {
+        let p = dir.join(f);
+        candle_core::safetensors::load(&p, &Device::Cpu)
+            .with_context(|| format!("cannot read {}", p.display()))
+    };
+    let state_path = dir.join("state.json");
+    let state: State =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).with_context(|| {
+            format!(
+                "cannot read {} (is {} a checkpoint directory?)",
+                state_path.display(),
+                dir.display()
+            )
+        })?)
+        .with_context(|| format!("{}: not a checkpoint state", state_path.display()))?;
+    Ok(Loaded {
+        model: read("model.safetensors")?,
+        optimizer: read("optimizer.safetensors")?,
+        state,
+    })
+}
+
+/// Copy saved tensors into the model's variables, checking names and shapes.
+pub fn restore(vars: &[(String, Var)], saved: &HashMap<String, Tensor>) -> Result<()> {
+    for (name, var) in vars {
+        let t = saved
+            .get(name)
+            .with_context(|| format!("checkpoint has no tensor `{name}`"))?;
+        if t.dims() != var.dims() {
+            bail!(
+                "checkpoint tensor `{name}` has shape {:?}, the model expects {:?}",
+                t.dims(),
+                var.dims()
+            );
+        }
+        var.set(t)?;
+    }
+    Ok(())
+}
+
+/// Remove all but the newest `keep` directories among `dirs` (sorted oldest first).
+pub fn prune(dirs: &mut Vec<PathBuf>, keep: usize) -> Result<()> {
+    while dirs.len() > keep {
+        let old = dirs.remove(0);
+        if old.exists() {
+            std::fs::remove_dir_all(&old)
+                .with_context(|| format!("cannot remove {}", old.display()))?;
+        }
+    }
+    Ok(())
+}

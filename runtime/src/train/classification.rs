@@ -1,0 +1,738 @@
+//! The multi-task classification trainer, top to bottom: resolve the embedded config, load the
+//! splits, build the model, then the loop (forward, weighted loss, backward, clip, update,
+//! schedule), evaluation and checkpoints at the step where they are due, and a final test-split
+//! evaluation of the best and last weights.
+//!
+//! Fixed against the reference on purpose (see docs/config.md): evaluation, selection and
+//! checkpointing happen at the step where evaluation runs (not at epoch end); step checkpoints
+//! are named by step; the selection score treats regression as 1/(1+MAE) instead of maximising
+//! the MAE; a full resume state is saved; the test split is evaluated.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use signal_diffusion_config::{schema::Classification, Kind};
+
+use super::checkpoint::{self, State};
+use super::{Compiled, RunOptions};
+use crate::data::{read_split, Loader, Split};
+use crate::log::Logger;
+use crate::models::{Backbone, Classifier};
+use crate::nn::{Mode, Params};
+use crate::optim::{clip_grad_norm, lr_factor, Optimizer};
+use crate::tasks::{TaskKind, TaskSpec};
+
+/// Entry point of a generated classification trainer.
+pub fn main<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) -> ExitCode {
+    match run::<B>(compiled, shape, options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) -> Result<()> {
+    let resolved = compiled.resolve(&options.sets)?;
+    if options.print_config {
+        println!("{}", resolved.to_json());
+        return Ok(());
+    }
+    if options.plan {
+        print!("{}", compiled.plan);
+        return Ok(());
+    }
+    let Kind::Classification(cfg) = &resolved.kind else {
+        bail!("this trainer was compiled for classification")
+    };
+    let tasks = compiled.tasks;
+    let t = &cfg.training;
+    let device = Device::Cpu;
+
+    // Run directory: a resumed run continues in the run that wrote the checkpoint.
+    let resume = options
+        .resume
+        .clone()
+        .or(t.resume.as_ref().map(PathBuf::from));
+    let run_dir = match &resume {
+        Some(ck) => ck
+            .parent()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .context("--resume takes <run>/checkpoints/<name>")?,
+        None => {
+            let base = options
+                .output_dir
+                .clone()
+                .or(t.output_dir.as_ref().map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from("runs/classification"));
+            let name = t.run_name.clone().unwrap_or_else(|| {
+                format!(
+                    "{}-{}-{}",
+                    compiled.name,
+                    cfg.model.backbone,
+                    cfg.dataset.tasks.join("-")
+                )
+            });
+            base.join(format!("{name}-{}", timestamp()))
+        }
+    };
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    std::fs::write(run_dir.join("config_resolved.json"), resolved.to_json())?;
+    std::fs::write(run_dir.join("plan.txt"), compiled.plan)?;
+    println!("run directory {}", run_dir.display());
+
+    // Data.
+    let dir = &cfg.dataset.path;
+    let train = Arc::new(read_split(dir, &cfg.dataset.train_split, tasks)?);
+    let val = if t.eval_strategy == "none" {
+        None
+    } else {
+        Some(Arc::new(read_split(dir, &cfg.dataset.val_split, tasks)?))
+    };
+    let test = match dir
+        .join(format!("{}-metadata.csv", cfg.dataset.test_split))
+        .exists()
+    {
+        true => Some(Arc::new(read_split(dir, &cfg.dataset.test_split, tasks)?)),
+        false => None,
+    };
+    let bs = compiled.batch_size;
+    let batches_per_epoch = train.len().div_ceil(bs);
+    let total_steps = (t.epochs * batches_per_epoch).min(t.max_steps.unwrap_or(usize::MAX));
+    println!(
+        "train {} samples ({} batches of {bs}), val {}, test {}; {} steps; {} parameters",
+        train.len(),
+        batches_per_epoch,
+        val.as_ref().map_or(0, |v| v.len()),
+        test.as_ref().map_or(0, |v| v.len()),
+        total_steps,
+        compiled.parameters
+    );
+
+    // Model and optimizer.
+    let mut params = Params::new(t.seed, &device);
+    let model = Classifier::<B>::new(shape, tasks, &mut params)?;
+    let all_vars: Vec<_> = params
+        .trainable
+        .iter()
+        .chain(&params.buffers)
+        .cloned()
+        .collect();
+    let mut opt = Optimizer::new(&cfg.optimizer, params.trainable.clone())?;
+    let weights: Vec<f64> = cfg.tasks.iter().map(|t| t.weight).collect();
+    let config_hash = format!("{:016x}", fnv(resolved.to_json().as_bytes()));
+    let mut state = State {
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        best: vec![],
+        evals_without_improvement: 0,
+        best_score: None,
+        config_hash: config_hash.clone(),
+    };
+    if let Some(ck) = &resume {
+        let loaded = checkpoint::load(ck)?;
+        checkpoint::restore(&all_vars, &loaded.model)?;
+        opt.load_state(&loaded.optimizer, loaded.state.step)?;
+        state = loaded.state;
+        println!(
+            "resumed from {} at step {} (epoch {}, batch {})",
+            ck.display(),
+            state.step,
+            state.epoch,
+            state.batch_in_epoch
+        );
+    }
+
+    let tb_dir = t.tensorboard.then(|| {
+        t.log_dir
+            .as_ref()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| run_dir.join("tensorboard"))
+    });
+    let mut log = Logger::new(&run_dir, tb_dir)?;
+    let ckpt_dir = run_dir.join("checkpoints");
+    let mut periodic: Vec<PathBuf> = list_dirs(&ckpt_dir, "step-");
+    let shape_vec = compiled.input_shape.to_vec();
+    let mut batch_shape = vec![0];
+    batch_shape.extend_from_slice(compiled.input_shape);
+    let ctx = Ctx {
+        cfg,
+        tasks,
+        weights: &weights,
+        device: &device,
+        shape: &shape_vec,
+        workers: cfg.dataset.num_workers,
+        batch_size: bs,
+    };
+
+    let started = Instant::now();
+    let mut stop = false;
+    let mut running = Running::new(tasks.len());
+    'epochs: while state.epoch < t.epochs && !stop {
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        if cfg.dataset.shuffle {
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(
+                t.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(state.epoch as u64 + 1)),
+            ));
+        }
+        let skip = state.batch_in_epoch * bs;
+        let loader = Loader::new(
+            train.clone(),
+            order[skip.min(order.len())..].to_vec(),
+            bs,
+            shape_vec.clone(),
+            cfg.dataset.num_workers,
+        );
+        for batch in loader {
+            if state.step as usize >= total_steps {
+                break 'epochs;
+            }
+            let batch = batch?;
+            let x = ctx.tensor(&batch.inputs, batch.size)?;
+            // Dropout masks come from (seed, step), so a resumed run draws the same masks.
+            let mut mode = Mode {
+                train: true,
+                rng: ChaCha8Rng::seed_from_u64(
+                    t.seed
+                        .wrapping_add(state.step.wrapping_mul(0x2545_f491_4f6c_dd1d)),
+                ),
+            };
+            let outputs = model.forward(&x, &mut mode)?;
+            let (loss, per_task) = ctx.loss(&outputs, &batch.targets, t.label_smoothing)?;
+            let mut grads = loss.backward()?;
+            let grad_norm = clip_grad_norm(&mut grads, &params.trainable, t.clip_grad_norm)?;
+            let lr = cfg.optimizer.learning_rate
+                * lr_factor(&cfg.scheduler, state.step as usize, total_steps);
+            opt.update(&grads, lr)?;
+            state.step += 1;
+            state.batch_in_epoch += 1;
+            let loss_v = loss.to_scalar::<f32>()? as f64;
+            if !loss_v.is_finite() {
+                bail!("the loss became {loss_v} at step {}; lower `optimizer.learning_rate` or enable `clip_grad_norm`", state.step);
+            }
+            running.add(loss_v, &per_task, batch.size);
+            let step = state.step;
+            log.scalar("train/loss_step", loss_v, step)?;
+            if step % t.log_every_batches as u64 == 0 || step as usize == total_steps {
+                let avg = running.loss();
+                log.scalar("train/loss", avg, step)?;
+                for (i, spec) in tasks.iter().enumerate() {
+                    log.scalar(&format!("train/loss/{}", spec.name), running.task(i), step)?;
+                }
+                log.scalar("train/lr", lr, step)?;
+                log.scalar("train/grad_norm", grad_norm, step)?;
+                let rate = (step as f64) / started.elapsed().as_secs_f64().max(1e-9);
+                println!("epoch {} step {step}/{total_steps} loss {avg:.4} lr {lr:.2e} grad_norm {grad_norm:.3} ({:.1} samples/s)", state.epoch + 1, rate * bs as f64);
+                running = Running::new(tasks.len());
+            }
+            if t.eval_strategy == "steps" && step % t.eval_steps.unwrap_or(1) as u64 == 0 {
+                stop = evaluate_and_select(
+                    &ctx,
+                    &model,
+                    val.as_deref(),
+                    &mut state,
+                    &all_vars,
+                    &opt,
+                    &ckpt_dir,
+                    &mut log,
+                )?;
+            }
+            if t.checkpoint_strategy == "steps"
+                && step % t.checkpoint_steps.unwrap_or(1) as u64 == 0
+            {
+                save_periodic(
+                    &ckpt_dir,
+                    &mut periodic,
+                    &all_vars,
+                    &opt,
+                    &state,
+                    t.checkpoint_total_limit,
+                )?;
+            }
+            if stop {
+                break 'epochs;
+            }
+        }
+        state.epoch += 1;
+        state.batch_in_epoch = 0;
+        if t.eval_strategy == "epoch" {
+            stop = evaluate_and_select(
+                &ctx,
+                &model,
+                val.as_deref(),
+                &mut state,
+                &all_vars,
+                &opt,
+                &ckpt_dir,
+                &mut log,
+            )?;
+        }
+        if t.checkpoint_strategy == "epoch" {
+            save_periodic(
+                &ckpt_dir,
+                &mut periodic,
+                &all_vars,
+                &opt,
+                &state,
+                t.checkpoint_total_limit,
+            )?;
+        }
+    }
+    if stop {
+        println!(
+            "early stopping: no improvement in {} evaluations",
+            t.early_stopping_patience
+        );
+    }
+    let last = ckpt_dir.join("last");
+    checkpoint::save(&last, &all_vars, &opt.state(), &state)?;
+    log.flush()?;
+
+    // Final evaluation on the test split with the last and the best weights.
+    let mut rows = vec![];
+    if let Some(test) = &test {
+        let mut candidates = vec![("last".to_string(), last.clone())];
+        if let Some((_, _, name)) = state.best.first() {
+            candidates.push(("best".to_string(), ckpt_dir.join(name)));
+        }
+        for (label, dir) in candidates {
+            checkpoint::restore(&all_vars, &checkpoint::load(&dir)?.model)?;
+            let m = ctx.evaluate(&model, test)?;
+            println!("test ({label}): {}", m.describe(tasks));
+            for (k, v) in m.scalars(tasks) {
+                log.scalar(&format!("test_{label}/{k}"), v, state.step)?;
+                rows.push((label.clone(), k, v));
+            }
+        }
+        log.flush()?;
+    }
+    let summary = serde_json::json!({
+        "run_dir": run_dir,
+        "steps": state.step,
+        "best": state.best,
+        "test": rows.iter().map(|(l, k, v)| serde_json::json!({"weights": l, "metric": k, "value": v})).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        run_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    if let Some(p) = &t.metrics_summary_path {
+        let p = PathBuf::from(p);
+        crate::io::write_atomic(&p, |w| {
+            writeln!(w, "weights,metric,value")?;
+            for (l, k, v) in &rows {
+                writeln!(w, "{l},{k},{v}")?;
+            }
+            Ok(())
+        })?;
+    }
+    println!(
+        "done: {} steps in {:.1} s; checkpoints in {}",
+        state.step,
+        started.elapsed().as_secs_f64(),
+        ckpt_dir.display()
+    );
+    Ok(())
+}
+
+/// What the step and evaluation code needs, bundled.
+struct Ctx<'a> {
+    cfg: &'a Classification,
+    tasks: &'a [TaskSpec],
+    weights: &'a [f64],
+    device: &'a Device,
+    shape: &'a [usize],
+    workers: usize,
+    batch_size: usize,
+}
+
+impl Ctx<'_> {
+    fn tensor(&self, data: &[f32], n: usize) -> Result<Tensor> {
+        let mut dims = vec![n];
+        dims.extend_from_slice(self.shape);
+        Ok(Tensor::from_slice(data, dims.as_slice(), self.device)?)
+    }
+
+    /// Σ w_t · L_t: cross-entropy with label smoothing, or Huber (δ = 2) for regression.
+    fn loss(
+        &self,
+        outputs: &[Tensor],
+        targets: &[Vec<f32>],
+        smoothing: f64,
+    ) -> Result<(Tensor, Vec<f64>)> {
+        let mut total: Option<Tensor> = None;
+        let mut per_task = vec![];
+        for ((out, target), (spec, w)) in outputs
+            .iter()
+            .zip(targets)
+            .zip(self.tasks.iter().zip(self.weights))
+        {
+            let l = match spec.kind {
+                TaskKind::Classification => {
+                    let y = Tensor::from_iter(target.iter().map(|&v| v as u32), self.device)?;
+                    let logp = candle_nn::ops::log_softmax(out, D::Minus1)?;
+                    let nll = logp.gather(&y.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+                    let smooth = logp.mean(D::Minus1)?.neg()?;
+                    ((nll * (1.0 - smoothing))? + (smooth * smoothing)?)?.mean_all()?
+                }
+                TaskKind::Regression => {
+                    let y = Tensor::from_slice(target, target.len(), self.device)?;
+                    huber(&out.squeeze(1)?, &y, 2.0)?
+                }
+            };
+            per_task.push(l.to_scalar::<f32>()? as f64);
+            let weighted = (l * *w)?;
+            total = Some(match total {
+                None => weighted,
+                Some(t) => (t + weighted)?,
+            });
+        }
+        Ok((total.context("at least one task")?, per_task))
+    }
+
+    fn evaluate<B: Backbone>(&self, model: &Classifier<B>, split: &Arc<Split>) -> Result<Metrics> {
+        let loader = Loader::new(
+            split.clone(),
+            (0..split.len()).collect(),
+            self.batch_size,
+            self.shape.to_vec(),
+            self.workers,
+        );
+        let mut m = Metrics::new(self.tasks);
+        let mut mode = Mode::eval();
+        for batch in loader {
+            let batch = batch?;
+            let x = self.tensor(&batch.inputs, batch.size)?;
+            let outputs = model.forward(&x, &mut mode)?;
+            let (loss, _) = self.loss(&outputs, &batch.targets, 0.0)?;
+            m.loss_sum += loss.to_scalar::<f32>()? as f64 * batch.size as f64;
+            m.n += batch.size;
+            for (i, (out, target)) in outputs.iter().zip(&batch.targets).enumerate() {
+                match self.tasks[i].kind {
+                    TaskKind::Classification => {
+                        let pred = out
+                            .argmax(D::Minus1)?
+                            .to_dtype(DType::U32)?
+                            .to_vec1::<u32>()?;
+                        m.preds[i].extend(pred.iter().map(|&p| p as f32));
+                    }
+                    TaskKind::Regression => m.preds[i].extend(out.squeeze(1)?.to_vec1::<f32>()?),
+                }
+                m.targets[i].extend_from_slice(target);
+            }
+        }
+        Ok(m)
+    }
+}
+
+fn huber(pred: &Tensor, y: &Tensor, delta: f64) -> Result<Tensor> {
+    let diff = (pred - y)?;
+    let abs = diff.abs()?;
+    let quad = (diff.sqr()? * 0.5)?;
+    let lin = ((abs.clone() - 0.5 * delta)? * delta)?;
+    Ok(abs.le(delta)?.where_cond(&quad, &lin)?.mean_all()?)
+}
+
+/// Evaluate on `val`, log, keep the best checkpoints, track early stopping. Returns `stop`.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_and_select<B: Backbone>(
+    ctx: &Ctx,
+    model: &Classifier<B>,
+    val: Option<&Split>,
+    state: &mut State,
+    vars: &[(String, candle_core::Var)],
+    opt: &Optimizer,
+    ckpt_dir: &Path,
+    log: &mut Logger,
+) -> Result<bool> {
+    let Some(val) = val else { return Ok(false) };
+    let split = Arc::new(Split {
+        name: val.name.clone(),
+        files: val.files.clone(),
+        targets: val.targets.clone(),
+    });
+    let m = ctx.evaluate(model, &split)?;
+    let score = m.score(ctx.tasks, ctx.weights);
+    for (k, v) in m.scalars(ctx.tasks) {
+        log.scalar(&format!("val/{k}"), v, state.step)?;
+    }
+    log.scalar("val/selection_score", score, state.step)?;
+    log.flush()?;
+    println!(
+        "eval step {}: {} score {score:.4}",
+        state.step,
+        m.describe(ctx.tasks)
+    );
+
+    let t = &ctx.cfg.training;
+    let improved = state.best_score.is_none_or(|b| score > b);
+    if improved {
+        state.best_score = Some(score);
+        state.evals_without_improvement = 0;
+    } else {
+        state.evals_without_improvement += 1;
+    }
+    // Top-k by score, saved at the step it was measured.
+    let qualifies = state.best.len() < t.max_best_checkpoints
+        || state.best.last().is_some_and(|(s, _, _)| score > *s);
+    if qualifies {
+        let name = format!("best-step{:08}", state.step);
+        state.best.push((score, state.step, name.clone()));
+        state.best.sort_by(|a, b| b.0.total_cmp(&a.0));
+        while state.best.len() > t.max_best_checkpoints {
+            let (_, _, evicted) = state.best.pop().expect("non-empty");
+            let _ = std::fs::remove_dir_all(ckpt_dir.join(evicted));
+        }
+        checkpoint::save(&ckpt_dir.join(&name), vars, &opt.state(), state)?;
+    }
+    Ok(t.early_stopping && state.evals_without_improvement >= t.early_stopping_patience)
+}
+
+fn save_periodic(
+    dir: &Path,
+    periodic: &mut Vec<PathBuf>,
+    vars: &[(String, candle_core::Var)],
+    opt: &Optimizer,
+    state: &State,
+    limit: Option<usize>,
+) -> Result<()> {
+    let path = dir.join(format!("step-{:08}", state.step));
+    checkpoint::save(&path, vars, &opt.state(), state)?;
+    if !periodic.contains(&path) {
+        periodic.push(path);
+    }
+    if let Some(k) = limit {
+        checkpoint::prune(periodic, k)?;
+    }
+    Ok(())
+}
+
+fn list_dirs(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Batch-size-weighted running averages of the training loss between log lines.
+struct Running {
+    loss: f64,
+    tasks: Vec<f64>,
+    n: usize,
+}
+
+impl Running {
+    fn new(k: usize) -> Self {
+        Running {
+            loss: 0.0,
+            tasks: vec![0.0; k],
+            n: 0,
+        }
+    }
+    fn add(&mut self, loss: f64, per_task: &[f64], n: usize) {
+        self.loss += loss * n as f64;
+        for (a, b) in self.tasks.iter_mut().zip(per_task) {
+            *a += b * n as f64;
+        }
+        self.n += n;
+    }
+    fn loss(&self) -> f64 {
+        self.loss / self.n.max(1) as f64
+    }
+    fn task(&self, i: usize) -> f64 {
+        self.tasks[i] / self.n.max(1) as f64
+    }
+}
+
+/// Predictions and targets of one evaluation.
+pub struct Metrics {
+    loss_sum: f64,
+    n: usize,
+    preds: Vec<Vec<f32>>,
+    targets: Vec<Vec<f32>>,
+}
+
+impl Metrics {
+    fn new(tasks: &[TaskSpec]) -> Self {
+        Metrics {
+            loss_sum: 0.0,
+            n: 0,
+            preds: vec![vec![]; tasks.len()],
+            targets: vec![vec![]; tasks.len()],
+        }
+    }
+
+    /// accuracy and macro-F1 (classification), MAE and MSE (regression), and the loss.
+    pub fn scalars(&self, tasks: &[TaskSpec]) -> Vec<(String, f64)> {
+        let mut out = vec![("loss".to_string(), self.loss_sum / self.n.max(1) as f64)];
+        for (i, t) in tasks.iter().enumerate() {
+            let (p, y) = (&self.preds[i], &self.targets[i]);
+            match t.kind {
+                TaskKind::Classification => {
+                    out.push((format!("accuracy/{}", t.name), accuracy(p, y)));
+                    out.push((format!("f1/{}", t.name), macro_f1(p, y, t.outputs)));
+                }
+                TaskKind::Regression => {
+                    let n = p.len().max(1) as f64;
+                    out.push((
+                        format!("mae/{}", t.name),
+                        p.iter()
+                            .zip(y)
+                            .map(|(a, b)| (a - b).abs() as f64)
+                            .sum::<f64>()
+                            / n,
+                    ));
+                    out.push((
+                        format!("mse/{}", t.name),
+                        p.iter()
+                            .zip(y)
+                            .map(|(a, b)| ((a - b) as f64).powi(2))
+                            .sum::<f64>()
+                            / n,
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Selection score, higher is better: Σ w_t s_t / Σ w_t with s_t = accuracy, or
+    /// 1 / (1 + MAE) for regression (the reference maximised the MAE itself).
+    pub fn score(&self, tasks: &[TaskSpec], weights: &[f64]) -> f64 {
+        let (mut num, mut den) = (0.0, 0.0);
+        for (i, (t, w)) in tasks.iter().zip(weights).enumerate() {
+            let (p, y) = (&self.preds[i], &self.targets[i]);
+            let s = match t.kind {
+                TaskKind::Classification => accuracy(p, y),
+                TaskKind::Regression => {
+                    1.0 / (1.0
+                        + p.iter()
+                            .zip(y)
+                            .map(|(a, b)| (a - b).abs() as f64)
+                            .sum::<f64>()
+                            / p.len().max(1) as f64)
+                }
+            };
+            num += w * s;
+            den += w;
+        }
+        if den > 0.0 {
+            num / den
+        } else {
+            0.0
+        }
+    }
+
+    fn describe(&self, tasks: &[TaskSpec]) -> String {
+        self.scalars(tasks)
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.4}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+pub fn accuracy(p: &[f32], y: &[f32]) -> f64 {
+    p.iter().zip(y).filter(|(a, b)| a == b).count() as f64 / p.len().max(1) as f64
+}
+
+/// Macro-F1 over the classes present in targets or predictions (sklearn's average="macro",
+/// zero_division=0).
+pub fn macro_f1(p: &[f32], y: &[f32], classes: usize) -> f64 {
+    let present: BTreeSet<usize> = p
+        .iter()
+        .chain(y)
+        .map(|&c| c as usize)
+        .filter(|&c| c < classes)
+        .collect();
+    if present.is_empty() {
+        return 0.0;
+    }
+    let f1s = present.iter().map(|&c| {
+        let tp = p
+            .iter()
+            .zip(y)
+            .filter(|(a, b)| **a as usize == c && **b as usize == c)
+            .count() as f64;
+        let fp = p
+            .iter()
+            .zip(y)
+            .filter(|(a, b)| **a as usize == c && **b as usize != c)
+            .count() as f64;
+        let fnn = p
+            .iter()
+            .zip(y)
+            .filter(|(a, b)| **a as usize != c && **b as usize == c)
+            .count() as f64;
+        if tp == 0.0 {
+            0.0
+        } else {
+            2.0 * tp / (2.0 * tp + fp + fnn)
+        }
+    });
+    f1s.sum::<f64>() / present.len() as f64
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // UTC YYYYmmdd-HHMMSS without a date crate (civil-from-days, Howard Hinnant's algorithm).
+    let (days, rem) = (secs / 86400, secs % 86400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macro_f1_matches_sklearn() {
+        // sklearn.metrics.f1_score([0,1,1,2], [0,1,2,2], average="macro") = 0.7777...
+        let y = [0.0, 1.0, 1.0, 2.0];
+        let p = [0.0, 1.0, 2.0, 2.0];
+        assert!((macro_f1(&p, &y, 3) - 7.0 / 9.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,3 @@
+signal_diffusion_macros::trainer!("amp_on_cpu_build.toml");
+
+fn main() {}

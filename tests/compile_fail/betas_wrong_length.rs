@@ -1,0 +1,3 @@
+signal_diffusion_macros::trainer!("betas_wrong_length.toml");
+
+fn main() {}

@@ -1,0 +1,3 @@
+signal_diffusion_macros::trainer!("checkpoint_steps_missing.toml");
+
+fn main() {}

@@ -1,0 +1,3 @@
+signal_diffusion_macros::trainer!("cyclic_settings_chain.toml");
+
+fn main() {}

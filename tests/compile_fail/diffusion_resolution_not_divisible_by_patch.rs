@@ -1,0 +1,3 @@
+signal_diffusion_macros::trainer!("diffusion_resolution_not_divisible_by_patch.toml");
+
+fn main() {}

@@ -1,0 +1,3 @@
+signal_diffusion_macros::trainer!("missing_dataset_section.toml");
+
+fn main() {}

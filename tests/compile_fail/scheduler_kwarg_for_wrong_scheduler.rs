@@ -1,0 +1,3 @@
+signal_diffusion_macros::trainer!("scheduler_kwarg_for_wrong_scheduler.toml");
+
+fn main() {}

@@ -1,0 +1,3 @@
+signal_diffusion_macros::trainer!("several_errors_at_once.toml");
+
+fn main() {}

@@ -1,0 +1,3 @@
+signal_diffusion_macros::trainer!("swa_not_supported.toml");
+
+fn main() {}

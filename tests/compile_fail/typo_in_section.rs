@@ -1,0 +1,3 @@
+signal_diffusion_macros::trainer!("typo_in_section.toml");
+
+fn main() {}

@@ -1,0 +1,3 @@
+signal_diffusion_macros::trainer!("unknown_backbone.toml");
+
+fn main() {}

@@ -1,0 +1,3 @@
+signal_diffusion_macros::trainer!("wrong_type_string_for_number.toml");
+
+fn main() {}
