@@ -27,6 +27,8 @@ pub struct Target {
     pub cuda: bool,
 }
 
+// One value per resolution: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(tag = "trainer", rename_all = "lowercase")]
 pub enum Kind {

@@ -87,7 +87,7 @@ pub fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -376,11 +376,7 @@ pub fn dit(d: &Diffusion, data_type: &str) -> Plan {
         tokens,
         vec![m.out_channels, h, w],
     ));
-    let input = if data_type == "timeseries" {
-        vec![cin, h, w]
-    } else {
-        vec![cin, h, w]
-    };
+    let input = vec![cin, h, w];
     Plan::finish("dit", d.dataset.batch_size, input, layers)
 }
 

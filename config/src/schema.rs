@@ -433,7 +433,7 @@ pub fn read_classification(
         Some(crate::tree::Value::Bool(false)) => None,
         Some(_) => {
             match t.float(ctx, "clip_grad_norm") {
-                Some(v) if v == 0.0 => None,
+                Some(0.0) => None,
                 Some(v) if v > 0.0 => Some(v),
                 Some(v) => {
                     ctx.error("training.clip_grad_norm", format!("`training.clip_grad_norm` = {v} must be positive, or 0/false to disable"));
@@ -654,7 +654,7 @@ pub fn read_classification(
     }
     if backbone == "cnn_light" || backbone == "cnn" {
         let div = 1usize << depth;
-        if embedding_dim % div != 0 {
+        if !embedding_dim.is_multiple_of(div) {
             ctx.error("model.embedding_dim", format!("`model.embedding_dim` = {embedding_dim} must be divisible by 2^depth = {div} for `{backbone}`"))
                 .help = Some(format!("the last block has embedding_dim channels and each of the {depth} blocks doubles (or quadruples) them; try {}", (embedding_dim / div).max(1) * div));
         }
@@ -666,10 +666,10 @@ pub fn read_classification(
         }
     }
     if backbone == "transformer" {
-        if hidden_dim % num_heads != 0 {
+        if !hidden_dim.is_multiple_of(num_heads) {
             ctx.error("model.extras.num_heads", format!("`model.extras.hidden_dim` = {hidden_dim} is not divisible by `num_heads` = {num_heads}"));
         }
-        if data_type == "spectrogram" && resolution % patch_size != 0 {
+        if data_type == "spectrogram" && !resolution.is_multiple_of(patch_size) {
             ctx.error("model.extras.patch_size", format!("resolution {resolution} is not divisible by `model.extras.patch_size` = {patch_size}"));
         }
     }
@@ -1155,7 +1155,7 @@ pub fn read_diffusion(
     let resume = nonempty(t.string(ctx, "resume"));
     let gradient_clip_norm = match t.float(ctx, "gradient_clip_norm") {
         None => Some(1.0),
-        Some(v) if v == 0.0 => None,
+        Some(0.0) => None,
         Some(v) if v > 0.0 => Some(v),
         Some(v) => {
             ctx.error(
@@ -1435,7 +1435,7 @@ pub fn read_diffusion(
         }
     }
     if matches!(name_m.as_str(), "dit" | "stable-diffusion-3.5-medium")
-        && (num_attention_heads * attention_head_dim) % 2 != 0
+        && !(num_attention_heads * attention_head_dim).is_multiple_of(2)
     {
         ctx.error(
             "model.extras.attention_head_dim",

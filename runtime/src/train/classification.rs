@@ -225,7 +225,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
             running.add(loss_v, &per_task, batch.size);
             let step = state.step;
             log.scalar("train/loss_step", loss_v, step)?;
-            if step % t.log_every_batches as u64 == 0 || step as usize == total_steps {
+            if step.is_multiple_of(t.log_every_batches as u64) || step as usize == total_steps {
                 let avg = running.loss();
                 log.scalar("train/loss", avg, step)?;
                 for (i, spec) in tasks.iter().enumerate() {
@@ -237,7 +237,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
                 println!("epoch {} step {step}/{total_steps} loss {avg:.4} lr {lr:.2e} grad_norm {grad_norm:.3} ({:.1} samples/s)", state.epoch + 1, rate * bs as f64);
                 running = Running::new(tasks.len());
             }
-            if t.eval_strategy == "steps" && step % t.eval_steps.unwrap_or(1) as u64 == 0 {
+            if t.eval_strategy == "steps" && step.is_multiple_of(t.eval_steps.unwrap_or(1) as u64) {
                 stop = evaluate_and_select(
                     &ctx,
                     &model,
@@ -250,7 +250,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
                 )?;
             }
             if t.checkpoint_strategy == "steps"
-                && step % t.checkpoint_steps.unwrap_or(1) as u64 == 0
+                && step.is_multiple_of(t.checkpoint_steps.unwrap_or(1) as u64)
             {
                 save_periodic(
                     &ckpt_dir,
