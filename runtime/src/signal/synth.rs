@@ -123,13 +123,15 @@ pub fn run(args: &SynthArgs) -> Result<()> {
     // Subject-level split, round-half-even counts like the reference (80/10/10), seeded.
     let mut order: Vec<usize> = (0..subjects.len()).collect();
     rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rng);
-    let n = subjects.len() as f64;
-    let n_val = (n * 0.1).round_ties_even() as usize;
-    let n_test = (n * 0.1).round_ties_even() as usize;
+    // The reference's counts: each split takes min(remaining, round_half_even(frac · n)) in
+    // order, and the last takes the remainder (n = 15 gives 12/2/1).
+    let n = subjects.len();
+    let n_train = ((n as f64) * 0.8).round_ties_even() as usize;
+    let n_val = (((n as f64) * 0.1).round_ties_even() as usize).min(n - n_train);
     let split_of = |pos: usize| {
-        if pos < subjects.len() - n_val - n_test {
+        if pos < n_train {
             "train"
-        } else if pos < subjects.len() - n_test {
+        } else if pos < n_train + n_val {
             "val"
         } else {
             "test"
