@@ -3,3 +3,4 @@ pub mod decimate;
 pub mod edf;
 pub mod spectrogram;
 pub mod synth;
+pub mod timeseries;

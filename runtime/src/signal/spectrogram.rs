@@ -116,21 +116,95 @@ pub fn derive_hop(nsamps: usize, resolution: usize, channels: usize, step: usize
     hop
 }
 
-/// A db-only image (L, R×R): each channel's dB strip clipped to [min_db, max_db], truncated to
-/// 0..255, flipped so row 0 is Nyquist, tiled left to right with the reference's margins.
-pub fn db_only_image(stft: &LogStft, window: &[Vec<f64>], min_db: f64, max_db: f64) -> Vec<u8> {
+/// The reference's output types: channel 0 is always the clipped dB; db-iq adds the real and
+/// imaginary parts, db-polar the linear magnitude and the phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputType {
+    DbOnly,
+    DbIq,
+    DbPolar,
+}
+
+impl OutputType {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "db-only" => Some(OutputType::DbOnly),
+            "db-iq" => Some(OutputType::DbIq),
+            "db-polar" => Some(OutputType::DbPolar),
+            _ => None,
+        }
+    }
+
+    pub fn channels(self) -> usize {
+        if self == OutputType::DbOnly {
+            1
+        } else {
+            3
+        }
+    }
+}
+
+/// `trunc(255 · (v − lo)/(hi − lo))` as numpy's `astype(uint8)` after the reference's scaling;
+/// all-equal values map to 0.
+fn to_u8(v: f64, lo: f64, hi: f64) -> u8 {
+    if hi > lo {
+        (255.0 * ((v - lo) / (hi - lo))) as u8
+    } else {
+        0
+    }
+}
+
+/// A multichannel image (R×R, 1 or 3 interleaved channels): each EEG channel's strip of F
+/// columns, flipped so row 0 is Nyquist, tiled left to right with the reference's margins.
+/// dB is clipped to [min_db, max_db]; I/Q share one min–max per strip, magnitude and phase each
+/// their own (per EEG channel and window, as the reference).
+pub fn image(
+    stft: &LogStft,
+    window: &[Vec<f64>],
+    output: OutputType,
+    min_db: f64,
+    max_db: f64,
+) -> Vec<u8> {
     let r = stft.resolution;
     let frames = stft.frames(window[0].len());
     let pad = (r - window.len() * frames) / 2;
-    let mut img = vec![0u8; r * r];
+    let nc = output.channels();
+    let mut img = vec![0u8; r * r * nc];
     for (ch, x) in window.iter().enumerate() {
         let (re, im) = stft.transform(x);
+        let mag: Vec<f64> = re.iter().zip(&im).map(|(a, b)| a.hypot(*b)).collect();
+        let (g, b): (Vec<f64>, Vec<f64>) = match output {
+            OutputType::DbOnly => (vec![], vec![]),
+            OutputType::DbIq => (re.clone(), im.clone()),
+            OutputType::DbPolar => (
+                mag.clone(),
+                re.iter().zip(&im).map(|(a, b)| b.atan2(*a)).collect(),
+            ),
+        };
+        let range = |v: &[f64]| {
+            v.iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+                    (lo.min(x), hi.max(x))
+                })
+        };
+        let (g_range, b_range) = match output {
+            OutputType::DbIq => {
+                let (a, b) = (range(&g), range(&b));
+                let joint = (a.0.min(b.0), a.1.max(b.1));
+                (joint, joint)
+            }
+            _ => (range(&g), range(&b)),
+        };
         for k in 0..r {
             for t in 0..frames {
-                let mag = (re[k * frames + t].powi(2) + im[k * frames + t].powi(2)).sqrt();
-                let db = (20.0 * (mag + 1e-9).log10()).clamp(min_db, max_db);
-                let v = (255.0 * (db - min_db) / (max_db - min_db)) as u8;
-                img[(r - 1 - k) * r + pad + ch * frames + t] = v;
+                let i = k * frames + t;
+                let px = ((r - 1 - k) * r + pad + ch * frames + t) * nc;
+                let db = (20.0 * (mag[i] + 1e-9).log10()).clamp(min_db, max_db);
+                img[px] = to_u8(db, min_db, max_db);
+                if nc == 3 {
+                    img[px + 1] = to_u8(g[i], g_range.0, g_range.1);
+                    img[px + 2] = to_u8(b[i], b_range.0, b_range.1);
+                }
             }
         }
     }

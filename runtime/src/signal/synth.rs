@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::spectrogram::{db_only_image, derive_hop, LogStft};
+use super::spectrogram::{derive_hop, image, LogStft, OutputType};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SynthArgs {
@@ -158,7 +158,7 @@ pub fn run(args: &SynthArgs) -> Result<()> {
                     sc.spawn(|| {
                         chunk
                             .iter()
-                            .map(|w| db_only_image(&stft, w, args.min_db, args.max_db))
+                            .map(|w| image(&stft, w, OutputType::DbOnly, args.min_db, args.max_db))
                             .collect::<Vec<_>>()
                     })
                 })
