@@ -344,6 +344,29 @@ fn check_support(ctx: &mut Ctx, kind: &Kind, target: Target) {
     }
 }
 
+/// Load a settings file and its chain on its own (for `sigdiff preprocess`): an explicit path,
+/// else `SIGNAL_DIFFUSION_CONFIG`, else `config/default.toml` under the project root.
+pub fn load_settings(path: Option<&Path>, env: &Env) -> Result<Settings, ConfigError> {
+    let mut sources = Sources::default();
+    let mut ctx = Ctx::default();
+    let file = match (path, &env.settings_override) {
+        (Some(p), _) => {
+            settings::normalize(&env.project_root.join(env.expand_home(&p.to_string_lossy())))
+        }
+        (None, Some(p)) => settings::normalize(&env.project_root.join(env.expand_home(p))),
+        (None, None) => env.project_root.join("config/default.toml"),
+    };
+    let loaded = settings::load_chain(&mut sources, &mut ctx, env, file, None)
+        .map(|(table, files)| settings::read(&sources, &mut ctx, env, &table, files));
+    match loaded {
+        Some(s) if !ctx.diags.has_errors() => Ok(s),
+        _ => Err(ConfigError {
+            sources,
+            diagnostics: ctx.diags,
+        }),
+    }
+}
+
 /// A config error rendered for a terminal (every error, then warnings count).
 pub fn render(err: &ConfigError) -> String {
     err.render_errors()

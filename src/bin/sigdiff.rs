@@ -31,6 +31,8 @@ enum Command {
     },
     /// Print the shape plan of a config: layer shapes, parameters, FLOPs, memory.
     Plan { file: PathBuf },
+    /// Turn raw recordings into the reference's spectrogram (or time-series) dataset.
+    Preprocess(signal_diffusion_runtime::signal::preprocess::PreprocessArgs),
     /// Write the synthetic demo EEG dataset (clearly synthetic) as preprocessed spectrograms.
     Synth(signal_diffusion_runtime::signal::synth::SynthArgs),
 }
@@ -83,6 +85,29 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Preprocess(args) => {
+            let settings = match config::load_settings(args.config.as_deref(), &env()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{}", config::render(&e));
+                    return ExitCode::FAILURE;
+                }
+            };
+            match signal_diffusion_runtime::signal::preprocess::run(&args, &settings) {
+                Ok(summary) if summary.skipped.is_empty() => ExitCode::SUCCESS,
+                Ok(summary) => {
+                    eprintln!(
+                        "{} recording(s) skipped (listed above)",
+                        summary.skipped.len()
+                    );
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Synth(args) => match signal_diffusion_runtime::signal::synth::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -379,14 +379,29 @@ fn parse_annotations(chunk: &[u8], out: &mut Vec<Annotation>) -> Result<Option<f
 /// Write `rec`'s data signals as a BDF file (24-bit), keeping each signal's calibration, so the
 /// digital values — and the volts — round-trip exactly. Written atomically.
 pub fn write_bdf(path: &Path, rec: &Recording) -> Result<()> {
+    write(path, rec, Format::Bdf)
+}
+
+/// Write `rec`'s data signals as EDF (16-bit) or BDF (24-bit), atomically.
+pub fn write(path: &Path, rec: &Recording, format: Format) -> Result<()> {
     let ns = rec.signals.len();
+    let bits = if format == Format::Edf { 16 } else { 24 };
     for s in &rec.signals {
-        if s.digital_min < -(1 << 23) || s.digital_max >= 1 << 23 {
+        if s.digital_min < -(1 << (bits - 1)) || s.digital_max >= 1 << (bits - 1) {
             bail!(
-                "signal {} has digital range {}..{}, beyond 24 bits",
+                "signal {} has digital range {}..{}, beyond {bits} bits",
                 s.label,
                 s.digital_min,
                 s.digital_max
+            );
+        }
+        if s.digital.len() != s.samples_per_record * rec.records {
+            bail!(
+                "signal {} has {} samples, not {} records × {}",
+                s.label,
+                s.digital.len(),
+                rec.records,
+                s.samples_per_record
             );
         }
     }
@@ -395,14 +410,19 @@ pub fn write_bdf(path: &Path, rec: &Recording) -> Result<()> {
         b.resize(len, b' ');
         b
     };
-    let mut out = vec![0xff];
-    out.extend_from_slice(b"BIOSEMI");
+    let mut out = vec![];
+    if format == Format::Edf {
+        out.extend_from_slice(b"0       ");
+    } else {
+        out.push(0xff);
+        out.extend_from_slice(b"BIOSEMI");
+    }
     out.extend(field(&rec.patient, 80));
     out.extend(field(&rec.recording, 80));
     out.extend(field(&rec.start_date, 8));
     out.extend(field(&rec.start_time, 8));
     out.extend(field(&(256 * (ns + 1)).to_string(), 8));
-    out.extend(field("24BIT", 44));
+    out.extend(field(if format == Format::Edf { "" } else { "24BIT" }, 44));
     out.extend(field(&rec.records.to_string(), 8));
     out.extend(field(&format_number(rec.record_duration), 8));
     out.extend(field(&ns.to_string(), 4));
@@ -425,7 +445,7 @@ pub fn write_bdf(path: &Path, rec: &Recording) -> Result<()> {
         for s in &rec.signals {
             let n = s.samples_per_record;
             for &d in &s.digital[r * n..(r + 1) * n] {
-                out.extend_from_slice(&d.to_le_bytes()[..3]);
+                out.extend_from_slice(&d.to_le_bytes()[..bits / 8]);
             }
         }
     }

@@ -1,6 +1,9 @@
-//! EEG signal processing: the reference's log-frequency spectrogram and the synthetic demo data.
+//! EEG signal processing: readers, decimation, the reference's log-frequency spectrogram and
+//! its images, time-series normalisation, dataset layouts, preprocessing, and the synthetic demo.
+pub mod datasets;
 pub mod decimate;
 pub mod edf;
+pub mod preprocess;
 pub mod spectrogram;
 pub mod synth;
 pub mod timeseries;
