@@ -41,7 +41,7 @@ pub type Sos = Vec<[f64; 6]>;
 /// `scipy.signal.cheby1(order, ripple_db, wn, output='sos')` for an even order (digital, low-pass).
 pub fn cheby1_sos(order: usize, ripple_db: f64, wn: f64) -> Sos {
     assert!(
-        order % 2 == 0 && order > 0,
+        order.is_multiple_of(2) && order > 0,
         "even orders only (decimate uses 8)"
     );
     // Analog prototype (cheb1ap): poles -sinh(mu + iθ), gain prod(-p), / sqrt(1+eps²) for even N.

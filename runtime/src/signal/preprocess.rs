@@ -24,6 +24,9 @@ use super::spectrogram::{derive_hop, image, LogStft, OutputType};
 use super::timeseries::{normalize, Stats, Welford};
 use super::{decimate::decimate, edf};
 
+/// CSV rows of a subject: (file_name, metadata columns).
+type Rows = Vec<(String, Vec<(String, String)>)>;
+
 pub const TARGET_RATE: f64 = 125.0;
 pub const NSAMPS: usize = 2048;
 pub const SHIFT: usize = 1024;
@@ -247,7 +250,6 @@ fn preprocess_dataset(
     bar.set_prefix(adapter.name);
     let stft = LogStft::new(RESOLUTION, derive_hop(NSAMPS, RESOLUTION, 20, 4));
     let next = AtomicUsize::new(0);
-    type Rows = Vec<(String, Vec<(String, String)>)>;
     let results: Mutex<Vec<Option<(Rows, Summary)>>> =
         Mutex::new((0..split_subjects.len()).map(|_| None).collect());
     let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
@@ -355,7 +357,7 @@ fn process_subject(
     stft: &LogStft,
     warnings: &Mutex<Vec<String>>,
     bar: &indicatif::ProgressBar,
-) -> Result<(Vec<(String, Vec<(String, String)>)>, Summary)> {
+) -> Result<(Rows, Summary)> {
     let mut rows = vec![];
     let mut s = Summary::default();
     let mut k = 0;
