@@ -1427,6 +1427,14 @@ pub fn read_diffusion(
             };
             ctx.error(key, format!("{} levels in `{key}` but {} in `model.extras.depths`: give one depth per level", levels.len(), depths.len()));
         }
+        // Attention heads of 64 channels each (the reference's d_head) must tile every width.
+        let head = 64;
+        if name_m == "hourglass" {
+            if let Some(w) = widths.iter().find(|w| !w.is_multiple_of(head)) {
+                ctx.error("model.extras.widths", format!("width {w} in `model.extras.widths` is not divisible by the attention head size {head}"))
+                    .help = Some("use multiples of 64, e.g. [64, 128, 256]".into());
+            }
+        }
         if name_m == "hourglass" && !attention.is_empty() && attention.len() != widths.len() {
             ctx.error(
                 "model.extras.attention",
