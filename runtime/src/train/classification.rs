@@ -237,38 +237,8 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
                 println!("epoch {} step {step}/{total_steps} loss {avg:.4} lr {lr:.2e} grad_norm {grad_norm:.3} ({:.1} samples/s)", state.epoch + 1, rate * bs as f64);
                 running = Running::new(tasks.len());
             }
-            if t.eval_strategy == "steps" && step.is_multiple_of(t.eval_steps.unwrap_or(1) as u64) {
-                stop = evaluate_and_select(
-                    &ctx,
-                    &model,
-                    val.as_deref(),
-                    &mut state,
-                    &all_vars,
-                    &opt,
-                    &ckpt_dir,
-                    &mut log,
-                )?;
-            }
-            if t.checkpoint_strategy == "steps"
-                && step.is_multiple_of(t.checkpoint_steps.unwrap_or(1) as u64)
-            {
-                save_periodic(
-                    &ckpt_dir,
-                    &mut periodic,
-                    &all_vars,
-                    &opt,
-                    &state,
-                    t.checkpoint_total_limit,
-                )?;
-            }
-            if stop {
-                break 'epochs;
-            }
-        }
-        state.epoch += 1;
-        state.batch_in_epoch = 0;
-        if t.eval_strategy == "epoch" {
-            stop = evaluate_and_select(
+            stop = milestone(
+                "steps",
                 &ctx,
                 &model,
                 val.as_deref(),
@@ -276,19 +246,27 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
                 &all_vars,
                 &opt,
                 &ckpt_dir,
+                &mut periodic,
                 &mut log,
             )?;
+            if stop {
+                break 'epochs;
+            }
         }
-        if t.checkpoint_strategy == "epoch" {
-            save_periodic(
-                &ckpt_dir,
-                &mut periodic,
-                &all_vars,
-                &opt,
-                &state,
-                t.checkpoint_total_limit,
-            )?;
-        }
+        state.epoch += 1;
+        state.batch_in_epoch = 0;
+        stop = milestone(
+            "epoch",
+            &ctx,
+            &model,
+            val.as_deref(),
+            &mut state,
+            &all_vars,
+            &opt,
+            &ckpt_dir,
+            &mut periodic,
+            &mut log,
+        )?;
     }
     if stop {
         println!(
@@ -443,6 +421,42 @@ fn huber(pred: &Tensor, y: &Tensor, delta: f64) -> Result<Tensor> {
     let quad = (diff.sqr()? * 0.5)?;
     let lin = ((abs.clone() - 0.5 * delta)? * delta)?;
     Ok(abs.le(delta)?.where_cond(&quad, &lin)?.mean_all()?)
+}
+
+/// The evaluation and checkpoint due at this point: `when` is "steps" after an optimizer step,
+/// "epoch" at the end of an epoch. Returns true when early stopping says stop.
+#[allow(clippy::too_many_arguments)]
+fn milestone<B: Backbone>(
+    when: &str,
+    ctx: &Ctx,
+    model: &Classifier<B>,
+    val: Option<&Split>,
+    state: &mut State,
+    vars: &[(String, candle_core::Var)],
+    opt: &Optimizer,
+    ckpt_dir: &Path,
+    periodic: &mut Vec<PathBuf>,
+    log: &mut Logger,
+) -> Result<bool> {
+    let t = &ctx.cfg.training;
+    let due = |strategy: &str, every: Option<usize>, step: u64| {
+        strategy == when && (when == "epoch" || step.is_multiple_of(every.unwrap_or(1) as u64))
+    };
+    let mut stop = false;
+    if due(&t.eval_strategy, t.eval_steps, state.step) {
+        stop = evaluate_and_select(ctx, model, val, state, vars, opt, ckpt_dir, log)?;
+    }
+    if due(&t.checkpoint_strategy, t.checkpoint_steps, state.step) {
+        save_periodic(
+            ckpt_dir,
+            periodic,
+            vars,
+            opt,
+            state,
+            t.checkpoint_total_limit,
+        )?;
+    }
+    Ok(stop)
 }
 
 /// Evaluate on `val`, log, keep the best checkpoints, track early stopping. Returns `stop`.
