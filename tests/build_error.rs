@@ -37,10 +37,8 @@ fn a_bad_sd_config_fails_the_build_at_the_toml_line() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the build succeeded:\n{stderr}");
-    let expected = format!(
-        "{}:{line}:12: error: `optimizer.momentum` applies to sgd only",
-        bad.display()
-    );
+    // The path is shown relative to the project root where that is shorter: match its end.
+    let expected = format!("bad.toml:{line}:12: error: `optimizer.momentum` applies to sgd only");
     assert!(
         stderr.contains(&expected),
         "expected `{expected}` in:\n{stderr}"
