@@ -8,7 +8,7 @@
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote};
 
-use crate::plan::{cnn_1d_channels, cnn_light_channels};
+use crate::plan::{cnn_1d_channels, cnn_light_channels, transformer_tokens};
 use crate::schema::TaskKind;
 use crate::{Kind, Resolved};
 
@@ -69,6 +69,36 @@ pub fn tokens(r: &Resolved) -> TokenStream {
                     #rt::models::CnnLightShape {
                         in_channels: #in_ch, resolution: #res, stem: #stem, channels: &[#(#channels),*],
                         layer_repeats: #reps, embedding_dim: #emb,
+                        activation: #rt::nn::Activation::#activation, dropout: #dropout,
+                    }
+                },
+            )
+        }
+        "cnn" => {
+            let (stem, channels) = cnn_light_channels(m.embedding_dim, m.depth);
+            let res = c.dataset.resolution;
+            (
+                quote! { #rt::models::Cnn },
+                quote! {
+                    #rt::models::CnnShape {
+                        in_channels: #in_ch, resolution: #res, stem: #stem, channels: &[#(#channels),*],
+                        layer_repeats: #reps, embedding_dim: #emb,
+                        activation: #rt::nn::Activation::#activation, dropout: #dropout,
+                    }
+                },
+            )
+        }
+        "transformer" => {
+            let t = transformer_tokens(c);
+            let (patch, tokens, token_dim) = (t.patch, t.tokens, t.token_dim);
+            let (hidden, layers, heads, ff) = (m.hidden_dim, m.num_layers, m.num_heads, m.ff_dim);
+            let cls = m.pooling == "cls";
+            (
+                quote! { #rt::models::Transformer },
+                quote! {
+                    #rt::models::TransformerShape {
+                        patch: #patch, tokens: #tokens, token_dim: #token_dim, hidden: #hidden,
+                        layers: #layers, heads: #heads, ff: #ff, cls: #cls, embedding_dim: #emb,
                         activation: #rt::nn::Activation::#activation, dropout: #dropout,
                     }
                 },

@@ -319,10 +319,6 @@ fn check_support(ctx: &mut Ctx, kind: &Kind, target: Target) {
             "`sigdiff validate` checks diffusion configs today; training them arrives with the DiT trainer",
         ),
         Kind::Classification(c) => {
-            let b = c.model.backbone.as_str();
-            if matches!(b, "cnn" | "transformer") {
-                unsupported(ctx, "model.backbone", format!("backbone `{b}` has no implementation yet"), "use `cnn_light` for spectrograms or `cnn_1d` for time series");
-            }
             let t = &c.training;
             if t.swa_enabled {
                 unsupported(ctx, "training.swa_enabled", "stochastic weight averaging".into(), "set `swa_enabled = false`");

@@ -184,6 +184,37 @@ fn heads(c: &Classification, layers: &mut Vec<Layer>) {
     }
 }
 
+/// How the transformer backbone sees its input: patches of an image, or one token per EEG
+/// channel of a time series.
+pub struct Tokens {
+    pub input: Vec<usize>,
+    /// Patch side for images, 0 for time series.
+    pub patch: usize,
+    pub tokens: usize,
+    pub token_dim: usize,
+}
+
+pub fn transformer_tokens(c: &Classification) -> Tokens {
+    let m = &c.model;
+    if c.data_type == "timeseries" {
+        let (ch, len) = (c.dataset.n_eeg_channels, c.dataset.sequence_length);
+        Tokens {
+            input: vec![ch, len],
+            patch: 0,
+            tokens: ch,
+            token_dim: len,
+        }
+    } else {
+        let (r, p) = (c.dataset.resolution, m.patch_size);
+        Tokens {
+            input: vec![m.input_channels, r, r],
+            patch: p,
+            tokens: (r / p) * (r / p),
+            token_dim: m.input_channels * p * p,
+        }
+    }
+}
+
 /// Plan of a classification config, or None for a backbone that has no implementation yet.
 pub fn classification(c: &Classification) -> Option<Plan> {
     let m = &c.model;
@@ -284,6 +315,100 @@ pub fn classification(c: &Classification) -> Option<Plan> {
             layers.push(linear(
                 "backbone.proj".into(),
                 cin,
+                m.embedding_dim,
+                1,
+                vec![m.embedding_dim],
+            ));
+        }
+        "cnn" => {
+            let r = c.dataset.resolution;
+            input = vec![m.input_channels, r, r];
+            let (c0, channels) = cnn_light_channels(m.embedding_dim, m.depth);
+            let mut l = conv2d("backbone.stem.conv".into(), m.input_channels, c0, 5, r, r);
+            l.params = l.params - c0 as u64 + prelu; // no bias (a BatchNorm follows)
+            layers.push(l);
+            layers.push(norm("backbone.stem.norm".into(), vec![c0, r, r], c0));
+            let mut side = r / 2;
+            let mut cin = c0;
+            for (i, &cout) in channels.iter().enumerate() {
+                for j in 0..m.layer_repeats {
+                    let unit_in = if j == 0 { cin } else { cout };
+                    let n = format!("backbone.blocks.{i}.{j}");
+                    let mut c1 = conv2d(format!("{n}.conv1"), unit_in, cout, 3, side, side);
+                    c1.params -= cout as u64;
+                    let mut c2 = conv2d(format!("{n}.conv2"), cout, cout, 3, side, side);
+                    c2.params -= cout as u64;
+                    c2.params += 2 * prelu; // act1 and act_out
+                    layers.push(c1);
+                    layers.push(norm(format!("{n}.norm1"), vec![cout, side, side], cout));
+                    layers.push(c2);
+                    layers.push(norm(format!("{n}.norm2"), vec![cout, side, side], cout));
+                    if unit_in != cout {
+                        layers.push(conv2d(format!("{n}.skip"), unit_in, cout, 1, side, side));
+                    }
+                }
+                side /= 2;
+                cin = cout;
+            }
+            layers.push(Layer {
+                name: "backbone.pool".into(),
+                output: vec![cin],
+                params: 0,
+                flops: 0,
+            });
+        }
+        "transformer" => {
+            let t = transformer_tokens(c);
+            input = t.input.clone();
+            let (h, ff) = (m.hidden_dim, m.ff_dim);
+            let positions = t.tokens + usize::from(m.pooling == "cls");
+            layers.push(linear(
+                "backbone.embed".into(),
+                t.token_dim,
+                h,
+                t.tokens,
+                vec![t.tokens, h],
+            ));
+            let extra = (positions * h + if m.pooling == "cls" { h } else { 0 }) as u64;
+            layers.push(Layer {
+                name: "backbone.pos_embed (+cls_token)".into(),
+                output: vec![positions, h],
+                params: extra,
+                flops: 0,
+            });
+            for i in 0..m.num_layers {
+                let n = format!("backbone.layers.{i}");
+                layers.push(norm(format!("{n}.norm1"), vec![positions, h], h));
+                let attn_flops =
+                    2 * 4 * (h * h * positions) as u64 + 2 * 2 * (positions * positions * h) as u64;
+                layers.push(Layer {
+                    name: format!("{n}.self_attn"),
+                    output: vec![positions, h],
+                    params: (4 * h * h + 4 * h) as u64,
+                    flops: attn_flops,
+                });
+                layers.push(norm(format!("{n}.norm2"), vec![positions, h], h));
+                let mut f1 = linear(
+                    format!("{n}.linear1"),
+                    h,
+                    ff,
+                    positions,
+                    vec![positions, ff],
+                );
+                f1.params += prelu;
+                layers.push(f1);
+                layers.push(linear(
+                    format!("{n}.linear2"),
+                    ff,
+                    h,
+                    positions,
+                    vec![positions, h],
+                ));
+            }
+            layers.push(norm("backbone.norm".into(), vec![positions, h], h));
+            layers.push(linear(
+                "backbone.proj".into(),
+                h,
                 m.embedding_dim,
                 1,
                 vec![m.embedding_dim],

@@ -239,6 +239,8 @@ pub struct ClsTraining {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Classification {
+    /// `spectrogram` or `timeseries`, after the `[data]` override.
+    pub data_type: String,
     pub dataset: ClsDataset,
     pub model: ClsModel,
     pub tasks: Vec<Task>,
@@ -683,7 +685,18 @@ pub fn read_classification(
         }
     }
 
+    if backbone == "transformer" {
+        for k in ["depth", "layer_repeats"] {
+            let key = format!("model.{k}");
+            if ctx.loc(&key).is_some() {
+                ctx.error(&key, format!("`{key}` does not apply to the transformer backbone"))
+                    .help = Some("set its size with `[model.extras] num_layers`, `hidden_dim`, `num_heads`, `ff_dim`".into());
+            }
+        }
+    }
+
     let cls = Classification {
+        data_type: data_type.clone(),
         dataset: ClsDataset {
             name,
             path,

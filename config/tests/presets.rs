@@ -101,3 +101,23 @@ fn dit_parameter_counts_equal_the_reference() {
         .sum();
     assert_eq!(block0, 2_777_472);
 }
+
+#[test]
+fn transformer_layers_have_the_reference_size() {
+    // The reference's TransformerEncoderLayer(d=256, heads=4, ff=512): 527,104 parameters.
+    let r = config::resolve(
+        Path::new("config/classification/transformer-timeseries.toml"),
+        &env(),
+        Target::default(),
+    )
+    .unwrap();
+    let layer0: u64 = r
+        .plan
+        .unwrap()
+        .layers
+        .iter()
+        .filter(|l| l.name.starts_with("backbone.layers.0."))
+        .map(|l| l.params)
+        .sum();
+    assert_eq!(layer0, 527_104);
+}

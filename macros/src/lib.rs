@@ -53,7 +53,13 @@ pub fn trainer(input: TokenStream) -> TokenStream {
             cuda: cfg!(feature = "cuda"),
         },
     ) {
-        Ok(r) => config::codegen::tokens(&r).into(),
+        Ok(r) => {
+            // include_str! makes cargo rebuild the invoking crate when any file of the config
+            // chain changes; the macro itself runs only when the compiler asks again.
+            let tracked = r.sources.paths().map(|p| p.display().to_string());
+            let body = config::codegen::tokens(&r);
+            quote! { #(const _: &str = include_str!(#tracked);)* #body }.into()
+        }
         Err(e) => {
             // Show the path as the user wrote it, not the absolute one.
             let mut e = e;

@@ -7,7 +7,8 @@
 use candle_core::{Result, Tensor};
 
 use crate::nn::{
-    avg_pool1d_2, dropout, Act, Activation, BatchNorm1d, Conv, GroupNorm1, Linear, Mode, Params,
+    avg_pool1d_2, dropout, Act, Activation, BatchNorm, Conv, GroupNorm1, LayerNorm, Linear, Mode,
+    Params, SelfAttention,
 };
 use crate::tasks::TaskSpec;
 
@@ -40,7 +41,7 @@ struct Block {
 
 enum Norm {
     Group(GroupNorm1),
-    Batch(BatchNorm1d),
+    Batch(BatchNorm),
 }
 
 impl Norm {
@@ -76,7 +77,7 @@ fn blocks(
         let norm = if dims == 2 {
             Norm::Group(GroupNorm1::new(p, &format!("{name}.0"), cin)?)
         } else {
-            Norm::Batch(BatchNorm1d::new(p, &format!("{name}.0"), cin)?)
+            Norm::Batch(BatchNorm::new(p, &format!("{name}.0"), cin)?)
         };
         let mut convs = vec![];
         for j in 0..repeats {
@@ -175,7 +176,7 @@ pub struct Cnn1dShape {
 pub struct Cnn1d {
     stem: Conv,
     stem_act: Act,
-    stem_norm: BatchNorm1d,
+    stem_norm: BatchNorm,
     blocks: Vec<Block>,
     proj: Linear,
     dropout: f64,
@@ -194,7 +195,7 @@ impl Backbone for Cnn1d {
             s.kernels[0],
         )?;
         let stem_act = Act::new(s.activation, p, "backbone.input_conv.1".into())?;
-        let stem_norm = BatchNorm1d::new(p, "backbone.input_conv.2", s.stem)?;
+        let stem_norm = BatchNorm::new(p, "backbone.input_conv.2", s.stem)?;
         let blocks = blocks(
             p,
             1,
@@ -227,6 +228,228 @@ impl Backbone for Cnn1d {
         let x = avg_pool1d_2(&dropout(&x, self.dropout, mode)?)?;
         let x = run_blocks(&self.blocks, x, self.dropout, mode, avg_pool1d_2)?;
         self.proj.forward(&x.mean(2)?)
+    }
+}
+
+/// `cnn`: the stronger 2-D backbone the reference lists but never built. Same knobs and channel
+/// plan as cnn_light; each block is `layer_repeats` residual units
+/// (conv 3×3 → BatchNorm → act → conv 3×3 → BatchNorm, plus the input through a 1×1 conv when
+/// the width changes, then act), followed by dropout and a 2×2 average pool.
+#[derive(Debug, Clone, Copy)]
+pub struct CnnShape {
+    pub in_channels: usize,
+    pub resolution: usize,
+    pub stem: usize,
+    pub channels: &'static [usize],
+    pub layer_repeats: usize,
+    pub embedding_dim: usize,
+    pub activation: Activation,
+    pub dropout: f64,
+}
+
+struct Residual {
+    conv1: Conv,
+    norm1: BatchNorm,
+    act1: Act,
+    conv2: Conv,
+    norm2: BatchNorm,
+    skip: Option<Conv>,
+    act_out: Act,
+}
+
+pub struct Cnn {
+    stem: Conv,
+    stem_norm: BatchNorm,
+    stem_act: Act,
+    blocks: Vec<Vec<Residual>>,
+    dropout: f64,
+}
+
+impl Backbone for Cnn {
+    type Shape = CnnShape;
+
+    fn new(s: &CnnShape, p: &mut Params) -> Result<Self> {
+        let stem = Conv::no_bias(p, "backbone.stem.conv", 2, s.in_channels, s.stem, 5)?;
+        let stem_norm = BatchNorm::new(p, "backbone.stem.norm", s.stem)?;
+        let stem_act = Act::new(s.activation, p, "backbone.stem.act".into())?;
+        let mut cin = s.stem;
+        let mut blocks = vec![];
+        for (i, &cout) in s.channels.iter().enumerate() {
+            let mut units = vec![];
+            for j in 0..s.layer_repeats {
+                let n = format!("backbone.blocks.{i}.{j}");
+                let unit_in = if j == 0 { cin } else { cout };
+                units.push(Residual {
+                    conv1: Conv::no_bias(p, &format!("{n}.conv1"), 2, unit_in, cout, 3)?,
+                    norm1: BatchNorm::new(p, &format!("{n}.norm1"), cout)?,
+                    act1: Act::new(s.activation, p, format!("{n}.act1"))?,
+                    conv2: Conv::no_bias(p, &format!("{n}.conv2"), 2, cout, cout, 3)?,
+                    norm2: BatchNorm::new(p, &format!("{n}.norm2"), cout)?,
+                    skip: if unit_in != cout {
+                        Some(Conv::new(p, &format!("{n}.skip"), 2, unit_in, cout, 1)?)
+                    } else {
+                        None
+                    },
+                    act_out: Act::new(s.activation, p, format!("{n}.act_out"))?,
+                });
+            }
+            blocks.push(units);
+            cin = cout;
+        }
+        Ok(Cnn {
+            stem,
+            stem_norm,
+            stem_act,
+            blocks,
+            dropout: s.dropout,
+        })
+    }
+
+    fn embedding_dim(s: &CnnShape) -> usize {
+        s.embedding_dim
+    }
+
+    fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let mut x = pool2d(
+            &self
+                .stem_act
+                .forward(&self.stem_norm.forward(&self.stem.forward(x)?, mode)?)?,
+        )?;
+        for units in &self.blocks {
+            for u in units {
+                let h = u
+                    .act1
+                    .forward(&u.norm1.forward(&u.conv1.forward(&x)?, mode)?)?;
+                let h = u.norm2.forward(&u.conv2.forward(&h)?, mode)?;
+                let skip = match &u.skip {
+                    Some(c) => c.forward(&x)?,
+                    None => x.clone(),
+                };
+                x = u.act_out.forward(&(h + skip)?)?;
+            }
+            x = pool2d(&dropout(&x, self.dropout, mode)?)?;
+        }
+        x.mean(3)?.mean(2)
+    }
+}
+
+/// `transformer`: a pre-norm encoder over tokens. Spectrograms are cut into p×p patches
+/// (channels × p² values per token, as a ViT); time series use one token per EEG channel (the
+/// reference's layout). Unlike the reference it has learned positional embeddings, an optional
+/// learned CLS token (`pooling = "cls"`; "mean" averages the tokens) and a final LayerNorm; the
+/// feed-forward activation is `model.activation`.
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerShape {
+    /// 0 for time series; the patch side for images.
+    pub patch: usize,
+    pub tokens: usize,
+    pub token_dim: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub ff: usize,
+    pub cls: bool,
+    pub embedding_dim: usize,
+    pub activation: Activation,
+    pub dropout: f64,
+}
+
+struct EncoderLayer {
+    norm1: LayerNorm,
+    attn: SelfAttention,
+    norm2: LayerNorm,
+    ff1: Linear,
+    act: Act,
+    ff2: Linear,
+}
+
+pub struct Transformer {
+    shape: TransformerShape,
+    embed: Linear,
+    pos: Tensor,
+    cls: Option<Tensor>,
+    layers: Vec<EncoderLayer>,
+    norm: LayerNorm,
+    proj: Linear,
+}
+
+impl Backbone for Transformer {
+    type Shape = TransformerShape;
+
+    fn new(s: &TransformerShape, p: &mut Params) -> Result<Self> {
+        let embed = Linear::new(p, "backbone.embed", s.token_dim, s.hidden)?;
+        let positions = s.tokens + usize::from(s.cls);
+        let pos = p.uniform("backbone.pos_embed".into(), &[positions, s.hidden], 0.02)?;
+        let cls = if s.cls {
+            Some(p.uniform("backbone.cls_token".into(), &[1, 1, s.hidden], 0.02)?)
+        } else {
+            None
+        };
+        let layers = (0..s.layers)
+            .map(|i| {
+                let n = format!("backbone.layers.{i}");
+                Ok(EncoderLayer {
+                    norm1: LayerNorm::new(p, &format!("{n}.norm1"), s.hidden)?,
+                    attn: SelfAttention::new(p, &format!("{n}.self_attn"), s.hidden, s.heads)?,
+                    norm2: LayerNorm::new(p, &format!("{n}.norm2"), s.hidden)?,
+                    ff1: Linear::new(p, &format!("{n}.linear1"), s.hidden, s.ff)?,
+                    act: Act::new(s.activation, p, format!("{n}.activation"))?,
+                    ff2: Linear::new(p, &format!("{n}.linear2"), s.ff, s.hidden)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let norm = LayerNorm::new(p, "backbone.norm", s.hidden)?;
+        let proj = Linear::new(p, "backbone.proj", s.hidden, s.embedding_dim)?;
+        Ok(Transformer {
+            shape: *s,
+            embed,
+            pos,
+            cls,
+            layers,
+            norm,
+            proj,
+        })
+    }
+
+    fn embedding_dim(s: &TransformerShape) -> usize {
+        s.embedding_dim
+    }
+
+    fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let s = &self.shape;
+        let b = x.dim(0)?;
+        // Tokens: (B, T, token_dim).
+        let tokens = if s.patch > 0 {
+            let (_, c, h, w) = x.dims4()?;
+            let p = s.patch;
+            x.reshape((b, c, h / p, p, w / p, p))?
+                .permute((0, 2, 4, 1, 3, 5))?
+                .reshape((b, s.tokens, s.token_dim))?
+        } else {
+            x.clone()
+        };
+        let mut h = self.embed.forward(&tokens)?;
+        if let Some(cls) = &self.cls {
+            h = Tensor::cat(&[&cls.broadcast_as((b, 1, s.hidden))?, &h], 1)?;
+        }
+        h = dropout(&h.broadcast_add(&self.pos)?, s.dropout, mode)?;
+        for l in &self.layers {
+            let a = l.attn.forward(&l.norm1.forward(&h)?, s.dropout, mode)?;
+            h = (h + dropout(&a, s.dropout, mode)?)?;
+            let f = l.ff2.forward(&dropout(
+                &l.act.forward(&l.ff1.forward(&l.norm2.forward(&h)?)?)?,
+                s.dropout,
+                mode,
+            )?)?;
+            h = (h + dropout(&f, s.dropout, mode)?)?;
+        }
+        let h = self.norm.forward(&h)?;
+        let pooled = if self.cls.is_some() {
+            h.narrow(1, 0, 1)?.squeeze(1)?
+        } else {
+            h.mean(1)?
+        };
+        self.proj.forward(&pooled)
     }
 }
 

@@ -122,7 +122,7 @@ fn leaky(x: &Tensor, slope: &Tensor) -> Result<Tensor> {
 
 pub struct Conv {
     weight: Tensor,
-    bias: Tensor,
+    bias: Option<Tensor>,
     padding: usize,
     dims: usize,
 }
@@ -137,6 +137,31 @@ impl Conv {
         cout: usize,
         k: usize,
     ) -> Result<Self> {
+        Self::build(p, name, dims, cin, cout, k, true)
+    }
+
+    /// Without a bias: for convolutions followed by a BatchNorm, which would cancel it (and
+    /// leave it a parameter with no gradient).
+    pub fn no_bias(
+        p: &mut Params,
+        name: &str,
+        dims: usize,
+        cin: usize,
+        cout: usize,
+        k: usize,
+    ) -> Result<Self> {
+        Self::build(p, name, dims, cin, cout, k, false)
+    }
+
+    fn build(
+        p: &mut Params,
+        name: &str,
+        dims: usize,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let fan_in = cin * k.pow(dims as u32);
         let bound = 1.0 / (fan_in as f64).sqrt();
         let shape: Vec<usize> = if dims == 2 {
@@ -145,7 +170,11 @@ impl Conv {
             vec![cout, cin, k]
         };
         let weight = p.uniform(format!("{name}.weight"), &shape, bound)?;
-        let bias = p.uniform(format!("{name}.bias"), &[cout], bound)?;
+        let bias = if bias {
+            Some(p.uniform(format!("{name}.bias"), &[cout], bound)?)
+        } else {
+            None
+        };
         Ok(Conv {
             weight,
             bias,
@@ -155,12 +184,15 @@ impl Conv {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.dims == 2 {
-            let y = x.conv2d(&self.weight, self.padding, 1, 1, 1)?;
-            y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        let y = if self.dims == 2 {
+            x.conv2d(&self.weight, self.padding, 1, 1, 1)?
         } else {
-            let y = x.conv1d(&self.weight, self.padding, 1, 1, 1)?;
-            y.broadcast_add(&self.bias.reshape((1, (), 1))?)
+            x.conv1d(&self.weight, self.padding, 1, 1, 1)?
+        };
+        match &self.bias {
+            None => Ok(y),
+            Some(b) if self.dims == 2 => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1))?),
         }
     }
 }
@@ -178,9 +210,10 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
-    /// (B, din) -> (B, dout)
+    /// (..., din) -> (..., dout)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+        x.broadcast_matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)
     }
 }
 
@@ -216,18 +249,18 @@ impl GroupNorm1 {
     }
 }
 
-/// BatchNorm1d over (B, C, L): batch statistics in training (running averages updated with
+/// BatchNorm over (B, C, ...): batch statistics in training (running averages updated with
 /// momentum 0.1 and the unbiased variance, as PyTorch does), running statistics in evaluation.
-pub struct BatchNorm1d {
+pub struct BatchNorm {
     weight: Tensor,
     bias: Tensor,
     running_mean: Var,
     running_var: Var,
 }
 
-impl BatchNorm1d {
+impl BatchNorm {
     pub fn new(p: &mut Params, name: &str, channels: usize) -> Result<Self> {
-        Ok(BatchNorm1d {
+        Ok(BatchNorm {
             weight: p.constant(format!("{name}.weight"), &[channels], 1.0)?,
             bias: p.constant(format!("{name}.bias"), &[channels], 0.0)?,
             running_mean: p.buffer(format!("{name}.running_mean"), &[channels], 0.0)?,
@@ -236,15 +269,18 @@ impl BatchNorm1d {
     }
 
     pub fn forward(&self, x: &Tensor, mode: &Mode) -> Result<Tensor> {
-        let (b, c, l) = x.dims3()?;
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        // (B, C, rest) so statistics are over batch and every position.
+        let flat = x.reshape((b, c, ()))?;
         let (mean, var) = if mode.train {
-            let mean = x.mean_keepdim(2)?.mean_keepdim(0)?; // (1, C, 1)
-            let var = x
+            let mean = flat.mean_keepdim(2)?.mean_keepdim(0)?; // (1, C, 1)
+            let var = flat
                 .broadcast_sub(&mean)?
                 .sqr()?
                 .mean_keepdim(2)?
                 .mean_keepdim(0)?;
-            let n = (b * l) as f64;
+            let n = (flat.elem_count() / c) as f64;
             let unbiased = (var.detach().flatten_all()? * (n / (n - 1.0).max(1.0)))?;
             let m = mean.detach().flatten_all()?;
             self.running_mean
@@ -258,10 +294,79 @@ impl BatchNorm1d {
                 self.running_var.as_tensor().reshape((1, c, 1))?,
             )
         };
-        x.broadcast_sub(&mean)?
+        flat.broadcast_sub(&mean)?
             .broadcast_div(&(var + 1e-5)?.sqrt()?)?
             .broadcast_mul(&self.weight.reshape((1, c, 1))?)?
-            .broadcast_add(&self.bias.reshape((1, c, 1))?)
+            .broadcast_add(&self.bias.reshape((1, c, 1))?)?
+            .reshape(dims.as_slice())
+    }
+}
+
+/// LayerNorm over the last dimension, as a composite of differentiable ops (Candle's fused
+/// layer_norm has no backward).
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    pub fn new(p: &mut Params, name: &str, dim: usize) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: p.constant(format!("{name}.weight"), &[dim], 1.0)?,
+            bias: p.constant(format!("{name}.bias"), &[dim], 0.0)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        centered
+            .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// Multi-head self-attention with one input projection for q, k and v (PyTorch's
+/// `nn.MultiheadAttention` layout: `in_proj` (3d × d) and `out_proj`).
+pub struct SelfAttention {
+    in_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+}
+
+impl SelfAttention {
+    pub fn new(p: &mut Params, name: &str, dim: usize, heads: usize) -> Result<Self> {
+        Ok(SelfAttention {
+            in_proj: Linear::new(p, &format!("{name}.in_proj"), dim, 3 * dim)?,
+            out_proj: Linear::new(p, &format!("{name}.out_proj"), dim, dim)?,
+            heads,
+        })
+    }
+
+    /// (B, T, d) -> (B, T, d); softmax through `candle_nn::ops::softmax`, which has a backward.
+    pub fn forward(&self, x: &Tensor, dropout_p: f64, mode: &mut Mode) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let qkv = self
+            .in_proj
+            .forward(x)?
+            .reshape((b, t, 3, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?; // (3, B, H, T, hd)
+        let (q, k, v) = (
+            qkv.get(0)?.contiguous()?,
+            qkv.get(1)?.contiguous()?,
+            qkv.get(2)?.contiguous()?,
+        );
+        let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
+        let attn = dropout(
+            &candle_nn::ops::softmax(&scores, D::Minus1)?,
+            dropout_p,
+            mode,
+        )?;
+        let y = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        self.out_proj.forward(&y)
     }
 }
 

@@ -4,7 +4,8 @@
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use signal_diffusion_runtime::models::{
-    Backbone, Classifier, Cnn1d, Cnn1dShape, CnnLight, CnnLightShape,
+    Backbone, Classifier, Cnn, Cnn1d, Cnn1dShape, CnnLight, CnnLightShape, CnnShape, Transformer,
+    TransformerShape,
 };
 use signal_diffusion_runtime::nn::{Activation, Mode, Params};
 use signal_diffusion_runtime::tasks::{TaskKind, TaskSpec};
@@ -87,4 +88,54 @@ fn cnn_1d_parameters_all_receive_gradients() {
         dropout: 0.1,
     };
     check::<Cnn1d>(&shape, &[4, 3, 64]);
+}
+
+#[test]
+fn cnn_parameters_all_receive_gradients() {
+    for act in [Activation::Silu, Activation::PRelu] {
+        let shape = CnnShape {
+            in_channels: 3,
+            resolution: 32,
+            stem: 4,
+            channels: &[8, 16],
+            layer_repeats: 2,
+            embedding_dim: 16,
+            activation: act,
+            dropout: 0.1,
+        };
+        check::<Cnn>(&shape, &[4, 3, 32, 32]);
+    }
+}
+
+#[test]
+fn transformer_parameters_all_receive_gradients() {
+    // Images as 8×8 patches with a CLS token; time series as channel tokens with mean pooling.
+    let image = TransformerShape {
+        patch: 8,
+        tokens: 16,
+        token_dim: 64,
+        hidden: 32,
+        layers: 2,
+        heads: 4,
+        ff: 64,
+        cls: true,
+        embedding_dim: 16,
+        activation: Activation::Gelu,
+        dropout: 0.1,
+    };
+    check::<Transformer>(&image, &[4, 1, 32, 32]);
+    let series = TransformerShape {
+        patch: 0,
+        tokens: 6,
+        token_dim: 40,
+        hidden: 16,
+        layers: 1,
+        heads: 2,
+        ff: 32,
+        cls: false,
+        embedding_dim: 8,
+        activation: Activation::PRelu,
+        dropout: 0.0,
+    };
+    check::<Transformer>(&series, &[4, 6, 40]);
 }

@@ -21,6 +21,10 @@ pub struct State {
     pub evals_without_improvement: usize,
     pub best_score: Option<f64>,
     pub config_hash: String,
+    /// Per task: the (mean, std) regression targets are standardised with (train split
+    /// statistics); `None` for classification tasks. Predictions × std + mean are in the
+    /// column's units.
+    pub target_norm: Vec<Option<(f32, f32)>>,
 }
 
 pub fn save(
