@@ -59,12 +59,12 @@ impl Plan {
             self.model, self.batch, self.input
         );
         s.push_str(&format!(
-            "{:<28} {:>22} {:>14} {:>14}\n",
+            "{:<40} {:>18} {:>12} {:>13}\n",
             "layer", "output", "params", "MFLOP/sample"
         ));
         for l in &self.layers {
             s.push_str(&format!(
-                "{:<28} {:>22} {:>14} {:>14.1}\n",
+                "{:<40} {:>18} {:>12} {:>13.1}\n",
                 l.name,
                 format!("{:?}", l.output),
                 group(l.params),
