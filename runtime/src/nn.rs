@@ -217,6 +217,21 @@ impl Linear {
     }
 }
 
+/// A norm's per-channel affine: weight ones, bias zeros (PyTorch's init).
+fn affine(p: &mut Params, name: &str, channels: usize) -> Result<(Tensor, Tensor)> {
+    Ok((
+        p.constant(format!("{name}.weight"), &[channels], 1.0)?,
+        p.constant(format!("{name}.bias"), &[channels], 0.0)?,
+    ))
+}
+
+/// (x − mean) / √(var + 1e-5) over the last axis (population variance), from differentiable ops.
+fn standardize_last(x: &Tensor) -> Result<Tensor> {
+    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    centered.broadcast_div(&(var + 1e-5)?.sqrt()?)
+}
+
 /// GroupNorm with one group: normalise over (C, H, W) per sample, then a per-channel affine.
 pub struct GroupNorm1 {
     weight: Tensor,
@@ -225,22 +240,13 @@ pub struct GroupNorm1 {
 
 impl GroupNorm1 {
     pub fn new(p: &mut Params, name: &str, channels: usize) -> Result<Self> {
-        Ok(GroupNorm1 {
-            weight: p.constant(format!("{name}.weight"), &[channels], 1.0)?,
-            bias: p.constant(format!("{name}.bias"), &[channels], 0.0)?,
-        })
+        let (weight, bias) = affine(p, name, channels)?;
+        Ok(GroupNorm1 { weight, bias })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let b = dims[0];
-        let flat = x.reshape((b, ()))?;
-        let mean = flat.mean_keepdim(D::Minus1)?;
-        let centered = flat.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered
-            .broadcast_div(&(var + 1e-5)?.sqrt()?)?
-            .reshape(dims.as_slice())?;
+        let normed = standardize_last(&x.reshape((dims[0], ()))?)?.reshape(dims.as_slice())?;
         let mut affine_shape = vec![1, dims[1]];
         affine_shape.extend(std::iter::repeat_n(1, dims.len() - 2));
         normed
@@ -260,9 +266,10 @@ pub struct BatchNorm {
 
 impl BatchNorm {
     pub fn new(p: &mut Params, name: &str, channels: usize) -> Result<Self> {
+        let (weight, bias) = affine(p, name, channels)?;
         Ok(BatchNorm {
-            weight: p.constant(format!("{name}.weight"), &[channels], 1.0)?,
-            bias: p.constant(format!("{name}.bias"), &[channels], 0.0)?,
+            weight,
+            bias,
             running_mean: p.buffer(format!("{name}.running_mean"), &[channels], 0.0)?,
             running_var: p.buffer(format!("{name}.running_var"), &[channels], 1.0)?,
         })
@@ -311,18 +318,12 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(p: &mut Params, name: &str, dim: usize) -> Result<Self> {
-        Ok(LayerNorm {
-            weight: p.constant(format!("{name}.weight"), &[dim], 1.0)?,
-            bias: p.constant(format!("{name}.bias"), &[dim], 0.0)?,
-        })
+        let (weight, bias) = affine(p, name, dim)?;
+        Ok(LayerNorm { weight, bias })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        centered
-            .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+        standardize_last(x)?
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
     }
