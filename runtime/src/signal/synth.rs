@@ -55,7 +55,7 @@ pub struct Subject {
 ///
 /// Effects (averages reported in the EEG literature, exaggerated so a small model sees them in a
 /// few minutes): women have higher broadband amplitude and a slightly faster alpha peak; the
-/// alpha peak slows and weakens with age; Parkinson's disease steepens the 1/f background (more
+/// alpha peak slows and weakens with age, and broadband power falls; Parkinson's disease steepens the 1/f background (more
 /// slow-wave power), slows alpha and raises theta.
 pub fn subject_window(s: &Subject, rng: &mut ChaCha8Rng) -> Vec<Vec<f64>> {
     let age = (s.age as f64 - 20.0) / 60.0; // 0..1 over 20..80 years
@@ -63,7 +63,8 @@ pub fn subject_window(s: &Subject, rng: &mut ChaCha8Rng) -> Vec<Vec<f64>> {
         11.0 - 2.0 * age + if s.female { 0.6 } else { 0.0 } - if s.parkinsons { 1.2 } else { 0.0 };
     let alpha_amp = 24e-6 * (1.0 - 0.6 * age) * if s.parkinsons { 0.6 } else { 1.0 };
     let theta_amp = if s.parkinsons { 14e-6 } else { 4e-6 };
-    let background = if s.female { 6e-6 } else { 3.5e-6 };
+    // Broadband power falls with age (by about half over 20..80 years here).
+    let background = if s.female { 6e-6 } else { 3.5e-6 } * (1.2 - 0.6 * age);
     let ar_coef = if s.parkinsons { 0.99 } else { 0.93 };
     (0..CHANNELS)
         .map(|ch| {
