@@ -15,6 +15,10 @@ mod tiny_cnn {
     signal_diffusion_macros::trainer!("train/tiny_cnn.toml");
 }
 
+mod tiny_swa {
+    signal_diffusion_macros::trainer!("train/tiny_swa.toml");
+}
+
 mod tiny_transformer {
     signal_diffusion_macros::trainer!("train/tiny_transformer.toml");
 }
@@ -268,5 +272,50 @@ fn residual_cnn_and_transformer_learn_the_task() {
                 "{name}: held-out {task} accuracy {acc} (chance 0.5)"
             );
         }
+    }
+}
+
+#[test]
+fn swa_averages_the_extra_epochs_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_dataset(&data);
+    // 6 epochs + max(1, 6 × 0.5) = 3 SWA epochs, 8 batches each: 72 steps; SWA from step 48.
+    let out_a = tmp.path().join("a");
+    run_with(tiny_swa::run, &data, &out_a, &[], None);
+    let run_a = only_run_dir(&out_a);
+    assert_eq!(series(&run_a, "train/loss_step").len(), 72);
+    for task in ["gender", "health"] {
+        let acc = test_metric(&out_a, "swa", &format!("accuracy/{task}"));
+        assert!(acc >= 0.9, "SWA model: held-out {task} accuracy {acc}");
+    }
+    // The learning rate anneals to learning_rate × swa_lr_frac = 0.005 in the SWA phase.
+    let lr = series(&run_a, "train/lr");
+    assert!((lr.last().unwrap().1 - 0.005).abs() < 1e-12, "{lr:?}");
+
+    // Resume inside the SWA phase (step 64: the average holds the snapshot of step 56): training
+    // losses and the evaluations of the averaged model equal the uninterrupted run's.
+    let out_b = tmp.path().join("b");
+    let ck = out_b.join("run/checkpoints/step-00000064");
+    std::fs::create_dir_all(&ck).unwrap();
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "swa.safetensors",
+        "state.json",
+    ] {
+        std::fs::copy(run_a.join("checkpoints/step-00000064").join(f), ck.join(f)).unwrap();
+    }
+    run_with(tiny_swa::run, &data, &out_b, &[], Some(ck));
+    let after = |run: &Path, tag: &str| -> Vec<(u64, f64)> {
+        series(run, tag)
+            .into_iter()
+            .filter(|(s, _)| *s > 64)
+            .collect()
+    };
+    for tag in ["train/loss_step", "val/loss", "val/accuracy/gender"] {
+        let a = after(&run_a, tag);
+        assert!(!a.is_empty(), "{tag}");
+        assert_eq!(a, after(&out_b.join("run"), tag), "{tag} after resume");
     }
 }

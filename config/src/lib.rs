@@ -320,9 +320,6 @@ fn check_support(ctx: &mut Ctx, kind: &Kind, target: Target) {
         ),
         Kind::Classification(c) => {
             let t = &c.training;
-            if t.swa_enabled {
-                unsupported(ctx, "training.swa_enabled", "stochastic weight averaging".into(), "set `swa_enabled = false`");
-            }
             if t.wandb_project.is_some() || t.wandb_entity.is_some() || !t.wandb_tags.is_empty() {
                 let key = ["training.wandb_project", "training.wandb_entity", "training.wandb_tags"].into_iter().find(|k| ctx.loc(k).is_some()).unwrap_or("training.wandb_project");
                 unsupported(ctx, key, "Weights & Biases logging".into(), "remove the `wandb_*` keys; use `tensorboard = true` (event files TensorBoard reads)");

@@ -58,17 +58,29 @@ impl Params {
     }
 }
 
-/// Whether a forward pass trains (dropout on, batch statistics) and the RNG it draws masks from.
+/// Whether a forward pass trains (dropout on, batch statistics), the RNG it draws masks from,
+/// and how far BatchNorm's running statistics move toward each batch's.
 pub struct Mode {
     pub train: bool,
     pub rng: ChaCha8Rng,
+    /// PyTorch's default 0.1; `update_bn`-style recomputation uses 1/(batches seen + 1).
+    pub bn_momentum: f64,
 }
 
 impl Mode {
+    pub fn train(seed: u64) -> Self {
+        Mode {
+            train: true,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            bn_momentum: 0.1,
+        }
+    }
+
     pub fn eval() -> Self {
         Mode {
             train: false,
             rng: ChaCha8Rng::seed_from_u64(0),
+            bn_momentum: 0.1,
         }
     }
 }
@@ -290,10 +302,14 @@ impl BatchNorm {
             let n = (flat.elem_count() / c) as f64;
             let unbiased = (var.detach().flatten_all()? * (n / (n - 1.0).max(1.0)))?;
             let m = mean.detach().flatten_all()?;
-            self.running_mean
-                .set(&((self.running_mean.as_tensor() * 0.9)? + (m * 0.1)?)?)?;
-            self.running_var
-                .set(&((self.running_var.as_tensor() * 0.9)? + (unbiased * 0.1)?)?)?;
+            self.running_mean.set(
+                &((self.running_mean.as_tensor() * (1.0 - mode.bn_momentum))?
+                    + (m * mode.bn_momentum)?)?,
+            )?;
+            self.running_var.set(
+                &((self.running_var.as_tensor() * (1.0 - mode.bn_momentum))?
+                    + (unbiased * mode.bn_momentum)?)?,
+            )?;
             (mean, var)
         } else {
             (

@@ -2,7 +2,6 @@
 //! norms would silently drop them; ours are composites).
 
 use candle_core::{Device, Tensor};
-use rand::SeedableRng;
 use signal_diffusion_runtime::models::{
     Backbone, Classifier, Cnn, Cnn1d, Cnn1dShape, CnnLight, CnnLightShape, CnnShape, Transformer,
     TransformerShape,
@@ -32,10 +31,7 @@ fn check<B: Backbone>(shape: &B::Shape, input: &[usize]) {
     let mut p = Params::new(3, &dev);
     let model = Classifier::<B>::new(shape, &TASKS, &mut p).unwrap();
     let x = Tensor::randn(0f32, 1.0, input, &dev).unwrap();
-    let mut mode = Mode {
-        train: true,
-        rng: rand_chacha::ChaCha8Rng::seed_from_u64(1),
-    };
+    let mut mode = Mode::train(1);
     let outs = model.forward(&x, &mut mode).unwrap();
     let mut loss = Tensor::new(0f32, &dev).unwrap();
     for o in &outs {

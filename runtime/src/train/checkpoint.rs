@@ -25,6 +25,8 @@ pub struct State {
     /// statistics); `None` for classification tasks. Predictions × std + mean are in the
     /// column's units.
     pub target_norm: Vec<Option<(f32, f32)>>,
+    /// Weight snapshots in the SWA average (its tensors are in `swa.safetensors`).
+    pub swa_n: u64,
 }
 
 pub fn save(
@@ -32,6 +34,7 @@ pub fn save(
     vars: &[(String, Var)],
     optimizer: &HashMap<String, Tensor>,
     state: &State,
+    swa: Option<&HashMap<String, Tensor>>,
 ) -> Result<()> {
     let parent = dir.parent().context("checkpoint dir has a parent")?;
     std::fs::create_dir_all(parent)?;
@@ -50,6 +53,9 @@ pub fn save(
         .collect();
     candle_core::safetensors::save(&model, tmp.join("model.safetensors"))?;
     candle_core::safetensors::save(optimizer, tmp.join("optimizer.safetensors"))?;
+    if let Some(swa) = swa {
+        candle_core::safetensors::save(swa, tmp.join("swa.safetensors"))?;
+    }
     std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
@@ -62,6 +68,7 @@ pub fn save(
 pub struct Loaded {
     pub model: HashMap<String, Tensor>,
     pub optimizer: HashMap<String, Tensor>,
+    pub swa: Option<HashMap<String, Tensor>>,
     pub state: State,
 }
 
@@ -81,9 +88,15 @@ pub fn load(dir: &Path) -> Result<Loaded> {
             )
         })?)
         .with_context(|| format!("{}: not a checkpoint state", state_path.display()))?;
+    let swa = if dir.join("swa.safetensors").exists() {
+        Some(read("swa.safetensors")?)
+    } else {
+        None
+    };
     Ok(Loaded {
         model: read("model.safetensors")?,
         optimizer: read("optimizer.safetensors")?,
+        swa,
         state,
     })
 }

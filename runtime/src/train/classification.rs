@@ -22,6 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use signal_diffusion_config::{schema::Classification, Kind};
 
 use super::checkpoint::{self, State};
+use super::swa::{swa_lr, Swa};
 use super::{Compiled, RunOptions};
 use crate::data::{read_split, Loader, Split};
 use crate::log::Logger;
@@ -109,7 +110,16 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     };
     let bs = compiled.batch_size;
     let batches_per_epoch = train.len().div_ceil(bs);
-    let total_steps = (t.epochs * batches_per_epoch).min(t.max_steps.unwrap_or(usize::MAX));
+    // With SWA, extra epochs follow the main schedule (see train/swa.rs).
+    let cap = t.max_steps.unwrap_or(usize::MAX);
+    let swa_epochs = if t.swa_enabled {
+        ((t.epochs as f64 * t.swa_extra_ratio) as usize).max(1)
+    } else {
+        0
+    };
+    let total_epochs = t.epochs + swa_epochs;
+    let main_steps = (t.epochs * batches_per_epoch).min(cap);
+    let total_steps = (total_epochs * batches_per_epoch).min(cap);
     println!(
         "train {} samples ({} batches of {bs}), val {}, test {}; {} steps; {} parameters",
         train.len(),
@@ -141,11 +151,16 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
         best_score: None,
         config_hash: config_hash.clone(),
         target_norm: target_norm(tasks, &train),
+        swa_n: 0,
     };
+    let mut swa = Swa::new();
     if let Some(ck) = &resume {
         let loaded = checkpoint::load(ck)?;
         checkpoint::restore(&all_vars, &loaded.model)?;
         opt.load_state(&loaded.optimizer, loaded.state.step)?;
+        if let Some(avg) = &loaded.swa {
+            swa = Swa::restore(&params.trainable, avg, loaded.state.swa_n)?;
+        }
         state = loaded.state;
         println!(
             "resumed from {} at step {} (epoch {}, batch {})",
@@ -180,7 +195,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     let started = Instant::now();
     let mut stop = false;
     let mut running = Running::new(tasks.len());
-    'epochs: while state.epoch < t.epochs && !stop {
+    'epochs: while state.epoch < total_epochs && !stop {
         let mut order: Vec<usize> = (0..train.len()).collect();
         if cfg.dataset.shuffle {
             order.shuffle(&mut ChaCha8Rng::seed_from_u64(
@@ -202,19 +217,27 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
             let batch = batch?;
             let x = ctx.tensor(&batch.inputs, batch.size)?;
             // Dropout masks come from (seed, step), so a resumed run draws the same masks.
-            let mut mode = Mode {
-                train: true,
-                rng: ChaCha8Rng::seed_from_u64(
-                    t.seed
-                        .wrapping_add(state.step.wrapping_mul(0x2545_f491_4f6c_dd1d)),
-                ),
-            };
+            let mut mode = Mode::train(
+                t.seed
+                    .wrapping_add(state.step.wrapping_mul(0x2545_f491_4f6c_dd1d)),
+            );
             let outputs = model.forward(&x, &mut mode)?;
             let (loss, per_task) = ctx.loss(&outputs, &batch.targets, t.label_smoothing)?;
             let mut grads = loss.backward()?;
             let grad_norm = clip_grad_norm(&mut grads, &params.trainable, t.clip_grad_norm)?;
-            let lr = cfg.optimizer.learning_rate
-                * lr_factor(&cfg.scheduler, state.step as usize, total_steps);
+            let base = cfg.optimizer.learning_rate;
+            let s = state.step as usize;
+            let lr = if s < main_steps {
+                base * lr_factor(&cfg.scheduler, s, main_steps)
+            } else {
+                let anneal = ((0.9 * batches_per_epoch as f64) as usize).max(1);
+                swa_lr(
+                    base * lr_factor(&cfg.scheduler, main_steps, main_steps),
+                    base * t.swa_lr_frac,
+                    s - main_steps + 1,
+                    anneal,
+                )
+            };
             opt.update(&grads, lr)?;
             state.step += 1;
             state.batch_in_epoch += 1;
@@ -248,6 +271,8 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
                 &ckpt_dir,
                 &mut periodic,
                 &mut log,
+                &swa,
+                main_steps,
             )?;
             if stop {
                 break 'epochs;
@@ -255,6 +280,10 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
         }
         state.epoch += 1;
         state.batch_in_epoch = 0;
+        if state.epoch > t.epochs {
+            swa.update(&params.trainable)?;
+            state.swa_n = swa.n;
+        }
         stop = milestone(
             "epoch",
             &ctx,
@@ -266,6 +295,8 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
             &ckpt_dir,
             &mut periodic,
             &mut log,
+            &swa,
+            main_steps,
         )?;
     }
     if stop {
@@ -275,7 +306,20 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
         );
     }
     let last = ckpt_dir.join("last");
-    checkpoint::save(&last, &all_vars, &opt.state(), &state)?;
+    checkpoint::save(
+        &last,
+        &all_vars,
+        &opt.state(),
+        &state,
+        swa.tensors(&params.trainable).as_ref(),
+    )?;
+    // The SWA model: averaged weights with BatchNorm statistics recomputed over the train split.
+    let swa_dir = ckpt_dir.join("swa");
+    if let Some(saved) = swa.swap_in(&params.trainable)? {
+        ctx.recompute_batchnorm(&model, &train, &params.buffers, t.seed)?;
+        checkpoint::save(&swa_dir, &all_vars, &opt.state(), &state, None)?;
+        Swa::swap_out(&params.trainable, Some(saved))?;
+    }
     log.flush()?;
 
     // Final evaluation on the test split with the last and the best weights.
@@ -285,7 +329,17 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
         if let Some((_, _, name)) = state.best.first() {
             candidates.push(("best".to_string(), ckpt_dir.join(name)));
         }
+        if swa.n > 0 {
+            candidates.push(("swa".to_string(), swa_dir.clone()));
+        }
         for (label, dir) in candidates {
+            if !dir.join("state.json").exists() {
+                println!(
+                    "note: the {label} checkpoint {} is gone; not evaluated",
+                    dir.display()
+                );
+                continue;
+            }
             checkpoint::restore(&all_vars, &checkpoint::load(&dir)?.model)?;
             let m = ctx.evaluate(&model, test)?;
             println!("test ({label}): {}", m.describe(tasks));
@@ -385,6 +439,42 @@ impl Ctx<'_> {
         Ok((total.context("at least one task")?, per_task))
     }
 
+    /// PyTorch's `update_bn`: running statistics reset, then a cumulative average over one pass
+    /// of the train split in training mode (no gradient step). A no-op without BatchNorm.
+    fn recompute_batchnorm<B: Backbone>(
+        &self,
+        model: &Classifier<B>,
+        train: &Arc<Split>,
+        buffers: &[(String, candle_core::Var)],
+        seed: u64,
+    ) -> Result<()> {
+        if buffers.is_empty() {
+            return Ok(());
+        }
+        for (name, v) in buffers {
+            let fill = if name.ends_with("running_var") {
+                1.0
+            } else {
+                0.0
+            };
+            v.set(&(v.as_tensor().ones_like()? * fill)?)?;
+        }
+        let loader = Loader::new(
+            train.clone(),
+            (0..train.len()).collect(),
+            self.batch_size,
+            self.shape.to_vec(),
+            self.workers,
+        );
+        for (i, batch) in loader.enumerate() {
+            let batch = batch?;
+            let mut mode = Mode::train(seed ^ 0x5eed_b47c);
+            mode.bn_momentum = 1.0 / (i + 1) as f64;
+            model.forward(&self.tensor(&batch.inputs, batch.size)?, &mut mode)?;
+        }
+        Ok(())
+    }
+
     fn evaluate<B: Backbone>(&self, model: &Classifier<B>, split: &Arc<Split>) -> Result<Metrics> {
         let loader = Loader::new(
             split.clone(),
@@ -468,6 +558,8 @@ fn milestone<B: Backbone>(
     ckpt_dir: &Path,
     periodic: &mut Vec<PathBuf>,
     log: &mut Logger,
+    swa: &Swa,
+    main_steps: usize,
 ) -> Result<bool> {
     let t = &ctx.cfg.training;
     let due = |strategy: &str, every: Option<usize>, step: u64| {
@@ -475,7 +567,12 @@ fn milestone<B: Backbone>(
     };
     let mut stop = false;
     if due(&t.eval_strategy, t.eval_steps, state.step) {
-        stop = evaluate_and_select(ctx, model, val, state, vars, opt, ckpt_dir, log)?;
+        // During SWA the averaged weights are the ones evaluated (and kept when best); early
+        // stopping is off in that phase, as in the reference.
+        let saved = swa.swap_in(vars)?;
+        let result = evaluate_and_select(ctx, model, val, state, vars, opt, ckpt_dir, log);
+        Swa::swap_out(vars, saved)?;
+        stop = result? && state.step as usize <= main_steps;
     }
     if due(&t.checkpoint_strategy, t.checkpoint_steps, state.step) {
         save_periodic(
@@ -485,6 +582,7 @@ fn milestone<B: Backbone>(
             opt,
             state,
             t.checkpoint_total_limit,
+            swa,
         )?;
     }
     Ok(stop)
@@ -540,7 +638,7 @@ fn evaluate_and_select<B: Backbone>(
             let (_, _, evicted) = state.best.pop().expect("non-empty");
             let _ = std::fs::remove_dir_all(ckpt_dir.join(evicted));
         }
-        checkpoint::save(&ckpt_dir.join(&name), vars, &opt.state(), state)?;
+        checkpoint::save(&ckpt_dir.join(&name), vars, &opt.state(), state, None)?;
     }
     Ok(t.early_stopping && state.evals_without_improvement >= t.early_stopping_patience)
 }
@@ -552,9 +650,10 @@ fn save_periodic(
     opt: &Optimizer,
     state: &State,
     limit: Option<usize>,
+    swa: &Swa,
 ) -> Result<()> {
     let path = dir.join(format!("step-{:08}", state.step));
-    checkpoint::save(&path, vars, &opt.state(), state)?;
+    checkpoint::save(&path, vars, &opt.state(), state, swa.tensors(vars).as_ref())?;
     if !periodic.contains(&path) {
         periodic.push(path);
     }

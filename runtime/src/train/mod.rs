@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod classification;
+pub mod swa;
 
 use std::path::PathBuf;
 
