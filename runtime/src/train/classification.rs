@@ -193,6 +193,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     };
 
     let started = Instant::now();
+    let first_step = state.step;
     let mut stop = false;
     let mut running = Running::new(tasks.len());
     'epochs: while state.epoch < total_epochs && !stop {
@@ -256,15 +257,18 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
                 }
                 log.scalar("train/lr", lr, step)?;
                 log.scalar("train/grad_norm", grad_norm, step)?;
-                let rate = (step as f64) / started.elapsed().as_secs_f64().max(1e-9);
-                println!("epoch {} step {step}/{total_steps} loss {avg:.4} lr {lr:.2e} grad_norm {grad_norm:.3} ({:.1} samples/s)", state.epoch + 1, rate * bs as f64);
+                // Steps this process ran (a resumed run starts at a later step); FLOPs from the plan.
+                let steps_per_s =
+                    (step - first_step) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                let gflops = steps_per_s * compiled.flops_per_step as f64 / 1e9;
+                println!("epoch {} step {step}/{total_steps} loss {avg:.4} lr {lr:.2e} grad_norm {grad_norm:.3} ({:.1} samples/s, {gflops:.1} GFLOP/s)", state.epoch + 1, steps_per_s * bs as f64);
                 running = Running::new(tasks.len());
             }
             stop = milestone(
                 "steps",
                 &ctx,
                 &model,
-                val.as_deref(),
+                val.as_ref(),
                 &mut state,
                 &all_vars,
                 &opt,
@@ -288,7 +292,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
             "epoch",
             &ctx,
             &model,
-            val.as_deref(),
+            val.as_ref(),
             &mut state,
             &all_vars,
             &opt,
@@ -551,7 +555,7 @@ fn milestone<B: Backbone>(
     when: &str,
     ctx: &Ctx,
     model: &Classifier<B>,
-    val: Option<&Split>,
+    val: Option<&Arc<Split>>,
     state: &mut State,
     vars: &[(String, candle_core::Var)],
     opt: &Optimizer,
@@ -593,7 +597,7 @@ fn milestone<B: Backbone>(
 fn evaluate_and_select<B: Backbone>(
     ctx: &Ctx,
     model: &Classifier<B>,
-    val: Option<&Split>,
+    val: Option<&Arc<Split>>,
     state: &mut State,
     vars: &[(String, candle_core::Var)],
     opt: &Optimizer,
@@ -601,12 +605,8 @@ fn evaluate_and_select<B: Backbone>(
     log: &mut Logger,
 ) -> Result<bool> {
     let Some(val) = val else { return Ok(false) };
-    let split = Arc::new(Split {
-        name: val.name.clone(),
-        files: val.files.clone(),
-        targets: val.targets.clone(),
-    });
-    let m = ctx.evaluate(model, &split)?;
+
+    let m = ctx.evaluate(model, val)?;
     let score = m.score(ctx.tasks, ctx.weights);
     for (k, v) in m.scalars(ctx.tasks) {
         log.scalar(&format!("val/{k}"), v, state.step)?;
