@@ -38,8 +38,16 @@ fn main() {
                     println!("cargo::warning={line}");
                 }
             }
-            let code = config::codegen::generate(&resolved);
             let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it"));
+            let cuda = match (target.cuda, &resolved.plan) {
+                (true, Some(plan)) => Some(compile_kernels(
+                    &root,
+                    &out,
+                    &config::cuda::norm_sizes(plan),
+                )),
+                _ => None,
+            };
+            let code = config::codegen::generate(&resolved, cuda.as_ref());
             write_if_changed(&out.join("pipeline.rs"), &code);
             if let Some(profile_dir) = out.ancestors().nth(3) {
                 link_named_trainer(profile_dir, &resolved.stem);
@@ -58,6 +66,92 @@ fn main() {
             }
         }
     }
+}
+
+/// With `--features cuda`: the kernel sources, after the header of the model's shapes, compiled
+/// to PTX by nvcc for each architecture in `config::cuda::PTX_ARCHS`. Without nvcc (or with
+/// SD_FORCE_NVRTC=1) nothing is compiled here and the trainer compiles them with NVRTC when it
+/// starts; a kernel that nvcc rejects fails the build.
+fn compile_kernels(root: &Path, out: &Path, norm_sizes: &[usize]) -> config::cuda::CudaBuild {
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "SD_FORCE_NVRTC"] {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
+    let kernels = root.join("runtime/kernels");
+    println!("cargo::rerun-if-changed={}", kernels.display());
+    let tu =
+        config::cuda::translation_unit(&kernels, norm_sizes).expect("runtime/kernels is readable");
+    let source = out.join("kernels.cu");
+    write_if_changed(&source, &tu);
+    let ptx = compile_ptx(&source);
+    config::cuda::CudaBuild {
+        source: config::cuda::KernelText::File(source),
+        ptx,
+    }
+}
+
+fn compile_ptx(source: &Path) -> Vec<(u32, PathBuf)> {
+    if std::env::var("SD_FORCE_NVRTC").is_ok_and(|v| v == "1") {
+        println!("cargo::warning=SD_FORCE_NVRTC=1: the CUDA kernels will be compiled by NVRTC at start-up");
+        return vec![];
+    }
+    let Some(nvcc) = find_nvcc() else {
+        println!("cargo::warning=nvcc not found (NVCC, CUDA_HOME/bin, PATH): the CUDA kernels will be compiled by NVRTC at start-up");
+        return vec![];
+    };
+    let mut ptx = vec![];
+    for arch in config::cuda::PTX_ARCHS {
+        let path = source.with_file_name(format!("kernels_compute_{arch}.ptx"));
+        let result = std::process::Command::new(&nvcc)
+            .args([
+                "--ptx",
+                "-O3",
+                "-std=c++17",
+                &format!("-arch=compute_{arch}"),
+                "-o",
+            ])
+            .arg(&path)
+            .arg(source)
+            .output();
+        match result {
+            Ok(o) if o.status.success() => ptx.push((arch, path)),
+            Ok(o) => {
+                println!(
+                    "cargo::error=nvcc failed on the CUDA kernels (compute_{arch}, source {}):",
+                    source.display()
+                );
+                for line in String::from_utf8_lossy(&o.stderr).lines() {
+                    println!("cargo::error={line}");
+                }
+                return vec![];
+            }
+            Err(e) => {
+                println!("cargo::error=cannot run {}: {e}", nvcc.display());
+                return vec![];
+            }
+        }
+    }
+    ptx
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    let exe = format!("nvcc{}", std::env::consts::EXE_SUFFIX);
+    let candidates = std::env::var_os("NVCC")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(
+            ["CUDA_HOME", "CUDA_PATH"]
+                .iter()
+                .filter_map(std::env::var_os)
+                .map(|d| PathBuf::from(d).join("bin").join(&exe)),
+        )
+        .chain(
+            std::env::var_os("PATH")
+                .iter()
+                .flat_map(std::env::split_paths)
+                .map(|d| d.join(&exe))
+                .collect::<Vec<_>>(),
+        );
+    candidates.into_iter().find(|p| p.is_file())
 }
 
 fn write_if_changed(path: &Path, content: &str) {

@@ -8,6 +8,7 @@
 //! report the same errors.
 
 pub mod codegen;
+pub mod cuda;
 pub mod diag;
 pub mod plan;
 pub mod schema;
@@ -324,14 +325,15 @@ fn check_support(ctx: &mut Ctx, kind: &Kind, target: Target) {
                 let key = ["training.wandb_project", "training.wandb_entity", "training.wandb_tags"].into_iter().find(|k| ctx.loc(k).is_some()).unwrap_or("training.wandb_project");
                 unsupported(ctx, key, "Weights & Biases logging".into(), "remove the `wandb_*` keys; use `tensorboard = true` (event files TensorBoard reads)");
             }
-            if t.use_amp && !target.cuda {
-                unsupported(ctx, "training.use_amp", "mixed precision on a CPU build (`use_amp` means bf16 autocast on CUDA)".into(), "set `use_amp = false`, or build with `--features cuda`");
+            if t.use_amp {
+                let what = match target.cuda {
+                    false => "mixed precision on a CPU build (`use_amp` means bf16 autocast on CUDA)",
+                    true => "bf16 autocast (`use_amp`): the CUDA build trains in f32 (TF32 matmuls) so far",
+                };
+                unsupported(ctx, "training.use_amp", what.into(), "set `use_amp = false`");
             }
             if t.device == "cuda" && !target.cuda {
                 unsupported(ctx, "training.device", "`device = \"cuda\"` in a build without the `cuda` feature".into(), "use `device = \"auto\"` or \"cpu\", or build with `--features cuda`");
-            }
-            if target.cuda {
-                unsupported(ctx, "settings.trainer", "the CUDA backend for the classification trainer".into(), "build without `--features cuda`; CUDA kernels arrive with the CUDA backend work");
             }
         }
     }

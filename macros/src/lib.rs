@@ -31,6 +31,21 @@ fn caller_dir() -> PathBuf {
         .unwrap_or_else(manifest_dir)
 }
 
+/// In a CUDA build the macro has no nvcc step: the trainer compiles the kernels' translation
+/// unit (runtime/kernels of the invoking package, with the config's shapes) with NVRTC.
+fn cuda_kernels(r: &config::Resolved) -> Option<config::cuda::CudaBuild> {
+    if !cfg!(feature = "cuda") {
+        return None;
+    }
+    let sizes = config::cuda::norm_sizes(r.plan.as_ref()?);
+    let text =
+        config::cuda::translation_unit(&manifest_dir().join("runtime/kernels"), &sizes).ok()?;
+    Some(config::cuda::CudaBuild {
+        source: config::cuda::KernelText::Inline(text),
+        ptx: vec![],
+    })
+}
+
 fn error(msg: &str) -> TokenStream {
     quote! { compile_error!(#msg); }.into()
 }
@@ -57,7 +72,7 @@ pub fn trainer(input: TokenStream) -> TokenStream {
             // include_str! makes cargo rebuild the invoking crate when any file of the config
             // chain changes; the macro itself runs only when the compiler asks again.
             let tracked = r.sources.paths().map(|p| p.display().to_string());
-            let body = config::codegen::tokens(&r);
+            let body = config::codegen::tokens(&r, cuda_kernels(&r).as_ref());
             quote! { #(const _: &str = include_str!(#tracked);)* #body }.into()
         }
         Err(e) => {
@@ -108,7 +123,7 @@ pub fn presets(_input: TokenStream) -> TokenStream {
             );
             match config::resolve(Path::new(&rel), &env, Target::default()) {
                 Ok(r) => {
-                    let body = config::codegen::tokens(&r);
+                    let body = config::codegen::tokens(&r, cuda_kernels(&r).as_ref());
                     let test = format_ident!("{}_compiles", ident);
                     items.push(quote! {
                         #[allow(dead_code)]

@@ -2,11 +2,16 @@
 //! spectrograms) -> dataset on disk -> `data` (batches) -> `train` (models, optim) -> checkpoints
 //! and logs. The generated code only wires constants and types into `train`.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cudnn;
 pub mod data;
 pub mod io;
 pub mod log;
 pub mod models;
 pub mod nn;
+pub mod ops;
 pub mod optim;
 pub mod signal;
 pub mod tasks;

@@ -196,10 +196,16 @@ impl Conv {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if self.dims == 2 {
-            x.conv2d(&self.weight, self.padding, 1, 1, 1)?
-        } else {
-            x.conv1d(&self.weight, self.padding, 1, 1, 1)?
+        let y = match cudnn_conv(x, &self.weight, self.padding) {
+            Some(y) => y?,
+            None if self.dims == 2 => x.conv2d(&self.weight, self.padding, 1, 1, 1)?,
+            // Candle 0.11.1's conv1d gives a wrong kernel gradient when padded (test below), so
+            // 1-D runs as 2-D with height 1, padded along the width only.
+            None => x
+                .unsqueeze(2)?
+                .pad_with_zeros(3, self.padding, self.padding)?
+                .conv2d(&self.weight.unsqueeze(2)?, 0, 1, 1, 1)?
+                .squeeze(2)?,
         };
         match &self.bias {
             None => Ok(y),
@@ -207,6 +213,19 @@ impl Conv {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1))?),
         }
     }
+}
+
+/// cuDNN's convolution for a tensor on the GPU (see cudnn.rs), else None.
+#[cfg(feature = "cuda")]
+fn cudnn_conv(x: &Tensor, w: &Tensor, padding: usize) -> Option<Result<Tensor>> {
+    x.device()
+        .is_cuda()
+        .then(|| crate::cudnn::conv(x, w, padding))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cudnn_conv(_: &Tensor, _: &Tensor, _: usize) -> Option<Result<Tensor>> {
+    None
 }
 
 pub struct Linear {
@@ -258,7 +277,7 @@ impl GroupNorm1 {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let normed = standardize_last(&x.reshape((dims[0], ()))?)?.reshape(dims.as_slice())?;
+        let normed = crate::ops::standardize(x)?;
         let mut affine_shape = vec![1, dims[1]];
         affine_shape.extend(std::iter::repeat_n(1, dims.len() - 2));
         normed
@@ -392,8 +411,17 @@ pub fn dropout(x: &Tensor, p: f64, mode: &mut Mode) -> Result<Tensor> {
     if !mode.train || p <= 0.0 {
         return Ok(x.clone());
     }
-    let n = x.elem_count();
     let keep = 1.0 - p;
+    if x.device().is_cuda() {
+        // Drawn on the device: a host-made mask would cross PCIe every step. curand is reseeded
+        // from the run's RNG, so a seeded GPU run is reproducible too (its masks differ from
+        // the CPU's).
+        x.device().set_seed(mode.rng.random::<u64>())?;
+        let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+        let mask = (u.lt(keep)?.to_dtype(x.dtype())? * (1.0 / keep))?;
+        return x * mask;
+    }
+    let n = x.elem_count();
     let scale = (1.0 / keep) as f32;
     let mask: Vec<f32> = (0..n)
         .map(|_| {
@@ -413,4 +441,57 @@ pub fn avg_pool1d_2(x: &Tensor) -> Result<Tensor> {
     x.narrow(2, 0, l / 2 * 2)?
         .reshape((b, c, l / 2, 2))?
         .mean(3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 1-D convolution's output and kernel gradient equal their definitions (Candle's own
+    /// padded conv1d gets the kernel gradient wrong, off by more than its magnitude).
+    #[test]
+    fn conv1d_and_its_kernel_gradient_match_the_definition() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut p = Params::new(5, &dev);
+        let conv = Conv::new(&mut p, "c", 1, 4, 7, 7)?;
+        let x = Tensor::randn(0f32, 1.0, (3, 4, 50), &dev)?;
+        let y = conv.forward(&x)?;
+        let r = Tensor::randn(0f32, 1.0, y.shape(), &dev)?;
+        let grads = (&y * &r)?.sum_all()?.backward()?;
+        let (w_var, b_var) = (&p.trainable[0].1, &p.trainable[1].1);
+        let dw = grads.get(w_var).unwrap().to_vec3::<f32>()?;
+        let w = w_var.as_tensor().to_vec3::<f32>()?;
+        let b = b_var.as_tensor().to_vec1::<f32>()?;
+        let xp = x.pad_with_zeros(2, 3, 3)?.to_vec3::<f32>()?;
+        let (yv, rv) = (y.to_vec3::<f32>()?, r.to_vec3::<f32>()?);
+        for o in 0..7 {
+            for t in 0..50 {
+                for bi in 0..3 {
+                    let mut s = b[o];
+                    for c in 0..4 {
+                        for k in 0..7 {
+                            s += w[o][c][k] * xp[bi][c][t + k];
+                        }
+                    }
+                    assert!((s - yv[bi][o][t]).abs() < 1e-4, "y[{bi},{o},{t}]");
+                }
+            }
+            for c in 0..4 {
+                for k in 0..7 {
+                    let mut s = 0f32;
+                    for bi in 0..3 {
+                        for t in 0..50 {
+                            s += rv[bi][o][t] * xp[bi][c][t + k];
+                        }
+                    }
+                    assert!(
+                        (s - dw[o][c][k]).abs() < 1e-3,
+                        "dw[{o},{c},{k}]: {s} vs {}",
+                        dw[o][c][k]
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 }

@@ -21,6 +21,31 @@ pub struct Optimizer {
     eps: f64,
     weight_decay: f64,
     momentum: f64,
+    /// Run Adam/AdamW on a GPU with the fused kernels (the default); off, the same Candle ops as
+    /// on the CPU (the reference the kernel tests compare against).
+    pub fused: bool,
+}
+
+/// The global gradient norm of a step. On a GPU it stays there until read, so a step that does
+/// not log never waits for the device.
+pub enum GradNorm {
+    Host(f64),
+    #[cfg(feature = "cuda")]
+    /// The squared norm, on the device.
+    Device(
+        candle_core::CudaDevice,
+        candle_core::cuda_backend::cudarc::driver::CudaSlice<f64>,
+    ),
+}
+
+impl GradNorm {
+    pub fn value(&self) -> Result<f64> {
+        match self {
+            GradNorm::Host(n) => Ok(*n),
+            #[cfg(feature = "cuda")]
+            GradNorm::Device(dev, sq) => Ok(crate::cuda::read_scalar(dev, sq)?.sqrt()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,7 +77,59 @@ impl Optimizer {
             eps: cfg.eps,
             weight_decay: cfg.weight_decay,
             momentum: cfg.momentum,
+            fused: true,
         })
+    }
+
+    /// Clip the gradients to `max_norm` by their global norm, then update at learning rate `lr`.
+    /// Adam and AdamW on a GPU run fused (two kernel launches for all parameters, see
+    /// runtime/kernels/optim.cu) unless `fused` was turned off; everything else, and the CPU, runs
+    /// [`clip_grad_norm`] then [`Optimizer::update`]. Returns the norm before clipping.
+    pub fn step(
+        &mut self,
+        grads: &mut GradStore,
+        lr: f64,
+        max_norm: Option<f64>,
+    ) -> Result<GradNorm> {
+        #[cfg(feature = "cuda")]
+        if let (true, Kind::AdamW | Kind::Adam, Some((_, first))) =
+            (self.fused, self.kind, self.params.first())
+        {
+            if let candle_core::Device::Cuda(dev) = first.device() {
+                self.step += 1;
+                let t = self.step as i32;
+                let hp = crate::cuda::AdamStep {
+                    lr,
+                    betas: self.betas,
+                    eps: self.eps,
+                    weight_decay: self.weight_decay,
+                    bias_corrections: [1.0 - self.betas[0].powi(t), 1.0 - self.betas[1].powi(t)],
+                    decoupled: self.kind == Kind::AdamW,
+                    max_norm,
+                };
+                let with_grads: Vec<(usize, Tensor)> = self
+                    .params
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, (_, v))| grads.get(v).map(|g| (i, g.contiguous())))
+                    .map(|(i, g)| g.map(|g| (i, g)))
+                    .collect::<Result<_>>()?;
+                let slots: Vec<crate::cuda::Slot> = with_grads
+                    .iter()
+                    .map(|(i, g)| crate::cuda::Slot {
+                        param: self.params[*i].1.as_tensor(),
+                        grad: g,
+                        m: &self.m[*i],
+                        v: &self.v[*i],
+                    })
+                    .collect();
+                let sq = crate::cuda::adam_step(dev, &slots, &hp)?;
+                return Ok(GradNorm::Device(dev.clone(), sq));
+            }
+        }
+        let norm = clip_grad_norm(grads, &self.params, max_norm)?;
+        self.update(grads, lr)?;
+        Ok(GradNorm::Host(norm))
     }
 
     /// One update at learning rate `lr`. A parameter without a gradient is left as it is.

@@ -33,6 +33,10 @@ struct Args {
     /// Continue from a checkpoint directory (`<run>/checkpoints/<name>`).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Time N optimizer steps of this model on random data already on the device (after 3
+    /// warm-up steps): steps/s, samples/s, FLOP/s. No dataset, run directory or checkpoint.
+    #[arg(long, value_name = "N")]
+    benchmark: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -55,5 +59,6 @@ fn main() -> ExitCode {
         sets,
         output_dir: args.output_dir,
         resume: args.resume,
+        benchmark: args.benchmark,
     })
 }

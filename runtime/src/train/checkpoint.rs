@@ -72,10 +72,11 @@ pub struct Loaded {
     pub state: State,
 }
 
-pub fn load(dir: &Path) -> Result<Loaded> {
+/// Read a checkpoint directory, its tensors onto `device`.
+pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
     let read = |f: &str| -> Result<HashMap<String, Tensor>> {
         let p = dir.join(f);
-        candle_core::safetensors::load(&p, &Device::Cpu)
+        candle_core::safetensors::load(&p, device)
             .with_context(|| format!("cannot read {}", p.display()))
     };
     let state_path = dir.join("state.json");

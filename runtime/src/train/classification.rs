@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use signal_diffusion_config::{schema::Classification, Kind};
 
@@ -28,7 +28,7 @@ use crate::data::{read_split, Loader, Split};
 use crate::log::Logger;
 use crate::models::{Backbone, Classifier};
 use crate::nn::{Mode, Params};
-use crate::optim::{clip_grad_norm, lr_factor, Optimizer};
+use crate::optim::{lr_factor, Optimizer};
 use crate::tasks::{TaskKind, TaskSpec};
 
 /// Entry point of a generated classification trainer.
@@ -50,6 +50,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     }
     if options.plan {
         print!("{}", compiled.plan);
+        println!("{}", compiled.kernels());
         return Ok(());
     }
     let Kind::Classification(cfg) = &resolved.kind else {
@@ -57,7 +58,10 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     };
     let tasks = compiled.tasks;
     let t = &cfg.training;
-    let device = Device::Cpu;
+    let device = super::select_device(&t.device, compiled)?;
+    if let Some(steps) = options.benchmark {
+        return benchmark::<B>(compiled, shape, cfg, &device, steps);
+    }
 
     // Run directory: a resumed run continues in the run that wrote the checkpoint.
     let resume = options
@@ -155,7 +159,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     };
     let mut swa = Swa::new();
     if let Some(ck) = &resume {
-        let loaded = checkpoint::load(ck)?;
+        let loaded = checkpoint::load(ck, &device)?;
         checkpoint::restore(&all_vars, &loaded.model)?;
         opt.load_state(&loaded.optimizer, loaded.state.step)?;
         if let Some(avg) = &loaded.swa {
@@ -225,7 +229,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
             let outputs = model.forward(&x, &mut mode)?;
             let (loss, per_task) = ctx.loss(&outputs, &batch.targets, t.label_smoothing)?;
             let mut grads = loss.backward()?;
-            let grad_norm = clip_grad_norm(&mut grads, &params.trainable, t.clip_grad_norm)?;
+
             let base = cfg.optimizer.learning_rate;
             let s = state.step as usize;
             let lr = if s < main_steps {
@@ -239,10 +243,10 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
                     anneal,
                 )
             };
-            opt.update(&grads, lr)?;
+            let grad_norm = opt.step(&mut grads, lr, t.clip_grad_norm)?;
             state.step += 1;
             state.batch_in_epoch += 1;
-            let loss_v = loss.to_scalar::<f32>()? as f64;
+            let (loss_v, per_task) = read_losses(&loss, &per_task)?;
             if !loss_v.is_finite() {
                 bail!("the loss became {loss_v} at step {}; lower `optimizer.learning_rate` or enable `clip_grad_norm`", state.step);
             }
@@ -256,6 +260,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
                     log.scalar(&format!("train/loss/{}", spec.name), running.task(i), step)?;
                 }
                 log.scalar("train/lr", lr, step)?;
+                let grad_norm = grad_norm.value()?;
                 log.scalar("train/grad_norm", grad_norm, step)?;
                 // Steps this process ran (a resumed run starts at a later step); FLOPs from the plan.
                 let steps_per_s =
@@ -344,7 +349,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
                 );
                 continue;
             }
-            checkpoint::restore(&all_vars, &checkpoint::load(&dir)?.model)?;
+            checkpoint::restore(&all_vars, &checkpoint::load(&dir, ctx.device)?.model)?;
             let m = ctx.evaluate(&model, test)?;
             println!("test ({label}): {}", m.describe(tasks));
             for (k, v) in m.scalars(tasks) {
@@ -383,6 +388,82 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     Ok(())
 }
 
+/// `train --benchmark N`: the training step of this config (forward, weighted task losses,
+/// backward, clipped optimizer step, one read of the losses) on one random batch that stays on
+/// the device, so the loader and disk are out of the measurement. benches/classification_step.py
+/// times the same step in PyTorch.
+fn benchmark<B: Backbone>(
+    compiled: &Compiled,
+    shape: &B::Shape,
+    cfg: &Classification,
+    device: &Device,
+    steps: usize,
+) -> Result<()> {
+    let (t, tasks, bs) = (&cfg.training, compiled.tasks, compiled.batch_size);
+    let mut params = Params::new(t.seed, device);
+    let model = Classifier::<B>::new(shape, tasks, &mut params)?;
+    let mut opt = Optimizer::new(&cfg.optimizer, params.trainable.clone())?;
+    let weights: Vec<f64> = cfg.tasks.iter().map(|t| t.weight).collect();
+    let shape_vec = compiled.input_shape.to_vec();
+    let ctx = Ctx {
+        norm: vec![None; tasks.len()],
+        cfg,
+        tasks,
+        weights: &weights,
+        device,
+        shape: &shape_vec,
+        workers: 0,
+        batch_size: bs,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(t.seed);
+    let per_sample: usize = shape_vec.iter().product();
+    let x: Vec<f32> = (0..bs * per_sample)
+        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+        .collect();
+    let x = ctx.tensor(&x, bs)?;
+    let targets: Vec<Vec<f32>> = tasks
+        .iter()
+        .map(|spec| {
+            (0..bs)
+                .map(|_| match spec.kind {
+                    TaskKind::Classification => rng.random_range(0..spec.outputs) as f32,
+                    TaskKind::Regression => rng.random::<f32>(),
+                })
+                .collect()
+        })
+        .collect();
+    let lr = cfg.optimizer.learning_rate;
+    let mut step = |i: usize| -> Result<f64> {
+        let mut mode = Mode::train(t.seed.wrapping_add(i as u64));
+        let outputs = model.forward(&x, &mut mode)?;
+        let (loss, per_task) = ctx.loss(&outputs, &targets, t.label_smoothing)?;
+        let mut grads = loss.backward()?;
+        opt.step(&mut grads, lr, t.clip_grad_norm)?;
+        Ok(read_losses(&loss, &per_task)?.0)
+    };
+    const WARMUP: usize = 3;
+    for i in 0..WARMUP {
+        step(i)?;
+    }
+    device.synchronize()?;
+    let started = Instant::now();
+    let mut last = 0.0;
+    for i in 0..steps {
+        last = step(WARMUP + i)?;
+    }
+    device.synchronize()?;
+    let secs = started.elapsed().as_secs_f64();
+    let steps_per_s = steps as f64 / secs;
+    println!(
+        "benchmark {}: {steps} steps of batch {bs} in {secs:.3} s: {steps_per_s:.3} steps/s, {:.1} samples/s, {:.2} TFLOP/s by the plan's {:.1} GFLOP/step; last loss {last:.4}",
+        compiled.name,
+        steps_per_s * bs as f64,
+        steps_per_s * compiled.flops_per_step as f64 / 1e12,
+        compiled.flops_per_step as f64 / 1e9,
+    );
+    Ok(())
+}
+
 /// What the step and evaluation code needs, bundled.
 struct Ctx<'a> {
     /// Regression target standardisation, per task (see `target_norm`).
@@ -404,12 +485,13 @@ impl Ctx<'_> {
     }
 
     /// Σ w_t · L_t: cross-entropy with label smoothing, or Huber (δ = 2) for regression.
+    /// Returns the total and each task's loss, still on the device (see [`read_losses`]).
     fn loss(
         &self,
         outputs: &[Tensor],
         targets: &[Vec<f32>],
         smoothing: f64,
-    ) -> Result<(Tensor, Vec<f64>)> {
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut total: Option<Tensor> = None;
         let mut per_task = vec![];
         for (t, ((out, target), (spec, w))) in outputs
@@ -433,8 +515,8 @@ impl Ctx<'_> {
                     huber(&out.squeeze(1)?, &y, 2.0)?
                 }
             };
-            per_task.push(l.to_scalar::<f32>()? as f64);
-            let weighted = (l * *w)?;
+            let weighted = (&l * *w)?;
+            per_task.push(l);
             total = Some(match total {
                 None => weighted,
                 Some(t) => (t + weighted)?,
@@ -520,6 +602,14 @@ impl Ctx<'_> {
         }
         Ok(m)
     }
+}
+
+/// The total and per-task losses of a step on the host, in one copy (one wait for the device).
+fn read_losses(total: &Tensor, per_task: &[Tensor]) -> Result<(f64, Vec<f64>)> {
+    let mut all = vec![total.clone()];
+    all.extend(per_task.iter().cloned());
+    let v = Tensor::stack(&all, 0)?.to_vec1::<f32>()?;
+    Ok((v[0] as f64, v[1..].iter().map(|&x| x as f64).collect()))
 }
 
 /// Regression targets are standardised with the train split's mean and population std (the

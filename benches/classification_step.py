@@ -1,0 +1,158 @@
+"""Side-by-side GPU benchmark of one classification training step: ours vs PyTorch.
+
+The PyTorch side is the reference's cnn_light (spec/reference/classification.md §2.2) with its
+three heads, built from the same numbers as config/classification/baseline.toml: 1×256×256 input,
+E 384, depth 3, 3 repeats, GELU, dropout 0.43, batch 192, AdamW (lr 2e-4, wd 0.009, betas 0.9/0.995),
+clip 1.0, losses CE(gender) + CE(health) + Huber(age, δ 2). Its parameter count is checked against
+the plan's 5,249,477. TF32 on for matmuls and cuDNN, as the reference forces. Each step does what
+ours does: forward, loss, backward, clip, optimizer step, one read of the losses to the host.
+
+Ours is `train-baseline --benchmark N` (build with
+`SD_CONFIG=config/classification/baseline.toml cargo build --release --features cuda`).
+Peak GPU memory of each run is polled with nvidia-smi (the same way for both sides).
+
+usage: python3 benches/classification_step.py --ours path/to/train [--steps 20] [--batch 192]
+(`--batch` other than 192: compile `--ours` from a copy of baseline.toml with that batch_size.)
+"""
+
+import argparse
+import json
+import subprocess
+import threading
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def cnn_light(cin=1, e=384, depth=3, repeats=3, p=0.43):
+    g = e / 4**depth
+    gf, c0 = (4, int(g)) if g >= 8 else (2, int(e / 2**depth))
+    channels = [c0 * gf ** (i + 1) for i in range(depth)]
+    layers = [nn.Conv2d(cin, c0, 5, padding=2), nn.GELU(), nn.GroupNorm(1, c0), nn.Dropout(p), nn.AvgPool2d(2)]
+    cin = c0
+    for cout in channels:
+        layers.append(nn.GroupNorm(1, cin))
+        for j in range(repeats):
+            layers += [nn.Conv2d(cin if j == 0 else cout, cout, 3, padding=1), nn.GELU()]
+        layers += [nn.Dropout(p), nn.AvgPool2d(2)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+class Classifier(nn.Module):
+    def __init__(self, e=384, outputs=(2, 2, 1)):
+        super().__init__()
+        self.backbone = cnn_light(e=e)
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(e, 2 * e), nn.GELU(), nn.Linear(2 * e, o)) for o in outputs
+        )
+
+    def forward(self, x):
+        f = self.backbone(x)
+        return [h(f) for h in self.heads]
+
+
+class PeakMemory:
+    """Max of nvidia-smi's memory.used while the block runs (MiB)."""
+
+    def __enter__(self):
+        self.peak, self.stop = 0, False
+
+        def poll():
+            while not self.stop:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True, text=True,
+                ).stdout.split()
+                if out:
+                    self.peak = max(self.peak, int(out[0]))
+                time.sleep(0.05)
+
+        self.thread = threading.Thread(target=poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+
+
+def torch_steps(compiled, steps, batch=192):
+    torch.manual_seed(0)
+    dev = "cuda"
+    model = Classifier().to(dev)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 5_249_477, n
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.009, betas=(0.9, 0.995))
+    x = torch.rand(batch, 1, 256, 256, device=dev) * 2 - 1
+    yg = torch.randint(0, 2, (batch,), device=dev)
+    yh = torch.randint(0, 2, (batch,), device=dev)
+    ya = torch.rand(batch, device=dev)
+
+    def loss_fn(outs):
+        lg = F.cross_entropy(outs[0], yg)
+        lh = F.cross_entropy(outs[1], yh)
+        la = F.huber_loss(outs[2].squeeze(1), ya, delta=2.0)
+        return lg + lh + la, torch.stack([lg, lh, la])
+
+    fwd = torch.compile(model) if compiled else model
+
+    def step():
+        outs = fwd(x)
+        loss, per_task = loss_fn(outs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return torch.cat([loss[None], per_task]).tolist()[0]
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        last = step()
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    return steps / secs, last, torch.cuda.max_memory_allocated() / 2**20
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ours", required=True)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=192, help="must equal the batch `--ours` was compiled with")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    flops = 11853.825e9 * args.batch / 192  # the plan's FLOPs per step at batch 192 (train --plan)
+    results = {}
+    with PeakMemory() as mem:
+        out = subprocess.run([args.ours, "--benchmark", str(args.steps)], capture_output=True, text=True)
+    print(out.stdout + out.stderr, flush=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith("benchmark")]
+    if line:
+        sps = float(line[0].split(" steps/s")[0].split()[-1])
+        results["ours"] = {"steps_per_s": sps, "peak_mib_nvidia_smi": mem.peak}
+    for name, compiled in [("torch_eager", False), ("torch_compile", True)]:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        with PeakMemory() as mem:
+            sps, last, alloc = torch_steps(compiled, args.steps, args.batch)
+        results[name] = {"steps_per_s": sps, "peak_mib_nvidia_smi": mem.peak, "max_allocated_mib": alloc, "last_loss": last}
+        print(name, results[name], flush=True)
+    for r in results.values():
+        r["samples_per_s"] = r["steps_per_s"] * args.batch
+        r["tflops"] = r["steps_per_s"] * flops / 1e12
+    if "ours" in results:
+        for name in ("torch_eager", "torch_compile"):
+            results[f"ours_over_{name}"] = results["ours"]["steps_per_s"] / results[name]["steps_per_s"]
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+//! What the CUDA kernels are specialised to: the shapes of the config's model, written as the
+//! preprocessor header every kernel source (runtime/kernels) is compiled with, by nvcc in build.rs
+//! or by NVRTC at start-up. Lives here, not in the runtime, because build.rs needs it too.
+
+use std::path::{Path, PathBuf};
+
+use crate::plan::Plan;
+
+/// Values per sample of every one-group GroupNorm in the model (deduplicated, ascending): each
+/// gets standardize kernels whose loop bounds are compile-time constants.
+pub fn norm_sizes(plan: &Plan) -> Vec<usize> {
+    let mut sizes: Vec<usize> = plan
+        .layers
+        .iter()
+        .filter(|l| l.name.ends_with("(GroupNorm)"))
+        .map(|l| l.output.iter().product())
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    sizes
+}
+
+/// The generated header: an X-macro listing the specialised sizes.
+pub fn header(norm_sizes: &[usize]) -> String {
+    let list: String = norm_sizes.iter().map(|n| format!(" X({n})")).collect();
+    format!("// Generated from the config's shape plan.\n#define SD_NORM_SIZES(X){list}\n")
+}
+
+/// The text nvcc (build.rs) or NVRTC (start-up) compiles: the header, then every source of
+/// `kernel_dir` (runtime/kernels), helpers (.cuh) before kernels (.cu), each group by name.
+pub fn translation_unit(kernel_dir: &Path, norm_sizes: &[usize]) -> std::io::Result<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(kernel_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu" || e == "cuh"))
+        .collect();
+    files.sort_by_key(|p| {
+        (
+            p.extension().is_some_and(|e| e == "cu"),
+            p.file_name().map(|n| n.to_owned()),
+        )
+    });
+    let mut tu = header(norm_sizes);
+    for f in &files {
+        let name = f.file_name().unwrap_or_default().to_string_lossy();
+        tu.push_str(&format!(
+            "\n// ---- {name}\n{}",
+            std::fs::read_to_string(f)?
+        ));
+    }
+    Ok(tu)
+}
+
+/// What a CUDA build hands the code generator: the translation unit (NVRTC compiles it at
+/// start-up when `ptx` is empty) and the PTX nvcc made of it, (compute capability × 10, file).
+pub struct CudaBuild {
+    pub source: KernelText,
+    pub ptx: Vec<(u32, PathBuf)>,
+}
+
+pub enum KernelText {
+    /// Written by build.rs (embedded with include_str!).
+    File(PathBuf),
+    /// Made by the `trainer!` macro (embedded as a literal).
+    Inline(String),
+}
+
+/// The GPU architectures build.rs embeds PTX for (compute capability × 10): Ampere and Hopper.
+pub const PTX_ARCHS: [u32; 2] = [80, 90];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_header_lists_each_norm_size_once() {
+        assert_eq!(
+            header(&[8, 4096]),
+            "// Generated from the config's shape plan.\n#define SD_NORM_SIZES(X) X(8) X(4096)\n"
+        );
+        assert_eq!(
+            header(&[]),
+            "// Generated from the config's shape plan.\n#define SD_NORM_SIZES(X)\n"
+        );
+    }
+}

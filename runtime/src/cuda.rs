@@ -1,0 +1,295 @@
+//! Our CUDA kernels (runtime/kernels): how they are compiled and loaded, and their launches.
+//!
+//! The kernel sources are compiled once per binary with the shapes of the config's model (see
+//! `signal_diffusion_config::cuda`): by nvcc in build.rs when the toolkit is there (the PTX for
+//! sm_80 and sm_90 is embedded in the binary), else by NVRTC when the trainer starts (that needs
+//! `libnvrtc.so.13` on the GPU machine). `train --plan` says which one a binary uses.
+//! Every launch goes on Candle's stream for the device, so it is ordered with Candle's own kernels.
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{CudaStorage, Layout, Result};
+
+const MODULE: &str = "signal_diffusion";
+
+/// Where a binary's kernels came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// PTX compiled by nvcc at build time, embedded in the binary.
+    Nvcc(u32),
+    /// Compiled by NVRTC when the trainer started (nvcc was not found at build time).
+    Nvrtc(u32),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Nvcc(a) => write!(f, "PTX for compute_{a} compiled by nvcc at build time"),
+            Origin::Nvrtc(a) => write!(f, "compiled for compute_{a} by NVRTC at start-up"),
+        }
+    }
+}
+
+struct Kernels {
+    ptx: String,
+    origin: Origin,
+    norm_sizes: Vec<usize>,
+}
+
+static KERNELS: OnceLock<Kernels> = OnceLock::new();
+
+/// Choose the kernels for `device`: the embedded PTX of the highest architecture the device runs
+/// (`prebuilt`: (compute capability × 10, PTX)), else NVRTC on `source` (the translation unit,
+/// `signal_diffusion_config::cuda::translation_unit`) for the device's own architecture.
+/// The first call wins; later calls return what was installed.
+pub fn install(
+    device: &CudaDevice,
+    norm_sizes: &[usize],
+    prebuilt: &[(u32, &'static str)],
+    source: &str,
+) -> Result<Origin> {
+    if let Some(k) = KERNELS.get() {
+        return Ok(k.origin);
+    }
+    let (major, minor) = device.cuda_stream().context().compute_capability().w()?;
+    let cc = (major * 10 + minor) as u32;
+    let kernels = match prebuilt
+        .iter()
+        .filter(|(arch, _)| *arch <= cc)
+        .max_by_key(|(a, _)| *a)
+    {
+        Some((arch, ptx)) => Kernels {
+            ptx: ptx.to_string(),
+            origin: Origin::Nvcc(*arch),
+            norm_sizes: norm_sizes.to_vec(),
+        },
+        None => {
+            let arch = nvrtc_arch(cc)?;
+            let opts = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions {
+                arch: Some(arch),
+                options: vec!["-std=c++17".into()],
+                ..Default::default()
+            };
+            if source.is_empty() {
+                candle_core::bail!("no CUDA kernels in this build: neither PTX nor source");
+            }
+            let ptx = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(source, opts)
+                .map_err(|e| candle_core::Error::Cuda(format!("NVRTC: {e}").into()))?;
+            Kernels {
+                ptx: ptx.to_src(),
+                origin: Origin::Nvrtc(cc),
+                norm_sizes: norm_sizes.to_vec(),
+            }
+        }
+    };
+    Ok(KERNELS.get_or_init(|| kernels).origin)
+}
+
+/// NVRTC wants a `&'static str` architecture.
+fn nvrtc_arch(cc: u32) -> Result<&'static str> {
+    Ok(match cc {
+        70 => "compute_70",
+        75 => "compute_75",
+        80 => "compute_80",
+        86 => "compute_86",
+        87 => "compute_87",
+        89 => "compute_89",
+        90 => "compute_90",
+        100 => "compute_100",
+        120 => "compute_120",
+        _ => candle_core::bail!("no kernels for a GPU of compute capability {cc}"),
+    })
+}
+
+fn kernels() -> Result<&'static Kernels> {
+    KERNELS.get().ok_or_else(|| {
+        candle_core::Error::Cuda("the CUDA kernels are not loaded: call cuda::install first".into())
+    })
+}
+
+fn launch_config(blocks: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn f32_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
+        None => candle_core::bail!("a fused kernel needs a contiguous input"),
+    }
+}
+
+/// Launch the standardize kernel `name` over `batch` samples of `n` values: `name_N` when the
+/// build specialised it to N = n, else `name_any`.
+fn launch_norm(
+    device: &CudaDevice,
+    name: &str,
+    batch: usize,
+    n: usize,
+    inputs: &[&CudaView<'_, f32>],
+    output: &CudaSlice<f32>,
+) -> Result<()> {
+    let k = kernels()?;
+    let full = match k.norm_sizes.contains(&n) {
+        true => format!("{name}_{n}"),
+        false => format!("{name}_any"),
+    };
+    let f = device.get_or_load_custom_func(&full, MODULE, &k.ptx)?;
+    let n_arg = n as i32;
+    let mut b = f.builder();
+    for x in inputs {
+        b.arg(*x);
+    }
+    b.arg(output).arg(&n_arg);
+    // SAFETY: the norm kernels take (inputs..., output, n), in this order.
+    unsafe { b.launch(launch_config(batch, NORM_THREADS)) }.w()?;
+    Ok(())
+}
+
+const NORM_THREADS: u32 = 1024;
+
+pub fn standardize_forward(
+    s: &CudaStorage,
+    l: &Layout,
+    batch: usize,
+    n: usize,
+) -> Result<CudaStorage> {
+    let dev = s.device();
+    let x = f32_view(s, l)?;
+    // SAFETY: every element is written by the kernel.
+    let y = unsafe { dev.alloc::<f32>(batch * n)? };
+    launch_norm(dev, "standardize_fwd", batch, n, &[&x], &y)?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+pub fn standardize_backward(
+    xs: &CudaStorage,
+    xl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+    batch: usize,
+    n: usize,
+) -> Result<CudaStorage> {
+    let dev = xs.device();
+    let (x, g) = (f32_view(xs, xl)?, f32_view(gs, gl)?);
+    // SAFETY: every element is written by the kernel.
+    let dx = unsafe { dev.alloc::<f32>(batch * n)? };
+    launch_norm(dev, "standardize_bwd", batch, n, &[&x, &g], &dx)?;
+    Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+}
+
+/// Hyper-parameters of one fused Adam/AdamW step.
+pub struct AdamStep {
+    pub lr: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Bias corrections 1 − β^t.
+    pub bias_corrections: [f64; 2],
+    /// AdamW (decay applied to the weights) rather than Adam (decay added to the gradient).
+    pub decoupled: bool,
+    pub max_norm: Option<f64>,
+}
+
+/// One (parameter, gradient, first moment, second moment) of the fused step, all f32 and
+/// contiguous on the same device.
+pub struct Slot<'a> {
+    pub param: &'a candle_core::Tensor,
+    pub grad: &'a candle_core::Tensor,
+    pub m: &'a candle_core::Tensor,
+    pub v: &'a candle_core::Tensor,
+}
+
+const OPTIM_THREADS: u32 = 512;
+const OPTIM_CHUNK: usize = 65536;
+
+/// Clip by the global norm and update every slot in place, in two launches. Returns the squared
+/// global norm (before clipping), still on the device.
+pub fn adam_step(device: &CudaDevice, slots: &[Slot], hp: &AdamStep) -> Result<CudaSlice<f64>> {
+    let stream = device.cuda_stream();
+    let k = kernels()?;
+    // The device addresses of each slot, laid out as the kernel's `Slot` struct (4 pointers and
+    // a 64-bit length), and the chunk table (tensor index, chunk index) one entry per block.
+    let mut table: Vec<u64> = Vec::with_capacity(slots.len() * 5);
+    let mut chunks: Vec<i32> = vec![];
+    for (i, s) in slots.iter().enumerate() {
+        let n = s.param.elem_count();
+        for t in [s.param, s.grad, s.m, s.v] {
+            if t.elem_count() != n || t.dtype() != candle_core::DType::F32 {
+                candle_core::bail!("fused Adam: slot {i} has mismatched tensors");
+            }
+            table.push(device_address(t)?);
+        }
+        table.push(n as u64);
+        for c in 0..n.div_ceil(OPTIM_CHUNK) {
+            chunks.extend([i as i32, c as i32]);
+        }
+    }
+    if chunks.is_empty() {
+        return stream.alloc_zeros::<f64>(1).w();
+    }
+    let table = stream.clone_htod(&table).w()?;
+    let chunk_table = stream.clone_htod(&chunks).w()?;
+    let sq_norm = stream.alloc_zeros::<f64>(1).w()?;
+    let blocks = chunks.len() / 2;
+
+    let f = device.get_or_load_custom_func("grad_sq_norm", MODULE, &k.ptx)?;
+    let mut b = f.builder();
+    b.arg(&table).arg(&chunk_table).arg(&sq_norm);
+    // SAFETY: argument types match the kernel's signature; the table's addresses are live
+    // tensors held by the caller for the duration of the stream's work (Candle frees on the
+    // same stream).
+    unsafe { b.launch(launch_config(blocks, OPTIM_THREADS)) }.w()?;
+
+    let f = device.get_or_load_custom_func("adam_step", MODULE, &k.ptx)?;
+    let max_norm = hp.max_norm.unwrap_or(0.0) as f32;
+    let (lr, b1, b2, eps, wd) = (
+        hp.lr as f32,
+        hp.betas[0] as f32,
+        hp.betas[1] as f32,
+        hp.eps as f32,
+        hp.weight_decay as f32,
+    );
+    let (bc1, bc2) = (hp.bias_corrections[0] as f32, hp.bias_corrections[1] as f32);
+    let decoupled = i32::from(hp.decoupled);
+    let mut b = f.builder();
+    b.arg(&table).arg(&chunk_table).arg(&sq_norm);
+    b.arg(&max_norm)
+        .arg(&lr)
+        .arg(&b1)
+        .arg(&b2)
+        .arg(&eps)
+        .arg(&wd);
+    b.arg(&bc1).arg(&bc2).arg(&decoupled);
+    // SAFETY: as above.
+    unsafe { b.launch(launch_config(blocks, OPTIM_THREADS)) }.w()?;
+    Ok(sq_norm)
+}
+
+/// The device address of a contiguous f32 CUDA tensor's first element.
+fn device_address(t: &candle_core::Tensor) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else {
+        candle_core::bail!("fused Adam: a tensor is not on the GPU");
+    };
+    let Some((start, _)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fused Adam: a tensor is not contiguous");
+    };
+    let slice = s.as_cuda_slice::<f32>()?;
+    let stream = s.device().cuda_stream();
+    let (ptr, _sync) = slice.device_ptr(&stream);
+    Ok(ptr + (start * std::mem::size_of::<f32>()) as u64)
+}
+
+/// Copy a device scalar to the host (synchronises the stream).
+pub fn read_scalar(device: &CudaDevice, s: &CudaSlice<f64>) -> Result<f64> {
+    Ok(device.cuda_stream().clone_dtoh(s).w()?[0])
+}

@@ -1,0 +1,339 @@
+//! Convolutions on the GPU through cuDNN: forward, backward-data and backward-filter, the three
+//! calls PyTorch makes. Candle's CUDA convolution is im2col + GEMM forward and a direct
+//! transposed-convolution kernel backward; on the classification baseline that ran at 5 TFLOP/s
+//! and used 2.6× PyTorch's memory (docs/benchmarks.md), so `nn::Conv` routes CUDA tensors here.
+//!
+//! Stride 1, dilation 1, one group, zero padding: every convolution of the CNNs here. A 1-D
+//! convolution is the 2-D one with height 1. Algorithms come from cuDNN's heuristics; TF32 is
+//! allowed exactly when Candle's f32 GEMMs allow it (`set_gemm_reduced_precision_f32`).
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use cudarc::cudnn::sys::{cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t};
+use cudarc::cudnn::{
+    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnError,
+    FilterDescriptor, TensorDescriptor,
+};
+
+/// Convolution of `x` (B, C, [H,] W) with `w` (O, C, [kh,] kw), zero padding `padding` on every
+/// spatial side; differentiable in both.
+pub fn conv(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match x.rank() {
+        4 => x.apply_op2(
+            &w,
+            Conv {
+                pad: [padding, padding],
+            },
+        ),
+        3 => {
+            let (b, c, l) = x.dims3()?;
+            let (o, ci, k) = w.dims3()?;
+            let y = x
+                .reshape((b, c, 1, l))?
+                .apply_op2(&w.reshape((o, ci, 1, k))?, Conv { pad: [0, padding] })?;
+            y.squeeze(2)
+        }
+        r => candle_core::bail!("cuDNN convolution of a rank-{r} tensor"),
+    }
+}
+
+/// The forward op; `pad` is (height, width).
+struct Conv {
+    pad: [usize; 2],
+}
+
+/// ∂L/∂x from (∂L/∂y, w); the input's shape is not recoverable from those, so it travels here.
+struct BackwardData {
+    pad: [usize; 2],
+    x_dims: [usize; 4],
+}
+
+/// ∂L/∂w from (x, ∂L/∂y).
+struct BackwardFilter {
+    pad: [usize; 2],
+    w_dims: [usize; 4],
+}
+
+thread_local! {
+    // cuDNN handles are neither Send nor Sync; the model runs on one thread per device.
+    static CUDNN: RefCell<Option<Arc<Cudnn>>> = const { RefCell::new(None) };
+}
+
+fn cudnn(dev: &candle_core::CudaDevice) -> Result<Arc<Cudnn>> {
+    CUDNN.with(|c| {
+        if let Some(h) = c.borrow().as_ref() {
+            return Ok(h.clone());
+        }
+        let h = wrap(Cudnn::new(dev.cuda_stream()))?;
+        *c.borrow_mut() = Some(h.clone());
+        Ok(h)
+    })
+}
+
+fn wrap<T>(r: std::result::Result<T, CudnnError>) -> Result<T> {
+    r.map_err(|e| candle_core::Error::Cuda(format!("cuDNN: {e:?}").into()))
+}
+
+fn dims4(l: &Layout) -> Result<[usize; 4]> {
+    let d = l.dims();
+    match d {
+        [a, b, c, e] => Ok([*a, *b, *c, *e]),
+        _ => candle_core::bail!("cuDNN convolution: expected 4 dims, got {d:?}"),
+    }
+}
+
+fn view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
+        None => candle_core::bail!("cuDNN convolution needs contiguous f32 tensors"),
+    }
+}
+
+/// The descriptors of one convolution: input x, filter w, output y.
+struct Descriptors {
+    conv: ConvDescriptor<f32>,
+    x: TensorDescriptor<f32>,
+    w: FilterDescriptor<f32>,
+    y: TensorDescriptor<f32>,
+    y_dims: [usize; 4],
+}
+
+fn descriptors(
+    dev: &candle_core::CudaDevice,
+    x: [usize; 4],
+    w: [usize; 4],
+    pad: [usize; 2],
+) -> Result<Descriptors> {
+    let handle = cudnn(dev)?;
+    let i = |d: [usize; 4]| d.map(|v| v as i32);
+    let mut conv = wrap(handle.create_conv2d::<f32>(
+        [pad[0] as i32, pad[1] as i32],
+        [1, 1],
+        [1, 1],
+        cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+    ))?;
+    let math = match candle_core::cuda_backend::gemm_reduced_precision_f32() {
+        true => cudnnMathType_t::CUDNN_DEFAULT_MATH, // TF32 tensor cores allowed
+        false => cudnnMathType_t::CUDNN_FMA_MATH,
+    };
+    wrap(conv.set_math_type(math))?;
+    let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    let y_dims = [
+        x[0],
+        w[0],
+        x[2] + 2 * pad[0] + 1 - w[2],
+        x[3] + 2 * pad[1] + 1 - w[3],
+    ];
+    Ok(Descriptors {
+        conv,
+        x: wrap(handle.create_4d_tensor::<f32>(nchw, i(x)))?,
+        w: wrap(handle.create_4d_filter::<f32>(nchw, i(w)))?,
+        y: wrap(handle.create_4d_tensor::<f32>(nchw, i(y_dims)))?,
+        y_dims,
+    })
+}
+
+fn workspace(dev: &candle_core::CudaDevice, bytes: usize) -> Result<CudaSlice<u8>> {
+    // SAFETY: scratch memory cuDNN writes before it reads.
+    Ok(unsafe { dev.alloc::<u8>(bytes.max(1))? })
+}
+
+fn output(dev: &candle_core::CudaDevice, dims: [usize; 4]) -> Result<CudaSlice<f32>> {
+    // SAFETY: cuDNN writes every element (beta = 0).
+    Ok(unsafe { dev.alloc::<f32>(dims.iter().product())? })
+}
+
+fn no_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
+    candle_core::bail!("{name} runs on CUDA only (the CPU uses Candle's convolution)")
+}
+
+impl CustomOp2 for Conv {
+    fn name(&self) -> &'static str {
+        "cudnn-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let d = descriptors(dev, dims4(xl)?, dims4(wl)?, self.pad)?;
+        let op = ConvForward {
+            conv: &d.conv,
+            x: &d.x,
+            w: &d.w,
+            y: &d.y,
+        };
+        let algo = wrap(op.pick_algorithm())?;
+        let mut ws_buf = workspace(dev, wrap(op.get_workspace_size(algo))?)?;
+        let mut y = output(dev, d.y_dims)?;
+        // SAFETY: the views and buffers match the descriptors' f32 NCHW shapes.
+        wrap(unsafe {
+            op.launch(
+                algo,
+                Some(&mut ws_buf),
+                (1f32, 0f32),
+                &view(xs, xl)?,
+                &view(ws, wl)?,
+                &mut y,
+            )
+        })?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            Shape::from(d.y_dims.to_vec()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let x_dims: [usize; 4] = x
+            .dims()
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("rank".into()))?;
+        let w_dims: [usize; 4] = w
+            .dims()
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("rank".into()))?;
+        let dx = dy.apply_op2_no_bwd(
+            w,
+            &BackwardData {
+                pad: self.pad,
+                x_dims,
+            },
+        )?;
+        let dw = x.apply_op2_no_bwd(
+            &dy,
+            &BackwardFilter {
+                pad: self.pad,
+                w_dims,
+            },
+        )?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp2 for BackwardData {
+    fn name(&self) -> &'static str {
+        "cudnn-conv-backward-data"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        dys: &CudaStorage,
+        dyl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = dys.device();
+        let d = descriptors(dev, self.x_dims, dims4(wl)?, self.pad)?;
+        let op = ConvBackwardData {
+            conv: &d.conv,
+            dx: &d.x,
+            w: &d.w,
+            dy: &d.y,
+        };
+        let algo = wrap(op.pick_algorithm())?;
+        let mut ws_buf = workspace(dev, wrap(op.get_workspace_size(algo))?)?;
+        let mut dx = output(dev, self.x_dims)?;
+        // SAFETY: as in the forward.
+        wrap(unsafe {
+            op.launch(
+                algo,
+                Some(&mut ws_buf),
+                (1f32, 0f32),
+                &mut dx,
+                &view(ws, wl)?,
+                &view(dys, dyl)?,
+            )
+        })?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(dx, dev.clone()),
+            Shape::from(self.x_dims.to_vec()),
+        ))
+    }
+}
+
+impl CustomOp2 for BackwardFilter {
+    fn name(&self) -> &'static str {
+        "cudnn-conv-backward-filter"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        dys: &CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let d = descriptors(dev, dims4(xl)?, self.w_dims, self.pad)?;
+        let op = ConvBackwardFilter {
+            conv: &d.conv,
+            x: &d.x,
+            dw: &d.w,
+            dy: &d.y,
+        };
+        let algo = wrap(op.pick_algorithm())?;
+        let mut ws_buf = workspace(dev, wrap(op.get_workspace_size(algo))?)?;
+        let mut dw = output(dev, self.w_dims)?;
+        // SAFETY: as in the forward.
+        wrap(unsafe {
+            op.launch(
+                algo,
+                Some(&mut ws_buf),
+                (1f32, 0f32),
+                &view(xs, xl)?,
+                &mut dw,
+                &view(dys, dyl)?,
+            )
+        })?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(dw, dev.clone()),
+            Shape::from(self.w_dims.to_vec()),
+        ))
+    }
+}

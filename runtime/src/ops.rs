@@ -1,0 +1,234 @@
+//! Fused ops with their own backward, run by our kernels instead of chains of Candle ops.
+//!
+//! `standardize` is GroupNorm with one group before its affine: per sample, (x − mean) / √(var +
+//! 1e-5) over everything but the batch axis. Built from Candle ops it is eight kernels forward and
+//! more backward, each a full pass over the activation; here it is one pass to gather the
+//! statistics and one to write, forward and backward, on the CPU (below) and on CUDA
+//! (runtime/kernels/norm.cu, specialised to the model's shapes). Statistics accumulate in f64.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+pub const NORM_EPS: f64 = 1e-5;
+
+/// Standardise each sample of `x` (B, ...) over all its values; differentiable.
+pub fn standardize(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Standardize)
+}
+
+struct Standardize;
+
+/// The backward of `Standardize`: (x, ∂L/∂y) → ∂L/∂x.
+struct StandardizeBackward;
+
+/// (batch, values per sample) of a contiguous tensor.
+fn rows(shape: &Shape) -> Result<(usize, usize)> {
+    let dims = shape.dims();
+    if dims.len() < 2 {
+        candle_core::bail!("standardize needs (batch, ...), got {dims:?}");
+    }
+    Ok((dims[0], shape.elem_count() / dims[0]))
+}
+
+fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("standardize needs a contiguous input"),
+    }
+}
+
+/// Mean and 1/√(var + eps) of one sample, accumulated in f64.
+fn moments<T: Copy + Into<f64>>(x: &[T]) -> (f64, f64) {
+    let (mut s, mut ss) = (0f64, 0f64);
+    for &v in x {
+        let v: f64 = v.into();
+        s += v;
+        ss += v * v;
+    }
+    let n = x.len() as f64;
+    let mean = s / n;
+    (
+        mean,
+        1.0 / ((ss / n - mean * mean).max(0.0) + NORM_EPS).sqrt(),
+    )
+}
+
+/// Runs `f(sample, out)` over the batch on all cores; `out` is that sample's output slice.
+fn per_sample<T: Send + Sync + Default + Clone>(
+    batch: usize,
+    n: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::default(); batch * n];
+    if n == 0 {
+        return out;
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let per = batch.div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (c, chunk) in out.chunks_mut(per * n).enumerate() {
+            let f = &f;
+            scope.spawn(move || {
+                for (i, o) in chunk.chunks_mut(n).enumerate() {
+                    f(c * per + i, o);
+                }
+            });
+        }
+    });
+    out
+}
+
+trait Real: Copy + Into<f64> + Default + Send + Sync + candle_core::WithDType {
+    fn of(v: f64) -> Self;
+}
+impl Real for f32 {
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+}
+impl Real for f64 {
+    fn of(v: f64) -> Self {
+        v
+    }
+}
+
+fn forward_cpu<T: Real>(x: &[T], batch: usize, n: usize) -> Vec<T> {
+    per_sample(batch, n, |b, y| {
+        let xs = &x[b * n..(b + 1) * n];
+        let (mean, rstd) = moments(xs);
+        for (y, &v) in y.iter_mut().zip(xs) {
+            *y = T::of((v.into() - mean) * rstd);
+        }
+    })
+}
+
+/// dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)).
+fn backward_cpu<T: Real>(x: &[T], g: &[T], batch: usize, n: usize) -> Vec<T> {
+    per_sample(batch, n, |b, dx| {
+        let (xs, gs) = (&x[b * n..(b + 1) * n], &g[b * n..(b + 1) * n]);
+        let (mean, rstd) = moments(xs);
+        let (mut sg, mut sgx) = (0f64, 0f64);
+        for (&xv, &gv) in xs.iter().zip(gs) {
+            let (xv, gv): (f64, f64) = (xv.into(), gv.into());
+            sg += gv;
+            sgx += gv * (xv - mean) * rstd;
+        }
+        let (gm, gxm) = (sg / n as f64, sgx / n as f64);
+        for ((d, &xv), &gv) in dx.iter_mut().zip(xs).zip(gs) {
+            let xhat = (xv.into() - mean) * rstd;
+            *d = T::of(rstd * (gv.into() - gm - xhat * gxm));
+        }
+    })
+}
+
+impl CustomOp1 for Standardize {
+    fn name(&self) -> &'static str {
+        "standardize"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (batch, n) = rows(l.shape())?;
+        let out = match s.dtype() {
+            DType::F32 => CpuStorage::F32(forward_cpu(contiguous::<f32>(s, l)?, batch, n)),
+            DType::F64 => CpuStorage::F64(forward_cpu(contiguous::<f64>(s, l)?, batch, n)),
+            d => candle_core::bail!("standardize: unsupported dtype {d:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (batch, n) = rows(l.shape())?;
+        let out = crate::cuda::standardize_forward(s, l, batch, n)?;
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &StandardizeBackward,
+        )?))
+    }
+}
+
+impl CustomOp2 for StandardizeBackward {
+    fn name(&self) -> &'static str {
+        "standardize-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, n) = rows(xl.shape())?;
+        let out = match xs.dtype() {
+            DType::F32 => CpuStorage::F32(backward_cpu(
+                contiguous::<f32>(xs, xl)?,
+                contiguous::<f32>(gs, gl)?,
+                batch,
+                n,
+            )),
+            DType::F64 => CpuStorage::F64(backward_cpu(
+                contiguous::<f64>(xs, xl)?,
+                contiguous::<f64>(gs, gl)?,
+                batch,
+                n,
+            )),
+            d => candle_core::bail!("standardize: unsupported dtype {d:?}"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (batch, n) = rows(xl.shape())?;
+        let out = crate::cuda::standardize_backward(xs, xl, gs, gl, batch, n)?;
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    /// The composite this op replaces (what nn::GroupNorm1 did before).
+    fn composite(x: &Tensor) -> Result<Tensor> {
+        let x = x.flatten_from(1)?;
+        let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        centered.broadcast_div(&(var + NORM_EPS)?.sqrt()?)
+    }
+
+    /// Forward and gradients equal the Candle composite's, in f64 to 1e-10.
+    #[test]
+    fn standardize_matches_the_composite_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&((Tensor::randn(0f64, 1.0, (5, 3, 7, 4), &dev)? * 3.0)? + 2.0)?)?;
+        let w = Tensor::randn(0f64, 1.0, (5, 84), &dev)?;
+        let ours = standardize(x.as_tensor())?.flatten_from(1)?;
+        let theirs = composite(x.as_tensor())?;
+        let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-10, "forward differs by {diff}");
+        let g_ours = (ours * &w)?.sum_all()?.backward()?;
+        let g_theirs = (theirs * &w)?.sum_all()?.backward()?;
+        let (a, b) = (g_ours.get(&x).unwrap(), g_theirs.get(&x).unwrap());
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-10 * scale.max(1.0), "gradient differs by {diff}");
+        Ok(())
+    }
+}
