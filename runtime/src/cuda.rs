@@ -186,6 +186,36 @@ pub fn standardize_backward(
     Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
 }
 
+/// The dropout kernel (runtime/kernels/dropout.cu) over a contiguous f32 tensor.
+pub fn dropout(
+    s: &CudaStorage,
+    l: &Layout,
+    seed: u64,
+    threshold: u32,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dev = s.device();
+    let x = f32_view(s, l)?;
+    let n = l.shape().elem_count();
+    // SAFETY: every element is written by the kernel.
+    let y = unsafe { dev.alloc::<f32>(n)? };
+    let k = kernels()?;
+    let f = dev.get_or_load_custom_func("dropout", MODULE, &k.ptx)?;
+    let n_arg = n as i64;
+    let mut b = f.builder();
+    b.arg(&x)
+        .arg(&y)
+        .arg(&n_arg)
+        .arg(&seed)
+        .arg(&threshold)
+        .arg(&scale);
+    // Grid-stride loop: a few waves of blocks cover any size.
+    let blocks = n.div_ceil(256).clamp(1, 132 * 16);
+    // SAFETY: argument types match the kernel's signature.
+    unsafe { b.launch(launch_config(blocks, 256)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
 /// Hyper-parameters of one fused Adam/AdamW step.
 pub struct AdamStep {
     pub lr: f64,

@@ -4,16 +4,24 @@
 //! and used 2.6× PyTorch's memory (docs/benchmarks.md), so `nn::Conv` routes CUDA tensors here.
 //!
 //! Stride 1, dilation 1, one group, zero padding: every convolution of the CNNs here. A 1-D
-//! convolution is the 2-D one with height 1. Algorithms come from cuDNN's heuristics; TF32 is
-//! allowed exactly when Candle's f32 GEMMs allow it (`set_gemm_reduced_precision_f32`).
+//! convolution is the 2-D one with height 1. The algorithm of each pass is chosen the first time a
+//! shape is seen by timing every one cuDNN accepts (what `torch.backends.cudnn.benchmark = True`
+//! does; cuDNN's heuristics alone made the backward 8× the forward on an H100). TF32 is allowed
+//! exactly when Candle's f32 GEMMs allow it (`set_gemm_reduced_precision_f32`).
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use cudarc::cudnn::sys::{cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t};
+use cudarc::cudnn::sys::{
+    cudnnConvolutionBwdDataAlgo_t as DataAlgo, cudnnConvolutionBwdFilterAlgo_t as FilterAlgo,
+    cudnnConvolutionFwdAlgo_t as FwdAlgo, cudnnConvolutionMode_t, cudnnMathType_t,
+    cudnnTensorFormat_t,
+};
 use cudarc::cudnn::{
     ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnError,
     FilterDescriptor, TensorDescriptor,
@@ -75,6 +83,98 @@ fn cudnn(dev: &candle_core::CudaDevice) -> Result<Arc<Cudnn>> {
     })
 }
 
+/// Which pass, input dims, filter dims, padding, TF32: what an algorithm choice depends on.
+type TuneKey = (&'static str, [usize; 4], [usize; 4], [usize; 2], bool);
+
+thread_local! {
+    /// The chosen algorithm, as its position in the pass's list.
+    static TUNED: RefCell<HashMap<TuneKey, usize>> = RefCell::new(HashMap::new());
+}
+
+/// Workspaces above this are not tried (cuDNN's FFT algorithms can ask for many GiB).
+const MAX_WORKSPACE: usize = 2 << 30;
+
+/// Run a pass with the fastest of `algos` for `key`: the first time, each algorithm cuDNN accepts
+/// runs twice and the second run is timed (the first loads its kernels); the winner is cached.
+fn run_tuned<A: Copy>(
+    dev: &candle_core::CudaDevice,
+    key: TuneKey,
+    algos: &[A],
+    workspace_size: impl Fn(A) -> std::result::Result<usize, CudnnError>,
+    mut launch: impl FnMut(A, &mut CudaSlice<u8>) -> std::result::Result<(), CudnnError>,
+) -> Result<()> {
+    let cached = TUNED.with(|t| t.borrow().get(&key).copied());
+    if let Some(i) = cached {
+        let algo = algos[i];
+        let mut ws = workspace(dev, wrap(workspace_size(algo))?)?;
+        return wrap(launch(algo, &mut ws));
+    }
+    let stream = dev.cuda_stream();
+    let sync = || {
+        stream
+            .synchronize()
+            .map_err(|e| candle_core::Error::Cuda(Box::new(e)))
+    };
+    let mut best: Option<(usize, Duration)> = None;
+    for (i, &algo) in algos.iter().enumerate() {
+        let Ok(bytes) = workspace_size(algo) else {
+            continue;
+        };
+        if bytes > MAX_WORKSPACE {
+            continue;
+        }
+        let mut ws = workspace(dev, bytes)?;
+        if launch(algo, &mut ws).is_err() {
+            continue;
+        }
+        sync()?;
+        let started = Instant::now();
+        if launch(algo, &mut ws).is_err() {
+            continue;
+        }
+        sync()?;
+        let took = started.elapsed();
+        if best.is_none_or(|(_, b)| took < b) {
+            best = Some((i, took));
+        }
+    }
+    let Some((i, _)) = best else {
+        candle_core::bail!("cuDNN ran no algorithm for the {} pass of {key:?}", key.0)
+    };
+    TUNED.with(|t| t.borrow_mut().insert(key, i));
+    let algo = algos[i];
+    // The output holds the last algorithm tried; write it with the chosen one.
+    let mut ws = workspace(dev, wrap(workspace_size(algo))?)?;
+    wrap(launch(algo, &mut ws))
+}
+
+const FWD_ALGOS: [FwdAlgo; 8] = [
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+];
+const DATA_ALGOS: [DataAlgo; 6] = [
+    DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+    DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+    DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+    DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+    DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+    DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+];
+const FILTER_ALGOS: [FilterAlgo; 6] = [
+    FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+    FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+    FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+    FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+    FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+    FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+];
+
 fn wrap<T>(r: std::result::Result<T, CudnnError>) -> Result<T> {
     r.map_err(|e| candle_core::Error::Cuda(format!("cuDNN: {e:?}").into()))
 }
@@ -96,6 +196,7 @@ fn view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
 
 /// The descriptors of one convolution: input x, filter w, output y.
 struct Descriptors {
+    tf32: bool,
     conv: ConvDescriptor<f32>,
     x: TensorDescriptor<f32>,
     w: FilterDescriptor<f32>,
@@ -117,7 +218,8 @@ fn descriptors(
         [1, 1],
         cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
     ))?;
-    let math = match candle_core::cuda_backend::gemm_reduced_precision_f32() {
+    let tf32 = candle_core::cuda_backend::gemm_reduced_precision_f32();
+    let math = match tf32 {
         true => cudnnMathType_t::CUDNN_DEFAULT_MATH, // TF32 tensor cores allowed
         false => cudnnMathType_t::CUDNN_FMA_MATH,
     };
@@ -135,6 +237,7 @@ fn descriptors(
         w: wrap(handle.create_4d_filter::<f32>(nchw, i(w)))?,
         y: wrap(handle.create_4d_tensor::<f32>(nchw, i(y_dims)))?,
         y_dims,
+        tf32,
     })
 }
 
@@ -182,20 +285,19 @@ impl CustomOp2 for Conv {
             w: &d.w,
             y: &d.y,
         };
-        let algo = wrap(op.pick_algorithm())?;
-        let mut ws_buf = workspace(dev, wrap(op.get_workspace_size(algo))?)?;
         let mut y = output(dev, d.y_dims)?;
-        // SAFETY: the views and buffers match the descriptors' f32 NCHW shapes.
-        wrap(unsafe {
-            op.launch(
-                algo,
-                Some(&mut ws_buf),
-                (1f32, 0f32),
-                &view(xs, xl)?,
-                &view(ws, wl)?,
-                &mut y,
-            )
-        })?;
+        let (x, w) = (view(xs, xl)?, view(ws, wl)?);
+        let key = ("forward", dims4(xl)?, dims4(wl)?, self.pad, d.tf32);
+        run_tuned(
+            dev,
+            key,
+            &FWD_ALGOS,
+            |a| op.get_workspace_size(a),
+            |a, buf| {
+                // SAFETY: the views and buffers match the descriptors' f32 NCHW shapes.
+                unsafe { op.launch(a, Some(buf), (1f32, 0f32), &x, &w, &mut y) }
+            },
+        )?;
         Ok((
             CudaStorage::wrap_cuda_slice(y, dev.clone()),
             Shape::from(d.y_dims.to_vec()),
@@ -218,13 +320,17 @@ impl CustomOp2 for Conv {
             .dims()
             .try_into()
             .map_err(|_| candle_core::Error::Msg("rank".into()))?;
-        let dx = dy.apply_op2_no_bwd(
-            w,
-            &BackwardData {
-                pad: self.pad,
-                x_dims,
-            },
-        )?;
+        // The input's gradient only when something upstream needs it (not for the image).
+        let dx = match x.track_op() {
+            true => Some(dy.apply_op2_no_bwd(
+                w,
+                &BackwardData {
+                    pad: self.pad,
+                    x_dims,
+                },
+            )?),
+            false => None,
+        };
         let dw = x.apply_op2_no_bwd(
             &dy,
             &BackwardFilter {
@@ -232,7 +338,7 @@ impl CustomOp2 for Conv {
                 w_dims,
             },
         )?;
-        Ok((Some(dx), Some(dw)))
+        Ok((dx, Some(dw)))
     }
 }
 
@@ -266,20 +372,19 @@ impl CustomOp2 for BackwardData {
             w: &d.w,
             dy: &d.y,
         };
-        let algo = wrap(op.pick_algorithm())?;
-        let mut ws_buf = workspace(dev, wrap(op.get_workspace_size(algo))?)?;
         let mut dx = output(dev, self.x_dims)?;
-        // SAFETY: as in the forward.
-        wrap(unsafe {
-            op.launch(
-                algo,
-                Some(&mut ws_buf),
-                (1f32, 0f32),
-                &mut dx,
-                &view(ws, wl)?,
-                &view(dys, dyl)?,
-            )
-        })?;
+        let (w, dy) = (view(ws, wl)?, view(dys, dyl)?);
+        let key = ("backward-data", self.x_dims, dims4(wl)?, self.pad, d.tf32);
+        run_tuned(
+            dev,
+            key,
+            &DATA_ALGOS,
+            |a| op.get_workspace_size(a),
+            |a, buf| {
+                // SAFETY: as in the forward.
+                unsafe { op.launch(a, Some(buf), (1f32, 0f32), &mut dx, &w, &dy) }
+            },
+        )?;
         Ok((
             CudaStorage::wrap_cuda_slice(dx, dev.clone()),
             Shape::from(self.x_dims.to_vec()),
@@ -317,20 +422,19 @@ impl CustomOp2 for BackwardFilter {
             dw: &d.w,
             dy: &d.y,
         };
-        let algo = wrap(op.pick_algorithm())?;
-        let mut ws_buf = workspace(dev, wrap(op.get_workspace_size(algo))?)?;
         let mut dw = output(dev, self.w_dims)?;
-        // SAFETY: as in the forward.
-        wrap(unsafe {
-            op.launch(
-                algo,
-                Some(&mut ws_buf),
-                (1f32, 0f32),
-                &view(xs, xl)?,
-                &mut dw,
-                &view(dys, dyl)?,
-            )
-        })?;
+        let (x, dy) = (view(xs, xl)?, view(dys, dyl)?);
+        let key = ("backward-filter", dims4(xl)?, self.w_dims, self.pad, d.tf32);
+        run_tuned(
+            dev,
+            key,
+            &FILTER_ALGOS,
+            |a| op.get_workspace_size(a),
+            |a, buf| {
+                // SAFETY: as in the forward.
+                unsafe { op.launch(a, Some(buf), (1f32, 0f32), &x, &mut dw, &dy) }
+            },
+        )?;
         Ok((
             CudaStorage::wrap_cuda_slice(dw, dev.clone()),
             Shape::from(self.w_dims.to_vec()),

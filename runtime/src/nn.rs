@@ -406,33 +406,13 @@ impl SelfAttention {
     }
 }
 
-/// Inverted dropout with a mask from the run's seeded RNG (so a seeded run is reproducible).
+/// Inverted dropout whose mask comes from the run's seeded RNG (see ops::dropout), so a seeded
+/// run is reproducible, on the CPU and the GPU alike.
 pub fn dropout(x: &Tensor, p: f64, mode: &mut Mode) -> Result<Tensor> {
     if !mode.train || p <= 0.0 {
         return Ok(x.clone());
     }
-    let keep = 1.0 - p;
-    if x.device().is_cuda() {
-        // Drawn on the device: a host-made mask would cross PCIe every step. curand is reseeded
-        // from the run's RNG, so a seeded GPU run is reproducible too (its masks differ from
-        // the CPU's).
-        x.device().set_seed(mode.rng.random::<u64>())?;
-        let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
-        let mask = (u.lt(keep)?.to_dtype(x.dtype())? * (1.0 / keep))?;
-        return x * mask;
-    }
-    let n = x.elem_count();
-    let scale = (1.0 / keep) as f32;
-    let mask: Vec<f32> = (0..n)
-        .map(|_| {
-            if mode.rng.random::<f64>() < keep {
-                scale
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    x * Tensor::from_vec(mask, x.shape(), x.device())?
+    crate::ops::dropout(x, p, mode.rng.random::<u64>())
 }
 
 /// AvgPool1d(2, 2) over the last axis (floor, as PyTorch).

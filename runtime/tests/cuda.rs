@@ -1,7 +1,8 @@
 //! Parity of our CUDA kernels with the plain Candle path, and of a short training run on the GPU
-//! with the same run on the CPU. They need a GPU, so they are `#[ignore]`d: `cargo test` lists
-//! them as ignored (never a silent pass); on a GPU machine run
-//! `cargo test --features cuda --test cuda -- --include-ignored`, where a missing GPU fails.
+//! with the same run on the CPU. They need a GPU, so they are `#[ignore]`d: a `--features cuda`
+//! test run lists them as ignored (never a silent pass); on a GPU machine run
+//! `cargo test --release --features cuda -p signal-diffusion-runtime --test cuda --
+//! --include-ignored`, where a missing GPU fails.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
@@ -108,9 +109,15 @@ fn cudnn_convolution_matches_candle_on_the_cpu() -> Result<()> {
         let x = Tensor::randn(0f32, 1.0, xs, &Device::Cpu)?;
         let w = Tensor::randn(0f32, 0.3, ws, &Device::Cpu)?;
         let (xc, wc) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
+        // 1-D as 2-D with height 1: Candle's padded conv1d has a wrong kernel gradient.
         let yc = match xs.len() {
             4 => xc.as_tensor().conv2d(wc.as_tensor(), pad, 1, 1, 1)?,
-            _ => xc.as_tensor().conv1d(wc.as_tensor(), pad, 1, 1, 1)?,
+            _ => xc
+                .as_tensor()
+                .unsqueeze(2)?
+                .pad_with_zeros(3, pad, pad)?
+                .conv2d(&wc.as_tensor().unsqueeze(2)?, 0, 1, 1, 1)?
+                .squeeze(2)?,
         };
         let r = Tensor::randn(0f32, 1.0, yc.shape(), &Device::Cpu)?;
         let gc = (&yc * &r)?.sum_all()?.backward()?;
@@ -214,9 +221,8 @@ fn train_losses(dev: &Device, steps: usize) -> Result<Vec<f32>> {
         layer_repeats: 2,
         embedding_dim: 32,
         activation: Activation::Gelu,
-        // GPU dropout masks come from curand, the CPU's from ChaCha: no dropout, so both runs
-        // compute the same function.
-        dropout: 0.0,
+        // Dropout masks are a function of the seed, the same on both devices.
+        dropout: 0.1,
     };
     let mut p = Params::new(7, dev);
     let model = Classifier::<CnnLight>::new(&shape, &TASKS, &mut p)?;
@@ -247,23 +253,77 @@ fn train_losses(dev: &Device, steps: usize) -> Result<Vec<f32>> {
     Ok(losses)
 }
 
-/// 50 training steps on the GPU (cuDNN convolutions, fused kernels, TF32 off) and on the CPU
-/// follow the same trajectory, and the loss falls.
+/// 50 training steps (dropout 0.1) on the GPU (cuDNN convolutions, fused kernels, TF32 off) and
+/// on the CPU follow the same trajectory, and the loss falls.
 #[test]
 #[ignore = "needs a GPU"]
 fn fifty_training_steps_match_the_cpu() -> Result<()> {
     candle_core::cuda_backend::set_gemm_reduced_precision_f32(false);
     let gpu_losses = train_losses(&gpu(), 50)?;
     let cpu_losses = train_losses(&Device::Cpu, 50)?;
-    // Identical until the trajectories drift: the first 10 steps to 1e-4 relative, then every
+    // Identical until the trajectories drift: the first 10 steps to 1e-3 relative, then every
     // loss within 1% of the initial loss (f32 sums in different orders, amplified by Adam's
     // normalisation: 2.5e-3 apart at loss 0.075 after 34 steps, measured on an H100).
     let start = cpu_losses[0];
     for (i, (g, c)) in gpu_losses.iter().zip(&cpu_losses).enumerate() {
-        let tol = if i < 10 { 1e-4 * c.abs() } else { 1e-2 * start };
+        let tol = if i < 10 { 1e-3 * c.abs() } else { 1e-2 * start };
         assert!((g - c).abs() <= tol, "step {i}: GPU loss {g} vs CPU {c}");
     }
     println!("first {:?} last {:?}", &gpu_losses[..3], &gpu_losses[47..]);
     assert!(gpu_losses[49] < 0.5 * gpu_losses[0], "{gpu_losses:?}");
+    Ok(())
+}
+
+/// Not a check: times each op of the classification baseline's stem and first block on the GPU
+/// (batch 64), forward and backward, to show where a training step goes. Run with --nocapture.
+#[test]
+#[ignore = "needs a GPU; prints timings"]
+fn op_timings() -> Result<()> {
+    use std::time::Instant;
+    candle_core::cuda_backend::set_gemm_reduced_precision_f32(true);
+    let dev = gpu();
+    let time = |name: &str, f: &dyn Fn() -> Result<Tensor>| -> Result<()> {
+        f()?;
+        dev.synchronize()?;
+        let t = Instant::now();
+        for _ in 0..5 {
+            f()?;
+        }
+        dev.synchronize()?;
+        println!("{name:40} {:8.2} ms", t.elapsed().as_secs_f64() * 200.0);
+        Ok(())
+    };
+    for (c_in, c, side) in [(1usize, 48usize, 256usize), (48, 96, 128), (96, 96, 128)] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (64, c_in, side, side), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (c, c_in, 3, 3), &dev)?)?;
+        let b = Tensor::randn(0f32, 0.1, c, &dev)?;
+        let y = Tensor::randn(0f32, 1.0, (64, c, side, side), &dev)?;
+        let tag = format!("{c_in}->{c} @{side}");
+        time(&format!("conv fwd {tag}"), &|| {
+            signal_diffusion_runtime::cudnn::conv(x.as_tensor(), w.as_tensor(), 1)
+        })?;
+        time(&format!("conv fwd+bwd {tag}"), &|| {
+            let out = signal_diffusion_runtime::cudnn::conv(x.as_tensor(), w.as_tensor(), 1)?;
+            let g = out.sum_all()?.backward()?;
+            Ok(g.get(&w).unwrap().clone())
+        })?;
+        time(&format!("bias add {tag}"), &|| {
+            y.broadcast_add(&b.reshape((1, c, 1, 1))?)
+        })?;
+        time(&format!("gelu {tag}"), &|| y.gelu_erf())?;
+        time(&format!("standardize {tag}"), &|| standardize(&y))?;
+        time(&format!("avg_pool2d {tag}"), &|| y.avg_pool2d(2))?;
+        time(&format!("dropout {tag}"), &|| {
+            signal_diffusion_runtime::nn::dropout(&y, 0.43, &mut Mode::train(1))
+        })?;
+        let yv = Var::from_tensor(&y)?;
+        time(&format!("dropout fwd+bwd {tag}"), &|| {
+            let out =
+                signal_diffusion_runtime::nn::dropout(yv.as_tensor(), 0.43, &mut Mode::train(1))?;
+            let g = out.sum_all()?.backward()?;
+            Ok(g.get(&yv).unwrap().clone())
+        })?;
+        time(&format!("copy {tag}"), &|| y.copy())?;
+    }
     Ok(())
 }

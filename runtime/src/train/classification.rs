@@ -454,6 +454,29 @@ fn benchmark<B: Backbone>(
     device.synchronize()?;
     let secs = started.elapsed().as_secs_f64();
     let steps_per_s = steps as f64 / secs;
+    // Where a step goes: three more steps, waiting for the device after each phase.
+    let mut phases = [0f64; 3];
+    for i in 0..3 {
+        let mut mode = Mode::train(t.seed.wrapping_add((WARMUP + steps + i) as u64));
+        let t0 = Instant::now();
+        let outputs = model.forward(&x, &mut mode)?;
+        let (loss, per_task) = ctx.loss(&outputs, &targets, t.label_smoothing)?;
+        device.synchronize()?;
+        let t1 = Instant::now();
+        let mut grads = loss.backward()?;
+        device.synchronize()?;
+        let t2 = Instant::now();
+        opt.step(&mut grads, lr, t.clip_grad_norm)?;
+        read_losses(&loss, &per_task)?;
+        let t3 = Instant::now();
+        for (p, d) in phases.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2]) {
+            *p += d.as_secs_f64() * 1e3 / 3.0;
+        }
+    }
+    println!(
+        "per step: forward + loss {:.1} ms, backward {:.1} ms, optimizer {:.1} ms",
+        phases[0], phases[1], phases[2]
+    );
     println!(
         "benchmark {}: {steps} steps of batch {bs} in {secs:.3} s: {steps_per_s:.3} steps/s, {:.1} samples/s, {:.2} TFLOP/s by the plan's {:.1} GFLOP/step; last loss {last:.4}",
         compiled.name,

@@ -1,0 +1,21 @@
+// Inverted dropout with a counter-based mask: element i is kept when the top 24 bits of
+// splitmix64(seed + i) fall below keep·2^24, and kept values are scaled by 1/keep. The mask is a
+// function of (seed, i) alone, so nothing is stored for the backward (which is this same kernel
+// applied to the gradient) and the CPU (runtime/src/ops.rs) draws exactly the same mask.
+
+__device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+extern "C" __global__ void dropout(const float* __restrict__ x, float* __restrict__ y,
+                                   long long n, unsigned long long seed, unsigned int threshold,
+                                   float scale) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const unsigned int r = (unsigned int)(splitmix64(seed + (unsigned long long)i) >> 40);
+        y[i] = r < threshold ? x[i] * scale : 0.0f;
+    }
+}
