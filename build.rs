@@ -94,24 +94,14 @@ fn compile_ptx(source: &Path) -> Vec<(u32, PathBuf)> {
         println!("cargo::warning=SD_FORCE_NVRTC=1: the CUDA kernels will be compiled by NVRTC at start-up");
         return vec![];
     }
-    let Some(nvcc) = find_nvcc() else {
+    let Some(nvcc) = config::cuda::find_nvcc() else {
         println!("cargo::warning=nvcc not found (NVCC, CUDA_HOME/bin, PATH): the CUDA kernels will be compiled by NVRTC at start-up");
         return vec![];
     };
     let mut ptx = vec![];
     for arch in config::cuda::PTX_ARCHS {
         let path = source.with_file_name(format!("kernels_compute_{arch}.ptx"));
-        let result = std::process::Command::new(&nvcc)
-            .args([
-                "--ptx",
-                "-O3",
-                "-std=c++17",
-                &format!("-arch=compute_{arch}"),
-                "-o",
-            ])
-            .arg(&path)
-            .arg(source)
-            .output();
+        let result = config::cuda::nvcc_ptx(&nvcc, arch, source, &path);
         match result {
             Ok(o) if o.status.success() => ptx.push((arch, path)),
             Ok(o) => {
@@ -131,27 +121,6 @@ fn compile_ptx(source: &Path) -> Vec<(u32, PathBuf)> {
         }
     }
     ptx
-}
-
-fn find_nvcc() -> Option<PathBuf> {
-    let exe = format!("nvcc{}", std::env::consts::EXE_SUFFIX);
-    let candidates = std::env::var_os("NVCC")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(
-            ["CUDA_HOME", "CUDA_PATH"]
-                .iter()
-                .filter_map(std::env::var_os)
-                .map(|d| PathBuf::from(d).join("bin").join(&exe)),
-        )
-        .chain(
-            std::env::var_os("PATH")
-                .iter()
-                .flat_map(std::env::split_paths)
-                .map(|d| d.join(&exe))
-                .collect::<Vec<_>>(),
-        );
-    candidates.into_iter().find(|p| p.is_file())
 }
 
 fn write_if_changed(path: &Path, content: &str) {

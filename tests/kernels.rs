@@ -5,29 +5,13 @@
 #![cfg(feature = "cuda")]
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use signal_diffusion_config::{self as config, settings::Env, Kind, Target};
 
 fn nvcc() -> PathBuf {
-    let from_home = ["CUDA_HOME", "CUDA_PATH"]
-        .iter()
-        .filter_map(std::env::var_os)
-        .map(|d| PathBuf::from(d).join("bin/nvcc"));
-    let from_path = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("nvcc"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    std::env::var_os("NVCC")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(from_home)
-        .chain(from_path)
-        .find(|p| p.is_file())
-        .expect("a `--features cuda` build needs nvcc: run .ci/cuda-toolkit.sh and set CUDA_HOME (README)")
+    config::cuda::find_nvcc().expect(
+        "a `--features cuda` build needs nvcc: run .ci/cuda-toolkit.sh and set CUDA_HOME (README)",
+    )
 }
 
 #[test]
@@ -50,18 +34,7 @@ fn kernels_compile_for_every_classification_preset() {
         std::fs::write(&src, tu).unwrap();
         for arch in config::cuda::PTX_ARCHS {
             let ptx = dir.path().join(format!("{}_{arch}.ptx", r.stem));
-            let out = Command::new(nvcc())
-                .args([
-                    "--ptx",
-                    "-O3",
-                    "-std=c++17",
-                    &format!("-arch=compute_{arch}"),
-                    "-o",
-                ])
-                .arg(&ptx)
-                .arg(&src)
-                .output()
-                .unwrap();
+            let out = config::cuda::nvcc_ptx(&nvcc(), arch, &src, &ptx).unwrap();
             assert!(
                 out.status.success(),
                 "{} compute_{arch}: {}",

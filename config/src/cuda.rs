@@ -65,6 +65,44 @@ pub enum KernelText {
     Inline(String),
 }
 
+/// nvcc as a build finds it: `$NVCC`, then `$CUDA_HOME/bin` or `$CUDA_PATH/bin`, then `PATH`.
+pub fn find_nvcc() -> Option<PathBuf> {
+    let exe = format!("nvcc{}", std::env::consts::EXE_SUFFIX);
+    let homes = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(|d| PathBuf::from(d).join("bin").join(&exe));
+    let path: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(&exe)).collect())
+        .unwrap_or_default();
+    std::env::var_os("NVCC")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(homes)
+        .chain(path)
+        .find(|p| p.is_file())
+}
+
+/// Compile the translation unit `source` to PTX for `compute_{arch}` at `out`.
+pub fn nvcc_ptx(
+    nvcc: &Path,
+    arch: u32,
+    source: &Path,
+    out: &Path,
+) -> std::io::Result<std::process::Output> {
+    std::process::Command::new(nvcc)
+        .args([
+            "--ptx",
+            "-O3",
+            "-std=c++17",
+            &format!("-arch=compute_{arch}"),
+            "-o",
+        ])
+        .arg(out)
+        .arg(source)
+        .output()
+}
+
 /// The GPU architectures build.rs embeds PTX for (compute capability × 10): Ampere and Hopper.
 pub const PTX_ARCHS: [u32; 2] = [80, 90];
 

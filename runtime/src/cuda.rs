@@ -186,6 +186,46 @@ pub fn standardize_backward(
     Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
 }
 
+/// A scalar kernel argument after `n`.
+enum Scalar {
+    U64(u64),
+    U32(u32),
+    F32(f32),
+}
+
+/// Launch an elementwise kernel `name(inputs..., output, n, extra...)` over `n` values with a
+/// grid-stride loop; returns the new output.
+fn elementwise(
+    dev: &CudaDevice,
+    name: &str,
+    inputs: &[&CudaView<'_, f32>],
+    n: usize,
+    extra: &[Scalar],
+) -> Result<CudaStorage> {
+    // SAFETY: every element is written by the kernel.
+    let y = unsafe { dev.alloc::<f32>(n)? };
+    let k = kernels()?;
+    let f = dev.get_or_load_custom_func(name, MODULE, &k.ptx)?;
+    let n_arg = n as i64;
+    let mut b = f.builder();
+    for x in inputs {
+        b.arg(*x);
+    }
+    b.arg(&y).arg(&n_arg);
+    for e in extra {
+        match e {
+            Scalar::U64(v) => b.arg(v),
+            Scalar::U32(v) => b.arg(v),
+            Scalar::F32(v) => b.arg(v),
+        };
+    }
+    // A few waves of blocks cover any size.
+    let blocks = n.div_ceil(256).clamp(1, 132 * 16);
+    // SAFETY: the callers' kernels take (inputs..., output, n, extra...).
+    unsafe { b.launch(launch_config(blocks, 256)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
 /// The dropout kernel (runtime/kernels/dropout.cu) over a contiguous f32 tensor.
 pub fn dropout(
     s: &CudaStorage,
@@ -194,26 +234,75 @@ pub fn dropout(
     threshold: u32,
     scale: f32,
 ) -> Result<CudaStorage> {
-    let dev = s.device();
     let x = f32_view(s, l)?;
-    let n = l.shape().elem_count();
-    // SAFETY: every element is written by the kernel.
-    let y = unsafe { dev.alloc::<f32>(n)? };
+    let extra = [
+        Scalar::U64(seed),
+        Scalar::U32(threshold),
+        Scalar::F32(scale),
+    ];
+    elementwise(s.device(), "dropout", &[&x], l.shape().elem_count(), &extra)
+}
+
+/// GELU (erf) forward: y = x·Φ(x) (runtime/kernels/gelu.cu).
+pub fn gelu_forward(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    let x = f32_view(s, l)?;
+    elementwise(s.device(), "gelu_fwd", &[&x], l.shape().elem_count(), &[])
+}
+
+/// GELU (erf) backward: ∂L/∂x from (x, ∂L/∂y).
+pub fn gelu_backward(
+    xs: &CudaStorage,
+    xl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+) -> Result<CudaStorage> {
+    let (x, g) = (f32_view(xs, xl)?, f32_view(gs, gl)?);
+    elementwise(
+        xs.device(),
+        "gelu_bwd",
+        &[&x, &g],
+        xl.shape().elem_count(),
+        &[],
+    )
+}
+
+/// y[b, c, ...] += bias[c], in place (runtime/kernels/bias.cu).
+pub fn bias_add(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<f32>,
+    bias: &CudaView<'_, f32>,
+    c: usize,
+    hw: usize,
+) -> Result<()> {
     let k = kernels()?;
-    let f = dev.get_or_load_custom_func("dropout", MODULE, &k.ptx)?;
-    let n_arg = n as i64;
+    let f = dev.get_or_load_custom_func("bias_add", MODULE, &k.ptx)?;
+    let n = y.len();
+    let (c_arg, hw_arg, n_arg) = (c as i32, hw as i64, n as i64);
     let mut b = f.builder();
-    b.arg(&x)
-        .arg(&y)
-        .arg(&n_arg)
-        .arg(&seed)
-        .arg(&threshold)
-        .arg(&scale);
-    // Grid-stride loop: a few waves of blocks cover any size.
+    b.arg(y).arg(bias).arg(&c_arg).arg(&hw_arg).arg(&n_arg);
     let blocks = n.div_ceil(256).clamp(1, 132 * 16);
-    // SAFETY: argument types match the kernel's signature.
+    // SAFETY: argument types match the kernel's signature; y has n = B·C·HW elements.
     unsafe { b.launch(launch_config(blocks, 256)) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    Ok(())
+}
+
+/// Per (sample, channel) sums of a contiguous (B, C, ...) tensor: (B·C) values.
+pub fn channel_sums(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    let dev = s.device();
+    let dims = l.dims();
+    let rows = dims[0] * dims[1];
+    let hw = l.shape().elem_count() / rows.max(1);
+    let dy = f32_view(s, l)?;
+    // SAFETY: one value per block, every block writes its own.
+    let out = unsafe { dev.alloc::<f32>(rows)? };
+    let k = kernels()?;
+    let f = dev.get_or_load_custom_func("channel_sums", MODULE, &k.ptx)?;
+    let hw_arg = hw as i64;
+    let mut b = f.builder();
+    b.arg(&dy).arg(&out).arg(&hw_arg);
+    // SAFETY: argument types match the kernel's signature.
+    unsafe { b.launch(launch_config(rows, 256)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
 /// Hyper-parameters of one fused Adam/AdamW step.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use cudarc::cudnn::sys::{
     cudnnConvolutionBwdDataAlgo_t as DataAlgo, cudnnConvolutionBwdFilterAlgo_t as FilterAlgo,
     cudnnConvolutionFwdAlgo_t as FwdAlgo, cudnnConvolutionMode_t, cudnnMathType_t,
@@ -28,29 +28,33 @@ use cudarc::cudnn::{
 };
 
 /// Convolution of `x` (B, C, [H,] W) with `w` (O, C, [kh,] kw), zero padding `padding` on every
-/// spatial side; differentiable in both.
-pub fn conv(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
+/// spatial side, plus `bias` (O) when given; differentiable in all of them.
+pub fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Tensor> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    match x.rank() {
-        4 => x.apply_op2(
-            &w,
-            Conv {
-                pad: [padding, padding],
-            },
-        ),
+    let (x4, w4, pad) = match x.rank() {
+        4 => (x.clone(), w, [padding, padding]),
         3 => {
             let (b, c, l) = x.dims3()?;
             let (o, ci, k) = w.dims3()?;
-            let y = x
-                .reshape((b, c, 1, l))?
-                .apply_op2(&w.reshape((o, ci, 1, k))?, Conv { pad: [0, padding] })?;
-            y.squeeze(2)
+            (
+                x.reshape((b, c, 1, l))?,
+                w.reshape((o, ci, 1, k))?,
+                [0, padding],
+            )
         }
         r => candle_core::bail!("cuDNN convolution of a rank-{r} tensor"),
+    };
+    let y = match bias {
+        Some(b) => x4.apply_op3(&w4, &b.contiguous()?, Conv { pad })?,
+        None => x4.apply_op2(&w4, Conv { pad })?,
+    };
+    match x.rank() {
+        3 => y.squeeze(2),
+        _ => Ok(y),
     }
 }
 
-/// The forward op; `pad` is (height, width).
+/// The forward op (with or without a bias); `pad` is (height, width).
 struct Conv {
     pad: [usize; 2],
 }
@@ -255,28 +259,15 @@ fn no_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("{name} runs on CUDA only (the CPU uses Candle's convolution)")
 }
 
-impl CustomOp2 for Conv {
-    fn name(&self) -> &'static str {
-        "cudnn-conv"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
-
-    fn cuda_fwd(
+impl Conv {
+    /// cuDNN's forward into a new output: (output, its dims).
+    fn forward(
         &self,
         xs: &CudaStorage,
         xl: &Layout,
         ws: &CudaStorage,
         wl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
+    ) -> Result<(CudaSlice<f32>, [usize; 4])> {
         let dev = xs.device();
         let d = descriptors(dev, dims4(xl)?, dims4(wl)?, self.pad)?;
         let op = ConvForward {
@@ -298,20 +289,11 @@ impl CustomOp2 for Conv {
                 unsafe { op.launch(a, Some(buf), (1f32, 0f32), &x, &w, &mut y) }
             },
         )?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(y, dev.clone()),
-            Shape::from(d.y_dims.to_vec()),
-        ))
+        Ok((y, d.y_dims))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
+    /// ∂L/∂x (only when something upstream needs it: not for the image) and ∂L/∂w.
+    fn grads(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Tensor)> {
         let x_dims: [usize; 4] = x
             .dims()
             .try_into()
@@ -320,7 +302,6 @@ impl CustomOp2 for Conv {
             .dims()
             .try_into()
             .map_err(|_| candle_core::Error::Msg("rank".into()))?;
-        // The input's gradient only when something upstream needs it (not for the image).
         let dx = match x.track_op() {
             true => Some(dy.apply_op2_no_bwd(
                 w,
@@ -332,13 +313,128 @@ impl CustomOp2 for Conv {
             false => None,
         };
         let dw = x.apply_op2_no_bwd(
-            &dy,
+            dy,
             &BackwardFilter {
                 pad: self.pad,
                 w_dims,
             },
         )?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp2 for Conv {
+    fn name(&self) -> &'static str {
+        "cudnn-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(CustomOp2::name(self))
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (y, dims) = self.forward(xs, xl, ws, wl)?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, xs.device().clone()),
+            Shape::from(dims.to_vec()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.grads(x, w, &dy.contiguous()?)?;
         Ok((dx, Some(dw)))
+    }
+}
+
+/// With a bias: added in place by our kernel after cuDNN's forward; its gradient is the
+/// per-channel sum of ∂L/∂y (runtime/kernels/bias.cu).
+impl CustomOp3 for Conv {
+    fn name(&self) -> &'static str {
+        "cudnn-conv-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(CustomOp3::name(self))
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let (mut y, dims) = self.forward(xs, xl, ws, wl)?;
+        crate::cuda::bias_add(dev, &mut y, &view(bs, bl)?, dims[1], dims[2] * dims[3])?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            Shape::from(dims.to_vec()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (dx, dw) = self.grads(x, w, &dy)?;
+        let (batch, channels) = (dy.dim(0)?, dy.dim(1)?);
+        let db = dy
+            .apply_op1_no_bwd(&ChannelSums)?
+            .reshape((batch, channels))?
+            .sum(0)?;
+        Ok((dx, Some(dw), Some(db)))
+    }
+}
+
+/// (B, C, ...) → the (B·C) per-sample, per-channel sums.
+struct ChannelSums;
+
+impl candle_core::CustomOp1 for ChannelSums {
+    fn name(&self) -> &'static str {
+        "channel-sums"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let rows = l.dims()[0] * l.dims()[1];
+        Ok((crate::cuda::channel_sums(s, l)?, Shape::from(rows)))
     }
 }
 

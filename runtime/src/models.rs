@@ -481,7 +481,7 @@ impl<B: Backbone> Classifier<B> {
         let features = self.backbone.forward(x, mode)?;
         self.heads
             .iter()
-            .map(|(a, b)| b.forward(&a.forward(&features)?.gelu_erf()?))
+            .map(|(a, b)| b.forward(&crate::ops::gelu(&a.forward(&features)?)?))
             .collect()
     }
 }

@@ -115,7 +115,7 @@ impl Act {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self.kind {
             // PyTorch's nn.GELU() default is the exact erf form.
-            Activation::Gelu => x.gelu_erf(),
+            Activation::Gelu => crate::ops::gelu(x),
             Activation::Relu => x.relu(),
             Activation::LeakyRelu => leaky(x, &Tensor::new(&[0.01f32], x.device())?),
             Activation::Silu => x.silu(),
@@ -196,12 +196,15 @@ impl Conv {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match cudnn_conv(x, &self.weight, self.padding) {
-            Some(y) => y?,
-            None if self.dims == 2 => x.conv2d(&self.weight, self.padding, 1, 1, 1)?,
+        // On a GPU cuDNN adds the bias itself.
+        if let Some(y) = cudnn_conv(x, &self.weight, self.bias.as_ref(), self.padding) {
+            return y;
+        }
+        let y = match self.dims {
+            2 => x.conv2d(&self.weight, self.padding, 1, 1, 1)?,
             // Candle 0.11.1's conv1d gives a wrong kernel gradient when padded (test below), so
             // 1-D runs as 2-D with height 1, padded along the width only.
-            None => x
+            _ => x
                 .unsqueeze(2)?
                 .pad_with_zeros(3, self.padding, self.padding)?
                 .conv2d(&self.weight.unsqueeze(2)?, 0, 1, 1, 1)?
@@ -215,16 +218,21 @@ impl Conv {
     }
 }
 
-/// cuDNN's convolution for a tensor on the GPU (see cudnn.rs), else None.
+/// cuDNN's convolution (with the bias) for a tensor on the GPU (see cudnn.rs), else None.
 #[cfg(feature = "cuda")]
-fn cudnn_conv(x: &Tensor, w: &Tensor, padding: usize) -> Option<Result<Tensor>> {
+fn cudnn_conv(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    padding: usize,
+) -> Option<Result<Tensor>> {
     x.device()
         .is_cuda()
-        .then(|| crate::cudnn::conv(x, w, padding))
+        .then(|| crate::cudnn::conv(x, w, b, padding))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cudnn_conv(_: &Tensor, _: &Tensor, _: usize) -> Option<Result<Tensor>> {
+fn cudnn_conv(_: &Tensor, _: &Tensor, _: Option<&Tensor>, _: usize) -> Option<Result<Tensor>> {
     None
 }
 

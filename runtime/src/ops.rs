@@ -269,6 +269,75 @@ impl CustomOp1 for Dropout {
     }
 }
 
+/// GELU (erf form) with a one-kernel backward on the GPU (runtime/kernels/gelu.cu); elsewhere
+/// Candle's `gelu_erf`, whose backward is ten elementwise ops.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    match x.device().is_cuda() && x.dtype() == DType::F32 {
+        true => x.contiguous()?.apply_op1(Gelu),
+        false => x.gelu_erf(),
+    }
+}
+
+struct Gelu;
+
+/// (x, ∂L/∂y) → ∂L/∂x.
+struct GeluBackward;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused GELU runs on CUDA only (the CPU uses gelu_erf)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::gelu_forward(s, l)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?,
+        ))
+    }
+}
+
+impl CustomOp2 for GeluBackward {
+    fn name(&self) -> &'static str {
+        "gelu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused GELU runs on CUDA only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            crate::cuda::gelu_backward(xs, xl, gs, gl)?,
+            xl.shape().clone(),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

