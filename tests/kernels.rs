@@ -45,19 +45,19 @@ fn kernels_compile_for_every_classification_preset() {
             // One specialised forward and backward per GroupNorm size, plus the generic ones.
             for n in &sizes {
                 assert!(
-                    text.contains(&format!(".entry standardize_fwd_{n}(")),
+                    text.contains(&format!(".entry group_norm_fwd_{n}(")),
                     "{}",
                     r.stem
                 );
                 assert!(
-                    text.contains(&format!(".entry standardize_bwd_{n}(")),
+                    text.contains(&format!(".entry group_norm_bwd_{n}(")),
                     "{}",
                     r.stem
                 );
             }
             for k in [
-                "standardize_fwd_any",
-                "standardize_bwd_any",
+                "group_norm_fwd_any",
+                "group_norm_bwd_any",
                 "grad_sq_norm",
                 "adam_step",
             ] {

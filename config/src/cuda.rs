@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::plan::Plan;
 
 /// Values per sample of every one-group GroupNorm in the model (deduplicated, ascending): each
-/// gets standardize kernels whose loop bounds are compile-time constants.
+/// gets GroupNorm kernels whose loop bounds are compile-time constants.
 pub fn norm_sizes(plan: &Plan) -> Vec<usize> {
     let mut sizes: Vec<usize> = plan
         .layers

@@ -127,8 +127,8 @@ fn f32_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
     }
 }
 
-/// Launch the standardize kernel `name` over `batch` samples of `n` values: `name_N` when the
-/// build specialised it to N = n, else `name_any`.
+/// Launch the GroupNorm kernel `name(inputs..., output, ints..., n)` with one block per sample
+/// of `n` values: `name_N` when the build specialised it to N = n, else `name_any`.
 fn launch_norm(
     device: &CudaDevice,
     name: &str,
@@ -136,6 +136,7 @@ fn launch_norm(
     n: usize,
     inputs: &[&CudaView<'_, f32>],
     output: &CudaSlice<f32>,
+    ints: &[i32],
 ) -> Result<()> {
     let k = kernels()?;
     let full = match k.norm_sizes.contains(&n) {
@@ -148,42 +149,60 @@ fn launch_norm(
     for x in inputs {
         b.arg(*x);
     }
-    b.arg(output).arg(&n_arg);
-    // SAFETY: the norm kernels take (inputs..., output, n), in this order.
+    b.arg(output);
+    for i in ints {
+        b.arg(i);
+    }
+    b.arg(&n_arg);
+    // SAFETY: the norm kernels take (inputs..., output, ints..., n), in this order.
     unsafe { b.launch(launch_config(batch, NORM_THREADS)) }.w()?;
     Ok(())
 }
 
 const NORM_THREADS: u32 = 1024;
 
-pub fn standardize_forward(
-    s: &CudaStorage,
-    l: &Layout,
+/// y = x̂·w[c] + b[c] over (batch, c channels, n/c positions).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_forward(
+    (xs, xl): (&CudaStorage, &Layout),
+    (ws, wl): (&CudaStorage, &Layout),
+    (bs, bl): (&CudaStorage, &Layout),
     batch: usize,
-    n: usize,
-) -> Result<CudaStorage> {
-    let dev = s.device();
-    let x = f32_view(s, l)?;
-    // SAFETY: every element is written by the kernel.
-    let y = unsafe { dev.alloc::<f32>(batch * n)? };
-    launch_norm(dev, "standardize_fwd", batch, n, &[&x], &y)?;
-    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
-}
-
-pub fn standardize_backward(
-    xs: &CudaStorage,
-    xl: &Layout,
-    gs: &CudaStorage,
-    gl: &Layout,
-    batch: usize,
+    c: usize,
     n: usize,
 ) -> Result<CudaStorage> {
     let dev = xs.device();
-    let (x, g) = (f32_view(xs, xl)?, f32_view(gs, gl)?);
+    let (x, w, b) = (f32_view(xs, xl)?, f32_view(ws, wl)?, f32_view(bs, bl)?);
     // SAFETY: every element is written by the kernel.
-    let dx = unsafe { dev.alloc::<f32>(batch * n)? };
-    launch_norm(dev, "standardize_bwd", batch, n, &[&x, &g], &dx)?;
-    Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    let y = unsafe { dev.alloc::<f32>(batch * n)? };
+    launch_norm(
+        dev,
+        "group_norm_fwd",
+        batch,
+        n,
+        &[&x, &w, &b],
+        &y,
+        &[c as i32],
+    )?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+/// [∂L/∂x | per-(sample, channel) Σ g·x̂ | Σ g] from (x, w, g = ∂L/∂y).
+pub fn group_norm_backward(
+    (xs, xl): (&CudaStorage, &Layout),
+    (ws, wl): (&CudaStorage, &Layout),
+    (gs, gl): (&CudaStorage, &Layout),
+    batch: usize,
+    c: usize,
+    n: usize,
+) -> Result<CudaStorage> {
+    let dev = xs.device();
+    let (x, w, g) = (f32_view(xs, xl)?, f32_view(ws, wl)?, f32_view(gs, gl)?);
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<f32>(batch * n + 2 * batch * c)? };
+    let ints = [batch as i32, c as i32];
+    launch_norm(dev, "group_norm_bwd", batch, n, &[&x, &w, &g], &out, &ints)?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
 /// A scalar kernel argument after `n`.

@@ -284,13 +284,7 @@ impl GroupNorm1 {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let normed = crate::ops::standardize(x)?;
-        let mut affine_shape = vec![1, dims[1]];
-        affine_shape.extend(std::iter::repeat_n(1, dims.len() - 2));
-        normed
-            .broadcast_mul(&self.weight.reshape(affine_shape.as_slice())?)?
-            .broadcast_add(&self.bias.reshape(affine_shape.as_slice())?)
+        crate::ops::group_norm(x, &self.weight, &self.bias)
     }
 }
 

@@ -10,7 +10,7 @@ use signal_diffusion_config::schema;
 use signal_diffusion_runtime::cuda;
 use signal_diffusion_runtime::models::{Classifier, CnnLight, CnnLightShape};
 use signal_diffusion_runtime::nn::{Activation, Mode, Params};
-use signal_diffusion_runtime::ops::standardize;
+use signal_diffusion_runtime::ops::group_norm;
 use signal_diffusion_runtime::optim::Optimizer;
 use signal_diffusion_runtime::tasks::{TaskKind, TaskSpec};
 
@@ -46,46 +46,62 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
     d.to_scalar::<f64>().unwrap() / s.to_scalar::<f64>().unwrap().max(1e-12)
 }
 
-/// The composite of Candle ops GroupNorm1 used before the fused op.
-fn composite(x: &Tensor) -> Result<Tensor> {
-    let x = x.flatten_from(1)?;
-    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+/// The composite of Candle ops GroupNorm1 was built from before the fused op.
+fn composite(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let flat = x.flatten_from(1)?;
+    let centered = flat.broadcast_sub(&flat.mean_keepdim(D::Minus1)?)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    centered.broadcast_div(&(var + 1e-5)?.sqrt()?)
+    let normed = centered
+        .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+        .reshape(dims)?;
+    normed
+        .broadcast_mul(&w.reshape((1, (), 1, 1))?)?
+        .broadcast_add(&b.reshape((1, (), 1, 1))?)
 }
 
-/// The standardize kernels (specialised to one size, and the run-time-size one) against the CPU
-/// op and the Candle composite on the GPU: forward and gradient within 1e-5 relative (f32; the
-/// kernels accumulate in f64, the composite in f32, so the composite is the looser of the two).
+/// The GroupNorm kernels (specialised to one size, and the run-time-size one) against the CPU
+/// op and the Candle composite on the GPU: forward and the gradients of x, w and b within 1e-5
+/// relative (f32; the kernels accumulate in f64, the composite in f32).
 #[test]
 #[ignore = "needs a GPU"]
-fn standardize_kernels_match_the_cpu_and_the_composite() -> Result<()> {
+fn group_norm_kernels_match_the_cpu_and_the_composite() -> Result<()> {
     let dev = gpu();
     // 8·32·32 = 8192 values per sample are specialised; 3·17·11 = 561 are not.
     for shape in [(6, 8, 32, 32), (5, 3, 17, 11)] {
+        let c = shape.1;
         let cpu = ((Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * 2.5)? + 0.7)?;
-        let weight = Tensor::randn(0f32, 1.0, cpu.shape(), &Device::Cpu)?;
-        let x = Var::from_tensor(&cpu.to_device(&dev)?)?;
-        let w = weight.to_device(&dev)?;
-        let y = standardize(x.as_tensor())?;
-        let g = (&y * &w)?.sum_all()?.backward()?;
-        let x_cpu = Var::from_tensor(&cpu)?;
-        let y_cpu = standardize(x_cpu.as_tensor())?;
-        let g_cpu = (&y_cpu * &weight)?.sum_all()?.backward()?;
-        let xc = Var::from_tensor(&cpu.to_device(&dev)?)?;
-        let y_comp = composite(xc.as_tensor())?.reshape(shape)?;
-        let g_comp = (&y_comp * &w)?.sum_all()?.backward()?;
-        let (dx, dx_cpu, dx_comp) = (
-            g.get(&x).unwrap(),
-            g_cpu.get(&x_cpu).unwrap(),
-            g_comp.get(&xc).unwrap(),
-        );
-        for (what, d) in [
+        let wc = (Tensor::randn(0f32, 0.3, c, &Device::Cpu)? + 1.0)?;
+        let bc = Tensor::randn(0f32, 0.3, c, &Device::Cpu)?;
+        let r = Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?;
+        let vars = |d: &Device| -> Result<[Var; 3]> {
+            Ok([
+                Var::from_tensor(&cpu.to_device(d)?)?,
+                Var::from_tensor(&wc.to_device(d)?)?,
+                Var::from_tensor(&bc.to_device(d)?)?,
+            ])
+        };
+        let run = |vs: &[Var; 3], fused: bool| -> Result<(Tensor, Vec<Tensor>)> {
+            let (x, w, b) = (vs[0].as_tensor(), vs[1].as_tensor(), vs[2].as_tensor());
+            let y = match fused {
+                true => group_norm(x, w, b)?,
+                false => composite(x, w, b)?,
+            };
+            let g = (&y * &r.to_device(x.device())?)?.sum_all()?.backward()?;
+            Ok((y, vs.iter().map(|v| g.get(v).unwrap().clone()).collect()))
+        };
+        let (y, g) = run(&vars(&dev)?, true)?;
+        let (y_cpu, g_cpu) = run(&vars(&Device::Cpu)?, true)?;
+        let (y_comp, g_comp) = run(&vars(&dev)?, false)?;
+        let mut checks = vec![
             ("forward vs CPU", rel_diff(&y, &y_cpu)),
             ("forward vs composite", rel_diff(&y, &y_comp)),
-            ("gradient vs CPU", rel_diff(dx, dx_cpu)),
-            ("gradient vs composite", rel_diff(dx, dx_comp)),
-        ] {
+        ];
+        for (i, name) in ["dx", "dw", "db"].iter().enumerate() {
+            checks.push((name, rel_diff(&g[i], &g_cpu[i])));
+            checks.push((name, rel_diff(&g[i], &g_comp[i])));
+        }
+        for (what, d) in checks {
             println!("{shape:?} {what}: {d:.2e}");
             assert!(d < 1e-5, "{shape:?}: {what} differs by {d:.2e}");
         }
@@ -374,7 +390,16 @@ fn op_timings() -> Result<()> {
             let g = yv.as_tensor().gelu_erf()?.backward()?;
             Ok(g.get(&yv).unwrap().clone())
         })?;
-        time(&format!("standardize {tag}"), &|| standardize(&y))?;
+        let (gw, gb) = (
+            Tensor::ones(c, DType::F32, &dev)?,
+            Tensor::zeros(c, DType::F32, &dev)?,
+        );
+        time(&format!("group norm {tag}"), &|| group_norm(&y, &gw, &gb))?;
+        time(&format!("group norm fwd+bwd {tag}"), &|| {
+            let yv = Var::from_tensor(&y)?;
+            let g = group_norm(yv.as_tensor(), &gw, &gb)?.backward()?;
+            Ok(g.get(&yv).unwrap().clone())
+        })?;
         time(&format!("avg_pool2d {tag}"), &|| y.avg_pool2d(2))?;
         time(&format!("dropout {tag}"), &|| {
             signal_diffusion_runtime::nn::dropout(&y, 0.43, &mut Mode::train(1))
