@@ -1,4 +1,5 @@
-//! Run logging: TensorBoard event files and a JSONL metrics log.
+//! Run logging: TensorBoard event files, a JSONL metrics log, and the console (a progress bar on
+//! a terminal, with the log lines printed above it).
 //!
 //! The event file is written by hand (no TensorFlow): TFRecord framing (length, masked CRC-32C
 //! of the length, payload, masked CRC-32C of the payload) around `Event` protobuf messages with
@@ -107,10 +108,13 @@ impl TensorBoard {
     }
 }
 
-/// Scalars go to TensorBoard (when enabled) and to `metrics.jsonl` (always).
+/// Scalars go to TensorBoard (when enabled) and to `metrics.jsonl` (always); lines go to stdout.
 pub struct Logger {
     tb: Option<TensorBoard>,
     jsonl: BufWriter<File>,
+    /// Steps done of the run, with the last logged loss, lr and throughput. Drawn on stderr only
+    /// when it is a terminal; in a pipe or a file, stdout keeps just the log lines.
+    bar: indicatif::ProgressBar,
 }
 
 impl Logger {
@@ -126,7 +130,41 @@ impl Logger {
         let tb = tensorboard_dir
             .map(|d| TensorBoard::create(&d))
             .transpose()?;
-        Ok(Logger { tb, jsonl })
+        Ok(Logger {
+            tb,
+            jsonl,
+            bar: indicatif::ProgressBar::hidden(),
+        })
+    }
+
+    /// Show a progress bar of `total` steps, `done` of them already (a resumed run).
+    pub fn start_progress(&mut self, total: u64, done: u64) {
+        self.bar = indicatif::ProgressBar::new(total).with_style(
+            indicatif::ProgressStyle::with_template(
+                "step {pos}/{len} [{bar:20}] {elapsed} (eta {eta}) {msg}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        self.bar.set_position(done);
+        self.bar.reset_eta();
+    }
+
+    /// One optimizer step done; `status` (loss, lr, speed) replaces the bar's message when given.
+    pub fn step(&self, status: Option<String>) {
+        self.bar.inc(1);
+        if let Some(s) = status {
+            self.bar.set_message(s);
+        }
+    }
+
+    /// A line on stdout, above the progress bar when there is one.
+    pub fn line(&self, text: &str) {
+        self.bar.suspend(|| println!("{text}"));
+    }
+
+    pub fn finish_progress(&self) {
+        self.bar.finish_and_clear();
     }
 
     pub fn scalar(&mut self, tag: &str, value: f64, step: u64) -> Result<()> {

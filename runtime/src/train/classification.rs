@@ -198,6 +198,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
 
     let started = Instant::now();
     let first_step = state.step;
+    log.start_progress(total_steps as u64, first_step);
     let mut stop = false;
     let mut running = Running::new(tasks.len());
     'epochs: while state.epoch < total_epochs && !stop {
@@ -253,6 +254,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
             running.add(loss_v, &per_task, batch.size);
             let step = state.step;
             log.scalar("train/loss_step", loss_v, step)?;
+            let mut status = None;
             if step.is_multiple_of(t.log_every_batches as u64) || step as usize == total_steps {
                 let avg = running.loss();
                 log.scalar("train/loss", avg, step)?;
@@ -266,9 +268,14 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
                 let steps_per_s =
                     (step - first_step) as f64 / started.elapsed().as_secs_f64().max(1e-9);
                 let gflops = steps_per_s * compiled.flops_per_step as f64 / 1e9;
-                println!("epoch {} step {step}/{total_steps} loss {avg:.4} lr {lr:.2e} grad_norm {grad_norm:.3} ({:.1} samples/s, {gflops:.1} GFLOP/s)", state.epoch + 1, steps_per_s * bs as f64);
+                let samples_per_s = steps_per_s * bs as f64;
+                log.line(&format!("epoch {} step {step}/{total_steps} loss {avg:.4} lr {lr:.2e} grad_norm {grad_norm:.3} ({samples_per_s:.1} samples/s, {gflops:.1} GFLOP/s)", state.epoch + 1));
+                status = Some(format!(
+                    "loss {avg:.4} lr {lr:.2e} {samples_per_s:.1} samples/s"
+                ));
                 running = Running::new(tasks.len());
             }
+            log.step(status);
             stop = milestone(
                 "steps",
                 &ctx,
@@ -308,6 +315,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
             main_steps,
         )?;
     }
+    log.finish_progress();
     if stop {
         println!(
             "early stopping: no improvement in {} evaluations",
@@ -726,11 +734,11 @@ fn evaluate_and_select<B: Backbone>(
     }
     log.scalar("val/selection_score", score, state.step)?;
     log.flush()?;
-    println!(
+    log.line(&format!(
         "eval step {}: {} score {score:.4}",
         state.step,
         m.describe(ctx.tasks)
-    );
+    ));
 
     let t = &ctx.cfg.training;
     let improved = state.best_score.is_none_or(|b| score > b);
