@@ -162,7 +162,6 @@ fn launch_norm(
 const NORM_THREADS: u32 = 1024;
 
 /// y = x̂·w[c] + b[c] over (batch, c channels, n/c positions).
-#[allow(clippy::too_many_arguments)]
 pub fn group_norm_forward(
     (xs, xl): (&CudaStorage, &Layout),
     (ws, wl): (&CudaStorage, &Layout),
