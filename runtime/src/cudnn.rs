@@ -205,7 +205,6 @@ struct Descriptors {
     x: TensorDescriptor<f32>,
     w: FilterDescriptor<f32>,
     y: TensorDescriptor<f32>,
-    y_dims: [usize; 4],
 }
 
 fn descriptors(
@@ -229,20 +228,111 @@ fn descriptors(
     };
     wrap(conv.set_math_type(math))?;
     let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
-    let y_dims = [
-        x[0],
-        w[0],
-        x[2] + 2 * pad[0] + 1 - w[2],
-        x[3] + 2 * pad[1] + 1 - w[3],
-    ];
     Ok(Descriptors {
         conv,
         x: wrap(handle.create_4d_tensor::<f32>(nchw, i(x)))?,
         w: wrap(handle.create_4d_filter::<f32>(nchw, i(w)))?,
-        y: wrap(handle.create_4d_tensor::<f32>(nchw, i(y_dims)))?,
-        y_dims,
+        y: wrap(handle.create_4d_tensor::<f32>(nchw, i(out_dims(x, w, pad))))?,
         tf32,
     })
+}
+
+/// The output dims of the convolution of x with w (stride 1, dilation 1).
+fn out_dims(x: [usize; 4], w: [usize; 4], pad: [usize; 2]) -> [usize; 4] {
+    [
+        x[0],
+        w[0],
+        x[2] + 2 * pad[0] + 1 - w[2],
+        x[3] + 2 * pad[1] + 1 - w[3],
+    ]
+}
+
+/// One cuDNN pass of the convolution of x with w, with its two inputs.
+enum Pass<'a> {
+    /// y from (x, w).
+    Forward {
+        x: CudaView<'a, f32>,
+        w: CudaView<'a, f32>,
+    },
+    /// ∂L/∂x from (∂L/∂y, w).
+    Data {
+        dy: CudaView<'a, f32>,
+        w: CudaView<'a, f32>,
+    },
+    /// ∂L/∂w from (x, ∂L/∂y).
+    Filter {
+        x: CudaView<'a, f32>,
+        dy: CudaView<'a, f32>,
+    },
+}
+
+/// Run `pass` for x of `x_dims` and w of `w_dims` with its tuned algorithm, into a new output
+/// (y, ∂L/∂x or ∂L/∂w).
+fn run_pass(
+    dev: &candle_core::CudaDevice,
+    pass: Pass,
+    x_dims: [usize; 4],
+    w_dims: [usize; 4],
+    pad: [usize; 2],
+) -> Result<CudaSlice<f32>> {
+    let d = descriptors(dev, x_dims, w_dims, pad)?;
+    let key = |name| (name, x_dims, w_dims, pad, d.tf32);
+    let ones = (1f32, 0f32);
+    // SAFETY (each launch): the views and outputs are contiguous f32 NCHW buffers of the
+    // descriptors' shapes, and cuDNN writes every output element (beta = 0).
+    match pass {
+        Pass::Forward { x, w } => {
+            let mut y = output(dev, out_dims(x_dims, w_dims, pad))?;
+            let op = ConvForward {
+                conv: &d.conv,
+                x: &d.x,
+                w: &d.w,
+                y: &d.y,
+            };
+            run_tuned(
+                dev,
+                key("forward"),
+                &FWD_ALGOS,
+                |a| op.get_workspace_size(a),
+                |a, ws| unsafe { op.launch(a, Some(ws), ones, &x, &w, &mut y) },
+            )?;
+            Ok(y)
+        }
+        Pass::Data { dy, w } => {
+            let mut dx = output(dev, x_dims)?;
+            let op = ConvBackwardData {
+                conv: &d.conv,
+                dx: &d.x,
+                w: &d.w,
+                dy: &d.y,
+            };
+            run_tuned(
+                dev,
+                key("backward-data"),
+                &DATA_ALGOS,
+                |a| op.get_workspace_size(a),
+                |a, ws| unsafe { op.launch(a, Some(ws), ones, &mut dx, &w, &dy) },
+            )?;
+            Ok(dx)
+        }
+        Pass::Filter { x, dy } => {
+            let mut dw = output(dev, w_dims)?;
+            let op = ConvBackwardFilter {
+                conv: &d.conv,
+                x: &d.x,
+                dw: &d.w,
+                dy: &d.y,
+            };
+            run_tuned(
+                dev,
+                key("backward-filter"),
+                &FILTER_ALGOS,
+                |a| op.get_workspace_size(a),
+                |a, ws| unsafe { op.launch(a, Some(ws), ones, &x, &mut dw, &dy) },
+            )?;
+            Ok(dw)
+        }
+    }
 }
 
 fn workspace(dev: &candle_core::CudaDevice, bytes: usize) -> Result<CudaSlice<u8>> {
@@ -268,28 +358,13 @@ impl Conv {
         ws: &CudaStorage,
         wl: &Layout,
     ) -> Result<(CudaSlice<f32>, [usize; 4])> {
-        let dev = xs.device();
-        let d = descriptors(dev, dims4(xl)?, dims4(wl)?, self.pad)?;
-        let op = ConvForward {
-            conv: &d.conv,
-            x: &d.x,
-            w: &d.w,
-            y: &d.y,
+        let (x_dims, w_dims) = (dims4(xl)?, dims4(wl)?);
+        let pass = Pass::Forward {
+            x: view(xs, xl)?,
+            w: view(ws, wl)?,
         };
-        let mut y = output(dev, d.y_dims)?;
-        let (x, w) = (view(xs, xl)?, view(ws, wl)?);
-        let key = ("forward", dims4(xl)?, dims4(wl)?, self.pad, d.tf32);
-        run_tuned(
-            dev,
-            key,
-            &FWD_ALGOS,
-            |a| op.get_workspace_size(a),
-            |a, buf| {
-                // SAFETY: the views and buffers match the descriptors' f32 NCHW shapes.
-                unsafe { op.launch(a, Some(buf), (1f32, 0f32), &x, &w, &mut y) }
-            },
-        )?;
-        Ok((y, d.y_dims))
+        let y = run_pass(xs.device(), pass, x_dims, w_dims, self.pad)?;
+        Ok((y, out_dims(x_dims, w_dims, self.pad)))
     }
 
     /// ∂L/∂x (only when something upstream needs it: not for the image) and ∂L/∂w.
@@ -460,30 +535,15 @@ impl CustomOp2 for BackwardData {
         ws: &CudaStorage,
         wl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = dys.device();
-        let d = descriptors(dev, self.x_dims, dims4(wl)?, self.pad)?;
-        let op = ConvBackwardData {
-            conv: &d.conv,
-            dx: &d.x,
-            w: &d.w,
-            dy: &d.y,
+        let pass = Pass::Data {
+            dy: view(dys, dyl)?,
+            w: view(ws, wl)?,
         };
-        let mut dx = output(dev, self.x_dims)?;
-        let (w, dy) = (view(ws, wl)?, view(dys, dyl)?);
-        let key = ("backward-data", self.x_dims, dims4(wl)?, self.pad, d.tf32);
-        run_tuned(
-            dev,
-            key,
-            &DATA_ALGOS,
-            |a| op.get_workspace_size(a),
-            |a, buf| {
-                // SAFETY: as in the forward.
-                unsafe { op.launch(a, Some(buf), (1f32, 0f32), &mut dx, &w, &dy) }
-            },
-        )?;
+        let dx = run_pass(dys.device(), pass, self.x_dims, dims4(wl)?, self.pad)?;
+        let shape = Shape::from(self.x_dims.to_vec());
         Ok((
-            CudaStorage::wrap_cuda_slice(dx, dev.clone()),
-            Shape::from(self.x_dims.to_vec()),
+            CudaStorage::wrap_cuda_slice(dx, dys.device().clone()),
+            shape,
         ))
     }
 }
@@ -510,30 +570,12 @@ impl CustomOp2 for BackwardFilter {
         dys: &CudaStorage,
         dyl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = xs.device();
-        let d = descriptors(dev, dims4(xl)?, self.w_dims, self.pad)?;
-        let op = ConvBackwardFilter {
-            conv: &d.conv,
-            x: &d.x,
-            dw: &d.w,
-            dy: &d.y,
+        let pass = Pass::Filter {
+            x: view(xs, xl)?,
+            dy: view(dys, dyl)?,
         };
-        let mut dw = output(dev, self.w_dims)?;
-        let (x, dy) = (view(xs, xl)?, view(dys, dyl)?);
-        let key = ("backward-filter", dims4(xl)?, self.w_dims, self.pad, d.tf32);
-        run_tuned(
-            dev,
-            key,
-            &FILTER_ALGOS,
-            |a| op.get_workspace_size(a),
-            |a, buf| {
-                // SAFETY: as in the forward.
-                unsafe { op.launch(a, Some(buf), (1f32, 0f32), &x, &mut dw, &dy) }
-            },
-        )?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(dw, dev.clone()),
-            Shape::from(self.w_dims.to_vec()),
-        ))
+        let dw = run_pass(xs.device(), pass, dims4(xl)?, self.w_dims, self.pad)?;
+        let shape = Shape::from(self.w_dims.to_vec());
+        Ok((CudaStorage::wrap_cuda_slice(dw, xs.device().clone()), shape))
     }
 }

@@ -28,7 +28,7 @@ use crate::data::{read_split, Loader, Split};
 use crate::log::Logger;
 use crate::models::{Backbone, Classifier};
 use crate::nn::{Mode, Params};
-use crate::optim::{lr_factor, Optimizer};
+use crate::optim::{lr_factor, GradNorm, Optimizer};
 use crate::tasks::{TaskKind, TaskSpec};
 
 /// Entry point of a generated classification trainer.
@@ -227,10 +227,6 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
                 t.seed
                     .wrapping_add(state.step.wrapping_mul(0x2545_f491_4f6c_dd1d)),
             );
-            let outputs = model.forward(&x, &mut mode)?;
-            let (loss, per_task) = ctx.loss(&outputs, &batch.targets, t.label_smoothing)?;
-            let mut grads = loss.backward()?;
-
             let base = cfg.optimizer.learning_rate;
             let s = state.step as usize;
             let lr = if s < main_steps {
@@ -244,10 +240,18 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
                     anneal,
                 )
             };
-            let grad_norm = opt.step(&mut grads, lr, t.clip_grad_norm)?;
+            let (loss_v, per_task, grad_norm) = train_step(
+                &ctx,
+                &model,
+                &mut opt,
+                &x,
+                &batch.targets,
+                &mut mode,
+                lr,
+                None,
+            )?;
             state.step += 1;
             state.batch_in_epoch += 1;
-            let (loss_v, per_task) = read_losses(&loss, &per_task)?;
             if !loss_v.is_finite() {
                 bail!("the loss became {loss_v} at step {}; lower `optimizer.learning_rate` or enable `clip_grad_norm`", state.step);
             }
@@ -441,23 +445,20 @@ fn benchmark<B: Backbone>(
         })
         .collect();
     let lr = cfg.optimizer.learning_rate;
-    let mut step = |i: usize| -> Result<f64> {
+    let mut step = |i: usize, timing: Option<&mut [f64; 3]>| -> Result<f64> {
         let mut mode = Mode::train(t.seed.wrapping_add(i as u64));
-        let outputs = model.forward(&x, &mut mode)?;
-        let (loss, per_task) = ctx.loss(&outputs, &targets, t.label_smoothing)?;
-        let mut grads = loss.backward()?;
-        opt.step(&mut grads, lr, t.clip_grad_norm)?;
-        Ok(read_losses(&loss, &per_task)?.0)
+        let out = train_step(&ctx, &model, &mut opt, &x, &targets, &mut mode, lr, timing)?;
+        Ok(out.0)
     };
     const WARMUP: usize = 3;
     for i in 0..WARMUP {
-        step(i)?;
+        step(i, None)?;
     }
     device.synchronize()?;
     let started = Instant::now();
     let mut last = 0.0;
     for i in 0..steps {
-        last = step(WARMUP + i)?;
+        last = step(WARMUP + i, None)?;
     }
     device.synchronize()?;
     let secs = started.elapsed().as_secs_f64();
@@ -465,22 +466,9 @@ fn benchmark<B: Backbone>(
     // Where a step goes: three more steps, waiting for the device after each phase.
     let mut phases = [0f64; 3];
     for i in 0..3 {
-        let mut mode = Mode::train(t.seed.wrapping_add((WARMUP + steps + i) as u64));
-        let t0 = Instant::now();
-        let outputs = model.forward(&x, &mut mode)?;
-        let (loss, per_task) = ctx.loss(&outputs, &targets, t.label_smoothing)?;
-        device.synchronize()?;
-        let t1 = Instant::now();
-        let mut grads = loss.backward()?;
-        device.synchronize()?;
-        let t2 = Instant::now();
-        opt.step(&mut grads, lr, t.clip_grad_norm)?;
-        read_losses(&loss, &per_task)?;
-        let t3 = Instant::now();
-        for (p, d) in phases.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2]) {
-            *p += d.as_secs_f64() * 1e3 / 3.0;
-        }
+        step(WARMUP + steps + i, Some(&mut phases))?;
     }
+    let phases = phases.map(|ms| ms / 3.0);
     println!(
         "per step: forward + loss {:.1} ms, backward {:.1} ms, optimizer {:.1} ms",
         phases[0], phases[1], phases[2]
@@ -493,6 +481,41 @@ fn benchmark<B: Backbone>(
         compiled.flops_per_step as f64 / 1e9,
     );
     Ok(())
+}
+
+/// One optimizer step: forward, weighted task losses, backward, clipped update, then one read of
+/// the losses (total and per task) to the host. With `timing` (`--benchmark`) it waits for the
+/// device after each phase and adds the forward + loss, backward and update times (ms) to it.
+#[allow(clippy::too_many_arguments)]
+fn train_step<B: Backbone>(
+    ctx: &Ctx,
+    model: &Classifier<B>,
+    opt: &mut Optimizer,
+    x: &Tensor,
+    targets: &[Vec<f32>],
+    mode: &mut Mode,
+    lr: f64,
+    mut timing: Option<&mut [f64; 3]>,
+) -> Result<(f64, Vec<f64>, GradNorm)> {
+    let t = &ctx.cfg.training;
+    let mut lap = Instant::now();
+    let mut phase_done = |i: usize| -> Result<()> {
+        if let Some(times) = timing.as_deref_mut() {
+            ctx.device.synchronize()?;
+            times[i] += lap.elapsed().as_secs_f64() * 1e3;
+            lap = Instant::now();
+        }
+        Ok(())
+    };
+    let outputs = model.forward(x, mode)?;
+    let (loss, per_task) = ctx.loss(&outputs, targets, t.label_smoothing)?;
+    phase_done(0)?;
+    let mut grads = loss.backward()?;
+    phase_done(1)?;
+    let grad_norm = opt.step(&mut grads, lr, t.clip_grad_norm)?;
+    let (loss_v, per_task) = read_losses(&loss, &per_task)?;
+    phase_done(2)?;
+    Ok((loss_v, per_task, grad_norm))
 }
 
 /// What the step and evaluation code needs, bundled.
