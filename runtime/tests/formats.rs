@@ -56,7 +56,10 @@ fn check(file: &str, stem: &str) -> signal::Picked {
             .zip(w)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max);
-        assert_eq!(worst, 0.0, "{file}: channel {c} differs from MNE by {worst} V");
+        assert_eq!(
+            worst, 0.0,
+            "{file}: channel {c} differs from MNE by {worst} V"
+        );
     }
     // Picks in any order read the same values.
     let picks = [2, 0];
@@ -90,7 +93,10 @@ fn mat_file_values() {
     );
     let locs = eeg.field("chanlocs").unwrap();
     assert_eq!(locs.len(), 5);
-    assert_eq!(locs.field_of(4, "labels").and_then(mat::Value::text), Some("Cz"));
+    assert_eq!(
+        locs.field_of(4, "labels").and_then(mat::Value::text),
+        Some("Cz")
+    );
     assert!(eeg.field("event").unwrap().is_empty());
     // 1000/500 ms steps: a numeric row vector survives intact.
     match eeg.field("times").unwrap() {
@@ -137,7 +143,11 @@ fn neuroscan_writer_round_trip() {
         })
         .collect();
     let raw: Vec<Vec<i32>> = (0..3)
-        .map(|c| (0..250).map(|t| (t * 37 + c * 1000) % 5000 - 2500).collect())
+        .map(|c| {
+            (0..250)
+                .map(|t| (t * 37 + c * 1000) % 5000 - 2500)
+                .collect()
+        })
         .collect();
     for width in [2, 4] {
         cnt::write(&path, 1000, &electrodes, &raw, width).unwrap();
@@ -166,7 +176,10 @@ fn corrupt_and_truncated_files_are_errors_naming_the_file_and_offset() {
     // A .set cut inside its first variable.
     let p = cut("eeglab_fields.set", 600);
     let e = format!("{:#}", signal::read_picks(&p, &[0]).unwrap_err());
-    assert!(e.contains("eeglab_fields.set") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("eeglab_fields.set") && e.contains("truncated"),
+        "{e}"
+    );
     assert!(e.contains("at byte 128"), "{e}");
     // A compressed .set whose stream is damaged.
     let mut bytes = std::fs::read(fixture("eeglab_struct.set")).unwrap();
@@ -183,7 +196,10 @@ fn corrupt_and_truncated_files_are_errors_naming_the_file_and_offset() {
         "{:#}",
         signal::read_picks(&dir.path().join("alone.set"), &[0]).unwrap_err()
     );
-    assert!(e.contains("eeglab_struct.fdt") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("eeglab_struct.fdt") && e.contains("missing"),
+        "{e}"
+    );
     // Not a MAT-file at all, and an HDF5 (v7.3) one.
     let p = dir.path().join("text.set");
     std::fs::write(&p, vec![b'x'; 200]).unwrap();
@@ -197,7 +213,10 @@ fn corrupt_and_truncated_files_are_errors_naming_the_file_and_offset() {
     // A .cnt cut in its header, in its electrode records, and in its samples.
     let p = cut("neuroscan_int32.cnt", 380);
     let e = format!("{:#}", signal::read_picks(&p, &[0]).unwrap_err());
-    assert!(e.contains("neuroscan_int32.cnt") && e.contains("`number of samples` needs bytes 864..868"), "{e}");
+    assert!(
+        e.contains("neuroscan_int32.cnt") && e.contains("`number of samples` needs bytes 864..868"),
+        "{e}"
+    );
     let p = cut("neuroscan_int32.cnt", 1000);
     let e = format!("{:#}", signal::read_picks(&p, &[0]).unwrap_err());
     assert!(e.contains("electrode records need bytes 900..1500"), "{e}");

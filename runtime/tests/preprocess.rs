@@ -120,7 +120,7 @@ fn math_layout_becomes_the_reference_dataset() {
     assert_eq!(summary.skipped.len(), 1);
     assert!(
         summary.skipped[0].0.ends_with("Subject10_1.edf")
-            && summary.skipped[0].1.contains("shorter than one window"),
+            && summary.skipped[0].1.contains("no window fits"),
         "{:?}",
         summary.skipped
     );

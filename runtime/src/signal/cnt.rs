@@ -83,7 +83,8 @@ pub fn read_header(path: &Path) -> Result<Header> {
         bail!("{p}: the header (byte {RATE_AT}) declares a sampling rate of 0 Hz");
     }
     let header_samples = i32::from_le_bytes(field(&setup, SAMPLES_AT, path, "number of samples")?);
-    let event_table = i32::from_le_bytes(field(&setup, EVENT_TABLE_AT, path, "event table position")?);
+    let event_table =
+        i32::from_le_bytes(field(&setup, EVENT_TABLE_AT, path, "event table position")?);
     let channel_offset_raw =
         i32::from_le_bytes(field(&setup, CHANNEL_OFFSET_AT, path, "channel offset")?);
     let data_start = SETUP_BYTES + ELECTRODE_BYTES * n;
@@ -170,7 +171,8 @@ impl Header {
         if let Some(&bad) = picks.iter().find(|&&c| c >= n) {
             bail!("{p}: has {n} channels; channel index {bad} was asked for");
         }
-        let mut file = std::fs::File::open(&self.path).with_context(|| format!("cannot read {p}"))?;
+        let mut file =
+            std::fs::File::open(&self.path).with_context(|| format!("cannot read {p}"))?;
         let start = SETUP_BYTES + ELECTRODE_BYTES * n;
         file.seek(SeekFrom::Start(start as u64))?;
         let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
@@ -197,7 +199,9 @@ impl Header {
                     let i = (c * block + s) * self.width;
                     let raw = match self.width {
                         2 => i16::from_le_bytes([chunk[i], chunk[i + 1]]) as f64,
-                        _ => i32::from_le_bytes(chunk[i..i + 4].try_into().expect("4 bytes")) as f64,
+                        _ => {
+                            i32::from_le_bytes(chunk[i..i + 4].try_into().expect("4 bytes")) as f64
+                        }
                     };
                     o.push((raw - baseline) * cal);
                 }

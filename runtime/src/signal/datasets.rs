@@ -1,9 +1,17 @@
 //! Raw dataset layouts: which files are recordings, which subject each belongs to, its labels,
 //! and which 20 channels to take. Each adapter turns a raw directory into [`Subject`]s.
 //!
-//! Implemented: `math` (PhysioNet EEG during mental arithmetic, "eegmat": EDF at 500 Hz).
-//! `parkinsons` (EEGLAB), `seed` (Neuroscan CNT) and `longitudinal` need readers or layout
-//! details that are not built yet and are refused with a message.
+//! | dataset | layout | format, rate |
+//! |---|---|---|
+//! | `math` (PhysioNet eegmat) | `raw_eeg/Subject{NN}_{state}.edf`, `raw_eeg/subject-info.csv` | EDF, 500 Hz |
+//! | `parkinsons` (OpenNeuro ds004584) | `sub-XXX/eeg/*eeg.set`, `participants.tsv` | EEGLAB, 500 Hz |
+//! | `seed` (SEED-V) | `EEG_raw/{subject}_{session}_{date}.cnt`, `participants_info.csv` | Neuroscan, 1000 Hz |
+//! | `longitudinal` (Dortmund Vital Study, BIDS) | `sub-XXX/ses-{1,2}/eeg/sub-XXX_ses-N_task-EyesOpen_acq-{pre,post}_eeg.edf`, `participants.tsv`, `sub-XXX/sub-XXX_sessions.tsv` | EDF, 1000 Hz |
+//!
+//! Labels, column order and file names follow the reference (data.md §2.3, §3.6). Where the
+//! reference finds a subject's row by position, here it is found by its id (math, parkinsons),
+//! and a missing or unreadable gender or age is written empty with a warning instead of
+//! silently becoming "M" or 0 (the trainer then refuses or masks it; never a wrong label).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,19 +49,116 @@ pub const MATH_CHANNELS: ChannelMap = ChannelMap {
     ],
 };
 
-/// One raw file to cut into windows, with the metadata every window of it carries.
+pub const PARKINSONS_CHANNELS: ChannelMap = ChannelMap {
+    rows: [
+        ("Fp1", 0),
+        ("Fp2", 30),
+        ("F3", 2),
+        ("F4", 28),
+        ("Fz", 1),
+        ("F7", 3),
+        ("F8", 29),
+        ("C3", 7),
+        ("C4", 23),
+        ("Cz", 22),
+        ("P3", 12),
+        ("P4", 17),
+        ("Pz", 51),
+        ("O1", 14),
+        ("O2", 16),
+        ("T7", 8),
+        ("T8", 24),
+        ("TP7", 40),
+        ("TP8", 53),
+        ("TP10", 19),
+    ],
+};
+
+pub const SEED_CHANNELS: ChannelMap = ChannelMap {
+    rows: [
+        ("FP1", 0),
+        ("FP2", 2),
+        ("F3", 7),
+        ("F4", 11),
+        ("FZ", 9),
+        ("F7", 5),
+        ("F8", 13),
+        ("C3", 25),
+        ("C4", 29),
+        ("CZ", 27),
+        ("P3", 45),
+        ("P4", 49),
+        ("PZ", 47),
+        ("O1", 60),
+        ("O2", 62),
+        ("T7", 23),
+        ("T8", 31),
+        ("TP7", 33),
+        ("TP8", 41),
+        ("P8", 51),
+    ],
+};
+
+pub const LONGITUDINAL_CHANNELS: ChannelMap = ChannelMap {
+    rows: [
+        ("Fp1", 0),
+        ("Fp2", 1),
+        ("F3", 3),
+        ("F4", 5),
+        ("Fz", 4),
+        ("F7", 2),
+        ("F8", 6),
+        ("C3", 12),
+        ("C4", 14),
+        ("Cz", 13),
+        ("P3", 23),
+        ("P4", 25),
+        ("Pz", 24),
+        ("O1", 28),
+        ("O2", 30),
+        ("T7", 11),
+        ("T8", 15),
+        ("TP7", 50),
+        ("TP8", 54),
+        ("TP10", 21),
+    ],
+};
+
+/// How the windows of a piece of recording are named (the reference's file names).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Naming {
+    /// `<subject>/spectrogram-{k}.png` / `<subject>/timeseries-{k}.npy`, k counting windows
+    /// across the subject's recordings (parkinsons, longitudinal).
+    Counter,
+    /// math: spectrograms as `Counter`; time series `{dir}/timeseries-{i}.npy` (`Subject{NN}/
+    /// state-{s}`), i counting the recording's windows.
+    MathState { dir: String },
+    /// seed: `<subject>/spectrogram-{tag}-{block}.png` / `timeseries-{tag}-{block}.npy` with
+    /// tag `s{session+1}-t{trial}`, block counting the trial's windows.
+    Trial { tag: String },
+}
+
+/// A stretch of a recording whose windows share labels: the whole recording, or a SEED trial.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    /// `[start, end)` in seconds (cut as `int(seconds · 125)` samples after decimation, as the
+    /// reference does); `None` for the whole recording.
+    pub seconds: Option<(f64, f64)>,
+    /// (column, value) in the reference's column order.
+    pub metadata: Vec<(String, String)>,
+    pub naming: Naming,
+}
+
+/// One raw file to cut into windows.
 #[derive(Debug, Clone)]
 pub struct Recording {
     pub path: PathBuf,
-    /// (column, value) in the reference's column order.
-    pub metadata: Vec<(String, String)>,
-    /// Where its time-series windows go under the split (math: `Subject{NN}/state-{s}`).
-    pub timeseries_dir: String,
+    pub segments: Vec<Segment>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Subject {
-    /// Directory name under each split (`sub00`).
+    /// Directory name under each split (`sub00`, `sub-001`).
     pub dir: String,
     pub recordings: Vec<Recording>,
 }
@@ -63,31 +168,197 @@ pub struct Adapter {
     pub name: &'static str,
     pub native_rate: f64,
     pub channels: &'static ChannelMap,
+    /// The hop of the spectrogram is the smallest multiple of this that fits the strips
+    /// (8 for seed, 4 for the others, as the reference's per-dataset `_derive_hop_length`).
+    pub hop_step: usize,
 }
 
 pub fn adapter(name: &str) -> Result<Adapter> {
-    match name {
-        "math" => Ok(Adapter {
-            name: "math",
-            native_rate: 500.0,
-            channels: &MATH_CHANNELS,
-        }),
-        "parkinsons" => {
-            bail!("dataset `parkinsons` needs the EEGLAB .set reader, which is not built yet")
-        }
-        "seed" => bail!("dataset `seed` needs the Neuroscan .cnt reader, which is not built yet"),
-        "longitudinal" => bail!("dataset `longitudinal` (BIDS sessions) is not built yet"),
+    let (native_rate, channels, hop_step): (f64, &'static ChannelMap, usize) = match name {
+        "math" => (500.0, &MATH_CHANNELS, 4),
+        "parkinsons" => (500.0, &PARKINSONS_CHANNELS, 4),
+        "seed" => (1000.0, &SEED_CHANNELS, 8),
+        "longitudinal" => (1000.0, &LONGITUDINAL_CHANNELS, 4),
         other => bail!(
             "unknown dataset `{other}`: the datasets are math, parkinsons, seed and longitudinal"
         ),
-    }
+    };
+    let name = ["math", "parkinsons", "seed", "longitudinal"]
+        .into_iter()
+        .find(|n| *n == name)
+        .expect("matched above");
+    Ok(Adapter {
+        name,
+        native_rate,
+        channels,
+        hop_step,
+    })
 }
 
 impl Adapter {
-    /// The subjects found under `root`, sorted, with their recordings and labels.
-    pub fn subjects(&self, root: &Path, include_math_trials: bool) -> Result<Vec<Subject>> {
-        math_subjects(root, include_math_trials)
+    /// The subjects found under `root`, sorted, with their recordings and labels, and warnings
+    /// about their metadata.
+    pub fn subjects(
+        &self,
+        root: &Path,
+        include_math_trials: bool,
+    ) -> Result<(Vec<Subject>, Vec<String>)> {
+        let mut warnings = vec![];
+        let subjects = match self.name {
+            "math" => math_subjects(root, include_math_trials)?,
+            "parkinsons" => parkinsons_subjects(root, &mut warnings)?,
+            "seed" => seed_subjects(root, &mut warnings)?,
+            _ => longitudinal_subjects(root, &mut warnings)?,
+        };
+        if subjects.is_empty() {
+            bail!(
+                "{}: no {} recordings found (expected {})",
+                root.display(),
+                self.name,
+                match self.name {
+                    "math" => "raw_eeg/Subject{NN}_1.edf",
+                    "parkinsons" => "sub-XXX/eeg/*eeg.set",
+                    "seed" => "EEG_raw/{subject}_{session}_{date}.cnt",
+                    _ => "sub-XXX/ses-N/eeg/sub-XXX_ses-N_task-EyesOpen_acq-{pre,post}_eeg.edf",
+                }
+            );
+        }
+        Ok((subjects, warnings))
     }
+}
+
+/// A CSV or TSV table with its header, read whole; columns are found case-insensitively.
+struct Table {
+    path: PathBuf,
+    headers: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn read(path: &Path, what: &str) -> Result<Table> {
+        let tsv = path.extension().is_some_and(|e| e == "tsv");
+        let mut rdr = csv::ReaderBuilder::new()
+            .delimiter(if tsv { b'\t' } else { b',' })
+            .flexible(true)
+            .from_path(path)
+            .with_context(|| format!("cannot read {} ({what})", path.display()))?;
+        let headers = rdr
+            .headers()
+            .with_context(|| format!("{}: no header row", path.display()))?
+            .iter()
+            .map(|h| h.trim().to_string())
+            .collect();
+        let rows = rdr
+            .records()
+            .enumerate()
+            .map(|(i, r)| {
+                r.map(|r| r.iter().map(|v| v.trim().to_string()).collect())
+                    .with_context(|| format!("{}: row {}", path.display(), i + 2))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Table {
+            path: path.to_path_buf(),
+            headers,
+            rows,
+        })
+    }
+
+    fn column(&self, name: &str) -> Option<usize> {
+        self.headers
+            .iter()
+            .position(|h| h.eq_ignore_ascii_case(name))
+    }
+
+    fn require(&self, name: &str) -> Result<usize> {
+        self.column(name).with_context(|| {
+            format!(
+                "{}: no `{name}` column (it has: {})",
+                self.path.display(),
+                self.headers.join(", ")
+            )
+        })
+    }
+
+    /// The value in `row` of the column `name`; empty when the column or the cell is missing
+    /// or holds `n/a`/`NaN` (BIDS and pandas spellings of nothing).
+    fn get(&self, row: usize, name: &str) -> String {
+        let v = self
+            .column(name)
+            .and_then(|c| self.rows.get(row)?.get(c))
+            .map(String::as_str)
+            .unwrap_or("");
+        if ["n/a", "na", "nan", "none"].contains(&v.to_ascii_lowercase().as_str()) {
+            String::new()
+        } else {
+            v.to_string()
+        }
+    }
+
+    /// The row whose `column` equals `id`.
+    fn find(&self, column: &str, id: &str) -> Result<Option<usize>> {
+        let c = self.require(column)?;
+        Ok(self
+            .rows
+            .iter()
+            .position(|r| r.get(c).is_some_and(|v| v == id)))
+    }
+}
+
+/// "F"/"M" as the reference writes them; empty (with a warning) when the value says neither,
+/// where the reference would silently write "M".
+fn gender(value: &str, whose: &str, warnings: &mut Vec<String>) -> String {
+    match value.to_ascii_lowercase().as_str() {
+        "f" | "female" | "1" | "true" => "F".into(),
+        "m" | "male" | "0" | "false" => "M".into(),
+        other => {
+            warnings.push(format!(
+                "{whose}: gender `{other}` is neither F nor M; written empty (the reference wrote M)"
+            ));
+            String::new()
+        }
+    }
+}
+
+/// A whole-year age as the reference writes it (`int(float)`); empty (with a warning) when
+/// missing, where the reference wrote 0.
+fn age(value: &str, whose: &str, warnings: &mut Vec<String>) -> String {
+    match value.parse::<f64>() {
+        Ok(a) if a.is_finite() && a >= 0.0 => (a.trunc() as i64).to_string(),
+        _ => {
+            warnings.push(format!(
+                "{whose}: age `{value}` is not a number; written empty (the reference wrote 0)"
+            ));
+            String::new()
+        }
+    }
+}
+
+/// Sorted subdirectories of `root` whose names start with `prefix`.
+fn subject_dirs(root: &Path, prefix: &str) -> Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .with_context(|| format!("cannot list {}", root.display()))?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn whole(metadata: Vec<(String, String)>, naming: Naming) -> Vec<Segment> {
+    vec![Segment {
+        seconds: None,
+        metadata,
+        naming,
+    }]
+}
+
+fn kv(pairs: &[(&str, String)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }
 
 /// eegmat: `<root>/raw_eeg/Subject{NN}_{state}.edf` (state 1 = background, 2 = arithmetic) and
@@ -157,20 +428,21 @@ fn math_subjects(root: &Path, include_math_trials: bool) -> Result<Vec<Subject>>
                 let doingmath = s == 2;
                 Recording {
                     path: raw.join(format!("{name}_{s}.edf")),
-                    metadata: vec![
-                        ("state".into(), s.to_string()),
-                        ("gender".into(), gender.clone()),
-                        (
-                            "doingmath".into(),
-                            if doingmath { "True" } else { "False" }.into(),
-                        ),
-                        ("age".into(), age.clone()),
-                        (
-                            "math_condition".into(),
-                            (2 * usize::from(doingmath) + usize::from(female)).to_string(),
-                        ),
-                    ],
-                    timeseries_dir: format!("{name}/state-{s}"),
+                    segments: whole(
+                        kv(&[
+                            ("state", s.to_string()),
+                            ("gender", gender.clone()),
+                            ("doingmath", if doingmath { "True" } else { "False" }.into()),
+                            ("age", age.clone()),
+                            (
+                                "math_condition",
+                                (2 * usize::from(doingmath) + usize::from(female)).to_string(),
+                            ),
+                        ]),
+                        Naming::MathState {
+                            dir: format!("{name}/state-{s}"),
+                        },
+                    ),
                 }
             })
             .collect();
@@ -179,11 +451,274 @@ fn math_subjects(root: &Path, include_math_trials: bool) -> Result<Vec<Subject>>
             recordings,
         });
     }
-    if subjects.is_empty() {
-        bail!(
-            "{}: no `Subject{{NN}}_1.edf` recordings found",
-            raw.display()
+    Ok(subjects)
+}
+
+/// ds004584: `<root>/sub-XXX/eeg/*eeg.set` (the first in name order; subjects without one are
+/// left out, as the reference does) and `<root>/participants.tsv` (`participant_id`, `GENDER`,
+/// `AGE`, `GROUP`). Health is PD when GROUP is PD/PARKINSONS/1/TRUE, else H.
+///
+/// Fixed on purpose: the reference reads row `XXX − 1` of participants.tsv (right only while the
+/// rows are complete and in order); here the row is found by `participant_id`.
+fn parkinsons_subjects(root: &Path, warnings: &mut Vec<String>) -> Result<Vec<Subject>> {
+    let table = Table::read(
+        &root.join("participants.tsv"),
+        "the parkinsons subject table",
+    )?;
+    let mut subjects = vec![];
+    for dir in subject_dirs(root, "sub")? {
+        let eeg = root.join(&dir).join("eeg");
+        let mut sets: Vec<PathBuf> = std::fs::read_dir(&eeg)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.ends_with("eeg.set"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        sets.sort();
+        let Some(set) = sets.into_iter().next() else {
+            continue;
+        };
+        let row = table
+            .find("participant_id", &dir)?
+            .with_context(|| format!("{}: no row for `{dir}`", table.path.display()))?;
+        let whose = format!("{} ({dir})", table.path.display());
+        let gender = gender(&table.get(row, "GENDER"), &whose, warnings);
+        let pd = matches!(
+            table.get(row, "GROUP").to_ascii_uppercase().as_str(),
+            "PD" | "PARKINSONS" | "1" | "TRUE"
         );
+        let condition = 2 * usize::from(pd) + usize::from(gender == "F");
+        subjects.push(Subject {
+            dir: dir.clone(),
+            recordings: vec![Recording {
+                path: set,
+                segments: whole(
+                    kv(&[
+                        ("gender", gender),
+                        ("health", if pd { "PD" } else { "H" }.into()),
+                        ("age", age(&table.get(row, "AGE"), &whose, warnings)),
+                        ("parkinsons_condition", condition.to_string()),
+                    ]),
+                    Naming::Counter,
+                ),
+            }],
+        });
+    }
+    Ok(subjects)
+}
+
+/// SEED-V's emotion of each trial, per session (0 disgust, 1 fear, 2 sad, 3 neutral, 4 happy),
+/// and the trials' start and end seconds, as the reference hard-codes them.
+const SEED_EMOTIONS: [[usize; 15]; 3] = [
+    [4, 1, 3, 2, 0, 4, 1, 3, 2, 0, 4, 1, 3, 2, 0],
+    [2, 1, 3, 0, 4, 4, 0, 3, 2, 1, 3, 4, 1, 2, 0],
+    [2, 1, 3, 0, 4, 4, 0, 3, 2, 1, 3, 4, 1, 2, 0],
+];
+const SEED_EMOTION_NAMES: [&str; 5] = ["disgust", "fear", "sad", "neutral", "happy"];
+const SEED_START: [[u32; 15]; 3] = [
+    [
+        30, 132, 287, 555, 773, 982, 1271, 1628, 1730, 2025, 2227, 2435, 2667, 2932, 3204,
+    ],
+    [
+        30, 299, 548, 646, 836, 1000, 1091, 1392, 1657, 1809, 1966, 2186, 2333, 2490, 2741,
+    ],
+    [
+        30, 353, 478, 674, 825, 908, 1200, 1346, 1451, 1711, 2055, 2307, 2457, 2726, 2888,
+    ],
+];
+const SEED_END: [[u32; 15]; 3] = [
+    [
+        102, 228, 524, 742, 920, 1240, 1568, 1697, 1994, 2166, 2401, 2607, 2901, 3172, 3359,
+    ],
+    [
+        267, 488, 614, 773, 967, 1059, 1331, 1622, 1777, 1908, 2153, 2302, 2428, 2709, 2817,
+    ],
+    [
+        321, 418, 643, 764, 877, 1147, 1284, 1418, 1679, 1996, 2275, 2425, 2664, 2857, 3066,
+    ],
+];
+
+/// SEED-V: `<root>/EEG_raw/{subject}_{session}_{date}.cnt` (sessions 1–3) and
+/// `<root>/participants_info.csv` (`Sex`, `Age`; row `subject − 1`, as the reference reads it:
+/// the table has no id column). Each session's 15 trials are cut by the hard-coded tables and
+/// windowed separately; trials shorter than a window give nothing.
+fn seed_subjects(root: &Path, warnings: &mut Vec<String>) -> Result<Vec<Subject>> {
+    let raw = root.join("EEG_raw");
+    let table = Table::read(&root.join("participants_info.csv"), "SEED's subject table")?;
+    let mut sessions: BTreeMap<u32, Vec<(usize, PathBuf)>> = BTreeMap::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&raw)
+        .with_context(|| format!("cannot list {}", raw.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cnt"))
+        .collect();
+    files.sort();
+    for path in files {
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        let mut parts = stem.split('_');
+        let (Some(subject), Some(session)) = (parts.next(), parts.next()) else {
+            continue; // the reference skips names without `_`
+        };
+        let parsed = subject
+            .parse::<u32>()
+            .ok()
+            .zip(session.parse::<usize>().ok());
+        let Some((subject, session)) = parsed.filter(|(_, s)| (1..=3).contains(s)) else {
+            bail!(
+                "{}: a SEED file name is {{subject}}_{{session 1-3}}_{{date}}.cnt",
+                path.display()
+            );
+        };
+        sessions
+            .entry(subject)
+            .or_default()
+            .push((session - 1, path));
+    }
+    let mut subjects = vec![];
+    for (number, files) in sessions {
+        let dir = format!("sub-{number:02}");
+        let row = (number as usize)
+            .checked_sub(1)
+            .filter(|&r| r < table.rows.len());
+        let whose = format!("{} (row {} for {dir})", table.path.display(), number);
+        let (gender, age) = match row {
+            Some(r) => (
+                gender(&table.get(r, "Sex"), &whose, warnings),
+                age(&table.get(r, "Age"), &whose, warnings),
+            ),
+            None => bail!(
+                "{}: has {} rows; subject {number} reads row {number}",
+                table.path.display(),
+                table.rows.len()
+            ),
+        };
+        let female = usize::from(gender == "F");
+        let recordings = files
+            .into_iter()
+            .map(|(session, path)| Recording {
+                path,
+                segments: (0..15)
+                    .map(|trial| {
+                        let emotion = SEED_EMOTIONS[session][trial];
+                        Segment {
+                            seconds: Some((
+                                SEED_START[session][trial] as f64,
+                                SEED_END[session][trial] as f64,
+                            )),
+                            metadata: kv(&[
+                                ("session", session.to_string()),
+                                ("trial", trial.to_string()),
+                                ("gender", gender.clone()),
+                                ("health", "H".into()),
+                                ("age", age.clone()),
+                                ("emotion_id", emotion.to_string()),
+                                ("emotion", emotion.to_string()),
+                                ("emotion_label", SEED_EMOTION_NAMES[emotion].into()),
+                                ("seed_condition", (2 * emotion + female).to_string()),
+                            ]),
+                            naming: Naming::Trial {
+                                tag: format!("s{}-t{trial}", session + 1),
+                            },
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        subjects.push(Subject { dir, recordings });
+    }
+    Ok(subjects)
+}
+
+/// Dortmund Vital Study (BIDS): `<root>/participants.tsv` (`participant_id`, `sex`, `age` at
+/// session 1, `handedness`, `session1`/`session2` = yes/no), `sub-XXX/sub-XXX_sessions.tsv`
+/// (`session_id`, `recording_year`), and the EyesOpen recordings before (`pre`) and after
+/// (`post`) the cognitive tasks of each session held. The session-2 age is the baseline plus
+/// the years between the sessions' recordings, or plus 5 when a year is unknown (with a
+/// warning, as the reference logs). A missing recording file is left out.
+fn longitudinal_subjects(root: &Path, warnings: &mut Vec<String>) -> Result<Vec<Subject>> {
+    let table = Table::read(
+        &root.join("participants.tsv"),
+        "the longitudinal subject table",
+    )?;
+    let mut subjects = vec![];
+    for dir in subject_dirs(root, "sub-")? {
+        let row = table.find("participant_id", &dir)?.with_context(|| {
+            format!(
+                "{}: no row for `{dir}` (the reference stops here too)",
+                table.path.display()
+            )
+        })?;
+        let whose = format!("{} ({dir})", table.path.display());
+        let gender = gender(&table.get(row, "sex"), &whose, warnings);
+        let baseline = age(&table.get(row, "age"), &whose, warnings);
+        let handedness = match table.column("handedness") {
+            None => "right".to_string(), // the reference's default for a missing column
+            Some(_) => table.get(row, "handedness"),
+        };
+        let sessions_path = root.join(&dir).join(format!("{dir}_sessions.tsv"));
+        let years = if sessions_path.exists() {
+            Some(Table::read(&sessions_path, "the subject's session table")?)
+        } else {
+            None
+        };
+        let year = |session: &str| -> Option<i64> {
+            let t = years.as_ref()?;
+            let r = t.find("session_id", session).ok()??;
+            t.get(r, "recording_year")
+                .parse::<f64>()
+                .ok()
+                .map(|y| y as i64)
+        };
+        let mut recordings = vec![];
+        for (n, flag) in [(1, "session1"), (2, "session2")] {
+            if !table.get(row, flag).eq_ignore_ascii_case("yes") {
+                continue;
+            }
+            let session = format!("ses-{n}");
+            let age = match (n, baseline.parse::<i64>()) {
+                (1, _) | (_, Err(_)) => baseline.clone(),
+                (_, Ok(b)) => match (year("ses-1"), year("ses-2")) {
+                    (Some(y1), Some(y2)) if y1 != 0 && y2 != 0 => (b + y2 - y1).to_string(),
+                    _ => {
+                        warnings.push(format!("{dir}/{session}: recording years unknown in {}; age assumed 5 years after session 1, as the reference does", sessions_path.display()));
+                        (b + 5).to_string()
+                    }
+                },
+            };
+            let recording_year = year(&session).map(|y| y.to_string()).unwrap_or_default();
+            for acquisition in ["pre", "post"] {
+                let path = root.join(&dir).join(&session).join("eeg").join(format!(
+                    "{dir}_{session}_task-EyesOpen_acq-{acquisition}_eeg.edf"
+                ));
+                if !path.exists() {
+                    continue;
+                }
+                recordings.push(Recording {
+                    path,
+                    segments: whole(
+                        kv(&[
+                            ("gender", gender.clone()),
+                            ("age", age.clone()),
+                            ("acquisition", acquisition.into()),
+                            ("handedness", handedness.clone()),
+                            ("health", "H".into()),
+                            ("session", session.clone()),
+                            ("recording_year", recording_year.clone()),
+                        ]),
+                        Naming::Counter,
+                    ),
+                });
+            }
+        }
+        if !recordings.is_empty() {
+            subjects.push(Subject { dir, recordings });
+        }
     }
     Ok(subjects)
 }

@@ -47,9 +47,9 @@ pub fn read(path: &Path) -> Result<Recording> {
     let eeg = top.field("EEG").unwrap_or(&top);
     let number = |name: &str, default: Option<f64>| -> Result<f64> {
         match eeg.field(name) {
-            Some(v) => v.scalar().with_context(|| {
-                format!("{p}: EEG.{name} is not a number ({})", describe(v))
-            }),
+            Some(v) => v
+                .scalar()
+                .with_context(|| format!("{p}: EEG.{name} is not a number ({})", describe(v))),
             None => default.with_context(|| format!("{p}: no EEG.{name} field")),
         }
     };
@@ -58,9 +58,11 @@ pub fn read(path: &Path) -> Result<Recording> {
     let trials = number("trials", Some(1.0))? as usize;
     let sample_rate = number("srate", None)?;
     if trials != 1 {
-        bail!("{p}: holds {trials} epochs (EEG.trials); a continuous recording (1 trial) is needed");
+        bail!(
+            "{p}: holds {trials} epochs (EEG.trials); a continuous recording (1 trial) is needed"
+        );
     }
-    if !(sample_rate > 0.0) {
+    if !sample_rate.is_finite() || sample_rate <= 0.0 {
         bail!("{p}: EEG.srate is {sample_rate}, not a positive sampling rate");
     }
     let labels = match eeg.field("chanlocs") {
@@ -79,9 +81,7 @@ pub fn read(path: &Path) -> Result<Recording> {
         Some(Value::Numeric { dims, data }) => {
             let expected = nbchan * pnts;
             if data.len() != expected {
-                bail!(
-                    "{p}: EEG.data is {dims:?}, but EEG.nbchan × EEG.pnts = {nbchan} × {pnts}"
-                );
+                bail!("{p}: EEG.data is {dims:?}, but EEG.nbchan × EEG.pnts = {nbchan} × {pnts}");
             }
             Data::Embedded(data.clone())
         }
@@ -157,9 +157,9 @@ impl Recording {
                 );
                 let mut frame = vec![0u8; frame_bytes];
                 for t in 0..self.samples {
-                    reader.read_exact(&mut frame).with_context(|| {
-                        format!("{}: cannot read sample {t}", fdt.display())
-                    })?;
+                    reader
+                        .read_exact(&mut frame)
+                        .with_context(|| format!("{}: cannot read sample {t}", fdt.display()))?;
                     for (o, &c) in out.iter_mut().zip(picks) {
                         let v = f32::from_le_bytes(
                             frame[4 * c..4 * c + 4].try_into().expect("4 bytes"),

@@ -26,7 +26,10 @@ pub enum Value {
         fields: Vec<String>,
         values: Vec<Value>,
     },
-    Cell { dims: Vec<usize>, values: Vec<Value> },
+    Cell {
+        dims: Vec<usize>,
+        values: Vec<Value>,
+    },
     /// Sparse matrices, function handles and other classes no EEG file field needs.
     Unsupported { class: u8 },
 }
@@ -285,7 +288,9 @@ impl<'a> Reader<'a> {
                     let at = sub.pos;
                     let (ty, data) = sub.element()?;
                     if ty != MI_MATRIX {
-                        return Err(err(format!("cell element has data type {ty}, not a matrix")));
+                        return Err(err(format!(
+                            "cell element has data type {ty}, not a matrix"
+                        )));
                     }
                     values.push(sub.matrix(data, at)?.1);
                 }
@@ -318,7 +323,9 @@ impl<'a> Reader<'a> {
                     let at = sub.pos;
                     let (ty, data) = sub.element()?;
                     if ty != MI_MATRIX {
-                        return Err(err(format!("struct field has data type {ty}, not a matrix")));
+                        return Err(err(format!(
+                            "struct field has data type {ty}, not a matrix"
+                        )));
                     }
                     values.push(sub.matrix(data, at)?.1);
                 }

@@ -1,10 +1,10 @@
 //! EEG signal processing: readers, decimation, the reference's log-frequency spectrogram and
 //! its images, time-series normalisation, dataset layouts, preprocessing, and the synthetic demo.
-pub mod datasets;
 pub mod cnt;
+pub mod datasets;
 pub mod decimate;
-pub mod eeglab;
 pub mod edf;
+pub mod eeglab;
 pub mod mat;
 pub mod preprocess;
 pub mod spectrogram;

@@ -19,10 +19,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use signal_diffusion_config::settings::{DatasetPaths, Settings};
 
-use super::datasets::{adapter, Adapter, Subject};
+use super::datasets::{adapter, Adapter, Naming, Subject};
 use super::spectrogram::{derive_hop, image, LogStft, OutputType};
 use super::timeseries::{normalize, Stats, Welford};
-use super::{decimate::decimate, edf};
+use super::{decimate::decimate, read_picks};
 
 /// CSV rows of a subject: (file_name, metadata columns).
 type Rows = Vec<(String, Vec<(String, String)>)>;
@@ -147,49 +147,68 @@ pub fn assign_splits<T>(mut subjects: Vec<T>, seed: u64) -> Vec<(&'static str, T
 
 /// The 20 mapped channels of a recording, decimated to 125 Hz, in volts.
 fn load(adapter: &Adapter, path: &Path, warnings: &Mutex<Vec<String>>) -> Result<Vec<Vec<f64>>> {
-    let rec = edf::read(path)?;
-    let mut out = vec![];
-    for &(name, idx) in &adapter.channels.rows {
-        let s = rec.signals.get(idx).with_context(|| {
-            format!(
-                "{}: has {} signals, the {} channel map needs index {idx} ({name})",
-                path.display(),
-                rec.signals.len(),
-                adapter.name
-            )
-        })?;
-        let norm = |l: &str| {
-            l.trim()
-                .trim_start_matches("EEG")
-                .trim()
-                .trim_end_matches('.')
-                .to_uppercase()
+    let picks: Vec<usize> = adapter.channels.rows.iter().map(|&(_, i)| i).collect();
+    let rec = read_picks(path, &picks).map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#} (the {} channel map takes channels {picks:?})",
+            adapter.name
+        )
+    })?;
+    let warn = |w: String| warnings.lock().expect("no panics hold it").push(w);
+    if let Some(w) = &rec.warning {
+        warn(format!("{}: {w}", path.display()));
+    }
+    let norm = |l: &str| {
+        let l = l.trim();
+        let l = match l.get(..3) {
+            Some(p) if p.eq_ignore_ascii_case("EEG") => &l[3..],
+            _ => l,
         };
-        if norm(&s.label) != norm(name) {
-            warnings.lock().expect("no panics hold it").push(format!("{}: channel {idx} is `{}`, the map expects `{name}` (used by index, as the reference)", path.display(), s.label));
+        l.trim().trim_end_matches('.').to_uppercase()
+    };
+    let mut out = vec![];
+    for ((&(name, idx), label), (&rate, volts)) in adapter
+        .channels
+        .rows
+        .iter()
+        .zip(&rec.labels)
+        .zip(rec.sample_rates.iter().zip(&rec.volts))
+    {
+        if norm(label) != norm(name) {
+            warn(format!("{}: channel {idx} is `{label}`, the map expects `{name}` (used by index, as the reference)", path.display()));
         }
-        let q = s.sample_rate / TARGET_RATE;
+        let q = rate / TARGET_RATE;
         if q.fract() != 0.0 || q < 1.0 {
             bail!(
-                "{}: channel {} is sampled at {} Hz, not an integer multiple of {TARGET_RATE} Hz",
-                path.display(),
-                s.label,
-                s.sample_rate
+                "{}: channel {label} is sampled at {rate} Hz, not an integer multiple of {TARGET_RATE} Hz",
+                path.display()
             );
         }
+        if rate != adapter.native_rate {
+            warn(format!(
+                "{}: channel {label} is sampled at {rate} Hz; {} recordings are {} Hz (decimated by {q} instead)",
+                path.display(),
+                adapter.name,
+                adapter.native_rate
+            ));
+        }
         out.push(
-            decimate(&s.volts(), q as usize)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            decimate(volts, q as usize).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
         );
     }
     Ok(out)
 }
 
-fn windows(signal: &[Vec<f64>]) -> impl Iterator<Item = Vec<Vec<f64>>> + '_ {
-    let len = signal[0].len();
-    (0..)
-        .map(|k| k * SHIFT)
-        .take_while(move |s| s + NSAMPS <= len)
+/// The windows of `signal[.., from..to]`: NSAMPS long, every SHIFT samples, the trailing
+/// partial one dropped.
+fn windows(
+    signal: &[Vec<f64>],
+    from: usize,
+    to: usize,
+) -> impl Iterator<Item = Vec<Vec<f64>>> + '_ {
+    (from..)
+        .step_by(SHIFT)
+        .take_while(move |s| s + NSAMPS <= to)
         .map(move |s| signal.iter().map(|ch| ch[s..s + NSAMPS].to_vec()).collect())
 }
 
@@ -204,14 +223,14 @@ fn preprocess_dataset(
     } else {
         &paths.output
     };
-    let subjects = adapter.subjects(&paths.root, args.include_math_trials)?;
+    let (subjects, metadata_warnings) = adapter.subjects(&paths.root, args.include_math_trials)?;
     if args.overwrite && out_dir.exists() {
         std::fs::remove_dir_all(out_dir)
             .with_context(|| format!("cannot remove {}", out_dir.display()))?;
     }
     std::fs::create_dir_all(out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let warnings = Mutex::new(vec![]);
+    let warnings = Mutex::new(metadata_warnings);
 
     // Time series need statistics over every recording first (computed after the overwrite, so
     // they are never deleted: a reference bug), written where the writers and readers look.
@@ -248,7 +267,10 @@ fn preprocess_dataset(
         .progress_chars("=> "),
     );
     bar.set_prefix(adapter.name);
-    let stft = LogStft::new(RESOLUTION, derive_hop(NSAMPS, RESOLUTION, 20, 4));
+    let stft = LogStft::new(
+        RESOLUTION,
+        derive_hop(NSAMPS, RESOLUTION, 20, adapter.hop_step),
+    );
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<(Rows, Summary)>>> =
         Mutex::new((0..split_subjects.len()).map(|_| None).collect());
@@ -372,46 +394,76 @@ fn process_subject(
             }
         };
         let before = s.windows;
-        for (i, w) in windows(&signal).enumerate() {
-            let rel = match stats {
-                Some(_) => format!("{split}/{}/timeseries-{i}.npy", rec.timeseries_dir),
-                None => format!("{split}/{}/spectrogram-{k}.png", subject.dir),
+        let len = signal[0].len();
+        for segment in &rec.segments {
+            // The reference cuts trials at int(seconds · fs) and slices past the end to nothing.
+            let (from, to) = match segment.seconds {
+                None => (0, len),
+                Some((a, b)) => (
+                    ((a * TARGET_RATE) as usize).min(len),
+                    ((b * TARGET_RATE) as usize).min(len),
+                ),
             };
-            k += 1;
-            s.windows += 1;
-            let path = out_dir.join(&rel);
-            if path.exists() {
-                s.existing += 1;
-            } else {
-                match stats {
-                    Some(st) => crate::io::write_npy_f32(&path, &[20, NSAMPS], &normalize(&w, st))?,
-                    None => {
-                        let px = image(
-                            stft,
-                            &w,
-                            output,
-                            paths.min_db.expect("checked"),
-                            paths.max_db.expect("checked"),
-                        );
-                        crate::io::write_png(
-                            &path,
-                            &px,
-                            output.channels(),
-                            RESOLUTION,
-                            RESOLUTION,
-                        )?;
+            for (block, w) in windows(&signal, from, to).enumerate() {
+                let kind = if stats.is_some() {
+                    "timeseries"
+                } else {
+                    "spectrogram"
+                };
+                let ext = if stats.is_some() { "npy" } else { "png" };
+                let rel = match &segment.naming {
+                    Naming::MathState { dir } if stats.is_some() => {
+                        format!("{split}/{dir}/timeseries-{block}.{ext}")
                     }
+                    Naming::Counter | Naming::MathState { .. } => {
+                        format!("{split}/{}/{kind}-{k}.{ext}", subject.dir)
+                    }
+                    Naming::Trial { tag } => {
+                        format!("{split}/{}/{kind}-{tag}-{block}.{ext}", subject.dir)
+                    }
+                };
+                k += 1;
+                s.windows += 1;
+                let path = out_dir.join(&rel);
+                if path.exists() {
+                    s.existing += 1;
+                } else {
+                    match stats {
+                        Some(st) => {
+                            crate::io::write_npy_f32(&path, &[20, NSAMPS], &normalize(&w, st))?
+                        }
+                        None => {
+                            let px = image(
+                                stft,
+                                &w,
+                                output,
+                                paths.min_db.expect("checked"),
+                                paths.max_db.expect("checked"),
+                            );
+                            crate::io::write_png(
+                                &path,
+                                &px,
+                                output.channels(),
+                                RESOLUTION,
+                                RESOLUTION,
+                            )?;
+                        }
+                    }
+                    s.written += 1;
                 }
-                s.written += 1;
+                rows.push((rel, segment.metadata.clone()));
             }
-            rows.push((rel, rec.metadata.clone()));
         }
         if s.windows == before {
             s.skipped.push((
                 rec.path.clone(),
                 format!(
-                    "shorter than one window ({} samples at 125 Hz, a window needs {NSAMPS})",
-                    signal[0].len()
+                    "no window fits ({len} samples at 125 Hz; a window needs {NSAMPS}{})",
+                    if rec.segments.iter().any(|g| g.seconds.is_some()) {
+                        " inside a trial"
+                    } else {
+                        ""
+                    }
                 ),
             ));
         }
