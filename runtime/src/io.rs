@@ -34,24 +34,30 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()
     result
 }
 
-/// Decode an 8-bit grey or RGB PNG: (pixels, channels, height, width).
+/// Decode an 8-bit grey or RGB PNG file: (pixels, channels, height, width).
 pub fn read_png(path: &Path) -> Result<(Vec<u8>, usize, usize, usize)> {
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut dec = png::Decoder::new(std::io::BufReader::new(f));
+    let bytes = std::fs::read(path).with_context(|| format!("cannot open {}", path.display()))?;
+    decode_png(&bytes, &path.display().to_string())
+}
+
+/// Decode PNG bytes (named `what` in errors): (pixels, channels, height, width); alpha is
+/// dropped, 16-bit samples are cut to 8.
+pub fn decode_png(bytes: &[u8], what: &str) -> Result<(Vec<u8>, usize, usize, usize)> {
+    let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
     dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let mut reader = dec
         .read_info()
-        .with_context(|| format!("{}: not a readable PNG", path.display()))?;
+        .with_context(|| format!("{what}: not a readable PNG"))?;
     let mut buf = vec![0; reader.output_buffer_size().context("PNG too large")?];
     let info = reader
         .next_frame(&mut buf)
-        .with_context(|| format!("{}: corrupt PNG data", path.display()))?;
+        .with_context(|| format!("{what}: corrupt PNG data"))?;
     let channels = match info.color_type {
         png::ColorType::Grayscale => 1,
         png::ColorType::GrayscaleAlpha => 2,
         png::ColorType::Rgb => 3,
         png::ColorType::Rgba => 4,
-        png::ColorType::Indexed => bail!("{}: indexed PNG after expansion", path.display()),
+        png::ColorType::Indexed => bail!("{what}: indexed PNG after expansion"),
     };
     buf.truncate(info.buffer_size());
     let (h, w) = (info.height as usize, info.width as usize);
@@ -67,6 +73,24 @@ pub fn read_png(path: &Path) -> Result<(Vec<u8>, usize, usize, usize)> {
     Ok((buf, channels, h, w))
 }
 
+/// Encode 8-bit grey (1 channel) or RGB (3) pixels as PNG bytes (fast deflate: still a valid
+/// PNG, several times quicker to write than the default level).
+pub fn encode_png(pixels: &[u8], channels: usize, height: usize, width: usize) -> Result<Vec<u8>> {
+    let mut out = vec![];
+    let mut enc = png::Encoder::new(&mut out, width as u32, height as u32);
+    enc.set_color(if channels == 1 {
+        png::ColorType::Grayscale
+    } else {
+        png::ColorType::Rgb
+    });
+    enc.set_depth(png::BitDepth::Eight);
+    enc.set_compression(png::Compression::Fast);
+    let mut wr = enc.write_header()?;
+    wr.write_image_data(pixels)?;
+    wr.finish()?;
+    Ok(out)
+}
+
 /// Encode an 8-bit grey (1) or RGB (3) PNG, atomically.
 pub fn write_png(
     path: &Path,
@@ -75,21 +99,9 @@ pub fn write_png(
     height: usize,
     width: usize,
 ) -> Result<()> {
-    write_atomic(path, |w| {
-        let mut enc = png::Encoder::new(w, width as u32, height as u32);
-        enc.set_color(if channels == 1 {
-            png::ColorType::Grayscale
-        } else {
-            png::ColorType::Rgb
-        });
-        enc.set_depth(png::BitDepth::Eight);
-        enc.set_compression(png::Compression::Fast);
-        let mut wr = enc.write_header()?;
-        wr.write_image_data(pixels)?;
-        wr.finish()?;
-        Ok(())
-    })
-    .with_context(|| format!("writing {}", path.display()))
+    let bytes = encode_png(pixels, channels, height, width)?;
+    write_atomic(path, |w| Ok(w.write_all(&bytes)?))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Read a C-order `.npy` file: (shape, dtype descr such as `<f4`, raw data bytes).

@@ -14,5 +14,6 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod signal;
+pub mod table;
 pub mod tasks;
 pub mod train;

@@ -35,10 +35,20 @@ enum Command {
     Preprocess(signal_diffusion_runtime::signal::preprocess::PreprocessArgs),
     /// Write the synthetic demo EEG dataset (clearly synthetic) as preprocessed spectrograms.
     Synth(signal_diffusion_runtime::signal::synth::SynthArgs),
+    /// Merge preprocessed spectrogram datasets into the weighted meta-dataset (Parquet, in the
+    /// Hugging Face `datasets` layout).
+    MetaDataset(signal_diffusion_runtime::signal::meta::MetaArgs),
 }
 
 fn env() -> config::settings::Env {
     config::settings::Env::from_process(std::env::current_dir().unwrap_or_default())
+}
+
+/// The settings file chain, or its diagnostic printed.
+fn settings(file: Option<&std::path::Path>) -> Option<config::settings::Settings> {
+    config::load_settings(file, &env())
+        .map_err(|e| eprintln!("{}", config::render(&e)))
+        .ok()
 }
 
 fn main() -> ExitCode {
@@ -93,12 +103,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Preprocess(args) => {
-            let settings = match config::load_settings(args.config.as_deref(), &env()) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("{}", config::render(&e));
-                    return ExitCode::FAILURE;
-                }
+            let Some(settings) = settings(args.config.as_deref()) else {
+                return ExitCode::FAILURE;
             };
             match signal_diffusion_runtime::signal::preprocess::run(&args, &settings) {
                 Ok(summary) if summary.skipped.is_empty() => ExitCode::SUCCESS,
@@ -108,6 +114,30 @@ fn main() -> ExitCode {
                         summary.skipped.len()
                     );
                     ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::MetaDataset(args) => {
+            let Some(settings) = settings(args.config.as_deref()) else {
+                return ExitCode::FAILURE;
+            };
+            match signal_diffusion_runtime::signal::meta::run(&args, &settings) {
+                Ok(summary) => {
+                    for (split, counts) in &summary.splits {
+                        let parts: Vec<String> = args
+                            .datasets
+                            .iter()
+                            .zip(counts)
+                            .map(|(n, (o, g))| format!("{n} {o} -> {g}"))
+                            .collect();
+                        println!("{split}: {}", parts.join(", "));
+                    }
+                    println!("wrote {}", summary.output.display());
+                    ExitCode::SUCCESS
                 }
                 Err(e) => {
                     eprintln!("error: {e:#}");

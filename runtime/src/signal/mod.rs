@@ -6,6 +6,7 @@ pub mod decimate;
 pub mod edf;
 pub mod eeglab;
 pub mod mat;
+pub mod meta;
 pub mod preprocess;
 pub mod spectrogram;
 pub mod synth;
