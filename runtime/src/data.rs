@@ -1,10 +1,15 @@
 //! Preprocessed datasets on disk and the threaded batch loader.
 //!
-//! Layout (the reference's, as `sigdiff synth` and preprocessing write it):
-//! `<dir>/{split}-metadata.csv` with a `file_name` column relative to `<dir>` and one column per
-//! label; samples are 8-bit PNGs (L or RGB), mapped to [-1, 1] like the reference's
-//! `ToDtype(scale) + Normalize(0.5, 0.5)`, or float32 `.npy` time series. Every sample must have
-//! the compiled input shape; one that does not is an error naming its file.
+//! Two layouts, as the reference trains on them:
+//! - an image folder (as `sigdiff synth` and `sigdiff preprocess` write it):
+//!   `<dir>/{split}-metadata.csv` with a `file_name` column relative to `<dir>` and one column
+//!   per label; samples are 8-bit PNGs (L or RGB) or float32 `.npy` time series;
+//! - a Parquet table per split (as `sigdiff meta-dataset` or Hugging Face `datasets` write it):
+//!   `<dir>/{split}.parquet` (`val` and `validation` name the same split) with an `image`
+//!   column of PNG bytes and one column per label; the encoded images are held in memory.
+//!
+//! Pixels map to [-1, 1] like the reference's `ToDtype(scale) + Normalize(0.5, 0.5)`. Every
+//! sample must have the compiled input shape; one that does not is an error naming it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,25 +20,65 @@ use anyhow::{bail, Context, Result};
 
 use crate::tasks::{encode, TaskSpec};
 
-/// One split: sample files and their encoded targets (task-major: `targets[task][sample]`).
+/// One split: its samples and their encoded targets (task-major: `targets[task][sample]`).
 pub struct Split {
     pub name: String,
-    pub files: Vec<PathBuf>,
+    pub samples: Samples,
     pub targets: Vec<Vec<f32>>,
+}
+
+pub enum Samples {
+    /// Image or `.npy` files.
+    Files(Vec<PathBuf>),
+    /// PNG bytes of the rows of a Parquet table.
+    Encoded {
+        table: PathBuf,
+        images: Vec<Vec<u8>>,
+    },
 }
 
 impl Split {
     pub fn len(&self) -> usize {
-        self.files.len()
+        match &self.samples {
+            Samples::Files(f) => f.len(),
+            Samples::Encoded { images, .. } => images.len(),
+        }
     }
+
     pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
+        self.len() == 0
+    }
+
+    /// Decode sample `i` into `out`.
+    pub fn load(&self, i: usize, shape: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        match &self.samples {
+            Samples::Files(files) => load_sample(&files[i], shape, out),
+            Samples::Encoded { table, images } => {
+                let what = format!("{} row {i}", table.display());
+                let image = crate::io::decode_png(&images[i], &what)?;
+                image_to_input(image, shape, &what, out)
+            }
+        }
     }
 }
 
-/// Read `<dir>/<split>-metadata.csv` and encode every task's column.
+/// Read a split of `dir` (image folder or Parquet, see the module docs) and encode every task's
+/// column.
 pub fn read_split(dir: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Split> {
     let csv_path = dir.join(format!("{split}-metadata.csv"));
+    if !csv_path.exists() {
+        let aliases: &[&str] = match split {
+            "val" | "validation" => &["val", "validation"],
+            other => &[other][..],
+        };
+        if let Some(table) = aliases
+            .iter()
+            .map(|a| dir.join(format!("{a}.parquet")))
+            .find(|p| p.exists())
+        {
+            return read_parquet_split(&table, split, tasks);
+        }
+    }
     let mut rdr = csv::Reader::from_path(&csv_path).with_context(|| {
         format!("cannot read {} (expected a preprocessed dataset: `sigdiff synth` or preprocessing writes it; check `dataset.name` and the split name)", csv_path.display())
     })?;
@@ -80,7 +125,66 @@ pub fn read_split(dir: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Split> 
     }
     Ok(Split {
         name: split.to_string(),
-        files,
+        samples: Samples::Files(files),
+        targets,
+    })
+}
+
+fn read_parquet_split(path: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Split> {
+    let mut table = crate::table::read(path)?;
+    let image = table
+        .names
+        .iter()
+        .position(|n| n == "image")
+        .with_context(|| {
+            format!(
+                "{}: no `image` column (columns: {}); time-series tables are not read yet",
+                path.display(),
+                table.names.join(", ")
+            )
+        })?;
+    let images = match table.columns.swap_remove(image) {
+        crate::table::Column::Image(v) => v,
+        _ => bail!(
+            "{}: the `image` column holds no image structs",
+            path.display()
+        ),
+    };
+    table.names.swap_remove(image);
+    let images: Vec<Vec<u8>> = images
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| b.with_context(|| format!("{} row {i}: no image", path.display())))
+        .collect::<Result<_>>()?;
+    let mut targets = vec![];
+    for spec in tasks {
+        let column = table.column(spec.column).with_context(|| {
+            format!(
+                "{}: no `{}` column for task `{}` (columns: {})",
+                path.display(),
+                spec.column,
+                spec.name,
+                table.names.join(", ")
+            )
+        })?;
+        let values = (0..images.len())
+            .map(|i| {
+                encode(spec, &column.text(i).unwrap_or_default()).map_err(|e| {
+                    anyhow::anyhow!("{} row {i}: column `{}`: {e}", path.display(), spec.column)
+                })
+            })
+            .collect::<Result<Vec<f32>>>()?;
+        targets.push(values);
+    }
+    if images.is_empty() {
+        bail!("{}: the split `{split}` has no samples", path.display());
+    }
+    Ok(Split {
+        name: split.to_string(),
+        samples: Samples::Encoded {
+            table: path.to_path_buf(),
+            images,
+        },
         targets,
     })
 }
@@ -99,27 +203,38 @@ pub fn load_sample(path: &Path, shape: &[usize], out: &mut Vec<f32>) -> Result<(
             }
             out.extend_from_slice(&data);
         }
-        _ => {
-            let (c, h, w) = (shape[0], shape[1], shape[2]);
-            let (pixels, pc, ph, pw) = crate::io::read_png(path)?;
-            if (ph, pw) != (h, w) {
-                bail!(
-                    "{}: image is {pw}×{ph}, but this trainer was compiled for {w}×{h}",
-                    path.display()
-                );
-            }
-            // L for 1-channel models, RGB for 3 (grey images are replicated), as the reference's
-            // `convert("L" | "RGB")`.
-            for ch in 0..c {
-                for i in 0..h * w {
-                    let v = match (pc, c) {
-                        (1, _) => pixels[i],
-                        (_, 1) => luma(&pixels[i * pc..i * pc + 3]),
-                        _ => pixels[i * pc + ch.min(pc - 1)],
-                    };
-                    out.push(v as f32 / 127.5 - 1.0);
-                }
-            }
+        _ => image_to_input(
+            crate::io::read_png(path)?,
+            shape,
+            &path.display().to_string(),
+            out,
+        )?,
+    }
+    Ok(())
+}
+
+/// Decoded pixels (pixels, channels, height, width) to the model's input in [-1, 1]: L for
+/// 1-channel models, RGB for 3 (grey images are replicated), as the reference's
+/// `convert("L" | "RGB")`.
+fn image_to_input(
+    (pixels, pc, ph, pw): (Vec<u8>, usize, usize, usize),
+    shape: &[usize],
+    what: &str,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    out.clear();
+    let (c, h, w) = (shape[0], shape[1], shape[2]);
+    if (ph, pw) != (h, w) {
+        bail!("{what}: image is {pw}×{ph}, but this trainer was compiled for {w}×{h}");
+    }
+    for ch in 0..c {
+        for i in 0..h * w {
+            let v = match (pc, c) {
+                (1, _) => pixels[i],
+                (_, 1) => luma(&pixels[i * pc..i * pc + 3]),
+                _ => pixels[i * pc + ch.min(pc - 1)],
+            };
+            out.push(v as f32 / 127.5 - 1.0);
         }
     }
     Ok(())
@@ -170,7 +285,7 @@ impl Loader {
                         let mut inputs =
                             Vec::with_capacity(idx.len() * shape.iter().product::<usize>());
                         for &i in idx {
-                            load_sample(&split.files[i], &shape, &mut buf)?;
+                            split.load(i, &shape, &mut buf)?;
                             inputs.extend_from_slice(&buf);
                         }
                         let targets = split
