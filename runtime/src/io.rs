@@ -6,8 +6,28 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-/// Write `bytes` to `path` through a temporary file in the same directory, then rename.
+/// Write `bytes` to `path` through a temporary file in the same directory, synced to disk,
+/// then rename: after a crash the file is either the old one or the whole new one.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
+    write_through_temp(path, true, write)
+}
+
+/// As [`write_atomic`] without the sync, for the many small files of a dataset: an interrupted
+/// process still never leaves a partial file, but after a power loss a file may be empty, so
+/// readers that resume (preprocessing) treat an empty file as missing. Syncing each of
+/// thousands of PNGs costs a fifth of the preprocessing throughput on two threads.
+pub fn write_atomic_unsynced(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    write_through_temp(path, false, write)
+}
+
+fn write_through_temp(
+    path: &Path,
+    sync: bool,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -24,7 +44,10 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()
         let mut w = BufWriter::new(f);
         write(&mut w)?;
         w.flush()?;
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        if sync {
+            file.sync_all()?;
+        }
         std::fs::rename(&tmp, path)
             .with_context(|| format!("cannot move {} into place", path.display()))
     })();
@@ -84,14 +107,15 @@ pub fn encode_png(pixels: &[u8], channels: usize, height: usize, width: usize) -
         png::ColorType::Rgb
     });
     enc.set_depth(png::BitDepth::Eight);
-    enc.set_compression(png::Compression::Fast);
+    enc.set_compression(png::Compression::Fastest);
     let mut wr = enc.write_header()?;
     wr.write_image_data(pixels)?;
     wr.finish()?;
     Ok(out)
 }
 
-/// Encode an 8-bit grey (1) or RGB (3) PNG, atomically.
+/// Encode an 8-bit grey (1) or RGB (3) PNG, atomically (not synced: see
+/// [`write_atomic_unsynced`]).
 pub fn write_png(
     path: &Path,
     pixels: &[u8],
@@ -100,7 +124,7 @@ pub fn write_png(
     width: usize,
 ) -> Result<()> {
     let bytes = encode_png(pixels, channels, height, width)?;
-    write_atomic(path, |w| Ok(w.write_all(&bytes)?))
+    write_atomic_unsynced(path, |w| Ok(w.write_all(&bytes)?))
         .with_context(|| format!("writing {}", path.display()))
 }
 
@@ -219,7 +243,7 @@ pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
     header.push('\n');
-    write_atomic(path, |w| {
+    write_atomic_unsynced(path, |w| {
         w.write_all(b"\x93NUMPY\x01\x00")?;
         w.write_all(&(header.len() as u16).to_le_bytes())?;
         w.write_all(header.as_bytes())?;

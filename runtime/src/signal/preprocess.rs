@@ -20,9 +20,10 @@ use rand_chacha::ChaCha8Rng;
 use signal_diffusion_config::settings::{DatasetPaths, Settings};
 
 use super::datasets::{adapter, Adapter, Naming, Subject};
+use super::decimate::{decimate, decimate_channels};
+use super::read_picks;
 use super::spectrogram::{derive_hop, image, LogStft, OutputType};
 use super::timeseries::{normalize, Stats, Welford};
-use super::{decimate::decimate, read_picks};
 
 /// CSV rows of a subject: (file_name, metadata columns).
 type Rows = Vec<(String, Vec<(String, String)>)>;
@@ -166,13 +167,13 @@ fn load(adapter: &Adapter, path: &Path, warnings: &Mutex<Vec<String>>) -> Result
         };
         l.trim().trim_end_matches('.').to_uppercase()
     };
-    let mut out = vec![];
-    for ((&(name, idx), label), (&rate, volts)) in adapter
+    let mut factors = vec![];
+    for ((&(name, idx), label), &rate) in adapter
         .channels
         .rows
         .iter()
         .zip(&rec.labels)
-        .zip(rec.sample_rates.iter().zip(&rec.volts))
+        .zip(&rec.sample_rates)
     {
         if norm(label) != norm(name) {
             warn(format!("{}: channel {idx} is `{label}`, the map expects `{name}` (used by index, as the reference)", path.display()));
@@ -192,11 +193,19 @@ fn load(adapter: &Adapter, path: &Path, warnings: &Mutex<Vec<String>>) -> Result
                 adapter.native_rate
             ));
         }
-        out.push(
-            decimate(volts, q as usize).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-        );
+        factors.push(q as usize);
     }
-    Ok(out)
+    let failed = |e: String| anyhow::anyhow!("{}: {e}", path.display());
+    let same_length = rec.volts.iter().all(|v| v.len() == rec.volts[0].len());
+    if factors.iter().all(|&q| q == factors[0]) && same_length {
+        return decimate_channels(&rec.volts, factors[0]).map_err(failed);
+    }
+    // EDF allows a different rate per channel: one at a time.
+    rec.volts
+        .iter()
+        .zip(&factors)
+        .map(|(v, &q)| decimate(v, q).map_err(failed))
+        .collect()
 }
 
 /// The windows of `signal[.., from..to]`: NSAMPS long, every SHIFT samples, the trailing
@@ -425,7 +434,8 @@ fn process_subject(
                 k += 1;
                 s.windows += 1;
                 let path = out_dir.join(&rel);
-                if path.exists() {
+                // An empty file is what a power loss can leave of an unsynced write.
+                if path.metadata().is_ok_and(|m| m.len() > 0) {
                     s.existing += 1;
                 } else {
                     match stats {
