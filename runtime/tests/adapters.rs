@@ -9,6 +9,7 @@ use std::path::Path;
 use signal_diffusion_config::settings::{Env, Settings};
 use signal_diffusion_runtime::signal::cnt::{self, Electrode};
 use signal_diffusion_runtime::signal::edf::{self, Format, Recording, Signal};
+use signal_diffusion_runtime::signal::eeglab;
 use signal_diffusion_runtime::signal::preprocess::{run, PreprocessArgs, Summary};
 
 /// µV of channel `c` at sample `n` of a recording at `fs` Hz: a 10 Hz rhythm plus a ramp.
@@ -89,93 +90,12 @@ fn check_files(out: &Path, rows: &[BTreeMap<String, String>], timeseries: bool) 
 
 // ---------------------------------------------------------------- parkinsons (EEGLAB)
 
-/// A minimal MAT-file (level 5) holding `EEG` with the fields EEGLAB's readers need and the
-/// samples in a `.fdt` next to it.
+/// A `.set` + `.fdt` pair as EEGLAB saves it, with our writer.
 fn write_set(set: &Path, labels: &[String], fs: f64, samples: usize) {
-    fn element(out: &mut Vec<u8>, ty: u32, data: &[u8]) {
-        out.extend_from_slice(&ty.to_le_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        out.extend_from_slice(data);
-        out.resize(out.len().next_multiple_of(8), 0);
-    }
-    fn matrix(class: u8, dims: &[i32], content: &[u8]) -> Vec<u8> {
-        let mut m = vec![];
-        element(&mut m, 6, &[class, 0, 0, 0, 0, 0, 0, 0]);
-        let d: Vec<u8> = dims.iter().flat_map(|d| d.to_le_bytes()).collect();
-        element(&mut m, 5, &d);
-        element(&mut m, 1, b""); // name (fields and cells have none)
-        m.extend_from_slice(content);
-        let mut e = vec![];
-        element(&mut e, 14, &m);
-        e
-    }
-    fn double(v: f64) -> Vec<u8> {
-        let mut c = vec![];
-        element(&mut c, 9, &v.to_le_bytes());
-        matrix(6, &[1, 1], &c)
-    }
-    fn text(s: &str) -> Vec<u8> {
-        let mut c = vec![];
-        let utf16: Vec<u8> = s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
-        element(&mut c, 4, &utf16);
-        matrix(4, &[1, s.len() as i32], &c)
-    }
-    fn structure(n: usize, fields: &[&str], values: &[Vec<u8>]) -> Vec<u8> {
-        let mut c = vec![];
-        element(&mut c, 5, &32i32.to_le_bytes());
-        let names: Vec<u8> = fields
-            .iter()
-            .flat_map(|f| {
-                let mut b = f.as_bytes().to_vec();
-                b.resize(32, 0);
-                b
-            })
-            .collect();
-        element(&mut c, 1, &names);
-        for v in values {
-            c.extend_from_slice(v);
-        }
-        matrix(2, &[1, n as i32], &c)
-    }
-    let fdt = set.with_extension("fdt");
-    let mut data = Vec::with_capacity(samples * labels.len() * 4);
-    for n in 0..samples {
-        for c in 0..labels.len() {
-            data.extend_from_slice(&(microvolts(c, n, fs) as f32).to_le_bytes());
-        }
-    }
-    std::fs::write(&fdt, data).unwrap();
-    let chanlocs = structure(
-        labels.len(),
-        &["labels"],
-        &labels.iter().map(|l| text(l)).collect::<Vec<_>>(),
-    );
-    let fdt_name = fdt.file_name().unwrap().to_str().unwrap();
-    let eeg = structure(
-        1,
-        &["nbchan", "trials", "pnts", "srate", "data", "chanlocs"],
-        &[
-            double(labels.len() as f64),
-            double(1.0),
-            double(samples as f64),
-            double(fs),
-            text(fdt_name),
-            chanlocs,
-        ],
-    );
-    // Name the top-level variable: rebuild its name element.
-    let mut file = b"MATLAB 5.0 MAT-file, written by the signal-diffusion tests".to_vec();
-    file.resize(116, b' ');
-    file.extend_from_slice(&[0; 8]);
-    file.extend_from_slice(&0x0100u16.to_le_bytes());
-    file.extend_from_slice(b"IM");
-    let body = &eeg[8..];
-    let (flags_dims, rest) = body.split_at(16 + 16); // flags (16) and 1x2 dims (16)
-    let mut named = flags_dims.to_vec();
-    element(&mut named, 1, b"EEG");
-    named.extend_from_slice(&rest[8..]); // skip the empty name element
-    element(&mut file, 14, &named);
-    std::fs::write(set, file).unwrap();
+    let volts: Vec<Vec<f64>> = (0..labels.len())
+        .map(|c| (0..samples).map(|n| microvolts(c, n, fs) * 1e-6).collect())
+        .collect();
+    eeglab::write(set, labels, fs, &volts).unwrap();
 }
 
 #[test]
@@ -206,7 +126,10 @@ fn parkinsons_bids_eeglab_layout() {
     }
     std::fs::write(root.join("participants.tsv"), participants).unwrap();
     let s = settings(tmp.path(), "parkinsons", -120.0675, 2.9085);
-    let summary: Summary = run(&args("parkinsons", false), &s).unwrap();
+    // No dataset named: the ones whose raw directory exists (here, parkinsons).
+    let mut a = args("parkinsons", false);
+    a.datasets.clear();
+    let summary: Summary = run(&a, &s).unwrap();
     assert_eq!(
         (summary.recordings, summary.windows),
         (10, 10),

@@ -231,3 +231,30 @@ fn corrupt_and_truncated_files_are_errors_naming_the_file_and_offset() {
     );
     assert!(e.contains("has 8 channels; channel index 8"), "{e}");
 }
+
+#[test]
+fn eeglab_writer_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub-001_task-Rest_eeg.set");
+    let labels: Vec<String> = ["Fp1", "Fz", "Cz"].map(String::from).to_vec();
+    let volts: Vec<Vec<f64>> = (0..3)
+        .map(|c| {
+            (0..700)
+                .map(|t| ((t * (c + 1)) as f64 * 0.01).sin() * 3e-5)
+                .collect()
+        })
+        .collect();
+    eeglab::write(&path, &labels, 500.0, &volts).unwrap();
+    let rec = eeglab::read(&path).unwrap();
+    assert_eq!(
+        (rec.labels.clone(), rec.sample_rate, rec.samples),
+        (labels, 500.0, 700)
+    );
+    let got = rec.volts(&[0, 1, 2]).unwrap();
+    for (g, w) in got.iter().zip(&volts) {
+        for (a, b) in g.iter().zip(w) {
+            // float32 microvolts in the .fdt: relative error below 2^-24.
+            assert!((a - b).abs() <= 6e-8 * b.abs() + 1e-15, "{a} vs {b}");
+        }
+    }
+}

@@ -69,28 +69,37 @@ fn field<const N: usize>(h: &[u8], at: usize, path: &Path, name: &str) -> Result
 
 pub fn read_header(path: &Path) -> Result<Header> {
     let p = path.display();
-    let mut file = std::fs::File::open(path).with_context(|| format!("cannot read {p}"))?;
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read {p}"))?;
     let file_len = file.metadata()?.len() as usize;
-    let mut setup = vec![0u8; SETUP_BYTES.min(file_len)];
-    file.read_exact(&mut setup)
+    // The SETUP header and at most 65535 electrode records: all a header can span.
+    let mut head = vec![];
+    file.take((SETUP_BYTES + ELECTRODE_BYTES * u16::MAX as usize) as u64)
+        .read_to_end(&mut head)
         .with_context(|| format!("cannot read {p}"))?;
-    let n = u16::from_le_bytes(field(&setup, CHANNELS_AT, path, "number of channels")?) as usize;
+    parse_header(path, &head, file_len)
+}
+
+/// The header from the file's first bytes (`head`: at least the SETUP header and the electrode
+/// records, if the file has them) and the file's length.
+pub fn parse_header(path: &Path, head: &[u8], file_len: usize) -> Result<Header> {
+    let p = path.display();
+    let setup = &head[..SETUP_BYTES.min(head.len())];
+    let n = u16::from_le_bytes(field(setup, CHANNELS_AT, path, "number of channels")?) as usize;
     if n == 0 {
         bail!("{p}: the header (byte {CHANNELS_AT}) declares 0 channels");
     }
-    let sample_rate = u16::from_le_bytes(field(&setup, RATE_AT, path, "sampling rate")?) as f64;
+    let sample_rate = u16::from_le_bytes(field(setup, RATE_AT, path, "sampling rate")?) as f64;
     if sample_rate == 0.0 {
         bail!("{p}: the header (byte {RATE_AT}) declares a sampling rate of 0 Hz");
     }
-    let header_samples = i32::from_le_bytes(field(&setup, SAMPLES_AT, path, "number of samples")?);
+    let header_samples = i32::from_le_bytes(field(setup, SAMPLES_AT, path, "number of samples")?);
     let event_table =
-        i32::from_le_bytes(field(&setup, EVENT_TABLE_AT, path, "event table position")?);
+        i32::from_le_bytes(field(setup, EVENT_TABLE_AT, path, "event table position")?);
     let channel_offset_raw =
-        i32::from_le_bytes(field(&setup, CHANNEL_OFFSET_AT, path, "channel offset")?);
+        i32::from_le_bytes(field(setup, CHANNEL_OFFSET_AT, path, "channel offset")?);
     let data_start = SETUP_BYTES + ELECTRODE_BYTES * n;
-    let mut records = vec![0u8; ELECTRODE_BYTES * n];
-    file.read_exact(&mut records).map_err(|_| {
-        anyhow::anyhow!(
+    let records = head.get(SETUP_BYTES..data_start).with_context(|| {
+        format!(
             "{p}: truncated: {n} electrode records need bytes {SETUP_BYTES}..{data_start}, the file has {file_len}"
         )
     })?;

@@ -182,3 +182,79 @@ fn describe(v: &Value) -> String {
         Value::Unsupported { class } => format!("an array of MATLAB class {class}"),
     }
 }
+
+/// Writes a continuous recording as EEGLAB's "save as two files" does: `path` (`.set`, a
+/// MAT-file with the `EEG` struct: sizes, rate, channel labels, the data file's name) and the
+/// `.fdt` next to it (float32 microvolts, sample by sample). Both are written atomically.
+pub fn write(path: &Path, labels: &[String], sample_rate: f64, volts: &[Vec<f64>]) -> Result<()> {
+    let samples = volts.first().map_or(0, Vec::len);
+    if labels.len() != volts.len() || volts.iter().any(|v| v.len() != samples) {
+        bail!(
+            "{}: {} labels for {} channels of unequal or mismatched lengths",
+            path.display(),
+            labels.len(),
+            volts.len()
+        );
+    }
+    let fdt = path.with_extension("fdt");
+    crate::io::write_atomic(&fdt, |w| {
+        let mut frame = Vec::with_capacity(4 * volts.len());
+        for t in 0..samples {
+            frame.clear();
+            for ch in volts {
+                frame.extend_from_slice(&((ch[t] / VOLTS_PER_UNIT) as f32).to_le_bytes());
+            }
+            w.write_all(&frame)?;
+        }
+        Ok(())
+    })?;
+    let scalar = |v: f64| Value::Numeric {
+        dims: vec![1, 1],
+        data: vec![v],
+    };
+    let chanlocs = Value::Struct {
+        dims: vec![1, labels.len()],
+        fields: vec!["labels".into(), "type".into()],
+        values: labels
+            .iter()
+            .flat_map(|l| [Value::Char(l.clone()), Value::Char("EEG".into())])
+            .collect(),
+    };
+    let fields = [
+        (
+            "setname",
+            Value::Char(
+                path.file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("")
+                    .into(),
+            ),
+        ),
+        ("nbchan", scalar(labels.len() as f64)),
+        ("trials", scalar(1.0)),
+        ("pnts", scalar(samples as f64)),
+        ("srate", scalar(sample_rate)),
+        ("xmin", scalar(0.0)),
+        (
+            "xmax",
+            scalar(samples.saturating_sub(1) as f64 / sample_rate),
+        ),
+        (
+            "data",
+            Value::Char(
+                fdt.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("")
+                    .into(),
+            ),
+        ),
+        ("chanlocs", chanlocs),
+        ("ref", Value::Char("common".into())),
+    ];
+    let eeg = Value::Struct {
+        dims: vec![1, 1],
+        fields: fields.iter().map(|(n, _)| n.to_string()).collect(),
+        values: fields.into_iter().map(|(_, v)| v).collect(),
+    };
+    mat::write(path, &[("EEG", &eeg)])
+}

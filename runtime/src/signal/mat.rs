@@ -409,3 +409,79 @@ fn numbers(ty: u32, b: &[u8]) -> Result<Vec<f64>> {
         other => bail!("numeric data of unknown data type {other}"),
     })
 }
+
+/// Writes a level-5 MAT-file (uncompressed) holding `vars`: numeric arrays as double,
+/// text as UTF-16 characters, structs and cells nested. What MATLAB's `load` and scipy's
+/// `loadmat` read.
+pub fn write(path: &Path, vars: &[(&str, &Value)]) -> Result<()> {
+    let mut file = b"MATLAB 5.0 MAT-file, written by signal-diffusion".to_vec();
+    file.resize(116, b' ');
+    file.extend_from_slice(&[0; 8]); // no subsystem data
+    file.extend_from_slice(&0x0100u16.to_le_bytes());
+    file.extend_from_slice(b"IM");
+    for (name, value) in vars {
+        matrix(&mut file, name, value);
+    }
+    crate::io::write_atomic(path, |w| Ok(w.write_all(&file)?))
+}
+
+/// A data element: tag, data, padding to 8 bytes.
+fn element(out: &mut Vec<u8>, ty: u32, data: &[u8]) {
+    out.extend_from_slice(&ty.to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().next_multiple_of(8), 0);
+}
+
+fn matrix(out: &mut Vec<u8>, name: &str, value: &Value) {
+    let (class, dims): (u8, Vec<usize>) = match value {
+        Value::Numeric { dims, .. } => (6, dims.clone()),
+        Value::Char(s) => (CLASS_CHAR, vec![1, s.encode_utf16().count()]),
+        Value::Struct { dims, .. } => (CLASS_STRUCT, dims.clone()),
+        Value::Cell { dims, .. } => (CLASS_CELL, dims.clone()),
+        Value::Unsupported { .. } => (6, vec![0, 0]),
+    };
+    let mut body = vec![];
+    element(&mut body, MI_UINT32, &[class, 0, 0, 0, 0, 0, 0, 0]);
+    let d: Vec<u8> = dims
+        .iter()
+        .flat_map(|&d| (d as i32).to_le_bytes())
+        .collect();
+    element(&mut body, MI_INT32, &d);
+    element(&mut body, MI_INT8, name.as_bytes());
+    match value {
+        Value::Numeric { data, .. } => {
+            let b: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            element(&mut body, MI_DOUBLE, &b);
+        }
+        Value::Char(s) => {
+            let b: Vec<u8> = s.encode_utf16().flat_map(u16::to_le_bytes).collect();
+            element(&mut body, MI_UINT16, &b);
+        }
+        Value::Struct { fields, values, .. } => {
+            let width = fields.iter().map(|f| f.len() + 1).max().unwrap_or(1).max(8);
+            element(&mut body, MI_INT32, &(width as i32).to_le_bytes());
+            let names: Vec<u8> = fields
+                .iter()
+                .flat_map(|f| {
+                    let mut b = f.as_bytes().to_vec();
+                    b.resize(width, 0);
+                    b
+                })
+                .collect();
+            element(&mut body, MI_INT8, &names);
+            for v in values {
+                matrix(&mut body, "", v);
+            }
+        }
+        Value::Cell { values, .. } => {
+            for v in values {
+                matrix(&mut body, "", v);
+            }
+        }
+        Value::Unsupported { .. } => {
+            element(&mut body, MI_DOUBLE, &[]);
+        }
+    }
+    element(out, MI_MATRIX, &body);
+}

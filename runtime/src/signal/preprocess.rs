@@ -35,8 +35,8 @@ pub const RESOLUTION: usize = 256;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PreprocessArgs {
-    /// Datasets to preprocess (names of `[datasets.*]` tables in the settings file).
-    #[arg(required = true)]
+    /// Datasets to preprocess (names of `[datasets.*]` tables in the settings file; default:
+    /// each of math, parkinsons, seed and longitudinal whose raw directory exists).
     pub datasets: Vec<String>,
     /// Settings file (default: $SIGNAL_DIFFUSION_CONFIG, else config/default.toml).
     #[arg(long)]
@@ -75,7 +75,32 @@ pub struct Summary {
 
 pub fn run(args: &PreprocessArgs, settings: &Settings) -> Result<Summary> {
     let mut total = Summary::default();
-    for name in &args.datasets {
+    let names: Vec<String> = if args.datasets.is_empty() {
+        let known = ["math", "parkinsons", "seed", "longitudinal"];
+        let found: Vec<String> = known
+            .iter()
+            .filter(|n| settings.datasets.get(**n).is_some_and(|d| d.root.is_dir()))
+            .map(|n| n.to_string())
+            .collect();
+        if found.is_empty() {
+            bail!(
+                "no raw dataset found: looked for {}; name a dataset or fix `[datasets.*] root` in the settings",
+                known
+                    .iter()
+                    .filter_map(|n| settings.datasets.get(*n).map(|d| format!("{n} at {}", d.root.display())))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        println!(
+            "preprocessing {} (the raw datasets found)",
+            found.join(", ")
+        );
+        found
+    } else {
+        args.datasets.clone()
+    };
+    for name in &names {
         let paths = settings.datasets.get(name).with_context(|| {
             format!(
                 "no `[datasets.{name}]` in the settings ({}); the settings define: {}",
