@@ -318,7 +318,7 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Recording> {
         a.onset -= start_offset;
     }
     let variant = if reserved.starts_with("EDF+") || reserved.starts_with("BDF+") {
-        reserved[..5].to_string()
+        reserved.chars().take(5).collect() // `EDF+C`, `EDF+D`; a bare `EDF+` stays as is
     } else {
         String::new()
     };

@@ -57,6 +57,9 @@ pub fn read(path: &Path) -> Result<Recording> {
     let pnts = number("pnts", Some(1.0))? as usize;
     let trials = number("trials", Some(1.0))? as usize;
     let sample_rate = number("srate", None)?;
+    if nbchan == 0 || nbchan > 100_000 {
+        bail!("{p}: EEG.nbchan is {nbchan}; a recording has 1 to 100000 channels");
+    }
     if trials != 1 {
         bail!(
             "{p}: holds {trials} epochs (EEG.trials); a continuous recording (1 trial) is needed"
@@ -79,8 +82,7 @@ pub fn read(path: &Path) -> Result<Recording> {
     let data = match eeg.field("data") {
         Some(Value::Char(name)) => Data::Fdt(fdt_path(path, name)?),
         Some(Value::Numeric { dims, data }) => {
-            let expected = nbchan * pnts;
-            if data.len() != expected {
+            if Some(data.len()) != nbchan.checked_mul(pnts) {
                 bail!("{p}: EEG.data is {dims:?}, but EEG.nbchan × EEG.pnts = {nbchan} × {pnts}");
             }
             Data::Embedded(data.clone())
@@ -131,9 +133,10 @@ impl Recording {
                 self.path.display()
             );
         }
-        let mut out = vec![Vec::with_capacity(self.samples); picks.len()];
+        let mut out = vec![vec![]; picks.len()];
         match &self.data {
             Data::Embedded(data) => {
+                // The sizes were checked against the data when it was read.
                 for t in 0..self.samples {
                     let frame = &data[t * n..(t + 1) * n];
                     for (o, &c) in out.iter_mut().zip(picks) {
@@ -143,7 +146,7 @@ impl Recording {
             }
             Data::Fdt(fdt) => {
                 let frame_bytes = 4 * n;
-                let expected = (frame_bytes * self.samples) as u64;
+                let expected = (frame_bytes as u64).saturating_mul(self.samples as u64);
                 let len = std::fs::metadata(fdt)
                     .with_context(|| format!("cannot read {}", fdt.display()))?
                     .len();
@@ -155,6 +158,9 @@ impl Recording {
                     std::fs::File::open(fdt)
                         .with_context(|| format!("cannot read {}", fdt.display()))?,
                 );
+                for o in &mut out {
+                    o.reserve_exact(self.samples); // the file holds them: checked above
+                }
                 let mut frame = vec![0u8; frame_bytes];
                 for t in 0..self.samples {
                     reader

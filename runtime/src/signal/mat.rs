@@ -144,12 +144,19 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Value)>> {
         let (ty, data) = r.element()?;
         let (name, value) = match ty {
             MI_COMPRESSED => {
+                // A bound on what one element may inflate to: real variables compress a few
+                // times; far beyond that is a corrupt (or hostile) stream.
+                let limit = (data.len() as u64).saturating_mul(1000).max(1 << 20);
                 let mut inflated = vec![];
                 flate2::read::ZlibDecoder::new(data)
+                    .take(limit + 1)
                     .read_to_end(&mut inflated)
                     .with_context(|| {
                         format!("{p}: the compressed element at byte {at} does not inflate")
                     })?;
+                if inflated.len() as u64 > limit {
+                    bail!("{p}: the compressed element at byte {at} inflates to more than {limit} bytes (1000 times its size); the file is corrupt");
+                }
                 let mut inner = Reader {
                     bytes: &inflated,
                     pos: 0,
@@ -273,7 +280,6 @@ impl<'a> Reader<'a> {
             .collect();
         let (_, name_raw) = sub.element()?;
         let name = String::from_utf8_lossy(name_raw).into_owned();
-        let count: usize = dims.iter().product();
         let err = |what: String| {
             anyhow::anyhow!(
                 "{}: array `{name}` at byte {at}{}: {what}",
@@ -281,6 +287,13 @@ impl<'a> Reader<'a> {
                 self.context
             )
         };
+        // Every element of a cell or struct takes at least one 8-byte tag: a count beyond what
+        // the body can hold is corrupt (and must not size an allocation).
+        let count = dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&c| c <= body.len())
+            .ok_or_else(|| err(format!("dimensions {dims:?} do not fit its {} bytes", body.len())))?;
         let value = match class {
             CLASS_CELL => {
                 let mut values = Vec::with_capacity(count);
@@ -318,8 +331,12 @@ impl<'a> Reader<'a> {
                     })
                     .filter(|_| name_len > 0)
                     .collect();
-                let mut values = Vec::with_capacity(count * fields.len());
-                for _ in 0..count * fields.len() {
+                let total = count
+                    .checked_mul(fields.len())
+                    .filter(|&t| t <= body.len() / 8)
+                    .ok_or_else(|| err(format!("{count} elements of {} fields do not fit", fields.len())))?;
+                let mut values = Vec::with_capacity(total);
+                for _ in 0..total {
                     let at = sub.pos;
                     let (ty, data) = sub.element()?;
                     if ty != MI_MATRIX {
