@@ -1,7 +1,7 @@
-//! Convolutions on the GPU through cuDNN: forward, backward-data and backward-filter, the three
-//! calls PyTorch makes. Candle's CUDA convolution is im2col + GEMM forward and a direct
+//! The GPU side of `conv.rs`'s convolution ops, through cuDNN: forward, backward-data and
+//! backward-filter, the three calls PyTorch makes. Candle's CUDA convolution is im2col + GEMM forward and a direct
 //! transposed-convolution kernel backward; on the classification baseline that ran at 5 TFLOP/s
-//! and used 2.6× PyTorch's memory (docs/benchmarks.md), so `nn::Conv` routes CUDA tensors here.
+//! and used 2.6× PyTorch's memory (docs/benchmarks.md), so the conv ops route CUDA tensors here.
 //!
 //! Stride 1, dilation 1, one group, zero padding: every convolution of the CNNs here. A 1-D
 //! convolution is the 2-D one with height 1. The algorithm of each pass is chosen the first time a
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CudaStorage, Layout, Result};
 use cudarc::cudnn::sys::{
     cudnnConvolutionBwdDataAlgo_t as DataAlgo, cudnnConvolutionBwdFilterAlgo_t as FilterAlgo,
     cudnnConvolutionFwdAlgo_t as FwdAlgo, cudnnConvolutionMode_t, cudnnMathType_t,
@@ -26,50 +26,6 @@ use cudarc::cudnn::{
     ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnError,
     FilterDescriptor, TensorDescriptor,
 };
-
-/// Convolution of `x` (B, C, [H,] W) with `w` (O, C, [kh,] kw), zero padding `padding` on every
-/// spatial side, plus `bias` (O) when given; differentiable in all of them.
-pub fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Tensor> {
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let (x4, w4, pad) = match x.rank() {
-        4 => (x.clone(), w, [padding, padding]),
-        3 => {
-            let (b, c, l) = x.dims3()?;
-            let (o, ci, k) = w.dims3()?;
-            (
-                x.reshape((b, c, 1, l))?,
-                w.reshape((o, ci, 1, k))?,
-                [0, padding],
-            )
-        }
-        r => candle_core::bail!("cuDNN convolution of a rank-{r} tensor"),
-    };
-    let y = match bias {
-        Some(b) => x4.apply_op3(&w4, &b.contiguous()?, Conv { pad })?,
-        None => x4.apply_op2(&w4, Conv { pad })?,
-    };
-    match x.rank() {
-        3 => y.squeeze(2),
-        _ => Ok(y),
-    }
-}
-
-/// The forward op (with or without a bias); `pad` is (height, width).
-struct Conv {
-    pad: [usize; 2],
-}
-
-/// ∂L/∂x from (∂L/∂y, w); the input's shape is not recoverable from those, so it travels here.
-struct BackwardData {
-    pad: [usize; 2],
-    x_dims: [usize; 4],
-}
-
-/// ∂L/∂w from (x, ∂L/∂y).
-struct BackwardFilter {
-    pad: [usize; 2],
-    w_dims: [usize; 4],
-}
 
 thread_local! {
     // cuDNN handles are neither Send nor Sync; the model runs on one thread per device.
@@ -191,7 +147,7 @@ fn dims4(l: &Layout) -> Result<[usize; 4]> {
     }
 }
 
-fn view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
+pub(crate) fn view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
         None => candle_core::bail!("cuDNN convolution needs contiguous f32 tensors"),
@@ -345,237 +301,53 @@ fn output(dev: &candle_core::CudaDevice, dims: [usize; 4]) -> Result<CudaSlice<f
     Ok(unsafe { dev.alloc::<f32>(dims.iter().product())? })
 }
 
-fn no_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
-    candle_core::bail!("{name} runs on CUDA only (the CPU uses Candle's convolution)")
+/// cuDNN's forward into a new output: (output, its dims).
+pub(crate) fn forward(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    pad: [usize; 2],
+) -> Result<(CudaSlice<f32>, [usize; 4])> {
+    let (x_dims, w_dims) = (dims4(xl)?, dims4(wl)?);
+    let pass = Pass::Forward {
+        x: view(xs, xl)?,
+        w: view(ws, wl)?,
+    };
+    let y = run_pass(xs.device(), pass, x_dims, w_dims, pad)?;
+    Ok((y, out_dims(x_dims, w_dims, pad)))
 }
 
-impl Conv {
-    /// cuDNN's forward into a new output: (output, its dims).
-    fn forward(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        ws: &CudaStorage,
-        wl: &Layout,
-    ) -> Result<(CudaSlice<f32>, [usize; 4])> {
-        let (x_dims, w_dims) = (dims4(xl)?, dims4(wl)?);
-        let pass = Pass::Forward {
-            x: view(xs, xl)?,
-            w: view(ws, wl)?,
-        };
-        let y = run_pass(xs.device(), pass, x_dims, w_dims, self.pad)?;
-        Ok((y, out_dims(x_dims, w_dims, self.pad)))
-    }
-
-    /// ∂L/∂x (only when something upstream needs it: not for the image) and ∂L/∂w.
-    fn grads(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Tensor)> {
-        let x_dims: [usize; 4] = x
-            .dims()
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("rank".into()))?;
-        let w_dims: [usize; 4] = w
-            .dims()
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("rank".into()))?;
-        let dx = match x.track_op() {
-            true => Some(dy.apply_op2_no_bwd(
-                w,
-                &BackwardData {
-                    pad: self.pad,
-                    x_dims,
-                },
-            )?),
-            false => None,
-        };
-        let dw = x.apply_op2_no_bwd(
-            dy,
-            &BackwardFilter {
-                pad: self.pad,
-                w_dims,
-            },
-        )?;
-        Ok((dx, dw))
-    }
+/// ∂L/∂x of the input of dims `x_dims` from (∂L/∂y, w).
+pub(crate) fn backward_data(
+    dys: &CudaStorage,
+    dyl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    pad: [usize; 2],
+    x_dims: [usize; 4],
+) -> Result<CudaStorage> {
+    let pass = Pass::Data {
+        dy: view(dys, dyl)?,
+        w: view(ws, wl)?,
+    };
+    let dx = run_pass(dys.device(), pass, x_dims, dims4(wl)?, pad)?;
+    Ok(CudaStorage::wrap_cuda_slice(dx, dys.device().clone()))
 }
 
-impl CustomOp2 for Conv {
-    fn name(&self) -> &'static str {
-        "cudnn-conv"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(CustomOp2::name(self))
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        ws: &CudaStorage,
-        wl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (y, dims) = self.forward(xs, xl, ws, wl)?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(y, xs.device().clone()),
-            Shape::from(dims.to_vec()),
-        ))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = self.grads(x, w, &dy.contiguous()?)?;
-        Ok((dx, Some(dw)))
-    }
-}
-
-/// With a bias: added in place by our kernel after cuDNN's forward; its gradient is the
-/// per-channel sum of ∂L/∂y (runtime/kernels/bias.cu).
-impl CustomOp3 for Conv {
-    fn name(&self) -> &'static str {
-        "cudnn-conv-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(CustomOp3::name(self))
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        ws: &CudaStorage,
-        wl: &Layout,
-        bs: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = xs.device();
-        let (mut y, dims) = self.forward(xs, xl, ws, wl)?;
-        crate::cuda::bias_add(dev, &mut y, &view(bs, bl)?, dims[1], dims[2] * dims[3])?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(y, dev.clone()),
-            Shape::from(dims.to_vec()),
-        ))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let (dx, dw) = self.grads(x, w, &dy)?;
-        let (batch, channels) = (dy.dim(0)?, dy.dim(1)?);
-        let db = dy
-            .apply_op1_no_bwd(&ChannelSums)?
-            .reshape((batch, channels))?
-            .sum(0)?;
-        Ok((dx, Some(dw), Some(db)))
-    }
-}
-
-/// (B, C, ...) → the (B·C) per-sample, per-channel sums.
-struct ChannelSums;
-
-impl candle_core::CustomOp1 for ChannelSums {
-    fn name(&self) -> &'static str {
-        "channel-sums"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let rows = l.dims()[0] * l.dims()[1];
-        Ok((crate::cuda::channel_sums(s, l)?, Shape::from(rows)))
-    }
-}
-
-impl CustomOp2 for BackwardData {
-    fn name(&self) -> &'static str {
-        "cudnn-conv-backward-data"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        dys: &CudaStorage,
-        dyl: &Layout,
-        ws: &CudaStorage,
-        wl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let pass = Pass::Data {
-            dy: view(dys, dyl)?,
-            w: view(ws, wl)?,
-        };
-        let dx = run_pass(dys.device(), pass, self.x_dims, dims4(wl)?, self.pad)?;
-        let shape = Shape::from(self.x_dims.to_vec());
-        Ok((
-            CudaStorage::wrap_cuda_slice(dx, dys.device().clone()),
-            shape,
-        ))
-    }
-}
-
-impl CustomOp2 for BackwardFilter {
-    fn name(&self) -> &'static str {
-        "cudnn-conv-backward-filter"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        dys: &CudaStorage,
-        dyl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let pass = Pass::Filter {
-            x: view(xs, xl)?,
-            dy: view(dys, dyl)?,
-        };
-        let dw = run_pass(xs.device(), pass, dims4(xl)?, self.w_dims, self.pad)?;
-        let shape = Shape::from(self.w_dims.to_vec());
-        Ok((CudaStorage::wrap_cuda_slice(dw, xs.device().clone()), shape))
-    }
+/// ∂L/∂w of dims `w_dims` from (x, ∂L/∂y).
+pub(crate) fn backward_filter(
+    xs: &CudaStorage,
+    xl: &Layout,
+    dys: &CudaStorage,
+    dyl: &Layout,
+    pad: [usize; 2],
+    w_dims: [usize; 4],
+) -> Result<CudaStorage> {
+    let pass = Pass::Filter {
+        x: view(xs, xl)?,
+        dy: view(dys, dyl)?,
+    };
+    let dw = run_pass(xs.device(), pass, dims4(xl)?, w_dims, pad)?;
+    Ok(CudaStorage::wrap_cuda_slice(dw, xs.device().clone()))
 }

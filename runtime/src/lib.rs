@@ -2,6 +2,7 @@
 //! spectrograms) -> dataset on disk -> `data` (batches) -> `train` (models, optim) -> checkpoints
 //! and logs. The generated code only wires constants and types into `train`.
 
+pub mod conv;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]

@@ -136,7 +136,6 @@ pub struct Conv {
     weight: Tensor,
     bias: Option<Tensor>,
     padding: usize,
-    dims: usize,
 }
 
 impl Conv {
@@ -191,49 +190,12 @@ impl Conv {
             weight,
             bias,
             padding: k / 2,
-            dims,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // On a GPU cuDNN adds the bias itself.
-        if let Some(y) = cudnn_conv(x, &self.weight, self.bias.as_ref(), self.padding) {
-            return y;
-        }
-        let y = match self.dims {
-            2 => x.conv2d(&self.weight, self.padding, 1, 1, 1)?,
-            // Candle 0.11.1's conv1d gives a wrong kernel gradient when padded (test below), so
-            // 1-D runs as 2-D with height 1, padded along the width only.
-            _ => x
-                .unsqueeze(2)?
-                .pad_with_zeros(3, self.padding, self.padding)?
-                .conv2d(&self.weight.unsqueeze(2)?, 0, 1, 1, 1)?
-                .squeeze(2)?,
-        };
-        match &self.bias {
-            None => Ok(y),
-            Some(b) if self.dims == 2 => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1))?),
-        }
+        crate::conv::conv(x, &self.weight, self.bias.as_ref(), self.padding)
     }
-}
-
-/// cuDNN's convolution (with the bias) for a tensor on the GPU (see cudnn.rs), else None.
-#[cfg(feature = "cuda")]
-fn cudnn_conv(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    padding: usize,
-) -> Option<Result<Tensor>> {
-    x.device()
-        .is_cuda()
-        .then(|| crate::cudnn::conv(x, w, b, padding))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cudnn_conv(_: &Tensor, _: &Tensor, _: Option<&Tensor>, _: usize) -> Option<Result<Tensor>> {
-    None
 }
 
 pub struct Linear {

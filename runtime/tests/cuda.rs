@@ -155,7 +155,7 @@ fn cudnn_convolution_matches_candle_on_the_cpu() -> Result<()> {
             Var::from_tensor(&b.to_device(&dev)?)?,
         );
         let bias = with_bias.then(|| bg.as_tensor());
-        let yg = signal_diffusion_runtime::cudnn::conv(xg.as_tensor(), wg.as_tensor(), bias, pad)?;
+        let yg = signal_diffusion_runtime::conv::conv(xg.as_tensor(), wg.as_tensor(), bias, pad)?;
         let gg = (&yg * &r.to_device(&dev)?)?.sum_all()?.backward()?;
         let mut checks = vec![
             ("forward", rel_diff(&yg, &yc)),
@@ -362,10 +362,10 @@ fn op_timings() -> Result<()> {
         let tag = format!("{c_in}->{c} @{side}");
         let bv = Var::from_tensor(&b)?;
         time(&format!("conv+bias fwd {tag}"), &|| {
-            signal_diffusion_runtime::cudnn::conv(x.as_tensor(), w.as_tensor(), Some(&b), 1)
+            signal_diffusion_runtime::conv::conv(x.as_tensor(), w.as_tensor(), Some(&b), 1)
         })?;
         time(&format!("conv+bias fwd+bwd {tag}"), &|| {
-            let out = signal_diffusion_runtime::cudnn::conv(
+            let out = signal_diffusion_runtime::conv::conv(
                 x.as_tensor(),
                 w.as_tensor(),
                 Some(bv.as_tensor()),

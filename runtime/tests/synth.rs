@@ -18,17 +18,30 @@ fn writes_the_raw_layout_and_its_preprocessed_spectrograms() {
     run(&args).unwrap();
     let raw = args.out.join("raw/parkinsons");
     let participants = std::fs::read_to_string(raw.join("participants.tsv")).unwrap();
-    assert_eq!(participants.lines().next(), Some("participant_id\tGROUP\tGENDER\tAGE"));
+    assert_eq!(
+        participants.lines().next(),
+        Some("participant_id\tGROUP\tGENDER\tAGE")
+    );
     assert_eq!(participants.lines().count(), 11);
     let set = raw.join("sub-001/eeg/sub-001_task-Rest_eeg.set");
     let rec = signal_diffusion_runtime::signal::eeglab::read(&set).unwrap();
     assert_eq!((rec.labels.len(), rec.sample_rate), (64, 500.0));
-    assert_eq!(rec.labels[30], "Fp2", "the parkinsons map's names at its indices");
-    assert_eq!(rec.samples, 3 * 1024 * 4, "two half-overlapping windows at 125 Hz, times 4");
+    assert_eq!(
+        rec.labels[30], "Fp2",
+        "the parkinsons map's names at its indices"
+    );
+    assert_eq!(
+        rec.samples,
+        3 * 1024 * 4,
+        "two half-overlapping windows at 125 Hz, times 4"
+    );
 
     let csv = std::fs::read_to_string(args.out.join("stfts/metadata.csv")).unwrap();
     let rows: Vec<&str> = csv.lines().collect();
-    assert_eq!(rows[0], "file_name,split,gender,health,age,parkinsons_condition");
+    assert_eq!(
+        rows[0],
+        "file_name,split,gender,health,age,parkinsons_condition"
+    );
     assert_eq!(rows.len(), 1 + 10 * 2);
     let test_rows = rows.iter().filter(|r| r.contains(",test,")).count();
     assert_eq!(test_rows, 2, "one test subject of ten");

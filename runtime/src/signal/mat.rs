@@ -293,7 +293,12 @@ impl<'a> Reader<'a> {
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .filter(|&c| c <= body.len())
-            .ok_or_else(|| err(format!("dimensions {dims:?} do not fit its {} bytes", body.len())))?;
+            .ok_or_else(|| {
+                err(format!(
+                    "dimensions {dims:?} do not fit its {} bytes",
+                    body.len()
+                ))
+            })?;
         let value = match class {
             CLASS_CELL => {
                 let mut values = Vec::with_capacity(count);
@@ -334,7 +339,12 @@ impl<'a> Reader<'a> {
                 let total = count
                     .checked_mul(fields.len())
                     .filter(|&t| t <= body.len() / 8)
-                    .ok_or_else(|| err(format!("{count} elements of {} fields do not fit", fields.len())))?;
+                    .ok_or_else(|| {
+                        err(format!(
+                            "{count} elements of {} fields do not fit",
+                            fields.len()
+                        ))
+                    })?;
                 let mut values = Vec::with_capacity(total);
                 for _ in 0..total {
                     let at = sub.pos;

@@ -67,7 +67,12 @@ pub struct Subject {
 /// few minutes): women have higher broadband amplitude and a slightly faster alpha peak; the
 /// alpha peak slows and weakens with age, and broadband power falls; Parkinson's disease
 /// steepens the 1/f background (more slow-wave power), slows alpha and raises theta.
-pub fn subject_recording(s: &Subject, samples: usize, fs: f64, rng: &mut ChaCha8Rng) -> Vec<Vec<f64>> {
+pub fn subject_recording(
+    s: &Subject,
+    samples: usize,
+    fs: f64,
+    rng: &mut ChaCha8Rng,
+) -> Vec<Vec<f64>> {
     let age = (s.age as f64 - 20.0) / 60.0; // 0..1 over 20..80 years
     let alpha_hz =
         11.0 - 2.0 * age + if s.female { 0.6 } else { 0.0 } - if s.parkinsons { 1.2 } else { 0.0 };
@@ -156,7 +161,9 @@ pub fn run(args: &SynthArgs) -> Result<()> {
             ChaCha8Rng::seed_from_u64(args.seed.wrapping_mul(1_000_003).wrapping_add(s.id as u64));
         let volts = subject_recording(s, samples, RAW_RATE, &mut srng);
         super::eeglab::write(
-            &raw.join(&id).join("eeg").join(format!("{id}_task-Rest_eeg.set")),
+            &raw.join(&id)
+                .join("eeg")
+                .join(format!("{id}_task-Rest_eeg.set")),
             &labels,
             RAW_RATE,
             &volts,
