@@ -1,4 +1,5 @@
-"""Side-by-side GPU benchmark of one classification training step: ours vs PyTorch.
+"""Side-by-side benchmark of one classification training step: ours vs PyTorch, on a GPU or on
+the CPU.
 
 The PyTorch side is the reference's cnn_light (spec/reference/classification.md §2.2) with its
 three heads, built from the same numbers as config/classification/baseline.toml: 1×256×256 input,
@@ -13,11 +14,18 @@ Peak GPU memory of each run is polled with nvidia-smi (the same way for both sid
 
 usage: python3 benches/classification_step.py --ours path/to/train [--steps 20] [--batch 192]
 (`--batch` other than 192: compile `--ours` from a copy of baseline.toml with that batch_size.)
+
+CPU: `--device cpu --threads 2 --batch 32 --steps 2` (ours compiled from baseline.toml with
+batch_size 32; both sides on the same thread count, each in its own process so its peak RSS is
+its own: ours through /usr/bin/time, PyTorch's from getrusage in the child). PyTorch eager
+only unless `--compile`: torch.compile on the CPU (inductor's C++) takes minutes to compile.
 """
 
 import argparse
 import json
+import resource
 import subprocess
+import sys
 import threading
 import time
 
@@ -80,9 +88,8 @@ class PeakMemory:
         self.thread.join()
 
 
-def torch_steps(compiled, steps, batch=192):
+def torch_steps(compiled, steps, batch=192, dev="cuda", warmup=3):
     torch.manual_seed(0)
-    dev = "cuda"
     model = Classifier().to(dev)
     n = sum(p.numel() for p in model.parameters())
     assert n == 5_249_477, n
@@ -109,15 +116,52 @@ def torch_steps(compiled, steps, batch=192):
         opt.step()
         return torch.cat([loss[None], per_task]).tolist()[0]
 
-    for _ in range(3):
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         last = step()
-    torch.cuda.synchronize()
+    sync()
     secs = time.perf_counter() - t0
-    return steps / secs, last, torch.cuda.max_memory_allocated() / 2**20
+    alloc = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else None
+    return steps / secs, last, alloc
+
+
+def cpu_main(args):
+    """Each side in its own process on `--threads` threads; peak RSS of each."""
+    flops = 1975.6e9 * args.batch / 32  # the plan's FLOPs per step at batch 32 (train --plan)
+    results = {}
+    env = {"RAYON_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
+    import os
+    out = subprocess.run(
+        ["/usr/bin/time", "-f", "maxrss_kib %M", args.ours, "--benchmark", str(args.steps)],
+        capture_output=True, text=True, env={**os.environ, **env},
+    )
+    print(out.stdout + out.stderr, flush=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith("benchmark")]
+    rss = [l for l in out.stderr.splitlines() if l.startswith("maxrss_kib")]
+    if line:
+        sps = float(line[0].split(" steps/s")[0].split()[-1])
+        results["ours"] = {"steps_per_s": sps, "peak_rss_mib": int(rss[0].split()[1]) / 1024 if rss else None}
+    variants = [("torch_eager", False)] + ([("torch_compile", True)] if args.compile else [])
+    for name, compiled in variants:
+        child = subprocess.run(
+            [sys.executable, __file__, "--torch-cpu-child", str(int(compiled)), "--steps", str(args.steps),
+             "--batch", str(args.batch), "--threads", str(args.threads), "--ours", args.ours],
+            capture_output=True, text=True, env={**os.environ, **env},
+        )
+        print(child.stderr[-2000:], flush=True)
+        results[name] = json.loads(child.stdout.strip().splitlines()[-1])
+        print(name, results[name], flush=True)
+    for r in results.values():
+        r["samples_per_s"] = r["steps_per_s"] * args.batch
+        r["gflops"] = r["steps_per_s"] * flops / 1e9
+    if "ours" in results:
+        for name, _ in variants:
+            results[f"ours_over_{name}"] = results["ours"]["steps_per_s"] / results[name]["steps_per_s"]
+    print(json.dumps(results, indent=1))
 
 
 def main():
@@ -125,7 +169,19 @@ def main():
     ap.add_argument("--ours", required=True)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=192, help="must equal the batch `--ours` was compiled with")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--threads", type=int, default=2, help="CPU: threads for both sides")
+    ap.add_argument("--compile", action="store_true", help="CPU: also time torch.compile")
+    ap.add_argument("--torch-cpu-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.torch_cpu_child is not None:
+        torch.set_num_threads(args.threads)
+        sps, last, _ = torch_steps(bool(args.torch_cpu_child), args.steps, args.batch, "cpu", warmup=1)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"steps_per_s": sps, "last_loss": last, "peak_rss_mib": rss}))
+        return
+    if args.device == "cpu":
+        return cpu_main(args)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True

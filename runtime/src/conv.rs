@@ -150,15 +150,9 @@ fn im2col<T: Copy + Default>(
     }
 }
 
-fn parallelism() -> gemm::Parallelism {
-    match candle_core::utils::get_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
-
-/// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, row-major with the given row strides, or
-/// `rhs` read transposed (`rhs_t`: stored n×k).
+/// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, row-major, or `rhs` read transposed (`rhs_t`:
+/// stored n×k). Single-threaded: the callers split work by sample across threads, which keeps
+/// both cores busy through im2col too (the GEMM's own threading left one idle during it).
 #[allow(clippy::too_many_arguments)]
 fn matmul<T: 'static + candle_core::WithDType>(
     m: usize,
@@ -197,9 +191,37 @@ fn matmul<T: 'static + candle_core::WithDType>(
             false,
             false,
             false,
-            parallelism(),
+            gemm::Parallelism::None,
         );
     }
+}
+
+/// Runs `work(sample, state)` for every sample of the batch on Candle's thread count, each
+/// thread with its own `state` (buffers, partial sums); returns the states.
+fn per_sample<S: Send>(
+    batch: usize,
+    state: impl Fn() -> S + Sync,
+    work: impl Fn(usize, &mut S) + Sync,
+) -> Vec<S> {
+    let threads = candle_core::utils::get_num_threads().clamp(1, batch.max(1));
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (state, work) = (&state, &work);
+                scope.spawn(move || {
+                    let mut s = state();
+                    for b in (t..batch).step_by(threads) {
+                        work(b, &mut s);
+                    }
+                    s
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("convolution threads do not panic"))
+            .collect()
+    })
 }
 
 /// The forward on the CPU: per sample, im2col then one GEMM; `bias` added per channel.
@@ -215,29 +237,49 @@ fn forward_cpu<T: 'static + candle_core::WithDType + Default>(
     let [o, _, kh, kw] = w_dims;
     let [_, _, ho, wo] = out_dims(x_dims, w_dims, pad);
     let ck = c * kh * kw;
-    let mut col = vec![T::default(); ck * ho * wo];
     let mut y = vec![T::default(); b * o * ho * wo];
-    for bi in 0..b {
-        im2col(
-            &x[bi * c * h * wd..(bi + 1) * c * h * wd],
-            [c, h, wd],
-            [kh, kw],
-            pad,
-            [ho, wo],
-            &mut col,
-        );
-        let yb = &mut y[bi * o * ho * wo..(bi + 1) * o * ho * wo];
-        if let Some(bias) = bias {
-            for (oc, plane) in yb.chunks_mut(ho * wo).enumerate() {
-                plane.fill(bias[oc]);
+    let out = SharedOut(y.as_mut_ptr());
+    per_sample(
+        b,
+        || vec![T::default(); ck * ho * wo],
+        |bi, col| {
+            im2col(
+                &x[bi * c * h * wd..(bi + 1) * c * h * wd],
+                [c, h, wd],
+                [kh, kw],
+                pad,
+                [ho, wo],
+                col,
+            );
+            // SAFETY: each sample's output block is written by exactly one thread.
+            let yb = unsafe { out.block(bi * o * ho * wo, o * ho * wo) };
+            if let Some(bias) = bias {
+                for (oc, plane) in yb.chunks_mut(ho * wo).enumerate() {
+                    plane.fill(bias[oc]);
+                }
             }
-        }
-        matmul(o, ho * wo, ck, yb, w, &col, false, bias.is_some());
-    }
+            matmul(o, ho * wo, ck, yb, w, col, false, bias.is_some());
+        },
+    );
     y
 }
 
-/// ∂L/∂w = Σ_b ∂Y_b · col(X_b)ᵀ.
+/// A pointer to an output that threads fill in disjoint blocks.
+struct SharedOut<T>(*mut T);
+
+// SAFETY: only used to hand disjoint blocks of one buffer to the threads of `per_sample`.
+unsafe impl<T> Sync for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
+    /// # Safety
+    /// No two live blocks may overlap, and the block must lie inside the buffer.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn block(&self, start: usize, len: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
+
+/// ∂L/∂w = Σ_b ∂Y_b · col(X_b)ᵀ, each thread summing its samples, then the threads' sums.
 fn backward_filter_cpu<T: 'static + candle_core::WithDType + Default>(
     x: &[T],
     x_dims: [usize; 4],
@@ -249,19 +291,35 @@ fn backward_filter_cpu<T: 'static + candle_core::WithDType + Default>(
     let [o, _, kh, kw] = w_dims;
     let [_, _, ho, wo] = out_dims(x_dims, w_dims, pad);
     let ck = c * kh * kw;
-    let mut col = vec![T::default(); ck * ho * wo];
-    let mut dw = vec![T::default(); o * ck];
-    for bi in 0..b {
-        im2col(
-            &x[bi * c * h * wd..(bi + 1) * c * h * wd],
-            [c, h, wd],
-            [kh, kw],
-            pad,
-            [ho, wo],
-            &mut col,
-        );
-        let dyb = &dy[bi * o * ho * wo..(bi + 1) * o * ho * wo];
-        matmul(o, ck, ho * wo, &mut dw, dyb, &col, true, bi > 0);
+    let partial = per_sample(
+        b,
+        || {
+            (
+                vec![T::default(); ck * ho * wo],
+                vec![T::default(); o * ck],
+                false,
+            )
+        },
+        |bi, (col, dw, started)| {
+            im2col(
+                &x[bi * c * h * wd..(bi + 1) * c * h * wd],
+                [c, h, wd],
+                [kh, kw],
+                pad,
+                [ho, wo],
+                col,
+            );
+            let dyb = &dy[bi * o * ho * wo..(bi + 1) * o * ho * wo];
+            matmul(o, ck, ho * wo, dw, dyb, col, true, *started);
+            *started = true;
+        },
+    );
+    let mut sums = partial.into_iter().map(|(_, dw, _)| dw);
+    let mut dw = sums.next().expect("at least one thread");
+    for other in sums {
+        for (a, b) in dw.iter_mut().zip(other) {
+            *a += b;
+        }
     }
     dw
 }

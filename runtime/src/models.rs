@@ -115,7 +115,7 @@ fn run_blocks(
 }
 
 fn pool2d(x: &Tensor) -> Result<Tensor> {
-    x.avg_pool2d(2)
+    crate::ops::avg_pool(x, 2, 2)
 }
 
 impl Backbone for CnnLight {

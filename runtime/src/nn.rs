@@ -379,12 +379,9 @@ pub fn dropout(x: &Tensor, p: f64, mode: &mut Mode) -> Result<Tensor> {
     crate::ops::dropout(x, p, mode.rng.random::<u64>())
 }
 
-/// AvgPool1d(2, 2) over the last axis (floor, as PyTorch).
+/// AvgPool1d(2, 2) over the last axis (floor, as PyTorch): the 2-D pool of height 1.
 pub fn avg_pool1d_2(x: &Tensor) -> Result<Tensor> {
-    let (b, c, l) = x.dims3()?;
-    x.narrow(2, 0, l / 2 * 2)?
-        .reshape((b, c, l / 2, 2))?
-        .mean(3)
+    crate::ops::avg_pool(&x.unsqueeze(2)?, 1, 2)?.squeeze(2)
 }
 
 #[cfg(test)]

@@ -106,51 +106,83 @@ fn forward_cpu<T: Real>(x: &[T], w: &[T], b: &[T], batch: usize, n: usize) -> Ve
     per_sample(batch, n, |s, y| {
         let xs = &x[s * n..(s + 1) * n];
         let (mean, rstd) = moments(xs);
-        for (i, (y, &v)) in y.iter_mut().zip(xs).enumerate() {
-            let c = i / hw;
-            *y = T::of((v.into() - mean) * rstd * w[c].into() + b[c].into());
+        // Per channel: y = x·scale + shift.
+        for (c, (yc, xc)) in y.chunks_mut(hw).zip(xs.chunks(hw)).enumerate() {
+            let scale = rstd * w[c].into();
+            let shift = b[c].into() - mean * scale;
+            for (y, &v) in yc.iter_mut().zip(xc) {
+                *y = T::of(v.into() * scale + shift);
+            }
         }
     })
 }
 
 /// With g' = g·w[c]: dx = rstd · (g' − mean(g') − x̂ · mean(g'·x̂)); per channel Σ g·x̂ and Σ g.
-/// Returns the packed [dx | Σ g·x̂ (B·C) | Σ g (B·C)] the GPU kernel writes.
+/// Returns the packed [dx | Σ g·x̂ (B·C) | Σ g (B·C)] the GPU kernel writes. Loops run per
+/// channel (no index division per element); samples are split across threads.
 fn backward_cpu<T: Real>(x: &[T], w: &[T], g: &[T], batch: usize, n: usize) -> Vec<T> {
     let c = w.len();
     let hw = n / c;
-    // Each sample's slice of the output: its dx (n values), then its 2·C channel sums.
-    let rows = per_sample(batch, n + 2 * c, |s, out| {
-        let (xs, gs) = (&x[s * n..(s + 1) * n], &g[s * n..(s + 1) * n]);
-        let (mean, rstd) = moments(xs);
-        let (mut sg, mut sgx) = (0f64, 0f64);
-        for (i, (&xv, &gv)) in xs.iter().zip(gs).enumerate() {
-            let gp = gv.into() * w[i / hw].into();
-            sg += gp;
-            sgx += gp * (xv.into() - mean) * rstd;
-        }
-        let (gm, gxm) = (sg / n as f64, sgx / n as f64);
-        let (dx, sums) = out.split_at_mut(n);
-        for ch in 0..c {
-            let (mut sw, mut sb) = (0f64, 0f64);
-            for i in ch * hw..(ch + 1) * hw {
-                let xhat = (xs[i].into() - mean) * rstd;
-                let gv: f64 = gs[i].into();
-                dx[i] = T::of(rstd * (gv * w[ch].into() - gm - xhat * gxm));
-                sw += gv * xhat;
-                sb += gv;
-            }
-            sums[ch] = T::of(sw);
-            sums[c + ch] = T::of(sb);
+    let mut packed = vec![T::default(); batch * (n + 2 * c)];
+    let (dx_all, sums_all) = packed.split_at_mut(batch * n);
+    // Per sample: its C values of Σ g·x̂, then its C values of Σ g.
+    let mut sums = vec![T::default(); batch * 2 * c];
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .clamp(1, batch.max(1));
+    let per = batch.div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (k, (dxs, ss)) in dx_all
+            .chunks_mut(per * n)
+            .zip(sums.chunks_mut(per * 2 * c))
+            .enumerate()
+        {
+            scope.spawn(move || {
+                for (i, (dx, sum)) in dxs.chunks_mut(n).zip(ss.chunks_mut(2 * c)).enumerate() {
+                    let s = k * per + i;
+                    let (xs, gs) = (&x[s * n..(s + 1) * n], &g[s * n..(s + 1) * n]);
+                    let (mean, rstd) = moments(xs);
+                    // Per channel Σ g and Σ g·x: everything else follows from them.
+                    for ch in 0..c {
+                        let (mut sg, mut sgx) = (0f64, 0f64);
+                        for (&xv, &gv) in xs[ch * hw..(ch + 1) * hw]
+                            .iter()
+                            .zip(&gs[ch * hw..(ch + 1) * hw])
+                        {
+                            let gv: f64 = gv.into();
+                            sg += gv;
+                            sgx += gv * xv.into();
+                        }
+                        // Σ g·x̂ = rstd·(Σ g·x − mean·Σ g)
+                        sum[ch] = T::of(rstd * (sgx - mean * sg));
+                        sum[c + ch] = T::of(sg);
+                    }
+                    let (mut gm, mut gxm) = (0f64, 0f64);
+                    for ch in 0..c {
+                        let wc: f64 = w[ch].into();
+                        gm += wc * sum[c + ch].into();
+                        gxm += wc * sum[ch].into();
+                    }
+                    let (gm, gxm) = (gm / n as f64, gxm / n as f64);
+                    for ch in 0..c {
+                        // dx = rstd·(g·w − gm − x̂·gxm) = g·a + x·b + d per channel.
+                        let a = rstd * w[ch].into();
+                        let bx = -rstd * gxm * rstd;
+                        let d = -rstd * gm + rstd * gxm * rstd * mean;
+                        let (xc, gc) = (&xs[ch * hw..(ch + 1) * hw], &gs[ch * hw..(ch + 1) * hw]);
+                        for ((o, &xv), &gv) in dx[ch * hw..(ch + 1) * hw].iter_mut().zip(xc).zip(gc)
+                        {
+                            *o = T::of(gv.into() * a + xv.into() * bx + d);
+                        }
+                    }
+                }
+            });
         }
     });
-    // Re-pack sample-major rows into the kernel's layout.
-    let mut packed = vec![T::default(); batch * (n + 2 * c)];
     for s in 0..batch {
-        let row = &rows[s * (n + 2 * c)..(s + 1) * (n + 2 * c)];
-        packed[s * n..(s + 1) * n].copy_from_slice(&row[..n]);
-        packed[batch * n + s * c..batch * n + (s + 1) * c].copy_from_slice(&row[n..n + c]);
-        let db = batch * n + batch * c + s * c;
-        packed[db..db + c].copy_from_slice(&row[n + c..]);
+        let row = &sums[s * 2 * c..(s + 1) * 2 * c];
+        sums_all[s * c..(s + 1) * c].copy_from_slice(&row[..c]);
+        sums_all[batch * c + s * c..batch * c + (s + 1) * c].copy_from_slice(&row[c..]);
     }
     packed
 }
@@ -320,18 +352,17 @@ impl CustomOp1 for Dropout {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous::<f32>(s, l)?;
-        let y = x
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| {
+        let y = par_map(x.len(), |start, out: &mut [f32]| {
+            for (j, o) in out.iter_mut().enumerate() {
+                let i = start + j;
                 let r = (splitmix64(self.seed.wrapping_add(i as u64)) >> 40) as u32;
-                if r < self.threshold {
-                    v * self.scale
+                *o = if r < self.threshold {
+                    x[i] * self.scale
                 } else {
                     0.0
-                }
-            })
-            .collect();
+                };
+            }
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -350,13 +381,111 @@ impl CustomOp1 for Dropout {
     }
 }
 
-/// GELU (erf form) with a one-kernel backward on the GPU (runtime/kernels/gelu.cu); elsewhere
-/// Candle's `gelu_erf`, whose backward is ten elementwise ops.
+/// An elementwise pass over `len` outputs on Candle's thread count: `fill(start, chunk)` writes
+/// the outputs `start..start + chunk.len()`.
+fn par_map<T: Default + Clone + Send>(len: usize, fill: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    let mut out = vec![T::default(); len];
+    let threads = candle_core::utils::get_num_threads().clamp(1, len.div_ceil(1 << 16).max(1));
+    let chunk = len.div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (k, part) in out.chunks_mut(chunk).enumerate() {
+            let fill = &fill;
+            scope.spawn(move || fill(k * chunk, part));
+        }
+    });
+    out
+}
+
+/// GELU (erf form), `0.5·x·(1 + erf(x/√2))`, with a one-pass backward
+/// `g·(Φ(x) + x·φ(x))`: on the GPU runtime/kernels/gelu.cu, on the CPU the loops below (Candle's
+/// `gelu_erf` backward is ten elementwise ops, each a full-size tensor).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    match x.device().is_cuda() && x.dtype() == DType::F32 {
-        true => x.contiguous()?.apply_op1(Gelu),
-        false => x.gelu_erf(),
+    match x.dtype() {
+        DType::F32 | DType::F64 => x.contiguous()?.apply_op1(Gelu),
+        _ => x.gelu_erf(),
     }
+}
+
+/// Φ(x) and φ(x) of the standard normal.
+fn gelu_parts(x: f64) -> (f64, f64) {
+    (
+        0.5 * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2)),
+        (-0.5 * x * x).exp()
+            * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2),
+    )
+}
+
+/// e^x for f32 without a library call, so loops over it vectorise: Cephes' `expf` (range
+/// reduction by ln 2 in two parts, a degree-6 polynomial; ≈ 2 ulp), inputs clamped to the
+/// normal range.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.3);
+    // n = round(x / ln 2), by the 1.5·2^23 trick (exact for |n| < 2^22).
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Φ(x) and φ(x) in f32, vectorisable: erf by Abramowitz & Stegun 7.1.26 (absolute error
+/// ≤ 1.5e-7, the formula PyTorch's vectorised CPU erf uses), with exp(−x²/2) computed once
+/// (exp(−x²) is its square).
+#[inline(always)]
+fn gelu_parts_f32(x: f32) -> (f32, f32) {
+    let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+    let half_gauss = exp_f32(-0.5 * x * x); // exp(−x²/2) = exp(−z²)
+    let erf = (1.0 - poly * half_gauss).copysign(x);
+    (
+        0.5 * (1.0 + erf),
+        half_gauss * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2),
+    )
+}
+
+/// The f32 GELU loops, compiled for AVX2 where the CPU has it (checked at run time).
+fn gelu_f32(x: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(x: &[f32], out: &mut [f32]) {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = v * gelu_parts_f32(v).0;
+            }
+        }
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { avx2(x, out) };
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = v * gelu_parts_f32(v).0;
+    }
+}
+
+fn gelu_backward_f32(x: &[f32], g: &[f32], out: &mut [f32]) {
+    #[inline(always)]
+    fn body(x: &[f32], g: &[f32], out: &mut [f32]) {
+        for ((o, &v), &d) in out.iter_mut().zip(x).zip(g) {
+            let (cdf, pdf) = gelu_parts_f32(v);
+            *o = d * (cdf + v * pdf);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(x: &[f32], g: &[f32], out: &mut [f32]) {
+            body(x, g, out)
+        }
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { avx2(x, g, out) };
+    }
+    body(x, g, out)
 }
 
 struct Gelu;
@@ -369,8 +498,25 @@ impl CustomOp1 for Gelu {
         "gelu"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused GELU runs on CUDA only (the CPU uses gelu_erf)")
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = match s {
+            CpuStorage::F32(_) => {
+                let x = contiguous::<f32>(s, l)?;
+                CpuStorage::F32(par_map(x.len(), |start, out: &mut [f32]| {
+                    gelu_f32(&x[start..start + out.len()], out)
+                }))
+            }
+            CpuStorage::F64(_) => {
+                let x = contiguous::<f64>(s, l)?;
+                CpuStorage::F64(par_map(x.len(), |start, out: &mut [f64]| {
+                    for (o, &v) in out.iter_mut().zip(&x[start..]) {
+                        *o = v * gelu_parts(v).0;
+                    }
+                }))
+            }
+            _ => candle_core::bail!("gelu runs in f32 or f64"),
+        };
+        Ok((y, l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -396,12 +542,31 @@ impl CustomOp2 for GeluBackward {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused GELU runs on CUDA only")
+        let dx = match (xs, gs) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (x, g) = (contiguous::<f32>(xs, xl)?, contiguous::<f32>(gs, gl)?);
+                CpuStorage::F32(par_map(x.len(), |start, out: &mut [f32]| {
+                    let end = start + out.len();
+                    gelu_backward_f32(&x[start..end], &g[start..end], out)
+                }))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let (x, g) = (contiguous::<f64>(xs, xl)?, contiguous::<f64>(gs, gl)?);
+                CpuStorage::F64(par_map(x.len(), |start, out: &mut [f64]| {
+                    for ((o, &v), &d) in out.iter_mut().zip(&x[start..]).zip(&g[start..]) {
+                        let (cdf, pdf) = gelu_parts(v);
+                        *o = d * (cdf + v * pdf);
+                    }
+                }))
+            }
+            _ => candle_core::bail!("gelu's backward runs in f32 or f64, both inputs alike"),
+        };
+        Ok((dx, xl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -416,6 +581,118 @@ impl CustomOp2 for GeluBackward {
             crate::cuda::gelu_backward(xs, xl, gs, gl)?,
             xl.shape().clone(),
         ))
+    }
+}
+
+/// Average pooling with a `kh × kw` window and the same stride over the last two axes of
+/// (B, C, H, W), trailing rows and columns dropped (PyTorch's floor). One pass forward and one
+/// backward on the CPU (Candle's backward is an upsample and a division, two full-size
+/// tensors); on a GPU Candle's own op.
+pub fn avg_pool(x: &Tensor, kh: usize, kw: usize) -> Result<Tensor> {
+    if x.device().is_cuda() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return x.avg_pool2d((kh, kw));
+    }
+    let (_, _, h, w) = x.dims4()?;
+    x.contiguous()?.apply_op1(AvgPool { kh, kw, h, w })
+}
+
+#[derive(Clone, Copy)]
+struct AvgPool {
+    kh: usize,
+    kw: usize,
+    /// The input's spatial size (the backward's output).
+    h: usize,
+    w: usize,
+}
+
+/// ∂L/∂x of `AvgPool` from ∂L/∂y.
+struct AvgPoolBackward(AvgPool);
+
+fn pool_fwd<T: Real>(x: &[T], p: AvgPool, planes: usize) -> Vec<T> {
+    let (ho, wo) = (p.h / p.kh, p.w / p.kw);
+    let inv = 1.0 / (p.kh * p.kw) as f64;
+    par_map(planes * ho * wo, |start, out: &mut [T]| {
+        for (k, o) in out.iter_mut().enumerate() {
+            let i = start + k;
+            let (plane, oi, oj) = (i / (ho * wo), i / wo % ho, i % wo);
+            let base = plane * p.h * p.w;
+            let mut acc = 0f64;
+            for u in 0..p.kh {
+                for v in 0..p.kw {
+                    acc += x[base + (oi * p.kh + u) * p.w + oj * p.kw + v].into();
+                }
+            }
+            *o = T::of(acc * inv);
+        }
+    })
+}
+
+fn pool_bwd<T: Real>(g: &[T], p: AvgPool, planes: usize) -> Vec<T> {
+    let (ho, wo) = (p.h / p.kh, p.w / p.kw);
+    let inv = 1.0 / (p.kh * p.kw) as f64;
+    par_map(planes * p.h * p.w, |start, out: &mut [T]| {
+        for (k, o) in out.iter_mut().enumerate() {
+            let i = start + k;
+            let (plane, r, c) = (i / (p.h * p.w), i / p.w % p.h, i % p.w);
+            let (oi, oj) = (r / p.kh, c / p.kw);
+            *o = if oi < ho && oj < wo {
+                T::of(g[(plane * ho + oi) * wo + oj].into() * inv)
+            } else {
+                T::default()
+            };
+        }
+    })
+}
+
+impl CustomOp1 for AvgPool {
+    fn name(&self) -> &'static str {
+        "avg-pool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = l.dims();
+        let planes = d[0] * d[1];
+        let y = match s {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(pool_fwd(contiguous::<f32>(s, l)?, *self, planes))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(pool_fwd(contiguous::<f64>(s, l)?, *self, planes))
+            }
+            _ => candle_core::bail!("avg_pool runs in f32 or f64"),
+        };
+        Ok((
+            y,
+            Shape::from((d[0], d[1], self.h / self.kh, self.w / self.kw)),
+        ))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            grad.contiguous()?
+                .apply_op1_no_bwd(&AvgPoolBackward(*self))?,
+        ))
+    }
+}
+
+impl CustomOp1 for AvgPoolBackward {
+    fn name(&self) -> &'static str {
+        "avg-pool-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = l.dims();
+        let planes = d[0] * d[1];
+        let dx = match s {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(pool_bwd(contiguous::<f32>(s, l)?, self.0, planes))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(pool_bwd(contiguous::<f64>(s, l)?, self.0, planes))
+            }
+            _ => candle_core::bail!("avg_pool runs in f32 or f64"),
+        };
+        Ok((dx, Shape::from((d[0], d[1], self.0.h, self.0.w))))
     }
 }
 
@@ -458,6 +735,122 @@ mod tests {
             let diff = max((a - t)?)?;
             let scale = max(t.clone())?;
             assert!(diff < 1e-10 * scale.max(1.0), "d{name} differs by {diff}");
+        }
+        Ok(())
+    }
+
+    /// GELU equals Candle's `gelu_erf` (f64, 1e-12); its one-pass gradient equals the central
+    /// difference of that forward (h = 1e-5: truncation ≈ 1e-10, tolerance 1e-8). (Candle's
+    /// own backward differs from the difference by up to 8e-7.)
+    #[test]
+    fn gelu_matches_candles_and_its_gradient_the_derivative() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 2.0, 100_001, &dev)?)?;
+        let ours = gelu(x.as_tensor())?;
+        let max = |t: Tensor| t.abs()?.max_all()?.to_scalar::<f64>();
+        assert!(max((&ours - x.as_tensor().gelu_erf()?)?)? < 1e-12);
+        let grad = ours.sum_all()?.backward()?;
+        let h = 1e-5;
+        let central =
+            ((x.as_tensor() + h)?.gelu_erf()? - (x.as_tensor() - h)?.gelu_erf()?)? / (2.0 * h);
+        let d = max((grad.get(&x).unwrap() - central?)?)?;
+        assert!(d < 1e-8, "gradient differs from the derivative by {d}");
+        Ok(())
+    }
+
+    /// The f32 GELU (A&S erf, our exp) against the exact f64 one: value within
+    /// 4e-7·max(1, |x|), gradient within 1e-6·max(1, |x|) — f32 resolution.
+    #[test]
+    fn gelu_f32_is_within_f32_resolution_of_the_exact_one() -> Result<()> {
+        let dev = Device::Cpu;
+        let x64 = Tensor::randn(0f64, 3.0, 200_001, &dev)?;
+        let x32 = Var::from_tensor(&x64.to_dtype(DType::F32)?)?;
+        let x64 = Var::from_tensor(&x32.as_tensor().to_dtype(DType::F64)?)?;
+        let y32 = gelu(x32.as_tensor())?;
+        let y64 = gelu(x64.as_tensor())?;
+        let g32 = y32
+            .sum_all()?
+            .backward()?
+            .get(&x32)
+            .unwrap()
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        let g64 = y64
+            .sum_all()?
+            .backward()?
+            .get(&x64)
+            .unwrap()
+            .to_vec1::<f64>()?;
+        let (y32, y64) = (
+            y32.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+            y64.to_vec1::<f64>()?,
+        );
+        for (i, x) in x64.as_tensor().to_vec1::<f64>()?.into_iter().enumerate() {
+            let scale = x.abs().max(1.0);
+            assert!(
+                (y32[i] - y64[i]).abs() <= 4e-7 * scale,
+                "gelu({x}): {} vs {}",
+                y32[i],
+                y64[i]
+            );
+            assert!(
+                (g32[i] - g64[i]).abs() <= 1e-6 * scale,
+                "gelu'({x}): {} vs {}",
+                g32[i],
+                g64[i]
+            );
+        }
+        Ok(())
+    }
+
+    /// Pooling and its gradient equal Candle's avg_pool2d on even sizes (f64, 1e-12). On odd
+    /// sizes the trailing row and column get no gradient (PyTorch's floor; Candle's backward
+    /// upsamples into them, which is wrong) and the rest gets ∂L/∂y / (kh·kw).
+    #[test]
+    fn avg_pool_matches_candles_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let max = |t: Tensor| t.abs()?.max_all()?.to_scalar::<f64>();
+        for (kh, kw) in [(2, 2), (1, 2)] {
+            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 8, 10), &dev)?)?;
+            let ours = avg_pool(x.as_tensor(), kh, kw)?;
+            let theirs = x.as_tensor().avg_pool2d((kh, kw))?;
+            let r = Tensor::randn(0f64, 1.0, theirs.shape(), &dev)?;
+            assert!(max((&ours - &theirs)?)? < 1e-12);
+            let g1 = (ours * &r)?.sum_all()?.backward()?;
+            let g2 = (theirs * &r)?.sum_all()?.backward()?;
+            assert!(max((g1.get(&x).unwrap() - g2.get(&x).unwrap())?)? < 1e-12);
+        }
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (1, 1, 5, 7), &dev)?)?;
+        let y = avg_pool(x.as_tensor(), 2, 2)?;
+        assert!(
+            max((&y
+                - x.as_tensor()
+                    .narrow(2, 0, 4)?
+                    .narrow(3, 0, 6)?
+                    .avg_pool2d(2)?)?)?
+                < 1e-12
+        );
+        let r = Tensor::randn(0f64, 1.0, (1, 1, 2, 3), &dev)?;
+        let g = (y * &r)?
+            .sum_all()?
+            .backward()?
+            .get(&x)
+            .unwrap()
+            .squeeze(0)?
+            .squeeze(0)?;
+        let (g, r) = (
+            g.to_vec2::<f64>()?,
+            r.squeeze(0)?.squeeze(0)?.to_vec2::<f64>()?,
+        );
+        for (i, row) in g.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                let want = if i < 4 && j < 6 {
+                    r[i / 2][j / 2] / 4.0
+                } else {
+                    0.0
+                };
+                assert!((v - want).abs() < 1e-15, "({i}, {j}): {v} vs {want}");
+            }
         }
         Ok(())
     }
