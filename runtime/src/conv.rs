@@ -13,6 +13,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
+use crate::ops::contiguous as values;
+
 /// Convolution of `x` (B, C, [H,] W) with `w` (O, C, [kh,] kw), zero padding `padding` on every
 /// spatial side, plus `bias` (O) when given; differentiable in all of them.
 pub fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Tensor> {
@@ -105,14 +107,6 @@ impl Conv {
 }
 
 // ------------------------------------------------------------------------------------ CPU
-
-/// A contiguous CPU tensor's values.
-fn values<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("a convolution needs contiguous inputs"),
-    }
-}
 
 /// `col[(c·kh + i)·kw + j][oh·Wo + ow] = x[c][oh + i − ph][ow + j − pw]` (0 outside).
 fn im2col<T: Copy + Default>(

@@ -23,21 +23,27 @@ pub fn write_atomic_unsynced(
     write_through_temp(path, false, write)
 }
 
-fn write_through_temp(
-    path: &Path,
-    sync: bool,
-    write: impl FnOnce(&mut dyn Write) -> Result<()>,
-) -> Result<()> {
+/// A temporary file name next to `path` (hidden, with the process id), its directory created:
+/// where an atomic write goes before its rename.
+pub fn temp_path_for(path: &Path) -> Result<std::path::PathBuf> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join(format!(
+    Ok(dir.join(format!(
         ".{}.tmp{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
         std::process::id()
-    ));
+    )))
+}
+
+fn write_through_temp(
+    path: &Path,
+    sync: bool,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    let tmp = temp_path_for(path)?;
     let result = (|| {
         let f = std::fs::File::create(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;

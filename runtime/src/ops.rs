@@ -39,7 +39,11 @@ fn rows(shape: &Shape) -> Result<(usize, usize)> {
     Ok((dims[0], shape.elem_count() / dims[0]))
 }
 
-fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+/// A contiguous CPU tensor's values.
+pub(crate) fn contiguous<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
         None => candle_core::bail!("a fused op needs a contiguous input"),

@@ -139,16 +139,7 @@ impl TableWriter {
             .set_compression(Compression::UNCOMPRESSED)
             .set_key_value_metadata(Some(vec![KeyValue::new("huggingface".into(), hf)]))
             .build();
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp{}",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("table"),
-            std::process::id()
-        ));
+        let tmp = crate::io::temp_path_for(path)?;
         let file =
             File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         let writer =

@@ -318,20 +318,7 @@ fn write_edf(path: &Path, n_ch: usize, seconds: usize) {
                 .collect(),
         })
         .collect();
-    let rec = Recording {
-        path: path.to_path_buf(),
-        format: Format::Edf,
-        variant: String::new(),
-        patient: "X".into(),
-        recording: "test".into(),
-        start_date: "01.01.20".into(),
-        start_time: "00.00.00".into(),
-        record_duration: 1.0,
-        records: seconds,
-        start_offset: 0.0,
-        signals,
-        annotations: vec![],
-    };
+    let rec = Recording::new(path, Format::Edf, 1.0, signals);
     edf::write(path, &rec, Format::Edf).unwrap();
 }
 

@@ -37,20 +37,7 @@ fn write_subject(raw: &Path, name: &str, seconds: usize, alpha_uv: f64) {
                 .collect(),
         })
         .collect();
-    let rec = Recording {
-        path: raw.join(name),
-        format: Format::Edf,
-        variant: String::new(),
-        patient: "X".into(),
-        recording: "test".into(),
-        start_date: "01.01.20".into(),
-        start_time: "00.00.00".into(),
-        record_duration: 1.0,
-        records: seconds,
-        start_offset: 0.0,
-        signals,
-        annotations: vec![],
-    };
+    let rec = Recording::new(&raw.join(name), Format::Edf, 1.0, signals);
     edf::write(&raw.join(name), &rec, Format::Edf).unwrap();
 }
 

@@ -94,6 +94,29 @@ pub struct Recording {
 }
 
 impl Recording {
+    /// A plain (non-+) recording of `signals` in records of `record_duration` seconds, each
+    /// signal contributing its `samples_per_record` per record; patient and recording fields
+    /// are placeholders, the start is 01.01.20 00.00.00.
+    pub fn new(path: &Path, format: Format, record_duration: f64, signals: Vec<Signal>) -> Self {
+        let records = signals
+            .first()
+            .map_or(0, |s| s.digital.len() / s.samples_per_record.max(1));
+        Recording {
+            path: path.to_path_buf(),
+            format,
+            variant: String::new(),
+            patient: "X".into(),
+            recording: "X".into(),
+            start_date: "01.01.20".into(),
+            start_time: "00.00.00".into(),
+            record_duration,
+            records,
+            start_offset: 0.0,
+            signals,
+            annotations: vec![],
+        }
+    }
+
     pub fn channel(&self, label: &str) -> Option<&Signal> {
         let norm = |s: &str| s.trim().trim_end_matches('.').to_uppercase();
         self.signals.iter().find(|s| norm(&s.label) == norm(label))
