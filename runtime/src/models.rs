@@ -7,7 +7,7 @@
 use candle_core::{Result, Tensor};
 
 use crate::nn::{
-    avg_pool1d_2, dropout, Act, Activation, BatchNorm, Conv, GroupNorm1, LayerNorm, Linear, Mode,
+    dropout, dropout_pool, Act, Activation, BatchNorm, Conv, GroupNorm1, LayerNorm, Linear, Mode,
     Params, SelfAttention,
 };
 use crate::tasks::TaskSpec;
@@ -97,25 +97,15 @@ fn blocks(
     Ok(out)
 }
 
-fn run_blocks(
-    blocks: &[Block],
-    mut x: Tensor,
-    p: f64,
-    mode: &mut Mode,
-    pool: fn(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
+fn run_blocks(blocks: &[Block], mut x: Tensor, p: f64, mode: &mut Mode) -> Result<Tensor> {
     for b in blocks {
         x = b.norm.forward(&x, mode)?;
         for (conv, act) in &b.convs {
             x = act.forward(&conv.forward(&x)?)?;
         }
-        x = pool(&dropout(&x, p, mode)?)?;
+        x = dropout_pool(&x, p, mode)?;
     }
     Ok(x)
-}
-
-fn pool2d(x: &Tensor) -> Result<Tensor> {
-    crate::ops::avg_pool(x, 2, 2)
 }
 
 impl Backbone for CnnLight {
@@ -152,8 +142,8 @@ impl Backbone for CnnLight {
         let x = self
             .stem_norm
             .forward(&self.stem_act.forward(&self.stem.forward(x)?)?)?;
-        let x = pool2d(&dropout(&x, self.dropout, mode)?)?;
-        let x = run_blocks(&self.blocks, x, self.dropout, mode, pool2d)?;
+        let x = dropout_pool(&x, self.dropout, mode)?;
+        let x = run_blocks(&self.blocks, x, self.dropout, mode)?;
         x.mean(3)?.mean(2)
     }
 }
@@ -225,8 +215,8 @@ impl Backbone for Cnn1d {
         let x = self
             .stem_norm
             .forward(&self.stem_act.forward(&self.stem.forward(x)?)?, mode)?;
-        let x = avg_pool1d_2(&dropout(&x, self.dropout, mode)?)?;
-        let x = run_blocks(&self.blocks, x, self.dropout, mode, avg_pool1d_2)?;
+        let x = dropout_pool(&x, self.dropout, mode)?;
+        let x = run_blocks(&self.blocks, x, self.dropout, mode)?;
         self.proj.forward(&x.mean(2)?)
     }
 }
@@ -310,10 +300,12 @@ impl Backbone for Cnn {
     }
 
     fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
-        let mut x = pool2d(
+        let mut x = crate::ops::avg_pool(
             &self
                 .stem_act
                 .forward(&self.stem_norm.forward(&self.stem.forward(x)?, mode)?)?,
+            2,
+            2,
         )?;
         for units in &self.blocks {
             for u in units {
@@ -327,7 +319,7 @@ impl Backbone for Cnn {
                 };
                 x = u.act_out.forward(&(h + skip)?)?;
             }
-            x = pool2d(&dropout(&x, self.dropout, mode)?)?;
+            x = dropout_pool(&x, self.dropout, mode)?;
         }
         x.mean(3)?.mean(2)
     }

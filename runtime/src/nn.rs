@@ -379,9 +379,21 @@ pub fn dropout(x: &Tensor, p: f64, mode: &mut Mode) -> Result<Tensor> {
     crate::ops::dropout(x, p, mode.rng.random::<u64>())
 }
 
-/// AvgPool1d(2, 2) over the last axis (floor, as PyTorch): the 2-D pool of height 1.
-pub fn avg_pool1d_2(x: &Tensor) -> Result<Tensor> {
-    crate::ops::avg_pool(&x.unsqueeze(2)?, 1, 2)?.squeeze(2)
+/// Dropout, then average pooling with a window of 2 along each spatial axis (2×2 on images,
+/// 2 on time series; floor, as PyTorch). In training on the CPU one fused op.
+pub fn dropout_pool(x: &Tensor, p: f64, mode: &mut Mode) -> Result<Tensor> {
+    if x.rank() == 3 {
+        return pool_2d_or_fused(&x.unsqueeze(2)?, p, mode, 1)?.squeeze(2);
+    }
+    pool_2d_or_fused(x, p, mode, 2)
+}
+
+fn pool_2d_or_fused(x: &Tensor, p: f64, mode: &mut Mode, kh: usize) -> Result<Tensor> {
+    if !mode.train || p <= 0.0 {
+        return crate::ops::avg_pool(x, kh, 2);
+    }
+    // The same draw as `dropout`: the fused op keeps exactly the elements it would.
+    crate::ops::dropout_avg_pool(x, p, mode.rng.random::<u64>(), kh, 2)
 }
 
 #[cfg(test)]
