@@ -606,7 +606,9 @@ struct AvgPool {
 /// ∂L/∂x of `AvgPool` from ∂L/∂y.
 struct AvgPoolBackward(AvgPool);
 
-fn pool_fwd<T: Real>(x: &[T], p: AvgPool, planes: usize) -> Vec<T> {
+/// Window means of `value(index)` over the input's elements (the input itself, or a function
+/// of it such as its dropped-out value), summed in f64.
+fn pool_fwd<T: Real>(value: impl Fn(usize) -> f64 + Sync, p: AvgPool, planes: usize) -> Vec<T> {
     let (ho, wo) = (p.h / p.kh, p.w / p.kw);
     let inv = 1.0 / (p.kh * p.kw) as f64;
     par_map(planes * ho * wo, |start, out: &mut [T]| {
@@ -617,7 +619,7 @@ fn pool_fwd<T: Real>(x: &[T], p: AvgPool, planes: usize) -> Vec<T> {
             let mut acc = 0f64;
             for u in 0..p.kh {
                 for v in 0..p.kw {
-                    acc += x[base + (oi * p.kh + u) * p.w + oj * p.kw + v].into();
+                    acc += value(base + (oi * p.kh + u) * p.w + oj * p.kw + v);
                 }
             }
             *o = T::of(acc * inv);
@@ -652,10 +654,12 @@ impl CustomOp1 for AvgPool {
         let planes = d[0] * d[1];
         let y = match s {
             CpuStorage::F32(_) => {
-                CpuStorage::F32(pool_fwd(contiguous::<f32>(s, l)?, *self, planes))
+                let x = contiguous::<f32>(s, l)?;
+                CpuStorage::F32(pool_fwd(|i| x[i] as f64, *self, planes))
             }
             CpuStorage::F64(_) => {
-                CpuStorage::F64(pool_fwd(contiguous::<f64>(s, l)?, *self, planes))
+                let x = contiguous::<f64>(s, l)?;
+                CpuStorage::F64(pool_fwd(|i| x[i], *self, planes))
             }
             _ => candle_core::bail!("avg_pool runs in f32 or f64"),
         };
@@ -741,24 +745,9 @@ impl CustomOp1 for DropoutPool {
         let (d, p) = (self.0, self.1);
         let x = contiguous::<f32>(s, l)?;
         let dims = l.dims();
-        let (ho, wo) = (p.h / p.kh, p.w / p.kw);
-        let inv = 1.0 / (p.kh * p.kw) as f64;
-        let y = par_map(dims[0] * dims[1] * ho * wo, |start, out: &mut [f32]| {
-            for (k, o) in out.iter_mut().enumerate() {
-                let i = start + k;
-                let (plane, oi, oj) = (i / (ho * wo), i / wo % ho, i % wo);
-                let base = plane * p.h * p.w;
-                let mut acc = 0f64;
-                for u in 0..p.kh {
-                    for v in 0..p.kw {
-                        let at = base + (oi * p.kh + u) * p.w + oj * p.kw + v;
-                        acc += d.apply(at, x[at]) as f64;
-                    }
-                }
-                *o = (acc * inv) as f32;
-            }
-        });
-        Ok((CpuStorage::F32(y), Shape::from((dims[0], dims[1], ho, wo))))
+        let y = pool_fwd::<f32>(|i| d.apply(i, x[i]) as f64, p, dims[0] * dims[1]);
+        let shape = Shape::from((dims[0], dims[1], p.h / p.kh, p.w / p.kw));
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
