@@ -317,40 +317,30 @@ fn swa_averages_the_extra_epochs_and_resumes_exactly() {
 /// Hugging Face `datasets` store it: RGB PNG bytes in an `image` struct column, the validation
 /// split under HF's name `validation`.
 fn write_parquet_copy(folder: &Path, out: &Path) {
-    use signal_diffusion_runtime::table::{Column, Table, TableWriter};
+    use signal_diffusion_runtime::table::{Cell, Kind, Table, TableWriter};
     for (split, file) in [("train", "train"), ("val", "validation"), ("test", "test")] {
         let csv = std::fs::read_to_string(folder.join(format!("{split}-metadata.csv"))).unwrap();
-        let mut t = Table {
-            names: ["file_name", "gender", "health", "age", "image"]
-                .map(String::from)
-                .to_vec(),
-            columns: vec![
-                Column::Text(vec![]),
-                Column::Text(vec![]),
-                Column::Text(vec![]),
-                Column::Int(vec![]),
-                Column::Image(vec![]),
-            ],
-        };
+        let mut t = Table::empty(&[
+            ("file_name", Kind::Text),
+            ("gender", Kind::Text),
+            ("health", Kind::Text),
+            ("age", Kind::Int),
+            ("image", Kind::Image),
+        ]);
         for line in csv.lines().skip(1) {
             let f: Vec<&str> = line.split(',').collect();
             let (px, _, h, w) = signal_diffusion_runtime::io::read_png(&folder.join(f[0])).unwrap();
             let rgb: Vec<u8> = px.iter().flat_map(|&v| [v, v, v]).collect();
             let png = signal_diffusion_runtime::io::encode_png(&rgb, 3, h, w).unwrap();
-            for (c, v) in [f[0], f[2], f[3]].into_iter().enumerate() {
-                let Column::Text(col) = &mut t.columns[c] else {
-                    unreachable!()
-                };
-                col.push(Some(v.to_string()));
-            }
-            let Column::Int(ages) = &mut t.columns[3] else {
-                unreachable!()
-            };
-            ages.push(Some(f[4].parse().unwrap()));
-            let Column::Image(images) = &mut t.columns[4] else {
-                unreachable!()
-            };
-            images.push(Some(png));
+            let text = |v: &str| Cell::Text(Some(v.to_string()));
+            t.push_row(vec![
+                text(f[0]),
+                text(f[2]),
+                text(f[3]),
+                Cell::Int(Some(f[4].parse().unwrap())),
+                Cell::Image(Some(png)),
+            ])
+            .unwrap();
         }
         let mut w = TableWriter::create(&out.join(format!("{file}.parquet")), &t).unwrap();
         w.write(&t).unwrap();

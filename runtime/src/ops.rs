@@ -76,7 +76,7 @@ fn per_sample<T: Send + Sync + Default + Clone>(
     if n == 0 {
         return out;
     }
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let threads = candle_core::utils::get_num_threads().max(1);
     let per = batch.div_ceil(threads).max(1);
     std::thread::scope(|scope| {
         for (c, chunk) in out.chunks_mut(per * n).enumerate() {
@@ -131,9 +131,8 @@ fn backward_cpu<T: Real>(x: &[T], w: &[T], g: &[T], batch: usize, n: usize) -> V
     let (dx_all, sums_all) = packed.split_at_mut(batch * n);
     // Per sample: its C values of Σ g·x̂, then its C values of Σ g.
     let mut sums = vec![T::default(); batch * 2 * c];
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |t| t.get())
-        .clamp(1, batch.max(1));
+    // Candle's thread count, as every CPU op here (RAYON_NUM_THREADS bounds them all).
+    let threads = candle_core::utils::get_num_threads().clamp(1, batch.max(1));
     let per = batch.div_ceil(threads).max(1);
     std::thread::scope(|scope| {
         for (k, (dxs, ss)) in dx_all

@@ -59,7 +59,53 @@ pub struct Table {
     pub columns: Vec<Column>,
 }
 
+/// One value of a row, of its column's kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cell {
+    Text(Option<String>),
+    Int(Option<i64>),
+    Float(Option<f64>),
+    Image(Option<Vec<u8>>),
+}
+
 impl Table {
+    /// An empty table with these columns.
+    pub fn empty(columns: &[(&str, Kind)]) -> Table {
+        Table {
+            names: columns.iter().map(|(n, _)| n.to_string()).collect(),
+            columns: columns
+                .iter()
+                .map(|(_, k)| match k {
+                    Kind::Text => Column::Text(vec![]),
+                    Kind::Int => Column::Int(vec![]),
+                    Kind::Float => Column::Float(vec![]),
+                    Kind::Image => Column::Image(vec![]),
+                })
+                .collect(),
+        }
+    }
+
+    /// Appends one row: a cell per column, in column order, each of its column's kind.
+    pub fn push_row(&mut self, cells: Vec<Cell>) -> Result<()> {
+        if cells.len() != self.columns.len() {
+            bail!(
+                "a row of {} cells for {} columns",
+                cells.len(),
+                self.columns.len()
+            );
+        }
+        for ((column, cell), name) in self.columns.iter_mut().zip(cells).zip(&self.names) {
+            match (column, cell) {
+                (Column::Text(v), Cell::Text(x)) => v.push(x),
+                (Column::Int(v), Cell::Int(x)) => v.push(x),
+                (Column::Float(v), Cell::Float(x)) => v.push(x),
+                (Column::Image(v), Cell::Image(x)) => v.push(x),
+                (_, cell) => bail!("column `{name}` cannot hold {cell:?}"),
+            }
+        }
+        Ok(())
+    }
+
     pub fn rows(&self) -> usize {
         self.columns.first().map_or(0, Column::len)
     }
@@ -78,8 +124,9 @@ pub struct TableWriter {
     writer: Option<SerializedFileWriter<std::io::BufWriter<File>>>,
 }
 
+/// What a column holds.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Kind {
+pub enum Kind {
     Text,
     Int,
     Float,

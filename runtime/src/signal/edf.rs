@@ -95,8 +95,8 @@ pub struct Recording {
 
 impl Recording {
     /// A plain (non-+) recording of `signals` in records of `record_duration` seconds, each
-    /// signal contributing its `samples_per_record` per record; patient and recording fields
-    /// are placeholders, the start is 01.01.20 00.00.00.
+    /// signal contributing its `samples_per_record` per record; patient and recording
+    /// identification `X` (EDF+'s spelling of "not known"), started 01.01.20 00.00.00.
     pub fn new(path: &Path, format: Format, record_duration: f64, signals: Vec<Signal>) -> Self {
         let records = signals
             .first()

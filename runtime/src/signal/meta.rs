@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use signal_diffusion_config::settings::Settings;
 
-use crate::table::{Column, Table, TableWriter};
+use crate::table::{Cell, Kind, Table, TableWriter};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct MetaArgs {
@@ -294,28 +294,15 @@ pub fn run(args: &MetaArgs, settings: &Settings) -> Result<MetaSummary> {
         for s in &samples {
             counts[s.dataset].0 += 1;
         }
-        let template = Table {
-            names: [
-                "file_name",
-                "split",
-                "gender",
-                "health",
-                "age",
-                "caption",
-                "image",
-            ]
-            .map(String::from)
-            .to_vec(),
-            columns: vec![
-                Column::Text(vec![]),
-                Column::Text(vec![]),
-                Column::Text(vec![]),
-                Column::Text(vec![]),
-                Column::Int(vec![]),
-                Column::Text(vec![]),
-                Column::Image(vec![]),
-            ],
-        };
+        let template = Table::empty(&[
+            ("file_name", Kind::Text),
+            ("split", Kind::Text),
+            ("gender", Kind::Text),
+            ("health", Kind::Text),
+            ("age", Kind::Int),
+            ("caption", Kind::Text),
+            ("image", Kind::Image),
+        ]);
         let mut writer = TableWriter::create(&partial.join(format!("{split}.parquet")), &template)?;
         // Row groups of about 4096 rows (the reference's chunk), images encoded in parallel.
         let mut start = 0;
@@ -333,30 +320,15 @@ pub fn run(args: &MetaArgs, settings: &Settings) -> Result<MetaSummary> {
                 let s = &samples[i];
                 counts[s.dataset].1 += copies;
                 for _ in 0..copies {
-                    let values = [
-                        Some(s.file_name.clone()),
-                        Some(split.clone()),
-                        s.gender.map(String::from),
-                        Some(s.health.to_string()),
-                    ];
-                    for (c, v) in values.into_iter().enumerate() {
-                        let Column::Text(col) = &mut t.columns[c] else {
-                            unreachable!()
-                        };
-                        col.push(v);
-                    }
-                    let Column::Int(ages) = &mut t.columns[4] else {
-                        unreachable!()
-                    };
-                    ages.push(s.age);
-                    let Column::Text(caps) = &mut t.columns[5] else {
-                        unreachable!()
-                    };
-                    caps.push(Some(caption(s.age, s.health, s.gender)));
-                    let Column::Image(imgs) = &mut t.columns[6] else {
-                        unreachable!()
-                    };
-                    imgs.push(Some(png.clone()));
+                    t.push_row(vec![
+                        Cell::Text(Some(s.file_name.clone())),
+                        Cell::Text(Some(split.clone())),
+                        Cell::Text(s.gender.map(String::from)),
+                        Cell::Text(Some(s.health.to_string())),
+                        Cell::Int(s.age),
+                        Cell::Text(Some(caption(s.age, s.health, s.gender))),
+                        Cell::Image(Some(png.clone())),
+                    ])?;
                 }
             }
             writer.write(&t)?;
