@@ -18,13 +18,20 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
+use crate::image::{Augment, Image};
 use crate::tasks::{encode, TaskSpec};
+
+fn is_npy(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "npy")
+}
 
 /// One split: its samples and their encoded targets (task-major: `targets[task][sample]`).
 pub struct Split {
     pub name: String,
     pub samples: Samples,
     pub targets: Vec<Vec<f32>>,
+    /// Resize, crop and flip applied to images as they load (none: they must fit exactly).
+    pub augment: Augment,
 }
 
 pub enum Samples {
@@ -49,16 +56,37 @@ impl Split {
         self.len() == 0
     }
 
-    /// Decode sample `i` into `out`.
-    pub fn load(&self, i: usize, shape: &[usize], out: &mut Vec<f32>) -> Result<()> {
-        match &self.samples {
-            Samples::Files(files) => load_sample(&files[i], shape, out),
+    /// Decode sample `i` into `out`. `salt` varies the random augmentations (by epoch); the same
+    /// (salt, i) always gives the same crop and flip.
+    pub fn load(&self, i: usize, shape: &[usize], salt: u64, out: &mut Vec<f32>) -> Result<()> {
+        let (decoded, what) = match &self.samples {
+            Samples::Files(files) if is_npy(&files[i]) => {
+                return load_sample(&files[i], shape, out)
+            }
+            Samples::Files(files) => (
+                crate::io::read_png(&files[i])?,
+                files[i].display().to_string(),
+            ),
             Samples::Encoded { table, images } => {
                 let what = format!("{} row {i}", table.display());
-                let image = crate::io::decode_png(&images[i], &what)?;
-                image_to_input(image, shape, &what, out)
+                (crate::io::decode_png(&images[i], &what)?, what)
             }
-        }
+        };
+        let decoded = if self.augment == Augment::default() {
+            decoded
+        } else {
+            let (pixels, channels, height, width) = decoded;
+            let img = Image {
+                pixels,
+                channels,
+                height,
+                width,
+            };
+            let draw = crate::ops::splitmix64(salt ^ crate::ops::splitmix64(i as u64));
+            let img = self.augment.apply(img, shape[1], draw);
+            (img.pixels, img.channels, img.height, img.width)
+        };
+        image_to_input(decoded, shape, &what, out)
     }
 }
 
@@ -127,6 +155,7 @@ pub fn read_split(dir: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Split> 
         name: split.to_string(),
         samples: Samples::Files(files),
         targets,
+        augment: Augment::default(),
     })
 }
 
@@ -186,14 +215,15 @@ fn read_parquet_split(path: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Sp
             images,
         },
         targets,
+        augment: Augment::default(),
     })
 }
 
 /// Decode one sample into `out` (length = product of `shape`), values in [-1, 1] for images.
 pub fn load_sample(path: &Path, shape: &[usize], out: &mut Vec<f32>) -> Result<()> {
     out.clear();
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("npy") => {
+    match is_npy(path) {
+        true => {
             let (dims, data) = crate::io::read_npy_f32(path)?;
             if dims != shape {
                 bail!(
@@ -262,12 +292,14 @@ pub struct Loader {
 
 impl Loader {
     /// `order` is the sample order for this epoch; the last batch may be short (drop_last = false).
+    /// `salt` seeds the split's random augmentations for this pass.
     pub fn new(
         split: Arc<Split>,
         order: Vec<usize>,
         batch_size: usize,
         shape: Vec<usize>,
         workers: usize,
+        salt: u64,
     ) -> Self {
         let batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
         let total = batches.len();
@@ -285,7 +317,7 @@ impl Loader {
                         let mut inputs =
                             Vec::with_capacity(idx.len() * shape.iter().product::<usize>());
                         for &i in idx {
-                            split.load(i, &shape, &mut buf)?;
+                            split.load(i, &shape, salt, &mut buf)?;
                             inputs.extend_from_slice(&buf);
                         }
                         let targets = split

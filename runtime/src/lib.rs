@@ -8,6 +8,9 @@ pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod cudnn;
 pub mod data;
+pub mod diffusion;
+pub mod dit;
+pub mod image;
 pub mod io;
 pub mod log;
 pub mod models;

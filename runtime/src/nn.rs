@@ -39,6 +39,34 @@ impl Params {
         Ok(var.as_tensor().clone())
     }
 
+    /// N(0, std²) entries (PyTorch's `nn.Embedding` init with std 1).
+    pub fn normal(&mut self, name: String, shape: &[usize], std: f64) -> Result<Tensor> {
+        let t = self.normal_tensor(shape, std)?;
+        let var = Var::from_tensor(&t)?;
+        self.trainable.push((name, var.clone()));
+        Ok(var.as_tensor().clone())
+    }
+
+    /// A fixed N(0, std²) buffer (saved with the model, never trained).
+    pub fn normal_buffer(&mut self, name: String, shape: &[usize], std: f64) -> Result<Tensor> {
+        let var = Var::from_tensor(&self.normal_tensor(shape, std)?)?;
+        self.buffers.push((name, var.clone()));
+        Ok(var.as_tensor().clone())
+    }
+
+    fn normal_tensor(&mut self, shape: &[usize], std: f64) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        // Box-Muller on the seeded stream.
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                let u1: f64 = 1.0 - self.rng.random::<f64>();
+                let u2: f64 = self.rng.random::<f64>();
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &self.device)
+    }
+
     pub fn constant(&mut self, name: String, shape: &[usize], value: f32) -> Result<Tensor> {
         let var =
             Var::from_tensor(&(Tensor::ones(shape, DType::F32, &self.device)? * value as f64)?)?;
@@ -211,10 +239,19 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
-    /// (..., din) -> (..., dout)
+    /// (..., din) -> (..., dout), as one GEMM over all leading positions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)
+        let mut dims = x.dims().to_vec();
+        let din = dims
+            .pop()
+            .expect("a linear layer's input has a feature axis");
+        let rows = dims.iter().product::<usize>();
+        let y = x
+            .reshape((rows, din))?
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?;
+        dims.push(self.weight.dim(0)?);
+        y.reshape(dims)
     }
 }
 
@@ -226,11 +263,12 @@ fn affine(p: &mut Params, name: &str, channels: usize) -> Result<(Tensor, Tensor
     ))
 }
 
-/// (x − mean) / √(var + 1e-5) over the last axis (population variance), from differentiable ops.
-fn standardize_last(x: &Tensor) -> Result<Tensor> {
+/// (x − mean) / √(var + eps) over the last axis (population variance), from differentiable ops:
+/// a LayerNorm without affine.
+pub fn standardize_last(x: &Tensor, eps: f64) -> Result<Tensor> {
     let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    centered.broadcast_div(&(var + 1e-5)?.sqrt()?)
+    centered.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
 /// GroupNorm with one group: normalise over (C, H, W) per sample, then a per-channel affine.
@@ -322,7 +360,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        standardize_last(x)?
+        standardize_last(x, 1e-5)?
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
     }

@@ -215,6 +215,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
             bs,
             shape_vec.clone(),
             cfg.dataset.num_workers,
+            0,
         );
         for batch in loader {
             if state.step as usize >= total_steps {
@@ -607,6 +608,7 @@ impl Ctx<'_> {
             self.batch_size,
             self.shape.to_vec(),
             self.workers,
+            0,
         );
         for (i, batch) in loader.enumerate() {
             let batch = batch?;
@@ -624,6 +626,7 @@ impl Ctx<'_> {
             self.batch_size,
             self.shape.to_vec(),
             self.workers,
+            0,
         );
         let mut m = Metrics::new(self.tasks);
         let mut mode = Mode::eval();
