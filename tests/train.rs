@@ -2,8 +2,12 @@
 //! the model must learn (accuracy above chance, loss down), resume bit-exactly, and write files
 //! that Python's TensorBoard and safetensors read.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+
+use common::{only_run_dir, python, series, test_metric, write_dataset};
 
 use signal_diffusion_runtime::train::RunOptions;
 
@@ -21,47 +25,6 @@ mod tiny_swa {
 
 mod tiny_transformer {
     signal_diffusion_macros::trainer!("train/tiny_transformer.toml");
-}
-
-/// 32×32 grey images: women have a bright band at the top, men at the bottom; Parkinson's adds
-/// a bright left stripe; age sets the background level. Plus noise.
-fn write_dataset(dir: &Path) {
-    let mut state = 12345u64;
-    let mut noise = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) % 40) as i32 - 20
-    };
-    for (split, n) in [("train", 64), ("val", 16), ("test", 16)] {
-        let mut rows = String::from("file_name,split,gender,health,age\n");
-        for i in 0..n {
-            let female = i % 2 == 0;
-            let pd = (i / 2) % 2 == 0;
-            let age = 20 + (i * 7) % 60;
-            let mut px = vec![0u8; 32 * 32];
-            for y in 0..32 {
-                for x in 0..32 {
-                    let mut v = 40 + age + noise();
-                    if (female && y < 8) || (!female && y >= 24) {
-                        v += 120;
-                    }
-                    if pd && x < 6 {
-                        v += 90;
-                    }
-                    px[y * 32 + x] = v.clamp(0, 255) as u8;
-                }
-            }
-            let rel = format!("{split}/sub-{i:02}/img.png");
-            signal_diffusion_runtime::io::write_png(&dir.join(&rel), &px, 1, 32, 32).unwrap();
-            rows.push_str(&format!(
-                "{rel},{split},{},{},{age}\n",
-                if female { "F" } else { "M" },
-                if pd { "PD" } else { "H" }
-            ));
-        }
-        std::fs::write(dir.join(format!("{split}-metadata.csv")), rows).unwrap();
-    }
 }
 
 fn run(data: &Path, out: &Path, extra: &[(&str, &str)], resume: Option<PathBuf>) {
@@ -94,43 +57,6 @@ fn run_with(
         format!("{:?}", ExitCode::SUCCESS),
         "training failed"
     );
-}
-
-fn only_run_dir(out: &Path) -> PathBuf {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(out)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    dirs[0].clone()
-}
-
-/// (step, value) of a scalar tag from a run's metrics.jsonl.
-fn series(run: &Path, tag: &str) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["tag"] == tag)
-        .map(|v| (v["step"].as_u64().unwrap(), v["value"].as_f64().unwrap()))
-        .collect()
-}
-
-fn python(script: &str, args: &[&Path]) -> String {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]
@@ -233,18 +159,6 @@ fn structural_overrides_are_refused_and_scalars_accepted() {
 
     let out = Command::new(exe).arg("--plan").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("total parameters"));
-}
-
-/// Held-out accuracy from a run's metrics_summary_path CSV.
-fn test_metric(out: &Path, weights: &str, name: &str) -> f64 {
-    let summary = std::fs::read_to_string(out.join("summary.csv")).unwrap();
-    summary
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            (f[0] == weights && f[1] == name).then(|| f[2].parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("{weights} {name} missing in {summary}"))
 }
 
 #[test]

@@ -9,23 +9,29 @@ use proc_macro2::TokenStream;
 use quote::{format_ident, quote};
 
 use crate::cuda::{CudaBuild, KernelText};
-use crate::plan::{cnn_1d_channels, cnn_light_channels, transformer_tokens};
+use crate::plan::{cnn_1d_channels, cnn_light_channels, dit_num_embeds, transformer_tokens, Plan};
 use crate::schema::TaskKind;
+use crate::schema::{Classification, Diffusion};
 use crate::{Kind, Resolved};
 
 /// The generated items, as tokens (for the macro). `cuda`: the kernels of a CUDA build.
 pub fn tokens(r: &Resolved, cuda: Option<&CudaBuild>) -> TokenStream {
-    let Kind::Classification(c) = &r.kind else {
-        // resolve() rejects every other trainer kind before code generation.
-        let msg = "signal-diffusion: this trainer kind cannot be generated";
+    let Some(plan) = r.plan.as_ref() else {
+        // resolve() rejects every model without a plan before code generation.
+        let msg = "signal-diffusion: this model cannot be generated";
         return quote! { compile_error!(#msg); };
     };
-    let plan = r
-        .plan
-        .as_ref()
-        .expect("supported classification configs have a plan");
+    let common = common_items(r, plan, cuda);
+    let specific = match &r.kind {
+        Kind::Classification(c) => classification_items(c),
+        Kind::Diffusion(d) => diffusion_items(d),
+    };
+    quote! { #common #specific }
+}
+
+/// What every trainer has: its config, plan, sizes and CUDA kernels, and `compiled()`.
+fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStream {
     let rt = quote! { ::signal_diffusion_runtime };
-    let m = &c.model;
 
     let name = &r.stem;
     let config_path = r.config_path.display().to_string();
@@ -52,9 +58,53 @@ pub fn tokens(r: &Resolved, cuda: Option<&CudaBuild>) -> TokenStream {
     };
     let params = plan.params;
     let flops = plan.flops_per_step;
-    let batch = c.dataset.batch_size;
+    let batch = plan.batch;
     let input = &plan.input;
     let input_rank = input.len();
+    quote! {
+        /// The config this trainer was compiled from.
+        pub const CONFIG_NAME: &str = #name;
+        pub const CONFIG_PATH: &str = #config_path;
+        pub const PROJECT_ROOT: &str = #project_root;
+        /// (display name, path, text) of every file in the config chain, as read at build time.
+        pub const EMBEDDED: &[(&str, &str, &str)] = &[#(#embedded),*];
+        /// The shape plan, rendered (`--plan`).
+        pub const PLAN: &str = #plan_text;
+        pub const PARAMETERS: u64 = #params;
+        pub const FLOPS_PER_STEP: u64 = #flops;
+        pub const BATCH_SIZE: usize = #batch;
+        /// Per-sample input shape; a sample of another shape is an error naming its file.
+        pub const INPUT_SHAPE: [usize; #input_rank] = [#(#input),*];
+        /// What the CUDA kernels are specialised to, and their PTX when nvcc built it.
+        pub const CUDA_NORM_SIZES: &[usize] = &[#(#norm_sizes),*];
+        pub const CUDA_PTX: &[(u32, &str)] = &[#(#ptx),*];
+        /// The kernels' translation unit (empty in a CPU build), for NVRTC when CUDA_PTX is empty.
+        pub const CUDA_SOURCE: &str = #cuda_source;
+
+        pub fn compiled() -> #rt::train::Compiled {
+            #rt::train::Compiled {
+                name: CONFIG_NAME,
+                config_path: CONFIG_PATH,
+                project_root: PROJECT_ROOT,
+                embedded: EMBEDDED,
+                plan: PLAN,
+                parameters: PARAMETERS,
+                flops_per_step: FLOPS_PER_STEP,
+                batch_size: BATCH_SIZE,
+                input_shape: &INPUT_SHAPE,
+                tasks: &TASKS,
+                cuda_norm_sizes: CUDA_NORM_SIZES,
+                cuda_ptx: CUDA_PTX,
+                cuda_source: CUDA_SOURCE,
+            }
+        }
+    }
+}
+
+/// A classifier: its backbone type and shape, and its tasks.
+fn classification_items(c: &Classification) -> TokenStream {
+    let rt = quote! { ::signal_diffusion_runtime };
+    let m = &c.model;
     let activation = format_ident!(
         "{}",
         match m.activation.as_str() {
@@ -146,48 +196,73 @@ pub fn tokens(r: &Resolved, cuda: Option<&CudaBuild>) -> TokenStream {
     let n_tasks = c.tasks.len();
 
     quote! {
-        /// The config this trainer was compiled from.
-        pub const CONFIG_NAME: &str = #name;
-        pub const CONFIG_PATH: &str = #config_path;
-        pub const PROJECT_ROOT: &str = #project_root;
-        /// (display name, path, text) of every file in the config chain, as read at build time.
-        pub const EMBEDDED: &[(&str, &str, &str)] = &[#(#embedded),*];
-        /// The shape plan, rendered (`--plan`).
-        pub const PLAN: &str = #plan_text;
-        pub const PARAMETERS: u64 = #params;
-        pub const FLOPS_PER_STEP: u64 = #flops;
-        pub const BATCH_SIZE: usize = #batch;
-        /// Per-sample input shape; a sample of another shape is an error naming its file.
-        pub const INPUT_SHAPE: [usize; #input_rank] = [#(#input),*];
         pub type Model = #model_ty;
         pub const MODEL: <Model as #rt::models::Backbone>::Shape = #shape;
         pub const TASKS: [#rt::tasks::TaskSpec; #n_tasks] = [#(#tasks),*];
-        /// What the CUDA kernels are specialised to, and their PTX when nvcc built it.
-        pub const CUDA_NORM_SIZES: &[usize] = &[#(#norm_sizes),*];
-        pub const CUDA_PTX: &[(u32, &str)] = &[#(#ptx),*];
-        /// The kernels' translation unit (empty in a CPU build), for NVRTC when CUDA_PTX is empty.
-        pub const CUDA_SOURCE: &str = #cuda_source;
 
         pub fn run(options: #rt::train::RunOptions) -> ::std::process::ExitCode {
-            #rt::train::classification::main::<Model>(
-                &#rt::train::Compiled {
-                    name: CONFIG_NAME,
-                    config_path: CONFIG_PATH,
-                    project_root: PROJECT_ROOT,
-                    embedded: EMBEDDED,
-                    plan: PLAN,
-                    parameters: PARAMETERS,
-                    flops_per_step: FLOPS_PER_STEP,
-                    batch_size: BATCH_SIZE,
-                    input_shape: &INPUT_SHAPE,
-                    tasks: &TASKS,
-                    cuda_norm_sizes: CUDA_NORM_SIZES,
-                    cuda_ptx: CUDA_PTX,
-                    cuda_source: CUDA_SOURCE,
-                },
-                &MODEL,
-                options,
-            )
+            #rt::train::classification::main::<Model>(&compiled(), &MODEL, options)
+        }
+    }
+}
+
+/// A DiT: its shape and the metadata columns its conditioning reads.
+fn diffusion_items(d: &Diffusion) -> TokenStream {
+    let rt = quote! { ::signal_diffusion_runtime };
+    let m = &d.model;
+    let (height, width) = if d.dataset_is_timeseries {
+        (d.dataset.n_eeg_channels, d.dataset.sequence_length)
+    } else {
+        (d.dataset.resolution, d.dataset.resolution)
+    };
+    let (cin, cout, heads, hd, layers) = (
+        m.in_channels,
+        m.out_channels,
+        m.num_attention_heads,
+        m.attention_head_dim,
+        m.num_layers,
+    );
+    let [ph, pw] = m.patch_size;
+    let num_embeds = dit_num_embeds(d);
+    let norm_eps = m.norm_eps;
+    let conditioning = match m.conditioning.as_str() {
+        "classes" => {
+            let n = m.num_classes;
+            quote! { #rt::dit::Conditioning::Classes { num_classes: #n } }
+        }
+        "gend_hlth_age" => quote! { #rt::dit::Conditioning::GenderHealthAge },
+        _ => quote! { #rt::dit::Conditioning::None },
+    };
+    // The columns the conditioning reads, as tasks whose empty values mean "unknown" (null).
+    let task = |name: &str, column: &str, encoder: &str, outputs: usize| {
+        quote! { #rt::tasks::TaskSpec { name: #name, kind: #rt::tasks::TaskKind::Classification, outputs: #outputs, column: #column, encoder: #encoder } }
+    };
+    let ds = &d.dataset;
+    let tasks: Vec<TokenStream> = match m.conditioning.as_str() {
+        "classes" => vec![task(
+            "class",
+            ds.class_column.as_deref().unwrap_or("class"),
+            "int",
+            m.num_classes,
+        )],
+        "gend_hlth_age" => vec![
+            task("gender", &ds.gender_column, "gender?", 2),
+            task("health", &ds.health_column, "health?", 2),
+            task("age", &ds.age_column, "float?", 1),
+        ],
+        _ => vec![],
+    };
+    let n_tasks = tasks.len();
+    quote! {
+        pub const DIT: #rt::dit::DitShape = #rt::dit::DitShape {
+            in_channels: #cin, out_channels: #cout, height: #height, width: #width,
+            patch: [#ph, #pw], heads: #heads, head_dim: #hd, layers: #layers,
+            num_embeds: #num_embeds, conditioning: #conditioning, norm_eps: #norm_eps,
+        };
+        pub const TASKS: [#rt::tasks::TaskSpec; #n_tasks] = [#(#tasks),*];
+
+        pub fn run(options: #rt::train::RunOptions) -> ::std::process::ExitCode {
+            #rt::train::diffusion::main(&compiled(), &DIT, options)
         }
     }
 }

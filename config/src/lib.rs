@@ -313,16 +313,18 @@ fn check_support(ctx: &mut Ctx, kind: &Kind, target: Target) {
         );
     };
     match kind {
-        Kind::Diffusion(d) => unsupported(
-            ctx,
-            "settings.trainer",
-            format!("the diffusion trainer (model `{}`) is not built yet; this config validates, but cannot be compiled into a trainer", d.model.name),
-            "`sigdiff validate` checks diffusion configs today; training them arrives with the DiT trainer",
-        ),
+        Kind::Diffusion(d) => check_diffusion(ctx, d, target, unsupported),
         Kind::Classification(c) => {
             let t = &c.training;
             if t.wandb_project.is_some() || t.wandb_entity.is_some() || !t.wandb_tags.is_empty() {
-                let key = ["training.wandb_project", "training.wandb_entity", "training.wandb_tags"].into_iter().find(|k| ctx.loc(k).is_some()).unwrap_or("training.wandb_project");
+                let key = [
+                    "training.wandb_project",
+                    "training.wandb_entity",
+                    "training.wandb_tags",
+                ]
+                .into_iter()
+                .find(|k| ctx.loc(k).is_some())
+                .unwrap_or("training.wandb_project");
                 unsupported(ctx, key, "Weights & Biases logging".into(), "remove the `wandb_*` keys; use `tensorboard = true` (event files TensorBoard reads)");
             }
             if t.use_amp {
@@ -330,11 +332,181 @@ fn check_support(ctx: &mut Ctx, kind: &Kind, target: Target) {
                     false => "mixed precision on a CPU build (`use_amp` means bf16 autocast on CUDA)",
                     true => "bf16 autocast (`use_amp`): the CUDA build trains in f32 (TF32 matmuls) so far",
                 };
-                unsupported(ctx, "training.use_amp", what.into(), "set `use_amp = false`");
+                unsupported(
+                    ctx,
+                    "training.use_amp",
+                    what.into(),
+                    "set `use_amp = false`",
+                );
             }
             if t.device == "cuda" && !target.cuda {
-                unsupported(ctx, "training.device", "`device = \"cuda\"` in a build without the `cuda` feature".into(), "use `device = \"auto\"` or \"cpu\", or build with `--features cuda`");
+                unsupported(
+                    ctx,
+                    "training.device",
+                    "`device = \"cuda\"` in a build without the `cuda` feature".into(),
+                    "use `device = \"auto\"` or \"cpu\", or build with `--features cuda`",
+                );
             }
+        }
+    }
+}
+
+/// What the DiT trainer cannot honour yet, each at its key.
+fn check_diffusion(
+    ctx: &mut Ctx,
+    d: &Diffusion,
+    target: Target,
+    unsupported: impl Fn(&mut Ctx, &str, String, &str),
+) {
+    let m = &d.model;
+    let t = &d.training;
+    if m.name != "dit" {
+        let what = format!("the `{}` diffusion model (the trainer builds DiT)", m.name);
+        unsupported(
+            ctx,
+            "model.name",
+            what,
+            "use `name = \"dit\"`; `sigdiff validate` checks this config",
+        );
+        return;
+    }
+    let rules: [(bool, &str, &str, &str); 14] = [
+        (
+            m.latent_space,
+            "model.extras.latent_space",
+            "latent-space training (it needs a VAE)",
+            "train in pixel space: `latent_space = false`",
+        ),
+        (
+            m.conditioning == "caption",
+            "model.conditioning",
+            "caption conditioning for DiT (it needs text encoders)",
+            "use `none`, `classes` or `gend_hlth_age`",
+        ),
+        (
+            d.dataset_is_timeseries,
+            "data.data_type",
+            "DiT on time series",
+            "train on spectrograms (`data_type = \"spectrogram\"`)",
+        ),
+        (
+            m.lora_enabled,
+            "model.lora.enabled",
+            "LoRA for DiT",
+            "set `enabled = false`",
+        ),
+        (
+            m.vae_tiling,
+            "model.vae_tiling",
+            "VAE tiling (pixel-space DiT has no VAE)",
+            "remove `vae_tiling`",
+        ),
+        (
+            m.revision.is_some(),
+            "model.revision",
+            "`revision` (a Hub revision; models load from local directories)",
+            "remove `revision`",
+        ),
+        (
+            m.dropout > 0.0,
+            "model.extras.dropout",
+            "attention/MLP dropout in DiT",
+            "remove `dropout` (the reference's configs leave it at 0)",
+        ),
+        (
+            !m.attention_bias,
+            "model.extras.attention_bias",
+            "attention without biases",
+            "remove `attention_bias = false`",
+        ),
+        (
+            m.activation_fn != "gelu-approximate",
+            "model.extras.activation_fn",
+            "a DiT MLP activation other than \"gelu-approximate\"",
+            "use `activation_fn = \"gelu-approximate\"`",
+        ),
+        (
+            m.norm_elementwise_affine,
+            "model.extras.norm_elementwise_affine",
+            "affine LayerNorms in DiT",
+            "remove `norm_elementwise_affine`",
+        ),
+        (
+            d.sampler == "dpmpp_2m",
+            "inference.sampler",
+            "the DPM-Solver++ 2M sampler",
+            "use `euler` or `heun` (flow) or `ddim` (epsilon/sample)",
+        ),
+        (
+            t.gradient_checkpointing,
+            "training.gradient_checkpointing",
+            "gradient checkpointing",
+            "set `gradient_checkpointing = false`",
+        ),
+        (
+            d.wandb_project.is_some() || d.wandb_entity.is_some(),
+            "logging.wandb_project",
+            "Weights & Biases logging",
+            "remove the `wandb_*` keys; use `tensorboard = true`",
+        ),
+        (
+            d.dataset.cache_dir.is_some(),
+            "dataset.cache_dir",
+            "`cache_dir` (datasets are read from local directories, nothing is cached)",
+            "remove `cache_dir`",
+        ),
+    ];
+    for (bad, key, what, help) in rules {
+        if bad {
+            let key = if key == "logging.wandb_project" && ctx.loc(key).is_none() {
+                "logging.wandb_entity"
+            } else {
+                key
+            };
+            unsupported(ctx, key, what.to_string(), help);
+        }
+    }
+    if d.dataset.image_column != "image" {
+        unsupported(
+            ctx,
+            "dataset.image_column",
+            format!(
+                "image column `{}` (Parquet datasets are read from their `image` column)",
+                d.dataset.image_column
+            ),
+            "remove `image_column`",
+        );
+    }
+    if m.conditioning != "none" && d.sampler == "heun" && d.guidance == "rectified_cfg_pp" {
+        unsupported(
+            ctx,
+            "inference.guidance",
+            "Rectified-CFG++ with the Heun sampler".into(),
+            "use `sampler = \"euler\"` with Rectified-CFG++",
+        );
+    }
+    if d.sampler == "heun" && d.prediction_type != "vector_field" {
+        unsupported(
+            ctx,
+            "inference.sampler",
+            "Heun on a DDPM/DDIM path".into(),
+            "use `sampler = \"ddim\"` for epsilon/sample objectives",
+        );
+    }
+    if d.training.mixed_precision != "no" {
+        if target.cuda {
+            unsupported(
+                ctx,
+                "training.mixed_precision",
+                format!(
+                    "`mixed_precision = \"{}\"`: the CUDA build trains DiT in f32 so far",
+                    d.training.mixed_precision
+                ),
+                "set `mixed_precision = \"no\"`",
+            );
+        } else {
+            let loc = ctx.loc("training.mixed_precision");
+            ctx.diags.push(Diagnostic::warning(loc, format!("`mixed_precision = \"{}\"` computes in f32 in a CPU build (bf16/fp16 need the CUDA build)", d.training.mixed_precision)));
         }
     }
 }

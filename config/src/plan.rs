@@ -425,6 +425,17 @@ pub fn classification(c: &Classification) -> Option<Plan> {
     ))
 }
 
+/// diffusers' `num_embeds_ada_norm` of a DiT (its label table has one row more): classes plus
+/// the null label for `classes`, the 4 gender × health classes plus null for `gend_hlth_age`, and
+/// `num_timesteps` for unconditional models (the reference feeds them a constant label).
+pub fn dit_num_embeds(d: &Diffusion) -> usize {
+    match d.model.conditioning.as_str() {
+        "classes" => d.model.num_classes + 1,
+        "gend_hlth_age" => 5,
+        _ => d.num_timesteps,
+    }
+}
+
 /// Plan of a DiT (diffusers `DiTTransformer2DModel` with adaLN-Zero and per-block embedders).
 pub fn dit(d: &Diffusion, data_type: &str) -> Plan {
     let m = &d.model;
@@ -440,12 +451,14 @@ pub fn dit(d: &Diffusion, data_type: &str) -> Plan {
     let tokens = (h / ph) * (w / pw);
     // Label table: num_embeds_ada_norm (+1 for the CFG null row). Without class conditioning the
     // reference feeds a dummy label into a table of num_timesteps rows.
-    let num_embeds = if m.conditioning == "classes" {
-        m.num_classes + 1
-    } else {
-        d.num_timesteps
-    };
+    let num_embeds = dit_num_embeds(d);
     let table_rows = num_embeds + 1;
+    // gend_hlth_age adds a per-block age embedder: Linear(256 Fourier features -> D).
+    let age = if m.conditioning == "gend_hlth_age" {
+        256 * dim + dim
+    } else {
+        0
+    };
     let cin = m.in_channels;
     let mut layers = vec![linear(
         "pos_embed.proj".into(),
@@ -459,8 +472,8 @@ pub fn dit(d: &Diffusion, data_type: &str) -> Plan {
         layers.push(Layer {
             name: format!("{p}.norm1.emb"),
             output: vec![dim],
-            params: (256 * dim + dim + dim * dim + dim + table_rows * dim) as u64,
-            flops: 2 * (256 * dim + dim * dim) as u64,
+            params: (256 * dim + dim + dim * dim + dim + table_rows * dim + age) as u64,
+            flops: 2 * (256 * dim + dim * dim + age) as u64,
         });
         layers.push(linear(
             format!("{p}.norm1.linear"),

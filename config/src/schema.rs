@@ -840,6 +840,11 @@ pub struct DiffModel {
     pub attention: Vec<String>,
     pub mapping_width: usize,
     pub mapping_depth: usize,
+    pub dropout: f64,
+    pub attention_bias: bool,
+    pub activation_fn: String,
+    pub norm_elementwise_affine: bool,
+    pub norm_eps: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -893,6 +898,8 @@ pub struct Diffusion {
     pub cfg_scale: f64,
     pub sampler: String,
     pub guidance: String,
+    /// `data.data_type = "timeseries"`.
+    pub dataset_is_timeseries: bool,
 }
 
 pub fn read_diffusion(
@@ -1085,13 +1092,6 @@ pub fn read_diffusion(
         "num_res_blocks",
         "d_conv",
         "expand",
-        "dropout",
-        "norm_num_groups",
-        "attention_bias",
-        "activation_fn",
-        "upcast_attention",
-        "norm_elementwise_affine",
-        "norm_eps",
         "self_attns",
         "augment_wrapper",
         "augment_prob",
@@ -1099,6 +1099,16 @@ pub fn read_diffusion(
     ] {
         x.node(ctx, k);
     }
+    // DiT's diffusers keys.
+    let dropout = x.float_in(ctx, "dropout", 0.0, 0.0, 0.999);
+    let attention_bias = x.bool_or(ctx, "attention_bias", true);
+    let activation_fn = x.string_or(ctx, "activation_fn", "gelu-approximate");
+    let norm_elementwise_affine = x.bool_or(ctx, "norm_elementwise_affine", false);
+    let norm_eps = x.float_in(ctx, "norm_eps", 1e-5, 1e-12, 1.0);
+    // Upcasting attention to f32 is what every build does; GroupNorm groups are not used by a
+    // DiT with adaLN-Zero (diffusers ignores the key too).
+    x.bool_or(ctx, "upcast_attention", false);
+    x.count(ctx, "norm_num_groups", 32, 1);
     x.finish(ctx, &[]);
     m.finish(ctx, &[]);
     let num_classes = num_classes_x.unwrap_or(num_classes_ds);
@@ -1532,6 +1542,11 @@ pub fn read_diffusion(
             attention,
             mapping_width,
             mapping_depth,
+            dropout,
+            attention_bias,
+            activation_fn,
+            norm_elementwise_affine,
+            norm_eps,
         },
         prediction_type,
         objective_scheduler,
@@ -1577,6 +1592,7 @@ pub fn read_diffusion(
         cfg_scale,
         sampler,
         guidance,
+        dataset_is_timeseries: ts,
     };
     (diff, output_type, data_type)
 }

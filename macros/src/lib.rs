@@ -125,12 +125,20 @@ pub fn presets(_input: TokenStream) -> TokenStream {
                 Ok(r) => {
                     let body = config::codegen::tokens(&r, cuda_kernels(&r).as_ref());
                     let test = format_ident!("{}_compiles", ident);
+                    let built = match kind {
+                        "classification" => {
+                            quote! { ::signal_diffusion_runtime::models::count_parameters::<#ident::Model>(&#ident::MODEL, &#ident::TASKS) }
+                        }
+                        _ => {
+                            quote! { ::signal_diffusion_runtime::dit::count_parameters(&#ident::DIT) }
+                        }
+                    };
                     items.push(quote! {
                         #[allow(dead_code)]
                         mod #ident { #body }
                         #[test]
                         fn #test() {
-                            let built = ::signal_diffusion_runtime::models::count_parameters::<#ident::Model>(&#ident::MODEL, &#ident::TASKS).unwrap();
+                            let built = #built.unwrap();
                             assert_eq!(built as u64, #ident::PARAMETERS, "the model built differs from the shape plan");
                         }
                     });

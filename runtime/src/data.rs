@@ -56,6 +56,17 @@ impl Split {
         self.len() == 0
     }
 
+    /// Keep the first `n` samples (`max_train_samples`, `max_eval_samples`).
+    pub fn truncate(&mut self, n: usize) {
+        match &mut self.samples {
+            Samples::Files(f) => f.truncate(n),
+            Samples::Encoded { images, .. } => images.truncate(n),
+        }
+        for t in &mut self.targets {
+            t.truncate(n);
+        }
+    }
+
     /// Decode sample `i` into `out`. `salt` varies the random augmentations (by epoch); the same
     /// (salt, i) always gives the same crop and flip.
     pub fn load(&self, i: usize, shape: &[usize], salt: u64, out: &mut Vec<f32>) -> Result<()> {

@@ -18,12 +18,12 @@
 //!   block, independently); here the trainer's `cfg_dropout` is the only dropout and it uses the
 //!   same null label the sampler uses. The extra row is kept so the table shape matches diffusers.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{Device, Result, Tensor, D};
 
 use crate::nn::{standardize_last, Linear, Params};
 
 /// What the label and age inputs mean.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Conditioning {
     /// Unconditional: a constant label 0 (diffusers needs one).
     None,
@@ -49,7 +49,7 @@ impl Conditioning {
 }
 
 /// Shapes fixed at build time (generated from the config's plan).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DitShape {
     pub in_channels: usize,
     pub out_channels: usize,
@@ -376,9 +376,11 @@ impl Dit {
     }
 }
 
-/// f32 host copy of a tensor (any dtype), flattened.
-pub fn to_host(t: &Tensor) -> Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+/// The number of trainable parameters of a DiT of this shape (built with zero weights).
+pub fn count_parameters(s: &DitShape) -> Result<usize> {
+    let mut p = Params::counting();
+    Dit::new(s, &mut p, &Device::Cpu)?;
+    Ok(p.count())
 }
 
 #[cfg(test)]

@@ -92,14 +92,42 @@ impl TensorBoard {
         field_bytes(1, tag.as_bytes(), &mut val);
         val.push(0x15); // field 2, fixed32: simple_value
         val.extend_from_slice(&(value as f32).to_le_bytes());
+        self.summary(&val, step)
+    }
+
+    /// An `Event` at `step` holding a `Summary` with one encoded `Summary.Value`.
+    fn summary(&mut self, value: &[u8], step: u64) -> Result<()> {
         let mut summary = vec![];
-        field_bytes(1, &val, &mut summary);
+        field_bytes(1, value, &mut summary);
         let mut ev = vec![0x09];
         ev.extend_from_slice(&now().to_le_bytes());
         ev.push(0x10);
         varint(step, &mut ev);
         field_bytes(5, &summary, &mut ev);
         self.record(&ev)
+    }
+
+    /// An image summary (`encoded` is a PNG of `height`×`width`, `channels` colour channels).
+    pub fn image(
+        &mut self,
+        tag: &str,
+        encoded: &[u8],
+        height: usize,
+        width: usize,
+        channels: usize,
+        step: u64,
+    ) -> Result<()> {
+        let mut img = vec![0x08];
+        varint(height as u64, &mut img);
+        img.push(0x10);
+        varint(width as u64, &mut img);
+        img.push(0x18);
+        varint(channels as u64, &mut img);
+        field_bytes(4, encoded, &mut img);
+        let mut val = vec![];
+        field_bytes(1, tag.as_bytes(), &mut val);
+        field_bytes(4, &img, &mut val);
+        self.summary(&val, step)
     }
 
     pub fn flush(&mut self) -> Result<()> {
@@ -176,6 +204,14 @@ impl Logger {
             "{}",
             serde_json::json!({"step": step, "tag": tag, "value": value})
         )?;
+        Ok(())
+    }
+
+    /// A PNG image to TensorBoard (when enabled).
+    pub fn image(&mut self, tag: &str, png: &[u8], shape: [usize; 3], step: u64) -> Result<()> {
+        if let Some(tb) = &mut self.tb {
+            tb.image(tag, png, shape[1], shape[2], shape[0], step)?;
+        }
         Ok(())
     }
 

@@ -17,6 +17,8 @@ pub struct Params {
     pub buffers: Vec<(String, Var)>,
     rng: ChaCha8Rng,
     device: Device,
+    /// Zeros instead of random draws: for counting the parameters of a large model quickly.
+    counting: bool,
 }
 
 impl Params {
@@ -26,10 +28,22 @@ impl Params {
             buffers: vec![],
             rng: ChaCha8Rng::seed_from_u64(seed),
             device: device.clone(),
+            counting: false,
+        }
+    }
+
+    /// Parameters that are all zeros (no random draws): for counting them.
+    pub fn counting() -> Self {
+        Params {
+            counting: true,
+            ..Params::new(0, &Device::Cpu)
         }
     }
 
     pub fn uniform(&mut self, name: String, shape: &[usize], bound: f64) -> Result<Tensor> {
+        if self.counting {
+            return self.normal(name, shape, 0.0);
+        }
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n)
             .map(|_| self.rng.random_range(-bound..bound) as f32)
@@ -55,6 +69,9 @@ impl Params {
     }
 
     fn normal_tensor(&mut self, shape: &[usize], std: f64) -> Result<Tensor> {
+        if self.counting {
+            return Tensor::zeros(shape, DType::F32, &self.device);
+        }
         let n: usize = shape.iter().product();
         // Box-Muller on the seeded stream.
         let data: Vec<f32> = (0..n)

@@ -23,9 +23,23 @@ pub struct TaskSpec {
     pub encoder: &'static str,
 }
 
-/// Encode one metadata value; classification labels come back as the class index.
+/// Encode one metadata value; classification labels come back as the class index. An encoder
+/// ending in `?` (`gender?`, `health?`, `float?`: what diffusion conditioning reads) takes an
+/// empty value as unknown (NaN) instead of an error.
 pub fn encode(task: &TaskSpec, raw: &str) -> Result<f32, String> {
     let v = raw.trim();
+    if let Some(base) = task.encoder.strip_suffix('?') {
+        if v.is_empty() {
+            return Ok(f32::NAN);
+        }
+        return encode(
+            &TaskSpec {
+                encoder: base,
+                ..*task
+            },
+            v,
+        );
+    }
     let up = v.to_uppercase();
     let class = |i: usize| Ok(i as f32);
     match task.encoder {
@@ -94,6 +108,13 @@ mod tests {
         assert_eq!(encode(&spec("gender", 2), " male"), Ok(0.0));
         assert!(encode(&spec("gender", 2), "FALSE").is_err());
         assert!(encode(&spec("gender", 2), "").is_err());
+    }
+
+    #[test]
+    fn optional_encoders_read_empty_as_unknown() {
+        assert!(encode(&spec("gender?", 2), " ").unwrap().is_nan());
+        assert_eq!(encode(&spec("health?", 2), "PD"), Ok(1.0));
+        assert!(encode(&spec("gender?", 2), "X").is_err());
     }
 
     #[test]

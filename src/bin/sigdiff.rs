@@ -38,6 +38,8 @@ enum Command {
     /// Merge preprocessed spectrogram datasets into the weighted meta-dataset (Parquet, in the
     /// Hugging Face `datasets` layout).
     MetaDataset(signal_diffusion_runtime::signal::meta::MetaArgs),
+    /// Generate a labelled synthetic dataset (preprocessed layout) from a trained DiT checkpoint.
+    Sample(signal_diffusion_runtime::sample::SampleArgs),
 }
 
 fn env() -> config::settings::Env {
@@ -145,12 +147,17 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Synth(args) => match signal_diffusion_runtime::signal::synth::run(&args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Synth(args) => report(signal_diffusion_runtime::signal::synth::run(&args)),
+        Command::Sample(args) => report(signal_diffusion_runtime::sample::run(&args)),
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -29,12 +29,14 @@ pub struct State {
     pub swa_n: u64,
 }
 
+/// Write a checkpoint; `extras` are further named tensor files (`swa.safetensors`,
+/// `ema.safetensors`).
 pub fn save(
     dir: &Path,
     vars: &[(String, Var)],
     optimizer: &HashMap<String, Tensor>,
     state: &State,
-    swa: Option<&HashMap<String, Tensor>>,
+    extras: &[(&str, &HashMap<String, Tensor>)],
 ) -> Result<()> {
     let parent = dir.parent().context("checkpoint dir has a parent")?;
     std::fs::create_dir_all(parent)?;
@@ -53,8 +55,8 @@ pub fn save(
         .collect();
     candle_core::safetensors::save(&model, tmp.join("model.safetensors"))?;
     candle_core::safetensors::save(optimizer, tmp.join("optimizer.safetensors"))?;
-    if let Some(swa) = swa {
-        candle_core::safetensors::save(swa, tmp.join("swa.safetensors"))?;
+    for (file, tensors) in extras {
+        candle_core::safetensors::save(*tensors, tmp.join(file))?;
     }
     std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
     if dir.exists() {
@@ -68,7 +70,8 @@ pub fn save(
 pub struct Loaded {
     pub model: HashMap<String, Tensor>,
     pub optimizer: HashMap<String, Tensor>,
-    pub swa: Option<HashMap<String, Tensor>>,
+    /// The extra tensor files there are, by file name.
+    pub extras: HashMap<String, HashMap<String, Tensor>>,
     pub state: State,
 }
 
@@ -89,15 +92,16 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
             )
         })?)
         .with_context(|| format!("{}: not a checkpoint state", state_path.display()))?;
-    let swa = if dir.join("swa.safetensors").exists() {
-        Some(read("swa.safetensors")?)
-    } else {
-        None
-    };
+    let mut extras = HashMap::new();
+    for file in ["swa.safetensors", "ema.safetensors"] {
+        if dir.join(file).exists() {
+            extras.insert(file.to_string(), read(file)?);
+        }
+    }
     Ok(Loaded {
         model: read("model.safetensors")?,
         optimizer: read("optimizer.safetensors")?,
-        swa,
+        extras,
         state,
     })
 }

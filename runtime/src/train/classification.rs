@@ -8,7 +8,7 @@
 //! are named by step; the selection score treats regression as 1/(1+MAE) instead of maximising
 //! the MAE; a full resume state is saved; the test split is evaluated.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use signal_diffusion_config::{schema::Classification, Kind};
 
 use super::checkpoint::{self, State};
 use super::swa::{swa_lr, Swa};
-use super::{Compiled, RunOptions};
+use super::{fnv, list_dirs, timestamp, Compiled, RunOptions};
 use crate::data::{read_split, Loader, Split};
 use crate::log::Logger;
 use crate::models::{Backbone, Classifier};
@@ -162,7 +162,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
         let loaded = checkpoint::load(ck, &device)?;
         checkpoint::restore(&all_vars, &loaded.model)?;
         opt.load_state(&loaded.optimizer, loaded.state.step)?;
-        if let Some(avg) = &loaded.swa {
+        if let Some(avg) = loaded.extras.get("swa.safetensors") {
             swa = Swa::restore(&params.trainable, avg, loaded.state.swa_n)?;
         }
         state = loaded.state;
@@ -333,13 +333,13 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
         &all_vars,
         &opt.state(),
         &state,
-        swa.tensors(&params.trainable).as_ref(),
+        &swa_file(swa.tensors(&params.trainable).as_ref()),
     )?;
     // The SWA model: averaged weights with BatchNorm statistics recomputed over the train split.
     let swa_dir = ckpt_dir.join("swa");
     if let Some(saved) = swa.swap_in(&params.trainable)? {
         ctx.recompute_batchnorm(&model, &train, &params.buffers, t.seed)?;
-        checkpoint::save(&swa_dir, &all_vars, &opt.state(), &state, None)?;
+        checkpoint::save(&swa_dir, &all_vars, &opt.state(), &state, &[])?;
         Swa::swap_out(&params.trainable, Some(saved))?;
     }
     log.flush()?;
@@ -787,7 +787,7 @@ fn evaluate_and_select<B: Backbone>(
             let (_, _, evicted) = state.best.pop().expect("non-empty");
             let _ = std::fs::remove_dir_all(ckpt_dir.join(evicted));
         }
-        checkpoint::save(&ckpt_dir.join(&name), vars, &opt.state(), state, None)?;
+        checkpoint::save(&ckpt_dir.join(&name), vars, &opt.state(), state, &[])?;
     }
     Ok(t.early_stopping && state.evals_without_improvement >= t.early_stopping_patience)
 }
@@ -802,7 +802,13 @@ fn save_periodic(
     swa: &Swa,
 ) -> Result<()> {
     let path = dir.join(format!("step-{:08}", state.step));
-    checkpoint::save(&path, vars, &opt.state(), state, swa.tensors(vars).as_ref())?;
+    checkpoint::save(
+        &path,
+        vars,
+        &opt.state(),
+        state,
+        &swa_file(swa.tensors(vars).as_ref()),
+    )?;
     if !periodic.contains(&path) {
         periodic.push(path);
     }
@@ -812,20 +818,11 @@ fn save_periodic(
     Ok(())
 }
 
-fn list_dirs(dir: &Path, prefix: &str) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+/// The SWA average as a checkpoint's extra file, when there is one.
+fn swa_file(
+    avg: Option<&HashMap<String, Tensor>>,
+) -> Vec<(&'static str, &HashMap<String, Tensor>)> {
+    avg.map(|a| ("swa.safetensors", a)).into_iter().collect()
 }
 
 /// Batch-size-weighted running averages of the training loss between log lines.
@@ -985,36 +982,6 @@ pub fn macro_f1(p: &[f32], y: &[f32], classes: usize) -> f64 {
         }
     });
     f1s.sum::<f64>() / present.len() as f64
-}
-
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-fn timestamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    // UTC YYYYmmdd-HHMMSS without a date crate (civil-from-days, Howard Hinnant's algorithm).
-    let (days, rem) = (secs / 86400, secs % 86400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]

@@ -3,9 +3,10 @@
 
 pub mod checkpoint;
 pub mod classification;
+pub mod diffusion;
 pub mod swa;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use signal_diffusion_config::{self as config, settings::Env, Resolved, Target};
@@ -128,4 +129,63 @@ impl Compiled {
         }
         Ok(r)
     }
+}
+
+/// The directories in `dir` whose names start with `prefix`, oldest first (by the number after
+/// the prefix, then by name).
+pub(crate) fn list_dirs(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let number = |p: &PathBuf| -> u64 {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        name[prefix.len().min(name.len())..]
+            .parse()
+            .unwrap_or(u64::MAX)
+    };
+    v.sort_by_key(|p| (number(p), p.clone()));
+    v
+}
+
+/// FNV-1a, for the config hash a checkpoint records.
+pub(crate) fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// UTC `YYYYmmdd-HHMMSS`, for run directory names.
+pub(crate) fn timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // UTC YYYYmmdd-HHMMSS without a date crate (civil-from-days, Howard Hinnant's algorithm).
+    let (days, rem) = (secs / 86400, secs % 86400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
