@@ -42,20 +42,24 @@ fn classification_presets_compile() {
 }
 
 #[test]
-fn diffusion_presets_validate_and_stop_at_the_support_gate() {
+fn diffusion_presets_build_or_stop_only_at_the_support_gate() {
+    let mut built = vec![];
     for p in presets("diffusion") {
-        let e =
-            config::resolve(&p, &env(), Target::default()).expect_err("diffusion is not built yet");
-        let errors: Vec<_> = e.diagnostics.errors().collect();
-        assert_eq!(errors.len(), 1, "{}:\n{}", p.display(), config::render(&e));
-        assert!(
-            errors[0]
-                .message
-                .starts_with("not yet supported: the diffusion trainer"),
-            "{}",
-            config::render(&e)
-        );
+        match config::resolve(&p, &env(), Target::default()) {
+            Ok(_) => built.push(p.file_stem().unwrap().to_string_lossy().into_owned()),
+            Err(e) => {
+                // Latent-space, time-series and non-DiT presets: one error, at the gate.
+                let errors: Vec<_> = e.diagnostics.errors().collect();
+                assert_eq!(errors.len(), 1, "{}:\n{}", p.display(), config::render(&e));
+                assert!(
+                    errors[0].message.starts_with("not yet supported:"),
+                    "{}",
+                    config::render(&e)
+                );
+            }
+        }
     }
+    assert_eq!(built, ["baseline", "quickstart"]);
 }
 
 fn params(p: &str) -> u64 {

@@ -1,0 +1,3 @@
+signal_diffusion_macros::trainer!("diffusion_caption_on_dit.toml");
+
+fn main() {}
