@@ -5,7 +5,7 @@
 //! Top to bottom: patchify (a conv with kernel = stride = patch, written as one GEMM over the
 //! patches) plus fixed 2-D sin-cos positions; `layers` × block; an output head modulated by the
 //! first block's embedding; unpatchify. Every norm is a composite of differentiable ops (Candle's
-//! fused layer_norm has no backward) and attention is written out (matmul, softmax, matmul).
+//! fused layer_norm has no backward); attention is one op with its own backward (attention.rs).
 //!
 //! Extensions over diffusers, on purpose (docs/config.md):
 //! - non-square patches and grids (time series enter as (1, 20, 2048) with patch [1, 8]); the
@@ -18,9 +18,10 @@
 //!   block, independently); here the trainer's `cfg_dropout` is the only dropout and it uses the
 //!   same null label the sampler uses. The extra row is kept so the table shape matches diffusers.
 
-use candle_core::{Device, Result, Tensor, D};
+use candle_core::{Device, Result, Tensor};
 
-use crate::nn::{standardize_last, Linear, Params};
+use crate::adaln::modulate;
+use crate::nn::{Linear, Params};
 
 /// What the label and age inputs mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -229,12 +230,12 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split((self.q.forward(x)? * (1.0 / (hd as f64).sqrt()))?)?;
+        let q = split(self.q.forward(x)?)?;
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
-        let attn = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let y = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        let y = crate::attention::attention(&q, &k, &v)?
+            .transpose(1, 2)?
+            .reshape((b, n, d))?;
         self.out.forward(&y)
     }
 }
@@ -248,13 +249,6 @@ struct Block {
     ff_out: Linear,
 }
 
-/// `norm(x)·(1 + scale) + shift`, with (B, D) scale and shift broadcast over tokens.
-fn modulate(x: &Tensor, eps: f64, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    standardize_last(x, eps)?
-        .broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
-        .broadcast_add(&shift.unsqueeze(1)?)
-}
-
 impl Block {
     fn forward(&self, x: &Tensor, emb: &Tensor, norm_eps: f64) -> Result<Tensor> {
         let m = self.ada.forward(&emb.silu()?)?.chunk(6, 1)?;
@@ -266,7 +260,9 @@ impl Block {
             .forward(&h)?
             .broadcast_mul(&gate_msa.unsqueeze(1)?)?)?;
         let h = modulate(&x, norm_eps, shift_mlp, scale_mlp)?;
-        let ff = self.ff_out.forward(&self.ff_in.forward(&h)?.gelu()?)?;
+        let ff = self
+            .ff_out
+            .forward(&crate::ops::gelu_tanh(&self.ff_in.forward(&h)?)?)?;
         x + ff.broadcast_mul(&gate_mlp.unsqueeze(1)?)?
     }
 }

@@ -2,6 +2,8 @@
 //! spectrograms) -> dataset on disk -> `data` (batches) -> `train` (models, optim) -> checkpoints
 //! and logs. The generated code only wires constants and types into `train`.
 
+pub mod adaln;
+pub mod attention;
 pub mod conv;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -13,6 +15,7 @@ pub mod dit;
 pub mod fidelity;
 pub mod image;
 pub mod io;
+pub mod linear;
 pub mod log;
 pub mod models;
 pub mod nn;

@@ -263,10 +263,7 @@ impl Linear {
             .pop()
             .expect("a linear layer's input has a feature axis");
         let rows = dims.iter().product::<usize>();
-        let y = x
-            .reshape((rows, din))?
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?;
+        let y = crate::linear::linear(&x.reshape((rows, din))?, &self.weight, &self.bias)?;
         dims.push(self.weight.dim(0)?);
         y.reshape(dims)
     }

@@ -380,6 +380,46 @@ impl CustomOp1 for Dropout {
 
 /// An elementwise pass over `len` outputs on Candle's thread count: `fill(start, chunk)` writes
 /// the outputs `start..start + chunk.len()`.
+/// Run `work(i, scratch)` for every i in 0..count on Candle's threads (i spread round-robin),
+/// each thread with its own scratch buffer of `scratch` floats.
+pub(crate) fn on_threads(count: usize, scratch: usize, work: impl Fn(usize, &mut [f32]) + Sync) {
+    let threads = candle_core::utils::get_num_threads().clamp(1, count.max(1));
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let work = &work;
+            s.spawn(move || {
+                let mut buf = vec![0f32; scratch];
+                for i in (t..count).step_by(threads) {
+                    work(i, &mut buf);
+                }
+            });
+        }
+    });
+}
+
+/// An f32 output buffer whose disjoint blocks are written from several threads (each thread
+/// writes only the blocks of the items `on_threads` gave it).
+#[derive(Clone, Copy)]
+pub(crate) struct Blocks(*mut f32);
+// SAFETY: threads write disjoint blocks (the callers' contract, see `block`).
+unsafe impl Send for Blocks {}
+unsafe impl Sync for Blocks {}
+
+impl Blocks {
+    pub(crate) fn new(buf: &mut [f32]) -> Self {
+        Blocks(buf.as_mut_ptr())
+    }
+
+    /// The `len` floats at `start`.
+    ///
+    /// # Safety
+    /// In bounds of the buffer, and no other thread uses an overlapping block at the same time.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn block(&self, start: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
+
 fn par_map<T: Default + Clone + Send>(len: usize, fill: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
     let mut out = vec![T::default(); len];
     let threads = candle_core::utils::get_num_threads().clamp(1, len.div_ceil(1 << 16).max(1));
@@ -398,13 +438,32 @@ fn par_map<T: Default + Clone + Send>(len: usize, fill: impl Fn(usize, &mut [T])
 /// `gelu_erf` backward is ten elementwise ops, each a full-size tensor).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     match x.dtype() {
-        DType::F32 | DType::F64 => x.contiguous()?.apply_op1(Gelu),
+        DType::F32 | DType::F64 => x.contiguous()?.apply_op1(Gelu { tanh: false }),
         _ => x.gelu_erf(),
     }
 }
 
-/// Φ(x) and φ(x) of the standard normal.
-fn gelu_parts(x: f64) -> (f64, f64) {
+/// GELU's tanh approximation (PyTorch's `approximate="tanh"`, diffusers' "gelu-approximate"),
+/// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, one pass each way on the CPU (Candle's own is a
+/// chain of library `tanh`/`powf` calls and its backward a dozen tensors).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    match (x.device().is_cpu(), x.dtype()) {
+        (true, DType::F32 | DType::F64) => x.contiguous()?.apply_op1(Gelu { tanh: true }),
+        _ => x.gelu(),
+    }
+}
+
+/// (a, b) with GELU(x) = x·a and GELU'(x) = a + x·b: (Φ(x), φ(x)) for the erf form, and for the
+/// tanh form a = (1 + t)/2, b = (1 − t²)/2·c·(1 + 3k·x²), t = tanh(c·(x + k·x³)).
+fn gelu_parts(x: f64, tanh: bool) -> (f64, f64) {
+    if tanh {
+        let (c, k) = ((2.0 / std::f64::consts::PI).sqrt(), 0.044715);
+        let t = (c * (x + k * x * x * x)).tanh();
+        return (
+            0.5 * (1.0 + t),
+            0.5 * (1.0 - t * t) * c * (1.0 + 3.0 * k * x * x),
+        );
+    }
     (
         0.5 * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2)),
         (-0.5 * x * x).exp()
@@ -416,7 +475,7 @@ fn gelu_parts(x: f64) -> (f64, f64) {
 /// reduction by ln 2 in two parts, a degree-6 polynomial; ≈ 2 ulp), inputs clamped to the
 /// normal range.
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub(crate) fn exp_f32(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.3);
     // n = round(x / ln 2), by the 1.5·2^23 trick (exact for |n| < 2^22).
     let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
@@ -447,48 +506,67 @@ fn gelu_parts_f32(x: f32) -> (f32, f32) {
     )
 }
 
-/// The f32 GELU loops, compiled for AVX2 where the CPU has it (checked at run time).
-fn gelu_f32(x: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        unsafe fn avx2(x: &[f32], out: &mut [f32]) {
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = v * gelu_parts_f32(v).0;
+/// The tanh form's (a, b) (see `gelu_parts`) in f32, vectorisable: tanh(u) = 1 − 2/(e^{2u} + 1).
+#[inline(always)]
+fn gelu_tanh_parts_f32(x: f32) -> (f32, f32) {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    const K: f32 = 0.044_715;
+    let t = 1.0 - 2.0 / (exp_f32(2.0 * C * (x + K * x * x * x)) + 1.0);
+    (
+        0.5 * (1.0 + t),
+        0.5 * (1.0 - t * t) * C * (1.0 + 3.0 * K * x * x),
+    )
+}
+
+#[inline(always)]
+fn parts_f32(x: f32, tanh: bool) -> (f32, f32) {
+    if tanh {
+        gelu_tanh_parts_f32(x)
+    } else {
+        gelu_parts_f32(x)
+    }
+}
+
+/// The f32 GELU loops (forward without `g`, backward with it), compiled for AVX2 where the CPU
+/// has it (checked at run time).
+fn gelu_loop_f32(x: &[f32], g: Option<&[f32]>, out: &mut [f32], tanh: bool) {
+    #[inline(always)]
+    fn body(x: &[f32], g: Option<&[f32]>, out: &mut [f32], tanh: bool) {
+        match g {
+            None => {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = v * parts_f32(v, tanh).0;
+                }
+            }
+            Some(g) => {
+                for ((o, &v), &d) in out.iter_mut().zip(x).zip(g) {
+                    let (a, b) = parts_f32(v, tanh);
+                    *o = d * (a + v * b);
+                }
             }
         }
-        // SAFETY: the CPU has AVX2 (checked above).
-        return unsafe { avx2(x, out) };
-    }
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = v * gelu_parts_f32(v).0;
-    }
-}
-
-fn gelu_backward_f32(x: &[f32], g: &[f32], out: &mut [f32]) {
-    #[inline(always)]
-    fn body(x: &[f32], g: &[f32], out: &mut [f32]) {
-        for ((o, &v), &d) in out.iter_mut().zip(x).zip(g) {
-            let (cdf, pdf) = gelu_parts_f32(v);
-            *o = d * (cdf + v * pdf);
-        }
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         #[target_feature(enable = "avx2")]
-        unsafe fn avx2(x: &[f32], g: &[f32], out: &mut [f32]) {
-            body(x, g, out)
+        unsafe fn avx2(x: &[f32], g: Option<&[f32]>, out: &mut [f32], tanh: bool) {
+            body(x, g, out, tanh)
         }
         // SAFETY: the CPU has AVX2 (checked above).
-        return unsafe { avx2(x, g, out) };
+        return unsafe { avx2(x, g, out, tanh) };
     }
-    body(x, g, out)
+    body(x, g, out, tanh)
 }
 
-struct Gelu;
+/// GELU in its erf form or (`tanh`) its tanh approximation.
+struct Gelu {
+    tanh: bool,
+}
 
 /// (x, ∂L/∂y) → ∂L/∂x.
-struct GeluBackward;
+struct GeluBackward {
+    tanh: bool,
+}
 
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
@@ -500,14 +578,14 @@ impl CustomOp1 for Gelu {
             CpuStorage::F32(_) => {
                 let x = contiguous::<f32>(s, l)?;
                 CpuStorage::F32(par_map(x.len(), |start, out: &mut [f32]| {
-                    gelu_f32(&x[start..start + out.len()], out)
+                    gelu_loop_f32(&x[start..start + out.len()], None, out, self.tanh)
                 }))
             }
             CpuStorage::F64(_) => {
                 let x = contiguous::<f64>(s, l)?;
                 CpuStorage::F64(par_map(x.len(), |start, out: &mut [f64]| {
                     for (o, &v) in out.iter_mut().zip(&x[start..]) {
-                        *o = v * gelu_parts(v).0;
+                        *o = v * gelu_parts(v, self.tanh).0;
                     }
                 }))
             }
@@ -526,9 +604,10 @@ impl CustomOp1 for Gelu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?,
-        ))
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &GeluBackward { tanh: self.tanh },
+        )?))
     }
 }
 
@@ -549,15 +628,15 @@ impl CustomOp2 for GeluBackward {
                 let (x, g) = (contiguous::<f32>(xs, xl)?, contiguous::<f32>(gs, gl)?);
                 CpuStorage::F32(par_map(x.len(), |start, out: &mut [f32]| {
                     let end = start + out.len();
-                    gelu_backward_f32(&x[start..end], &g[start..end], out)
+                    gelu_loop_f32(&x[start..end], Some(&g[start..end]), out, self.tanh)
                 }))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => {
                 let (x, g) = (contiguous::<f64>(xs, xl)?, contiguous::<f64>(gs, gl)?);
                 CpuStorage::F64(par_map(x.len(), |start, out: &mut [f64]| {
                     for ((o, &v), &d) in out.iter_mut().zip(&x[start..]).zip(&g[start..]) {
-                        let (cdf, pdf) = gelu_parts(v);
-                        *o = d * (cdf + v * pdf);
+                        let (a, b) = gelu_parts(v, self.tanh);
+                        *o = d * (a + v * b);
                     }
                 }))
             }
@@ -847,11 +926,23 @@ mod tests {
     #[test]
     fn gelu_f32_is_within_f32_resolution_of_the_exact_one() -> Result<()> {
         let dev = Device::Cpu;
-        let x64 = Tensor::randn(0f64, 3.0, 200_001, &dev)?;
+        let x = Tensor::randn(0f64, 3.0, 200_001, &dev)?;
+        // The tanh form in f64 is Candle's own formula.
+        let want = x.gelu()?.to_vec1::<f64>()?;
+        let got = gelu_tanh(&x)?.to_vec1::<f64>()?;
+        assert!(want.iter().zip(&got).all(|(a, b)| (a - b).abs() < 1e-12));
+        for f in [gelu as fn(&Tensor) -> Result<Tensor>, gelu_tanh] {
+            f32_matches_f64(f, &x)?;
+        }
+        Ok(())
+    }
+
+    /// Values and gradients of `f` in f32 against f64.
+    fn f32_matches_f64(f: fn(&Tensor) -> Result<Tensor>, x64: &Tensor) -> Result<()> {
         let x32 = Var::from_tensor(&x64.to_dtype(DType::F32)?)?;
         let x64 = Var::from_tensor(&x32.as_tensor().to_dtype(DType::F64)?)?;
-        let y32 = gelu(x32.as_tensor())?;
-        let y64 = gelu(x64.as_tensor())?;
+        let y32 = f(x32.as_tensor())?;
+        let y64 = f(x64.as_tensor())?;
         let g32 = y32
             .sum_all()?
             .backward()?
