@@ -67,26 +67,33 @@ def main():
     ap.add_argument("--ours", required=True)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="alternating runs of each side; medians reported")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return diffusers_child(args.steps, args.threads)
     env = {"RAYON_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run(
-        ["/usr/bin/time", "-f", "maxrss_kib %M", args.ours, "--benchmark", str(args.steps)],
-        capture_output=True, text=True, env=env, check=True,
-    )
-    line = [l for l in out.stdout.splitlines() if l.startswith("benchmark")][0]
-    ours = float(line.split(" images/s")[0].split()[-1])
-    ours_rss = int([l for l in out.stderr.splitlines() if l.startswith("maxrss_kib")][0].split()[1]) / 1024 / 1024
-    child = subprocess.run(
-        [sys.executable, __file__, "--ours", args.ours, "--steps", str(args.steps), "--threads", str(args.threads), "--child"],
-        capture_output=True, text=True, check=True,
-    )
-    theirs = json.loads(child.stdout.strip().splitlines()[-1])
-    print(f"ours      {ours:.3f} images/s  peak RSS {ours_rss:.2f} GiB")
-    print(f"diffusers {theirs['images_per_s']:.3f} images/s  peak RSS {theirs['rss_gib']:.2f} GiB")
-    print(f"ratio (ours / diffusers): speed {ours / theirs['images_per_s']:.2f}x, memory {ours_rss / theirs['rss_gib']:.2f}x")
+    ours, ours_rss, theirs, theirs_rss = [], [], [], []
+    for _ in range(args.repeat):
+        out = subprocess.run(
+            ["/usr/bin/time", "-f", "maxrss_kib %M", args.ours, "--benchmark", str(args.steps)],
+            capture_output=True, text=True, env=env, check=True,
+        )
+        line = [l for l in out.stdout.splitlines() if l.startswith("benchmark")][0]
+        ours.append(float(line.split(" images/s")[0].split()[-1]))
+        rss = [l for l in out.stderr.splitlines() if l.startswith("maxrss_kib")][0]
+        ours_rss.append(int(rss.split()[1]) / 1024 / 1024)
+        child = subprocess.run(
+            [sys.executable, __file__, "--ours", args.ours, "--steps", str(args.steps), "--threads", str(args.threads), "--child"],
+            capture_output=True, text=True, check=True,
+        )
+        r = json.loads(child.stdout.strip().splitlines()[-1])
+        theirs.append(r["images_per_s"])
+        theirs_rss.append(r["rss_gib"])
+    med = lambda v: sorted(v)[len(v) // 2]
+    print(f"ours      {med(ours):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in ours)})  peak RSS {max(ours_rss):.2f} GiB")
+    print(f"diffusers {med(theirs):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in theirs)})  peak RSS {max(theirs_rss):.2f} GiB")
+    print(f"ratio (ours / diffusers, medians): speed {med(ours) / med(theirs):.2f}x, memory {max(ours_rss) / max(theirs_rss):.2f}x")
 
 
 if __name__ == "__main__":

@@ -39,11 +39,32 @@ fn probabilities(q: &[f32], k: &[f32], n: usize, d: usize, scale: f32, p: &mut [
     #[inline(always)]
     fn softmax_rows(p: &mut [f32], n: usize) {
         for row in p.chunks_mut(n) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            for x in row.iter_mut() {
-                *x = exp_f32(*x - max);
+            // 8 lanes of max and sum, so the reductions vectorise.
+            let mut lanes = [f32::NEG_INFINITY; 8];
+            let mut chunks = row.chunks_exact(8);
+            for c in &mut chunks {
+                for (l, &x) in lanes.iter_mut().zip(c) {
+                    *l = l.max(x);
+                }
             }
-            let inv = 1.0 / row.iter().sum::<f32>();
+            let max = chunks.remainder().iter().fold(
+                lanes.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)),
+                |m, &x| m.max(x),
+            );
+            let mut sums = [0f32; 8];
+            let mut chunks = row.chunks_exact_mut(8);
+            for c in &mut chunks {
+                for (s, x) in sums.iter_mut().zip(c.iter_mut()) {
+                    *x = exp_f32(*x - max);
+                    *s += *x;
+                }
+            }
+            let mut sum: f32 = sums.iter().sum();
+            for x in chunks.into_remainder() {
+                *x = exp_f32(*x - max);
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
             row.iter_mut().for_each(|x| *x *= inv);
         }
     }

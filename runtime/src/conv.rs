@@ -198,24 +198,23 @@ fn per_sample<S: Send>(
     work: impl Fn(usize, &mut S) + Sync,
 ) -> Vec<S> {
     let threads = candle_core::utils::get_num_threads().clamp(1, batch.max(1));
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let (state, work) = (&state, &work);
-                scope.spawn(move || {
-                    let mut s = state();
-                    for b in (t..batch).step_by(threads) {
-                        work(b, &mut s);
-                    }
-                    s
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("convolution threads do not panic"))
-            .collect()
-    })
+    let mut states: Vec<Option<S>> = (0..threads).map(|_| None).collect();
+    rayon::scope(|scope| {
+        for (t, slot) in states.iter_mut().enumerate() {
+            let (state, work) = (&state, &work);
+            scope.spawn(move |_| {
+                let mut s = state();
+                for b in (t..batch).step_by(threads) {
+                    work(b, &mut s);
+                }
+                *slot = Some(s);
+            });
+        }
+    });
+    states
+        .into_iter()
+        .map(|s| s.expect("every thread fills its state"))
+        .collect()
 }
 
 /// The forward on the CPU: per sample, im2col then one GEMM; `bias` added per channel.

@@ -78,10 +78,10 @@ fn per_sample<T: Send + Sync + Default + Clone>(
     }
     let threads = candle_core::utils::get_num_threads().max(1);
     let per = batch.div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
+    rayon::scope(|scope| {
         for (c, chunk) in out.chunks_mut(per * n).enumerate() {
             let f = &f;
-            scope.spawn(move || {
+            scope.spawn(move |_| {
                 for (i, o) in chunk.chunks_mut(n).enumerate() {
                     f(c * per + i, o);
                 }
@@ -134,13 +134,13 @@ fn backward_cpu<T: Real>(x: &[T], w: &[T], g: &[T], batch: usize, n: usize) -> V
     // Candle's thread count, as every CPU op here (RAYON_NUM_THREADS bounds them all).
     let threads = candle_core::utils::get_num_threads().clamp(1, batch.max(1));
     let per = batch.div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
+    rayon::scope(|scope| {
         for (k, (dxs, ss)) in dx_all
             .chunks_mut(per * n)
             .zip(sums.chunks_mut(per * 2 * c))
             .enumerate()
         {
-            scope.spawn(move || {
+            scope.spawn(move |_| {
                 for (i, (dx, sum)) in dxs.chunks_mut(n).zip(ss.chunks_mut(2 * c)).enumerate() {
                     let s = k * per + i;
                     let (xs, gs) = (&x[s * n..(s + 1) * n], &g[s * n..(s + 1) * n]);
@@ -378,16 +378,14 @@ impl CustomOp1 for Dropout {
     }
 }
 
-/// An elementwise pass over `len` outputs on Candle's thread count: `fill(start, chunk)` writes
-/// the outputs `start..start + chunk.len()`.
 /// Run `work(i, scratch)` for every i in 0..count on Candle's threads (i spread round-robin),
 /// each thread with its own scratch buffer of `scratch` floats.
 pub(crate) fn on_threads(count: usize, scratch: usize, work: impl Fn(usize, &mut [f32]) + Sync) {
     let threads = candle_core::utils::get_num_threads().clamp(1, count.max(1));
-    std::thread::scope(|s| {
+    rayon::scope(|s| {
         for t in 0..threads {
             let work = &work;
-            s.spawn(move || {
+            s.spawn(move |_| {
                 let mut buf = vec![0f32; scratch];
                 for i in (t..count).step_by(threads) {
                     work(i, &mut buf);
@@ -420,14 +418,16 @@ impl Blocks {
     }
 }
 
+/// An elementwise pass over `len` outputs on Candle's thread count: `fill(start, chunk)` writes
+/// the outputs `start..start + chunk.len()`.
 fn par_map<T: Default + Clone + Send>(len: usize, fill: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
     let mut out = vec![T::default(); len];
     let threads = candle_core::utils::get_num_threads().clamp(1, len.div_ceil(1 << 16).max(1));
     let chunk = len.div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
+    rayon::scope(|scope| {
         for (k, part) in out.chunks_mut(chunk).enumerate() {
             let fill = &fill;
-            scope.spawn(move || fill(k * chunk, part));
+            scope.spawn(move |_| fill(k * chunk, part));
         }
     });
     out
