@@ -321,6 +321,9 @@ impl Sampler {
                     } else {
                         euler
                     };
+                    // The weights are variables: without this, every step's graph would stay
+                    // reachable from x, and memory would grow with the step count.
+                    x = x.detach();
                     on_step(i + 1, self.steps);
                 }
             }
@@ -353,6 +356,9 @@ impl Sampler {
                         let z = Tensor::from_vec(z, x.shape(), x.device())?;
                         x = (x + (z * sigma)?)?;
                     }
+                    // The weights are variables: without this, every step's graph would stay
+                    // reachable from x, and memory would grow with the step count.
+                    x = x.detach();
                     on_step(i + 1, self.steps);
                 }
             }

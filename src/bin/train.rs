@@ -11,13 +11,15 @@ use clap::Parser;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options (read at start-up; `_RJEM_MALLOC_CONF` still overrides them). A training
-/// step frees and reallocates the same activation-sized buffers every op: freed pages stay
-/// mapped (no decay), and on 2 MiB pages, so they are not faulted in again 4 KiB at a time. On
-/// the DiT quickstart step this cut page faults from 3 M to 3 k and tripled the speed on a
-/// 2-core VM (docs/benchmarks.md). The cost: the process keeps its peak memory until it exits.
+/// step frees and reallocates the same activation-sized buffers every op. One arena, so a buffer
+/// freed by any thread serves the next allocation of any other (with an arena per thread, freed
+/// buffers piled up in arenas their threads no longer allocate from: the DiT quickstart grew past
+/// 16 GiB); no decay, so freed pages stay mapped instead of being returned to the kernel and
+/// faulted in again, zeroed, by the next op. On the DiT quickstart: 36 vs 16 images/s at the same
+/// 0.2 GiB peak RSS (docs/benchmarks.md). The process keeps its peak memory until it exits.
 #[cfg(all(unix, not(target_env = "musl")))]
 #[export_name = "_rjem_malloc_conf"]
-pub static MALLOC_CONF: &[u8] = b"thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1\0";
+pub static MALLOC_CONF: &[u8] = b"narenas:1,dirty_decay_ms:-1,muzzy_decay_ms:-1\0";
 
 mod pipeline {
     include!(concat!(env!("OUT_DIR"), "/pipeline.rs"));
