@@ -5,12 +5,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::path::Path;
 
-use common::{only_run_dir, python, series, test_metric, write_dataset};
+use common::{only_run_dir, python, series, test_metric, train, write_dataset};
 use signal_diffusion_runtime::sample::SampleArgs;
-use signal_diffusion_runtime::train::RunOptions;
 
 mod tiny_dit {
     signal_diffusion_macros::trainer!("train/tiny_dit.toml");
@@ -22,28 +20,6 @@ mod augment_dit {
 
 mod classifier {
     signal_diffusion_macros::trainer!("train/tiny.toml");
-}
-
-fn train(
-    trainer: fn(RunOptions) -> ExitCode,
-    sets: &[(&str, String)],
-    out: &Path,
-    resume: Option<PathBuf>,
-) {
-    let code = trainer(RunOptions {
-        sets: sets
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect(),
-        output_dir: Some(out.to_path_buf()),
-        resume,
-        ..Default::default()
-    });
-    assert_eq!(
-        format!("{code:?}"),
-        format!("{:?}", ExitCode::SUCCESS),
-        "training failed"
-    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use common::{only_run_dir, python, series, test_metric, write_dataset};
+use common::{only_run_dir, python, series, test_metric, train, write_dataset};
 
 use signal_diffusion_runtime::train::RunOptions;
 
@@ -46,17 +46,8 @@ fn run_with(
         ),
     ];
     sets.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let code = trainer(RunOptions {
-        sets,
-        output_dir: Some(out.to_path_buf()),
-        resume,
-        ..Default::default()
-    });
-    assert_eq!(
-        format!("{code:?}"),
-        format!("{:?}", ExitCode::SUCCESS),
-        "training failed"
-    );
+    let sets: Vec<(&str, String)> = sets.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    train(trainer, &sets, out, resume);
 }
 
 #[test]

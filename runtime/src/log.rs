@@ -165,6 +165,17 @@ impl Logger {
         })
     }
 
+    /// The run's logger: TensorBoard events (when `tensorboard`) in `log_dir`, else
+    /// `<run>/tensorboard`.
+    pub fn for_run(run_dir: &Path, tensorboard: bool, log_dir: Option<&String>) -> Result<Self> {
+        let tb_dir = tensorboard.then(|| {
+            log_dir
+                .map(PathBuf::from)
+                .unwrap_or_else(|| run_dir.join("tensorboard"))
+        });
+        Logger::new(run_dir, tb_dir)
+    }
+
     /// Show a progress bar of `total` steps, `done` of them already (a resumed run).
     pub fn start_progress(&mut self, total: u64, done: u64) {
         self.bar = indicatif::ProgressBar::new(total).with_style(

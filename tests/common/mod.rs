@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitCode};
+
+use signal_diffusion_runtime::train::RunOptions;
 
 /// 32×32 grey images: women have a bright band at the top, men at the bottom; Parkinson's adds
 /// a bright left stripe; age sets the background level. Plus noise.
@@ -93,4 +95,27 @@ pub fn test_metric(out: &Path, weights: &str, name: &str) -> f64 {
             (f[0] == weights && f[1] == name).then(|| f[2].parse().unwrap())
         })
         .unwrap_or_else(|| panic!("{weights} {name} missing in {summary}"))
+}
+
+/// Run a compiled trainer with `--set` overrides into `out`; fails the test unless it succeeds.
+pub fn train(
+    trainer: fn(RunOptions) -> ExitCode,
+    sets: &[(&str, String)],
+    out: &Path,
+    resume: Option<PathBuf>,
+) {
+    let code = trainer(RunOptions {
+        sets: sets
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        output_dir: Some(out.to_path_buf()),
+        resume,
+        ..Default::default()
+    });
+    assert_eq!(
+        format!("{code:?}"),
+        format!("{:?}", ExitCode::SUCCESS),
+        "training failed"
+    );
 }

@@ -23,7 +23,7 @@ use signal_diffusion_config::{schema::Classification, Kind};
 
 use super::checkpoint::{self, State};
 use super::swa::{swa_lr, Swa};
-use super::{fnv, list_dirs, timestamp, Compiled, RunOptions};
+use super::{fnv, list_dirs, Compiled, RunOptions};
 use crate::data::{read_split, Loader, Split};
 use crate::log::Logger;
 use crate::models::{Backbone, Classifier};
@@ -44,13 +44,7 @@ pub fn main<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOpti
 
 fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) -> Result<()> {
     let resolved = compiled.resolve(&options.sets)?;
-    if options.print_config {
-        println!("{}", resolved.to_json());
-        return Ok(());
-    }
-    if options.plan {
-        print!("{}", compiled.plan);
-        println!("{}", compiled.kernels());
+    if super::answered(compiled, &resolved, &options) {
         return Ok(());
     }
     let Kind::Classification(cfg) = &resolved.kind else {
@@ -68,34 +62,22 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
         .resume
         .clone()
         .or(t.resume.as_ref().map(PathBuf::from));
-    let run_dir = match &resume {
-        Some(ck) => ck
-            .parent()
-            .and_then(Path::parent)
-            .map(Path::to_path_buf)
-            .context("--resume takes <run>/checkpoints/<name>")?,
-        None => {
-            let base = options
-                .output_dir
-                .clone()
-                .or(t.output_dir.as_ref().map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from("runs/classification"));
-            let name = t.run_name.clone().unwrap_or_else(|| {
-                format!(
-                    "{}-{}-{}",
-                    compiled.name,
-                    cfg.model.backbone,
-                    cfg.dataset.tasks.join("-")
-                )
-            });
-            base.join(format!("{name}-{}", timestamp()))
-        }
-    };
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    std::fs::write(run_dir.join("config_resolved.json"), resolved.to_json())?;
-    std::fs::write(run_dir.join("plan.txt"), compiled.plan)?;
-    println!("run directory {}", run_dir.display());
+    let name = t.run_name.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}-{}",
+            compiled.name,
+            cfg.model.backbone,
+            cfg.dataset.tasks.join("-")
+        )
+    });
+    let run_dir = super::run_directory(
+        compiled,
+        &resolved,
+        &options,
+        resume.as_deref(),
+        (t.output_dir.as_ref(), "runs/classification"),
+        name,
+    )?;
 
     // Data.
     let dir = &cfg.dataset.path;
@@ -175,13 +157,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
         );
     }
 
-    let tb_dir = t.tensorboard.then(|| {
-        t.log_dir
-            .as_ref()
-            .map(PathBuf::from)
-            .unwrap_or_else(|| run_dir.join("tensorboard"))
-    });
-    let mut log = Logger::new(&run_dir, tb_dir)?;
+    let mut log = Logger::for_run(&run_dir, t.tensorboard, t.log_dir.as_ref())?;
     let ckpt_dir = run_dir.join("checkpoints");
     let mut periodic: Vec<PathBuf> = list_dirs(&ckpt_dir, "step-");
     let shape_vec = compiled.input_shape.to_vec();

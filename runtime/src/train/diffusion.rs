@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use signal_diffusion_config::{schema::Diffusion, Kind};
 
 use super::checkpoint::{self, State};
-use super::{fnv, list_dirs, timestamp, Compiled, RunOptions};
+use super::{fnv, list_dirs, Compiled, RunOptions};
 use crate::data::{read_split, Loader, Samples, Split};
 use crate::diffusion::{
     loss_weight, normals, per_sample, target, Ema, Guidance, Method, Objective, Path as NoisePath,
@@ -200,13 +200,7 @@ impl Ctx<'_> {
 
 fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()> {
     let resolved = compiled.resolve(&options.sets)?;
-    if options.print_config {
-        println!("{}", resolved.to_json());
-        return Ok(());
-    }
-    if options.plan {
-        print!("{}", compiled.plan);
-        println!("{}", compiled.kernels());
+    if super::answered(compiled, &resolved, &options) {
         return Ok(());
     }
     let Kind::Diffusion(cfg) = &resolved.kind else {
@@ -226,30 +220,18 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         .resume
         .clone()
         .or(t.resume.as_ref().map(PathBuf::from));
-    let run_dir = match &resume {
-        Some(ck) => ck
-            .parent()
-            .and_then(Path::parent)
-            .map(Path::to_path_buf)
-            .context("--resume takes <run>/checkpoints/<name>")?,
-        None => {
-            let base = options
-                .output_dir
-                .clone()
-                .or(t.output_dir.as_ref().map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from("runs/diffusion"));
-            let name = cfg
-                .run_name
-                .clone()
-                .unwrap_or_else(|| compiled.name.to_string());
-            base.join(format!("{name}-{}", timestamp()))
-        }
-    };
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    std::fs::write(run_dir.join("config_resolved.json"), resolved.to_json())?;
-    std::fs::write(run_dir.join("plan.txt"), compiled.plan)?;
-    println!("run directory {}", run_dir.display());
+    let name = cfg
+        .run_name
+        .clone()
+        .unwrap_or_else(|| compiled.name.to_string());
+    let run_dir = super::run_directory(
+        compiled,
+        &resolved,
+        &options,
+        resume.as_deref(),
+        (t.output_dir.as_ref(), "runs/diffusion"),
+        name,
+    )?;
 
     // Data: the dataset's own directory, or a settings dataset's preprocessed output.
     let ds = &cfg.dataset;
@@ -389,13 +371,7 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         );
     }
 
-    let tb_dir = cfg.tensorboard.then(|| {
-        cfg.log_dir
-            .as_ref()
-            .map(PathBuf::from)
-            .unwrap_or_else(|| run_dir.join("tensorboard"))
-    });
-    let mut log = Logger::new(&run_dir, tb_dir)?;
+    let mut log = Logger::for_run(&run_dir, cfg.tensorboard, cfg.log_dir.as_ref())?;
     // Reference features for KID/MMD, once per run: the validation split, else the training
     // split without its random augmentations.
     let reference = match (t.eval_mmd_samples >= 2, t.eval_strategy.as_str()) {

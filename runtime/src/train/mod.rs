@@ -189,3 +189,50 @@ pub(crate) fn timestamp() -> String {
         rem % 60
     )
 }
+
+/// Where a run writes, created with its resolved config and plan: a resumed run continues in the
+/// run that wrote the checkpoint (`<run>/checkpoints/<name>`); a new one is
+/// `<output dir>/<name>-<timestamp>`, the output dir from `--output-dir`, else the config's, else
+/// `default_base`.
+pub(crate) fn run_directory(
+    compiled: &Compiled,
+    resolved: &Resolved,
+    options: &RunOptions,
+    resume: Option<&Path>,
+    (output_dir, default_base): (Option<&String>, &str),
+    name: String,
+) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    let run_dir = match resume {
+        Some(ck) => ck
+            .parent()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .context("--resume takes <run>/checkpoints/<name>")?,
+        None => {
+            let base = options
+                .output_dir
+                .clone()
+                .or(output_dir.map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(default_base));
+            base.join(format!("{name}-{}", timestamp()))
+        }
+    };
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    std::fs::write(run_dir.join("config_resolved.json"), resolved.to_json())?;
+    std::fs::write(run_dir.join("plan.txt"), compiled.plan)?;
+    println!("run directory {}", run_dir.display());
+    Ok(run_dir)
+}
+
+/// `--print-config` and `--plan`: print what was asked; true when the run stops there.
+pub(crate) fn answered(compiled: &Compiled, resolved: &Resolved, options: &RunOptions) -> bool {
+    if options.print_config {
+        println!("{}", resolved.to_json());
+    } else if options.plan {
+        print!("{}", compiled.plan);
+        println!("{}", compiled.kernels());
+    }
+    options.print_config || options.plan
+}
