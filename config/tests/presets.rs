@@ -104,6 +104,10 @@ fn dit_parameter_counts_equal_the_reference() {
         .map(|l| l.params)
         .sum();
     assert_eq!(block0, 2_777_472);
+    // The CPU benchmark config of issue #6 (benches/dit_cpu.toml; diffusers builds the same).
+    let bench =
+        config::resolve(Path::new("benches/dit_cpu.toml"), &env(), Target::default()).unwrap();
+    assert_eq!(bench.plan.unwrap().params, 20_050_572);
 }
 
 #[test]
