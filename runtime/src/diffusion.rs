@@ -82,6 +82,15 @@ impl Path {
         Path::Vp { alphas_cumprod }
     }
 
+    /// The path `objective.scheduler` names: rectified flow for `flow_match_euler`, VP for
+    /// `ddpm` and `ddim`.
+    pub fn for_scheduler(scheduler: &str, timesteps: usize) -> Path {
+        match scheduler {
+            "flow_match_euler" => Path::flow(timesteps),
+            _ => Path::vp_linear(timesteps),
+        }
+    }
+
     pub fn timesteps(&self) -> usize {
         match self {
             Path::Flow { timesteps } => *timesteps,

@@ -76,10 +76,7 @@ pub struct SampleSpec {
 
 impl SampleSpec {
     pub fn path(&self) -> NoisePath {
-        match self.scheduler.as_str() {
-            "flow_match_euler" => NoisePath::flow(self.timesteps),
-            _ => NoisePath::vp_linear(self.timesteps),
-        }
+        NoisePath::for_scheduler(&self.scheduler, self.timesteps)
     }
 
     /// The sampler, with `steps` denoising steps and guidance scale `cfg_scale`.
@@ -972,10 +969,7 @@ fn benchmark(
     dims.extend(compiled.input_shape);
     let x = Tensor::from_vec(normals(&mut rng, dims.iter().product()), dims, device)?;
     let cond = Condition::null(shape.conditioning, bs);
-    let path = match cfg.prediction_type.as_str() {
-        "vector_field" => NoisePath::flow(cfg.num_timesteps),
-        _ => NoisePath::vp_linear(cfg.num_timesteps),
-    };
+    let path = NoisePath::for_scheduler(&cfg.objective_scheduler, cfg.num_timesteps);
     let objective = Objective::parse(&cfg.prediction_type);
     let mut step = |i: u64| -> Result<f64> {
         let mut r = ChaCha8Rng::seed_from_u64(i);
