@@ -359,7 +359,6 @@ fn check_diffusion(
     unsupported: impl Fn(&mut Ctx, &str, String, &str),
 ) {
     let m = &d.model;
-    let t = &d.training;
     if m.name != "dit" {
         let what = format!("the `{}` diffusion model (the trainer builds DiT)", m.name);
         unsupported(
@@ -370,7 +369,7 @@ fn check_diffusion(
         );
         return;
     }
-    let rules: [(bool, &str, &str, &str); 14] = [
+    let rules: [(bool, &str, &str, &str); 13] = [
         (
             m.latent_space,
             "model.extras.latent_space",
@@ -436,12 +435,6 @@ fn check_diffusion(
             "inference.sampler",
             "the DPM-Solver++ 2M sampler",
             "use `euler` or `heun` (flow) or `ddim` (epsilon/sample)",
-        ),
-        (
-            t.gradient_checkpointing,
-            "training.gradient_checkpointing",
-            "gradient checkpointing",
-            "set `gradient_checkpointing = false`",
         ),
         (
             d.wandb_project.is_some() || d.wandb_entity.is_some(),

@@ -31,6 +31,12 @@ pub struct Plan {
     pub memory_bytes: u64,
 }
 
+/// f32 weights, gradients and two optimizer moments, plus about two tensors of each saved
+/// output size (pre- and post-activation). An estimate: the benchmarks measure the real peak.
+fn training_memory(params: u64, saved_outputs: u64, batch: usize) -> u64 {
+    params * 4 * 4 + saved_outputs * batch as u64 * 4 * 2
+}
+
 impl Plan {
     fn finish(model: &str, batch: usize, input: Vec<usize>, layers: Vec<Layer>) -> Plan {
         let params: u64 = layers.iter().map(|l| l.params).sum();
@@ -39,9 +45,7 @@ impl Plan {
             .iter()
             .map(|l| l.output.iter().product::<usize>() as u64)
             .sum();
-        // Each layer keeps about two tensors of its output size for backward (pre- and
-        // post-activation); this is an estimate, the benchmarks measure the real peak.
-        let memory_bytes = params * 4 * 4 + act * batch as u64 * 4 * 2;
+        let memory_bytes = training_memory(params, act, batch);
         Plan {
             model: model.into(),
             batch,
@@ -515,7 +519,20 @@ pub fn dit(d: &Diffusion, data_type: &str) -> Plan {
         vec![m.out_channels, h, w],
     ));
     let input = vec![cin, h, w];
-    Plan::finish("dit", d.dataset.batch_size, input, layers)
+    let mut plan = Plan::finish("dit", d.dataset.batch_size, input, layers);
+    if d.training.gradient_checkpointing {
+        // Saved: every block's input tokens, one block's activations while it is recomputed, and
+        // the patch embedding and head. The FLOPs stay the model's (the recompute is not counted).
+        let outputs = |l: &Layer| l.output.iter().product::<usize>() as u64;
+        // The first block's five layers (after the patch embedding).
+        let per_block: u64 = plan.layers[1..6].iter().map(outputs).sum();
+        let ends =
+            outputs(&plan.layers[0]) + plan.layers.iter().rev().take(2).map(outputs).sum::<u64>();
+        // One tensor each, where `training_memory` counts two per output.
+        let inputs = ((m.num_layers + 1) * tokens * dim) as u64 / 2;
+        plan.memory_bytes = training_memory(plan.params, per_block + ends + inputs, plan.batch);
+    }
+    plan
 }
 
 #[cfg(test)]

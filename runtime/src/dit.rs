@@ -18,7 +18,8 @@
 //!   block, independently); here the trainer's `cfg_dropout` is the only dropout and it uses the
 //!   same null label the sampler uses. The extra row is kept so the table shape matches diffusers.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Result, Tensor, Var};
 
 use crate::adaln::modulate;
 use crate::nn::{Linear, Params};
@@ -155,6 +156,13 @@ fn age_features(ages: &[f32], freqs: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, (ages.len(), 2 * w.len()), freqs.device())
 }
 
+/// Timestep features (B, 256), labels (B), age features (B, 256) if the model reads ages.
+struct BlockInputs {
+    t_feat: Tensor,
+    labels: Tensor,
+    age_feat: Option<Tensor>,
+}
+
 /// `CombinedTimestepLabelEmbeddings` (+ our age embedder): (t, labels, ages) -> (B, D).
 struct Embedder {
     time_1: Linear,
@@ -186,15 +194,12 @@ impl Embedder {
         })
     }
 
-    fn forward(
-        &self,
-        t_feat: &Tensor,
-        labels: &Tensor,
-        age_feat: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let t = self.time_2.forward(&self.time_1.forward(t_feat)?.silu()?)?;
-        let mut e = (t + self.table.embedding(labels)?)?;
-        if let (Some(lin), Some(a)) = (&self.age, age_feat) {
+    fn forward(&self, inputs: &BlockInputs) -> Result<Tensor> {
+        let t = self
+            .time_2
+            .forward(&self.time_1.forward(&inputs.t_feat)?.silu()?)?;
+        let mut e = (t + self.table.embedding(&inputs.labels)?)?;
+        if let (Some(lin), Some(a)) = (&self.age, &inputs.age_feat) {
             e = (e + lin.forward(a)?)?;
         }
         Ok(e)
@@ -328,48 +333,117 @@ impl Dit {
     /// x (B, C, H, W), timesteps t (B, in the scheduler's 0..T scale), condition -> the model
     /// output, shaped like x.
     pub fn forward(&self, x: &Tensor, t: &[f32], cond: &Condition) -> Result<Tensor> {
-        let s = &self.shape;
+        let inputs = self.block_inputs(t, cond, x.device())?;
+        let mut h = self.tokens(x)?;
+        let mut first_emb = None;
+        for block in &self.blocks {
+            let emb = block.emb.forward(&inputs)?;
+            h = block.forward(&h, &emb, self.shape.norm_eps)?;
+            first_emb.get_or_insert(emb);
+        }
+        let first_emb = first_emb.expect("a DiT has at least one block");
+        self.head(&h, &first_emb, x.dims4()?)
+    }
+
+    /// Gradient checkpointing: `loss_of(self.forward(x, t, cond))` and the gradients of every
+    /// parameter, keeping only each block's input during the forward and recomputing one block
+    /// at a time in the backward, which starts from the gradient of the next block's input.
+    /// Costs one more forward of the blocks; the activations held are one block's instead of all.
+    pub fn checkpointed_backward(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        cond: &Condition,
+        loss_of: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore)> {
+        let inputs = self.block_inputs(t, cond, x.device())?;
+        let tokens = self.tokens(x)?;
+        // Forward without graphs: detaching drops each block's activations at once.
+        let mut block_in = vec![tokens.detach()];
+        for block in &self.blocks {
+            let emb = block.emb.forward(&inputs)?;
+            let h = block.forward(&block_in[block_in.len() - 1], &emb, self.shape.norm_eps)?;
+            block_in.push(h.detach());
+        }
+        let last = Var::from_tensor(&block_in.pop().expect("the tokens"))?;
+        let first_emb = self.blocks[0].emb.forward(&inputs)?;
+        let loss = loss_of(&self.head(last.as_tensor(), &first_emb, x.dims4()?)?)?;
+        let mut grads = loss.backward()?;
+        let mut grad = take_grad(&mut grads, last.as_tensor())?;
+        let mut total = grads;
+        // Each segment's backward is that of <segment output, incoming gradient>.
+        for (block, h) in self.blocks.iter().zip(&block_in).rev() {
+            let h = Var::from_tensor(h)?;
+            let emb = block.emb.forward(&inputs)?;
+            let out = block.forward(h.as_tensor(), &emb, self.shape.norm_eps)?;
+            let mut grads = (out * &grad)?.sum_all()?.backward()?;
+            grads.remove(&grad);
+            grad = take_grad(&mut grads, h.as_tensor())?;
+            total.extend(grads)?;
+        }
+        let mut grads = (tokens * &grad)?.sum_all()?.backward()?;
+        grads.remove(&grad);
+        total.extend(grads)?;
+        Ok((loss, total))
+    }
+
+    /// Patchify + positions: (B, C, H, W) -> (B, N, D).
+    fn tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let [ph, pw] = s.patch;
+        let [ph, pw] = self.shape.patch;
         let (gh, gw) = (h / ph, w / pw);
-        let d = s.dim();
-        // Patchify: (B, C, gh, ph, gw, pw) -> (B·N, C·ph·pw) rows, one GEMM with the conv kernel.
+        let d = self.shape.dim();
+        // (B, C, gh, ph, gw, pw) -> (B·N, C·ph·pw) rows, one GEMM with the conv kernel.
         let patches = x
             .reshape((b, c, gh, ph, gw, pw))?
             .permute([0, 2, 4, 1, 3, 5])?
             .reshape((b * gh * gw, c * ph * pw))?;
         let kernel = self.patch.reshape((d, c * ph * pw))?;
-        let tokens = patches
+        patches
             .matmul(&kernel.t()?)?
             .broadcast_add(&self.patch_bias)?
             .reshape((b, gh * gw, d))?
-            .broadcast_add(&self.positions)?;
+            .broadcast_add(&self.positions)
+    }
 
-        let device = x.device();
-        let t_feat = timestep_features(t, device)?;
-        let labels = Tensor::from_slice(&cond.labels, b, device)?;
-        let age_feat = match &self.age_fourier {
-            Some(f) => Some(age_features(&cond.ages, f)?),
-            None => None,
-        };
-        let mut x = tokens;
-        let mut first_emb = None;
-        for block in &self.blocks {
-            let emb = block.emb.forward(&t_feat, &labels, age_feat.as_ref())?;
-            x = block.forward(&x, &emb, s.norm_eps)?;
-            first_emb.get_or_insert(emb);
-        }
-        // Output head, modulated by the first block's embedding (diffusers recomputes the same
-        // value; reusing it gives the same gradients).
-        let emb = first_emb.expect("a DiT has at least one block");
-        let m = self.out_1.forward(&emb.silu()?)?.chunk(2, 1)?;
-        let y = self.out_2.forward(&modulate(&x, 1e-6, &m[0], &m[1])?)?;
-        // Unpatchify: (B, gh, gw, ph, pw, C) -> (B, C, gh·ph, gw·pw).
-        let co = s.out_channels;
+    /// The features every block's embedder reads (none of them trainable).
+    fn block_inputs(&self, t: &[f32], cond: &Condition, device: &Device) -> Result<BlockInputs> {
+        Ok(BlockInputs {
+            t_feat: timestep_features(t, device)?,
+            labels: Tensor::from_slice(&cond.labels, cond.len(), device)?,
+            age_feat: match &self.age_fourier {
+                Some(f) => Some(age_features(&cond.ages, f)?),
+                None => None,
+            },
+        })
+    }
+
+    /// Output head, modulated by the first block's embedding (diffusers recomputes the same
+    /// value; reusing it gives the same gradients), then unpatchify to `dims` (B, C, H, W).
+    fn head(
+        &self,
+        h: &Tensor,
+        first_emb: &Tensor,
+        dims: (usize, usize, usize, usize),
+    ) -> Result<Tensor> {
+        let (b, _, height, width) = dims;
+        let [ph, pw] = self.shape.patch;
+        let (gh, gw) = (height / ph, width / pw);
+        let m = self.out_1.forward(&first_emb.silu()?)?.chunk(2, 1)?;
+        let y = self.out_2.forward(&modulate(h, 1e-6, &m[0], &m[1])?)?;
+        // (B, gh, gw, ph, pw, C) -> (B, C, gh·ph, gw·pw).
+        let co = self.shape.out_channels;
         y.reshape((b, gh, gw, ph, pw, co))?
             .permute([0, 5, 1, 3, 2, 4])?
-            .reshape((b, co, h, w))
+            .reshape((b, co, height, width))
     }
+}
+
+/// Removes and returns the gradient of `x`, which every segment's input has.
+fn take_grad(grads: &mut GradStore, x: &Tensor) -> Result<Tensor> {
+    grads
+        .remove(x)
+        .ok_or_else(|| candle_core::Error::Msg("a DiT segment input got no gradient".into()))
 }
 
 /// The number of trainable parameters of a DiT of this shape (built with zero weights).

@@ -134,9 +134,49 @@ fn drop_conditions(cond: &mut Condition, c: Conditioning, p: f64, rng: &mut ChaC
     }
 }
 
-/// The weighted diffusion loss of a clean batch `x`: a noise level and noise per sample from
-/// `rng`, x_t = a·x + s·ε, the objective's target, per-sample MSE × weight, batch mean (f32).
-#[allow(clippy::too_many_arguments)]
+/// A clean batch noised for training: the model input x_t = a·x + s·ε at per-sample levels, the
+/// objective's target and the per-sample loss weights.
+struct Noised {
+    xt: Tensor,
+    t: Vec<f32>,
+    target: Tensor,
+    weights: Tensor,
+}
+
+impl Noised {
+    /// A noise level and noise per sample of `x` from `rng`.
+    fn draw(
+        x: &Tensor,
+        path: &NoisePath,
+        objective: Objective,
+        snr_gamma: Option<f64>,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Self> {
+        let b = x.dim(0)?;
+        let levels: Vec<_> = (0..b).map(|_| path.draw(rng)).collect();
+        let eps = Tensor::from_vec(normals(rng, x.elem_count()), x.shape(), x.device())?;
+        let a = per_sample(&levels, |l| l.a, x)?;
+        let s = per_sample(&levels, |l| l.s, x)?;
+        let w: Vec<f32> = levels
+            .iter()
+            .map(|l| loss_weight(objective, l, snr_gamma) as f32)
+            .collect();
+        Ok(Noised {
+            xt: (x.broadcast_mul(&a)? + eps.broadcast_mul(&s)?)?,
+            t: levels.iter().map(|l| l.t).collect(),
+            target: target(objective, x, &eps)?,
+            weights: Tensor::from_vec(w, b, x.device())?,
+        })
+    }
+
+    /// Per-sample MSE × weight, batch mean (f32), times `scale`.
+    fn loss(&self, out: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+        let per = (out - &self.target)?.sqr()?.flatten_from(1)?.mean(1)?;
+        (per * &self.weights)?.mean_all()? * scale
+    }
+}
+
+/// The weighted diffusion loss of a clean batch `x` (noise levels and noise from `rng`).
 pub fn diffusion_loss(
     model: &Dit,
     x: &Tensor,
@@ -146,24 +186,33 @@ pub fn diffusion_loss(
     snr_gamma: Option<f64>,
     rng: &mut ChaCha8Rng,
 ) -> Result<Tensor> {
-    let b = x.dim(0)?;
-    let levels: Vec<_> = (0..b).map(|_| path.draw(rng)).collect();
-    let eps = Tensor::from_vec(normals(rng, x.elem_count()), x.shape(), x.device())?;
-    let a = per_sample(&levels, |l| l.a, x)?;
-    let s = per_sample(&levels, |l| l.s, x)?;
-    let xt = (x.broadcast_mul(&a)? + eps.broadcast_mul(&s)?)?;
-    let t: Vec<f32> = levels.iter().map(|l| l.t).collect();
-    let out = model.forward(&xt, &t, cond)?;
-    let per = (out - target(objective, x, &eps)?)?
-        .sqr()?
-        .flatten_from(1)?
-        .mean(1)?;
-    let w: Vec<f32> = levels
-        .iter()
-        .map(|l| loss_weight(objective, l, snr_gamma) as f32)
-        .collect();
-    let w = Tensor::from_vec(w, b, x.device())?;
-    Ok((per * w)?.mean_all()?)
+    let n = Noised::draw(x, path, objective, snr_gamma, rng)?;
+    Ok(n.loss(&model.forward(&n.xt, &n.t, cond)?, 1.0)?)
+}
+
+/// The diffusion loss of `x` times `scale` and its gradients, through gradient checkpointing
+/// when `checkpointing` (the same numbers up to summation order; dit.rs).
+#[allow(clippy::too_many_arguments)]
+pub fn diffusion_grads(
+    model: &Dit,
+    x: &Tensor,
+    cond: &Condition,
+    path: &NoisePath,
+    objective: Objective,
+    snr_gamma: Option<f64>,
+    scale: f64,
+    checkpointing: bool,
+    rng: &mut ChaCha8Rng,
+) -> Result<(f32, GradStore)> {
+    let n = Noised::draw(x, path, objective, snr_gamma, rng)?;
+    let (loss, grads) = if checkpointing {
+        model.checkpointed_backward(&n.xt, &n.t, cond, |out| n.loss(out, scale))?
+    } else {
+        let loss = n.loss(&model.forward(&n.xt, &n.t, cond)?, scale)?;
+        let grads = loss.backward()?;
+        (loss, grads)
+    };
+    Ok((loss.to_scalar::<f32>()?, grads))
 }
 
 /// Everything the loop, evaluation and checkpoints share.
@@ -430,17 +479,18 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
             drop_conditions(&mut cond, cond_kind, cfg.model.cfg_dropout, &mut rng);
             let x = ctx.tensor(&batch.inputs, batch.size)?;
             // Each micro-batch's share of the update's mean loss.
-            let loss = (diffusion_loss(
+            let (loss, mut grads) = diffusion_grads(
                 &model,
                 &x,
                 &cond,
                 &ctx.path,
                 objective,
                 t.snr_gamma,
+                1.0 / in_group as f64,
+                t.gradient_checkpointing,
                 &mut rng,
-            )? / in_group as f64)?;
-            let mut grads = loss.backward()?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
+            )?;
+            loss_sum += loss as f64;
             let mut mine = GradStore::default();
             for (_, v) in &params.trainable {
                 if let Some(g) = grads.remove(v.as_tensor()) {
@@ -973,14 +1023,23 @@ fn benchmark(
     let objective = Objective::parse(&cfg.prediction_type);
     let mut step = |i: u64| -> Result<f64> {
         let mut r = ChaCha8Rng::seed_from_u64(i);
-        let loss = diffusion_loss(&model, &x, &cond, &path, objective, t.snr_gamma, &mut r)?;
-        let mut grads = loss.backward()?;
+        let (loss, mut grads) = diffusion_grads(
+            &model,
+            &x,
+            &cond,
+            &path,
+            objective,
+            t.snr_gamma,
+            1.0,
+            t.gradient_checkpointing,
+            &mut r,
+        )?;
         opt.step(
             &mut grads,
             cfg.optimizer.learning_rate,
             t.gradient_clip_norm,
         )?;
-        Ok(loss.to_scalar::<f32>()? as f64)
+        Ok(loss as f64)
     };
     step(0)?;
     device.synchronize()?;
