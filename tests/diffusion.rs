@@ -1,13 +1,14 @@
 //! End-to-end DiT training through macro-compiled trainers on the small image dataset of
 //! tests/common: exact resume, files TensorBoard and Python safetensors read, and the
 //! augmentation loop the project exists for (a classifier trained only on generated samples
-//! recognises real images).
+//! recognises real images); and a DiT on time series whose samples carry their class's rhythm.
 
 mod common;
 
 use std::path::Path;
 
 use common::{only_run_dir, python, series, test_metric, train, write_dataset};
+use signal_diffusion_runtime::fidelity::BANDS;
 use signal_diffusion_runtime::sample::SampleArgs;
 
 mod tiny_dit {
@@ -16,6 +17,10 @@ mod tiny_dit {
 
 mod augment_dit {
     signal_diffusion_macros::trainer!("train/augment_dit.toml");
+}
+
+mod series_dit {
+    signal_diffusion_macros::trainer!("train/series_dit.toml");
 }
 
 mod classifier {
@@ -176,4 +181,125 @@ fn a_classifier_trained_on_generated_samples_recognises_real_images() {
         gender >= 0.8 && health >= 0.8,
         "real test accuracy: gender {gender}, health {health}"
     );
+}
+
+/// Tone frequencies (cycles per 128 samples) of the two classes of `write_series`: Welch bins 12
+/// and 44 of 1..=64, in bands 1 and 5 of `fidelity::BANDS` = 8 (bins 9..=16 and 41..=48).
+const TONES: [usize; 2] = [12, 44];
+
+/// z-scored-like time series of 4 channels × 128 samples in the preprocessed layout (`.npy` of
+/// (channels, samples) and `{split}-metadata.csv`): class k is a tone at `TONES[k]` with a random
+/// phase per channel and amplitude ≈ 1.3, plus white noise of std 0.3.
+fn write_series(dir: &Path) {
+    let mut state = 9u64;
+    let mut uniform = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    for (split, n) in [("train", 64), ("val", 16)] {
+        let mut rows = String::from("file_name,split,class\n");
+        for i in 0..n {
+            let class = i % 2;
+            let mut x = vec![0f32; 4 * 128];
+            for ch in 0..4 {
+                let phase = uniform() * std::f64::consts::TAU;
+                let amp = 1.1 + 0.4 * uniform();
+                for t in 0..128 {
+                    let arg =
+                        std::f64::consts::TAU * TONES[class] as f64 * t as f64 / 128.0 + phase;
+                    let noise = (uniform() - 0.5) * 0.3 * 12f64.sqrt();
+                    x[ch * 128 + t] = (amp * arg.sin() + noise) as f32;
+                }
+            }
+            let rel = format!("{split}/sub-{i:02}/timeseries-0.npy");
+            std::fs::create_dir_all(dir.join(&rel).parent().unwrap()).unwrap();
+            signal_diffusion_runtime::io::write_npy_f32(&dir.join(&rel), &[4, 128], &x).unwrap();
+            rows.push_str(&format!("{rel},{split},{class}\n"));
+        }
+        std::fs::write(dir.join(format!("{split}-metadata.csv")), rows).unwrap();
+    }
+}
+
+/// DiT on time series: (1, 4, 128) with 1 × 8 patches, class-conditional. The loss falls, the
+/// evaluation writes the signals losslessly (`.npy`, read by numpy) and KID on signal features,
+/// and `sigdiff sample` writes `.npy` samples whose spectrum peaks in their class's band.
+#[test]
+fn a_time_series_dit_generates_the_rhythm_of_its_class() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_series(&data);
+    let out = tmp.path().join("dit");
+    train(
+        series_dit::run,
+        &[("dataset.name", data.display().to_string())],
+        &out,
+        None,
+    );
+    let run = only_run_dir(&out);
+    let losses = series(&run, "train/loss");
+    let mean = |s: &[(u64, f64)]| s.iter().map(|(_, v)| v).sum::<f64>() / s.len() as f64;
+    let (first, last) = (mean(&losses[..20]), mean(&losses[losses.len() - 20..]));
+    assert!(
+        last < 0.7 * first,
+        "the diffusion loss went from {first:.4} to {last:.4}"
+    );
+    assert_eq!(series(&run, "eval/kid_mean").len(), 2);
+    let shape = python(
+        "import sys, numpy as np\nprint(np.load(sys.argv[1]).shape)",
+        &[&run.join("samples/step-000200.npy")],
+    );
+    assert_eq!(shape.trim(), "(4, 1, 4, 128)");
+
+    let synth = tmp.path().join("synthetic");
+    for class in 0..2 {
+        let out = synth.join(format!("class-{class}"));
+        signal_diffusion_runtime::sample::run(&SampleArgs {
+            checkpoint: run.join("final/ema"),
+            ema: false,
+            n: Some(16),
+            condition: Some(format!("class={class}")),
+            like: None,
+            out: out.clone(),
+            split: "train".into(),
+            steps: None,
+            cfg_scale: None,
+            batch_size: 16,
+            seed: 2,
+            overwrite: false,
+        })
+        .unwrap();
+        let meta = std::fs::read_to_string(out.join("train-metadata.csv")).unwrap();
+        assert_eq!(meta.lines().count(), 17, "{meta}");
+        let files: Vec<_> = (0..16)
+            .map(|i| out.join(format!("train/synthetic/sample-{i:05}.npy")))
+            .collect();
+        let generated = band_contrast(&files, class);
+        let real_files: Vec<_> = (0..8)
+            .map(|i| data.join(format!("val/sub-{:02}/timeseries-0.npy", 2 * i + class)))
+            .collect();
+        let real = band_contrast(&real_files, class);
+        assert!(
+            generated > 0.5 * real,
+            "class {class}: its band is {generated:.2} decades above the other class's band in the samples, {real:.2} in the real data"
+        );
+    }
+}
+
+/// Mean over files and channels of log10 band power in `class`'s tone band minus that in the
+/// other class's band (Welch features of `fidelity`).
+fn band_contrast(files: &[std::path::PathBuf], class: usize) -> f64 {
+    let mut sum = 0f64;
+    for file in files {
+        let (dims, x) = signal_diffusion_runtime::io::read_npy_f32(file).unwrap();
+        assert_eq!(dims, [4, 128], "{}", file.display());
+        let f = signal_diffusion_runtime::fidelity::signal_features(&x, 4, 128);
+        for ch in 0..4 {
+            // The band of class k's tone, on channel ch.
+            let band = |k: usize| f[ch * (BANDS + 1) + (TONES[k] - 1) * BANDS / 64] as f64;
+            sum += band(class) - band(1 - class);
+        }
+    }
+    sum / (4 * files.len()) as f64
 }

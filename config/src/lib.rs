@@ -369,7 +369,7 @@ fn check_diffusion(
         );
         return;
     }
-    let rules: [(bool, &str, &str, &str); 13] = [
+    let rules: [(bool, &str, &str, &str); 12] = [
         (
             m.latent_space,
             "model.extras.latent_space",
@@ -381,12 +381,6 @@ fn check_diffusion(
             "model.conditioning",
             "caption conditioning for DiT (it needs text encoders)",
             "use `none`, `classes` or `gend_hlth_age`",
-        ),
-        (
-            d.dataset_is_timeseries,
-            "data.data_type",
-            "DiT on time series",
-            "train on spectrograms (`data_type = \"spectrogram\"`)",
         ),
         (
             m.lora_enabled,

@@ -1402,6 +1402,17 @@ pub fn read_diffusion(
             "output type \"{output_type}\" is converted to 3 channels, as the reference does"
         ));
     }
+    if ts {
+        for (key, on) in [("center_crop", center_crop), ("random_flip", random_flip)] {
+            if on {
+                ctx.error(&format!("dataset.{key}"), format!("`{key}` transforms images; time series are read whole (every sample must be {n_eeg_channels} × {sequence_length})"))
+                    .help = Some(format!("remove `{key}`, or use `dataset.extras.gaussian_noise_std` to augment time series"));
+            }
+        }
+    } else if gaussian_noise_std > 0.0 {
+        ctx.error("dataset.extras.gaussian_noise_std", "`gaussian_noise_std` adds noise to time series (x + N(0, std²)); spectrograms are augmented by `random_flip` and random crops")
+            .help = Some("remove it, or train on time series (`data_type = \"timeseries\"`)".into());
+    }
     if ts && in_channels != 1 && !latent_space {
         ctx.error("model.extras.in_channels", format!("time series enter the model as (1, {n_eeg_channels}, {sequence_length}): `in_channels` must be 1"));
     }

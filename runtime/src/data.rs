@@ -236,7 +236,8 @@ pub fn load_sample(path: &Path, shape: &[usize], out: &mut Vec<f32>) -> Result<(
     match is_npy(path) {
         true => {
             let (dims, data) = crate::io::read_npy_f32(path)?;
-            if dims != shape {
+            // The preprocessing writes (channels, samples); DiT reads (1, channels, samples).
+            if dims != shape && !(shape.first() == Some(&1) && dims == shape[1..]) {
                 bail!(
                     "{}: shape {dims:?}, but this trainer was compiled for {shape:?}",
                     path.display()

@@ -1,5 +1,6 @@
-//! How close generated spectrograms are to real ones: features that need no downloaded network,
-//! and two distances between feature sets, KID and a multi-bandwidth Gaussian MMD².
+//! How close generated spectrograms or time series are to real ones: features that need no
+//! downloaded network, and two distances between feature sets, KID and a multi-bandwidth Gaussian
+//! MMD². Time series have the signal-domain counterpart of these features (`signal_features`).
 //!
 //! Features. A preprocessed spectrogram is `n` EEG-channel strips side by side (each `R0/n`
 //! columns of time, centred with equal black margins) with frequency on the vertical axis
@@ -68,6 +69,65 @@ pub fn spectrogram_features(
             .collect();
         let m = means.iter().sum::<f64>() / cols;
         let var = means.iter().map(|v| (v - m).powi(2)).sum::<f64>() / cols;
+        out.push(var.sqrt() as f32);
+    }
+    out
+}
+
+/// Welch segment length for time-series features (the whole channel when shorter).
+const SEGMENT: usize = 256;
+
+/// The features of one time series (`channels` × `len` values, row-major), the signal-domain
+/// counterpart of `spectrogram_features`: per EEG channel, the log10 mean power of `BANDS` equal
+/// bands of its Welch periodogram (Hann window, 50 % overlap, each segment's mean removed, DC
+/// excluded) and the standard deviation over segments of the segment's log10 power (how much the
+/// power moves). 9·channels numbers.
+pub fn signal_features(x: &[f32], channels: usize, len: usize) -> Vec<f32> {
+    let seg = SEGMENT.min(len);
+    let bins = seg / 2;
+    let tau = std::f64::consts::TAU;
+    let hann: Vec<f64> = (0..seg)
+        .map(|n| 0.5 - 0.5 * (tau * n as f64 / seg as f64).cos())
+        .collect();
+    // DFT rows for bins 1..=seg/2, the window folded in.
+    let (cos, sin): (Vec<f64>, Vec<f64>) = (1..=bins)
+        .flat_map(|k| (0..seg).map(move |n| (k, n)))
+        .map(|(k, n)| {
+            let a = tau * (k * n % seg) as f64 / seg as f64;
+            (a.cos() * hann[n], a.sin() * hann[n])
+        })
+        .unzip();
+    let starts: Vec<usize> = (0..=len - seg).step_by((seg / 2).max(1)).collect();
+    let mut out = Vec::with_capacity(channels * (BANDS + 1));
+    let mut segment = vec![0f64; seg];
+    for ch in &x.chunks_exact(len).take(channels).collect::<Vec<_>>() {
+        let mut power = vec![0f64; bins];
+        let mut seg_log = Vec::with_capacity(starts.len());
+        for &s in &starts {
+            let mean = ch[s..s + seg].iter().map(|v| *v as f64).sum::<f64>() / seg as f64;
+            for (d, v) in segment.iter_mut().zip(&ch[s..s + seg]) {
+                *d = *v as f64 - mean;
+            }
+            let mut total = 0f64;
+            for (k, p) in power.iter_mut().enumerate() {
+                let row = k * seg..(k + 1) * seg;
+                let re = dot(&cos[row.clone()], &segment);
+                let im = dot(&sin[row], &segment);
+                *p += re * re + im * im;
+                total += re * re + im * im;
+            }
+            seg_log.push((total + 1e-12).log10());
+        }
+        for band in 0..BANDS {
+            let (a, b) = (
+                band * bins / BANDS,
+                ((band + 1) * bins / BANDS).max(band * bins / BANDS + 1),
+            );
+            let mean = power[a..b].iter().sum::<f64>() / ((b - a) * starts.len()) as f64;
+            out.push((mean + 1e-12).log10() as f32);
+        }
+        let m = seg_log.iter().sum::<f64>() / seg_log.len() as f64;
+        let var = seg_log.iter().map(|v| (v - m).powi(2)).sum::<f64>() / seg_log.len() as f64;
         out.push(var.sqrt() as f32);
     }
     out
@@ -236,6 +296,31 @@ mod tests {
         assert_eq!(s[0], (8, 20));
         assert_eq!(s[19], (236, 248));
         assert_eq!(strips(64, 256, 20)[1], (5, 8));
+    }
+
+    #[test]
+    fn signal_features_find_the_band_of_a_sine_and_its_modulation() {
+        // Two channels of 1024 samples: a steady sine in band 2 of 8 (bin 40 of 128), and the
+        // same sine switched on and off every 256 samples at 10× the amplitude.
+        let len = 1024;
+        let mut x = vec![0f32; 2 * len];
+        for n in 0..len {
+            let v = (std::f64::consts::TAU * 40.0 * n as f64 / 256.0).sin() as f32;
+            x[n] = v;
+            x[len + n] = if (n / 256) % 2 == 0 { 10.0 * v } else { 0.0 };
+        }
+        let f = signal_features(&x, 2, len);
+        assert_eq!(f.len(), 2 * (BANDS + 1));
+        let steady = &f[..BANDS];
+        let loudest = (0..BANDS).max_by(|a, b| steady[*a].total_cmp(&steady[*b]));
+        assert_eq!(loudest, Some(2), "{steady:?}");
+        assert!(steady[2] - steady[5] > 6.0, "a pure tone: {steady:?}");
+        // 10× amplitude on half the time: ≈ +1.7 decades of mean power in its band.
+        assert!((f[BANDS + 1 + 2] - steady[2] - 1.7).abs() < 0.2, "{f:?}");
+        assert!(
+            f[BANDS] < 0.05 && f[2 * BANDS + 1] > 1.0,
+            "variability: {f:?}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `sigdiff sample`: a labelled synthetic dataset from a trained DiT, in the preprocessed-dataset
-//! layout (`{split}/synthetic/sample-NNNNN.png` and `{split}-metadata.csv`), so a classifier can
-//! train on real and synthetic data together.
+//! layout (`{split}/synthetic/sample-NNNNN.png`, or `.npy` of (EEG channels, samples) float32
+//! for a time-series model, and `{split}-metadata.csv`), so a classifier can train on real and
+//! synthetic data together.
 //!
 //! The checkpoint directory is any the trainer writes (`checkpoints/<name>`, `best_eval/<name>`,
 //! `final`, `final/ema`): its `sampling.json` rebuilds the model shape and sampler. Conditions
@@ -197,6 +198,33 @@ fn load_weights(dir: &Path, ema: bool, vars: &[(String, Var)], device: &Device) 
     })
 }
 
+/// Write one sample's pixels (C, H, W) as a PNG: grey for db-only data (the model's 3 channels
+/// are copies of it, averaged), else interleaved channels.
+fn write_image(
+    path: &Path,
+    sample: &[u8],
+    (ch, h, w): (usize, usize, usize),
+    grey: bool,
+) -> Result<()> {
+    let (pixels, channels): (Vec<u8>, usize) = if grey {
+        let v = (0..h * w)
+            .map(|p| {
+                ((0..ch).map(|c| sample[c * h * w + p] as u32).sum::<u32>() as f32 / ch as f32)
+                    .round() as u8
+            })
+            .collect();
+        (v, 1)
+    } else {
+        (
+            (0..h * w)
+                .flat_map(|p| (0..ch).map(move |c| sample[c * h * w + p]))
+                .collect(),
+            ch,
+        )
+    };
+    crate::io::write_png(path, &pixels, channels, h, w)
+}
+
 pub fn run(args: &SampleArgs) -> Result<()> {
     let spec_path = args.checkpoint.join("sampling.json");
     let spec: SampleSpec =
@@ -262,30 +290,29 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         };
         let noise = Tensor::from_vec(normals(&mut rng, b * ch * h * w), (b, ch, h, w), &device)?;
         let x = sampler.sample(&model, noise, &cond, c, &mut rng, |_, _| {})?;
-        let px = to_pixels(&x.flatten_all()?.to_vec1::<f32>()?);
+        let values = x.flatten_all()?.to_vec1::<f32>()?;
+        let px = match spec.timeseries {
+            true => vec![],
+            false => to_pixels(&values, 1.0),
+        };
         for k in 0..b {
             let i = start + k;
-            let sample = &px[k * ch * h * w..(k + 1) * ch * h * w];
-            // CHW -> interleaved; db-only data is grey (the model's 3 channels are its copies).
-            let (pixels, channels): (Vec<u8>, usize) = if grey {
-                let v = (0..h * w)
-                    .map(|p| {
-                        ((0..ch).map(|c| sample[c * h * w + p] as u32).sum::<u32>() as f32
-                            / ch as f32)
-                            .round() as u8
-                    })
-                    .collect();
-                (v, 1)
+            let rel = if spec.timeseries {
+                // As the preprocessing writes them: (EEG channels, samples), float32.
+                let rel = format!("{}/synthetic/sample-{i:05}.npy", args.split);
+                let signal = &values[k * h * w..(k + 1) * h * w];
+                crate::io::write_npy_f32(&tmp.join(&rel), &[h, w], signal)?;
+                rel
             } else {
-                (
-                    (0..h * w)
-                        .flat_map(|p| (0..ch).map(move |c| sample[c * h * w + p]))
-                        .collect(),
-                    ch,
-                )
+                let rel = format!("{}/synthetic/sample-{i:05}.png", args.split);
+                write_image(
+                    &tmp.join(&rel),
+                    &px[k * ch * h * w..(k + 1) * ch * h * w],
+                    (ch, h, w),
+                    grey,
+                )?;
+                rel
             };
-            let rel = format!("{}/synthetic/sample-{i:05}.png", args.split);
-            crate::io::write_png(&tmp.join(&rel), &pixels, channels, h, w)?;
             let mut record = vec![rel, args.split.clone()];
             record.extend(rows[i].iter().cloned());
             csv.write_record(&record)?;

@@ -2,7 +2,7 @@
 //! (resized and augmented as the reference's torchvision pipeline), build the model (optionally
 //! from diffusers weights), then the loop: micro-batches accumulated into one optimizer update
 //! (noise level, noise, weighted loss, backward), clipped AdamW step, schedule, EMA; evaluation
-//! (validation loss, a sample grid, KID and MMD² on spectrogram features) and checkpoints at the
+//! (validation loss, a sample grid, KID and MMD² on spectrogram or signal features) and checkpoints at the
 //! updates where they are due; a final evaluation and the weights in diffusers' layout.
 //!
 //! Fixed against the reference on purpose (docs/config.md): one null condition for training and
@@ -35,7 +35,7 @@ use crate::diffusion::{
     Sampler,
 };
 use crate::dit::{Condition, Conditioning, Dit, DitShape};
-use crate::fidelity::{spectrogram_features, strips, Reference};
+use crate::fidelity::{signal_features, spectrogram_features, strips, Reference};
 use crate::image::Augment;
 use crate::log::Logger;
 use crate::nn::Params;
@@ -69,9 +69,14 @@ pub struct SampleSpec {
     pub columns: Vec<String>,
     /// What the dataset's images are: `db-only` (grey) or a 3-channel type.
     pub output_type: String,
-    /// Width of the images the model was trained from, before resizing (strip geometry).
+    /// Width of the images the model was trained from, before resizing (strip geometry; 0 for
+    /// time series).
     pub source_width: usize,
     pub n_eeg_channels: usize,
+    /// Time series (z-scored signals: not clipped to [-1, 1], written as `.npy`) rather than
+    /// spectrogram images.
+    #[serde(default)]
+    pub timeseries: bool,
 }
 
 impl SampleSpec {
@@ -97,7 +102,7 @@ impl SampleSpec {
                 "rectified_cfg_pp" => Guidance::RectifiedCfgPp(cfg_scale),
                 _ => Guidance::Cfg(cfg_scale),
             },
-            clip_sample: true,
+            clip_sample: !self.timeseries,
         }
     }
 }
@@ -350,8 +355,12 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         guidance: cfg.guidance.clone(),
         columns: tasks.iter().map(|t| t.column.to_string()).collect(),
         output_type: resolved.output_type.clone(),
-        source_width: source_width(&train)?,
+        source_width: match cfg.dataset_is_timeseries {
+            true => 0,
+            false => source_width(&train)?,
+        },
         n_eeg_channels: ds.n_eeg_channels,
+        timeseries: cfg.dataset_is_timeseries,
     };
     let ctx = Ctx {
         cfg,
@@ -477,7 +486,12 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
             let mut rng = ctx.rng(state.step, i % accum);
             let mut cond = conditions(cond_kind, &train.targets, &idx);
             drop_conditions(&mut cond, cond_kind, cfg.model.cfg_dropout, &mut rng);
-            let x = ctx.tensor(&batch.inputs, batch.size)?;
+            let mut x = ctx.tensor(&batch.inputs, batch.size)?;
+            if ds.gaussian_noise_std > 0.0 {
+                let noise = normals(&mut rng, x.elem_count());
+                let noise = Tensor::from_vec(noise, x.shape(), x.device())?;
+                x = (x + (noise * ds.gaussian_noise_std)?)?;
+            }
             // Each micro-batch's share of the update's mean loss.
             let (loss, mut grads) = diffusion_grads(
                 &model,
@@ -769,15 +783,19 @@ fn reference_features(ctx: &Ctx, split: &Arc<Split>) -> Result<Reference> {
         let batch = batch?;
         let per: usize = ctx.input.iter().product();
         for k in 0..batch.size {
-            feats.push(image_features(ctx, &batch.inputs[k * per..(k + 1) * per]));
+            feats.push(sample_features(ctx, &batch.inputs[k * per..(k + 1) * per]));
         }
     }
     Ok(Reference::new(&feats))
 }
 
-/// The spectrogram features of one model-shaped sample (channel 0 = dB).
-fn image_features(ctx: &Ctx, sample: &[f32]) -> Vec<f32> {
+/// The features of one model-shaped sample: of the signal for time series (1, C, T), else of
+/// the spectrogram's dB channel (channel 0).
+fn sample_features(ctx: &Ctx, sample: &[f32]) -> Vec<f32> {
     let (h, w) = (ctx.input[1], ctx.input[2]);
+    if ctx.spec.timeseries {
+        return signal_features(sample, h, w);
+    }
     let geometry = strips(w, ctx.spec.source_width, ctx.spec.n_eeg_channels);
     spectrogram_features(&sample[..h * w], h, w, &geometry)
 }
@@ -868,20 +886,29 @@ impl Evaluator<'_> {
             let samples = self.generate(n)?;
             let per: usize = ctx.input.iter().product();
             if t.eval_num_examples > 0 {
+                let shown = &samples[..t.eval_num_examples * per];
                 let (png, shape) = grid(
-                    &samples[..t.eval_num_examples * per],
+                    shown,
                     t.eval_num_examples,
                     &ctx.input,
+                    pixel_range(ctx.spec.timeseries),
                 )?;
                 let dir = ctx.run_dir.join("samples");
                 std::fs::create_dir_all(&dir)?;
                 let path = dir.join(format!("step-{step:06}.png"));
                 crate::io::write_atomic(&path, |w| Ok(w.write_all(&png)?))?;
+                if ctx.spec.timeseries {
+                    // The PNG is a heat map for the eye; the signals themselves, losslessly.
+                    let mut dims = vec![t.eval_num_examples];
+                    dims.extend(&ctx.input);
+                    let npy = dir.join(format!("step-{step:06}.npy"));
+                    crate::io::write_npy_f32(&npy, &dims, shown)?;
+                }
                 log.image("eval/generated_samples", &png, shape, step)?;
             }
             if let (Some(reference), true) = (self.reference, t.eval_mmd_samples >= 2) {
                 let feats: Vec<Vec<f32>> = (0..t.eval_mmd_samples)
-                    .map(|k| image_features(ctx, &samples[k * per..(k + 1) * per]))
+                    .map(|k| sample_features(ctx, &samples[k * per..(k + 1) * per]))
                     .collect();
                 let (k_mean, k_std, mmd) = reference.compare(&feats);
                 log.scalar("eval/kid_mean", k_mean, step)?;
@@ -970,21 +997,36 @@ impl Evaluator<'_> {
     }
 }
 
-/// Samples in [-1, 1] as 8-bit pixels: (x + 1)/2 · 255, rounded, clamped (torchvision's save).
-pub fn to_pixels(x: &[f32]) -> Vec<u8> {
+/// The values that map to black and white: [-1, 1] for images, ±3 for z-scored time series.
+pub fn pixel_range(timeseries: bool) -> f32 {
+    if timeseries {
+        3.0
+    } else {
+        1.0
+    }
+}
+
+/// Samples in [-range, range] as 8-bit pixels: (x/range + 1)/2 · 255, rounded, clamped (for
+/// images, torchvision's save).
+pub fn to_pixels(x: &[f32], range: f32) -> Vec<u8> {
     x.iter()
-        .map(|v| ((v + 1.0) * 0.5 * 255.0 + 0.5).clamp(0.0, 255.0) as u8)
+        .map(|v| ((v / range + 1.0) * 0.5 * 255.0 + 0.5).clamp(0.0, 255.0) as u8)
         .collect()
 }
 
 /// A lossless PNG grid of `n` samples (C, H, W each), 4 per row with 2-pixel black gaps
 /// (torchvision's `make_grid(nrow=4, padding=2)`). Returns the PNG and its (C, H, W).
-pub fn grid(samples: &[f32], n: usize, input: &[usize]) -> Result<(Vec<u8>, [usize; 3])> {
+pub fn grid(
+    samples: &[f32],
+    n: usize,
+    input: &[usize],
+    range: f32,
+) -> Result<(Vec<u8>, [usize; 3])> {
     let (c, h, w) = (input[0], input[1], input[2]);
     let cols = n.min(4);
     let rows = n.div_ceil(4);
     let (gh, gw) = (rows * (h + 2) + 2, cols * (w + 2) + 2);
-    let px = to_pixels(samples);
+    let px = to_pixels(samples, range);
     let mut out = vec![0u8; gh * gw * c];
     for k in 0..n {
         let (r, q) = (k / 4, k % 4);
