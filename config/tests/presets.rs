@@ -48,7 +48,7 @@ fn diffusion_presets_build_or_stop_only_at_the_support_gate() {
         match config::resolve(&p, &env(), Target::default()) {
             Ok(_) => built.push(p.file_stem().unwrap().to_string_lossy().into_owned()),
             Err(e) => {
-                // Latent-space, time-series and non-DiT presets: one error, at the gate.
+                // Latent-space and non-DiT presets: one error, at the gate.
                 let errors: Vec<_> = e.diagnostics.errors().collect();
                 assert_eq!(errors.len(), 1, "{}:\n{}", p.display(), config::render(&e));
                 assert!(
@@ -59,7 +59,7 @@ fn diffusion_presets_build_or_stop_only_at_the_support_gate() {
             }
         }
     }
-    assert_eq!(built, ["baseline", "quickstart"]);
+    assert_eq!(built, ["baseline", "dit-timeseries", "quickstart"]);
 }
 
 fn params(p: &str) -> u64 {

@@ -7,11 +7,16 @@
 //! and g = ∂L/∂y·(1 + scale):
 //!   ∂L/∂x = r·(g − mean(g) − x̂·mean(g·x̂)),  ∂L/∂scale = Σ_tokens ∂L/∂y·x̂,  ∂L/∂shift = Σ_tokens ∂L/∂y.
 //! Other devices and dtypes use the composite.
+//!
+//! The gated residual of adaLN-Zero, `x + y·gate` (gate (B, D) per sample), is one op too: one
+//! pass forward; backward ∂L/∂x = ∂L/∂out (passed on, not copied), ∂L/∂y = ∂L/∂out·gate and
+//! ∂L/∂gate = Σ_tokens ∂L/∂out·y in one pass (in Candle ops: a broadcast multiply and an add
+//! forward, two multiplies and a reduction backward).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::nn::standardize_last;
-use crate::ops::{on_threads, Blocks};
+use crate::ops::{on_threads, vectorised, with_f32, Blocks};
 
 /// `LayerNorm(x, eps)·(1 + scale) + shift` for x (B, N, D), scale and shift (B, D).
 pub fn modulate(x: &Tensor, eps: f64, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
@@ -31,12 +36,81 @@ struct Modulate {
     eps: f64,
 }
 
+/// Σ f(v) over a row in f64, in 8 lanes so the loop vectorises.
+#[inline(always)]
+fn lane_sum(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(v as f64);
+        }
+    }
+    rest.iter()
+        .fold(lanes.iter().sum(), |s, &v| s + f(v as f64))
+}
+
 /// Mean and 1/√(var + eps) of one row, accumulated in f64.
+#[inline(always)]
 fn row_stats(row: &[f32], eps: f64) -> (f32, f32) {
     let n = row.len() as f64;
-    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let mean = lane_sum(row, |v| v) / n;
+    let var = lane_sum(row, |v| (v - mean) * (v - mean)) / n;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+vectorised! {
+    /// One sample's rows (of d) of `LayerNorm(x)·(1 + scale) + shift` into `y`.
+    fn modulate_rows(x: &[f32], scale: &[f32], shift: &[f32], eps: f64, y: &mut [f32]) {
+        let d = scale.len();
+        for (xr, yr) in x.chunks(d).zip(y.chunks_mut(d)) {
+            let (mean, r) = row_stats(xr, eps);
+            for j in 0..d {
+                yr[j] = (xr[j] - mean) * r * (1.0 + scale[j]) + shift[j];
+            }
+        }
+    }
+}
+
+vectorised! {
+    /// One sample's backward (see the module docs): ∂L/∂x rows into `dx`, ∂L/∂scale and
+    /// ∂L/∂shift accumulated into `dscale`, `dshift`; `scratch` holds 2·d floats.
+    fn modulate_rows_backward(
+        x: &[f32],
+        g: &[f32],
+        scale: &[f32],
+        eps: f64,
+        dx: &mut [f32],
+        dscale: &mut [f32],
+        dshift: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        let d = scale.len();
+        let (xhat, gs) = scratch.split_at_mut(d);
+        for ((xr, gr), dxr) in x.chunks(d).zip(g.chunks(d)).zip(dx.chunks_mut(d)) {
+            let (mean, r) = row_stats(xr, eps);
+            for j in 0..d {
+                xhat[j] = (xr[j] - mean) * r;
+                gs[j] = gr[j] * (1.0 + scale[j]);
+                dscale[j] += gr[j] * xhat[j];
+                dshift[j] += gr[j];
+            }
+            let mg = (lane_sum(gs, |v| v) / d as f64) as f32;
+            let mut lanes = [0f32; 8];
+            for (c, h) in gs.chunks_exact(8).zip(xhat.chunks_exact(8)) {
+                for ((l, a), b) in lanes.iter_mut().zip(c).zip(h) {
+                    *l += a * b;
+                }
+            }
+            let tail = (d / 8) * 8..d;
+            let sum_gx = tail.fold(lanes.iter().sum::<f32>(), |s, j| s + gs[j] * xhat[j]);
+            let mgx = sum_gx / d as f32;
+            for j in 0..d {
+                dxr[j] = r * (gs[j] - mg - xhat[j] * mgx);
+            }
+        }
+    }
 }
 
 impl CustomOp3 for Modulate {
@@ -71,12 +145,7 @@ impl CustomOp3 for Modulate {
             let (sc, sh) = (&scale[s * d..(s + 1) * d], &shift[s * d..(s + 1) * d]);
             // SAFETY: sample s's block, written by this thread only.
             let y = unsafe { out.block(s * n * d, n * d) };
-            for (xr, yr) in x[s * n * d..(s + 1) * n * d].chunks(d).zip(y.chunks_mut(d)) {
-                let (mean, r) = row_stats(xr, self.eps);
-                for j in 0..d {
-                    yr[j] = (xr[j] - mean) * r * (1.0 + sc[j]) + sh[j];
-                }
-            }
+            modulate_rows(&x[s * n * d..(s + 1) * n * d], sc, sh, self.eps, y);
         });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -90,8 +159,6 @@ impl CustomOp3 for Modulate {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, n, d) = x.dims3()?;
-        let host = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
-        let (xv, sc, g) = (host(x)?, host(scale)?, host(grad)?);
         let mut dx = vec![0f32; b * n * d];
         let mut dscale = vec![0f32; b * d];
         let mut dshift = vec![0f32; b * d];
@@ -100,42 +167,148 @@ impl CustomOp3 for Modulate {
             Blocks::new(&mut dscale),
             Blocks::new(&mut dshift),
         );
-        on_threads(b, 2 * d, |s, scratch| {
-            let sc = &sc[s * d..(s + 1) * d];
-            // SAFETY: sample s's blocks, written by this thread only.
-            let (dx, dsc, dsh) = unsafe {
-                (
-                    odx.block(s * n * d, n * d),
-                    osc.block(s * d, d),
-                    osh.block(s * d, d),
-                )
-            };
-            let (xhat, gs) = scratch.split_at_mut(d);
-            let rows = xv[s * n * d..(s + 1) * n * d]
-                .chunks(d)
-                .zip(g[s * n * d..(s + 1) * n * d].chunks(d));
-            for ((xr, gr), dxr) in rows.zip(dx.chunks_mut(d)) {
-                let (mean, r) = row_stats(xr, self.eps);
-                let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-                for j in 0..d {
-                    xhat[j] = (xr[j] - mean) * r;
-                    gs[j] = gr[j] * (1.0 + sc[j]);
-                    sum_g += gs[j];
-                    sum_gx += gs[j] * xhat[j];
-                    dsc[j] += gr[j] * xhat[j];
-                    dsh[j] += gr[j];
-                }
-                let (mg, mgx) = (sum_g / d as f32, sum_gx / d as f32);
-                for j in 0..d {
-                    dxr[j] = r * (gs[j] - mg - xhat[j] * mgx);
-                }
-            }
-        });
+        with_f32(&[x, scale, grad], |t| {
+            let (xv, sc, g) = (t[0], t[1], t[2]);
+            on_threads(b, 2 * d, |s, scratch| {
+                let rows = s * n * d..(s + 1) * n * d;
+                // SAFETY: sample s's blocks, written by this thread only.
+                let (dx, dsc, dsh) = unsafe {
+                    (
+                        odx.block(s * n * d, n * d),
+                        osc.block(s * d, d),
+                        osh.block(s * d, d),
+                    )
+                };
+                let sc = &sc[s * d..(s + 1) * d];
+                modulate_rows_backward(
+                    &xv[rows.clone()],
+                    &g[rows],
+                    sc,
+                    self.eps,
+                    dx,
+                    dsc,
+                    dsh,
+                    scratch,
+                );
+            });
+            Ok(())
+        })?;
         let dev = grad.device();
         Ok((
             Some(Tensor::from_vec(dx, (b, n, d), dev)?),
             Some(Tensor::from_vec(dscale, (b, d), dev)?),
             Some(Tensor::from_vec(dshift, (b, d), dev)?),
+        ))
+    }
+}
+
+/// `x + y·gate` for x and y (B, N, D) and a per-sample gate (B, D).
+pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x
+            .contiguous()?
+            .apply_op3(&y.contiguous()?, &gate.contiguous()?, GatedResidual);
+    }
+    x + y.broadcast_mul(&gate.unsqueeze(1)?)?
+}
+
+struct GatedResidual;
+
+vectorised! {
+    /// One sample's rows (of d) of `x + y·gate` into `out`.
+    fn gated_rows(x: &[f32], y: &[f32], gate: &[f32], out: &mut [f32]) {
+        let d = gate.len();
+        for ((o, x), y) in out.chunks_mut(d).zip(x.chunks(d)).zip(y.chunks(d)) {
+            for j in 0..d {
+                o[j] = x[j] + y[j] * gate[j];
+            }
+        }
+    }
+}
+
+vectorised! {
+    /// One sample's ∂L/∂y = g·gate into `dy`, and ∂L/∂gate = Σ_rows g·y into `dgate`.
+    fn gated_rows_backward(g: &[f32], y: &[f32], gate: &[f32], dy: &mut [f32], dgate: &mut [f32]) {
+        let d = gate.len();
+        for ((dyr, gr), yr) in dy.chunks_mut(d).zip(g.chunks(d)).zip(y.chunks(d)) {
+            for j in 0..d {
+                dyr[j] = gr[j] * gate[j];
+                dgate[j] += gr[j] * yr[j];
+            }
+        }
+    }
+}
+
+impl CustomOp3 for GatedResidual {
+    fn name(&self) -> &'static str {
+        "gated-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, n, d) = xl.shape().dims3()?;
+        if yl.dims() != xl.dims() || gl.dims() != [b, d] {
+            candle_core::bail!(
+                "gated residual: x {:?}, y {:?}, gate {:?}",
+                xl.dims(),
+                yl.dims(),
+                gl.dims()
+            );
+        }
+        let x = crate::ops::contiguous::<f32>(xs, xl)?;
+        let y = crate::ops::contiguous::<f32>(ys, yl)?;
+        let gate = crate::ops::contiguous::<f32>(gs, gl)?;
+        let mut out = vec![0f32; b * n * d];
+        let o = Blocks::new(&mut out);
+        on_threads(b, 0, |s, _| {
+            let rows = s * n * d..(s + 1) * n * d;
+            // SAFETY: sample s's block, written by this thread only.
+            let o = unsafe { o.block(s * n * d, n * d) };
+            gated_rows(&x[rows.clone()], &y[rows], &gate[s * d..(s + 1) * d], o);
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        y: &Tensor,
+        gate: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, n, d) = y.dims3()?;
+        let mut dy = vec![0f32; b * n * d];
+        let mut dgate = vec![0f32; b * d];
+        let (ody, odg) = (Blocks::new(&mut dy), Blocks::new(&mut dgate));
+        with_f32(&[grad, y, gate], |t| {
+            let (g, y, gate) = (t[0], t[1], t[2]);
+            on_threads(b, 0, |s, _| {
+                let rows = s * n * d..(s + 1) * n * d;
+                // SAFETY: sample s's blocks, written by this thread only.
+                let (dy, dg) = unsafe { (ody.block(s * n * d, n * d), odg.block(s * d, d)) };
+                gated_rows_backward(
+                    &g[rows.clone()],
+                    &y[rows],
+                    &gate[s * d..(s + 1) * d],
+                    dy,
+                    dg,
+                );
+            });
+            Ok(())
+        })?;
+        let dev = grad.device();
+        Ok((
+            Some(grad.clone()),
+            Some(Tensor::from_vec(dy, (b, n, d), dev)?),
+            Some(Tensor::from_vec(dgate, (b, d), dev)?),
         ))
     }
 }
@@ -166,6 +339,31 @@ mod tests {
         for (name, var) in [("x", &x), ("scale", &scale), ("shift", &shift)] {
             let e = diff(gf.get(var).unwrap(), gp.get(var).unwrap())?;
             assert!(e < 1e-4, "d{name}: {e}");
+        }
+        Ok(())
+    }
+
+    /// `x + y·gate` and its gradients equal the broadcast Candle ops.
+    #[test]
+    fn fused_gated_residual_equals_the_composite_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 11, 24), &dev)?)?;
+        let y = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 11, 24), &dev)?)?;
+        let gate = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 24), &dev)?)?;
+        let r = Tensor::randn(0f32, 1.0, (3, 11, 24), &dev)?;
+        let fused = gated_residual(x.as_tensor(), y.as_tensor(), gate.as_tensor())?;
+        let plain = (x.as_tensor()
+            + y.as_tensor()
+                .broadcast_mul(&gate.as_tensor().unsqueeze(1)?)?)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        assert!(diff(&fused, &plain)? < 1e-6);
+        let gf = (&fused * &r)?.sum_all()?.backward()?;
+        let gp = (&plain * &r)?.sum_all()?.backward()?;
+        for (name, var) in [("x", &x), ("y", &y), ("gate", &gate)] {
+            let e = diff(gf.get(var).unwrap(), gp.get(var).unwrap())?;
+            assert!(e < 1e-5, "d{name}: {e}");
         }
         Ok(())
     }

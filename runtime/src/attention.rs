@@ -13,30 +13,80 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use crate::linear::gemm;
-use crate::ops::{exp_f32, on_threads, Blocks};
+use crate::linear::{gemm, gemm_strided};
+use crate::ops::{exp_f32, on_threads, vectorised, with_f32, Blocks};
 
-/// softmax(q·kᵀ/√d)·v for q, k, v of shape (B, H, N, d).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let d = q.dim(D::Minus1)?;
+/// softmax(q·kᵀ/√d)·v per head for q, k, v of shape (B, N, H·d): the heads side by side in the
+/// last axis, as the projections write them (the op reads and writes each head in place, with a
+/// row stride of H·d, so no head split or merge is copied). Returns (B, N, H·d).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, width) = q.dims3()?;
+    let d = width / heads;
     let scale = 1.0 / (d as f64).sqrt();
     if q.device().is_cpu() && q.dtype() == DType::F32 {
-        return q
-            .contiguous()?
-            .apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { scale });
+        return q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            Attention { scale, heads },
+        );
     }
+    let split = |t: &Tensor| t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous();
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-    candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(v)
+    candle_nn::ops::softmax(&scores, D::Minus1)?
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, n, width))
 }
 
 struct Attention {
     scale: f64,
+    heads: usize,
 }
 
-/// P = softmax(q·kᵀ·scale) row by row into `p` (N×N).
-fn probabilities(q: &[f32], k: &[f32], n: usize, d: usize, scale: f32, p: &mut [f32]) {
-    gemm((n, n, d), p, false, (q, d, 1), (k, 1, d), scale, 1);
-    #[inline(always)]
+/// Where the (batch, head) pairs lie in a (B, N, H·d) buffer.
+#[derive(Clone, Copy)]
+struct Geometry {
+    pairs: usize,
+    n: usize,
+    d: usize,
+    width: usize,
+    heads: usize,
+}
+
+impl Geometry {
+    fn of(l: &Layout, heads: usize) -> Result<Self> {
+        let &[b, n, width] = l.dims() else {
+            candle_core::bail!("attention takes (B, N, H·d) tensors, not {:?}", l.dims())
+        };
+        if heads == 0 || width % heads != 0 {
+            candle_core::bail!("attention: width {width} is not a multiple of {heads} heads");
+        }
+        Ok(Geometry {
+            pairs: b * heads,
+            n,
+            d: width / heads,
+            width,
+            heads,
+        })
+    }
+
+    /// The offset of a pair's first element (row 0 of its head's columns).
+    fn offset(&self, pair: usize) -> usize {
+        (pair / self.heads) * self.n * self.width + (pair % self.heads) * self.d
+    }
+}
+
+/// P = softmax(q·kᵀ·scale) row by row into `p` (N×N); q and k start at the head's first element
+/// with row stride `width`.
+fn probabilities(q: &[f32], k: &[f32], g: Geometry, scale: f32, p: &mut [f32]) {
+    let (n, d, w) = (g.n, g.d, g.width);
+    gemm((n, n, d), p, false, (q, w, 1), (k, 1, w), scale, 1);
+    softmax_rows(p, n);
+}
+
+vectorised! {
+    /// Each row of `p` (rows of n) replaced by its softmax.
     fn softmax_rows(p: &mut [f32], n: usize) {
         for row in p.chunks_mut(n) {
             // 8 lanes of max and sum, so the reductions vectorise.
@@ -68,23 +118,29 @@ fn probabilities(q: &[f32], k: &[f32], n: usize, d: usize, scale: f32, p: &mut [
             row.iter_mut().for_each(|x| *x *= inv);
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(p: &mut [f32], n: usize) {
-            softmax_rows(p, n)
-        }
-        // SAFETY: the CPU has AVX2 and FMA (both checked).
-        return unsafe { avx2(p, n) };
-    }
-    softmax_rows(p, n)
 }
 
-fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
-    let &[b, h, n, d] = l.dims() else {
-        candle_core::bail!("attention takes (B, H, N, d) tensors, not {:?}", l.dims())
-    };
-    Ok((b * h, n, d))
+vectorised! {
+    /// The softmax backward in place, row by row: dS = P ∘ (dP − rowsum(P ∘ dP)).
+    fn softmax_backward_rows(p: &[f32], dp: &mut [f32], n: usize) {
+        for (prow, dprow) in p.chunks(n).zip(dp.chunks_mut(n)) {
+            let mut lanes = [0f32; 8];
+            let (pc, dc) = (prow.chunks_exact(8), dprow.chunks_exact(8));
+            let (pr, dr) = (pc.remainder(), dc.remainder());
+            for (a, b) in pc.zip(dc) {
+                for ((l, x), y) in lanes.iter_mut().zip(a).zip(b) {
+                    *l += x * y;
+                }
+            }
+            let dot = pr
+                .iter()
+                .zip(dr)
+                .fold(lanes.iter().sum::<f32>(), |s, (x, y)| s + x * y);
+            for (x, &pv) in dprow.iter_mut().zip(prow) {
+                *x = pv * (*x - dot);
+            }
+        }
+    }
 }
 
 impl CustomOp3 for Attention {
@@ -101,7 +157,7 @@ impl CustomOp3 for Attention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (pairs, n, d) = dims(ql)?;
+        let g = Geometry::of(ql, self.heads)?;
         if kl.dims() != ql.dims() || vl.dims() != ql.dims() {
             candle_core::bail!(
                 "attention: q {:?}, k {:?}, v {:?} differ",
@@ -113,16 +169,26 @@ impl CustomOp3 for Attention {
         let q = crate::ops::contiguous::<f32>(qs, ql)?;
         let k = crate::ops::contiguous::<f32>(ks, kl)?;
         let v = crate::ops::contiguous::<f32>(vs, vl)?;
-        let mut out = vec![0f32; pairs * n * d];
+        let mut out = vec![0f32; ql.shape().elem_count()];
         let o = Blocks::new(&mut out);
         let scale = self.scale as f32;
-        on_threads(pairs, n * n, |pair, p| {
-            let at = pair * n * d;
-            let (q, k, v) = (&q[at..at + n * d], &k[at..at + n * d], &v[at..at + n * d]);
-            probabilities(q, k, n, d, scale, p);
-            // SAFETY: this pair's block, written by this thread only.
-            let o = unsafe { o.block(at, n * d) };
-            gemm((n, d, n), o, false, (p, n, 1), (v, d, 1), 1.0, 1);
+        let (n, d, w) = (g.n, g.d, g.width);
+        on_threads(g.pairs, n * n, |pair, p| {
+            let at = g.offset(pair);
+            probabilities(&q[at..], &k[at..], g, scale, p);
+            // SAFETY: this pair's head columns of its sample's rows, written by this thread only.
+            unsafe {
+                gemm_strided(
+                    (n, d, n),
+                    o.at(at),
+                    w,
+                    false,
+                    (p, n, 1),
+                    (&v[at..], w, 1),
+                    1.0,
+                    1,
+                )
+            };
         });
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
@@ -136,43 +202,64 @@ impl CustomOp3 for Attention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let shape = q.shape().clone();
-        let (pairs, n, d) = dims(q.layout())?;
-        let host = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
-        let (q, k, v, g) = (host(q)?, host(k)?, host(v)?, host(grad)?);
-        let mut dq = vec![0f32; pairs * n * d];
-        let mut dk = vec![0f32; pairs * n * d];
-        let mut dv = vec![0f32; pairs * n * d];
+        let g = Geometry::of(q.layout(), self.heads)?;
+        let (n, d, w) = (g.n, g.d, g.width);
+        let scale = self.scale as f32;
+        let len = shape.elem_count();
+        let (mut dq, mut dk, mut dv) = (vec![0f32; len], vec![0f32; len], vec![0f32; len]);
         let (dqs, dks, dvs) = (
             Blocks::new(&mut dq),
             Blocks::new(&mut dk),
             Blocks::new(&mut dv),
         );
-        let scale = self.scale as f32;
-        on_threads(pairs, 2 * n * n, |pair, buf| {
-            let at = pair * n * d;
-            let r = at..at + n * d;
-            let (q, k, v, g) = (&q[r.clone()], &k[r.clone()], &v[r.clone()], &g[r]);
-            let (p, dp) = buf.split_at_mut(n * n);
-            probabilities(q, k, n, d, scale, p);
-            // SAFETY: this pair's blocks, written by this thread only.
-            let (dq, dk, dv) = unsafe {
-                (
-                    dqs.block(at, n * d),
-                    dks.block(at, n * d),
-                    dvs.block(at, n * d),
-                )
-            };
-            gemm((n, d, n), dv, false, (p, 1, n), (g, d, 1), 1.0, 1);
-            gemm((n, n, d), dp, false, (g, d, 1), (v, 1, d), 1.0, 1);
-            for (prow, dprow) in p.chunks(n).zip(dp.chunks_mut(n)) {
-                let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
-                for (x, &pv) in dprow.iter_mut().zip(prow) {
-                    *x = pv * (*x - dot);
+        with_f32(&[q, k, v, grad], |t| {
+            let (q, k, v, go) = (t[0], t[1], t[2], t[3]);
+            on_threads(g.pairs, 2 * n * n, |pair, buf| {
+                let at = g.offset(pair);
+                let (q, k, v, go) = (&q[at..], &k[at..], &v[at..], &go[at..]);
+                let (p, dp) = buf.split_at_mut(n * n);
+                probabilities(q, k, g, scale, p);
+                // SAFETY: this pair's head columns, written by this thread only.
+                unsafe {
+                    gemm_strided(
+                        (n, d, n),
+                        dvs.at(at),
+                        w,
+                        false,
+                        (p, 1, n),
+                        (go, w, 1),
+                        1.0,
+                        1,
+                    );
                 }
-            }
-            gemm((n, d, n), dq, false, (dp, n, 1), (k, d, 1), scale, 1);
-            gemm((n, d, n), dk, false, (dp, 1, n), (q, d, 1), scale, 1);
-        });
+                gemm((n, n, d), dp, false, (go, w, 1), (v, 1, w), 1.0, 1);
+                softmax_backward_rows(p, dp, n);
+                // SAFETY: as above.
+                unsafe {
+                    gemm_strided(
+                        (n, d, n),
+                        dqs.at(at),
+                        w,
+                        false,
+                        (dp, n, 1),
+                        (k, w, 1),
+                        scale,
+                        1,
+                    );
+                    gemm_strided(
+                        (n, d, n),
+                        dks.at(at),
+                        w,
+                        false,
+                        (dp, 1, n),
+                        (q, w, 1),
+                        scale,
+                        1,
+                    );
+                }
+            });
+            Ok(())
+        })?;
         let dev = grad.device();
         let t = |x: Vec<f32>| Tensor::from_vec(x, shape.clone(), dev);
         Ok((Some(t(dq)?), Some(t(dk)?), Some(t(dv)?)))
@@ -188,12 +275,22 @@ mod tests {
     #[test]
     fn fused_attention_equals_the_composite_forward_and_backward() -> Result<()> {
         let dev = Device::Cpu;
-        let mk = || Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 37, 8), &dev)?);
+        let mk = || Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 37, 24), &dev)?);
         let (q, k, v) = (mk()?, mk()?, mk()?);
-        let r = Tensor::randn(0f32, 1.0, (2, 3, 37, 8), &dev)?;
-        let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor())?;
-        let scores = (q.as_tensor().matmul(&k.as_tensor().t()?)? * (1.0 / 8f64.sqrt()))?;
-        let plain = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(v.as_tensor())?;
+        let r = Tensor::randn(0f32, 1.0, (2, 37, 24), &dev)?;
+        let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 3)?;
+        // Three heads of 8, split and merged in Candle ops.
+        let split = |t: &Var| {
+            t.as_tensor()
+                .reshape((2, 37, 3, 8))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let scores = (split(&q)?.matmul(&split(&k)?.t()?)? * (1.0 / 8f64.sqrt()))?;
+        let plain = candle_nn::ops::softmax(&scores, D::Minus1)?
+            .matmul(&split(&v)?)?
+            .transpose(1, 2)?
+            .reshape((2, 37, 24))?;
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
             (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
         };

@@ -21,7 +21,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Result, Tensor, Var};
 
-use crate::adaln::modulate;
+use crate::adaln::{gated_residual, modulate};
 use crate::nn::{Linear, Params};
 
 /// What the label and age inputs mean.
@@ -228,20 +228,9 @@ impl Attention {
 
     /// (B, N, D) -> (B, N, D): softmax(q·kᵀ/√d_head)·v per head.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        let hd = d / self.heads;
-        let split = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, n, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.q.forward(x)?)?;
-        let k = split(self.k.forward(x)?)?;
-        let v = split(self.v.forward(x)?)?;
-        let y = crate::attention::attention(&q, &k, &v)?
-            .transpose(1, 2)?
-            .reshape((b, n, d))?;
-        self.out.forward(&y)
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        self.out
+            .forward(&crate::attention::attention(&q, &k, &v, self.heads)?)
     }
 }
 
@@ -260,15 +249,12 @@ impl Block {
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
         let h = modulate(x, 1e-6, shift_msa, scale_msa)?;
-        let x = (x + self
-            .attn
-            .forward(&h)?
-            .broadcast_mul(&gate_msa.unsqueeze(1)?)?)?;
+        let x = gated_residual(x, &self.attn.forward(&h)?, gate_msa)?;
         let h = modulate(&x, norm_eps, shift_mlp, scale_mlp)?;
         let ff = self
             .ff_out
             .forward(&crate::ops::gelu_tanh(&self.ff_in.forward(&h)?)?)?;
-        x + ff.broadcast_mul(&gate_mlp.unsqueeze(1)?)?
+        gated_residual(&x, &ff, gate_mlp)
     }
 }
 

@@ -34,9 +34,44 @@ pub(crate) fn gemm(
     alpha: f32,
     threads: usize,
 ) {
+    assert!(c.len() >= m * n, "gemm destination out of bounds");
+    // SAFETY: `c` holds m rows of n (checked above) and is borrowed mutably.
+    unsafe {
+        gemm_strided(
+            (m, n, k),
+            c.as_mut_ptr(),
+            n,
+            accumulate,
+            a,
+            b,
+            alpha,
+            threads,
+        )
+    }
+}
+
+/// `gemm` into m rows of n floats at `c` with row stride `ldc` (a block of a wider matrix, such
+/// as one attention head's columns).
+///
+/// # Safety
+/// `c` is valid for those writes, and no other thread reads or writes them meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    alpha: f32,
+    threads: usize,
+) {
     if m == 0 || n == 0 || k == 0 {
         if !accumulate {
-            c[..m * n].fill(0.0);
+            for r in 0..m {
+                // SAFETY: row r of the block the caller gave.
+                unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), n).fill(0.0) };
+            }
         }
         return;
     }
@@ -44,7 +79,7 @@ pub(crate) fn gemm(
         s.len() > (r - 1) * rs + (c - 1) * cs
     };
     assert!(
-        c.len() >= m * n && extent(a, m, k) && extent(b, k, n),
+        extent(a, m, k) && extent(b, k, n),
         "gemm operands out of bounds"
     );
     let parallelism = if threads > 1 {
@@ -52,15 +87,15 @@ pub(crate) fn gemm(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the extents were checked against the slices above.
+    // SAFETY: the operand extents were checked against their slices; `c` is the caller's.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
-            n as isize,
+            ldc as isize,
             accumulate,
             a.0.as_ptr(),
             a.2 as isize,
@@ -131,32 +166,34 @@ impl CustomOp3 for Linear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (rows, din) = x.dims2()?;
         let dout = w.dim(0)?;
-        let host = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
-        let (xv, wv, g) = (host(x)?, host(w)?, host(grad)?);
-        let mut dx = vec![0f32; rows * din];
-        gemm(
-            (rows, din, dout),
-            &mut dx,
-            false,
-            (&g, dout, 1),
-            (&wv, din, 1),
-            1.0,
-            threads(),
-        );
-        let mut dw = vec![0f32; dout * din];
-        gemm(
-            (dout, din, rows),
-            &mut dw,
-            false,
-            (&g, 1, dout),
-            (&xv, din, 1),
-            1.0,
-            threads(),
-        );
-        let mut db = vec![0f32; dout];
-        for row in g.chunks(dout) {
-            db.iter_mut().zip(row).for_each(|(s, v)| *s += v);
-        }
+        let (dx, dw, db) = crate::ops::with_f32(&[x, w, grad], |v| {
+            let (xv, wv, g) = (v[0], v[1], v[2]);
+            let mut dx = vec![0f32; rows * din];
+            gemm(
+                (rows, din, dout),
+                &mut dx,
+                false,
+                (g, dout, 1),
+                (wv, din, 1),
+                1.0,
+                threads(),
+            );
+            let mut dw = vec![0f32; dout * din];
+            gemm(
+                (dout, din, rows),
+                &mut dw,
+                false,
+                (g, 1, dout),
+                (xv, din, 1),
+                1.0,
+                threads(),
+            );
+            let mut db = vec![0f32; dout];
+            for row in g.chunks(dout) {
+                db.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+            Ok((dx, dw, db))
+        })?;
         let dev = grad.device();
         Ok((
             Some(Tensor::from_vec(dx, (rows, din), dev)?),
