@@ -100,10 +100,11 @@ fn blocks(
 fn run_blocks(blocks: &[Block], mut x: Tensor, p: f64, mode: &mut Mode) -> Result<Tensor> {
     for b in blocks {
         x = b.norm.forward(&x, mode)?;
-        for (conv, act) in &b.convs {
+        let (last, first) = b.convs.split_last().expect("a block has a conv");
+        for (conv, act) in first {
             x = act.forward(&conv.forward(&x)?)?;
         }
-        x = dropout_pool(&x, p, mode)?;
+        x = last.1.forward_dropout_pool(&last.0.forward(&x)?, p, mode)?;
     }
     Ok(x)
 }
@@ -139,10 +140,10 @@ impl Backbone for CnnLight {
     }
 
     fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let x = self.stem_act.forward(&self.stem.forward(x)?)?;
         let x = self
             .stem_norm
-            .forward(&self.stem_act.forward(&self.stem.forward(x)?)?)?;
-        let x = dropout_pool(&x, self.dropout, mode)?;
+            .forward_dropout_pool(&x, self.dropout, mode)?;
         let x = run_blocks(&self.blocks, x, self.dropout, mode)?;
         x.mean(3)?.mean(2)
     }

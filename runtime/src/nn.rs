@@ -171,6 +171,18 @@ impl Act {
     }
 }
 
+impl Act {
+    /// `dropout_pool(self.forward(x), p, mode)` (2-D); a GELU in training is one op with the
+    /// pooling, never keeping its output (ops::gelu_dropout_avg_pool); the same numbers and draws.
+    pub fn forward_dropout_pool(&self, x: &Tensor, p: f64, mode: &mut Mode) -> Result<Tensor> {
+        if self.kind != Activation::Gelu || !mode.train || x.rank() != 4 {
+            return dropout_pool(&self.forward(x)?, p, mode);
+        }
+        let seed = if p > 0.0 { mode.rng.random::<u64>() } else { 0 };
+        crate::ops::gelu_dropout_avg_pool(x, p.max(0.0), seed, 2, 2)
+    }
+}
+
 /// max(x, 0) + slope · min(x, 0), differentiable in both x and slope.
 fn leaky(x: &Tensor, slope: &Tensor) -> Result<Tensor> {
     let neg = x.minimum(0f64)?;
@@ -299,6 +311,23 @@ impl GroupNorm1 {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::ops::group_norm(x, &self.weight, &self.bias)
+    }
+
+    /// `dropout_pool(self.forward(x), p, mode)` (2-D), in training as one op that never keeps
+    /// the normalised activation (ops::group_norm_dropout_avg_pool); the same numbers and draws.
+    pub fn forward_dropout_pool(&self, x: &Tensor, p: f64, mode: &mut Mode) -> Result<Tensor> {
+        if !mode.train {
+            return dropout_pool(&self.forward(x)?, p, mode);
+        }
+        // As `dropout_pool`: a seed is drawn only when there is dropout; p = 0 keeps everything.
+        let seed = if p > 0.0 { mode.rng.random::<u64>() } else { 0 };
+        crate::ops::group_norm_dropout_avg_pool(
+            x,
+            &self.weight,
+            &self.bias,
+            (p.max(0.0), seed),
+            (2, 2),
+        )
     }
 }
 

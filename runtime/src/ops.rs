@@ -846,15 +846,103 @@ pub fn dropout_avg_pool(x: &Tensor, p: f64, seed: u64, kh: usize, kw: usize) -> 
     if x.device().is_cuda() || x.dtype() != DType::F32 {
         return avg_pool(&dropout(x, p, seed)?, kh, kw);
     }
-    let (_, _, h, w) = x.dims4()?;
-    let keep = 1.0 - p;
-    let drop = Dropout {
-        seed,
-        threshold: (keep * (1u64 << 24) as f64).round() as u32,
-        scale: (1.0 / keep) as f32,
-    };
     x.contiguous()?
-        .apply_op1(DropoutPool(drop, AvgPool { kh, kw, h, w }))
+        .apply_op1(DropoutPool::new(x, p, seed, kh, kw)?)
+}
+
+/// `dropout_avg_pool(group_norm(x, weight, bias), p, seed, kh, kw)` as one op on the CPU: the same
+/// numbers, but the normalised activation lives only inside the op. Candle's graph keeps every
+/// op's inputs until the backward ends, so as two ops the normalised tensor (the largest of
+/// cnn_light, at its stem) stays alive, and its gradient is one more full-size tensor (plus the
+/// zeros it is accumulated into); here the graph keeps `x`, which the norm's backward needs
+/// anyway. The backward is the two ops' backwards in sequence. Elsewhere the two ops.
+pub fn group_norm_dropout_avg_pool(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    (p, seed): (f64, u64),
+    (kh, kw): (usize, usize),
+) -> Result<Tensor> {
+    if x.device().is_cuda() || x.dtype() != DType::F32 {
+        return dropout_avg_pool(&group_norm(x, weight, bias)?, p, seed, kh, kw);
+    }
+    let op = NormDropoutPool(DropoutPool::new(x, p, seed, kh, kw)?);
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+}
+
+struct NormDropoutPool(DropoutPool);
+
+/// `dropout_avg_pool(gelu(x), p, seed, kh, kw)` (GELU's erf form) as one op on the CPU, for the
+/// same reason as `group_norm_dropout_avg_pool`: the activation's output, which only the pooling
+/// reads, is never a tensor of the graph (the GELU's backward needs x, kept anyway). A block of
+/// the CNNs ends this way. Elsewhere the two ops.
+pub fn gelu_dropout_avg_pool(
+    x: &Tensor,
+    p: f64,
+    seed: u64,
+    kh: usize,
+    kw: usize,
+) -> Result<Tensor> {
+    if x.device().is_cuda() || x.dtype() != DType::F32 {
+        return dropout_avg_pool(&gelu(x)?, p, seed, kh, kw);
+    }
+    x.contiguous()?
+        .apply_op1(GeluDropoutPool(DropoutPool::new(x, p, seed, kh, kw)?))
+}
+
+struct GeluDropoutPool(DropoutPool);
+
+impl CustomOp1 for GeluDropoutPool {
+    fn name(&self) -> &'static str {
+        "gelu-dropout-avg-pool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (activated, shape) = Gelu { tanh: false }.cpu_fwd(s, l)?;
+        self.0.cpu_fwd(&activated, &Layout::contiguous(shape))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let d_activated = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&DropoutPoolBackward(self.0))?;
+        Gelu { tanh: false }.bwd(x, &d_activated, &d_activated)
+    }
+}
+
+impl candle_core::CustomOp3 for NormDropoutPool {
+    fn name(&self) -> &'static str {
+        "group-norm-dropout-avg-pool"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (normed, shape) = GroupNorm.cpu_fwd(xs, xl, ws, wl, bs, bl)?;
+        self.0.cpu_fwd(&normed, &Layout::contiguous(shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d_normed = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&DropoutPoolBackward(self.0))?;
+        // GroupNorm's backward reads x, w and the gradient, not its output.
+        GroupNorm.bwd(x, w, b, &d_normed, &d_normed)
+    }
 }
 
 impl Dropout {
@@ -872,6 +960,20 @@ impl Dropout {
 
 #[derive(Clone, Copy)]
 struct DropoutPool(Dropout, AvgPool);
+
+impl DropoutPool {
+    /// Dropout with probability `p` and mask `seed`, then kh × kw average pooling, of x's shape.
+    fn new(x: &Tensor, p: f64, seed: u64, kh: usize, kw: usize) -> Result<Self> {
+        let (_, _, h, w) = x.dims4()?;
+        let keep = 1.0 - p;
+        let drop = Dropout {
+            seed,
+            threshold: (keep * (1u64 << 24) as f64).round() as u32,
+            scale: (1.0 / keep) as f32,
+        };
+        Ok(DropoutPool(drop, AvgPool { kh, kw, h, w }))
+    }
+}
 
 /// ∂L/∂x of `DropoutPool` from ∂L/∂y.
 struct DropoutPoolBackward(DropoutPool);
@@ -1124,6 +1226,43 @@ mod tests {
             ga.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?,
             gb.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?
         );
+        Ok(())
+    }
+
+    /// GroupNorm + dropout + pooling as one op equals the three ops, forward and gradients.
+    #[test]
+    fn norm_dropout_pool_equals_the_three_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (3, 4, 8, 10), &dev)? + 0.5)?)?;
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.2, 4, &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 4, &dev)?)?;
+        let r = Tensor::randn(0f32, 1.0, (3, 4, 4, 5), &dev)?;
+        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let fused = group_norm_dropout_avg_pool(xt, wt, bt, (0.3, 77), (2, 2))?;
+        let plain = dropout_avg_pool(&group_norm(xt, wt, bt)?, 0.3, 77, 2, 2)?;
+        let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        assert_eq!(values(&fused)?, values(&plain)?);
+        let ga = (fused * &r)?.sum_all()?.backward()?;
+        let gb = (plain * &r)?.sum_all()?.backward()?;
+        for v in [&x, &w, &b] {
+            assert_eq!(values(ga.get(v).unwrap())?, values(gb.get(v).unwrap())?);
+        }
+        Ok(())
+    }
+
+    /// GELU + dropout + pooling as one op equals the three ops, forward and gradient.
+    #[test]
+    fn gelu_dropout_pool_equals_the_three_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 4, 8, 10), &dev)?)?;
+        let r = Tensor::randn(0f32, 1.0, (3, 4, 4, 5), &dev)?;
+        let fused = gelu_dropout_avg_pool(x.as_tensor(), 0.3, 77, 2, 2)?;
+        let plain = dropout_avg_pool(&gelu(x.as_tensor())?, 0.3, 77, 2, 2)?;
+        let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        assert_eq!(values(&fused)?, values(&plain)?);
+        let ga = (fused * &r)?.sum_all()?.backward()?;
+        let gb = (plain * &r)?.sum_all()?.backward()?;
+        assert_eq!(values(ga.get(&x).unwrap())?, values(gb.get(&x).unwrap())?);
         Ok(())
     }
 
