@@ -6,7 +6,8 @@
 //!   per label; samples are 8-bit PNGs (L or RGB) or float32 `.npy` time series;
 //! - a Parquet table per split (as `sigdiff meta-dataset` or Hugging Face `datasets` write it):
 //!   `<dir>/{split}.parquet` (`val` and `validation` name the same split) with an `image`
-//!   column of PNG bytes and one column per label; the encoded images are held in memory.
+//!   column of PNG bytes, or for time series a `signal` column of (channels, samples) float
+//!   lists (the reference's time-series meta-dataset), and one column per label; held in memory.
 //!
 //! Pixels map to [-1, 1] like the reference's `ToDtype(scale) + Normalize(0.5, 0.5)`. Every
 //! sample must have the compiled input shape; one that does not is an error naming it.
@@ -42,6 +43,11 @@ pub enum Samples {
         table: PathBuf,
         images: Vec<Vec<u8>>,
     },
+    /// Time series of the rows of a Parquet table.
+    Signals {
+        table: PathBuf,
+        signals: Vec<crate::table::Array2>,
+    },
 }
 
 impl Split {
@@ -49,6 +55,7 @@ impl Split {
         match &self.samples {
             Samples::Files(f) => f.len(),
             Samples::Encoded { images, .. } => images.len(),
+            Samples::Signals { signals, .. } => signals.len(),
         }
     }
 
@@ -61,6 +68,7 @@ impl Split {
         match &mut self.samples {
             Samples::Files(f) => f.truncate(n),
             Samples::Encoded { images, .. } => images.truncate(n),
+            Samples::Signals { signals, .. } => signals.truncate(n),
         }
         for t in &mut self.targets {
             t.truncate(n);
@@ -82,6 +90,13 @@ impl Split {
                 let what = format!("{} row {i}", table.display());
                 (crate::io::decode_png(&images[i], &what)?, what)
             }
+            Samples::Signals { table, signals } => {
+                let what = || format!("{} row {i}", table.display());
+                check_series_shape(&signals[i].shape, shape, what)?;
+                out.clear();
+                out.extend_from_slice(&signals[i].values);
+                return Ok(());
+            }
         };
         let decoded = if self.augment == Augment::default() {
             decoded
@@ -101,20 +116,29 @@ impl Split {
     }
 }
 
+/// The Parquet table of a split, if `dir` has one (`val` and `validation` name the same split).
+fn parquet_split(dir: &Path, split: &str) -> Option<PathBuf> {
+    let aliases: &[&str] = match split {
+        "val" | "validation" => &["val", "validation"],
+        other => &[other][..],
+    };
+    aliases
+        .iter()
+        .map(|a| dir.join(format!("{a}.parquet")))
+        .find(|p| p.exists())
+}
+
+/// Whether `dir` has the split, in either form.
+pub fn has_split(dir: &Path, split: &str) -> bool {
+    dir.join(format!("{split}-metadata.csv")).exists() || parquet_split(dir, split).is_some()
+}
+
 /// Read a split of `dir` (image folder or Parquet, see the module docs) and encode every task's
 /// column.
 pub fn read_split(dir: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Split> {
     let csv_path = dir.join(format!("{split}-metadata.csv"));
     if !csv_path.exists() {
-        let aliases: &[&str] = match split {
-            "val" | "validation" => &["val", "validation"],
-            other => &[other][..],
-        };
-        if let Some(table) = aliases
-            .iter()
-            .map(|a| dir.join(format!("{a}.parquet")))
-            .find(|p| p.exists())
-        {
+        if let Some(table) = parquet_split(dir, split) {
             return read_parquet_split(&table, split, tasks);
         }
     }
@@ -172,30 +196,47 @@ pub fn read_split(dir: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Split> 
 
 fn read_parquet_split(path: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Split> {
     let mut table = crate::table::read(path)?;
-    let image = table
+    let Some(at) = table
         .names
         .iter()
-        .position(|n| n == "image")
-        .with_context(|| {
-            format!(
-                "{}: no `image` column (columns: {}); time-series tables are not read yet",
-                path.display(),
-                table.names.join(", ")
-            )
-        })?;
-    let images = match table.columns.swap_remove(image) {
-        crate::table::Column::Image(v) => v,
+        .position(|n| n == "image" || n == "signal")
+    else {
+        bail!(
+            "{}: no `image` or `signal` column (columns: {})",
+            path.display(),
+            table.names.join(", ")
+        );
+    };
+    let name = table.names.swap_remove(at);
+    let column = table.columns.swap_remove(at);
+    let missing = |i: usize| format!("{} row {i}: no {name}", path.display());
+    let samples = match column {
+        crate::table::Column::Image(v) => Samples::Encoded {
+            table: path.to_path_buf(),
+            images: v
+                .into_iter()
+                .enumerate()
+                .map(|(i, b)| b.with_context(|| missing(i)))
+                .collect::<Result<_>>()?,
+        },
+        crate::table::Column::Array2(v) => Samples::Signals {
+            table: path.to_path_buf(),
+            signals: v
+                .into_iter()
+                .enumerate()
+                .map(|(i, b)| b.with_context(|| missing(i)))
+                .collect::<Result<_>>()?,
+        },
         _ => bail!(
-            "{}: the `image` column holds no image structs",
+            "{}: the `{name}` column holds neither image structs nor lists of float lists",
             path.display()
         ),
     };
-    table.names.swap_remove(image);
-    let images: Vec<Vec<u8>> = images
-        .into_iter()
-        .enumerate()
-        .map(|(i, b)| b.with_context(|| format!("{} row {i}: no image", path.display())))
-        .collect::<Result<_>>()?;
+    let rows = match &samples {
+        Samples::Encoded { images, .. } => images.len(),
+        Samples::Signals { signals, .. } => signals.len(),
+        Samples::Files(f) => f.len(),
+    };
     let mut targets = vec![];
     for spec in tasks {
         let column = table.column(spec.column).with_context(|| {
@@ -207,7 +248,7 @@ fn read_parquet_split(path: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Sp
                 table.names.join(", ")
             )
         })?;
-        let values = (0..images.len())
+        let values = (0..rows)
             .map(|i| {
                 encode(spec, &column.text(i).unwrap_or_default()).map_err(|e| {
                     anyhow::anyhow!("{} row {i}: column `{}`: {e}", path.display(), spec.column)
@@ -216,15 +257,12 @@ fn read_parquet_split(path: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Sp
             .collect::<Result<Vec<f32>>>()?;
         targets.push(values);
     }
-    if images.is_empty() {
+    if rows == 0 {
         bail!("{}: the split `{split}` has no samples", path.display());
     }
     Ok(Split {
         name: split.to_string(),
-        samples: Samples::Encoded {
-            table: path.to_path_buf(),
-            images,
-        },
+        samples,
         targets,
         augment: Augment::default(),
     })
@@ -236,13 +274,7 @@ pub fn load_sample(path: &Path, shape: &[usize], out: &mut Vec<f32>) -> Result<(
     match is_npy(path) {
         true => {
             let (dims, data) = crate::io::read_npy_f32(path)?;
-            // The preprocessing writes (channels, samples); DiT reads (1, channels, samples).
-            if dims != shape && !(shape.first() == Some(&1) && dims == shape[1..]) {
-                bail!(
-                    "{}: shape {dims:?}, but this trainer was compiled for {shape:?}",
-                    path.display()
-                );
-            }
+            check_series_shape(&dims, shape, || path.display().to_string())?;
             out.extend_from_slice(&data);
         }
         _ => image_to_input(
@@ -251,6 +283,18 @@ pub fn load_sample(path: &Path, shape: &[usize], out: &mut Vec<f32>) -> Result<(
             &path.display().to_string(),
             out,
         )?,
+    }
+    Ok(())
+}
+
+/// A time series of `dims` fits the compiled input `shape`: equal, or (channels, samples) where
+/// the model reads (1, channels, samples) as DiT does.
+fn check_series_shape(dims: &[usize], shape: &[usize], what: impl Fn() -> String) -> Result<()> {
+    if dims != shape && !(shape.first() == Some(&1) && dims == &shape[1..]) {
+        bail!(
+            "{}: shape {dims:?}, but this trainer was compiled for {shape:?}",
+            what()
+        );
     }
     Ok(())
 }

@@ -3,8 +3,10 @@
 //! A table is named columns of text, integers, floats or images. An image is the `datasets`
 //! `Image` feature: a struct `{bytes: binary, path: string}` holding the encoded PNG (path
 //! null). The feature types are also stored as JSON under the `huggingface` key of the file's
-//! metadata, which is what makes `datasets` decode the struct as an image. Files are written
-//! through a temporary file and a rename, one row group per `write` call.
+//! metadata, which is what makes `datasets` decode the struct as an image. A time-series table
+//! has a `signal` column instead, the `Array2D((channels, samples), float32)` feature: a list of
+//! lists of floats per row (read only). Files are written through a temporary file and a rename,
+//! one row group per `write` call.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,15 @@ pub enum Column {
     Float(Vec<Option<f64>>),
     /// Encoded image files (PNG), the `datasets` `Image` feature.
     Image(Vec<Option<Vec<u8>>>),
+    /// Lists of equal-length lists of floats (time series), the `Array2D` feature.
+    Array2(Vec<Option<Array2>>),
+}
+
+/// A row-major 2-D float array: `shape[0]` lists of `shape[1]` values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Array2 {
+    pub shape: [usize; 2],
+    pub values: Vec<f32>,
 }
 
 impl Column {
@@ -35,6 +46,7 @@ impl Column {
             Column::Int(v) => v.len(),
             Column::Float(v) => v.len(),
             Column::Image(v) => v.len(),
+            Column::Array2(v) => v.len(),
         }
     }
 
@@ -48,7 +60,7 @@ impl Column {
             Column::Text(v) => v[i].clone(),
             Column::Int(v) => v[i].map(|x| x.to_string()),
             Column::Float(v) => v[i].map(|x| x.to_string()),
-            Column::Image(_) => None,
+            Column::Image(_) | Column::Array2(_) => None,
         }
     }
 }
@@ -133,12 +145,14 @@ pub enum Kind {
     Image,
 }
 
-fn kind(c: &Column) -> Kind {
+/// The written kind of a column (time-series arrays are read, not written).
+fn kind(c: &Column) -> Option<Kind> {
     match c {
-        Column::Text(_) => Kind::Text,
-        Column::Int(_) => Kind::Int,
-        Column::Float(_) => Kind::Float,
-        Column::Image(_) => Kind::Image,
+        Column::Text(_) => Some(Kind::Text),
+        Column::Int(_) => Some(Kind::Int),
+        Column::Float(_) => Some(Kind::Float),
+        Column::Image(_) => Some(Kind::Image),
+        Column::Array2(_) => None,
     }
 }
 
@@ -150,7 +164,8 @@ impl TableWriter {
             .iter()
             .cloned()
             .zip(template.columns.iter().map(kind))
-            .collect();
+            .map(|(n, k)| Ok((n, k.context("time-series array columns are not written")?)))
+            .collect::<Result<_>>()?;
         let mut schema = String::from("message schema {\n");
         let mut features = serde_json::Map::new();
         for (name, k) in &kinds {
@@ -207,7 +222,7 @@ impl TableWriter {
                 .iter()
                 .zip(&rows.columns)
                 .zip(&self.kinds)
-                .all(|((n, c), (kn, k))| n == kn && kind(c) == *k);
+                .all(|((n, c), (kn, k))| n == kn && kind(c) == Some(*k));
         if !same {
             bail!(
                 "{}: rows with other columns than the table's",
@@ -235,6 +250,7 @@ impl TableWriter {
                     write_optional::<parquet::data_type::DoubleType, _>(col.typed(), v, 1, |&x| x)?;
                     col.close()?;
                 }
+                Column::Array2(_) => unreachable!("the kinds were checked against the schema"),
                 Column::Image(v) => {
                     // image.bytes: defined at level 2 when present; image.path: always null
                     // inside a present struct (level 1), absent with it (level 0).
@@ -291,8 +307,8 @@ fn write_optional<T: DataType, V>(
 }
 
 /// Reads a whole table. Flat columns of strings, integers, floats and booleans (as integers)
-/// are read, and `datasets` image structs; other nested or repeated columns are an error naming
-/// the column (time-series `signal` lists are not read yet).
+/// are read, `datasets` image structs, and lists of lists of floats (time series); other nested
+/// or repeated columns are an error naming the column.
 pub fn read(path: &Path) -> Result<Table> {
     let p = path.display();
     let file = File::open(path).with_context(|| format!("cannot open {p}"))?;
@@ -304,19 +320,19 @@ pub fn read(path: &Path) -> Result<Table> {
     enum Role {
         Flat,
         ImageBytes,
+        Lists,
         Skip,
     }
     let mut roles = vec![];
     for (i, leaf) in schema.columns().iter().enumerate() {
         let parts = leaf.path().parts();
         let top = parts[0].clone();
-        if leaf.max_rep_level() > 0 {
-            bail!("{p}: column `{}` is a list; only flat columns and images are read (time-series tables are not supported yet)", parts.join("."));
-        }
-        let role = match (parts.len(), parts.get(1).map(String::as_str)) {
-            (1, _) => Role::Flat,
-            (2, Some("bytes")) => Role::ImageBytes,
-            (2, Some("path")) => Role::Skip,
+        let role = match (leaf.max_rep_level(), parts.len(), parts.get(1).map(String::as_str)) {
+            (2, ..) => Role::Lists,
+            (1 | 3.., ..) => bail!("{p}: column `{}` is a list of depth {}; only lists of lists of floats (time series) are read", parts.join("."), leaf.max_rep_level()),
+            (0, 1, _) => Role::Flat,
+            (0, 2, Some("bytes")) => Role::ImageBytes,
+            (0, 2, Some("path")) => Role::Skip,
             _ => bail!("{p}: column `{}` is nested; only flat columns and `{{bytes, path}}` images are read", parts.join(".")),
         };
         if !matches!(role, Role::Skip) {
@@ -327,6 +343,7 @@ pub fn read(path: &Path) -> Result<Table> {
                     Column::Int(vec![])
                 }
                 (Role::Flat, PhysicalType::FLOAT | PhysicalType::DOUBLE) => Column::Float(vec![]),
+                (Role::Lists, PhysicalType::FLOAT) => Column::Array2(vec![]),
                 (_, t) => bail!(
                     "{p}: column `{}` has physical type {t}, which is not read",
                     parts.join(".")
@@ -344,6 +361,19 @@ pub fn read(path: &Path) -> Result<Table> {
                 continue;
             }
             let max_def = schema.column(*leaf).max_def_level();
+            if let Role::Lists = role {
+                let (ColumnReader::FloatColumnReader(r), Column::Array2(out)) =
+                    (group.get_column_reader(*leaf)?, &mut table.columns[*target])
+                else {
+                    unreachable!("a list column is read as Array2 from FLOAT leaves")
+                };
+                let what = format!(
+                    "{p}: row group {g}, column `{}`",
+                    table_name(&schema, *leaf)
+                );
+                out.extend(read_arrays(r, max_def).with_context(|| what)?);
+                continue;
+            }
             let reader = group.get_column_reader(*leaf)?;
             let column = &mut table.columns[*target];
             let ctx = || {
@@ -403,6 +433,61 @@ pub fn read(path: &Path) -> Result<Table> {
 
 fn table_name(schema: &parquet::schema::types::SchemaDescriptor, leaf: usize) -> String {
     schema.column(leaf).path().parts().join(".")
+}
+
+/// The rows of a list-of-lists float column chunk (maximum repetition level 2): a new row where
+/// the repetition level is 0, a new inner list where it is 1; a row whose definition level is 0
+/// is null. Every inner list of a row must have the same length, and nothing inside may be null.
+fn read_arrays(
+    mut r: ColumnReaderImpl<parquet::data_type::FloatType>,
+    max_def: i16,
+) -> Result<Vec<Option<Array2>>> {
+    let (mut defs, mut reps, mut values) = (vec![], vec![], vec![]);
+    loop {
+        let (records, _, _) =
+            r.read_records(1024, Some(&mut defs), Some(&mut reps), &mut values)?;
+        if records == 0 {
+            break;
+        }
+    }
+    let mut rows: Vec<Option<(Vec<usize>, Vec<f32>)>> = vec![];
+    let mut next = values.into_iter();
+    for (&d, &rep) in defs.iter().zip(&reps) {
+        if rep == 0 {
+            rows.push((d > 0).then(|| (vec![0], vec![])));
+        } else if rep == 1 {
+            if let Some(Some((lens, _))) = rows.last_mut() {
+                lens.push(0);
+            }
+        }
+        if d == max_def {
+            let (Some(Some((lens, vals))), Some(v)) = (rows.last_mut(), next.next()) else {
+                bail!("malformed list levels");
+            };
+            *lens.last_mut().expect("a list was started") += 1;
+            vals.push(v);
+        } else if d > 0 {
+            bail!(
+                "row {}: an empty or null list or value inside the signal",
+                rows.len() - 1
+            );
+        }
+    }
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let Some((lens, values)) = row else {
+                return Ok(None);
+            };
+            if lens.iter().any(|&l| l != lens[0]) {
+                bail!("row {i}: lists of different lengths ({lens:?}); a signal is channels × samples");
+            }
+            Ok(Some(Array2 {
+                shape: [lens.len(), lens[0]],
+                values,
+            }))
+        })
+        .collect()
 }
 
 /// Every value of a column chunk, `None` where the definition level says null.

@@ -87,10 +87,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     } else {
         Some(Arc::new(read_split(dir, &cfg.dataset.val_split, tasks)?))
     };
-    let test = match dir
-        .join(format!("{}-metadata.csv", cfg.dataset.test_split))
-        .exists()
-    {
+    let test = match crate::data::has_split(dir, &cfg.dataset.test_split) {
         true => Some(Arc::new(read_split(dir, &cfg.dataset.test_split, tasks)?)),
         false => None,
     };

@@ -666,6 +666,10 @@ fn source_width(split: &Split) -> Result<usize> {
         Samples::Encoded { table, images } => {
             crate::io::decode_png(&images[0], &format!("{} row 0", table.display()))?
         }
+        Samples::Signals { table, .. } => bail!(
+            "{}: a time-series table, but this trainer was compiled for spectrograms (set `data_type = \"timeseries\"`)",
+            table.display()
+        ),
     };
     Ok(width)
 }
