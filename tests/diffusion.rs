@@ -27,6 +27,34 @@ mod classifier {
     signal_diffusion_macros::trainer!("train/tiny.toml");
 }
 
+/// Train a DiT on `data` into `out`; the mean loss of the last `window` updates must be below
+/// 0.7× that of the first. Returns the run directory.
+fn train_dit(
+    trainer: fn(signal_diffusion_runtime::train::RunOptions) -> std::process::ExitCode,
+    data: &Path,
+    out: &Path,
+    window: usize,
+) -> std::path::PathBuf {
+    train(
+        trainer,
+        &[("dataset.name", data.display().to_string())],
+        out,
+        None,
+    );
+    let run = only_run_dir(out);
+    let losses = series(&run, "train/loss");
+    let mean = |s: &[(u64, f64)]| s.iter().map(|(_, v)| v).sum::<f64>() / s.len() as f64;
+    let (first, last) = (
+        mean(&losses[..window]),
+        mean(&losses[losses.len() - window..]),
+    );
+    assert!(
+        last < 0.7 * first,
+        "the diffusion loss went from {first:.4} to {last:.4}"
+    );
+    run
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap().flatten() {
@@ -120,21 +148,7 @@ fn a_classifier_trained_on_generated_samples_recognises_real_images() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     write_dataset(&data);
-    let out = tmp.path().join("dit");
-    train(
-        augment_dit::run,
-        &[("dataset.name", data.display().to_string())],
-        &out,
-        None,
-    );
-    let run = only_run_dir(&out);
-    let losses = series(&run, "train/loss");
-    let mean = |s: &[(u64, f64)]| s.iter().map(|(_, v)| v).sum::<f64>() / s.len() as f64;
-    let (first, last) = (mean(&losses[..30]), mean(&losses[losses.len() - 30..]));
-    assert!(
-        last < 0.7 * first,
-        "the diffusion loss went from {first:.4} to {last:.4}"
-    );
+    let run = train_dit(augment_dit::run, &data, &tmp.path().join("dit"), 30);
 
     // 128 samples conditioned like the training rows (cycled), EMA weights.
     let synth = tmp.path().join("synthetic");
@@ -230,21 +244,7 @@ fn a_time_series_dit_generates_the_rhythm_of_its_class() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     write_series(&data);
-    let out = tmp.path().join("dit");
-    train(
-        series_dit::run,
-        &[("dataset.name", data.display().to_string())],
-        &out,
-        None,
-    );
-    let run = only_run_dir(&out);
-    let losses = series(&run, "train/loss");
-    let mean = |s: &[(u64, f64)]| s.iter().map(|(_, v)| v).sum::<f64>() / s.len() as f64;
-    let (first, last) = (mean(&losses[..20]), mean(&losses[losses.len() - 20..]));
-    assert!(
-        last < 0.7 * first,
-        "the diffusion loss went from {first:.4} to {last:.4}"
-    );
+    let run = train_dit(series_dit::run, &data, &tmp.path().join("dit"), 20);
     assert_eq!(series(&run, "eval/kid_mean").len(), 2);
     let shape = python(
         "import sys, numpy as np\nprint(np.load(sys.argv[1]).shape)",

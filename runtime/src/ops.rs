@@ -1207,63 +1207,49 @@ mod tests {
         Ok(())
     }
 
-    /// The fused dropout + pooling equals the two ops, forward and gradient, bit for bit.
-    #[test]
-    fn dropout_pool_equals_dropout_then_pool() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4, 9, 10), &dev)?)?;
-        let r = Tensor::randn(0f32, 1.0, (3, 4, 4, 5), &dev)?;
-        let fused = dropout_avg_pool(x.as_tensor(), 0.3, 77, 2, 2)?;
-        let plain = avg_pool(&dropout(x.as_tensor(), 0.3, 77)?, 2, 2)?;
-        let (a, b) = (
-            fused.flatten_all()?.to_vec1::<f32>()?,
-            plain.flatten_all()?.to_vec1::<f32>()?,
-        );
-        assert_eq!(a, b);
+    /// A fused op's output and the gradients of ⟨output, r⟩ (r random) with respect to `vars`
+    /// equal, bit for bit, those of the ops it fuses (`plain`).
+    fn assert_fused_equals(fused: Tensor, plain: Tensor, vars: &[&Var]) -> Result<()> {
+        let r = Tensor::randn(0f32, 1.0, fused.shape(), fused.device())?;
+        let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        assert_eq!(values(&fused)?, values(&plain)?);
         let ga = (fused * &r)?.sum_all()?.backward()?;
         let gb = (plain * &r)?.sum_all()?.backward()?;
-        assert_eq!(
-            ga.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?,
-            gb.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?
-        );
+        for v in vars {
+            assert_eq!(values(ga.get(v).unwrap())?, values(gb.get(v).unwrap())?);
+        }
         Ok(())
     }
 
-    /// GroupNorm + dropout + pooling as one op equals the three ops, forward and gradients.
+    /// The fused dropout + pooling equals the two ops.
+    #[test]
+    fn dropout_pool_equals_dropout_then_pool() -> Result<()> {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4, 9, 10), &Device::Cpu)?)?;
+        let fused = dropout_avg_pool(x.as_tensor(), 0.3, 77, 2, 2)?;
+        let plain = avg_pool(&dropout(x.as_tensor(), 0.3, 77)?, 2, 2)?;
+        assert_fused_equals(fused, plain, &[&x])
+    }
+
+    /// GroupNorm + dropout + pooling as one op equals the three ops.
     #[test]
     fn norm_dropout_pool_equals_the_three_ops() -> Result<()> {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (3, 4, 8, 10), &dev)? + 0.5)?)?;
         let w = Var::from_tensor(&Tensor::randn(1f32, 0.2, 4, &dev)?)?;
         let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 4, &dev)?)?;
-        let r = Tensor::randn(0f32, 1.0, (3, 4, 4, 5), &dev)?;
         let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
         let fused = group_norm_dropout_avg_pool(xt, wt, bt, (0.3, 77), (2, 2))?;
         let plain = dropout_avg_pool(&group_norm(xt, wt, bt)?, 0.3, 77, 2, 2)?;
-        let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-        assert_eq!(values(&fused)?, values(&plain)?);
-        let ga = (fused * &r)?.sum_all()?.backward()?;
-        let gb = (plain * &r)?.sum_all()?.backward()?;
-        for v in [&x, &w, &b] {
-            assert_eq!(values(ga.get(v).unwrap())?, values(gb.get(v).unwrap())?);
-        }
-        Ok(())
+        assert_fused_equals(fused, plain, &[&x, &w, &b])
     }
 
-    /// GELU + dropout + pooling as one op equals the three ops, forward and gradient.
+    /// GELU + dropout + pooling as one op equals the three ops.
     #[test]
     fn gelu_dropout_pool_equals_the_three_ops() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 4, 8, 10), &dev)?)?;
-        let r = Tensor::randn(0f32, 1.0, (3, 4, 4, 5), &dev)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 4, 8, 10), &Device::Cpu)?)?;
         let fused = gelu_dropout_avg_pool(x.as_tensor(), 0.3, 77, 2, 2)?;
         let plain = dropout_avg_pool(&gelu(x.as_tensor())?, 0.3, 77, 2, 2)?;
-        let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-        assert_eq!(values(&fused)?, values(&plain)?);
-        let ga = (fused * &r)?.sum_all()?.backward()?;
-        let gb = (plain * &r)?.sum_all()?.backward()?;
-        assert_eq!(values(ga.get(&x).unwrap())?, values(gb.get(&x).unwrap())?);
-        Ok(())
+        assert_fused_equals(fused, plain, &[&x])
     }
 
     /// About 1 − p of the elements survive, scaled by 1/(1 − p); the gradient passes exactly the
