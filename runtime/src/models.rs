@@ -140,10 +140,10 @@ impl Backbone for CnnLight {
     }
 
     fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
-        let x = self.stem_act.forward(&self.stem.forward(x)?)?;
+        let x = self.stem.forward(x)?;
         let x = self
             .stem_norm
-            .forward_dropout_pool(&x, self.dropout, mode)?;
+            .forward_after(&self.stem_act, &x, self.dropout, mode)?;
         let x = run_blocks(&self.blocks, x, self.dropout, mode)?;
         x.mean(3)?.mean(2)
     }

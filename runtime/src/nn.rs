@@ -313,21 +313,29 @@ impl GroupNorm1 {
         crate::ops::group_norm(x, &self.weight, &self.bias)
     }
 
-    /// `dropout_pool(self.forward(x), p, mode)` (2-D), in training as one op that never keeps
-    /// the normalised activation (ops::group_norm_dropout_avg_pool); the same numbers and draws.
-    pub fn forward_dropout_pool(&self, x: &Tensor, p: f64, mode: &mut Mode) -> Result<Tensor> {
+    /// `dropout_pool(self.forward(&act.forward(x)), p, mode)` (2-D), in training as one op that
+    /// never keeps the activation (when it is a GELU) or the normalised tensor
+    /// (ops::group_norm_dropout_avg_pool); the same numbers and draws.
+    pub fn forward_after(&self, act: &Act, x: &Tensor, p: f64, mode: &mut Mode) -> Result<Tensor> {
         if !mode.train {
-            return dropout_pool(&self.forward(x)?, p, mode);
+            return dropout_pool(&self.forward(&act.forward(x)?)?, p, mode);
         }
         // As `dropout_pool`: a seed is drawn only when there is dropout; p = 0 keeps everything.
         let seed = if p > 0.0 { mode.rng.random::<u64>() } else { 0 };
-        crate::ops::group_norm_dropout_avg_pool(
-            x,
-            &self.weight,
-            &self.bias,
-            (p.max(0.0), seed),
-            (2, 2),
-        )
+        let params = (&self.weight, &self.bias);
+        let drop = (p.max(0.0), seed);
+        match act.kind {
+            Activation::Gelu => {
+                crate::ops::group_norm_dropout_avg_pool(x, true, params, drop, (2, 2))
+            }
+            _ => crate::ops::group_norm_dropout_avg_pool(
+                &act.forward(x)?,
+                false,
+                params,
+                drop,
+                (2, 2),
+            ),
+        }
     }
 }
 

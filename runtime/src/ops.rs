@@ -850,28 +850,36 @@ pub fn dropout_avg_pool(x: &Tensor, p: f64, seed: u64, kh: usize, kw: usize) -> 
         .apply_op1(DropoutPool::new(x, p, seed, kh, kw)?)
 }
 
-/// `dropout_avg_pool(group_norm(x, weight, bias), p, seed, kh, kw)` as one op on the CPU: the same
-/// numbers, but the normalised activation lives only inside the op. Candle's graph keeps every
-/// op's inputs until the backward ends, so as two ops the normalised tensor (the largest of
-/// cnn_light, at its stem) stays alive, and its gradient is one more full-size tensor (plus the
-/// zeros it is accumulated into); here the graph keeps `x`, which the norm's backward needs
-/// anyway. The backward is the two ops' backwards in sequence. Elsewhere the two ops.
+/// `dropout_avg_pool(group_norm(a, weight, bias), p, seed, kh, kw)` with a = `gelu(x)` when
+/// `gelu_first`, else x, as one op on the CPU: the same numbers, but the activation and the
+/// normalised tensor live only inside the op. Candle's graph keeps every op's inputs until the
+/// backward ends, so as separate ops those tensors (the largest of cnn_light, at its stem) stay
+/// alive, and each gradient is one more full-size tensor (plus the zeros it is accumulated
+/// into); here the graph keeps `x` alone. The backward recomputes gelu(x) and runs the ops'
+/// backwards in sequence. Elsewhere the separate ops.
 pub fn group_norm_dropout_avg_pool(
     x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
+    gelu_first: bool,
+    (weight, bias): (&Tensor, &Tensor),
     (p, seed): (f64, u64),
     (kh, kw): (usize, usize),
 ) -> Result<Tensor> {
     if x.device().is_cuda() || x.dtype() != DType::F32 {
-        return dropout_avg_pool(&group_norm(x, weight, bias)?, p, seed, kh, kw);
+        let a = if gelu_first { gelu(x)? } else { x.clone() };
+        return dropout_avg_pool(&group_norm(&a, weight, bias)?, p, seed, kh, kw);
     }
-    let op = NormDropoutPool(DropoutPool::new(x, p, seed, kh, kw)?);
+    let op = NormDropoutPool {
+        gelu_first,
+        pool: DropoutPool::new(x, p, seed, kh, kw)?,
+    };
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }
 
-struct NormDropoutPool(DropoutPool);
+struct NormDropoutPool {
+    gelu_first: bool,
+    pool: DropoutPool,
+}
 
 /// `dropout_avg_pool(gelu(x), p, seed, kh, kw)` (GELU's erf form) as one op on the CPU, for the
 /// same reason as `group_norm_dropout_avg_pool`: the activation's output, which only the pooling
@@ -925,8 +933,13 @@ impl candle_core::CustomOp3 for NormDropoutPool {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (normed, shape) = GroupNorm.cpu_fwd(xs, xl, ws, wl, bs, bl)?;
-        self.0.cpu_fwd(&normed, &Layout::contiguous(shape))
+        let (normed, shape) = if self.gelu_first {
+            let (a, shape) = Gelu { tanh: false }.cpu_fwd(xs, xl)?;
+            GroupNorm.cpu_fwd(&a, &Layout::contiguous(shape), ws, wl, bs, bl)?
+        } else {
+            GroupNorm.cpu_fwd(xs, xl, ws, wl, bs, bl)?
+        };
+        self.pool.cpu_fwd(&normed, &Layout::contiguous(shape))
     }
 
     fn bwd(
@@ -939,9 +952,16 @@ impl candle_core::CustomOp3 for NormDropoutPool {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d_normed = grad
             .contiguous()?
-            .apply_op1_no_bwd(&DropoutPoolBackward(self.0))?;
-        // GroupNorm's backward reads x, w and the gradient, not its output.
-        GroupNorm.bwd(x, w, b, &d_normed, &d_normed)
+            .apply_op1_no_bwd(&DropoutPoolBackward(self.pool))?;
+        if !self.gelu_first {
+            // GroupNorm's backward reads x, w and the gradient, not its output.
+            return GroupNorm.bwd(x, w, b, &d_normed, &d_normed);
+        }
+        let gelu = Gelu { tanh: false };
+        let a = x.apply_op1_no_bwd(&gelu)?;
+        let (da, dw, db) = GroupNorm.bwd(&a, w, b, &d_normed, &d_normed)?;
+        let da = da.expect("GroupNorm's backward gives the input's gradient");
+        Ok((gelu.bwd(x, &da, &da)?, dw, db))
     }
 }
 
@@ -1230,17 +1250,21 @@ mod tests {
         assert_fused_equals(fused, plain, &[&x])
     }
 
-    /// GroupNorm + dropout + pooling as one op equals the three ops.
+    /// (GELU +) GroupNorm + dropout + pooling as one op equals the separate ops.
     #[test]
-    fn norm_dropout_pool_equals_the_three_ops() -> Result<()> {
+    fn norm_dropout_pool_equals_the_separate_ops() -> Result<()> {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (3, 4, 8, 10), &dev)? + 0.5)?)?;
         let w = Var::from_tensor(&Tensor::randn(1f32, 0.2, 4, &dev)?)?;
         let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 4, &dev)?)?;
         let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
-        let fused = group_norm_dropout_avg_pool(xt, wt, bt, (0.3, 77), (2, 2))?;
-        let plain = dropout_avg_pool(&group_norm(xt, wt, bt)?, 0.3, 77, 2, 2)?;
-        assert_fused_equals(fused, plain, &[&x, &w, &b])
+        for gelu_first in [false, true] {
+            let fused = group_norm_dropout_avg_pool(xt, gelu_first, (wt, bt), (0.3, 77), (2, 2))?;
+            let a = if gelu_first { gelu(xt)? } else { xt.clone() };
+            let plain = dropout_avg_pool(&group_norm(&a, wt, bt)?, 0.3, 77, 2, 2)?;
+            assert_fused_equals(fused, plain, &[&x, &w, &b])?;
+        }
+        Ok(())
     }
 
     /// GELU + dropout + pooling as one op equals the three ops.
