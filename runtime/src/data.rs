@@ -209,6 +209,7 @@ fn read_parquet_split(path: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Sp
     };
     let name = table.names.swap_remove(at);
     let column = table.columns.swap_remove(at);
+    let rows = column.len();
     let missing = |i: usize| format!("{} row {i}: no {name}", path.display());
     let samples = match column {
         crate::table::Column::Image(v) => Samples::Encoded {
@@ -231,11 +232,6 @@ fn read_parquet_split(path: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Sp
             "{}: the `{name}` column holds neither image structs nor lists of float lists",
             path.display()
         ),
-    };
-    let rows = match &samples {
-        Samples::Encoded { images, .. } => images.len(),
-        Samples::Signals { signals, .. } => signals.len(),
-        Samples::Files(f) => f.len(),
     };
     let mut targets = vec![];
     for spec in tasks {

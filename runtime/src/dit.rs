@@ -348,7 +348,8 @@ impl Dit {
         let mut block_in = vec![tokens.detach()];
         for block in &self.blocks {
             let emb = block.emb.forward(&inputs)?;
-            let h = block.forward(&block_in[block_in.len() - 1], &emb, self.shape.norm_eps)?;
+            let input = block_in.last().expect("the tokens");
+            let h = block.forward(input, &emb, self.shape.norm_eps)?;
             block_in.push(h.detach());
         }
         let last = Var::from_tensor(&block_in.pop().expect("the tokens"))?;

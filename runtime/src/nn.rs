@@ -169,9 +169,7 @@ impl Act {
             Activation::PRelu => leaky(x, self.slope.as_ref().expect("prelu has a slope")),
         }
     }
-}
 
-impl Act {
     /// `dropout_pool(self.forward(x), p, mode)` (2-D); a GELU in training is one op with the
     /// pooling, never keeping its output (ops::gelu_dropout_avg_pool); the same numbers and draws.
     pub fn forward_dropout_pool(&self, x: &Tensor, p: f64, mode: &mut Mode) -> Result<Tensor> {

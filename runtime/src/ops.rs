@@ -388,13 +388,7 @@ impl candle_core::CustomOp3 for GroupNormBackward {
 /// Inverted dropout: each element kept with probability 1 − p (and scaled by 1/(1 − p)) by the
 /// mask of `seed`; differentiable.
 pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    let keep = 1.0 - p;
-    x.contiguous()?.apply_op1(Dropout {
-        seed,
-        // keep·2^24 in 24-bit units; the hash's top 24 bits are compared with it.
-        threshold: (keep * (1u64 << 24) as f64).round() as u32,
-        scale: (1.0 / keep) as f32,
-    })
+    x.contiguous()?.apply_op1(Dropout::new(p, seed))
 }
 
 #[derive(Clone, Copy)]
@@ -876,11 +870,6 @@ pub fn group_norm_dropout_avg_pool(
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }
 
-struct NormDropoutPool {
-    gelu_first: bool,
-    pool: DropoutPool,
-}
-
 /// `dropout_avg_pool(gelu(x), p, seed, kh, kw)` (GELU's erf form) as one op on the CPU, for the
 /// same reason as `group_norm_dropout_avg_pool`: the activation's output, which only the pooling
 /// reads, is never a tensor of the graph (the GELU's backward needs x, kept anyway). A block of
@@ -917,6 +906,11 @@ impl CustomOp1 for GeluDropoutPool {
             .apply_op1_no_bwd(&DropoutPoolBackward(self.0))?;
         Gelu { tanh: false }.bwd(x, &d_activated, &d_activated)
     }
+}
+
+struct NormDropoutPool {
+    gelu_first: bool,
+    pool: DropoutPool,
 }
 
 impl candle_core::CustomOp3 for NormDropoutPool {
@@ -966,6 +960,16 @@ impl candle_core::CustomOp3 for NormDropoutPool {
 }
 
 impl Dropout {
+    fn new(p: f64, seed: u64) -> Self {
+        let keep = 1.0 - p;
+        Dropout {
+            seed,
+            // keep·2^24 in 24-bit units; the hash's top 24 bits are compared with it.
+            threshold: (keep * (1u64 << 24) as f64).round() as u32,
+            scale: (1.0 / keep) as f32,
+        }
+    }
+
     /// The kept value of element `i` (`v·scale`, or 0), as the dropout op computes it.
     #[inline(always)]
     fn apply(&self, i: usize, v: f32) -> f32 {
@@ -985,13 +989,7 @@ impl DropoutPool {
     /// Dropout with probability `p` and mask `seed`, then kh × kw average pooling, of x's shape.
     fn new(x: &Tensor, p: f64, seed: u64, kh: usize, kw: usize) -> Result<Self> {
         let (_, _, h, w) = x.dims4()?;
-        let keep = 1.0 - p;
-        let drop = Dropout {
-            seed,
-            threshold: (keep * (1u64 << 24) as f64).round() as u32,
-            scale: (1.0 / keep) as f32,
-        };
-        Ok(DropoutPool(drop, AvgPool { kh, kw, h, w }))
+        Ok(DropoutPool(Dropout::new(p, seed), AvgPool { kh, kw, h, w }))
     }
 }
 

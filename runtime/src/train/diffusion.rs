@@ -84,6 +84,15 @@ impl SampleSpec {
         NoisePath::for_scheduler(&self.scheduler, self.timesteps)
     }
 
+    /// The values a grid shows as black and white: [-1, 1] for images, ±3 for z-scored series.
+    pub fn pixel_range(&self) -> f32 {
+        if self.timeseries {
+            3.0
+        } else {
+            1.0
+        }
+    }
+
     /// The sampler, with `steps` denoising steps and guidance scale `cfg_scale`.
     pub fn sampler(&self, steps: usize, cfg_scale: f64) -> Sampler {
         let method = match self.sampler.as_str() {
@@ -895,7 +904,7 @@ impl Evaluator<'_> {
                     shown,
                     t.eval_num_examples,
                     &ctx.input,
-                    pixel_range(ctx.spec.timeseries),
+                    ctx.spec.pixel_range(),
                 )?;
                 let dir = ctx.run_dir.join("samples");
                 std::fs::create_dir_all(&dir)?;
@@ -998,15 +1007,6 @@ impl Evaluator<'_> {
             serde_json::to_string_pretty(&state.best)?,
         )?;
         Ok(())
-    }
-}
-
-/// The values that map to black and white: [-1, 1] for images, ±3 for z-scored time series.
-pub fn pixel_range(timeseries: bool) -> f32 {
-    if timeseries {
-        3.0
-    } else {
-        1.0
     }
 }
 
