@@ -109,6 +109,8 @@ pub const OVERRIDABLE: &[&str] = &[
     "training.seed",
     "training.resume",
     "training.device",
+    "training.use_amp",
+    "training.mixed_precision",
     "training.task_weights.*",
 ];
 
@@ -328,16 +330,7 @@ fn check_support(ctx: &mut Ctx, kind: &Kind, target: Target) {
                 unsupported(ctx, key, "Weights & Biases logging".into(), "remove the `wandb_*` keys; use `tensorboard = true` (event files TensorBoard reads)");
             }
             if t.use_amp {
-                let what = match target.cuda {
-                    false => "mixed precision on a CPU build (`use_amp` means bf16 autocast on CUDA)",
-                    true => "bf16 autocast (`use_amp`): the CUDA build trains in f32 (TF32 matmuls) so far",
-                };
-                unsupported(
-                    ctx,
-                    "training.use_amp",
-                    what.into(),
-                    "set `use_amp = false`",
-                );
+                warn_cpu_mixed_precision(ctx, "training.use_amp", "bf16", target);
             }
             if t.device == "cuda" && !target.cuda {
                 unsupported(
@@ -481,21 +474,25 @@ fn check_diffusion(
         );
     }
     if d.training.mixed_precision != "no" {
-        if target.cuda {
-            unsupported(
-                ctx,
-                "training.mixed_precision",
-                format!(
-                    "`mixed_precision = \"{}\"`: the CUDA build trains DiT in f32 so far",
-                    d.training.mixed_precision
-                ),
-                "set `mixed_precision = \"no\"`",
-            );
-        } else {
-            let loc = ctx.loc("training.mixed_precision");
-            ctx.diags.push(Diagnostic::warning(loc, format!("`mixed_precision = \"{}\"` computes in f32 in a CPU build (bf16/fp16 need the CUDA build)", d.training.mixed_precision)));
-        }
+        let precision = d.training.mixed_precision.clone();
+        warn_cpu_mixed_precision(ctx, "training.mixed_precision", &precision, target);
     }
+}
+
+/// Mixed precision is honoured on every device, but a CPU has no 16-bit GEMM here: it gets the
+/// GPU's numerics (operands rounded to 16 bits) at f32 speed plus the rounding.
+fn warn_cpu_mixed_precision(ctx: &mut Ctx, key: &str, precision: &str, target: Target) {
+    if target.cuda {
+        return;
+    }
+    let loc = ctx.loc(key).or_else(|| ctx.loc("settings.trainer"));
+    ctx.diags.push(
+        Diagnostic::warning(
+            loc,
+            format!("{precision} mixed precision in a CPU build: products are rounded to {precision} (a GPU's numerics) but computed by f32 kernels, so training is slower than in f32"),
+        )
+        .help("for speed on a CPU, turn mixed precision off; build with `--features cuda` for 16-bit GEMMs"),
+    );
 }
 
 /// Load a settings file and its chain on its own (for `sigdiff preprocess`): an explicit path,

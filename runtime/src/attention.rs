@@ -19,24 +19,34 @@ use crate::ops::{exp_f32, on_threads, vectorised, with_f32, Blocks};
 /// softmax(q·kᵀ/√d)·v per head for q, k, v of shape (B, N, H·d): the heads side by side in the
 /// last axis, as the projections write them (the op reads and writes each head in place, with a
 /// row stride of H·d, so no head split or merge is copied). Returns (B, N, H·d).
+///
+/// Under autocast q, k, v and the output are rounded to the 16-bit type (cast to it on a GPU,
+/// where the softmax still runs in f32 between the two 16-bit products, as flash attention's
+/// does; precision.rs).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, n, width) = q.dims3()?;
-    let d = width / heads;
-    let scale = 1.0 / (d as f64).sqrt();
-    if q.device().is_cpu() && q.dtype() == DType::F32 {
-        return q.contiguous()?.apply_op3(
-            &k.contiguous()?,
-            &v.contiguous()?,
-            Attention { scale, heads },
-        );
-    }
-    let split = |t: &Tensor| t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous();
-    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-    candle_nn::ops::softmax(&scores, D::Minus1)?
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .reshape((b, n, width))
+    crate::precision::product(&[q, k, v], true, |t| {
+        let [q, k, v] = t else {
+            unreachable!("three operands")
+        };
+        let (b, n, width) = q.dims3()?;
+        let d = width / heads;
+        let scale = 1.0 / (d as f64).sqrt();
+        if q.device().is_cpu() && q.dtype() == DType::F32 {
+            return q.contiguous()?.apply_op3(
+                &k.contiguous()?,
+                &v.contiguous()?,
+                Attention { scale, heads },
+            );
+        }
+        let split = |t: &Tensor| t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+        let scores = (q.matmul(&k.t()?.contiguous()?)?.to_dtype(DType::F32)? * scale)?;
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+            .to_dtype(v.dtype())?
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, n, width))
+    })
 }
 
 struct Attention {

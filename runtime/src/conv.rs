@@ -16,8 +16,16 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use crate::ops::contiguous as values;
 
 /// Convolution of `x` (B, C, [H,] W) with `w` (O, C, [kh,] kw), zero padding `padding` on every
-/// spatial side, plus `bias` (O) when given; differentiable in all of them.
+/// spatial side, plus `bias` (O) when given; differentiable in all of them. Under autocast the
+/// operands and the result are rounded to the 16-bit type (these kernels are f32; precision.rs).
 pub fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Tensor> {
+    let operands: Vec<&Tensor> = [x, w].into_iter().chain(bias).collect();
+    crate::precision::product(&operands, false, |t| {
+        conv_f32(&t[0], &t[1], t.get(2), padding)
+    })
+}
+
+fn conv_f32(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Tensor> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let (x4, w4, pad) = match x.rank() {
         4 => (x.clone(), w, [padding, padding]),

@@ -386,9 +386,7 @@ impl Dit {
             .permute([0, 2, 4, 1, 3, 5])?
             .reshape((b * gh * gw, c * ph * pw))?;
         let kernel = self.patch.reshape((d, c * ph * pw))?;
-        patches
-            .matmul(&kernel.t()?)?
-            .broadcast_add(&self.patch_bias)?
+        crate::linear::linear(&patches, &kernel, &self.patch_bias)?
             .reshape((b, gh * gw, d))?
             .broadcast_add(&self.positions)
     }

@@ -21,6 +21,7 @@ pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod precision;
 pub mod sample;
 pub mod signal;
 pub mod table;

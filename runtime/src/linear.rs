@@ -9,11 +9,18 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 /// x (rows, din), weight (dout, din), bias (dout) -> (rows, dout).
+/// Under autocast the three are rounded to the 16-bit type, or cast to it on a GPU (see
+/// precision.rs).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return x.contiguous()?.apply_op3(weight, bias, Linear);
-    }
-    x.matmul(&weight.t()?)?.broadcast_add(bias)
+    crate::precision::product(&[x, weight, bias], true, |t| {
+        let [x, weight, bias] = t else {
+            unreachable!("three operands")
+        };
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return x.contiguous()?.apply_op3(weight, bias, Linear);
+        }
+        x.matmul(&weight.t()?)?.broadcast_add(bias)
+    })
 }
 
 struct Linear;

@@ -8,6 +8,8 @@
 //! `model.safetensors` reads like the reference's `state_dict`.
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
+
+use crate::precision::matmul;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -446,13 +448,13 @@ impl SelfAttention {
             qkv.get(1)?.contiguous()?,
             qkv.get(2)?.contiguous()?,
         );
-        let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
+        let scores = (matmul(&q, &k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
         let attn = dropout(
             &candle_nn::ops::softmax(&scores, D::Minus1)?,
             dropout_p,
             mode,
         )?;
-        let y = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let y = matmul(&attn, &v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.out_proj.forward(&y)
     }
 }

@@ -81,6 +81,11 @@ impl Optimizer {
         })
     }
 
+    /// The parameters it updates, by name.
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
     /// Clip the gradients to `max_norm` by their global norm, then update at learning rate `lr`.
     /// Adam and AdamW on a GPU run fused (two kernel launches for all parameters, see
     /// runtime/kernels/optim.cu) unless `fused` was turned off; everything else, and the CPU, runs

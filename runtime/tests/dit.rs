@@ -3,9 +3,11 @@
 
 use std::path::Path;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use signal_diffusion_runtime::dit::{Condition, Conditioning, Dit, DitShape};
 use signal_diffusion_runtime::nn::Params;
+use signal_diffusion_runtime::precision::Autocast;
 use signal_diffusion_runtime::train::checkpoint::restore;
 
 fn shape(height: usize, width: usize, num_embeds: usize, conditioning: Conditioning) -> DitShape {
@@ -80,40 +82,97 @@ fn non_square_dit_equals_diffusers_on_the_real_grid() {
     parity("nonsquare", shape(4, 16, 1000, Conditioning::None));
 }
 
-/// Every trainable tensor of a gend_hlth_age DiT (the largest set: label tables, age embedders)
-/// gets a finite, non-zero gradient from one loss.
-#[test]
-fn every_dit_parameter_gets_a_gradient() {
+/// A gend_hlth_age DiT (the largest parameter set: label tables, age embedders) on a fixed
+/// input, and the gradients of a random projection of its output, computed under `autocast`.
+fn output_and_gradients(autocast: Option<DType>) -> (Params, Tensor, GradStore) {
     let dev = Device::Cpu;
     let s = shape(8, 16, 5, Conditioning::GenderHealthAge);
     let mut p = Params::new(3, &dev);
     let model = Dit::new(&s, &mut p, &dev).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (3, 3, 8, 16), &dev).unwrap();
+    let mut rng = Params::new(4, &dev);
+    let x = rng.normal_buffer("x".into(), &[3, 3, 8, 16], 1.0).unwrap();
     let cond = Condition {
         labels: vec![0, 3, 4],
         ages: vec![0.31, f32::NAN, 0.7],
     };
+    let _amp = Autocast::enter(autocast);
     let out = model.forward(&x, &[5.0, 500.0, 999.0], &cond).unwrap();
-    let r = Tensor::randn(0f32, 1.0, out.shape(), &dev).unwrap();
-    let grads = (out * r).unwrap().sum_all().unwrap().backward().unwrap();
-    for (name, var) in &p.trainable {
-        let g = grads
-            .get(var)
-            .unwrap_or_else(|| panic!("{name}: no gradient"));
-        let n = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(n.is_finite() && n > 0.0, "{name}: gradient norm² {n}");
+    let r = rng.normal_buffer("r".into(), out.dims(), 1.0).unwrap();
+    let grads = (&out * r).unwrap().sum_all().unwrap().backward().unwrap();
+    (p, out, grads)
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Every trainable tensor gets a finite, non-zero gradient from one loss, in f32 and under
+/// bf16/fp16 autocast (where the gradient reaches the f32 master through the casts).
+#[test]
+fn every_dit_parameter_gets_a_gradient() {
+    for autocast in [None, Some(DType::BF16), Some(DType::F16)] {
+        let (p, _, grads) = output_and_gradients(autocast);
+        for (name, var) in &p.trainable {
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{name} ({autocast:?}): no gradient"));
+            assert_eq!(g.dtype(), DType::F32, "{name}: the master's gradient");
+            let n = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                n.is_finite() && n > 0.0,
+                "{name} ({autocast:?}): gradient norm² {n}"
+            );
+        }
+        assert_eq!(
+            p.buffers.len(),
+            1,
+            "the age Fourier frequencies are a saved buffer"
+        );
     }
-    assert_eq!(
-        p.buffers.len(),
-        1,
-        "the age Fourier frequencies are a saved buffer"
-    );
+}
+
+/// Under autocast the output and every gradient stay within 16-bit rounding of the f32 model's:
+/// relative to the largest entry, bf16 (8 significant bits) within 3 %, fp16 (11 bits) closer
+/// than bf16 by at least 4× (2³ = 8× finer rounding) — and neither equals f32, so the products
+/// really were rounded.
+#[test]
+fn autocast_dit_follows_the_f32_dit_within_16_bit_rounding() {
+    let (p, reference, want) = output_and_gradients(None);
+    let mut worst = [0f32; 2];
+    for (i, dtype) in [DType::BF16, DType::F16].into_iter().enumerate() {
+        let (q, out, got) = output_and_gradients(Some(dtype));
+        let rel = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap()) / max_abs(b);
+        let out_err = rel(&out, &reference);
+        assert!(out_err > 0.0, "{dtype:?}: the output equals f32's");
+        worst[i] = out_err;
+        for ((name, v), (_, w)) in q.trainable.iter().zip(&p.trainable) {
+            // A key bias shifts each query's scores by one constant, which softmax removes: its
+            // gradient is zero but for rounding, in f32 as in 16 bits.
+            if name.ends_with("to_k.bias") {
+                continue;
+            }
+            let e = rel(got.get(v).unwrap(), want.get(w).unwrap());
+            worst[i] = worst[i].max(e);
+            eprintln!("{dtype:?} {name}: {e:.2e}");
+        }
+    }
+    let [bf16, fp16] = worst;
+    eprintln!("largest relative deviation: bf16 {bf16:.2e}, fp16 {fp16:.2e}");
+    assert!(bf16 < 3e-2, "bf16 deviates {bf16:.2e} from f32");
+    assert!(fp16 * 4.0 < bf16, "fp16 {fp16:.2e} vs bf16 {bf16:.2e}");
 }
 
 /// Gradient checkpointing recomputes each block in the backward: the loss and every parameter's

@@ -1,12 +1,13 @@
 //! Every trainable parameter of every model gets a finite, non-zero gradient (Candle's fused
 //! norms would silently drop them; ours are composites).
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use signal_diffusion_runtime::models::{
     Backbone, Classifier, Cnn, Cnn1d, Cnn1dShape, CnnLight, CnnLightShape, CnnShape, Transformer,
     TransformerShape,
 };
 use signal_diffusion_runtime::nn::{Activation, Mode, Params};
+use signal_diffusion_runtime::precision::Autocast;
 use signal_diffusion_runtime::tasks::{TaskKind, TaskSpec};
 
 const TASKS: [TaskSpec; 2] = [
@@ -26,13 +27,24 @@ const TASKS: [TaskSpec; 2] = [
     },
 ];
 
+/// In f32 and under `use_amp`'s bf16 autocast (the gradient reaches the f32 master through the
+/// casts).
 fn check<B: Backbone>(shape: &B::Shape, input: &[usize]) {
+    for autocast in [None, Some(DType::BF16)] {
+        check_under::<B>(shape, input, autocast);
+    }
+}
+
+fn check_under<B: Backbone>(shape: &B::Shape, input: &[usize], autocast: Option<DType>) {
     let dev = Device::Cpu;
     let mut p = Params::new(3, &dev);
     let model = Classifier::<B>::new(shape, &TASKS, &mut p).unwrap();
     let x = Tensor::randn(0f32, 1.0, input, &dev).unwrap();
     let mut mode = Mode::train(1);
-    let outs = model.forward(&x, &mut mode).unwrap();
+    let outs = {
+        let _amp = Autocast::enter(autocast);
+        model.forward(&x, &mut mode).unwrap()
+    };
     let mut loss = Tensor::new(0f32, &dev).unwrap();
     for o in &outs {
         let r = Tensor::randn(0f32, 1.0, o.shape(), &dev).unwrap();
@@ -43,13 +55,16 @@ fn check<B: Backbone>(shape: &B::Shape, input: &[usize]) {
     for (name, var) in &p.trainable {
         let g = grads
             .get(var)
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
+            .unwrap_or_else(|| panic!("no gradient for {name} ({autocast:?})"));
         let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(
             v.iter().all(|x| x.is_finite()),
-            "non-finite gradient for {name}"
+            "non-finite gradient for {name} ({autocast:?})"
         );
-        assert!(v.iter().any(|x| *x != 0.0), "zero gradient for {name}");
+        assert!(
+            v.iter().any(|x| *x != 0.0),
+            "zero gradient for {name} ({autocast:?})"
+        );
     }
 }
 

@@ -27,6 +27,9 @@ pub struct State {
     pub target_norm: Vec<Option<(f32, f32)>>,
     /// Weight snapshots in the SWA average (its tensors are in `swa.safetensors`).
     pub swa_n: u64,
+    /// fp16's loss scale and skipped updates (`mixed_precision = "fp16"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<crate::precision::LossScaler>,
 }
 
 /// Write a checkpoint; `extras` are further named tensor files (`swa.safetensors`,

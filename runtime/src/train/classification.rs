@@ -29,6 +29,7 @@ use crate::log::Logger;
 use crate::models::{Backbone, Classifier};
 use crate::nn::{Mode, Params};
 use crate::optim::{lr_factor, GradNorm, Optimizer};
+use crate::precision::Autocast;
 use crate::tasks::{TaskKind, TaskSpec};
 
 /// Entry point of a generated classification trainer.
@@ -135,6 +136,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
         config_hash: config_hash.clone(),
         target_norm: target_norm(tasks, &train),
         swa_n: 0,
+        loss_scaler: None,
     };
     let mut swa = Swa::new();
     if let Some(ck) = &resume {
@@ -483,7 +485,12 @@ fn train_step<B: Backbone>(
         }
         Ok(())
     };
-    let outputs = model.forward(x, mode)?;
+    // `use_amp`: bf16 products (precision.rs). The reference autocasts to fp16 with a loss
+    // scaler; bf16 keeps f32's exponent range, so no gradient underflows and none is skipped.
+    let outputs = {
+        let _amp = Autocast::enter(t.use_amp.then_some(DType::BF16));
+        model.forward(x, mode)?
+    };
     let (loss, per_task) = ctx.loss(&outputs, targets, t.label_smoothing)?;
     phase_done(0)?;
     let mut grads = loss.backward()?;

@@ -40,6 +40,7 @@ use crate::image::Augment;
 use crate::log::Logger;
 use crate::nn::Params;
 use crate::optim::{lr_factor, Optimizer};
+use crate::precision::{self, Autocast, LossScaler};
 
 /// Entry point of a generated diffusion trainer.
 pub fn main(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> ExitCode {
@@ -204,6 +205,26 @@ pub fn diffusion_loss(
     Ok(n.loss(&model.forward(&n.xt, &n.t, cond)?, 1.0)?)
 }
 
+/// One optimizer update from the accumulated gradients: with fp16's `scaler`, unscaled first and
+/// skipped (returning `None`) when they overflowed; then clipped and applied. Returns the norm
+/// before clipping.
+fn update(
+    opt: &mut Optimizer,
+    grads: &mut GradStore,
+    scaler: Option<&mut LossScaler>,
+    lr: f64,
+    clip: Option<f64>,
+) -> Result<Option<f64>> {
+    if let Some(scaler) = scaler {
+        let finite = scaler.unscale(grads, opt.params())?;
+        scaler.update(!finite);
+        if !finite {
+            return Ok(None);
+        }
+    }
+    Ok(Some(opt.step(grads, lr, clip)?.value()?))
+}
+
 /// The diffusion loss of `x` times `scale` and its gradients, through gradient checkpointing
 /// when `checkpointing` (the same numbers up to summation order; dit.rs).
 #[allow(clippy::too_many_arguments)]
@@ -267,6 +288,7 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         bail!("this trainer was compiled for diffusion")
     };
     let t = &cfg.training;
+    let amp = precision::dtype_of(&t.mixed_precision);
     let device = super::select_device("auto", compiled)?;
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
@@ -417,11 +439,13 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         config_hash: format!("{:016x}", fnv(resolved.to_json().as_bytes())),
         target_norm: vec![],
         swa_n: 0,
+        loss_scaler: LossScaler::for_dtype(amp),
     };
     if let Some(ck) = &resume {
         let loaded = checkpoint::load(ck, &device)?;
         checkpoint::restore(&all_vars, &loaded.model)?;
-        opt.load_state(&loaded.optimizer, loaded.state.step)?;
+        let skipped = loaded.state.loss_scaler.map_or(0, |s| s.skipped);
+        opt.load_state(&loaded.optimizer, loaded.state.step - skipped)?;
         if let (Some(e), Some(saved)) = (&mut ema, loaded.extras.get("ema.safetensors")) {
             e.tensors = named(&params.trainable, saved)?;
         }
@@ -501,19 +525,23 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
                 let noise = Tensor::from_vec(noise, x.shape(), x.device())?;
                 x = (x + (noise * ds.gaussian_noise_std)?)?;
             }
-            // Each micro-batch's share of the update's mean loss.
-            let (loss, mut grads) = diffusion_grads(
-                &model,
-                &x,
-                &cond,
-                &ctx.path,
-                objective,
-                t.snr_gamma,
-                1.0 / in_group as f64,
-                t.gradient_checkpointing,
-                &mut rng,
-            )?;
-            loss_sum += loss as f64;
+            // Each micro-batch's share of the update's mean loss, times fp16's loss scale.
+            let loss_scale = state.loss_scaler.map_or(1.0, |s| s.scale);
+            let (loss, mut grads) = {
+                let _amp = Autocast::enter(amp);
+                diffusion_grads(
+                    &model,
+                    &x,
+                    &cond,
+                    &ctx.path,
+                    objective,
+                    t.snr_gamma,
+                    loss_scale / in_group as f64,
+                    t.gradient_checkpointing,
+                    &mut rng,
+                )?
+            };
+            loss_sum += loss as f64 / loss_scale;
             let mut mine = GradStore::default();
             for (_, v) in &params.trainable {
                 if let Some(g) = grads.remove(v.as_tensor()) {
@@ -529,7 +557,13 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
             // One optimizer update.
             let s = state.step as usize;
             let lr = cfg.optimizer.learning_rate * lr_factor(&cfg.scheduler, s, total);
-            let grad_norm = opt.step(&mut acc, lr, t.gradient_clip_norm)?.value()?;
+            let grad_norm = update(
+                &mut opt,
+                &mut acc,
+                state.loss_scaler.as_mut(),
+                lr,
+                t.gradient_clip_norm,
+            )?;
             acc = GradStore::default();
             state.step += 1;
             if let Some(e) = &mut ema {
@@ -542,12 +576,25 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
             let step = state.step;
             log.scalar("train/loss", loss_v, step)?;
             log.scalar("train/lr", lr, step)?;
-            log.scalar("train/grad_norm", grad_norm, step)?;
+            if let Some(norm) = grad_norm {
+                log.scalar("train/grad_norm", norm, step)?;
+            }
+            if let Some(s) = &state.loss_scaler {
+                log.scalar("train/loss_scale", s.scale, step)?;
+            }
             let mut status = None;
             if step.is_multiple_of(t.log_every_steps as u64) || step as usize == total {
                 let per_s = (step - first) as f64 / started.elapsed().as_secs_f64().max(1e-9);
                 let images = per_s * (bs * accum) as f64;
-                log.line(&format!("epoch {} update {step}/{total} loss {loss_v:.4} lr {lr:.2e} grad_norm {grad_norm:.3} ({images:.2} images/s)", state.epoch + 1));
+                let norm = match (grad_norm, &state.loss_scaler) {
+                    (Some(n), _) => format!("grad_norm {n:.3}"),
+                    (None, Some(s)) => format!(
+                        "skipped (fp16 gradients overflowed; loss scale now {})",
+                        s.scale
+                    ),
+                    (None, None) => unreachable!("only fp16 skips updates"),
+                };
+                log.line(&format!("epoch {} update {step}/{total} loss {loss_v:.4} lr {lr:.2e} {norm} ({images:.2} images/s)", state.epoch + 1));
                 status = Some(format!("loss {loss_v:.4} lr {lr:.2e} {images:.2} images/s"));
             }
             log.step(status);
@@ -1067,25 +1114,33 @@ fn benchmark(
     let cond = Condition::null(shape.conditioning, bs);
     let path = NoisePath::for_scheduler(&cfg.objective_scheduler, cfg.num_timesteps);
     let objective = Objective::parse(&cfg.prediction_type);
+    let amp = precision::dtype_of(&t.mixed_precision);
+    let mut scaler = LossScaler::for_dtype(amp);
     let mut step = |i: u64| -> Result<f64> {
         let mut r = ChaCha8Rng::seed_from_u64(i);
-        let (loss, mut grads) = diffusion_grads(
-            &model,
-            &x,
-            &cond,
-            &path,
-            objective,
-            t.snr_gamma,
-            1.0,
-            t.gradient_checkpointing,
-            &mut r,
-        )?;
-        opt.step(
+        let loss_scale = scaler.map_or(1.0, |s| s.scale);
+        let (loss, mut grads) = {
+            let _amp = Autocast::enter(amp);
+            diffusion_grads(
+                &model,
+                &x,
+                &cond,
+                &path,
+                objective,
+                t.snr_gamma,
+                loss_scale,
+                t.gradient_checkpointing,
+                &mut r,
+            )?
+        };
+        update(
+            &mut opt,
             &mut grads,
+            scaler.as_mut(),
             cfg.optimizer.learning_rate,
             t.gradient_clip_norm,
         )?;
-        Ok(loss as f64)
+        Ok(loss as f64 / loss_scale)
     };
     step(0)?;
     device.synchronize()?;

@@ -123,6 +123,10 @@ impl Compiled {
             sets,
         )
         .map_err(|e| anyhow::anyhow!("{}", config::render(&e)))?;
+        // The build printed the TOML's own warnings; those about an override are news.
+        for w in r.warnings.iter().filter(|w| w.contains("--set ")) {
+            eprintln!("{w}");
+        }
         let params = r.plan.as_ref().map(|p| p.params).unwrap_or(0);
         if params != self.parameters {
             bail!("the overrides change the model ({} parameters instead of {}); change the TOML and rebuild", params, self.parameters);
