@@ -60,6 +60,14 @@ fn kernels_compile_for_every_classification_preset() {
                 "group_norm_bwd_any",
                 "grad_sq_norm",
                 "adam_step",
+                "modulate_fwd",
+                "modulate_bwd",
+                "gated_residual_fwd",
+                "gated_residual_bwd",
+                "gelu_tanh_fwd",
+                "gelu_tanh_bwd",
+                "softmax_rows_fwd",
+                "softmax_rows_bwd",
             ] {
                 assert!(text.contains(&format!(".entry {k}(")), "{}: no {k}", r.stem);
             }

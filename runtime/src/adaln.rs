@@ -20,7 +20,7 @@ use crate::ops::{on_threads, vectorised, with_f32, Blocks};
 
 /// `LayerNorm(x, eps)·(1 + scale) + shift` for x (B, N, D), scale and shift (B, D).
 pub fn modulate(x: &Tensor, eps: f64, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if fused(x) {
         return x.contiguous()?.apply_op3(
             &scale.contiguous()?,
             &shift.contiguous()?,
@@ -30,6 +30,13 @@ pub fn modulate(x: &Tensor, eps: f64, shift: &Tensor, scale: &Tensor) -> Result<
     standardize_last(x, eps)?
         .broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
         .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// The fused ops run on f32 tensors on the CPU, and with `--features cuda` on a GPU
+/// (runtime/kernels/dit.cu).
+fn fused(x: &Tensor) -> bool {
+    x.dtype() == DType::F32
+        && (x.device().is_cpu() || cfg!(feature = "cuda") && x.device().is_cuda())
 }
 
 struct Modulate {
@@ -150,6 +157,21 @@ impl CustomOp3 for Modulate {
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ss: &candle_core::CudaStorage,
+        sl: &Layout,
+        hs: &candle_core::CudaStorage,
+        hl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = xl.shape().dims3()?;
+        let y = crate::cuda::modulate_forward((xs, xl), (ss, sl), (hs, hl), dims, self.eps as f32)?;
+        Ok((y, xl.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -159,6 +181,24 @@ impl CustomOp3 for Modulate {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, n, d) = x.dims3()?;
+        #[cfg(feature = "cuda")]
+        if grad.device().is_cuda() {
+            let packed = x.apply_op3_no_bwd(
+                scale,
+                &grad.contiguous()?,
+                &gpu::ModulateBackward { eps: self.eps },
+            )?;
+            let c = crate::cuda::chunks(n);
+            return Ok((
+                Some(packed.narrow(0, 0, b * n * d)?.reshape((b, n, d))?),
+                Some(gpu::sum_partials(&packed, b * n * d, (b, c, d))?),
+                Some(gpu::sum_partials(
+                    &packed,
+                    b * n * d + b * c * d,
+                    (b, c, d),
+                )?),
+            ));
+        }
         let mut dx = vec![0f32; b * n * d];
         let mut dscale = vec![0f32; b * d];
         let mut dshift = vec![0f32; b * d];
@@ -204,7 +244,7 @@ impl CustomOp3 for Modulate {
 
 /// `x + y·gate` for x and y (B, N, D) and a per-sample gate (B, D).
 pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if fused(x) {
         return x
             .contiguous()?
             .apply_op3(&y.contiguous()?, &gate.contiguous()?, GatedResidual);
@@ -276,6 +316,21 @@ impl CustomOp3 for GatedResidual {
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (_, n, d) = xl.shape().dims3()?;
+        let out = crate::cuda::gated_residual_forward((xs, xl), (ys, yl), (gs, gl), (n, d))?;
+        Ok((out, xl.shape().clone()))
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,
@@ -285,6 +340,18 @@ impl CustomOp3 for GatedResidual {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, n, d) = y.dims3()?;
+        #[cfg(feature = "cuda")]
+        if grad.device().is_cuda() {
+            let packed =
+                grad.contiguous()?
+                    .apply_op3_no_bwd(y, gate, &gpu::GatedResidualBackward)?;
+            let c = crate::cuda::chunks(n);
+            return Ok((
+                Some(grad.clone()),
+                Some(packed.narrow(0, 0, b * n * d)?.reshape((b, n, d))?),
+                Some(gpu::sum_partials(&packed, b * n * d, (b, c, d))?),
+            ));
+        }
         let mut dy = vec![0f32; b * n * d];
         let mut dgate = vec![0f32; b * d];
         let (ody, odg) = (Blocks::new(&mut dy), Blocks::new(&mut dgate));
@@ -310,6 +377,115 @@ impl CustomOp3 for GatedResidual {
             Some(Tensor::from_vec(dy, (b, n, d), dev)?),
             Some(Tensor::from_vec(dgate, (b, d), dev)?),
         ))
+    }
+}
+
+/// The GPU halves of the backwards (runtime/kernels/dit.cu); on the CPU they run inside `bwd`.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+    /// (x, scale, ∂L/∂y) → [∂L/∂x | ∂scale partials | ∂shift partials] on a GPU (dit.cu).
+    pub(super) struct ModulateBackward {
+        pub eps: f64,
+    }
+
+    /// (∂L/∂out, y, gate) → [∂L/∂y | ∂gate partials] on a GPU (dit.cu).
+    pub(super) struct GatedResidualBackward;
+
+    /// Per-sample (B, d) sums of the kernel's (B, chunks, d) partial rows stored from `offset` of a
+    /// packed output.
+    pub(super) fn sum_partials(
+        packed: &Tensor,
+        offset: usize,
+        (b, chunks, d): (usize, usize, usize),
+    ) -> Result<Tensor> {
+        packed
+            .narrow(0, offset, b * chunks * d)?
+            .reshape((b, chunks, d))?
+            .sum(1)
+    }
+
+    /// The GPU backwards have no CPU form: the CPU's runs inside `bwd`.
+    fn gpu_only(op: &str) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!(
+            "{op} runs on a GPU; the CPU backward is computed in the forward op's bwd"
+        )
+    }
+
+    impl CustomOp3 for ModulateBackward {
+        fn name(&self) -> &'static str {
+            "adaln-modulate-backward"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            gpu_only(self.name())
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            xs: &candle_core::CudaStorage,
+            xl: &Layout,
+            ss: &candle_core::CudaStorage,
+            sl: &Layout,
+            gs: &candle_core::CudaStorage,
+            gl: &Layout,
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            let (b, n, d) = xl.shape().dims3()?;
+            let out = crate::cuda::modulate_backward(
+                (xs, xl),
+                (ss, sl),
+                (gs, gl),
+                (b, n, d),
+                self.eps as f32,
+            )?;
+            let len = b * n * d + 2 * b * crate::cuda::chunks(n) * d;
+            Ok((out, Shape::from(len)))
+        }
+    }
+
+    impl CustomOp3 for GatedResidualBackward {
+        fn name(&self) -> &'static str {
+            "gated-residual-backward"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            gpu_only(self.name())
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            gs: &candle_core::CudaStorage,
+            gl: &Layout,
+            ys: &candle_core::CudaStorage,
+            yl: &Layout,
+            ts: &candle_core::CudaStorage,
+            tl: &Layout,
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            let (b, n, d) = gl.shape().dims3()?;
+            let out =
+                crate::cuda::gated_residual_backward((gs, gl), (ys, yl), (ts, tl), (b, n, d))?;
+            let len = b * n * d + b * crate::cuda::chunks(n) * d;
+            Ok((out, Shape::from(len)))
+        }
     }
 }
 

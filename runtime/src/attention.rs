@@ -11,7 +11,9 @@
 //! Every product is one `gemm` call on one thread; threads take whole (batch, head) pairs. Other
 //! devices and dtypes use the composite of Candle ops.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
 
 use crate::linear::{gemm, gemm_strided};
 use crate::ops::{exp_f32, on_threads, vectorised, with_f32, Blocks};
@@ -41,7 +43,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
         let split = |t: &Tensor| t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous();
         let (q, k, v) = (split(q)?, split(k)?, split(v)?);
         let scores = (q.matmul(&k.t()?.contiguous()?)?.to_dtype(DType::F32)? * scale)?;
-        candle_nn::ops::softmax(&scores, D::Minus1)?
+        softmax_last(&scores)?
             .to_dtype(v.dtype())?
             .matmul(&v)?
             .transpose(1, 2)?
@@ -52,6 +54,102 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
 struct Attention {
     scale: f64,
     heads: usize,
+}
+
+/// Softmax over the last axis as one op each way (f32 on the CPU or a GPU, dit.cu's kernels
+/// there): for attention written as two products around it. In Candle ops it is five passes
+/// forward and more backward; other dtypes use them.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let gpu = cfg!(feature = "cuda") && x.device().is_cuda();
+    if x.dtype() != DType::F32 || !(x.device().is_cpu() || gpu) {
+        return candle_nn::ops::softmax(x, D::Minus1);
+    }
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+struct Softmax;
+
+/// (p, ∂L/∂p) → ∂L/∂s.
+struct SoftmaxBackward;
+
+fn row_len(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1).max(1)
+}
+
+/// `f(offset, rows)` over `data` cut into one run of whole rows of `n` per thread.
+fn on_row_chunks(data: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = data.len() / n;
+    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+    let chunk = rows.div_ceil(threads).max(1) * n;
+    rayon::scope(|scope| {
+        for (k, part) in data.chunks_mut(chunk).enumerate() {
+            let f = &f;
+            scope.spawn(move |_| f(k * chunk, part));
+        }
+    });
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-last"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = row_len(l);
+        let mut p = crate::ops::contiguous::<f32>(s, l)?.to_vec();
+        on_row_chunks(&mut p, n, |_, rows| softmax_rows(rows, n));
+        Ok((CpuStorage::F32(p), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let p = crate::cuda::softmax_rows_forward(s, l, row_len(l))?;
+        Ok((p, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, p: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            p.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?,
+        ))
+    }
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-last-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ps: &CpuStorage,
+        pl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = row_len(pl);
+        let p = crate::ops::contiguous::<f32>(ps, pl)?;
+        let mut ds = crate::ops::contiguous::<f32>(gs, gl)?.to_vec();
+        on_row_chunks(&mut ds, n, |start, rows| {
+            softmax_backward_rows(&p[start..start + rows.len()], rows, n)
+        });
+        Ok((CpuStorage::F32(ds), pl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ps: &candle_core::CudaStorage,
+        pl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let ds = crate::cuda::softmax_rows_backward((ps, pl), (gs, gl), row_len(pl))?;
+        Ok((ds, pl.shape().clone()))
+    }
 }
 
 /// Where the (batch, head) pairs lie in a (B, N, H·d) buffer.
@@ -280,6 +378,27 @@ impl CustomOp3 for Attention {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// Rows of 37 (a vector tail) and of 8: forward and gradient equal Candle's softmax.
+    #[test]
+    fn softmax_last_equals_candles_softmax_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        for n in [37, 8] {
+            let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (5, 7, n), &dev)? + 10.0)?)?;
+            let r = Tensor::randn(0f32, 1.0, (5, 7, n), &dev)?;
+            let ours = softmax_last(x.as_tensor())?;
+            let theirs = candle_nn::ops::softmax(x.as_tensor(), D::Minus1)?;
+            let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+            };
+            assert!(diff(&ours, &theirs)? < 1e-6, "rows of {n}");
+            let go = (&ours * &r)?.sum_all()?.backward()?;
+            let gt = (&theirs * &r)?.sum_all()?.backward()?;
+            let e = diff(go.get(&x).unwrap(), gt.get(&x).unwrap())?;
+            assert!(e < 1e-6, "rows of {n}: gradient {e}");
+        }
+        Ok(())
+    }
 
     /// Output and all three gradients equal the composite of Candle ops.
     #[test]

@@ -204,11 +204,192 @@ pub fn group_norm_backward(
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
-/// A scalar kernel argument after `n`.
+/// A scalar kernel argument after the buffers.
 enum Scalar {
     U64(u64),
     U32(u32),
+    I32(i32),
     F32(f32),
+}
+
+/// Launch `name(inputs..., output, scalars...)` on a `grid` of ROW_THREADS-thread blocks into a
+/// new output of `len` values (the row kernels of runtime/kernels/dit.cu).
+fn launch_rows(
+    dev: &CudaDevice,
+    name: &str,
+    grid: (u32, u32),
+    inputs: &[&CudaView<'_, f32>],
+    len: usize,
+    scalars: &[Scalar],
+) -> Result<CudaStorage> {
+    // SAFETY: every element is written by the kernel (the callers' contracts).
+    let out = unsafe { dev.alloc::<f32>(len)? };
+    let k = kernels()?;
+    let f = dev.get_or_load_custom_func(name, MODULE, &k.ptx)?;
+    let mut b = f.builder();
+    for x in inputs {
+        b.arg(*x);
+    }
+    b.arg(&out);
+    for s in scalars {
+        match s {
+            Scalar::U64(v) => b.arg(v),
+            Scalar::U32(v) => b.arg(v),
+            Scalar::I32(v) => b.arg(v),
+            Scalar::F32(v) => b.arg(v),
+        };
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the kernels take (inputs..., output, scalars...) with these types, in this order.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+const ROW_THREADS: u32 = 128;
+/// Tokens per block in the backward kernels whose per-sample gradients are sums over tokens:
+/// each block writes one partial row, `chunks(tokens)` per sample.
+const ROWS_PER_BLOCK: usize = 16;
+/// The modulate backward keeps a row's columns in registers: d ≤ 128 · 16.
+const MAX_MODULATE_WIDTH: usize = 128 * 16;
+
+/// Partial rows per sample of a token-summing backward.
+pub fn chunks(tokens: usize) -> usize {
+    tokens.div_ceil(ROWS_PER_BLOCK)
+}
+
+fn i32_arg(v: usize) -> Result<Scalar> {
+    i32::try_from(v)
+        .map(Scalar::I32)
+        .map_err(|_| candle_core::Error::Msg(format!("{v} does not fit a kernel's int")))
+}
+
+/// adaLN modulate forward: LayerNorm(x)·(1 + scale) + shift for x (B, tokens, d).
+pub fn modulate_forward(
+    (xs, xl): (&CudaStorage, &Layout),
+    (ss, sl): (&CudaStorage, &Layout),
+    (hs, hl): (&CudaStorage, &Layout),
+    (b, tokens, d): (usize, usize, usize),
+    eps: f32,
+) -> Result<CudaStorage> {
+    let (x, scale, shift) = (f32_view(xs, xl)?, f32_view(ss, sl)?, f32_view(hs, hl)?);
+    let rows =
+        u32::try_from(b * tokens).map_err(|_| candle_core::Error::Msg("too many rows".into()))?;
+    let scalars = [i32_arg(tokens)?, i32_arg(d)?, Scalar::F32(eps)];
+    launch_rows(
+        xs.device(),
+        "modulate_fwd",
+        (rows, 1),
+        &[&x, &scale, &shift],
+        b * tokens * d,
+        &scalars,
+    )
+}
+
+/// adaLN modulate backward: [∂L/∂x | ∂scale partials | ∂shift partials] (see dit.cu), from
+/// (x, scale, ∂L/∂y).
+pub fn modulate_backward(
+    (xs, xl): (&CudaStorage, &Layout),
+    (ss, sl): (&CudaStorage, &Layout),
+    (gs, gl): (&CudaStorage, &Layout),
+    (b, tokens, d): (usize, usize, usize),
+    eps: f32,
+) -> Result<CudaStorage> {
+    if d > MAX_MODULATE_WIDTH {
+        candle_core::bail!(
+            "the adaLN backward kernel takes rows of at most {MAX_MODULATE_WIDTH}, not {d}"
+        );
+    }
+    let (x, scale, g) = (f32_view(xs, xl)?, f32_view(ss, sl)?, f32_view(gs, gl)?);
+    let c = chunks(tokens);
+    let len = b * tokens * d + 2 * b * c * d;
+    let scalars = [i32_arg(tokens)?, i32_arg(d)?, Scalar::F32(eps)];
+    launch_rows(
+        xs.device(),
+        "modulate_bwd",
+        (c as u32, b as u32),
+        &[&x, &scale, &g],
+        len,
+        &scalars,
+    )
+}
+
+/// Gated residual forward: x + y·gate for x, y (B, tokens, d) and gate (B, d).
+pub fn gated_residual_forward(
+    (xs, xl): (&CudaStorage, &Layout),
+    (ys, yl): (&CudaStorage, &Layout),
+    (gs, gl): (&CudaStorage, &Layout),
+    (tokens, d): (usize, usize),
+) -> Result<CudaStorage> {
+    let (x, y, gate) = (f32_view(xs, xl)?, f32_view(ys, yl)?, f32_view(gs, gl)?);
+    let extra = [Scalar::U32(tokens as u32), Scalar::U32(d as u32)];
+    elementwise(
+        xs.device(),
+        "gated_residual_fwd",
+        &[&x, &y, &gate],
+        xl.shape().elem_count(),
+        &extra,
+    )
+}
+
+/// Gated residual backward: [∂L/∂y | ∂gate partials] from (∂L/∂out, y, gate).
+pub fn gated_residual_backward(
+    (gs, gl): (&CudaStorage, &Layout),
+    (ys, yl): (&CudaStorage, &Layout),
+    (ts, tl): (&CudaStorage, &Layout),
+    (b, tokens, d): (usize, usize, usize),
+) -> Result<CudaStorage> {
+    let (g, y, gate) = (f32_view(gs, gl)?, f32_view(ys, yl)?, f32_view(ts, tl)?);
+    let c = chunks(tokens);
+    let len = b * tokens * d + b * c * d;
+    let scalars = [i32_arg(tokens)?, i32_arg(d)?];
+    launch_rows(
+        gs.device(),
+        "gated_residual_bwd",
+        (c as u32, b as u32),
+        &[&g, &y, &gate],
+        len,
+        &scalars,
+    )
+}
+
+/// Softmax over the last axis (rows of `len`) of a contiguous tensor.
+pub fn softmax_rows_forward(s: &CudaStorage, l: &Layout, len: usize) -> Result<CudaStorage> {
+    let x = f32_view(s, l)?;
+    let n = l.shape().elem_count();
+    let rows =
+        u32::try_from(n / len).map_err(|_| candle_core::Error::Msg("too many rows".into()))?;
+    launch_rows(
+        s.device(),
+        "softmax_rows_fwd",
+        (rows, 1),
+        &[&x],
+        n,
+        &[i32_arg(len)?],
+    )
+}
+
+/// Softmax backward: ∂L/∂s from the probabilities p and ∂L/∂p.
+pub fn softmax_rows_backward(
+    (ps, pl): (&CudaStorage, &Layout),
+    (gs, gl): (&CudaStorage, &Layout),
+    len: usize,
+) -> Result<CudaStorage> {
+    let (p, g) = (f32_view(ps, pl)?, f32_view(gs, gl)?);
+    let n = pl.shape().elem_count();
+    let rows =
+        u32::try_from(n / len).map_err(|_| candle_core::Error::Msg("too many rows".into()))?;
+    launch_rows(
+        ps.device(),
+        "softmax_rows_bwd",
+        (rows, 1),
+        &[&p, &g],
+        n,
+        &[i32_arg(len)?],
+    )
 }
 
 /// Launch an elementwise kernel `name(inputs..., output, n, extra...)` over `n` values with a
@@ -234,6 +415,7 @@ fn elementwise(
         match e {
             Scalar::U64(v) => b.arg(v),
             Scalar::U32(v) => b.arg(v),
+            Scalar::I32(v) => b.arg(v),
             Scalar::F32(v) => b.arg(v),
         };
     }
@@ -261,27 +443,24 @@ pub fn dropout(
     elementwise(s.device(), "dropout", &[&x], l.shape().elem_count(), &extra)
 }
 
-/// GELU (erf) forward: y = x·Φ(x) (runtime/kernels/gelu.cu).
-pub fn gelu_forward(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+/// GELU forward: y = x·Φ(x) (runtime/kernels/gelu.cu), or its tanh form (dit.cu).
+pub fn gelu_forward(s: &CudaStorage, l: &Layout, tanh: bool) -> Result<CudaStorage> {
     let x = f32_view(s, l)?;
-    elementwise(s.device(), "gelu_fwd", &[&x], l.shape().elem_count(), &[])
+    let name = if tanh { "gelu_tanh_fwd" } else { "gelu_fwd" };
+    elementwise(s.device(), name, &[&x], l.shape().elem_count(), &[])
 }
 
-/// GELU (erf) backward: ∂L/∂x from (x, ∂L/∂y).
+/// GELU backward (erf or tanh form): ∂L/∂x from (x, ∂L/∂y).
 pub fn gelu_backward(
     xs: &CudaStorage,
     xl: &Layout,
     gs: &CudaStorage,
     gl: &Layout,
+    tanh: bool,
 ) -> Result<CudaStorage> {
     let (x, g) = (f32_view(xs, xl)?, f32_view(gs, gl)?);
-    elementwise(
-        xs.device(),
-        "gelu_bwd",
-        &[&x, &g],
-        xl.shape().elem_count(),
-        &[],
-    )
+    let name = if tanh { "gelu_tanh_bwd" } else { "gelu_bwd" };
+    elementwise(xs.device(), name, &[&x, &g], xl.shape().elem_count(), &[])
 }
 
 /// y[b, c, ...] += bias[c], in place (runtime/kernels/bias.cu).

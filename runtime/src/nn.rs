@@ -434,7 +434,7 @@ impl SelfAttention {
         })
     }
 
-    /// (B, T, d) -> (B, T, d); softmax through `candle_nn::ops::softmax`, which has a backward.
+    /// (B, T, d) -> (B, T, d).
     pub fn forward(&self, x: &Tensor, dropout_p: f64, mode: &mut Mode) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let hd = d / self.heads;
@@ -449,11 +449,7 @@ impl SelfAttention {
             qkv.get(2)?.contiguous()?,
         );
         let scores = (matmul(&q, &k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
-        let attn = dropout(
-            &candle_nn::ops::softmax(&scores, D::Minus1)?,
-            dropout_p,
-            mode,
-        )?;
+        let attn = dropout(&crate::attention::softmax_last(&scores)?, dropout_p, mode)?;
         let y = matmul(&attn, &v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.out_proj.forward(&y)
     }

@@ -512,7 +512,9 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 /// chain of library `tanh`/`powf` calls and its backward a dozen tensors).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     match (x.device().is_cpu(), x.dtype()) {
-        (true, DType::F32 | DType::F64) => x.contiguous()?.apply_op1(Gelu { tanh: true }),
+        (true, DType::F32 | DType::F64) | (false, DType::F32) => {
+            x.contiguous()?.apply_op1(Gelu { tanh: true })
+        }
         _ => x.gelu(),
     }
 }
@@ -656,7 +658,10 @@ impl CustomOp1 for Gelu {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((crate::cuda::gelu_forward(s, l)?, l.shape().clone()))
+        Ok((
+            crate::cuda::gelu_forward(s, l, self.tanh)?,
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -710,7 +715,7 @@ impl CustomOp2 for GeluBackward {
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         Ok((
-            crate::cuda::gelu_backward(xs, xl, gs, gl)?,
+            crate::cuda::gelu_backward(xs, xl, gs, gl, self.tanh)?,
             xl.shape().clone(),
         ))
     }

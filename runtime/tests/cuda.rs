@@ -415,3 +415,138 @@ fn op_timings() -> Result<()> {
     }
     Ok(())
 }
+
+/// `op` of the same random inputs (`shapes`) on the CPU (our CPU ops) and the GPU (the kernels):
+/// the outputs and the gradients of every input, from Σ out·r, within `tolerance` relative.
+fn cpu_gpu_parity(
+    name: &str,
+    shapes: &[&[usize]],
+    tolerance: f64,
+    op: impl Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<()> {
+    let dev = gpu();
+    let host: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| Tensor::randn(0f32, 1.0, *s, &Device::Cpu))
+        .collect::<Result<_>>()?;
+    let run = |d: &Device, r: Option<&Tensor>| -> Result<(Tensor, Vec<Tensor>, Tensor)> {
+        let vars: Vec<Var> = host
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_device(d)?))
+            .collect::<Result<_>>()?;
+        let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = op(&inputs)?;
+        let r = match r {
+            Some(r) => r.to_device(d)?,
+            None => Tensor::randn(0f32, 1.0, out.shape(), d)?,
+        };
+        let grads = (&out * &r)?.sum_all()?.backward()?;
+        let grads = vars.iter().map(|v| grads.get(v).unwrap().clone()).collect();
+        Ok((out, grads, r))
+    };
+    let (out_c, grads_c, r) = run(&Device::Cpu, None)?;
+    let (out_g, grads_g, _) = run(&dev, Some(&r))?;
+    let mut worst = rel_diff(&out_g, &out_c);
+    println!("{name}: forward {worst:.2e}");
+    for (i, (g, c)) in grads_g.iter().zip(&grads_c).enumerate() {
+        let e = rel_diff(g, c);
+        println!("{name}: gradient of input {i} {e:.2e}");
+        worst = worst.max(e);
+    }
+    assert!(worst < tolerance, "{name}: {worst:.2e} ≥ {tolerance:.0e}");
+    Ok(())
+}
+
+/// The DiT kernels (runtime/kernels/dit.cu) against our CPU ops, forward and every input's
+/// gradient within 1e-5 relative (f32 both; the token sums run in another order): adaLN
+/// modulate and the gated residual at DiT-S width 384 and at 24, over 37 tokens (not a multiple
+/// of the kernels' 16-token blocks); GELU-tanh; softmax over rows of 257 and 1024.
+#[test]
+#[ignore = "needs a GPU"]
+fn dit_kernels_match_the_cpu_ops() -> Result<()> {
+    use signal_diffusion_runtime::adaln::{gated_residual, modulate};
+    for d in [384, 24] {
+        cpu_gpu_parity("modulate", &[&[3, 37, d], &[3, d], &[3, d]], 1e-5, |t| {
+            modulate(&t[0], 1e-6, &t[1], &t[2])
+        })?;
+        cpu_gpu_parity(
+            "gated residual",
+            &[&[3, 37, d], &[3, 37, d], &[3, d]],
+            1e-5,
+            |t| gated_residual(&t[0], &t[1], &t[2]),
+        )?;
+    }
+    cpu_gpu_parity("gelu-tanh", &[&[7, 1000]], 1e-5, |t| {
+        signal_diffusion_runtime::ops::gelu_tanh(&(&t[0] * 3.0)?)
+    })?;
+    for n in [257, 1024] {
+        cpu_gpu_parity("softmax", &[&[4, n]], 1e-5, |t| {
+            signal_diffusion_runtime::attention::softmax_last(&(&t[0] * 4.0)?)
+        })?;
+    }
+    Ok(())
+}
+
+/// A whole DiT (classes, 2 blocks, 64 tokens) on the GPU against the CPU: the output and every
+/// parameter's gradient within 1e-4 relative with TF32 off; and under bf16 autocast (real bf16
+/// cuBLAS GEMMs) within 3e-2 of the f32 GPU run, as on the CPU (runtime/tests/dit.rs).
+#[test]
+#[ignore = "needs a GPU"]
+fn dit_on_the_gpu_matches_the_cpu_and_bf16_stays_close() -> Result<()> {
+    use signal_diffusion_runtime::dit::{Condition, Conditioning, Dit, DitShape};
+    use signal_diffusion_runtime::precision::Autocast;
+    let dev = gpu();
+    candle_core::cuda_backend::set_gemm_reduced_precision_f32(false);
+    let s = DitShape {
+        in_channels: 3,
+        out_channels: 3,
+        height: 16,
+        width: 16,
+        patch: [2, 2],
+        heads: 4,
+        head_dim: 16,
+        layers: 2,
+        num_embeds: 5,
+        conditioning: Conditioning::Classes { num_classes: 4 },
+        norm_eps: 1e-5,
+    };
+    let x = Tensor::randn(0f32, 1.0, (3, 3, 16, 16), &Device::Cpu)?;
+    let cond = Condition {
+        labels: vec![0, 3, 4],
+        ages: vec![f32::NAN; 3],
+    };
+    let r = Tensor::randn(0f32, 1.0, (3, 3, 16, 16), &Device::Cpu)?;
+    let run = |d: &Device, amp: Option<DType>| -> Result<(Tensor, Vec<Tensor>)> {
+        let mut p = Params::new(3, d);
+        let model = Dit::new(&s, &mut p, d)?;
+        let _amp = Autocast::enter(amp);
+        let out = model.forward(&x.to_device(d)?, &[5.0, 500.0, 999.0], &cond)?;
+        let grads = (&out * r.to_device(d)?)?.sum_all()?.backward()?;
+        let grads = p
+            .trainable
+            .iter()
+            .filter(|(n, _)| !n.ends_with("to_k.bias")) // zero but for rounding (softmax shift)
+            .map(|(_, v)| grads.get(v).unwrap().clone())
+            .collect();
+        Ok((out, grads))
+    };
+    let (out_c, grads_c) = run(&Device::Cpu, None)?;
+    let (out_g, grads_g) = run(&dev, None)?;
+    let (out_b, grads_b) = run(&dev, Some(DType::BF16))?;
+    let mut worst = [rel_diff(&out_g, &out_c), rel_diff(&out_b, &out_g)];
+    for ((c, g), b) in grads_c.iter().zip(&grads_g).zip(&grads_b) {
+        worst[0] = worst[0].max(rel_diff(g, c));
+        worst[1] = worst[1].max(rel_diff(b, g));
+    }
+    println!(
+        "DiT: GPU vs CPU {:.2e}, bf16 vs f32 {:.2e}",
+        worst[0], worst[1]
+    );
+    assert!(worst[0] < 1e-4, "GPU vs CPU {:.2e}", worst[0]);
+    assert!(
+        worst[1] > 0.0 && worst[1] < 3e-2,
+        "bf16 vs f32 {:.2e}",
+        worst[1]
+    );
+    Ok(())
+}
