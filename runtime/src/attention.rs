@@ -17,31 +17,34 @@ use candle_core::{
 
 use crate::linear::{gemm, gemm_strided};
 use crate::ops::{exp_f32, on_threads, vectorised, with_f32, Blocks};
+use crate::precision::{operands, round_in_place};
 
 /// softmax(q·kᵀ/√d)·v per head for q, k, v of shape (B, N, H·d): the heads side by side in the
 /// last axis, as the projections write them (the op reads and writes each head in place, with a
 /// row stride of H·d, so no head split or merge is copied). Returns (B, N, H·d).
 ///
-/// Under autocast q, k, v and the output are rounded to the 16-bit type (cast to it on a GPU,
-/// where the softmax still runs in f32 between the two 16-bit products, as flash attention's
-/// does; precision.rs).
+/// Under autocast q, k, v and the output are rounded to the 16-bit type (by the op itself on the
+/// CPU; cast to it on a GPU, where the softmax still runs in f32 between the two 16-bit
+/// products, as flash attention's does; precision.rs).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, width) = q.dims3()?;
+    let d = width / heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        let round = crate::precision::autocast_dtype();
+        return q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            Attention {
+                scale,
+                heads,
+                round,
+            },
+        );
+    }
     crate::precision::product(&[q, k, v], true, |t| {
-        let [q, k, v] = t else {
-            unreachable!("three operands")
-        };
-        let (b, n, width) = q.dims3()?;
-        let d = width / heads;
-        let scale = 1.0 / (d as f64).sqrt();
-        if q.device().is_cpu() && q.dtype() == DType::F32 {
-            return q.contiguous()?.apply_op3(
-                &k.contiguous()?,
-                &v.contiguous()?,
-                Attention { scale, heads },
-            );
-        }
         let split = |t: &Tensor| t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous();
-        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+        let (q, k, v) = (split(&t[0])?, split(&t[1])?, split(&t[2])?);
         let scores = (q.matmul(&k.t()?.contiguous()?)?.to_dtype(DType::F32)? * scale)?;
         softmax_last(&scores)?
             .to_dtype(v.dtype())?
@@ -54,6 +57,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
 struct Attention {
     scale: f64,
     heads: usize,
+    /// Autocast's 16-bit type, to which operands, gradients and the output are rounded.
+    round: Option<DType>,
 }
 
 /// Softmax over the last axis as one op each way (f32 on the CPU or a GPU, dit.cu's kernels
@@ -274,9 +279,14 @@ impl CustomOp3 for Attention {
                 vl.dims()
             );
         }
-        let q = crate::ops::contiguous::<f32>(qs, ql)?;
-        let k = crate::ops::contiguous::<f32>(ks, kl)?;
-        let v = crate::ops::contiguous::<f32>(vs, vl)?;
+        let [q, k, v] = operands(
+            [
+                crate::ops::contiguous::<f32>(qs, ql)?,
+                crate::ops::contiguous::<f32>(ks, kl)?,
+                crate::ops::contiguous::<f32>(vs, vl)?,
+            ],
+            self.round,
+        );
         let mut out = vec![0f32; ql.shape().elem_count()];
         let o = Blocks::new(&mut out);
         let scale = self.scale as f32;
@@ -298,6 +308,7 @@ impl CustomOp3 for Attention {
                 )
             };
         });
+        round_in_place(&mut out, self.round);
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 
@@ -321,7 +332,8 @@ impl CustomOp3 for Attention {
             Blocks::new(&mut dv),
         );
         with_f32(&[q, k, v, grad], |t| {
-            let (q, k, v, go) = (t[0], t[1], t[2], t[3]);
+            let [q, k, v, go] = operands([t[0], t[1], t[2], t[3]], self.round);
+            let (q, k, v, go) = (&*q, &*k, &*v, &*go);
             on_threads(g.pairs, 2 * n * n, |pair, buf| {
                 let at = g.offset(pair);
                 let (q, k, v, go) = (&q[at..], &k[at..], &v[at..], &go[at..]);
@@ -368,6 +380,9 @@ impl CustomOp3 for Attention {
             });
             Ok(())
         })?;
+        for g in [&mut dq, &mut dk, &mut dv] {
+            round_in_place(g, self.round);
+        }
         let dev = grad.device();
         let t = |x: Vec<f32>| Tensor::from_vec(x, shape.clone(), dev);
         Ok((Some(t(dq)?), Some(t(dk)?), Some(t(dv)?)))

@@ -11,7 +11,11 @@
 
 #[cfg(feature = "cuda")]
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+
+use crate::precision::{operand, round_in_place, round_tensor};
 
 use crate::ops::contiguous as values;
 
@@ -19,13 +23,24 @@ use crate::ops::contiguous as values;
 /// spatial side, plus `bias` (O) when given; differentiable in all of them. Under autocast the
 /// operands and the result are rounded to the 16-bit type (these kernels are f32; precision.rs).
 pub fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        let round = crate::precision::autocast_dtype();
+        return conv_op(x, w, bias, padding, round);
+    }
     let operands: Vec<&Tensor> = [x, w].into_iter().chain(bias).collect();
     crate::precision::product(&operands, false, |t| {
-        conv_f32(&t[0], &t[1], t.get(2), padding)
+        conv_op(&t[0], &t[1], t.get(2), padding, None)
     })
 }
 
-fn conv_f32(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Tensor> {
+/// The op, rounding operands, gradients and results to `round` itself (the CPU's autocast).
+fn conv_op(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    round: Option<DType>,
+) -> Result<Tensor> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let (x4, w4, pad) = match x.rank() {
         4 => (x.clone(), w, [padding, padding]),
@@ -41,8 +56,8 @@ fn conv_f32(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize) -> Re
         r => candle_core::bail!("convolution of a rank-{r} tensor"),
     };
     let y = match bias {
-        Some(b) => x4.apply_op3(&w4, &b.contiguous()?, Conv { pad })?,
-        None => x4.apply_op2(&w4, Conv { pad })?,
+        Some(b) => x4.apply_op3(&w4, &b.contiguous()?, Conv { pad, round })?,
+        None => x4.apply_op2(&w4, Conv { pad, round })?,
     };
     match x.rank() {
         3 => y.squeeze(2),
@@ -50,9 +65,11 @@ fn conv_f32(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize) -> Re
     }
 }
 
-/// The forward op (with or without a bias); `pad` is (height, width).
+/// The forward op (with or without a bias); `pad` is (height, width). `round` (here and in the
+/// backward ops): autocast's 16-bit type, to which the CPU passes round operands and results.
 struct Conv {
     pad: [usize; 2],
+    round: Option<DType>,
 }
 
 /// ∂L/∂x from (∂L/∂y, w); the input's shape is not recoverable from those, so it travels here.
@@ -60,6 +77,7 @@ struct BackwardData {
     pad: [usize; 2],
     x_dims: [usize; 4],
     w_dims: [usize; 4],
+    round: Option<DType>,
 }
 
 /// ∂L/∂w from (x, ∂L/∂y).
@@ -67,6 +85,7 @@ struct BackwardFilter {
     pad: [usize; 2],
     w_dims: [usize; 4],
     x_dims: [usize; 4],
+    round: Option<DType>,
 }
 
 /// (B, C, ...) → the (B·C) per-sample, per-channel sums: the bias gradient before the batch sum.
@@ -98,6 +117,7 @@ impl Conv {
                     pad: self.pad,
                     x_dims,
                     w_dims,
+                    round: self.round,
                 },
             )?),
             false => None,
@@ -108,6 +128,7 @@ impl Conv {
                 pad: self.pad,
                 w_dims,
                 x_dims,
+                round: self.round,
             },
         )?;
         Ok((dx, dw))
@@ -387,14 +408,21 @@ impl CpuPass for BackwardFilter {
     }
 }
 
-/// Runs a pass in the inputs' float type (all alike: f32 or f64).
-fn on_cpu(inputs: &[(&CpuStorage, &Layout)], pass: &impl CpuPass) -> Result<CpuStorage> {
+/// Runs a pass in the inputs' float type (all alike: f32 or f64); in f32 with the inputs and
+/// the result rounded to `round` (autocast).
+fn on_cpu(
+    inputs: &[(&CpuStorage, &Layout)],
+    pass: &impl CpuPass,
+    round: Option<DType>,
+) -> Result<CpuStorage> {
     if inputs.iter().all(|(s, _)| matches!(s, CpuStorage::F32(_))) {
         let v = inputs
             .iter()
-            .map(|(s, l)| values::<f32>(s, l))
+            .map(|(s, l)| Ok(operand(values::<f32>(s, l)?, round)))
             .collect::<Result<Vec<_>>>()?;
-        return Ok(CpuStorage::F32(pass.run(&v)));
+        let mut y = pass.run(&v.iter().map(|c| &**c).collect::<Vec<_>>());
+        round_in_place(&mut y, round);
+        return Ok(CpuStorage::F32(y));
     }
     if inputs.iter().all(|(s, _)| matches!(s, CpuStorage::F64(_))) {
         let v = inputs
@@ -426,6 +454,7 @@ impl CustomOp2 for Conv {
                 w,
                 pad: self.pad,
             },
+            self.round,
         )?;
         Ok((y, Shape::from(out_dims(x, w, self.pad).to_vec())))
     }
@@ -482,6 +511,7 @@ impl CustomOp3 for Conv {
                 w,
                 pad: self.pad,
             },
+            self.round,
         )?;
         Ok((y, Shape::from(out_dims(x, w, self.pad).to_vec())))
     }
@@ -514,14 +544,14 @@ impl CustomOp3 for Conv {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
+        let dy = round_tensor(&dy.contiguous()?, self.round)?;
         let (dx, dw) = self.grads(x, w, &dy)?;
         let (batch, channels) = (dy.dim(0)?, dy.dim(1)?);
         let db = dy
             .apply_op1_no_bwd(&ChannelSums)?
             .reshape((batch, channels))?
             .sum(0)?;
-        Ok((dx, Some(dw), Some(db)))
+        Ok((dx, Some(dw), Some(round_tensor(&db, self.round)?)))
     }
 }
 
@@ -578,8 +608,9 @@ impl CustomOp2 for BackwardData {
             pad: self.pad,
             x_dims: self.x_dims,
             w_dims: dims4(wl)?,
+            round: self.round,
         };
-        let dx = on_cpu(&[(dys, dyl), (ws, wl)], &pass)?;
+        let dx = on_cpu(&[(dys, dyl), (ws, wl)], &pass, self.round)?;
         Ok((dx, Shape::from(self.x_dims.to_vec())))
     }
 
@@ -612,8 +643,9 @@ impl CustomOp2 for BackwardFilter {
             pad: self.pad,
             w_dims: self.w_dims,
             x_dims: dims4(xl)?,
+            round: self.round,
         };
-        let dw = on_cpu(&[(xs, xl), (dys, dyl)], &pass)?;
+        let dw = on_cpu(&[(xs, xl), (dys, dyl)], &pass, self.round)?;
         Ok((dw, Shape::from(self.w_dims.to_vec())))
     }
 

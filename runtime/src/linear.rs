@@ -8,22 +8,25 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use crate::precision::{operands, round_in_place};
+
 /// x (rows, din), weight (dout, din), bias (dout) -> (rows, dout).
-/// Under autocast the three are rounded to the 16-bit type, or cast to it on a GPU (see
-/// precision.rs).
+/// Under autocast the three are rounded to the 16-bit type (by the op itself on the CPU), or
+/// cast to it on a GPU (see precision.rs).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let round = crate::precision::autocast_dtype();
+        return x.contiguous()?.apply_op3(weight, bias, Linear { round });
+    }
     crate::precision::product(&[x, weight, bias], true, |t| {
-        let [x, weight, bias] = t else {
-            unreachable!("three operands")
-        };
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
-            return x.contiguous()?.apply_op3(weight, bias, Linear);
-        }
-        x.matmul(&weight.t()?)?.broadcast_add(bias)
+        t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2])
     })
 }
 
-struct Linear;
+/// `round`: autocast's 16-bit type, to which operands, gradients and results are rounded.
+struct Linear {
+    round: Option<DType>,
+}
 
 fn threads() -> usize {
     candle_core::utils::get_num_threads()
@@ -144,22 +147,28 @@ impl CustomOp3 for Linear {
                 bl.dims()
             );
         }
-        let x = crate::ops::contiguous::<f32>(xs, xl)?;
-        let w = crate::ops::contiguous::<f32>(ws, wl)?;
-        let b = crate::ops::contiguous::<f32>(bs, bl)?;
+        let [x, w, b] = operands(
+            [
+                crate::ops::contiguous::<f32>(xs, xl)?,
+                crate::ops::contiguous::<f32>(ws, wl)?,
+                crate::ops::contiguous::<f32>(bs, bl)?,
+            ],
+            self.round,
+        );
         let mut y = Vec::with_capacity(rows * dout);
         for _ in 0..rows {
-            y.extend_from_slice(b);
+            y.extend_from_slice(&b);
         }
         gemm(
             (rows, dout, din),
             &mut y,
             true,
-            (x, din, 1),
-            (w, 1, din),
+            (&x, din, 1),
+            (&w, 1, din),
             1.0,
             threads(),
         );
+        round_in_place(&mut y, self.round);
         Ok((CpuStorage::F32(y), Shape::from((rows, dout))))
     }
 
@@ -174,7 +183,8 @@ impl CustomOp3 for Linear {
         let (rows, din) = x.dims2()?;
         let dout = w.dim(0)?;
         let (dx, dw, db) = crate::ops::with_f32(&[x, w, grad], |v| {
-            let (xv, wv, g) = (v[0], v[1], v[2]);
+            let [xv, wv, g] = operands([v[0], v[1], v[2]], self.round);
+            let (xv, wv, g) = (&*xv, &*wv, &*g);
             let mut dx = vec![0f32; rows * din];
             gemm(
                 (rows, din, dout),
@@ -198,6 +208,9 @@ impl CustomOp3 for Linear {
             let mut db = vec![0f32; dout];
             for row in g.chunks(dout) {
                 db.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+            for grad in [&mut dx, &mut dw, &mut db] {
+                round_in_place(grad, self.round);
             }
             Ok((dx, dw, db))
         })?;

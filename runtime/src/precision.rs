@@ -103,6 +103,68 @@ fn round(t: &Tensor, low: DType) -> Result<Tensor> {
     t.to_dtype(low)?.to_dtype(DType::F32)
 }
 
+/// Each value replaced by the nearest `dtype` (bf16 or fp16) value, ties to even, as a cast
+/// there and back would (`None`: left as they are). For our fused CPU ops, which round their
+/// operands, gradients and results themselves instead of through cast ops in the graph: the same
+/// numbers, with no rounded copy kept alive for the backward.
+pub fn round_in_place(v: &mut [f32], dtype: Option<DType>) {
+    use rayon::prelude::*;
+    match dtype {
+        Some(DType::BF16) => v.par_chunks_mut(1 << 16).for_each(round_bf16),
+        Some(DType::F16) => v.par_chunks_mut(1 << 16).for_each(|c| {
+            use half::slice::HalfFloatSliceExt;
+            let mut low = [half::f16::ZERO; 1024];
+            for c in c.chunks_mut(1024) {
+                let low = &mut low[..c.len()];
+                low.convert_from_f32_slice(c);
+                low.convert_to_f32_slice(c);
+            }
+        }),
+        _ => {}
+    }
+}
+
+crate::ops::vectorised! {
+    /// bf16 is f32's top 16 bits: add half an ulp of bf16 (minus one when the kept part is even,
+    /// so ties go to even) and clear the low bits. NaN stays NaN; overflow rounds to ±∞.
+    fn round_bf16(v: &mut [f32]) {
+        for x in v.iter_mut() {
+            let b = x.to_bits();
+            let r = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
+            *x = if x.is_nan() { *x } else { f32::from_bits(r) };
+        }
+    }
+}
+
+/// The operands of a fused CPU product under autocast `dtype`: rounded copies (`None`: the
+/// slices as they are).
+pub fn operands<'a, const N: usize>(
+    v: [&'a [f32]; N],
+    dtype: Option<DType>,
+) -> [std::borrow::Cow<'a, [f32]>; N] {
+    v.map(|s| operand(s, dtype))
+}
+
+/// One operand of [`operands`].
+pub fn operand(s: &[f32], dtype: Option<DType>) -> std::borrow::Cow<'_, [f32]> {
+    match dtype {
+        None => std::borrow::Cow::Borrowed(s),
+        Some(_) => {
+            let mut copy = s.to_vec();
+            round_in_place(&mut copy, dtype);
+            std::borrow::Cow::Owned(copy)
+        }
+    }
+}
+
+/// A tensor rounded to `dtype` and back to f32, by cast ops (`None`: itself).
+pub fn round_tensor(t: &Tensor, dtype: Option<DType>) -> Result<Tensor> {
+    match dtype {
+        Some(low) => round(t, low),
+        None => Ok(t.clone()),
+    }
+}
+
 /// fp16's dynamic loss scale (PyTorch's `GradScaler` with its defaults, which Accelerate uses):
 /// the loss is multiplied by `scale` before the backward so that small gradients survive fp16;
 /// the gradients are divided by it before clipping and the update. An update whose gradients
@@ -213,6 +275,48 @@ mod tests {
         // The guard restored f32.
         assert_eq!(autocast_dtype(), None);
         Ok(())
+    }
+
+    /// The in-place rounding equals the `half` crate's conversions there and back, on random
+    /// values across the whole exponent range, ties, ±0, subnormals, ±∞, overflow and NaN.
+    #[test]
+    fn in_place_rounding_equals_a_cast_there_and_back() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mut values: Vec<f32> = (0..100_000)
+            .map(|_| f32::from_bits(rng.random::<u32>()))
+            .collect();
+        values.extend([
+            0.0,
+            -0.0,
+            1.0 + 1.0 / 256.0,  // a bf16 tie, to even (1)
+            1.0 + 3.0 / 256.0,  // a bf16 tie, to even (1 + 2⁻⁶)
+            1.0 + 1.0 / 2048.0, // an fp16 tie
+            1e-40,
+            f32::MAX,
+            65520.0, // rounds to ∞ in fp16
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ]);
+        for (dtype, cast) in [
+            (
+                DType::BF16,
+                (|x: f32| half::bf16::from_f32(x).to_f32()) as fn(f32) -> f32,
+            ),
+            (DType::F16, |x: f32| half::f16::from_f32(x).to_f32()),
+        ] {
+            let mut ours = values.clone();
+            round_in_place(&mut ours, Some(dtype));
+            for (&x, &got) in values.iter().zip(&ours) {
+                let want = cast(x);
+                assert!(
+                    got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                    "{dtype:?}: {x:e} ({:#x}) rounds to {got:e}, not {want:e}",
+                    x.to_bits()
+                );
+            }
+        }
     }
 
     #[test]
