@@ -228,6 +228,46 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// Under autocast the op's own rounding (of operands, gradients and output) gives exactly
+    /// what cast ops around the f32 op give (the GPU's path, and this op's before it rounded
+    /// itself), bit for bit, for bf16 and fp16.
+    #[test]
+    fn rounding_inside_the_op_equals_cast_ops_around_it() -> Result<()> {
+        use crate::precision::{round_tensor, Autocast};
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (37, 19), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (23, 19), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 23, &dev)?)?;
+        let r = Tensor::randn(0f32, 1.0, (37, 23), &dev)?;
+        for dtype in [DType::BF16, DType::F16] {
+            let inside = {
+                let _amp = Autocast::enter(Some(dtype));
+                linear(x.as_tensor(), w.as_tensor(), b.as_tensor())?
+            };
+            let round = |t: &Tensor| round_tensor(t, Some(dtype));
+            let around = round(&linear(
+                &round(x.as_tensor())?,
+                &round(w.as_tensor())?,
+                &round(b.as_tensor())?,
+            )?)?;
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            };
+            assert_eq!(bits(&inside)?, bits(&around)?, "{dtype:?} forward");
+            let gi = (&inside * &r)?.sum_all()?.backward()?;
+            let ga = (&around * &r)?.sum_all()?.backward()?;
+            for (name, var) in [("x", &x), ("w", &w), ("b", &b)] {
+                let (a, b) = (gi.get(var).unwrap(), ga.get(var).unwrap());
+                assert_eq!(bits(a)?, bits(b)?, "{dtype:?} d{name}");
+            }
+        }
+        Ok(())
+    }
+
     /// Output and gradients equal Candle's matmul + broadcast add.
     #[test]
     fn fused_linear_equals_candles_ops_forward_and_backward() -> Result<()> {
