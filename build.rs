@@ -43,7 +43,7 @@ fn main() {
                 (true, Some(plan)) => Some(compile_kernels(
                     &root,
                     &out,
-                    &config::cuda::norm_sizes(plan),
+                    &config::cuda::KernelSizes::of(plan),
                 )),
                 _ => None,
             };
@@ -72,14 +72,17 @@ fn main() {
 /// to PTX by nvcc for each architecture in `config::cuda::PTX_ARCHS`. Without nvcc (or with
 /// SD_FORCE_NVRTC=1) nothing is compiled here and the trainer compiles them with NVRTC when it
 /// starts; a kernel that nvcc rejects fails the build.
-fn compile_kernels(root: &Path, out: &Path, norm_sizes: &[usize]) -> config::cuda::CudaBuild {
+fn compile_kernels(
+    root: &Path,
+    out: &Path,
+    sizes: &config::cuda::KernelSizes,
+) -> config::cuda::CudaBuild {
     for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "SD_FORCE_NVRTC"] {
         println!("cargo::rerun-if-env-changed={var}");
     }
     let kernels = root.join("runtime/kernels");
     println!("cargo::rerun-if-changed={}", kernels.display());
-    let tu =
-        config::cuda::translation_unit(&kernels, norm_sizes).expect("runtime/kernels is readable");
+    let tu = config::cuda::translation_unit(&kernels, sizes).expect("runtime/kernels is readable");
     let source = out.join("kernels.cu");
     write_if_changed(&source, &tu);
     let ptx = compile_ptx(&source);

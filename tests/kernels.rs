@@ -1,4 +1,4 @@
-//! The CUDA kernels compile to PTX for every shipped preset's shapes, with no GPU needed: nvcc
+//! The CUDA kernels compile to PTX for every shipped classification and DiT preset's shapes, with no GPU needed: nvcc
 //! (found as build.rs finds it) on the same translation unit the trainer embeds, for each
 //! architecture the build targets. This test links nothing of CUDA, so it runs on a machine
 //! without a GPU driver: `cargo test --features cuda --test kernels`.
@@ -14,65 +14,83 @@ fn nvcc() -> PathBuf {
     )
 }
 
-#[test]
-fn kernels_compile_for_every_classification_preset() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let env = Env::from_process(root.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let mut compiled = 0;
-    for entry in std::fs::read_dir(root.join("config/classification"))
-        .unwrap()
-        .flatten()
-    {
-        let path = entry.path();
-        let r = config::resolve(&path, &env, Target { cuda: true })
+/// Every classification preset, and every DiT preset (planned without asking whether this build
+/// trains it), with the sizes of its shape plan.
+fn presets(root: &std::path::Path) -> Vec<(String, config::cuda::KernelSizes)> {
+    let env = Env::from_process(root.to_path_buf());
+    let mut found = vec![];
+    for kind in ["classification", "diffusion"] {
+        for entry in std::fs::read_dir(root.join("config").join(kind))
+            .unwrap()
+            .flatten()
+        {
+            let path = entry.path();
+            let r = match kind {
+                "classification" => config::resolve(&path, &env, Target { cuda: true }),
+                _ => config::plan_unchecked(&path, &env),
+            }
             .unwrap_or_else(|e| panic!("{}", config::render(&e)));
-        assert!(matches!(r.kind, Kind::Classification(_)));
-        let sizes = config::cuda::norm_sizes(r.plan.as_ref().unwrap());
-        let src = dir.path().join(format!("{}.cu", r.stem));
-        let tu = config::cuda::translation_unit(&root.join("runtime/kernels"), &sizes).unwrap();
+            assert!(kind == "diffusion" || matches!(r.kind, Kind::Classification(_)));
+            // Models without a plan (hourglass, LocalMamba, SD) have no trainer, so no kernels.
+            let Some(plan) = r.plan.as_ref() else {
+                continue;
+            };
+            if kind == "classification" || plan.model == "dit" {
+                found.push((r.stem.clone(), config::cuda::KernelSizes::of(plan)));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn kernels_compile_for_every_classification_and_dit_preset() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let presets = presets(&root);
+    for (stem, sizes) in &presets {
+        let src = dir.path().join(format!("{stem}.cu"));
+        let tu = config::cuda::translation_unit(&root.join("runtime/kernels"), sizes).unwrap();
         std::fs::write(&src, tu).unwrap();
         for arch in config::cuda::PTX_ARCHS {
-            let ptx = dir.path().join(format!("{}_{arch}.ptx", r.stem));
+            let ptx = dir.path().join(format!("{stem}_{arch}.ptx"));
             let out = config::cuda::nvcc_ptx(&nvcc(), arch, &src, &ptx).unwrap();
             assert!(
                 out.status.success(),
-                "{} compute_{arch}: {}",
-                path.display(),
+                "{stem} compute_{arch}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
             let text = std::fs::read_to_string(&ptx).unwrap();
-            // One specialised forward and backward per GroupNorm size, plus the generic ones.
-            for n in &sizes {
-                assert!(
-                    text.contains(&format!(".entry group_norm_fwd_{n}(")),
-                    "{}",
-                    r.stem
-                );
-                assert!(
-                    text.contains(&format!(".entry group_norm_bwd_{n}(")),
-                    "{}",
-                    r.stem
-                );
+            // A specialised forward and backward per listed size, plus the generic ones.
+            let specialised = [
+                ("group_norm", &sizes.norm),
+                ("modulate", &sizes.widths),
+                ("softmax_rows", &sizes.tokens),
+            ];
+            for (kernel, list) in specialised {
+                for suffix in list.iter().map(|n| n.to_string()).chain(["any".into()]) {
+                    for pass in ["fwd", "bwd"] {
+                        let entry = format!(".entry {kernel}_{pass}_{suffix}(");
+                        assert!(text.contains(&entry), "{stem}: no {entry}");
+                    }
+                }
             }
             for k in [
-                "group_norm_fwd_any",
-                "group_norm_bwd_any",
                 "grad_sq_norm",
                 "adam_step",
-                "modulate_fwd",
-                "modulate_bwd",
                 "gated_residual_fwd",
                 "gated_residual_bwd",
                 "gelu_tanh_fwd",
                 "gelu_tanh_bwd",
-                "softmax_rows_fwd",
-                "softmax_rows_bwd",
             ] {
-                assert!(text.contains(&format!(".entry {k}(")), "{}: no {k}", r.stem);
+                assert!(text.contains(&format!(".entry {k}(")), "{stem}: no {k}");
             }
         }
-        compiled += 1;
     }
-    assert!(compiled >= 8, "only {compiled} presets");
+    let dits = presets.iter().filter(|(_, s)| !s.widths.is_empty()).count();
+    assert!(
+        presets.len() >= 12 && dits >= 4,
+        "{} presets, {dits} DiT",
+        presets.len()
+    );
 }

@@ -42,7 +42,11 @@ fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStr
         Some(quote! { (#n, #path, #t) })
     });
     let plan_text = plan.render();
-    let norm_sizes = crate::cuda::norm_sizes(plan);
+    let crate::cuda::KernelSizes {
+        norm,
+        widths,
+        tokens,
+    } = crate::cuda::KernelSizes::of(plan);
     let no_ptx = vec![];
     let ptx = cuda.map_or(&no_ptx, |c| &c.ptx).iter().map(|(arch, path)| {
         let path = path.display().to_string();
@@ -76,7 +80,11 @@ fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStr
         /// Per-sample input shape; a sample of another shape is an error naming its file.
         pub const INPUT_SHAPE: [usize; #input_rank] = [#(#input),*];
         /// What the CUDA kernels are specialised to, and their PTX when nvcc built it.
-        pub const CUDA_NORM_SIZES: &[usize] = &[#(#norm_sizes),*];
+        pub const CUDA_SIZES: #rt::train::KernelSizes = #rt::train::KernelSizes {
+            norm: &[#(#norm),*],
+            widths: &[#(#widths),*],
+            tokens: &[#(#tokens),*],
+        };
         pub const CUDA_PTX: &[(u32, &str)] = &[#(#ptx),*];
         /// The kernels' translation unit (empty in a CPU build), for NVRTC when CUDA_PTX is empty.
         pub const CUDA_SOURCE: &str = #cuda_source;
@@ -93,7 +101,7 @@ fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStr
                 batch_size: BATCH_SIZE,
                 input_shape: &INPUT_SHAPE,
                 tasks: &TASKS,
-                cuda_norm_sizes: CUDA_NORM_SIZES,
+                cuda_sizes: CUDA_SIZES,
                 cuda_ptx: CUDA_PTX,
                 cuda_source: CUDA_SOURCE,
             }

@@ -6,29 +6,54 @@ use std::path::{Path, PathBuf};
 
 use crate::plan::Plan;
 
-/// Values per sample of every one-group GroupNorm in the model (deduplicated, ascending): each
-/// gets GroupNorm kernels whose loop bounds are compile-time constants.
-pub fn norm_sizes(plan: &Plan) -> Vec<usize> {
-    let mut sizes: Vec<usize> = plan
-        .layers
-        .iter()
-        .filter(|l| l.name.ends_with("(GroupNorm)"))
-        .map(|l| l.output.iter().product())
-        .collect();
-    sizes.sort_unstable();
-    sizes.dedup();
-    sizes
+/// The sizes the kernels are specialised to, from the shape plan: each listed size gets kernels
+/// whose loop bounds are compile-time constants (`_any` kernels take any size at run time).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelSizes {
+    /// Values per sample of every one-group GroupNorm (classification CNNs).
+    pub norm: Vec<usize>,
+    /// A DiT's token width (its adaLN rows).
+    pub widths: Vec<usize>,
+    /// A DiT's tokens per sample (its attention softmax rows).
+    pub tokens: Vec<usize>,
 }
 
-/// The generated header: an X-macro listing the specialised sizes.
-pub fn header(norm_sizes: &[usize]) -> String {
-    let list: String = norm_sizes.iter().map(|n| format!(" X({n})")).collect();
-    format!("// Generated from the config's shape plan.\n#define SD_NORM_SIZES(X){list}\n")
+impl KernelSizes {
+    /// From the plan: GroupNorm layers give `norm`; DiT attention layers (output
+    /// [tokens, width]) give `widths` and `tokens`. Each list deduplicated, ascending.
+    pub fn of(plan: &Plan) -> Self {
+        let mut sizes = KernelSizes::default();
+        for l in &plan.layers {
+            if l.name.ends_with("(GroupNorm)") {
+                sizes.norm.push(l.output.iter().product());
+            }
+            if let (true, &[tokens, width]) = (l.name.ends_with(".attn1"), &l.output[..]) {
+                sizes.widths.push(width);
+                sizes.tokens.push(tokens);
+            }
+        }
+        for list in [&mut sizes.norm, &mut sizes.widths, &mut sizes.tokens] {
+            list.sort_unstable();
+            list.dedup();
+        }
+        sizes
+    }
+
+    /// The generated header: one X-macro per list.
+    pub fn header(&self) -> String {
+        let list = |v: &[usize]| -> String { v.iter().map(|n| format!(" X({n})")).collect() };
+        format!(
+            "// Generated from the config's shape plan.\n#define SD_NORM_SIZES(X){}\n#define SD_DIT_WIDTHS(X){}\n#define SD_DIT_TOKENS(X){}\n",
+            list(&self.norm),
+            list(&self.widths),
+            list(&self.tokens)
+        )
+    }
 }
 
 /// The text nvcc (build.rs) or NVRTC (start-up) compiles: the header, then every source of
 /// `kernel_dir` (runtime/kernels), helpers (.cuh) before kernels (.cu), each group by name.
-pub fn translation_unit(kernel_dir: &Path, norm_sizes: &[usize]) -> std::io::Result<String> {
+pub fn translation_unit(kernel_dir: &Path, sizes: &KernelSizes) -> std::io::Result<String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(kernel_dir)?
         .flatten()
         .map(|e| e.path())
@@ -40,7 +65,7 @@ pub fn translation_unit(kernel_dir: &Path, norm_sizes: &[usize]) -> std::io::Res
             p.file_name().map(|n| n.to_owned()),
         )
     });
-    let mut tu = header(norm_sizes);
+    let mut tu = sizes.header();
     for f in &files {
         let name = f.file_name().unwrap_or_default().to_string_lossy();
         tu.push_str(&format!(
@@ -111,14 +136,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_header_lists_each_norm_size_once() {
+    fn the_header_lists_each_size_once() {
+        let sizes = KernelSizes {
+            norm: vec![8, 4096],
+            widths: vec![384],
+            tokens: vec![],
+        };
         assert_eq!(
-            header(&[8, 4096]),
-            "// Generated from the config's shape plan.\n#define SD_NORM_SIZES(X) X(8) X(4096)\n"
-        );
-        assert_eq!(
-            header(&[]),
-            "// Generated from the config's shape plan.\n#define SD_NORM_SIZES(X)\n"
+            sizes.header(),
+            "// Generated from the config's shape plan.\n#define SD_NORM_SIZES(X) X(8) X(4096)\n\
+             #define SD_DIT_WIDTHS(X) X(384)\n#define SD_DIT_TOKENS(X)\n"
         );
     }
 }

@@ -37,7 +37,7 @@ fn cuda_kernels(r: &config::Resolved) -> Option<config::cuda::CudaBuild> {
     if !cfg!(feature = "cuda") {
         return None;
     }
-    let sizes = config::cuda::norm_sizes(r.plan.as_ref()?);
+    let sizes = config::cuda::KernelSizes::of(r.plan.as_ref()?);
     let text =
         config::cuda::translation_unit(&manifest_dir().join("runtime/kernels"), &sizes).ok()?;
     Some(config::cuda::CudaBuild {

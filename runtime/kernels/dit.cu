@@ -8,6 +8,12 @@
 // (B, d) inputs are sums over tokens: each block of the backward sums its ROWS_PER_BLOCK tokens
 // into its own partial row, and the host adds the partials (no atomics: the same numbers every
 // run).
+//
+// The build lists the DiT's token width (SD_DIT_WIDTHS) and tokens per sample (SD_DIT_TOKENS)
+// from the shape plan: the adaLN kernels get a copy with the width as a compile-time constant
+// (`modulate_fwd_384`: fixed trip counts, the backward's column sums in registers), the softmax
+// kernels one with the row length (`softmax_rows_fwd_1024`); `_any` kernels take the size at
+// run time.
 
 constexpr int ROW_THREADS = 128;
 constexpr int ROWS_PER_BLOCK = 16;
@@ -31,11 +37,15 @@ __device__ __forceinline__ void row_stats(const float* __restrict__ xr, int d, f
     *rstd = (float)rsqrt(q.v[0] / d + (double)eps);
 }
 
+template <int N>
+__device__ __forceinline__ int row_size(int n_rt) { return N > 0 ? N : n_rt; }
+
 // One block per token row.
-extern "C" __global__ void __launch_bounds__(ROW_THREADS)
-modulate_fwd(const float* __restrict__ x, const float* __restrict__ scale,
-             const float* __restrict__ shift, float* __restrict__ y, int tokens, int d,
-             float eps) {
+template <int D>
+__device__ void modulate_fwd(const float* __restrict__ x, const float* __restrict__ scale,
+                             const float* __restrict__ shift, float* __restrict__ y, int tokens,
+                             int d_rt, float eps) {
+    const int d = row_size<D>(d_rt);
     const size_t row = blockIdx.x;
     const size_t b = row / tokens;
     const float* xr = x + row * d;
@@ -51,10 +61,11 @@ modulate_fwd(const float* __restrict__ x, const float* __restrict__ scale,
 //   ∂L/∂x = r·(g − mean(g) − x̂·mean(g·x̂)),  ∂L/∂scale = Σ_tokens ∂L/∂y·x̂,  ∂L/∂shift = Σ ∂L/∂y.
 // Grid (chunks of ROWS_PER_BLOCK tokens, B). `out` packs
 //   [∂L/∂x (B·tokens·d) | ∂scale partials (B·chunks·d) | ∂shift partials (B·chunks·d)].
-extern "C" __global__ void __launch_bounds__(ROW_THREADS)
-modulate_bwd(const float* __restrict__ x, const float* __restrict__ scale,
-             const float* __restrict__ dy, float* __restrict__ out, int tokens, int d,
-             float eps) {
+template <int D>
+__device__ void modulate_bwd(const float* __restrict__ x, const float* __restrict__ scale,
+                             const float* __restrict__ dy, float* __restrict__ out, int tokens,
+                             int d_rt, float eps) {
+    const int d = row_size<D>(d_rt);
     const int chunks = gridDim.x, chunk = blockIdx.x, b = blockIdx.y, batch = gridDim.y;
     const float* sc = scale + (size_t)b * d;
     float dscale[MAX_COLS] = {0.0f}, dshift[MAX_COLS] = {0.0f};
@@ -67,7 +78,10 @@ modulate_bwd(const float* __restrict__ x, const float* __restrict__ scale,
         float mean, rstd;
         row_stats(xr, d, eps, &mean, &rstd);
         Sums<2> s = {{0.0, 0.0}};
-        for (int k = 0, j = threadIdx.x; j < d; ++k, j += ROW_THREADS) {
+#pragma unroll
+        for (int k = 0; k < MAX_COLS; ++k) {
+            const int j = threadIdx.x + k * ROW_THREADS;
+            if (j >= d) break;
             const float xhat = (xr[j] - mean) * rstd;
             const float g = gr[j] * (1.0f + sc[j]);
             s.v[0] += g;
@@ -84,11 +98,26 @@ modulate_bwd(const float* __restrict__ x, const float* __restrict__ scale,
     }
     float* partial_scale = out + (size_t)batch * tokens * d + ((size_t)b * chunks + chunk) * d;
     float* partial_shift = partial_scale + (size_t)batch * chunks * d;
-    for (int k = 0, j = threadIdx.x; j < d; ++k, j += ROW_THREADS) {
+#pragma unroll
+    for (int k = 0; k < MAX_COLS; ++k) {
+        const int j = threadIdx.x + k * ROW_THREADS;
+        if (j >= d) break;
         partial_scale[j] = dscale[k];
         partial_shift[j] = dshift[k];
     }
 }
+
+#define SD_MODULATE_KERNELS(NAME, D)                                                               \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS) modulate_fwd_##NAME(                \
+        const float* x, const float* scale, const float* shift, float* y, int tokens, int d,   \
+        float eps) {                                                                           \
+        modulate_fwd<D>(x, scale, shift, y, tokens, d, eps);                         \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS) modulate_bwd_##NAME(                \
+        const float* x, const float* scale, const float* dy, float* out, int tokens, int d,    \
+        float eps) {                                                                           \
+        modulate_bwd<D>(x, scale, dy, out, tokens, d, eps);                          \
+    }
 
 // out = x + y·gate[b], one thread per value (grid-stride).
 extern "C" __global__ void gated_residual_fwd(const float* __restrict__ x,
@@ -170,8 +199,9 @@ __device__ __forceinline__ float block_max(float v) {
 
 // Softmax over rows of `len` (the attention scores, one row per query), one block per row:
 // p = exp(s − max)/Σ exp(s − max), the sum in double.
-extern "C" __global__ void __launch_bounds__(ROW_THREADS)
-softmax_rows_fwd(const float* __restrict__ s, float* __restrict__ p, int len) {
+template <int L>
+__device__ void softmax_rows_fwd(const float* __restrict__ s, float* __restrict__ p, int len_rt) {
+    const int len = row_size<L>(len_rt);
     const size_t row = blockIdx.x;
     const float* sr = s + row * len;
     float m = NEG_INF;
@@ -185,9 +215,10 @@ softmax_rows_fwd(const float* __restrict__ s, float* __restrict__ p, int len) {
 }
 
 // ∂L/∂s = p·(g − Σ g·p) per row, from the probabilities p and g = ∂L/∂p.
-extern "C" __global__ void __launch_bounds__(ROW_THREADS)
-softmax_rows_bwd(const float* __restrict__ p, const float* __restrict__ g,
-                 float* __restrict__ ds, int len) {
+template <int L>
+__device__ void softmax_rows_bwd(const float* __restrict__ p, const float* __restrict__ g,
+                                 float* __restrict__ ds, int len_rt) {
+    const int len = row_size<L>(len_rt);
     const size_t row = blockIdx.x;
     const float* pr = p + row * len;
     const float* gr = g + row * len;
@@ -197,3 +228,21 @@ softmax_rows_bwd(const float* __restrict__ p, const float* __restrict__ g,
     const float dot = (float)s.v[0];
     for (int j = threadIdx.x; j < len; j += ROW_THREADS) ds[row * len + j] = pr[j] * (gr[j] - dot);
 }
+
+#define SD_SOFTMAX_KERNELS(NAME, L)                                                                \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS)                                  \
+        softmax_rows_fwd_##NAME(const float* s, float* p, int len) {                              \
+        softmax_rows_fwd<L>(s, p, len);                                              \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS)                                  \
+        softmax_rows_bwd_##NAME(const float* p, const float* g, float* ds, int len) {             \
+        softmax_rows_bwd<L>(p, g, ds, len);                                          \
+    }
+
+// `_any` takes the size at run time (0); each size the build lists is its own constant.
+SD_MODULATE_KERNELS(any, 0)
+SD_SOFTMAX_KERNELS(any, 0)
+#define SD_MODULATE_SIZED(D) SD_MODULATE_KERNELS(D, D)
+#define SD_SOFTMAX_SIZED(L) SD_SOFTMAX_KERNELS(L, L)
+SD_DIT_WIDTHS(SD_MODULATE_SIZED)
+SD_DIT_TOKENS(SD_SOFTMAX_SIZED)

@@ -15,6 +15,8 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result};
 
+use crate::train::KernelSizes;
+
 const MODULE: &str = "signal_diffusion";
 
 /// Where a binary's kernels came from.
@@ -38,7 +40,7 @@ impl std::fmt::Display for Origin {
 struct Kernels {
     ptx: String,
     origin: Origin,
-    norm_sizes: Vec<usize>,
+    sizes: KernelSizes,
 }
 
 static KERNELS: OnceLock<Kernels> = OnceLock::new();
@@ -49,7 +51,7 @@ static KERNELS: OnceLock<Kernels> = OnceLock::new();
 /// The first call wins; later calls return what was installed.
 pub fn install(
     device: &CudaDevice,
-    norm_sizes: &[usize],
+    sizes: KernelSizes,
     prebuilt: &[(u32, &'static str)],
     source: &str,
 ) -> Result<Origin> {
@@ -66,7 +68,7 @@ pub fn install(
         Some((arch, ptx)) => Kernels {
             ptx: ptx.to_string(),
             origin: Origin::Nvcc(*arch),
-            norm_sizes: norm_sizes.to_vec(),
+            sizes,
         },
         None => {
             let arch = nvrtc_arch(cc)?;
@@ -83,7 +85,7 @@ pub fn install(
             Kernels {
                 ptx: ptx.to_src(),
                 origin: Origin::Nvrtc(cc),
-                norm_sizes: norm_sizes.to_vec(),
+                sizes,
             }
         }
     };
@@ -110,6 +112,14 @@ fn kernels() -> Result<&'static Kernels> {
     KERNELS.get().ok_or_else(|| {
         candle_core::Error::Cuda("the CUDA kernels are not loaded: call cuda::install first".into())
     })
+}
+
+/// `name_N` when the build specialised the kernel to N = `n` (one of `sizes`), else `name_any`.
+fn specialised(name: &str, n: usize, sizes: &[usize]) -> String {
+    match sizes.contains(&n) {
+        true => format!("{name}_{n}"),
+        false => format!("{name}_any"),
+    }
 }
 
 fn launch_config(blocks: usize, threads: u32) -> LaunchConfig {
@@ -139,10 +149,7 @@ fn launch_norm(
     ints: &[i32],
 ) -> Result<()> {
     let k = kernels()?;
-    let full = match k.norm_sizes.contains(&n) {
-        true => format!("{name}_{n}"),
-        false => format!("{name}_any"),
-    };
+    let full = specialised(name, n, k.sizes.norm);
     let f = device.get_or_load_custom_func(&full, MODULE, &k.ptx)?;
     let n_arg = n as i32;
     let mut b = f.builder();
@@ -279,9 +286,10 @@ pub fn modulate_forward(
     let rows =
         u32::try_from(b * tokens).map_err(|_| candle_core::Error::Msg("too many rows".into()))?;
     let scalars = [i32_arg(tokens)?, i32_arg(d)?, Scalar::F32(eps)];
+    let name = specialised("modulate_fwd", d, kernels()?.sizes.widths);
     launch_rows(
         xs.device(),
-        "modulate_fwd",
+        &name,
         (rows, 1),
         &[&x, &scale, &shift],
         b * tokens * d,
@@ -307,9 +315,10 @@ pub fn modulate_backward(
     let c = chunks(tokens);
     let len = b * tokens * d + 2 * b * c * d;
     let scalars = [i32_arg(tokens)?, i32_arg(d)?, Scalar::F32(eps)];
+    let name = specialised("modulate_bwd", d, kernels()?.sizes.widths);
     launch_rows(
         xs.device(),
-        "modulate_bwd",
+        &name,
         (c as u32, b as u32),
         &[&x, &scale, &g],
         len,
@@ -362,14 +371,8 @@ pub fn softmax_rows_forward(s: &CudaStorage, l: &Layout, len: usize) -> Result<C
     let n = l.shape().elem_count();
     let rows =
         u32::try_from(n / len).map_err(|_| candle_core::Error::Msg("too many rows".into()))?;
-    launch_rows(
-        s.device(),
-        "softmax_rows_fwd",
-        (rows, 1),
-        &[&x],
-        n,
-        &[i32_arg(len)?],
-    )
+    let name = specialised("softmax_rows_fwd", len, kernels()?.sizes.tokens);
+    launch_rows(s.device(), &name, (rows, 1), &[&x], n, &[i32_arg(len)?])
 }
 
 /// Softmax backward: ∂L/∂s from the probabilities p and ∂L/∂p.
@@ -382,9 +385,10 @@ pub fn softmax_rows_backward(
     let n = pl.shape().elem_count();
     let rows =
         u32::try_from(n / len).map_err(|_| candle_core::Error::Msg("too many rows".into()))?;
+    let name = specialised("softmax_rows_bwd", len, kernels()?.sizes.tokens);
     launch_rows(
         ps.device(),
-        "softmax_rows_bwd",
+        &name,
         (rows, 1),
         &[&p, &g],
         n,

@@ -13,18 +13,30 @@ use signal_diffusion_runtime::nn::{Activation, Mode, Params};
 use signal_diffusion_runtime::ops::group_norm;
 use signal_diffusion_runtime::optim::Optimizer;
 use signal_diffusion_runtime::tasks::{TaskKind, TaskSpec};
+use signal_diffusion_runtime::train::KernelSizes;
 
 /// The GPU, with our kernels compiled by NVRTC for it: GroupNorm kernels specialised to 8·32·32
-/// values per sample (the first shape below, and the stem of the training test's model).
+/// values per sample (the first shape below, and the stem of the training test's model), DiT
+/// rows to width 384 and attention rows to 1024 (one of each pair of sizes the DiT tests use;
+/// the other goes through the `_any` kernels).
 fn gpu() -> Device {
     let dev = Device::new_cuda(0).expect("these tests need a GPU (run them on a GPU machine)");
     let Device::Cuda(cu) = &dev else {
         unreachable!()
     };
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
-    let sizes = [8 * 32 * 32];
-    let source = signal_diffusion_config::cuda::translation_unit(&dir, &sizes).unwrap();
-    let origin = cuda::install(cu, &sizes, &[], &source).unwrap();
+    let sizes = KernelSizes {
+        norm: &[8 * 32 * 32],
+        widths: &[384],
+        tokens: &[1024],
+    };
+    let listed = signal_diffusion_config::cuda::KernelSizes {
+        norm: sizes.norm.to_vec(),
+        widths: sizes.widths.to_vec(),
+        tokens: sizes.tokens.to_vec(),
+    };
+    let source = signal_diffusion_config::cuda::translation_unit(&dir, &listed).unwrap();
+    let origin = cuda::install(cu, sizes, &[], &source).unwrap();
     assert!(matches!(origin, cuda::Origin::Nvrtc(_)), "{origin}");
     dev
 }

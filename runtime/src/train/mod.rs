@@ -38,8 +38,8 @@ pub struct Compiled {
     pub batch_size: usize,
     pub input_shape: &'static [usize],
     pub tasks: &'static [TaskSpec],
-    /// Values per sample of the model's GroupNorms: the CUDA kernels are specialised to them.
-    pub cuda_norm_sizes: &'static [usize],
+    /// The sizes the CUDA kernels are specialised to.
+    pub cuda_sizes: KernelSizes,
     /// (compute capability × 10, PTX) compiled by nvcc at build time; empty: NVRTC at start-up.
     pub cuda_ptx: &'static [(u32, &'static str)],
     /// The kernels' source, for NVRTC (empty in a CPU build).
@@ -63,7 +63,7 @@ pub fn select_device(name: &str, compiled: &Compiled) -> Result<candle_core::Dev
     if let Device::Cuda(d) = &device {
         let origin = crate::cuda::install(
             d,
-            compiled.cuda_norm_sizes,
+            compiled.cuda_sizes,
             compiled.cuda_ptx,
             compiled.cuda_source,
         )?;
@@ -77,6 +77,18 @@ pub fn select_device(name: &str, compiled: &Compiled) -> Result<candle_core::Dev
         println!("device cpu");
     }
     Ok(device)
+}
+
+/// The sizes a trainer's CUDA kernels are specialised to (config::cuda::KernelSizes, as the
+/// generated code's constants).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelSizes {
+    /// Values per sample of the model's GroupNorms.
+    pub norm: &'static [usize],
+    /// A DiT's token width (adaLN rows).
+    pub widths: &'static [usize],
+    /// A DiT's tokens per sample (attention softmax rows).
+    pub tokens: &'static [usize],
 }
 
 impl Compiled {
@@ -94,9 +106,13 @@ impl Compiled {
             true => "compiled by NVRTC at start-up (nvcc was not found at build time)".to_string(),
             false => format!("PTX by nvcc at build time for {}", archs.join(", ")),
         };
+        let KernelSizes {
+            norm,
+            widths,
+            tokens,
+        } = self.cuda_sizes;
         format!(
-            "CUDA kernels: {how}; GroupNorm kernels specialised to {:?} values per sample",
-            self.cuda_norm_sizes
+            "CUDA kernels: {how}; specialised to GroupNorms of {norm:?} values per sample, DiT rows of {widths:?} and attention rows of {tokens:?}"
         )
     }
 
