@@ -82,6 +82,9 @@ fn kernels_compile_for_every_classification_and_dit_preset() {
                 "gated_residual_bwd",
                 "gelu_tanh_fwd",
                 "gelu_tanh_bwd",
+                "ema_update",
+                "weighted_mse_fwd",
+                "weighted_mse_bwd",
             ] {
                 assert!(text.contains(&format!(".entry {k}(")), "{stem}: no {k}");
             }

@@ -59,3 +59,24 @@ adam_step(const Slot* __restrict__ tensors, const int2* __restrict__ chunks,
         t.param[i] = p * decay - lr * (m / bc1) / (sqrtf(v / bc2) + eps);
     }
 }
+
+// The EMA update over every parameter in one launch (diffusers' EMAModel.step): with
+// c = 1 − decay, ema ← ema − (ema − θ)·c, in place. Same chunking as above; `tensors` holds each
+// pair's EMA and parameter addresses.
+struct EmaSlot {
+    float* ema;
+    const float* param;
+    long long n;
+};
+
+extern "C" __global__ void __launch_bounds__(OPTIM_THREADS)
+ema_update(const EmaSlot* __restrict__ tensors, const int2* __restrict__ chunks, float one_minus) {
+    const int2 c = chunks[blockIdx.x];
+    const EmaSlot t = tensors[c.x];
+    const long long start = (long long)c.y * OPTIM_CHUNK;
+    const long long end = min(start + OPTIM_CHUNK, t.n);
+    for (long long i = start + threadIdx.x; i < end; i += OPTIM_THREADS) {
+        const float e = t.ema[i];
+        t.ema[i] = e - (e - t.param[i]) * one_minus;
+    }
+}

@@ -214,6 +214,7 @@ pub fn group_norm_backward(
 /// A scalar kernel argument after the buffers.
 enum Scalar {
     U64(u64),
+    I64(i64),
     U32(u32),
     I32(i32),
     F32(f32),
@@ -241,6 +242,7 @@ fn launch_rows(
     for s in scalars {
         match s {
             Scalar::U64(v) => b.arg(v),
+            Scalar::I64(v) => b.arg(v),
             Scalar::U32(v) => b.arg(v),
             Scalar::I32(v) => b.arg(v),
             Scalar::F32(v) => b.arg(v),
@@ -418,6 +420,7 @@ fn elementwise(
     for e in extra {
         match e {
             Scalar::U64(v) => b.arg(v),
+            Scalar::I64(v) => b.arg(v),
             Scalar::U32(v) => b.arg(v),
             Scalar::I32(v) => b.arg(v),
             Scalar::F32(v) => b.arg(v),
@@ -536,23 +539,9 @@ const OPTIM_CHUNK: usize = 65536;
 pub fn adam_step(device: &CudaDevice, slots: &[Slot], hp: &AdamStep) -> Result<CudaSlice<f64>> {
     let stream = device.cuda_stream();
     let k = kernels()?;
-    // The device addresses of each slot, laid out as the kernel's `Slot` struct (4 pointers and
-    // a 64-bit length), and the chunk table (tensor index, chunk index) one entry per block.
-    let mut table: Vec<u64> = Vec::with_capacity(slots.len() * 5);
-    let mut chunks: Vec<i32> = vec![];
-    for (i, s) in slots.iter().enumerate() {
-        let n = s.param.elem_count();
-        for t in [s.param, s.grad, s.m, s.v] {
-            if t.elem_count() != n || t.dtype() != candle_core::DType::F32 {
-                candle_core::bail!("fused Adam: slot {i} has mismatched tensors");
-            }
-            table.push(device_address(t)?);
-        }
-        table.push(n as u64);
-        for c in 0..n.div_ceil(OPTIM_CHUNK) {
-            chunks.extend([i as i32, c as i32]);
-        }
-    }
+    let groups: Vec<[&candle_core::Tensor; 4]> =
+        slots.iter().map(|s| [s.param, s.grad, s.m, s.v]).collect();
+    let (table, chunks) = slot_tables(&groups, "fused Adam")?;
     if chunks.is_empty() {
         return stream.alloc_zeros::<f64>(1).w();
     }
@@ -592,6 +581,94 @@ pub fn adam_step(device: &CudaDevice, slots: &[Slot], hp: &AdamStep) -> Result<C
     // SAFETY: as above.
     unsafe { b.launch(launch_config(blocks, OPTIM_THREADS)) }.w()?;
     Ok(sq_norm)
+}
+
+/// The kernels' slot table for `groups` of same-length f32 tensors (each tensor's device address,
+/// then the length, per group) and the chunk table (group, chunk of OPTIM_CHUNK) with one entry
+/// per block.
+fn slot_tables<const N: usize>(
+    groups: &[[&candle_core::Tensor; N]],
+    what: &str,
+) -> Result<(Vec<u64>, Vec<i32>)> {
+    let mut table: Vec<u64> = Vec::with_capacity(groups.len() * (N + 1));
+    let mut chunks: Vec<i32> = vec![];
+    for (i, group) in groups.iter().enumerate() {
+        let n = group[0].elem_count();
+        for t in group {
+            if t.elem_count() != n || t.dtype() != candle_core::DType::F32 {
+                candle_core::bail!("{what}: slot {i} has mismatched tensors");
+            }
+            table.push(device_address(t)?);
+        }
+        table.push(n as u64);
+        for c in 0..n.div_ceil(OPTIM_CHUNK) {
+            chunks.extend([i as i32, c as i32]);
+        }
+    }
+    Ok((table, chunks))
+}
+
+/// ema ← ema − (ema − θ)·`one_minus` for every (EMA, parameter) pair, in place, in one launch.
+pub fn ema_update(
+    device: &CudaDevice,
+    pairs: &[(&candle_core::Tensor, &candle_core::Tensor)],
+    one_minus: f32,
+) -> Result<()> {
+    let groups: Vec<[&candle_core::Tensor; 2]> = pairs.iter().map(|(e, p)| [*e, *p]).collect();
+    let (table, chunks) = slot_tables(&groups, "fused EMA")?;
+    if chunks.is_empty() {
+        return Ok(());
+    }
+    let stream = device.cuda_stream();
+    let (table, chunk_table) = (
+        stream.clone_htod(&table).w()?,
+        stream.clone_htod(&chunks).w()?,
+    );
+    let f = device.get_or_load_custom_func("ema_update", MODULE, &kernels()?.ptx)?;
+    let mut b = f.builder();
+    b.arg(&table).arg(&chunk_table).arg(&one_minus);
+    // SAFETY: argument types match the kernel's signature; the addresses are live tensors the
+    // caller holds while the stream runs (Candle frees on the same stream).
+    unsafe { b.launch(launch_config(chunks.len() / 2, OPTIM_THREADS)) }.w()?;
+    Ok(())
+}
+
+/// Per-sample w[b]·mean((out − target)²) of contiguous (B, ...) tensors: (B) values.
+pub fn weighted_mse_forward(
+    (os, ol): (&CudaStorage, &Layout),
+    (ts, tl): (&CudaStorage, &Layout),
+    (ws, wl): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    let (out, target, w) = (f32_view(os, ol)?, f32_view(ts, tl)?, f32_view(ws, wl)?);
+    let b = wl.shape().elem_count();
+    let m = (ol.shape().elem_count() / b.max(1)) as i64;
+    let blocks = u32::try_from(b).map_err(|_| candle_core::Error::Msg("batch too large".into()))?;
+    launch_rows(
+        os.device(),
+        "weighted_mse_fwd",
+        (blocks, 1),
+        &[&out, &target, &w],
+        b,
+        &[Scalar::I64(m)],
+    )
+}
+
+/// ∂L/∂out of [`weighted_mse_forward`] from `wg` = w·(per-sample gradients).
+pub fn weighted_mse_backward(
+    (os, ol): (&CudaStorage, &Layout),
+    (ts, tl): (&CudaStorage, &Layout),
+    (gs, gl): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    let (out, target, wg) = (f32_view(os, ol)?, f32_view(ts, tl)?, f32_view(gs, gl)?);
+    let n = ol.shape().elem_count();
+    let m = (n / gl.shape().elem_count().max(1)) as u64;
+    elementwise(
+        os.device(),
+        "weighted_mse_bwd",
+        &[&out, &target, &wg],
+        n,
+        &[Scalar::U64(m)],
+    )
 }
 
 /// The device address of a contiguous f32 CUDA tensor's first element.

@@ -31,8 +31,8 @@ use super::checkpoint::{self, State};
 use super::{fnv, list_dirs, Compiled, RunOptions};
 use crate::data::{read_split, Loader, Samples, Split};
 use crate::diffusion::{
-    loss_weight, normals, per_sample, target, Ema, Guidance, Method, Objective, Path as NoisePath,
-    Sampler,
+    loss_weight, normals, per_sample, target, weighted_mse, Ema, Guidance, Method, Objective,
+    Path as NoisePath, Sampler,
 };
 use crate::dit::{Condition, Conditioning, Dit, DitShape};
 use crate::fidelity::{signal_features, spectrogram_features, strips, Reference};
@@ -186,8 +186,7 @@ impl Noised {
 
     /// Per-sample MSE × weight, batch mean (f32), times `scale`.
     fn loss(&self, out: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-        let per = (out - &self.target)?.sqr()?.flatten_from(1)?.mean(1)?;
-        (per * &self.weights)?.mean_all()? * scale
+        weighted_mse(out, &self.target, &self.weights)?.mean_all()? * scale
     }
 }
 
