@@ -1,8 +1,9 @@
-"""Side-by-side benchmark of one DiT training step on the CPU: ours vs diffusers.
+"""Side-by-side benchmark of one DiT training step: ours vs diffusers, on the CPU or a GPU.
 
-The diffusers side is `DiTTransformer2DModel` built from the numbers of benches/dit_cpu.toml
-(6 heads x 64, 6 layers, 3x64x64, patch 2, unconditional: label table of 1001 rows), whose
-parameter count is checked against the plan's 20,050,572. Each step does what ours does: the
+The diffusers side is `DiTTransformer2DModel` built from `--dims` (heads, head dim, layers,
+image size, patch, batch; default the numbers of benches/dit_cpu.toml: 6 x 64, 6 layers, 64x64,
+patch 2, batch 8; unconditional: label table of 1001 rows), whose parameter count is checked
+against our binary's plan (`--plan`). Each step does what ours does: the
 rectified-flow loss (logit-normal sigma, x_t = (1-sigma)x + sigma*eps, target eps - x,
 soft-min-SNR weights with gamma 5), backward, clip 1.0, AdamW (lr 1e-4, wd 0), one read of the
 loss. Both sides run on `--threads` threads, each in its own process, so each peak RSS is its own
@@ -12,6 +13,13 @@ Ours is `train-dit_cpu --benchmark N` (build with `SD_CONFIG=benches/dit_cpu.tom
 --release`).
 
 usage: python3 benches/dit_step.py --ours target/release/train-dit_cpu [--steps 3] [--threads 2]
+
+GPU (`--device cuda`): ours built with `--features cuda` from the config whose numbers `--dims`
+repeats (config/diffusion/baseline.toml: `--dims 16,72,12,64,2,32`), then ours, diffusers eager
+and diffusers under `torch.compile`, each under `--precision` (bf16: our
+`mixed_precision = "bf16"`, torch.autocast(bfloat16) for diffusers; no: f32 with TF32), with
+images/s, peak GPU memory and MFU: the plan's FLOPs per step x steps/s over `--peak-tflops`
+(989: dense bf16 of an H100/H200 SXM).
 """
 
 import argparse
@@ -22,28 +30,32 @@ import sys
 import time
 
 
-def diffusers_child(steps, threads, batch=8):
+def diffusers_child(steps, threads, dims, device="cpu", compiled=False, precision="no"):
     import torch
     from diffusers import DiTTransformer2DModel
 
+    heads, head_dim, layers, size, patch, batch = dims
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = True
     m = DiTTransformer2DModel(
-        num_attention_heads=6, attention_head_dim=64, in_channels=3, out_channels=3,
-        num_layers=6, patch_size=2, sample_size=64, num_embeds_ada_norm=1000,
-    ).train()
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=3, out_channels=3,
+        num_layers=layers, patch_size=patch, sample_size=size, num_embeds_ada_norm=1000,
+    ).to(device).train()
     params = sum(p.numel() for p in m.parameters())
-    assert params == 20_050_572, params
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0)
-    x = torch.randn(batch, 3, 64, 64)
-    labels = torch.zeros(batch, dtype=torch.long)
+    x = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    forward = torch.compile(m) if compiled else m
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     def step():
-        sigma = torch.ceil(1000 * torch.sigmoid(torch.randn(batch))).clamp(1, 1000) / 1000
+        sigma = torch.ceil(1000 * torch.sigmoid(torch.randn(batch, device=device))).clamp(1, 1000) / 1000
         eps = torch.randn_like(x)
         s = sigma.view(-1, 1, 1, 1)
         xt = (1 - s) * x + s * eps
-        out = m(xt, timestep=sigma * 1000, class_labels=labels).sample
+        with torch.autocast(device, dtype=dtype, enabled=precision == "bf16"):
+            out = forward(xt, timestep=sigma * 1000, class_labels=labels).sample
         snr = (1 - sigma) ** 2 / sigma**2
         w = (1 - sigma) ** 2 * 5.0 / (snr + 5.0)
         loss = (((out.float() - (eps - x)) ** 2).mean(dim=(1, 2, 3)) * w).mean()
@@ -53,13 +65,53 @@ def diffusers_child(steps, threads, batch=8):
         opt.step()
         return loss.item()
 
-    step()
+    for _ in range(3 if device == "cuda" else 1):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
+    if device == "cuda":
+        torch.cuda.synchronize()
     secs = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
-    print(json.dumps({"images_per_s": steps * batch / secs, "secs": secs, "rss_gib": rss}))
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+    print(json.dumps({"images_per_s": steps * batch / secs, "secs": secs, "rss_gib": peak, "params": params}))
+
+
+def plan_numbers(ours):
+    """(parameters, FLOPs per step) from our binary's `--plan`."""
+    out = subprocess.run([ours, "--plan"], capture_output=True, text=True, check=True).stdout
+    params = int([l for l in out.splitlines() if l.startswith("total parameters")][0].split()[-1].replace(",", ""))
+    gflop = float([l for l in out.splitlines() if l.startswith("FLOPs per training step")][0].split()[4])
+    return params, gflop * 1e9
+
+
+def gpu_main(args, dims):
+    params, flops = plan_numbers(args.ours)
+    batch = dims[5]
+    sets = ["--set", f"training.mixed_precision={args.precision}"]
+    out = subprocess.run([args.ours, "--benchmark", str(args.steps), *sets], capture_output=True, text=True, check=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith("benchmark")][0]
+    rows = [("ours", float(line.split(" images/s")[0].split()[-1]), None)]
+    for name, compiled in [("diffusers eager", False), ("diffusers torch.compile", True)]:
+        child = subprocess.run(
+            [sys.executable, __file__, "--ours", args.ours, "--steps", str(args.steps), "--dims", args.dims,
+             "--device", "cuda", "--precision", args.precision, "--child"] + (["--compiled"] if compiled else []),
+            capture_output=True, text=True, check=True,
+        )
+        r = json.loads(child.stdout.strip().splitlines()[-1])
+        assert r["params"] == params, (r["params"], params)
+        rows.append((name, r["images_per_s"], r["rss_gib"]))
+    for name, ips, peak in rows:
+        mfu = flops * ips / batch / (args.peak_tflops * 1e12)
+        mem = "see nvidia-smi" if peak is None else f"{peak:.2f} GiB allocated"
+        print(f"{name:24} {ips:9.1f} images/s  {ips / batch:6.2f} steps/s  MFU {100 * mfu:5.1f} %  {mem}")
+    print(f"ours / eager {rows[0][1] / rows[1][1]:.2f}x, ours / compile {rows[0][1] / rows[2][1]:.2f}x ({args.precision})")
 
 
 def main():
@@ -67,11 +119,21 @@ def main():
     ap.add_argument("--ours", required=True)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=3, help="alternating runs of each side; medians reported")
+    ap.add_argument("--repeat", type=int, default=3, help="CPU: alternating runs of each side; medians reported")
+    ap.add_argument("--dims", default="6,64,6,64,2,8", help="heads,head_dim,layers,size,patch,batch of --ours's config")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--precision", choices=["no", "bf16"], default="bf16", help="GPU only; the CPU bench runs f32")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU: the dense bf16 peak MFU is measured against")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    dims = [int(v) for v in args.dims.split(",")]
     if args.child:
-        return diffusers_child(args.steps, args.threads)
+        precision = args.precision if args.device == "cuda" else "no"
+        return diffusers_child(args.steps, args.threads, dims, args.device, args.compiled, precision)
+    if args.device == "cuda":
+        return gpu_main(args, dims)
+    params, _ = plan_numbers(args.ours)
     env = {"RAYON_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin"}
     ours, ours_rss, theirs, theirs_rss = [], [], [], []
     for _ in range(args.repeat):
@@ -84,10 +146,12 @@ def main():
         rss = [l for l in out.stderr.splitlines() if l.startswith("maxrss_kib")][0]
         ours_rss.append(int(rss.split()[1]) / 1024 / 1024)
         child = subprocess.run(
-            [sys.executable, __file__, "--ours", args.ours, "--steps", str(args.steps), "--threads", str(args.threads), "--child"],
+            [sys.executable, __file__, "--ours", args.ours, "--steps", str(args.steps), "--threads", str(args.threads),
+             "--dims", args.dims, "--child"],
             capture_output=True, text=True, check=True,
         )
         r = json.loads(child.stdout.strip().splitlines()[-1])
+        assert r["params"] == params, (r["params"], params)
         theirs.append(r["images_per_s"])
         theirs_rss.append(r["rss_gib"])
     med = lambda v: sorted(v)[len(v) // 2]
