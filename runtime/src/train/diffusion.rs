@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -190,17 +190,28 @@ impl Noised {
     }
 }
 
-/// The weighted diffusion loss of a clean batch `x` (noise levels and noise from `rng`).
+/// How a training step computes the loss and its gradients.
+#[derive(Clone, Copy)]
+pub struct StepSpec<'a> {
+    pub path: &'a NoisePath,
+    pub objective: Objective,
+    /// Soft-min-SNR's γ.
+    pub snr_gamma: Option<f64>,
+    /// Autocast's 16-bit type (`mixed_precision`); evaluation ignores it and runs in f32.
+    pub amp: Option<DType>,
+    /// Gradient checkpointing (dit.rs).
+    pub checkpointing: bool,
+}
+
+/// The weighted diffusion loss of a clean batch `x` (noise levels and noise from `rng`), in f32.
 pub fn diffusion_loss(
     model: &Dit,
     x: &Tensor,
     cond: &Condition,
-    path: &NoisePath,
-    objective: Objective,
-    snr_gamma: Option<f64>,
+    spec: &StepSpec,
     rng: &mut ChaCha8Rng,
 ) -> Result<Tensor> {
-    let n = Noised::draw(x, path, objective, snr_gamma, rng)?;
+    let n = Noised::draw(x, spec.path, spec.objective, spec.snr_gamma, rng)?;
     Ok(n.loss(&model.forward(&n.xt, &n.t, cond)?, 1.0)?)
 }
 
@@ -224,29 +235,29 @@ fn update(
     Ok(Some(opt.step(grads, lr, clip)?.value()?))
 }
 
-/// The diffusion loss of `x` times `scale` and its gradients, through gradient checkpointing
-/// when `checkpointing` (the same numbers up to summation order; dit.rs).
-#[allow(clippy::too_many_arguments)]
+/// The diffusion loss of `x` and the gradients of that loss times `share` (a micro-batch's part
+/// of the update) times `loss_scale` (fp16's), under the spec's autocast and checkpointing (the
+/// same numbers up to summation order; dit.rs). Returns the loss times `share`, without the fp16
+/// scale.
 pub fn diffusion_grads(
     model: &Dit,
     x: &Tensor,
     cond: &Condition,
-    path: &NoisePath,
-    objective: Objective,
-    snr_gamma: Option<f64>,
-    scale: f64,
-    checkpointing: bool,
+    spec: &StepSpec,
+    (share, loss_scale): (f64, f64),
     rng: &mut ChaCha8Rng,
-) -> Result<(f32, GradStore)> {
-    let n = Noised::draw(x, path, objective, snr_gamma, rng)?;
-    let (loss, grads) = if checkpointing {
+) -> Result<(f64, GradStore)> {
+    let _amp = Autocast::enter(spec.amp);
+    let n = Noised::draw(x, spec.path, spec.objective, spec.snr_gamma, rng)?;
+    let scale = share * loss_scale;
+    let (loss, grads) = if spec.checkpointing {
         model.checkpointed_backward(&n.xt, &n.t, cond, |out| n.loss(out, scale))?
     } else {
         let loss = n.loss(&model.forward(&n.xt, &n.t, cond)?, scale)?;
         let grads = loss.backward()?;
         (loss, grads)
     };
-    Ok((loss.to_scalar::<f32>()?, grads))
+    Ok((loss.to_scalar::<f32>()? as f64 / loss_scale, grads))
 }
 
 /// Everything the loop, evaluation and checkpoints share.
@@ -494,6 +505,13 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
     let mut acc = GradStore::default();
     let mut loss_sum = 0f64;
     let cond_kind = shape.conditioning;
+    let spec = StepSpec {
+        path: &ctx.path,
+        objective,
+        snr_gamma: t.snr_gamma,
+        amp,
+        checkpointing: t.gradient_checkpointing,
+    };
     'epochs: while (state.step as usize) < total {
         let mut order: Vec<usize> = (0..train.len()).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(
@@ -526,21 +544,10 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
             }
             // Each micro-batch's share of the update's mean loss, times fp16's loss scale.
             let loss_scale = state.loss_scaler.map_or(1.0, |s| s.scale);
-            let (loss, mut grads) = {
-                let _amp = Autocast::enter(amp);
-                diffusion_grads(
-                    &model,
-                    &x,
-                    &cond,
-                    &ctx.path,
-                    objective,
-                    t.snr_gamma,
-                    loss_scale / in_group as f64,
-                    t.gradient_checkpointing,
-                    &mut rng,
-                )?
-            };
-            loss_sum += loss as f64 / loss_scale;
+            let share = 1.0 / in_group as f64;
+            let (loss, mut grads) =
+                diffusion_grads(&model, &x, &cond, &spec, (share, loss_scale), &mut rng)?;
+            loss_sum += loss;
             let mut mine = GradStore::default();
             for (_, v) in &params.trainable {
                 if let Some(g) = grads.remove(v.as_tensor()) {
@@ -923,15 +930,14 @@ impl Evaluator<'_> {
                 let cond = conditions(ctx.shape.conditioning, &val.targets, &idx);
                 let mut rng = ChaCha8Rng::seed_from_u64(t.seed ^ 0x7a1d_0000 ^ b as u64);
                 let x = ctx.tensor(&batch.inputs, batch.size)?;
-                let loss = diffusion_loss(
-                    self.model,
-                    &x,
-                    &cond,
-                    &ctx.path,
-                    ctx.objective,
-                    t.snr_gamma,
-                    &mut rng,
-                )?;
+                let spec = StepSpec {
+                    path: &ctx.path,
+                    objective: ctx.objective,
+                    snr_gamma: t.snr_gamma,
+                    amp: None,
+                    checkpointing: false,
+                };
+                let loss = diffusion_loss(self.model, &x, &cond, &spec, &mut rng)?;
                 sum += loss.to_scalar::<f32>()? as f64 * batch.size as f64;
                 n += batch.size;
             }
@@ -1114,24 +1120,19 @@ fn benchmark(
     let path = NoisePath::for_scheduler(&cfg.objective_scheduler, cfg.num_timesteps);
     let objective = Objective::parse(&cfg.prediction_type);
     let amp = precision::dtype_of(&t.mixed_precision);
+    let spec = StepSpec {
+        path: &path,
+        objective,
+        snr_gamma: t.snr_gamma,
+        amp,
+        checkpointing: t.gradient_checkpointing,
+    };
     let mut scaler = LossScaler::for_dtype(amp);
     let mut step = |i: u64| -> Result<f64> {
         let mut r = ChaCha8Rng::seed_from_u64(i);
         let loss_scale = scaler.map_or(1.0, |s| s.scale);
-        let (loss, mut grads) = {
-            let _amp = Autocast::enter(amp);
-            diffusion_grads(
-                &model,
-                &x,
-                &cond,
-                &path,
-                objective,
-                t.snr_gamma,
-                loss_scale,
-                t.gradient_checkpointing,
-                &mut r,
-            )?
-        };
+        let (loss, mut grads) =
+            diffusion_grads(&model, &x, &cond, &spec, (1.0, loss_scale), &mut r)?;
         update(
             &mut opt,
             &mut grads,
@@ -1139,7 +1140,7 @@ fn benchmark(
             cfg.optimizer.learning_rate,
             t.gradient_clip_norm,
         )?;
-        Ok(loss as f64 / loss_scale)
+        Ok(loss)
     };
     step(0)?;
     device.synchronize()?;
