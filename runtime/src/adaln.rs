@@ -186,7 +186,7 @@ impl CustomOp3 for Modulate {
             let packed = x.apply_op3_no_bwd(
                 scale,
                 &grad.contiguous()?,
-                &gpu::ModulateBackward { eps: self.eps },
+                &gpu::Backward::Modulate { eps: self.eps },
             )?;
             let c = crate::cuda::chunks(n);
             return Ok((
@@ -344,7 +344,7 @@ impl CustomOp3 for GatedResidual {
         if grad.device().is_cuda() {
             let packed =
                 grad.contiguous()?
-                    .apply_op3_no_bwd(y, gate, &gpu::GatedResidualBackward)?;
+                    .apply_op3_no_bwd(y, gate, &gpu::Backward::GatedResidual)?;
             let c = crate::cuda::chunks(n);
             return Ok((
                 Some(grad.clone()),
@@ -385,13 +385,13 @@ impl CustomOp3 for GatedResidual {
 mod gpu {
     use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-    /// (x, scale, ∂L/∂y) → [∂L/∂x | ∂scale partials | ∂shift partials] on a GPU (dit.cu).
-    pub(super) struct ModulateBackward {
-        pub eps: f64,
+    /// The backward kernels (dit.cu), each packing its outputs into one buffer.
+    pub(super) enum Backward {
+        /// (x, scale, ∂L/∂y) → [∂L/∂x | ∂scale partials | ∂shift partials].
+        Modulate { eps: f64 },
+        /// (∂L/∂out, y, gate) → [∂L/∂y | ∂gate partials].
+        GatedResidual,
     }
-
-    /// (∂L/∂out, y, gate) → [∂L/∂y | ∂gate partials] on a GPU (dit.cu).
-    pub(super) struct GatedResidualBackward;
 
     /// Per-sample (B, d) sums of the kernel's (B, chunks, d) partial rows stored from `offset` of a
     /// packed output.
@@ -406,16 +406,12 @@ mod gpu {
             .sum(1)
     }
 
-    /// The GPU backwards have no CPU form: the CPU's runs inside `bwd`.
-    fn gpu_only(op: &str) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!(
-            "{op} runs on a GPU; the CPU backward is computed in the forward op's bwd"
-        )
-    }
-
-    impl CustomOp3 for ModulateBackward {
+    impl CustomOp3 for Backward {
         fn name(&self) -> &'static str {
-            "adaln-modulate-backward"
+            match self {
+                Backward::Modulate { .. } => "adaln-modulate-backward",
+                Backward::GatedResidual => "gated-residual-backward",
+            }
         }
 
         fn cpu_fwd(
@@ -427,63 +423,39 @@ mod gpu {
             _: &CpuStorage,
             _: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
-            gpu_only(self.name())
+            candle_core::bail!(
+                "{} runs on a GPU; the CPU backward is computed in the forward op's bwd",
+                self.name()
+            )
         }
 
-        #[cfg(feature = "cuda")]
         fn cuda_fwd(
             &self,
-            xs: &candle_core::CudaStorage,
-            xl: &Layout,
-            ss: &candle_core::CudaStorage,
-            sl: &Layout,
-            gs: &candle_core::CudaStorage,
-            gl: &Layout,
+            s1: &candle_core::CudaStorage,
+            l1: &Layout,
+            s2: &candle_core::CudaStorage,
+            l2: &Layout,
+            s3: &candle_core::CudaStorage,
+            l3: &Layout,
         ) -> Result<(candle_core::CudaStorage, Shape)> {
-            let (b, n, d) = xl.shape().dims3()?;
-            let out = crate::cuda::modulate_backward(
-                (xs, xl),
-                (ss, sl),
-                (gs, gl),
-                (b, n, d),
-                self.eps as f32,
-            )?;
-            let len = b * n * d + 2 * b * crate::cuda::chunks(n) * d;
-            Ok((out, Shape::from(len)))
-        }
-    }
-
-    impl CustomOp3 for GatedResidualBackward {
-        fn name(&self) -> &'static str {
-            "gated-residual-backward"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            gpu_only(self.name())
-        }
-
-        #[cfg(feature = "cuda")]
-        fn cuda_fwd(
-            &self,
-            gs: &candle_core::CudaStorage,
-            gl: &Layout,
-            ys: &candle_core::CudaStorage,
-            yl: &Layout,
-            ts: &candle_core::CudaStorage,
-            tl: &Layout,
-        ) -> Result<(candle_core::CudaStorage, Shape)> {
-            let (b, n, d) = gl.shape().dims3()?;
-            let out =
-                crate::cuda::gated_residual_backward((gs, gl), (ys, yl), (ts, tl), (b, n, d))?;
-            let len = b * n * d + b * crate::cuda::chunks(n) * d;
+            let (b, n, d) = l1.shape().dims3()?;
+            let partials = b * crate::cuda::chunks(n) * d;
+            let (out, len) = match self {
+                Backward::Modulate { eps } => (
+                    crate::cuda::modulate_backward(
+                        (s1, l1),
+                        (s2, l2),
+                        (s3, l3),
+                        (b, n, d),
+                        *eps as f32,
+                    )?,
+                    b * n * d + 2 * partials,
+                ),
+                Backward::GatedResidual => (
+                    crate::cuda::gated_residual_backward((s1, l1), (s2, l2), (s3, l3), (b, n, d))?,
+                    b * n * d + partials,
+                ),
+            };
             Ok((out, Shape::from(len)))
         }
     }
