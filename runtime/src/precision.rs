@@ -14,8 +14,11 @@
 //! Where a product has a 16-bit kernel (cuBLAS on CUDA) its operands are real bf16/f16 tensors.
 //! Where it has none (Candle's CPU matmul has no bf16, and our CPU and cuDNN convolutions are
 //! f32), the operands are rounded to the 16-bit type and kept in f32: the same numbers, since
-//! a 16-bit value is exact in f32, at f32 speed plus the rounding passes. So a CPU run has the
-//! GPU run's numerics, overflow of fp16 included.
+//! a 16-bit value is exact in f32, at f32 speed plus the rounding passes. Cast ops around the
+//! product do that ([`product`]); our fused CPU ops (linear, attention, convolution) round their
+//! operands, gradients and results themselves ([`operands`], [`round_in_place`]), so the graph
+//! keeps no rounded copy for the backward. So a CPU run has the GPU run's numerics, overflow of
+//! fp16 included.
 //!
 //! The 16-bit type of the current step is a scoped, per-thread setting ([`Autocast::enter`]), as
 //! `torch.autocast` is, so the layers need no precision argument; evaluation runs outside it, in
