@@ -1,0 +1,59 @@
+// Host entry points for the emulated kernels: each launches one kernel as the runtime does
+// (runtime/src/cuda.rs: the same grids and block sizes). Appended after the translation unit,
+// which the test builds with SD_DIT_WIDTHS(X) X(384) and SD_DIT_TOKENS(X) X(1024).
+extern "C" {
+void emu_modulate_fwd(int specialised, unsigned rows, const float* x, const float* scale,
+                      const float* shift, float* y, int tokens, int d, float eps) {
+    emu::launch({rows}, {128}, [=] {
+        if (specialised) modulate_fwd_384(x, scale, shift, y, tokens, d, eps);
+        else modulate_fwd_any(x, scale, shift, y, tokens, d, eps);
+    });
+}
+void emu_modulate_bwd(int specialised, unsigned chunks, unsigned batch, const float* x,
+                      const float* scale, const float* dy, float* out, int tokens, int d,
+                      float eps) {
+    emu::launch({chunks, batch}, {128}, [=] {
+        if (specialised) modulate_bwd_384(x, scale, dy, out, tokens, d, eps);
+        else modulate_bwd_any(x, scale, dy, out, tokens, d, eps);
+    });
+}
+void emu_gated_residual_fwd(const float* x, const float* y, const float* gate, float* out,
+                            long long n, unsigned tokens, unsigned d) {
+    emu::launch({7}, {256}, [=] { gated_residual_fwd(x, y, gate, out, n, tokens, d); });
+}
+void emu_gated_residual_bwd(unsigned chunks, unsigned batch, const float* g, const float* y,
+                            const float* gate, float* out, int tokens, int d) {
+    emu::launch({chunks, batch}, {128}, [=] { gated_residual_bwd(g, y, gate, out, tokens, d); });
+}
+void emu_gelu_tanh(int backward, const float* x, const float* dy, float* out, long long n) {
+    emu::launch({5}, {256}, [=] {
+        if (backward) gelu_tanh_bwd(x, dy, out, n);
+        else gelu_tanh_fwd(x, out, n);
+    });
+}
+void emu_softmax_rows(int backward, int specialised, unsigned rows, const float* a,
+                      const float* b, float* out, int len) {
+    emu::launch({rows}, {128}, [=] {
+        if (backward && specialised) softmax_rows_bwd_1024(a, b, out, len);
+        else if (backward) softmax_rows_bwd_any(a, b, out, len);
+        else if (specialised) softmax_rows_fwd_1024(a, out, len);
+        else softmax_rows_fwd_any(a, out, len);
+    });
+}
+void emu_weighted_mse_fwd(unsigned batch, const float* out, const float* target, const float* w,
+                          float* per_sample, long long m) {
+    emu::launch({batch}, {128}, [=] { weighted_mse_fwd(out, target, w, per_sample, m); });
+}
+void emu_weighted_mse_bwd(const float* out, const float* target, const float* wg, float* d_out,
+                          long long n, unsigned long long m) {
+    emu::launch({3}, {256}, [=] { weighted_mse_bwd(out, target, wg, d_out, n, m); });
+}
+// The EMA over (ema, param, n) slots as cuda.rs lays them out: 64-bit addresses and a length.
+void emu_ema_update(const unsigned long long* table, const int* chunks, unsigned blocks,
+                    float one_minus) {
+    emu::launch({blocks}, {512}, [=] {
+        ema_update(reinterpret_cast<const EmaSlot*>(table), reinterpret_cast<const int2*>(chunks),
+                   one_minus);
+    });
+}
+}

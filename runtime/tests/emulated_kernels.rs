@@ -1,0 +1,430 @@
+//! The CUDA kernels of runtime/kernels run on the host, against our CPU ops: no GPU needed, so
+//! this runs in every `cargo test`. The kernel sources are compiled as C++20 (`$CXX`, else `c++`)
+//! with tests/emulate/cuda_host.h, which gives them CUDA's execution model on OS threads (see
+//! there for what that can and cannot show), into a shared library called through libloading.
+//! The GPU parity tests (tests/cuda.rs) check the same kernels on a real device.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::{Device, Result, Tensor, Var};
+use libloading::{Library, Symbol};
+use signal_diffusion_config::cuda::{translation_unit, KernelSizes};
+use signal_diffusion_runtime::adaln::{gated_residual, modulate};
+
+/// The kernels as a host library, built once per test run.
+fn library() -> &'static Library {
+    static LIB: OnceLock<Library> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let sizes = KernelSizes {
+            norm: vec![],
+            widths: vec![384],
+            tokens: vec![1024],
+        };
+        let tu = translation_unit(&root.join("kernels"), &sizes).unwrap();
+        let emulate = root.join("tests/emulate");
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("emulated_kernels");
+        std::fs::create_dir_all(&dir).unwrap();
+        let source = dir.join("kernels.cpp");
+        let text = format!(
+            "#include \"{}\"\n{tu}\n#include \"{}\"\n",
+            emulate.join("cuda_host.h").display(),
+            emulate.join("exports.h").display()
+        );
+        std::fs::write(&source, text).unwrap();
+        let lib = dir.join(format!("libkernels-{}.so", std::process::id()));
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let out = std::process::Command::new(&cxx)
+            .args(["-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-o"])
+            .arg(&lib)
+            .arg(&source)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("these tests compile the CUDA kernels as C++20 with `{cxx}` ($CXX): {e}; install g++")
+            });
+        assert!(
+            out.status.success(),
+            "{cxx} failed on {}:\n{}",
+            source.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // SAFETY: our library, whose initialisers only set up the emulator's globals.
+        unsafe { Library::new(&lib) }.unwrap()
+    })
+}
+
+/// The emulator's launch state is process-wide: one launch at a time.
+fn launching() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn host(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn randn(shape: &[usize], std: f64) -> Tensor {
+    Tensor::randn(0f32, std as f32, shape, &Device::Cpu).unwrap()
+}
+
+/// max |a − b| / max |b|.
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let d = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max);
+    let s = b.iter().map(|y| y.abs() as f64).fold(0.0, f64::max);
+    d / s.max(1e-30)
+}
+
+/// Per-sample sums of (B, chunks, d) partial rows.
+fn sum_partials(p: &[f32], b: usize, chunks: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; b * d];
+    for s in 0..b {
+        for c in 0..chunks {
+            for j in 0..d {
+                out[s * d + j] += p[(s * chunks + c) * d + j];
+            }
+        }
+    }
+    out
+}
+
+/// Output and input gradients of `f` on the CPU ops, from Σ f·r.
+fn cpu_reference(
+    inputs: &[Tensor],
+    r: &Tensor,
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts).unwrap();
+    let grads = (&out * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = vars.iter().map(|v| host(grads.get(v).unwrap())).collect();
+    (host(&out), g)
+}
+
+const TOL: f64 = 1e-5;
+
+#[test]
+fn modulate_kernels_match_the_cpu_op() {
+    let lib = library();
+    type Fwd =
+        unsafe extern "C" fn(i32, u32, *const f32, *const f32, *const f32, *mut f32, i32, i32, f32);
+    type Bwd = unsafe extern "C" fn(
+        i32,
+        u32,
+        u32,
+        *const f32,
+        *const f32,
+        *const f32,
+        *mut f32,
+        i32,
+        i32,
+        f32,
+    );
+    // SAFETY: the signatures of tests/emulate/exports.h.
+    let (fwd, bwd): (Symbol<Fwd>, Symbol<Bwd>) = unsafe {
+        (
+            lib.get(b"emu_modulate_fwd").unwrap(),
+            lib.get(b"emu_modulate_bwd").unwrap(),
+        )
+    };
+    let (b, n, eps) = (3usize, 19usize, 1e-6f32);
+    // 384 has a specialised kernel (the header lists it), 24 goes through `_any`.
+    for (d, specialised) in [(384usize, 1), (24, 0)] {
+        let x = (randn(&[b, n, d], 2.0) + 0.5).unwrap();
+        let (scale, shift) = (randn(&[b, d], 0.5), randn(&[b, d], 0.5));
+        let r = randn(&[b, n, d], 1.0);
+        let (want, grads) = cpu_reference(&[x.clone(), scale.clone(), shift.clone()], &r, |t| {
+            modulate(&t[0], eps as f64, &t[2], &t[1])
+        });
+        let (xv, sv, hv, rv) = (host(&x), host(&scale), host(&shift), host(&r));
+        let mut y = vec![0f32; b * n * d];
+        let chunks = n.div_ceil(16);
+        let mut packed = vec![0f32; b * n * d + 2 * b * chunks * d];
+        {
+            let _one = launching();
+            // SAFETY: the buffers have the sizes the kernels index (cuda.rs's contract).
+            unsafe {
+                fwd(
+                    specialised,
+                    (b * n) as u32,
+                    xv.as_ptr(),
+                    sv.as_ptr(),
+                    hv.as_ptr(),
+                    y.as_mut_ptr(),
+                    n as i32,
+                    d as i32,
+                    eps,
+                );
+                bwd(
+                    specialised,
+                    chunks as u32,
+                    b as u32,
+                    xv.as_ptr(),
+                    sv.as_ptr(),
+                    rv.as_ptr(),
+                    packed.as_mut_ptr(),
+                    n as i32,
+                    d as i32,
+                    eps,
+                );
+            }
+        }
+        let (dx, rest) = packed.split_at(b * n * d);
+        let (ps, ph) = rest.split_at(b * chunks * d);
+        let errs = [
+            rel(&y, &want),
+            rel(dx, &grads[0]),
+            rel(&sum_partials(ps, b, chunks, d), &grads[1]),
+            rel(&sum_partials(ph, b, chunks, d), &grads[2]),
+        ];
+        assert!(
+            errs.iter().all(|e| *e < TOL),
+            "d {d}: y, dx, dscale, dshift {errs:?}"
+        );
+    }
+}
+
+#[test]
+fn gated_residual_kernels_match_the_cpu_op() {
+    let lib = library();
+    type Fwd = unsafe extern "C" fn(*const f32, *const f32, *const f32, *mut f32, i64, u32, u32);
+    type Bwd =
+        unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *mut f32, i32, i32);
+    // SAFETY: the signatures of tests/emulate/exports.h.
+    let (fwd, bwd): (Symbol<Fwd>, Symbol<Bwd>) = unsafe {
+        (
+            lib.get(b"emu_gated_residual_fwd").unwrap(),
+            lib.get(b"emu_gated_residual_bwd").unwrap(),
+        )
+    };
+    let (b, n, d) = (3usize, 19usize, 24usize);
+    let (x, y, gate, r) = (
+        randn(&[b, n, d], 1.0),
+        randn(&[b, n, d], 1.0),
+        randn(&[b, d], 1.0),
+        randn(&[b, n, d], 1.0),
+    );
+    let (want, grads) = cpu_reference(&[x.clone(), y.clone(), gate.clone()], &r, |t| {
+        gated_residual(&t[0], &t[1], &t[2])
+    });
+    let (xv, yv, gv, rv) = (host(&x), host(&y), host(&gate), host(&r));
+    let chunks = n.div_ceil(16);
+    let mut out = vec![0f32; b * n * d];
+    let mut packed = vec![0f32; b * n * d + b * chunks * d];
+    {
+        let _one = launching();
+        // SAFETY: as above.
+        unsafe {
+            fwd(
+                xv.as_ptr(),
+                yv.as_ptr(),
+                gv.as_ptr(),
+                out.as_mut_ptr(),
+                (b * n * d) as i64,
+                n as u32,
+                d as u32,
+            );
+            bwd(
+                chunks as u32,
+                b as u32,
+                rv.as_ptr(),
+                yv.as_ptr(),
+                gv.as_ptr(),
+                packed.as_mut_ptr(),
+                n as i32,
+                d as i32,
+            );
+        }
+    }
+    let (dy, partials) = packed.split_at(b * n * d);
+    let errs = [
+        rel(&out, &want),
+        rel(dy, &grads[1]),
+        rel(&sum_partials(partials, b, chunks, d), &grads[2]),
+    ];
+    assert!(errs.iter().all(|e| *e < TOL), "out, dy, dgate {errs:?}");
+}
+
+#[test]
+fn gelu_tanh_kernels_match_the_cpu_op() {
+    let lib = library();
+    type Gelu = unsafe extern "C" fn(i32, *const f32, *const f32, *mut f32, i64);
+    // SAFETY: the signature of tests/emulate/exports.h.
+    let gelu: Symbol<Gelu> = unsafe { lib.get(b"emu_gelu_tanh").unwrap() };
+    let (x, r) = (randn(&[7, 1000], 3.0), randn(&[7, 1000], 1.0));
+    let (want, grads) = cpu_reference(std::slice::from_ref(&x), &r, |t| {
+        signal_diffusion_runtime::ops::gelu_tanh(&t[0])
+    });
+    let (xv, rv) = (host(&x), host(&r));
+    let (mut y, mut dx) = (vec![0f32; xv.len()], vec![0f32; xv.len()]);
+    {
+        let _one = launching();
+        // SAFETY: as above.
+        unsafe {
+            gelu(
+                0,
+                xv.as_ptr(),
+                std::ptr::null(),
+                y.as_mut_ptr(),
+                xv.len() as i64,
+            );
+            gelu(
+                1,
+                xv.as_ptr(),
+                rv.as_ptr(),
+                dx.as_mut_ptr(),
+                xv.len() as i64,
+            );
+        }
+    }
+    let errs = [rel(&y, &want), rel(&dx, &grads[0])];
+    assert!(errs.iter().all(|e| *e < TOL), "y, dx {errs:?}");
+}
+
+#[test]
+fn softmax_kernels_match_the_cpu_op() {
+    let lib = library();
+    type Softmax = unsafe extern "C" fn(i32, i32, u32, *const f32, *const f32, *mut f32, i32);
+    // SAFETY: the signature of tests/emulate/exports.h.
+    let softmax: Symbol<Softmax> = unsafe { lib.get(b"emu_softmax_rows").unwrap() };
+    for (len, specialised) in [(1024usize, 1), (257, 0)] {
+        let rows = 2;
+        let (s, r) = (randn(&[rows, len], 4.0), randn(&[rows, len], 1.0));
+        let (want, grads) = cpu_reference(std::slice::from_ref(&s), &r, |t| {
+            signal_diffusion_runtime::attention::softmax_last(&t[0])
+        });
+        let (sv, rv) = (host(&s), host(&r));
+        let (mut p, mut ds) = (vec![0f32; sv.len()], vec![0f32; sv.len()]);
+        {
+            let _one = launching();
+            // SAFETY: as above.
+            unsafe {
+                softmax(
+                    0,
+                    specialised,
+                    rows as u32,
+                    sv.as_ptr(),
+                    std::ptr::null(),
+                    p.as_mut_ptr(),
+                    len as i32,
+                );
+                softmax(
+                    1,
+                    specialised,
+                    rows as u32,
+                    p.as_ptr(),
+                    rv.as_ptr(),
+                    ds.as_mut_ptr(),
+                    len as i32,
+                );
+            }
+        }
+        let errs = [rel(&p, &want), rel(&ds, &grads[0])];
+        assert!(
+            errs.iter().all(|e| *e < TOL),
+            "rows of {len}: p, ds {errs:?}"
+        );
+    }
+}
+
+#[test]
+fn weighted_mse_kernels_match_the_cpu_op() {
+    let lib = library();
+    type Fwd = unsafe extern "C" fn(u32, *const f32, *const f32, *const f32, *mut f32, i64);
+    type Bwd = unsafe extern "C" fn(*const f32, *const f32, *const f32, *mut f32, i64, u64);
+    // SAFETY: the signatures of tests/emulate/exports.h.
+    let (fwd, bwd): (Symbol<Fwd>, Symbol<Bwd>) = unsafe {
+        (
+            lib.get(b"emu_weighted_mse_fwd").unwrap(),
+            lib.get(b"emu_weighted_mse_bwd").unwrap(),
+        )
+    };
+    let (b, m) = (3usize, 3 * 16 * 16);
+    let (out, target) = (randn(&[b, 3, 16, 16], 1.0), randn(&[b, 3, 16, 16], 1.0));
+    let w = Tensor::new(&[0.5f32, 2.0, 0.25], &Device::Cpu).unwrap();
+    let r = Tensor::new(&[1.0f32, -3.0, 2.0], &Device::Cpu).unwrap();
+    let (want, grads) = cpu_reference(std::slice::from_ref(&out), &r, |t| {
+        signal_diffusion_runtime::diffusion::weighted_mse(&t[0], &target, &w)
+    });
+    let (ov, tv, wv) = (host(&out), host(&target), host(&w));
+    let wg: Vec<f32> = wv.iter().zip(host(&r)).map(|(a, b)| a * b).collect();
+    let (mut per_sample, mut d_out) = (vec![0f32; b], vec![0f32; b * m]);
+    {
+        let _one = launching();
+        // SAFETY: as above.
+        unsafe {
+            fwd(
+                b as u32,
+                ov.as_ptr(),
+                tv.as_ptr(),
+                wv.as_ptr(),
+                per_sample.as_mut_ptr(),
+                m as i64,
+            );
+            bwd(
+                ov.as_ptr(),
+                tv.as_ptr(),
+                wg.as_ptr(),
+                d_out.as_mut_ptr(),
+                (b * m) as i64,
+                m as u64,
+            );
+        }
+    }
+    let errs = [rel(&per_sample, &want), rel(&d_out, &grads[0])];
+    assert!(errs.iter().all(|e| *e < TOL), "loss, d_out {errs:?}");
+}
+
+#[test]
+fn ema_kernel_matches_the_cpu_update() {
+    let lib = library();
+    type Ema = unsafe extern "C" fn(*const u64, *const i32, u32, f32);
+    // SAFETY: the signature of tests/emulate/exports.h.
+    let ema_update: Symbol<Ema> = unsafe { lib.get(b"emu_ema_update").unwrap() };
+    // Two tensors, one longer than a 65536-value chunk, laid out as cuda.rs's slot table.
+    let mut emas = [host(&randn(&[70000], 1.0)), host(&randn(&[300], 1.0))];
+    let params = [host(&randn(&[70000], 1.0)), host(&randn(&[300], 1.0))];
+    let one_minus = 0.25f32;
+    let want: Vec<Vec<f32>> = emas
+        .iter()
+        .zip(&params)
+        .map(|(e, p)| {
+            e.iter()
+                .zip(p)
+                .map(|(e, p)| e - (e - p) * one_minus)
+                .collect()
+        })
+        .collect();
+    let mut table = vec![];
+    let mut chunks = vec![];
+    for (i, (e, p)) in emas.iter_mut().zip(&params).enumerate() {
+        table.extend([e.as_mut_ptr() as u64, p.as_ptr() as u64, e.len() as u64]);
+        for c in 0..e.len().div_ceil(65536) {
+            chunks.extend([i as i32, c as i32]);
+        }
+    }
+    {
+        let _one = launching();
+        // SAFETY: the table holds live buffers of the stated lengths.
+        unsafe {
+            ema_update(
+                table.as_ptr(),
+                chunks.as_ptr(),
+                (chunks.len() / 2) as u32,
+                one_minus,
+            )
+        };
+    }
+    for (got, want) in emas.iter().zip(&want) {
+        assert!(rel(got, want) < 1e-7, "{:.1e}", rel(got, want));
+    }
+}
