@@ -428,3 +428,166 @@ fn ema_kernel_matches_the_cpu_update() {
         assert!(rel(got, want) < 1e-7, "{:.1e}", rel(got, want));
     }
 }
+
+#[test]
+fn group_norm_kernels_match_the_cpu_op() {
+    let lib = library();
+    type Norm =
+        unsafe extern "C" fn(i32, u32, *const f32, *const f32, *const f32, *mut f32, i32, i32);
+    // SAFETY: the signature of tests/emulate/exports.h.
+    let norm: Symbol<Norm> = unsafe { lib.get(b"emu_group_norm").unwrap() };
+    let (b, c, h, w) = (2usize, 3usize, 5usize, 7usize);
+    let n = c * h * w;
+    let x = (randn(&[b, c, h, w], 2.5) + 0.7).unwrap();
+    let (wt, bias) = ((randn(&[c], 0.3) + 1.0).unwrap(), randn(&[c], 0.3));
+    let r = randn(&[b, c, h, w], 1.0);
+    let (want, grads) = cpu_reference(&[x.clone(), wt.clone(), bias.clone()], &r, |t| {
+        signal_diffusion_runtime::ops::group_norm(&t[0], &t[1], &t[2])
+    });
+    let (xv, wv, bv, rv) = (host(&x), host(&wt), host(&bias), host(&r));
+    let mut y = vec![0f32; b * n];
+    let mut packed = vec![0f32; b * n + 2 * b * c];
+    {
+        let _one = launching();
+        // SAFETY: as above.
+        unsafe {
+            norm(
+                0,
+                b as u32,
+                xv.as_ptr(),
+                wv.as_ptr(),
+                bv.as_ptr(),
+                y.as_mut_ptr(),
+                c as i32,
+                n as i32,
+            );
+            norm(
+                1,
+                b as u32,
+                xv.as_ptr(),
+                wv.as_ptr(),
+                rv.as_ptr(),
+                packed.as_mut_ptr(),
+                c as i32,
+                n as i32,
+            );
+        }
+    }
+    let (dx, rest) = packed.split_at(b * n);
+    let (dw, db) = rest.split_at(b * c);
+    let errs = [
+        rel(&y, &want),
+        rel(dx, &grads[0]),
+        rel(&sum_partials(dw, 1, b, c), &grads[1]),
+        rel(&sum_partials(db, 1, b, c), &grads[2]),
+    ];
+    assert!(errs.iter().all(|e| *e < TOL), "y, dx, dw, db {errs:?}");
+}
+
+/// One clipped AdamW step of the kernels against the CPU optimizer, the gradient norm (80) above
+/// the clip limit (50): parameters within 1e-6.
+#[test]
+fn adam_kernels_match_the_cpu_optimizer() {
+    use signal_diffusion_config::schema;
+    use signal_diffusion_runtime::optim::Optimizer;
+    let lib = library();
+    type Adam = unsafe extern "C" fn(
+        *const u64,
+        *const i32,
+        u32,
+        *mut f64,
+        f32,
+        f32,
+        f32,
+        f32,
+        f32,
+        f32,
+        f32,
+        f32,
+        i32,
+    );
+    // SAFETY: the signature of tests/emulate/exports.h.
+    let adam: Symbol<Adam> = unsafe { lib.get(b"emu_adam").unwrap() };
+    let cfg = schema::Optimizer {
+        name: "adamw".into(),
+        learning_rate: 1e-2,
+        weight_decay: 0.05,
+        betas: [0.9, 0.999],
+        eps: 1e-8,
+        momentum: 0.9,
+    };
+    let init = [randn(&[70000], 1.0), randn(&[300], 1.0)];
+    let grads = [randn(&[70000], 0.3), randn(&[300], 0.3)];
+    let vars: Vec<(String, Var)> = init
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("p{i}"), Var::from_tensor(t).unwrap()))
+        .collect();
+    let mut opt = Optimizer::new(&cfg, vars.clone()).unwrap();
+    let mut loss = Tensor::new(0f32, &Device::Cpu).unwrap();
+    for ((_, v), g) in vars.iter().zip(&grads) {
+        loss = (loss + (v.as_tensor() * g).unwrap().sum_all().unwrap()).unwrap();
+    }
+    let mut store = loss.backward().unwrap();
+    let norm = opt
+        .step(&mut store, 1e-2, Some(50.0))
+        .unwrap()
+        .value()
+        .unwrap();
+    assert!(norm > 50.0, "the clip must act: norm {norm}");
+
+    let mut params: Vec<Vec<f32>> = init.iter().map(host).collect();
+    let gs: Vec<Vec<f32>> = grads.iter().map(host).collect();
+    let mut ms: Vec<Vec<f32>> = params.iter().map(|p| vec![0f32; p.len()]).collect();
+    let mut vs = ms.clone();
+    let (mut table, mut chunks) = (vec![], vec![]);
+    for (i, ((p, g), (m, v))) in params
+        .iter_mut()
+        .zip(&gs)
+        .zip(ms.iter_mut().zip(vs.iter_mut()))
+        .enumerate()
+    {
+        let n = p.len();
+        table.extend([
+            p.as_mut_ptr() as u64,
+            g.as_ptr() as u64,
+            m.as_mut_ptr() as u64,
+            v.as_mut_ptr() as u64,
+            n as u64,
+        ]);
+        for c in 0..n.div_ceil(65536) {
+            chunks.extend([i as i32, c as i32]);
+        }
+    }
+    let mut sq = 0f64;
+    {
+        let _one = launching();
+        // SAFETY: the table holds live buffers of the stated lengths.
+        unsafe {
+            adam(
+                table.as_ptr(),
+                chunks.as_ptr(),
+                (chunks.len() / 2) as u32,
+                &mut sq,
+                50.0,
+                1e-2,
+                0.9,
+                0.999,
+                1e-8,
+                0.05,
+                0.1,
+                0.001,
+                1,
+            );
+        }
+    }
+    assert!(
+        (sq.sqrt() - norm).abs() < 1e-6 * norm,
+        "norm {} vs {norm}",
+        sq.sqrt()
+    );
+    for (got, (_, want)) in params.iter().zip(&vars) {
+        let e = rel(got, &host(want.as_tensor()));
+        assert!(e < 1e-6, "parameters differ by {e:.1e}");
+    }
+}

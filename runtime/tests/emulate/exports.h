@@ -48,6 +48,25 @@ void emu_weighted_mse_bwd(const float* out, const float* target, const float* wg
                           long long n, unsigned long long m) {
     emu::launch({3}, {256}, [=] { weighted_mse_bwd(out, target, wg, d_out, n, m); });
 }
+void emu_group_norm(int backward, unsigned batch, const float* x, const float* w,
+                    const float* b_or_g, float* out, int c, int n) {
+    emu::launch({batch}, {NORM_THREADS}, [=] {
+        if (backward) group_norm_bwd_any(x, w, b_or_g, out, (int)batch, c, n);
+        else group_norm_fwd_any(x, w, b_or_g, out, c, n);
+    });
+}
+// Clipping and Adam/AdamW over (param, grad, m, v, n) slots, as cuda.rs's adam_step launches.
+void emu_adam(const unsigned long long* table, const int* chunks, unsigned blocks, double* sq_norm,
+              float max_norm, float lr, float beta1, float beta2, float eps, float weight_decay,
+              float bc1, float bc2, int decoupled) {
+    auto slots = reinterpret_cast<const Slot*>(table);
+    auto pairs = reinterpret_cast<const int2*>(chunks);
+    emu::launch({blocks}, {OPTIM_THREADS}, [=] { grad_sq_norm(slots, pairs, sq_norm); });
+    emu::launch({blocks}, {OPTIM_THREADS}, [=] {
+        adam_step(slots, pairs, sq_norm, max_norm, lr, beta1, beta2, eps, weight_decay, bc1, bc2,
+                  decoupled);
+    });
+}
 // The EMA over (ema, param, n) slots as cuda.rs lays them out: 64-bit addresses and a length.
 void emu_ema_update(const unsigned long long* table, const int* chunks, unsigned blocks,
                     float one_minus) {
