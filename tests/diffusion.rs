@@ -145,7 +145,7 @@ fn dit_trains_resumes_exactly_and_writes_readable_files() {
 /// (overridden at run time): each loss and gradient norm follows the f32 run's within its
 /// type's rounding (measured: bf16 2e-4, fp16 3e-5 of the loss), which the gradient norm could
 /// not if the loss scale were left in the gradients (AdamW would hardly notice); only fp16 logs a
-/// loss scale.
+/// loss scale, and an fp16 run resumed from a checkpoint continues with the same losses and scale.
 #[test]
 fn mixed_precision_training_follows_the_f32_losses() {
     let tmp = tempfile::tempdir().unwrap();
@@ -195,6 +195,36 @@ fn mixed_precision_training_follows_the_f32_losses() {
         scales.iter().all(|(_, s)| *s > 0.0 && *s <= 65536.0),
         "{scales:?}"
     );
+
+    // fp16 resumes exactly: the loss scale and the skipped-update count are in state.json.
+    let ckpt = fp16_run.join("checkpoints/checkpoint-3");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).unwrap()).unwrap();
+    assert!(state["loss_scaler"]["scale"].as_f64().is_some(), "{state}");
+    let resumed = tmp.path().join("fp16-resumed");
+    copy_dir(&ckpt, &resumed.join("run/checkpoints/checkpoint-3"));
+    let sets = [
+        ("dataset.name", data.display().to_string()),
+        ("training.eval_strategy", "none".to_string()),
+        ("training.mixed_precision", "fp16".to_string()),
+    ];
+    train(
+        tiny_dit::run,
+        &sets,
+        &resumed,
+        Some(resumed.join("run/checkpoints/checkpoint-3")),
+    );
+    for tag in ["train/loss", "train/loss_scale"] {
+        let want: Vec<(u64, f64)> = series(&fp16_run, tag)
+            .into_iter()
+            .filter(|(s, _)| *s > 3)
+            .collect();
+        assert_eq!(
+            series(&resumed.join("run"), tag),
+            want,
+            "{tag} after resume"
+        );
+    }
 }
 
 /// The augmentation loop: a DiT trained on the images, `sigdiff sample` conditioned like the
