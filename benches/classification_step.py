@@ -12,7 +12,8 @@ Ours is `train-baseline --benchmark N` (build with
 `SD_CONFIG=config/classification/baseline.toml cargo build --release --features cuda`).
 Peak GPU memory of each run is polled with nvidia-smi (the same way for both sides).
 
-usage: python3 benches/classification_step.py --ours path/to/train [--steps 20] [--batch 192]
+usage: python3 benches/classification_step.py --ours path/to/train [--steps 20] [--batch 192] [--amp]
+(`--amp`: bf16 autocast on both sides: our `use_amp`, torch.autocast(bfloat16) for PyTorch.)
 (`--batch` other than 192: compile `--ours` from a copy of baseline.toml with that batch_size.)
 
 CPU: `--device cpu --threads 2 --batch 32 --steps 2` (ours compiled from baseline.toml with
@@ -88,7 +89,7 @@ class PeakMemory:
         self.thread.join()
 
 
-def torch_steps(compiled, steps, batch=192, dev="cuda", warmup=3):
+def torch_steps(compiled, steps, batch=192, dev="cuda", warmup=3, amp=False):
     torch.manual_seed(0)
     model = Classifier().to(dev)
     n = sum(p.numel() for p in model.parameters())
@@ -108,8 +109,9 @@ def torch_steps(compiled, steps, batch=192, dev="cuda", warmup=3):
     fwd = torch.compile(model) if compiled else model
 
     def step():
-        outs = fwd(x)
-        loss, per_task = loss_fn(outs)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
+            outs = fwd(x)
+        loss, per_task = loss_fn([o.float() for o in outs])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -172,6 +174,7 @@ def main():
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--threads", type=int, default=2, help="CPU: threads for both sides")
     ap.add_argument("--compile", action="store_true", help="CPU: also time torch.compile")
+    ap.add_argument("--amp", action="store_true", help="GPU: bf16 autocast on both sides (our `use_amp`)")
     ap.add_argument("--torch-cpu-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.torch_cpu_child is not None:
@@ -188,7 +191,8 @@ def main():
     flops = 11853.825e9 * args.batch / 192  # the plan's FLOPs per step at batch 192 (train --plan)
     results = {}
     with PeakMemory() as mem:
-        out = subprocess.run([args.ours, "--benchmark", str(args.steps)], capture_output=True, text=True)
+        amp = ["--set", "training.use_amp=true"] if args.amp else []
+        out = subprocess.run([args.ours, "--benchmark", str(args.steps), *amp], capture_output=True, text=True)
     print(out.stdout + out.stderr, flush=True)
     line = [l for l in out.stdout.splitlines() if l.startswith("benchmark")]
     if line:
@@ -198,7 +202,7 @@ def main():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         with PeakMemory() as mem:
-            sps, last, alloc = torch_steps(compiled, args.steps, args.batch)
+            sps, last, alloc = torch_steps(compiled, args.steps, args.batch, amp=args.amp)
         results[name] = {"steps_per_s": sps, "peak_mib_nvidia_smi": mem.peak, "max_allocated_mib": alloc, "last_loss": last}
         print(name, results[name], flush=True)
     for r in results.values():

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything a GPU session should measure, in one run of a few minutes (device time is short):
+# the kernels' parity tests, then the classification and DiT baseline steps side by side with
+# PyTorch eager and torch.compile, f32 (TF32) and bf16. Needs gpu.tar.xz from
+# benches/gpu_build.sh (carried; unpacked into gpu/) and PyTorch + diffusers on the GPU machine.
+# Logs go to $OUT (or ./gpu-logs).
+#
+#   bash benches/gpu_checks.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# The CUDA 13 libraries and cuDNN 9 (README, "Building for a GPU"): the toolkit's, then
+# PyTorch's wheels.
+cudnn=$(python3 -c 'import nvidia.cudnn, os; print(os.path.join(nvidia.cudnn.__path__[0], "lib"))' 2>/dev/null || true)
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu${cudnn:+:$cudnn}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+[[ -x gpu/cuda-tests ]] || { mkdir -p gpu && xz -dc gpu.tar.xz | tar -C gpu -xf -; }
+LOGS=${OUT:-gpu-logs}
+mkdir -p "$LOGS"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOGS/gpu.txt"
+run() { local name=$1; shift; echo "== $name: $*"; timeout 240 "$@" > "$LOGS/$name.log" 2>&1; echo "rc=$?" >> "$LOGS/$name.log"; tail -12 "$LOGS/$name.log"; }
+run parity gpu/cuda-tests --include-ignored --test-threads 1 --skip op_timings --nocapture
+run classification-f32 python3 benches/classification_step.py --ours gpu/train-classification --steps 10
+run classification-bf16 python3 benches/classification_step.py --ours gpu/train-classification --steps 10 --amp
+run dit-bf16 python3 benches/dit_step.py --device cuda --ours gpu/train-diffusion --dims 16,72,12,64,2,32 --precision bf16 --steps 10
+run dit-f32 python3 benches/dit_step.py --device cuda --ours gpu/train-diffusion --dims 16,72,12,64,2,32 --precision no --steps 10
