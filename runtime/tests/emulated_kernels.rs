@@ -591,3 +591,84 @@ fn adam_kernels_match_the_cpu_optimizer() {
         assert!(e < 1e-6, "parameters differ by {e:.1e}");
     }
 }
+
+/// The counter-hash dropout kernel keeps exactly the CPU op's elements (p = 0.3), GELU (erf)
+/// matches the CPU op forward and backward, and the convolution bias kernels add the bias and
+/// sum its gradient per (sample, channel).
+#[test]
+fn dropout_gelu_and_bias_kernels_match_the_cpu() {
+    let lib = library();
+    type Dropout = unsafe extern "C" fn(*const f32, *mut f32, i64, u64, u32, f32);
+    type Gelu = unsafe extern "C" fn(i32, *const f32, *const f32, *mut f32, i64);
+    type BiasAdd = unsafe extern "C" fn(*mut f32, *const f32, i32, i64, i64);
+    type ChannelSums = unsafe extern "C" fn(u32, *const f32, *mut f32, i64);
+    // SAFETY: the signatures of tests/emulate/exports.h.
+    let (dropout, gelu, bias_add, channel_sums): (
+        Symbol<Dropout>,
+        Symbol<Gelu>,
+        Symbol<BiasAdd>,
+        Symbol<ChannelSums>,
+    ) = unsafe {
+        (
+            lib.get(b"emu_dropout").unwrap(),
+            lib.get(b"emu_gelu").unwrap(),
+            lib.get(b"emu_bias_add").unwrap(),
+            lib.get(b"emu_channel_sums").unwrap(),
+        )
+    };
+    let x = randn(&[7, 1000], 2.0);
+    let r = randn(&[7, 1000], 1.0);
+    let (xv, rv) = (host(&x), host(&r));
+    let n = xv.len();
+    let (seed, p) = (1234u64, 0.3f64);
+    let want_drop = host(&signal_diffusion_runtime::ops::dropout(&x, p, seed).unwrap());
+    let (want_gelu, grads) = cpu_reference(std::slice::from_ref(&x), &r, |t| {
+        signal_diffusion_runtime::ops::gelu(&t[0])
+    });
+    let (b, c, hw) = (3usize, 5usize, 37usize);
+    let y0 = randn(&[b, c, hw], 1.0);
+    let bias = randn(&[c], 1.0);
+    let want_biased = host(&y0.broadcast_add(&bias.reshape((c, 1)).unwrap()).unwrap());
+    let want_sums = host(&y0.sum(2).unwrap());
+    let mut dropped = vec![0f32; n];
+    let (mut g, mut dg) = (vec![0f32; n], vec![0f32; n]);
+    let mut biased = host(&y0);
+    let mut sums = vec![0f32; b * c];
+    {
+        let _one = launching();
+        let threshold = ((1.0 - p) * (1u64 << 24) as f64).round() as u32;
+        // SAFETY: the buffers have the sizes the kernels index.
+        unsafe {
+            dropout(
+                xv.as_ptr(),
+                dropped.as_mut_ptr(),
+                n as i64,
+                seed,
+                threshold,
+                (1.0 / (1.0 - p)) as f32,
+            );
+            gelu(0, xv.as_ptr(), std::ptr::null(), g.as_mut_ptr(), n as i64);
+            gelu(1, xv.as_ptr(), rv.as_ptr(), dg.as_mut_ptr(), n as i64);
+            bias_add(
+                biased.as_mut_ptr(),
+                host(&bias).as_ptr(),
+                c as i32,
+                hw as i64,
+                (b * c * hw) as i64,
+            );
+            let y0v = host(&y0);
+            channel_sums((b * c) as u32, y0v.as_ptr(), sums.as_mut_ptr(), hw as i64);
+        }
+    }
+    assert_eq!(dropped, want_drop, "dropout masks differ");
+    let errs = [
+        rel(&g, &want_gelu),
+        rel(&dg, &grads[0]),
+        rel(&biased, &want_biased),
+        rel(&sums, &want_sums),
+    ];
+    assert!(
+        errs.iter().all(|e| *e < TOL),
+        "gelu, its gradient, bias, channel sums {errs:?}"
+    );
+}

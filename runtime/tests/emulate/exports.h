@@ -67,6 +67,23 @@ void emu_adam(const unsigned long long* table, const int* chunks, unsigned block
                   decoupled);
     });
 }
+void emu_dropout(const float* x, float* y, long long n, unsigned long long seed,
+                 unsigned threshold, float scale) {
+    emu::launch({3}, {256}, [=] { dropout(x, y, n, seed, threshold, scale); });
+}
+void emu_gelu(int backward, const float* x, const float* dy, float* out, long long n) {
+    emu::launch({5}, {256}, [=] {
+        if (backward) gelu_bwd(x, dy, out, n);
+        else gelu_fwd(x, out, n);
+    });
+}
+// In place, as the convolution's bias; then the per-(sample, channel) sums of its gradient.
+void emu_bias_add(float* y, const float* bias, int c, long long hw, long long n) {
+    emu::launch({4}, {256}, [=] { bias_add(y, bias, c, hw, n); });
+}
+void emu_channel_sums(unsigned rows, const float* dy, float* partial, long long hw) {
+    emu::launch({rows}, {256}, [=] { channel_sums(dy, partial, hw); });
+}
 // The EMA over (ema, param, n) slots as cuda.rs lays them out: 64-bit addresses and a length.
 void emu_ema_update(const unsigned long long* table, const int* chunks, unsigned blocks,
                     float one_minus) {
