@@ -921,6 +921,14 @@ impl Evaluator<'_> {
                 ctx.cfg.dataset.num_workers,
                 0,
             );
+            // In f32: evaluation runs outside autocast, with no gradients to checkpoint.
+            let spec = StepSpec {
+                path: &ctx.path,
+                objective: ctx.objective,
+                snr_gamma: t.snr_gamma,
+                amp: None,
+                checkpointing: false,
+            };
             let (mut sum, mut n) = (0f64, 0usize);
             let mut start = 0;
             for (b, batch) in loader.enumerate() {
@@ -930,13 +938,6 @@ impl Evaluator<'_> {
                 let cond = conditions(ctx.shape.conditioning, &val.targets, &idx);
                 let mut rng = ChaCha8Rng::seed_from_u64(t.seed ^ 0x7a1d_0000 ^ b as u64);
                 let x = ctx.tensor(&batch.inputs, batch.size)?;
-                let spec = StepSpec {
-                    path: &ctx.path,
-                    objective: ctx.objective,
-                    snr_gamma: t.snr_gamma,
-                    amp: None,
-                    checkpointing: false,
-                };
                 let loss = diffusion_loss(self.model, &x, &cond, &spec, &mut rng)?;
                 sum += loss.to_scalar::<f32>()? as f64 * batch.size as f64;
                 n += batch.size;
