@@ -23,9 +23,9 @@ use crate::precision::{operands, round_in_place};
 /// last axis, as the projections write them (the op reads and writes each head in place, with a
 /// row stride of H·d, so no head split or merge is copied). Returns (B, N, H·d).
 ///
-/// Under autocast q, k, v and the output are rounded to the 16-bit type (by the op itself on the
-/// CPU; cast to it on a GPU, where the softmax still runs in f32 between the two 16-bit
-/// products, as flash attention's does; precision.rs).
+/// Under autocast q, k, v and the output are rounded to the 16-bit type: by the op itself on the
+/// CPU; on a GPU inside the two 16-bit products, with the softmax in f32 between them, as flash
+/// attention's does (precision.rs).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, width) = q.dims3()?;
     let d = width / heads;
@@ -42,16 +42,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
             },
         );
     }
-    crate::precision::product(&[q, k, v], true, |t| {
-        let split = |t: &Tensor| t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous();
-        let (q, k, v) = (split(&t[0])?, split(&t[1])?, split(&t[2])?);
-        let scores = (q.matmul(&k.t()?.contiguous()?)?.to_dtype(DType::F32)? * scale)?;
-        softmax_last(&scores)?
-            .to_dtype(v.dtype())?
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, n, width))
-    })
+    let split = |t: &Tensor| t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous();
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let scores = (crate::precision::matmul(&q, &k.t()?)? * scale)?;
+    crate::precision::matmul(&softmax_last(&scores)?, &v)?
+        .transpose(1, 2)?
+        .reshape((b, n, width))
 }
 
 struct Attention {

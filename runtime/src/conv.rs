@@ -21,19 +21,13 @@ use crate::ops::contiguous as values;
 
 /// Convolution of `x` (B, C, [H,] W) with `w` (O, C, [kh,] kw), zero padding `padding` on every
 /// spatial side, plus `bias` (O) when given; differentiable in all of them. Under autocast the
-/// operands and the result are rounded to the 16-bit type (these kernels are f32; precision.rs).
+/// ops round their operands, gradients and results to the 16-bit type themselves (these kernels
+/// and cuDNN's here are f32; precision.rs).
 pub fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Tensor> {
-    if x.device().is_cpu() {
-        let round = crate::precision::autocast_dtype();
-        return conv_op(x, w, bias, padding, round);
-    }
-    let operands: Vec<&Tensor> = [x, w].into_iter().chain(bias).collect();
-    crate::precision::product(&operands, false, |t| {
-        conv_op(&t[0], &t[1], t.get(2), padding, None)
-    })
+    conv_op(x, w, bias, padding, crate::precision::autocast_dtype())
 }
 
-/// The op, rounding operands, gradients and results to `round` itself (the CPU's autocast).
+/// The op, rounding operands, gradients and results to `round` itself (autocast).
 fn conv_op(
     x: &Tensor,
     w: &Tensor,
@@ -434,6 +428,28 @@ fn on_cpu(
     candle_core::bail!("convolutions run in f32 or f64, all inputs alike")
 }
 
+/// A cuDNN pass under autocast `round`, as [`on_cpu`] runs a CPU one: the inputs rounded to the
+/// 16-bit type (contiguous f32 copies that live only for the pass), and the result.
+#[cfg(feature = "cuda")]
+fn on_cuda<'a, const N: usize>(
+    inputs: [(&'a candle_core::CudaStorage, &'a Layout); N],
+    round: Option<DType>,
+    pass: impl FnOnce(
+        [(&candle_core::CudaStorage, &Layout); N],
+    ) -> Result<(candle_core::CudaStorage, Shape)>,
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    use crate::precision::round_storage;
+    let Some(low) = round else {
+        return pass(inputs);
+    };
+    let rounded = inputs
+        .iter()
+        .map(|&(s, l)| Ok((round_storage(s, l, low)?, Layout::contiguous(l.shape()))))
+        .collect::<Result<Vec<_>>>()?;
+    let (y, shape) = pass(std::array::from_fn(|i| (&rounded[i].0, &rounded[i].1)))?;
+    Ok((round_storage(&y, &Layout::contiguous(&shape), low)?, shape))
+}
+
 impl CustomOp2 for Conv {
     fn name(&self) -> &'static str {
         "conv"
@@ -467,11 +483,13 @@ impl CustomOp2 for Conv {
         ws: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (y, dims) = crate::cudnn::forward(xs, xl, ws, wl, self.pad)?;
-        Ok((
-            candle_core::CudaStorage::wrap_cuda_slice(y, xs.device().clone()),
-            Shape::from(dims.to_vec()),
-        ))
+        on_cuda([(xs, xl), (ws, wl)], self.round, |[(xs, xl), (ws, wl)]| {
+            let (y, dims) = crate::cudnn::forward(xs, xl, ws, wl, self.pad)?;
+            Ok((
+                candle_core::CudaStorage::wrap_cuda_slice(y, xs.device().clone()),
+                Shape::from(dims.to_vec()),
+            ))
+        })
     }
 
     fn bwd(
@@ -526,14 +544,17 @@ impl CustomOp3 for Conv {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dev = xs.device();
-        let (mut y, dims) = crate::cudnn::forward(xs, xl, ws, wl, self.pad)?;
-        let bias = crate::cudnn::view(bs, bl)?;
-        crate::cuda::bias_add(dev, &mut y, &bias, dims[1], dims[2] * dims[3])?;
-        Ok((
-            candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()),
-            Shape::from(dims.to_vec()),
-        ))
+        let inputs = [(xs, xl), (ws, wl), (bs, bl)];
+        on_cuda(inputs, self.round, |[(xs, xl), (ws, wl), (bs, bl)]| {
+            let dev = xs.device();
+            let (mut y, dims) = crate::cudnn::forward(xs, xl, ws, wl, self.pad)?;
+            let bias = crate::cudnn::view(bs, bl)?;
+            crate::cuda::bias_add(dev, &mut y, &bias, dims[1], dims[2] * dims[3])?;
+            Ok((
+                candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()),
+                Shape::from(dims.to_vec()),
+            ))
+        })
     }
 
     fn bwd(
@@ -622,8 +643,14 @@ impl CustomOp2 for BackwardData {
         ws: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dx = crate::cudnn::backward_data(dys, dyl, ws, wl, self.pad, self.x_dims)?;
-        Ok((dx, Shape::from(self.x_dims.to_vec())))
+        on_cuda(
+            [(dys, dyl), (ws, wl)],
+            self.round,
+            |[(dys, dyl), (ws, wl)]| {
+                let dx = crate::cudnn::backward_data(dys, dyl, ws, wl, self.pad, self.x_dims)?;
+                Ok((dx, Shape::from(self.x_dims.to_vec())))
+            },
+        )
     }
 }
 
@@ -657,8 +684,14 @@ impl CustomOp2 for BackwardFilter {
         dys: &candle_core::CudaStorage,
         dyl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dw = crate::cudnn::backward_filter(xs, xl, dys, dyl, self.pad, self.w_dims)?;
-        Ok((dw, Shape::from(self.w_dims.to_vec())))
+        on_cuda(
+            [(xs, xl), (dys, dyl)],
+            self.round,
+            |[(xs, xl), (dys, dyl)]| {
+                let dw = crate::cudnn::backward_filter(xs, xl, dys, dyl, self.pad, self.w_dims)?;
+                Ok((dw, Shape::from(self.w_dims.to_vec())))
+            },
+        )
     }
 }
 

@@ -11,16 +11,14 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use crate::precision::{operands, round_in_place};
 
 /// x (rows, din), weight (dout, din), bias (dout) -> (rows, dout).
-/// Under autocast the three are rounded to the 16-bit type (by the op itself on the CPU), or
-/// cast to it on a GPU (see precision.rs).
+/// Under autocast the three are rounded to the 16-bit type by the op itself on the CPU, or cast
+/// to it inside the product on a GPU (see precision.rs).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         let round = crate::precision::autocast_dtype();
         return x.contiguous()?.apply_op3(weight, bias, Linear { round });
     }
-    crate::precision::product(&[x, weight, bias], true, |t| {
-        t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2])
-    })
+    crate::precision::matmul_add(x, &weight.t()?, bias)
 }
 
 /// `round`: autocast's 16-bit type, to which operands, gradients and results are rounded.

@@ -11,14 +11,14 @@
 //! PyTorch would also run the activations between products in 16 bits; keeping them in f32 costs
 //! memory bandwidth, not accuracy.)
 //!
-//! Where a product has a 16-bit kernel (cuBLAS on CUDA) its operands are real bf16/f16 tensors.
-//! Where it has none (Candle's CPU matmul has no bf16, and our CPU and cuDNN convolutions are
-//! f32), the operands are rounded to the 16-bit type and kept in f32: the same numbers, since
-//! a 16-bit value is exact in f32, at f32 speed plus the rounding passes. Cast ops around the
-//! product do that ([`product`]); our fused CPU ops (linear, attention, convolution) round their
-//! operands, gradients and results themselves ([`operands`], [`round_in_place`]), so the graph
-//! keeps no rounded copy for the backward. So a CPU run has the GPU run's numerics, overflow of
-//! fp16 included.
+//! Where a product has a 16-bit kernel (cuBLAS on CUDA) it computes on real bf16/f16 copies of
+//! its operands. Where it has none (our CPU kernels and cuDNN convolutions here are f32), the
+//! operands are rounded to the 16-bit type and kept in f32: the same numbers, since a 16-bit
+//! value is exact in f32, at f32 speed plus the rounding passes. Either way the casts and
+//! roundings happen inside the op ([`matmul`], [`matmul_add`]; the fused linear, attention and
+//! convolution ops with [`operands`] and [`round_in_place`]), so autograd keeps no 16-bit or
+//! rounded copy for the backward and a 16-bit step holds no more activation memory than an f32
+//! one. So a CPU run has the GPU run's numerics, overflow of fp16 included.
 //!
 //! The 16-bit type of the current step is a scoped, per-thread setting ([`Autocast::enter`]), as
 //! `torch.autocast` is, so the layers need no precision argument; evaluation runs outside it, in
@@ -26,7 +26,11 @@
 
 use std::cell::Cell;
 
-use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    backprop::GradStore, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
+    Tensor, Var, D,
+};
 use serde::{Deserialize, Serialize};
 
 thread_local! {
@@ -68,42 +72,200 @@ pub fn autocast_dtype() -> Option<DType> {
     AUTOCAST.with(Cell::get)
 }
 
-/// `f(operands)` under the current autocast: each operand cast to the 16-bit type where
-/// `has_16bit_kernel` and the tensors live on a GPU, otherwise rounded to it in f32; the result
-/// rounded to the 16-bit type and returned in f32. Outside autocast, `f` of the operands as
-/// they are.
-pub fn product(
-    operands: &[&Tensor],
-    has_16bit_kernel: bool,
-    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
-) -> Result<Tensor> {
-    let Some(low) = autocast_dtype() else {
-        return f(&operands.iter().map(|&t| t.clone()).collect::<Vec<_>>());
-    };
-    let native = has_16bit_kernel && operands.first().is_some_and(|t| t.device().is_cuda());
-    let lowered = operands
-        .iter()
-        .map(|t| match native {
-            true => t.to_dtype(low),
-            false => round(t, low),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let y = f(&lowered)?;
-    match y.dtype() {
-        DType::F32 => round(&y, low),
-        _ => y.to_dtype(DType::F32),
+/// `a·b` (as [`Tensor::matmul`]) under the current autocast, as one op: the operands are cast to
+/// the 16-bit type inside it, multiplied there (cuBLAS on a GPU, accumulating in f32) and the
+/// result widened to f32. Outside autocast, Candle's matmul.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match autocast_dtype() {
+        Some(low) => a.apply_op2(b, Product { low }),
+        None => a.matmul(b),
     }
 }
 
-/// `a·b` under the current autocast (cuBLAS has 16-bit kernels; the CPU rounds).
-pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    product(&[a, b], true, |t| t[0].matmul(&t[1]))
+/// `a·b + bias`, the bias (of `b`'s last dimension) broadcast over the rows; under autocast one
+/// op, the bias cast too and added in the 16-bit type, as PyTorch's `addmm` does.
+pub fn matmul_add(a: &Tensor, b: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    match autocast_dtype() {
+        Some(low) => a.apply_op3(b, bias, Product { low }),
+        None => a.matmul(b)?.broadcast_add(bias),
+    }
 }
 
-/// `t` rounded to `low` and back to f32 (differentiable: the gradient is rounded the same way,
-/// as a 16-bit tensor's gradient would be).
-fn round(t: &Tensor, low: DType) -> Result<Tensor> {
-    t.to_dtype(low)?.to_dtype(DType::F32)
+/// A product under autocast. The 16-bit copies of its operands and its 16-bit result exist only
+/// inside the op, so autograd keeps the f32 tensors it keeps for an f32 product and nothing more;
+/// cast ops around a product would keep the copies alive until the backward, and a bf16 step
+/// would hold more memory than an f32 one. The backward is products of the same kind, which is
+/// how a 16-bit tensor's gradient is computed:
+///   ∂a = ∂y·bᵀ,  ∂b = aᵀ·∂y,  ∂bias = Σ_rows ∂y (in f32, rounded).
+/// Generic over the device's storage: Candle's CPU backend widens bf16 products to f32, exactly,
+/// so the CPU runs what cuBLAS runs on a GPU.
+struct Product {
+    low: DType,
+}
+
+impl Product {
+    fn forward<S: BackendStorage>(
+        &self,
+        (a, al): (&S, &Layout),
+        (b, bl): (&S, &Layout),
+        bias: Option<(&S, &Layout)>,
+    ) -> Result<(S, Shape)> {
+        let (ad, bd) = (al.dims(), bl.dims());
+        let r = ad.len();
+        if r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
+            candle_core::bail!("a product of shapes {ad:?} and {bd:?}");
+        }
+        let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
+        let batch = ad[..r - 2].iter().product();
+        let out = Shape::from([&ad[..r - 1], &[n]].concat());
+        let out_layout = Layout::contiguous(&out);
+        // A cast reads any strides and writes a contiguous tensor.
+        let low = |(s, l): (&S, &Layout)| s.to_dtype(l, self.low);
+        let mut y = low((a, al))?.matmul(
+            &low((b, bl))?,
+            (batch, m, n, k),
+            &Layout::contiguous(al.shape()),
+            &Layout::contiguous(bl.shape()),
+        )?;
+        if let Some((bias, bias_l)) = bias {
+            let along_rows = Layout::contiguous(bias_l.shape()).broadcast_as(&out)?;
+            y = y.binary_impl::<candle_core::op::Add>(
+                &low((bias, bias_l))?,
+                &out_layout,
+                &along_rows,
+            )?;
+        }
+        Ok((y.to_dtype(&out_layout, DType::F32)?, out))
+    }
+
+    /// ∂a and ∂b, each only when something upstream needs it.
+    fn grads(&self, a: &Tensor, b: &Tensor, dy: &Tensor) -> Result<[Option<Tensor>; 2]> {
+        let da = match a.track_op() {
+            true => Some(dy.apply_op2_no_bwd(&b.t()?, self)?),
+            false => None,
+        };
+        let db = match b.track_op() {
+            true => Some(a.t()?.apply_op2_no_bwd(dy, self)?),
+            false => None,
+        };
+        Ok([da, db])
+    }
+}
+
+impl CustomOp2 for Product {
+    fn name(&self) -> &'static str {
+        "autocast-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((a, al), (b, bl), None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.forward((a, al), (b, bl), None)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [da, db] = self.grads(a, b, dy)?;
+        Ok((da, db))
+    }
+}
+
+impl CustomOp3 for Product {
+    fn name(&self) -> &'static str {
+        "autocast-product-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+        bias: &CpuStorage,
+        bias_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((a, al), (b, bl), Some((bias, bias_l)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+        bias: &candle_core::CudaStorage,
+        bias_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.forward((a, al), (b, bl), Some((bias, bias_l)))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _bias: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [da, db] = self.grads(a, b, dy)?;
+        let low = Some(self.low);
+        let columns = dy.dim(D::Minus1)?;
+        let dbias = round_tensor(dy, low)?.reshape(((), columns))?.sum(0)?;
+        Ok((da, db, Some(round_tensor(&dbias, low)?)))
+    }
+}
+
+/// A tensor rounded to a 16-bit type and kept in f32, as one op each way (the gradient is
+/// rounded the same way, as a 16-bit tensor's gradient would be): the rounded copy is the op's
+/// output, and no 16-bit tensor stays in the graph.
+struct Rounded {
+    low: DType,
+}
+
+impl CustomOp1 for Rounded {
+    fn name(&self) -> &'static str {
+        "round-to-16-bit"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut v = crate::ops::contiguous::<f32>(s, l)?.to_vec();
+        round_in_place(&mut v, Some(self.low));
+        Ok((CpuStorage::F32(v), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((round_storage(s, l, self.low)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(self)?))
+    }
 }
 
 /// Each value replaced by the nearest `dtype` (bf16 or fp16) value, ties to even, as a cast
@@ -160,10 +322,17 @@ pub fn operand(s: &[f32], dtype: Option<DType>) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
-/// A tensor rounded to `dtype` and back to f32, by cast ops (`None`: itself).
+/// A contiguous f32 copy of a device's tensor, rounded to `low` (cast there and back; for GPU
+/// ops that compute in f32 under autocast).
+pub fn round_storage<S: BackendStorage>(s: &S, l: &Layout, low: DType) -> Result<S> {
+    s.to_dtype(l, low)?
+        .to_dtype(&Layout::contiguous(l.shape()), DType::F32)
+}
+
+/// A tensor (f32) rounded to `dtype` and kept in f32, as one op ([`Rounded`]; `None`: itself).
 pub fn round_tensor(t: &Tensor, dtype: Option<DType>) -> Result<Tensor> {
     match dtype {
-        Some(low) => round(t, low),
+        Some(low) => t.contiguous()?.apply_op1(Rounded { low }),
         None => Ok(t.clone()),
     }
 }
@@ -277,6 +446,74 @@ mod tests {
         assert_eq!(fp16, 2.0 + 2.0 / 1024.0);
         // The guard restored f32.
         assert_eq!(autocast_dtype(), None);
+        Ok(())
+    }
+
+    /// The autocast product op (the GPU path: casts inside, cuBLAS-style 16-bit product) against
+    /// cast ops around Candle's products, batched, with a transposed operand and with a bias:
+    /// values and every gradient within one 16-bit ulp (both sides are 16-bit values, so a
+    /// difference is at least one; a wrong transpose or a missing rounding is far more).
+    #[test]
+    fn the_autocast_product_op_equals_cast_ops_around_a_product() -> Result<()> {
+        let dev = Device::Cpu;
+        let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev);
+        let (a, bt, bias) = (
+            Var::from_tensor(&randn(&[2, 3, 5, 9])?)?,
+            Var::from_tensor(&randn(&[2, 3, 4, 9])?)?,
+            Var::from_tensor(&randn(&[4])?)?,
+        );
+        let probe = randn(&[2, 3, 5, 4])?;
+        for (low, ulp) in [(DType::BF16, 2f32.powi(-7)), (DType::F16, 2f32.powi(-10))] {
+            for with_bias in [false, true] {
+                let b = bt.as_tensor().t()?;
+                let ours = {
+                    let _g = Autocast::enter(Some(low));
+                    match with_bias {
+                        true => matmul_add(a.as_tensor(), &b, bias.as_tensor())?,
+                        false => matmul(a.as_tensor(), &b)?,
+                    }
+                };
+                let cast = |t: &Tensor| t.to_dtype(low);
+                let mut theirs = cast(a.as_tensor())?.matmul(&cast(&b)?)?;
+                if with_bias {
+                    theirs = theirs.broadcast_add(&cast(bias.as_tensor())?)?;
+                }
+                let theirs = theirs.to_dtype(DType::F32)?;
+                let grads = |y: &Tensor| (y * &probe)?.sum_all()?.backward();
+                let (g_ours, g_theirs) = (grads(&ours)?, grads(&theirs)?);
+                let mut pairs = vec![("forward", ours.clone(), theirs.clone())];
+                for (name, v) in [("∂a", &a), ("∂b", &bt)]
+                    .into_iter()
+                    .chain(with_bias.then_some(("∂bias", &bias)))
+                {
+                    let got = g_ours.get(v).expect("a gradient");
+                    assert_eq!(got.dtype(), DType::F32, "{name}");
+                    let want = match name {
+                        // Candle's CPU sums bf16 in bf16; the op sums the 16-bit gradient in
+                        // f32 and rounds once, as PyTorch's CUDA reductions do.
+                        "∂bias" => probe
+                            .to_dtype(low)?
+                            .to_dtype(DType::F64)?
+                            .reshape(((), 4))?
+                            .sum(0)?
+                            .to_dtype(low)?
+                            .to_dtype(DType::F32)?,
+                        _ => g_theirs.get(v).unwrap().clone(),
+                    };
+                    pairs.push((name, got.clone(), want));
+                }
+                for (name, got, want) in pairs {
+                    let (got, want) = (got.flatten_all()?.to_vec1::<f32>()?, want.flatten_all()?);
+                    let want = want.to_vec1::<f32>()?;
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= ulp * w.abs(),
+                            "{low:?}, bias {with_bias}, {name}: {g} against {w}"
+                        );
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
