@@ -77,30 +77,30 @@ pub fn autocast_dtype() -> Option<DType> {
 /// result widened to f32. Outside autocast, Candle's matmul.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     match autocast_dtype() {
-        Some(low) => a.apply_op2(b, Product { low }),
+        low @ Some(_) => a.apply_op2(b, Product { low }),
         None => a.matmul(b),
     }
 }
 
-/// `a·b + bias`, the bias (of `b`'s last dimension) broadcast over the rows; under autocast one
-/// op, the bias cast too and added in the 16-bit type, as PyTorch's `addmm` does.
+/// `a·b + bias`, the bias (of `b`'s last dimension) broadcast over the rows, as one op that keeps
+/// only its result for the backward (two ops would keep the product too). Under autocast the
+/// bias is cast too and added in the 16-bit type, as PyTorch's `addmm` does.
 pub fn matmul_add(a: &Tensor, b: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    match autocast_dtype() {
-        Some(low) => a.apply_op3(b, bias, Product { low }),
-        None => a.matmul(b)?.broadcast_add(bias),
-    }
+    let low = autocast_dtype();
+    a.apply_op3(b, bias, Product { low })
 }
 
-/// A product under autocast. The 16-bit copies of its operands and its 16-bit result exist only
-/// inside the op, so autograd keeps the f32 tensors it keeps for an f32 product and nothing more;
-/// cast ops around a product would keep the copies alive until the backward, and a bf16 step
-/// would hold more memory than an f32 one. The backward is products of the same kind, which is
-/// how a 16-bit tensor's gradient is computed:
+/// A product, with a bias or not, in f32 or under autocast. The 16-bit copies of its operands
+/// and its 16-bit result exist only inside the op, so autograd keeps the f32 tensors it keeps for
+/// an f32 product and nothing more; cast ops around a product would keep the copies alive until
+/// the backward, and a bf16 step would hold more memory than an f32 one. The backward is products
+/// of the same kind, which is how a 16-bit tensor's gradient is computed:
 ///   ∂a = ∂y·bᵀ,  ∂b = aᵀ·∂y,  ∂bias = Σ_rows ∂y (in f32, rounded).
 /// Generic over the device's storage: Candle's CPU backend widens bf16 products to f32, exactly,
 /// so the CPU runs what cuBLAS runs on a GPU.
 struct Product {
-    low: DType,
+    /// The 16-bit type; `None`: the operands' own (f32 outside autocast).
+    low: Option<DType>,
 }
 
 impl Product {
@@ -120,22 +120,24 @@ impl Product {
         let out = Shape::from([&ad[..r - 1], &[n]].concat());
         let out_layout = Layout::contiguous(&out);
         // A cast reads any strides and writes a contiguous tensor.
-        let low = |(s, l): (&S, &Layout)| s.to_dtype(l, self.low);
-        let mut y = low((a, al))?.matmul(
-            &low((b, bl))?,
-            (batch, m, n, k),
-            &Layout::contiguous(al.shape()),
-            &Layout::contiguous(bl.shape()),
-        )?;
-        if let Some((bias, bias_l)) = bias {
-            let along_rows = Layout::contiguous(bias_l.shape()).broadcast_as(&out)?;
-            y = y.binary_impl::<candle_core::op::Add>(
-                &low((bias, bias_l))?,
-                &out_layout,
-                &along_rows,
-            )?;
+        let cast = |(s, l): (&S, &Layout)| match self.low {
+            Some(low) => Ok(Some((s.to_dtype(l, low)?, Layout::contiguous(l.shape())))),
+            None => Ok::<_, candle_core::Error>(None),
+        };
+        let (a_low, b_low) = (cast((a, al))?, cast((b, bl))?);
+        let (a, al) = a_low.as_ref().map_or((a, al), |(s, l)| (s, l));
+        let (b, bl) = b_low.as_ref().map_or((b, bl), |(s, l)| (s, l));
+        let mut y = a.matmul(b, (batch, m, n, k), al, bl)?;
+        if let Some(bias) = bias {
+            let bias_low = cast(bias)?;
+            let (bias, bias_l) = bias_low.as_ref().map_or(bias, |(s, l)| (s, l));
+            let along_rows = bias_l.broadcast_as(&out)?;
+            y = y.binary_impl::<candle_core::op::Add>(bias, &out_layout, &along_rows)?;
         }
-        Ok((y.to_dtype(&out_layout, DType::F32)?, out))
+        match self.low {
+            Some(_) => Ok((y.to_dtype(&out_layout, DType::F32)?, out)),
+            None => Ok((y, out)),
+        }
     }
 
     /// ∂a and ∂b, each only when something upstream needs it.
@@ -229,7 +231,7 @@ impl CustomOp3 for Product {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [da, db] = self.grads(a, b, dy)?;
-        let low = Some(self.low);
+        let low = self.low;
         let columns = dy.dim(D::Minus1)?;
         let dbias = round_tensor(dy, low)?.reshape(((), columns))?.sum(0)?;
         Ok((da, db, Some(round_tensor(&dbias, low)?)))
@@ -513,6 +515,33 @@ mod tests {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Outside autocast the op with a bias (every linear layer off the CPU) is Candle's matmul
+    /// and broadcast add, values and gradients, in f64 to 1e-12.
+    #[test]
+    fn the_product_op_with_a_bias_equals_candles_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let randn = |shape: &[usize]| Tensor::randn(0f64, 1.0, shape, &dev);
+        let vars = [
+            Var::from_tensor(&randn(&[3, 5, 9])?)?,
+            Var::from_tensor(&randn(&[3, 4, 9])?)?,
+            Var::from_tensor(&randn(&[4])?)?,
+        ];
+        let [a, bt, bias] = vars.each_ref().map(|v| v.as_tensor());
+        let probe = randn(&[3, 5, 4])?;
+        let ours = matmul_add(a, &bt.t()?, bias)?;
+        let theirs = a.matmul(&bt.t()?)?.broadcast_add(bias)?;
+        let grads = |y: &Tensor| (y * &probe)?.sum_all()?.backward();
+        let (g_ours, g_theirs) = (grads(&ours)?, grads(&theirs)?);
+        let diff = |x: &Tensor, y: &Tensor| -> Result<f64> {
+            (x - y)?.abs()?.max_all()?.to_scalar::<f64>()
+        };
+        assert!(diff(&ours, &theirs)? < 1e-12);
+        for v in &vars {
+            assert!(diff(g_ours.get(v).unwrap(), g_theirs.get(v).unwrap())? < 1e-12);
         }
         Ok(())
     }

@@ -69,9 +69,9 @@ fn held_by(dtype: Option<DType>, forward: &dyn Fn() -> Result<Tensor>) -> Result
 #[test]
 fn a_16_bit_forward_holds_no_more_memory_than_an_f32_one() -> Result<()> {
     let dev = Device::Cpu;
-    // Four linear layers through the autocast product op (the GPU's path for linear layers and
-    // attention), and the same with cast ops around Candle's products, as a control that the
-    // measure sees 16-bit copies in the graph.
+    // Four linear layers through the product op (the GPU's path for linear layers and attention),
+    // and the same with cast ops around Candle's products, as a control that the measure sees
+    // 16-bit copies in the graph.
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (256, 512), &dev)?)?;
     let layers = (0..4)
         .map(|_| {
@@ -101,6 +101,12 @@ fn a_16_bit_forward_holds_no_more_memory_than_an_f32_one() -> Result<()> {
     };
     let f32_bytes = held_by(None, &through_the_op)?;
     eprintln!("held by four linear layers: f32 {f32_bytes}");
+    // One (256, 512) f32 output per layer, and the graph's bookkeeping.
+    let outputs = (4 * 256 * 512 * 4) as f64;
+    assert!(
+        (outputs..1.02 * outputs).contains(&f32_bytes),
+        "four f32 linear layers hold {f32_bytes} bytes, not one output each ({outputs})"
+    );
     let cast_bytes = held_by(None, &through_casts)?;
     assert!(
         cast_bytes > 1.15 * f32_bytes,
