@@ -155,29 +155,43 @@ gated_residual_bwd(const float* __restrict__ g, const float* __restrict__ y,
 }
 
 // GELU's tanh form (nn.GELU(approximate="tanh"), DiT's feed-forward) and its derivative:
-//   y = x·a,  dy/dx = a + x·(1 − t²)/2·c·(1 + 3k·x²),  a = (1 + t)/2,  t = tanh(c·(x + k·x³)).
+//   y = z·a,  dy/dz = a + z·(1 − t²)/2·c·(1 + 3k·z²),  a = (1 + t)/2,  t = tanh(c·(z + k·z³)),
+// of z = x + bias[column]: the feed-forward's first linear layer leaves its bias add to this
+// kernel, one pass and one tensor fewer (plain GELU-tanh passes a zero bias of width 1). Under
+// autocast (`round` 1: bf16, 2: fp16) z is rounded as the 16-bit product's bias add would round
+// it: z = round(x + round(b)).
+__device__ __forceinline__ float gelu_tanh_z(const float* __restrict__ x,
+                                             const float* __restrict__ bias, long long i,
+                                             int width, int round) {
+    return round_16(x[i] + round_16(bias[i % width], round), round);
+}
+
 __device__ __forceinline__ float gelu_tanh_t(float v) {
     return tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v));
 }
 
-extern "C" __global__ void gelu_tanh_fwd(const float* __restrict__ x, float* __restrict__ y,
-                                         long long n) {
+extern "C" __global__ void gelu_tanh_fwd(const float* __restrict__ x,
+                                         const float* __restrict__ bias, float* __restrict__ y,
+                                         long long n, int width, int round) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        const float v = x[i];
+        const float v = gelu_tanh_z(x, bias, i, width, round);
         y[i] = 0.5f * v * (1.0f + gelu_tanh_t(v));
     }
 }
 
-extern "C" __global__ void gelu_tanh_bwd(const float* __restrict__ x, const float* __restrict__ dy,
-                                         float* __restrict__ dx, long long n) {
+// ∂L/∂z, which is ∂L/∂x; the bias gradient is its column sums, which the caller takes.
+extern "C" __global__ void gelu_tanh_bwd(const float* __restrict__ x,
+                                         const float* __restrict__ bias,
+                                         const float* __restrict__ dy, float* __restrict__ dz,
+                                         long long n, int width, int round) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        const float v = x[i], t = gelu_tanh_t(v);
+        const float v = gelu_tanh_z(x, bias, i, width, round), t = gelu_tanh_t(v);
         const float slope = 0.5f * (1.0f + t) +
                             v * 0.5f * (1.0f - t * t) * 0.7978845608028654f *
                                 (1.0f + 3.0f * 0.044715f * v * v);
-        dx[i] = dy[i] * slope;
+        dz[i] = dy[i] * slope;
     }
 }
 

@@ -450,24 +450,53 @@ pub fn dropout(
     elementwise(s.device(), "dropout", &[&x], l.shape().elem_count(), &extra)
 }
 
-/// GELU forward: y = x·Φ(x) (runtime/kernels/gelu.cu), or its tanh form (dit.cu).
-pub fn gelu_forward(s: &CudaStorage, l: &Layout, tanh: bool) -> Result<CudaStorage> {
+/// GELU forward: y = x·Φ(x) (runtime/kernels/gelu.cu).
+pub fn gelu_forward(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
     let x = f32_view(s, l)?;
-    let name = if tanh { "gelu_tanh_fwd" } else { "gelu_fwd" };
-    elementwise(s.device(), name, &[&x], l.shape().elem_count(), &[])
+    elementwise(s.device(), "gelu_fwd", &[&x], l.shape().elem_count(), &[])
 }
 
-/// GELU backward (erf or tanh form): ∂L/∂x from (x, ∂L/∂y).
+/// GELU backward: ∂L/∂x from (x, ∂L/∂y).
 pub fn gelu_backward(
     xs: &CudaStorage,
     xl: &Layout,
     gs: &CudaStorage,
     gl: &Layout,
-    tanh: bool,
 ) -> Result<CudaStorage> {
     let (x, g) = (f32_view(xs, xl)?, f32_view(gs, gl)?);
-    let name = if tanh { "gelu_tanh_bwd" } else { "gelu_bwd" };
-    elementwise(xs.device(), name, &[&x, &g], xl.shape().elem_count(), &[])
+    elementwise(
+        xs.device(),
+        "gelu_bwd",
+        &[&x, &g],
+        xl.shape().elem_count(),
+        &[],
+    )
+}
+
+/// GELU-tanh of z = x + bias (along the last axis; rounded to autocast's `round` type as a
+/// 16-bit bias add would be): y, or with `dy` ∂L/∂z (runtime/kernels/dit.cu).
+pub fn gelu_tanh(
+    (xs, xl): (&CudaStorage, &Layout),
+    (bs, bl): (&CudaStorage, &Layout),
+    dy: Option<(&CudaStorage, &Layout)>,
+    round: Option<candle_core::DType>,
+) -> Result<CudaStorage> {
+    let (x, bias) = (f32_view(xs, xl)?, f32_view(bs, bl)?);
+    let mode = match round {
+        None => 0,
+        Some(candle_core::DType::BF16) => 1,
+        Some(candle_core::DType::F16) => 2,
+        Some(d) => candle_core::bail!("autocast to {d:?}: bf16 or f16 only"),
+    };
+    let extra = [Scalar::I32(bias.len() as i32), Scalar::I32(mode)];
+    let n = xl.shape().elem_count();
+    match dy {
+        None => elementwise(xs.device(), "gelu_tanh_fwd", &[&x, &bias], n, &extra),
+        Some((gs, gl)) => {
+            let g = f32_view(gs, gl)?;
+            elementwise(xs.device(), "gelu_tanh_bwd", &[&x, &bias, &g], n, &extra)
+        }
+    }
 }
 
 /// y[b, c, ...] += bias[c], in place (runtime/kernels/bias.cu).

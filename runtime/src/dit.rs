@@ -251,9 +251,7 @@ impl Block {
         let h = modulate(x, 1e-6, shift_msa, scale_msa)?;
         let x = gated_residual(x, &self.attn.forward(&h)?, gate_msa)?;
         let h = modulate(&x, norm_eps, shift_mlp, scale_mlp)?;
-        let ff = self
-            .ff_out
-            .forward(&crate::ops::gelu_tanh(&self.ff_in.forward(&h)?)?)?;
+        let ff = self.ff_out.forward(&self.ff_in.forward_gelu_tanh(&h)?)?;
         gated_residual(&x, &ff, gate_mlp)
     }
 }

@@ -270,12 +270,30 @@ impl Linear {
 
     /// (..., din) -> (..., dout), as one GEMM over all leading positions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.over_rows(x, |x| crate::linear::linear(x, &self.weight, &self.bias))
+    }
+
+    /// GELU-tanh(x·Wᵀ + b), a feed-forward's first half. On a GPU the bias add rides in the
+    /// activation's kernel (one pass and one kept tensor fewer than a separate add); on the CPU
+    /// the fused linear op starts its GEMM from the bias, so the add is free there already.
+    pub fn forward_gelu_tanh(&self, x: &Tensor) -> Result<Tensor> {
+        if !x.device().is_cuda() {
+            return crate::ops::gelu_tanh(&self.forward(x)?);
+        }
+        self.over_rows(x, |x| {
+            let h = crate::precision::matmul(x, &self.weight.t()?)?;
+            crate::ops::bias_gelu_tanh(&h, &self.bias)
+        })
+    }
+
+    /// `f` of x as (rows, din), its (rows, dout) result given x's leading axes back.
+    fn over_rows(&self, x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
         let din = dims
             .pop()
             .expect("a linear layer's input has a feature axis");
         let rows = dims.iter().product::<usize>();
-        let y = crate::linear::linear(&x.reshape((rows, din))?, &self.weight, &self.bias)?;
+        let y = f(&x.reshape((rows, din))?)?;
         dims.push(self.weight.dim(0)?);
         y.reshape(dims)
     }

@@ -512,10 +512,139 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 /// chain of library `tanh`/`powf` calls and its backward a dozen tensors).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     match (x.device().is_cpu(), x.dtype()) {
-        (true, DType::F32 | DType::F64) | (false, DType::F32) => {
-            x.contiguous()?.apply_op1(Gelu { tanh: true })
+        (true, DType::F32 | DType::F64) => x.contiguous()?.apply_op1(Gelu { tanh: true }),
+        // The GPU's kernel takes a bias: zero here, and no rounding.
+        (false, DType::F32) => {
+            let zero = Tensor::zeros(1, DType::F32, x.device())?;
+            x.contiguous()?
+                .apply_op2(&zero, BiasGeluTanh { round: None })
         }
         _ => x.gelu(),
+    }
+}
+
+/// GELU-tanh of `x + bias` (the bias along the last axis): a linear layer's bias add moved into
+/// the activation after it (nn::Linear::forward_gelu_tanh), one pass each way on a GPU
+/// (dit.cu) and on the CPU. Under autocast the sum is rounded to the 16-bit type, and so is the
+/// bias before it, as the 16-bit product's own bias add would round them; the bias gradient is
+/// the rounded sum of the rounded ∂L/∂z, as the product op's (precision.rs).
+pub fn bias_gelu_tanh(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let round = crate::precision::autocast_dtype();
+    if x.dtype() == DType::F32 && (x.device().is_cpu() || x.device().is_cuda()) {
+        return x
+            .contiguous()?
+            .apply_op2(&bias.contiguous()?, BiasGeluTanh { round });
+    }
+    let rounded = |t: &Tensor| crate::precision::round_tensor(t, round);
+    gelu_tanh(&rounded(&x.broadcast_add(&rounded(bias)?)?)?)
+}
+
+/// GELU-tanh of z = x + bias, `round`ed to autocast's 16-bit type (see [`bias_gelu_tanh`]).
+struct BiasGeluTanh {
+    round: Option<DType>,
+}
+
+/// (x, bias, ∂L/∂y) → ∂L/∂z.
+struct BiasGeluTanhBackward {
+    round: Option<DType>,
+}
+
+impl BiasGeluTanh {
+    /// z on the CPU.
+    fn z(&self, xs: &CpuStorage, xl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<Vec<f32>> {
+        let (x, bias) = (contiguous::<f32>(xs, xl)?, contiguous::<f32>(bs, bl)?);
+        let bias = crate::precision::operand(bias, self.round);
+        let mut z: Vec<f32> = x
+            .chunks(bias.len())
+            .flat_map(|row| row.iter().zip(bias.iter()).map(|(x, b)| x + b))
+            .collect();
+        crate::precision::round_in_place(&mut z, self.round);
+        Ok(z)
+    }
+}
+
+impl CustomOp2 for BiasGeluTanh {
+    fn name(&self) -> &'static str {
+        "bias-gelu-tanh"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let z = self.z(xs, xl, bs, bl)?;
+        let y = par_map(z.len(), |start, out: &mut [f32]| {
+            gelu_loop_f32(&z[start..start + out.len()], None, out, true)
+        });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::gelu_tanh((xs, xl), (bs, bl), None, self.round)?;
+        Ok((y, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let backward = BiasGeluTanhBackward { round: self.round };
+        let dz = x.apply_op3_no_bwd(bias, &dy.contiguous()?, &backward)?;
+        let rounded = |t: &Tensor| crate::precision::round_tensor(t, self.round);
+        let columns = bias.elem_count();
+        let dbias = rounded(&rounded(&dz)?.reshape(((), columns))?.sum(0)?)?;
+        Ok((Some(dz), Some(dbias.reshape(bias.shape())?)))
+    }
+}
+
+impl candle_core::CustomOp3 for BiasGeluTanhBackward {
+    fn name(&self) -> &'static str {
+        "bias-gelu-tanh-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let z = BiasGeluTanh { round: self.round }.z(xs, xl, bs, bl)?;
+        let g = contiguous::<f32>(gs, gl)?;
+        let dz = par_map(z.len(), |start, out: &mut [f32]| {
+            let end = start + out.len();
+            gelu_loop_f32(&z[start..end], Some(&g[start..end]), out, true)
+        });
+        Ok((CpuStorage::F32(dz), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dz = crate::cuda::gelu_tanh((xs, xl), (bs, bl), Some((gs, gl)), self.round)?;
+        Ok((dz, xl.shape().clone()))
     }
 }
 
@@ -658,10 +787,10 @@ impl CustomOp1 for Gelu {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((
-            crate::cuda::gelu_forward(s, l, self.tanh)?,
-            l.shape().clone(),
-        ))
+        if self.tanh {
+            candle_core::bail!("on a GPU GELU-tanh runs as bias_gelu_tanh's kernel");
+        }
+        Ok((crate::cuda::gelu_forward(s, l)?, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -714,8 +843,11 @@ impl CustomOp2 for GeluBackward {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.tanh {
+            candle_core::bail!("on a GPU GELU-tanh runs as bias_gelu_tanh's kernel");
+        }
         Ok((
-            crate::cuda::gelu_backward(xs, xl, gs, gl, self.tanh)?,
+            crate::cuda::gelu_backward(xs, xl, gs, gl)?,
             xl.shape().clone(),
         ))
     }
@@ -1118,6 +1250,64 @@ mod tests {
             ((x.as_tensor() + h)?.gelu_erf()? - (x.as_tensor() - h)?.gelu_erf()?)? / (2.0 * h);
         let d = max((grad.get(&x).unwrap() - central?)?)?;
         assert!(d < 1e-8, "gradient differs from the derivative by {d}");
+        Ok(())
+    }
+
+    /// GELU-tanh with a fused bias is GELU-tanh of z = round(x + round(b)) (no rounding outside
+    /// autocast): the value and ∂L/∂x exactly; ∂L/∂b is the rounded column sum of the rounded
+    /// ∂L/∂z (summed in f64 here), within one 16-bit ulp, and the plain sum to 1e-6 in f32.
+    #[test]
+    fn bias_gelu_tanh_is_gelu_tanh_of_the_rounded_sum() -> Result<()> {
+        use crate::precision::{round_in_place, Autocast};
+        let dev = Device::Cpu;
+        let (rows, width) = (37, 24);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (rows, width), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, width, &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (rows, width), &dev)?;
+        let host = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        for (round, ulp) in [
+            (None, 1e-6),
+            (Some(DType::BF16), 2f32.powi(-7)),
+            (Some(DType::F16), 2f32.powi(-10)),
+        ] {
+            let y = {
+                let _amp = Autocast::enter(round);
+                bias_gelu_tanh(x.as_tensor(), b.as_tensor())?
+            };
+            let grads = (&y * &probe)?.sum_all()?.backward()?;
+            let mut bias = host(b.as_tensor())?;
+            round_in_place(&mut bias, round);
+            let mut z = host(x.as_tensor())?;
+            z.iter_mut()
+                .enumerate()
+                .for_each(|(i, z)| *z += bias[i % width]);
+            round_in_place(&mut z, round);
+            let z = Var::from_tensor(&Tensor::from_vec(z, (rows, width), &dev)?)?;
+            let want = gelu_tanh(z.as_tensor())?;
+            let want_dz = (&want * &probe)?.sum_all()?.backward()?;
+            let want_dz = want_dz.get(&z).unwrap();
+            assert_eq!(host(&y)?, host(&want)?, "{round:?}: value");
+            let dx = grads.get(&x).unwrap();
+            assert_eq!(host(dx)?, host(want_dz)?, "{round:?}: ∂x");
+            let mut dz = host(want_dz)?;
+            round_in_place(&mut dz, round);
+            let mut want_db: Vec<f32> = (0..width)
+                .map(|c| {
+                    dz.iter()
+                        .skip(c)
+                        .step_by(width)
+                        .map(|&v| v as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            round_in_place(&mut want_db, round);
+            for (got, want) in host(grads.get(&b).unwrap())?.iter().zip(&want_db) {
+                assert!(
+                    (got - want).abs() <= ulp * want.abs().max(1.0),
+                    "{round:?}: ∂b {got} against {want}"
+                );
+            }
+        }
         Ok(())
     }
 

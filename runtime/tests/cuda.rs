@@ -12,6 +12,7 @@ use signal_diffusion_runtime::models::{Classifier, CnnLight, CnnLightShape};
 use signal_diffusion_runtime::nn::{Activation, Mode, Params};
 use signal_diffusion_runtime::ops::group_norm;
 use signal_diffusion_runtime::optim::Optimizer;
+use signal_diffusion_runtime::precision::Autocast;
 use signal_diffusion_runtime::tasks::{TaskKind, TaskSpec};
 use signal_diffusion_runtime::train::KernelSizes;
 
@@ -477,7 +478,9 @@ fn cpu_gpu_parity(
 /// The DiT kernels (runtime/kernels/dit.cu) against our CPU ops, forward and every input's
 /// gradient within 1e-5 relative (f32 both; the token sums run in another order): adaLN
 /// modulate and the gated residual at DiT-S width 384 and at 24, over 37 tokens (not a multiple
-/// of the kernels' 16-token blocks); GELU-tanh; softmax over rows of 257 and 1024.
+/// of the kernels' 16-token blocks); GELU-tanh, plain and with a fused bias under each
+/// autocast; softmax over rows of 257 and 1024; the weighted loss. And the bf16 product op
+/// within 1e-2 (one bf16 ulp).
 #[test]
 #[ignore = "needs a GPU"]
 fn dit_kernels_match_the_cpu_ops() -> Result<()> {
@@ -496,6 +499,24 @@ fn dit_kernels_match_the_cpu_ops() -> Result<()> {
     cpu_gpu_parity("gelu-tanh", &[&[7, 1000]], 1e-5, |t| {
         signal_diffusion_runtime::ops::gelu_tanh(&(&t[0] * 3.0)?)
     })?;
+    for round in [None, Some(DType::BF16), Some(DType::F16)] {
+        let name = format!("bias + gelu-tanh, autocast {round:?}");
+        cpu_gpu_parity(&name, &[&[7, 1000], &[1000]], 1e-5, |t| {
+            let _amp = Autocast::enter(round);
+            signal_diffusion_runtime::ops::bias_gelu_tanh(&(&t[0] * 3.0)?, &t[1])
+        })?;
+    }
+    // The autocast product with a bias: cuBLAS in bf16 on the GPU, Candle's exact widening on
+    // the CPU; the sums run in another order, so a result may round to the next bf16 value.
+    cpu_gpu_parity(
+        "bf16 product + bias",
+        &[&[3, 37, 64], &[3, 64, 48], &[48]],
+        1e-2,
+        |t| {
+            let _amp = Autocast::enter(Some(DType::BF16));
+            signal_diffusion_runtime::precision::matmul_add(&t[0], &t[1], &t[2])
+        },
+    )?;
     for n in [257, 1024] {
         cpu_gpu_parity("softmax", &[&[4, n]], 1e-5, |t| {
             signal_diffusion_runtime::attention::softmax_last(&(&t[0] * 4.0)?)

@@ -254,40 +254,104 @@ fn gated_residual_kernels_match_the_cpu_op() {
     assert!(errs.iter().all(|e| *e < TOL), "out, dy, dgate {errs:?}");
 }
 
+/// GELU-tanh with the linear layer's bias fused in, plain (a zero bias of width 1, as
+/// ops::gelu_tanh launches it) and with a bias under no autocast, bf16 and fp16 (whose rounding
+/// the kernel does itself), against the CPU op: the value and ∂L/∂z.
 #[test]
 fn gelu_tanh_kernels_match_the_cpu_op() {
+    use candle_core::DType;
+    use signal_diffusion_runtime::precision::Autocast;
     let lib = library();
-    type Gelu = unsafe extern "C" fn(i32, *const f32, *const f32, *mut f32, i64);
+    type Gelu =
+        unsafe extern "C" fn(i32, *const f32, *const f32, *const f32, *mut f32, i64, i32, i32);
     // SAFETY: the signature of tests/emulate/exports.h.
     let gelu: Symbol<Gelu> = unsafe { lib.get(b"emu_gelu_tanh").unwrap() };
     let (x, r) = (randn(&[7, 1000], 3.0), randn(&[7, 1000], 1.0));
-    let (want, grads) = cpu_reference(std::slice::from_ref(&x), &r, |t| {
-        signal_diffusion_runtime::ops::gelu_tanh(&t[0])
-    });
-    let (xv, rv) = (host(&x), host(&r));
-    let (mut y, mut dx) = (vec![0f32; xv.len()], vec![0f32; xv.len()]);
-    {
-        let _one = launching();
-        // SAFETY: as above.
+    let zero = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+    let cases = [
+        (zero, None, 0),
+        (randn(&[1000], 1.0), None, 0),
+        (randn(&[1000], 1.0), Some(DType::BF16), 1),
+        (randn(&[1000], 1.0), Some(DType::F16), 2),
+    ];
+    for (bias, round, mode) in cases {
+        let (want, grads) = cpu_reference(&[x.clone(), bias.clone()], &r, |t| {
+            let _amp = Autocast::enter(round);
+            signal_diffusion_runtime::ops::bias_gelu_tanh(&t[0], &t[1])
+        });
+        let (xv, bv, rv) = (host(&x), host(&bias), host(&r));
+        let (mut y, mut dz) = (vec![0f32; xv.len()], vec![0f32; xv.len()]);
+        {
+            let _one = launching();
+            let (n, width) = (xv.len() as i64, bv.len() as i32);
+            // SAFETY: as above.
+            unsafe {
+                let (xp, bp) = (xv.as_ptr(), bv.as_ptr());
+                gelu(0, xp, bp, std::ptr::null(), y.as_mut_ptr(), n, width, mode);
+                gelu(1, xp, bp, rv.as_ptr(), dz.as_mut_ptr(), n, width, mode);
+            }
+        }
+        let errs = [rel(&y, &want), rel(&dz, &grads[0])];
+        assert!(errs.iter().all(|e| *e < TOL), "{round:?}: y, dz {errs:?}");
+    }
+}
+
+/// The kernels' own rounding to bf16 and fp16 equals the `half` crate's casts there and back, on
+/// random bit patterns and the edge cases: ties, subnormals, overflow, ±∞, NaN.
+#[test]
+fn kernel_rounding_equals_half_casts() {
+    use rand::{Rng, SeedableRng};
+    let lib = library();
+    type Round = unsafe extern "C" fn(*const f32, *mut f32, i64, i32);
+    // SAFETY: the signature of tests/emulate/exports.h.
+    let round: Symbol<Round> = unsafe { lib.get(b"emu_round_16").unwrap() };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let mut values: Vec<f32> = (0..200_000)
+        .map(|_| f32::from_bits(rng.random::<u32>()))
+        .collect();
+    // fp16's range, densely: normals, subnormals, and exact ties of both.
+    values.extend((0..100_000).map(|_| rng.random_range(-70000f32..70000.0)));
+    values.extend((0..100_000).map(|_| rng.random_range(-1e-4f32..1e-4)));
+    values.extend((0..2048u32).map(|m| f32::from_bits(0x3f80_0000 | (m << 12) | 0x1000)));
+    values.extend((0..1024u32).map(|m| (m as f32 + 0.5) * 2f32.powi(-24)));
+    values.extend([
+        0.0,
+        -0.0,
+        65504.0,
+        65519.996,
+        65520.0,
+        -65520.0,
+        6.1035156e-5,
+        f32::MAX,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ]);
+    type Cast = fn(f32) -> f32;
+    let casts: [(i32, Cast); 2] = [
+        (1, |x| half::bf16::from_f32(x).to_f32()),
+        (2, |x| half::f16::from_f32(x).to_f32()),
+    ];
+    for (mode, cast) in casts {
+        let mut ours = vec![0f32; values.len()];
+        // SAFETY: as above; a host loop, no launch.
         unsafe {
-            gelu(
-                0,
-                xv.as_ptr(),
-                std::ptr::null(),
-                y.as_mut_ptr(),
-                xv.len() as i64,
-            );
-            gelu(
-                1,
-                xv.as_ptr(),
-                rv.as_ptr(),
-                dx.as_mut_ptr(),
-                xv.len() as i64,
+            round(
+                values.as_ptr(),
+                ours.as_mut_ptr(),
+                values.len() as i64,
+                mode,
+            )
+        };
+        for (&x, &got) in values.iter().zip(&ours) {
+            let want = cast(x);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "mode {mode}: {x:e} ({:#x}) rounds to {got:e}, not {want:e}",
+                x.to_bits()
             );
         }
     }
-    let errs = [rel(&y, &want), rel(&dx, &grads[0])];
-    assert!(errs.iter().all(|e| *e < TOL), "y, dx {errs:?}");
 }
 
 #[test]

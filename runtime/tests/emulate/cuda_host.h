@@ -75,5 +75,7 @@ T __shfl_xor_sync(unsigned, T v, int lane_mask) {
 inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 inline float __int_as_float(int i) { return std::bit_cast<float>(i); }
+inline float __uint_as_float(unsigned i) { return std::bit_cast<float>(i); }
+inline unsigned __float_as_uint(float x) { return std::bit_cast<unsigned>(x); }
 using std::max;
 using std::min;

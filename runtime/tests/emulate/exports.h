@@ -25,11 +25,15 @@ void emu_gated_residual_bwd(unsigned chunks, unsigned batch, const float* g, con
                             const float* gate, float* out, int tokens, int d) {
     emu::launch({chunks, batch}, {128}, [=] { gated_residual_bwd(g, y, gate, out, tokens, d); });
 }
-void emu_gelu_tanh(int backward, const float* x, const float* dy, float* out, long long n) {
+void emu_gelu_tanh(int backward, const float* x, const float* bias, const float* dy, float* out,
+                   long long n, int width, int round) {
     emu::launch({5}, {256}, [=] {
-        if (backward) gelu_tanh_bwd(x, dy, out, n);
-        else gelu_tanh_fwd(x, out, n);
+        if (backward) gelu_tanh_bwd(x, bias, dy, out, n, width, round);
+        else gelu_tanh_fwd(x, bias, out, n, width, round);
     });
+}
+void emu_round_16(const float* x, float* out, long long n, int mode) {
+    for (long long i = 0; i < n; ++i) out[i] = round_16(x[i], mode);
 }
 void emu_softmax_rows(int backward, int specialised, unsigned rows, const float* a,
                       const float* b, float* out, int len) {
