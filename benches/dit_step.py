@@ -24,6 +24,7 @@ images/s, peak GPU memory and MFU: the plan's FLOPs per step x steps/s over `--p
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -92,24 +93,33 @@ def plan_numbers(ours):
 
 
 def gpu_main(args, dims):
+    # The same memory measure for every side: the peak of nvidia-smi's memory.used while its
+    # process runs (context and allocator caches included); PyTorch's own peak allocation too.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from classification_step import PeakMemory
+
     params, flops = plan_numbers(args.ours)
     batch = dims[5]
     sets = ["--set", f"training.mixed_precision={args.precision}"]
-    out = subprocess.run([args.ours, "--benchmark", str(args.steps), *sets], capture_output=True, text=True, check=True)
+    with PeakMemory() as mem:
+        out = subprocess.run([args.ours, "--benchmark", str(args.steps), *sets], capture_output=True, text=True, check=True)
     line = [l for l in out.stdout.splitlines() if l.startswith("benchmark")][0]
-    rows = [("ours", float(line.split(" images/s")[0].split()[-1]), None)]
+    rows = [("ours", float(line.split(" images/s")[0].split()[-1]), mem.peak, None)]
     for name, compiled in [("diffusers eager", False), ("diffusers torch.compile", True)]:
-        child = subprocess.run(
-            [sys.executable, __file__, "--ours", args.ours, "--steps", str(args.steps), "--dims", args.dims,
-             "--device", "cuda", "--precision", args.precision, "--child"] + (["--compiled"] if compiled else []),
-            capture_output=True, text=True, check=True,
-        )
+        with PeakMemory() as mem:
+            child = subprocess.run(
+                [sys.executable, __file__, "--ours", args.ours, "--steps", str(args.steps), "--dims", args.dims,
+                 "--device", "cuda", "--precision", args.precision, "--child"] + (["--compiled"] if compiled else []),
+                capture_output=True, text=True, check=True,
+            )
         r = json.loads(child.stdout.strip().splitlines()[-1])
         assert r["params"] == params, (r["params"], params)
-        rows.append((name, r["images_per_s"], r["rss_gib"]))
-    for name, ips, peak in rows:
+        rows.append((name, r["images_per_s"], mem.peak, r["rss_gib"]))
+    for name, ips, smi_mib, allocated in rows:
         mfu = flops * ips / batch / (args.peak_tflops * 1e12)
-        mem = "see nvidia-smi" if peak is None else f"{peak:.2f} GiB allocated"
+        mem = f"peak {smi_mib / 1024:.2f} GiB in use (nvidia-smi)"
+        if allocated is not None:
+            mem += f", {allocated:.2f} GiB allocated by PyTorch"
         print(f"{name:24} {ips:9.1f} images/s  {ips / batch:6.2f} steps/s  MFU {100 * mfu:5.1f} %  {mem}")
     print(f"ours / eager {rows[0][1] / rows[1][1]:.2f}x, ours / compile {rows[0][1] / rows[2][1]:.2f}x ({args.precision})")
 
