@@ -480,7 +480,7 @@ fn cpu_gpu_parity(
 /// modulate and the gated residual at DiT-S width 384 and at 24, over 37 tokens (not a multiple
 /// of the kernels' 16-token blocks); GELU-tanh, plain and with a fused bias under each
 /// autocast; softmax over rows of 257 and 1024; the weighted loss. And the bf16 product op
-/// within 1e-2 (one bf16 ulp).
+/// within 1e-2 (one bf16 ulp), attention in f32 (1e-4) and bf16 (3e-2).
 #[test]
 #[ignore = "needs a GPU"]
 fn dit_kernels_match_the_cpu_ops() -> Result<()> {
@@ -505,6 +505,21 @@ fn dit_kernels_match_the_cpu_ops() -> Result<()> {
             let _amp = Autocast::enter(round);
             signal_diffusion_runtime::ops::bias_gelu_tanh(&(&t[0] * 3.0)?, &t[1])
         })?;
+    }
+    // Attention: the CPU's fused op against the GPU's products around the softmax, recomputed
+    // in the backward (300 tokens: the `_any` softmax), in f32 and bf16 (where the CPU's op
+    // rounds only q, k, v and the output, the GPU's the scores and probabilities too).
+    for (round, tolerance) in [(None, 1e-4), (Some(DType::BF16), 3e-2)] {
+        let name = format!("attention, autocast {round:?}");
+        cpu_gpu_parity(
+            &name,
+            &[&[2, 300, 96], &[2, 300, 96], &[2, 300, 96]],
+            tolerance,
+            |t| {
+                let _amp = Autocast::enter(round);
+                signal_diffusion_runtime::attention::attention(&t[0], &t[1], &t[2], 4)
+            },
+        )?;
     }
     // The autocast product with a bias: cuBLAS in bf16 on the GPU, Candle's exact widening on
     // the CPU; the sums run in another order, so a result may round to the next bf16 value.
