@@ -576,10 +576,10 @@ impl CustomOp2 for BiasGeluTanh {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let z = self.z(xs, xl, bs, bl)?;
-        let y = par_map(z.len(), |start, out: &mut [f32]| {
-            gelu_loop_f32(&z[start..start + out.len()], None, out, true)
-        });
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
+        Ok((
+            CpuStorage::F32(gelu_f32(&z, None, true)),
+            xl.shape().clone(),
+        ))
     }
 
     #[cfg(feature = "cuda")]
@@ -626,10 +626,7 @@ impl candle_core::CustomOp3 for BiasGeluTanhBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let z = BiasGeluTanh { round: self.round }.z(xs, xl, bs, bl)?;
         let g = contiguous::<f32>(gs, gl)?;
-        let dz = par_map(z.len(), |start, out: &mut [f32]| {
-            let end = start + out.len();
-            gelu_loop_f32(&z[start..end], Some(&g[start..end]), out, true)
-        });
+        let dz = gelu_f32(&z, Some(g), true);
         Ok((CpuStorage::F32(dz), xl.shape().clone()))
     }
 
@@ -745,6 +742,14 @@ vectorised! {
     }
 }
 
+/// GELU of `x` in f32 on the CPU's threads, or with `g` = ∂L/∂y its backward ∂L/∂x.
+fn gelu_f32(x: &[f32], g: Option<&[f32]>, tanh: bool) -> Vec<f32> {
+    par_map(x.len(), |start, out: &mut [f32]| {
+        let end = start + out.len();
+        gelu_loop_f32(&x[start..end], g.map(|g| &g[start..end]), out, tanh)
+    })
+}
+
 /// GELU in its erf form or (`tanh`) its tanh approximation.
 struct Gelu {
     tanh: bool,
@@ -763,10 +768,7 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let y = match s {
             CpuStorage::F32(_) => {
-                let x = contiguous::<f32>(s, l)?;
-                CpuStorage::F32(par_map(x.len(), |start, out: &mut [f32]| {
-                    gelu_loop_f32(&x[start..start + out.len()], None, out, self.tanh)
-                }))
+                CpuStorage::F32(gelu_f32(contiguous::<f32>(s, l)?, None, self.tanh))
             }
             CpuStorage::F64(_) => {
                 let x = contiguous::<f64>(s, l)?;
@@ -816,10 +818,7 @@ impl CustomOp2 for GeluBackward {
         let dx = match (xs, gs) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
                 let (x, g) = (contiguous::<f32>(xs, xl)?, contiguous::<f32>(gs, gl)?);
-                CpuStorage::F32(par_map(x.len(), |start, out: &mut [f32]| {
-                    let end = start + out.len();
-                    gelu_loop_f32(&x[start..end], Some(&g[start..end]), out, self.tanh)
-                }))
+                CpuStorage::F32(gelu_f32(x, Some(g), self.tanh))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => {
                 let (x, g) = (contiguous::<f64>(xs, xl)?, contiguous::<f64>(gs, gl)?);
