@@ -21,8 +21,9 @@ use crate::ops::contiguous as values;
 
 /// Convolution of `x` (B, C, [H,] W) with `w` (O, C, [kh,] kw), zero padding `padding` on every
 /// spatial side, plus `bias` (O) when given; differentiable in all of them. Under autocast the
-/// ops round their operands, gradients and results to the 16-bit type themselves (these kernels
-/// and cuDNN's here are f32; precision.rs).
+/// ops take their operands, gradients and results to the 16-bit type themselves: rounded in f32
+/// on the CPU (these kernels are f32), cast for cuDNN's 16-bit convolutions on a GPU
+/// (precision.rs).
 pub fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Tensor> {
     conv_op(x, w, bias, padding, crate::precision::autocast_dtype())
 }
@@ -428,8 +429,9 @@ fn on_cpu(
     candle_core::bail!("convolutions run in f32 or f64, all inputs alike")
 }
 
-/// A cuDNN pass under autocast `round`, as [`on_cpu`] runs a CPU one: the inputs rounded to the
-/// 16-bit type (contiguous f32 copies that live only for the pass), and the result.
+/// A cuDNN pass under autocast `round`: the inputs cast to the 16-bit type (copies that live only
+/// for the pass), cuDNN's 16-bit convolution (tensor cores, f32 accumulation, the result rounded
+/// once) and its result widened to f32; outside autocast the pass in f32.
 #[cfg(feature = "cuda")]
 fn on_cuda<'a, const N: usize>(
     inputs: [(&'a candle_core::CudaStorage, &'a Layout); N],
@@ -438,16 +440,30 @@ fn on_cuda<'a, const N: usize>(
         [(&candle_core::CudaStorage, &Layout); N],
     ) -> Result<(candle_core::CudaStorage, Shape)>,
 ) -> Result<(candle_core::CudaStorage, Shape)> {
-    use crate::precision::round_storage;
     let Some(low) = round else {
         return pass(inputs);
     };
-    let rounded = inputs
+    let cast = inputs
         .iter()
-        .map(|&(s, l)| Ok((round_storage(s, l, low)?, Layout::contiguous(l.shape()))))
+        .map(|&(s, l)| Ok((s.to_dtype(l, low)?, Layout::contiguous(l.shape()))))
         .collect::<Result<Vec<_>>>()?;
-    let (y, shape) = pass(std::array::from_fn(|i| (&rounded[i].0, &rounded[i].1)))?;
-    Ok((round_storage(&y, &Layout::contiguous(&shape), low)?, shape))
+    let (y, shape) = pass(std::array::from_fn(|i| (&cast[i].0, &cast[i].1)))?;
+    Ok((y.to_dtype(&Layout::contiguous(&shape), DType::F32)?, shape))
+}
+
+#[cfg(feature = "cuda")]
+impl Conv {
+    /// cuDNN's forward of x with w (without the bias), f32 out.
+    fn cudnn_forward(
+        &self,
+        x: (&candle_core::CudaStorage, &Layout),
+        w: (&candle_core::CudaStorage, &Layout),
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        on_cuda([x, w], self.round, |[(xs, xl), (ws, wl)]| {
+            let (y, dims) = crate::cudnn::forward(xs, xl, ws, wl, self.pad)?;
+            Ok((y, Shape::from(dims.to_vec())))
+        })
+    }
 }
 
 impl CustomOp2 for Conv {
@@ -483,13 +499,7 @@ impl CustomOp2 for Conv {
         ws: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        on_cuda([(xs, xl), (ws, wl)], self.round, |[(xs, xl), (ws, wl)]| {
-            let (y, dims) = crate::cudnn::forward(xs, xl, ws, wl, self.pad)?;
-            Ok((
-                candle_core::CudaStorage::wrap_cuda_slice(y, xs.device().clone()),
-                Shape::from(dims.to_vec()),
-            ))
-        })
+        self.cudnn_forward((xs, xl), (ws, wl))
     }
 
     fn bwd(
@@ -544,17 +554,25 @@ impl CustomOp3 for Conv {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let inputs = [(xs, xl), (ws, wl), (bs, bl)];
-        on_cuda(inputs, self.round, |[(xs, xl), (ws, wl), (bs, bl)]| {
-            let dev = xs.device();
-            let (mut y, dims) = crate::cudnn::forward(xs, xl, ws, wl, self.pad)?;
-            let bias = crate::cudnn::view(bs, bl)?;
-            crate::cuda::bias_add(dev, &mut y, &bias, dims[1], dims[2] * dims[3])?;
-            Ok((
-                candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()),
-                Shape::from(dims.to_vec()),
-            ))
-        })
+        use crate::precision::round_storage;
+        let (mut y, shape) = self.cudnn_forward((xs, xl), (ws, wl))?;
+        // Under autocast the bias is rounded, added to the widened result in f32, and the sum
+        // rounded: a 16-bit add.
+        let rounded_bias = self
+            .round
+            .map(|low| round_storage(bs, bl, low))
+            .transpose()?;
+        let bias = match &rounded_bias {
+            Some(b) => crate::cudnn::view::<f32>(b, &Layout::contiguous(bl.shape()))?,
+            None => crate::cudnn::view::<f32>(bs, bl)?,
+        };
+        let (c, hw) = (shape.dims()[1], shape.dims()[2] * shape.dims()[3]);
+        let dev = xs.device().clone();
+        crate::cuda::bias_add(&dev, y.as_cuda_slice_mut::<f32>()?, &bias, c, hw)?;
+        match self.round {
+            Some(low) => Ok((round_storage(&y, &Layout::contiguous(&shape), low)?, shape)),
+            None => Ok((y, shape)),
+        }
     }
 
     fn bwd(

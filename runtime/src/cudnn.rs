@@ -8,6 +8,10 @@
 //! shape is seen by timing every one cuDNN accepts (what `torch.backends.cudnn.benchmark = True`
 //! does; cuDNN's heuristics alone made the backward 8× the forward on an H100). TF32 is allowed
 //! exactly when Candle's f32 GEMMs allow it (`set_gemm_reduced_precision_f32`).
+//!
+//! Each pass runs in its inputs' type: f32, or bf16/fp16 under autocast (conv.rs casts the
+//! operands inside its ops), where cuDNN multiplies on the 16-bit tensor cores, accumulates in
+//! f32 and rounds the result to the 16-bit type once (its "pseudo" half configurations).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -15,17 +19,43 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
-use candle_core::{CudaStorage, Layout, Result};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaStorage, DType, Layout, Result};
 use cudarc::cudnn::sys::{
     cudnnConvolutionBwdDataAlgo_t as DataAlgo, cudnnConvolutionBwdFilterAlgo_t as FilterAlgo,
     cudnnConvolutionFwdAlgo_t as FwdAlgo, cudnnConvolutionMode_t, cudnnMathType_t,
     cudnnTensorFormat_t,
 };
 use cudarc::cudnn::{
-    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnError,
-    FilterDescriptor, TensorDescriptor,
+    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType,
+    CudnnError, FilterDescriptor, TensorDescriptor,
 };
+
+/// The element types convolved here: f32, and bf16 and fp16 under autocast.
+pub(crate) trait ConvType: CudnnDataType + CudaDType + DeviceRepr + Copy {
+    const DTYPE: DType;
+    const ONE: Self;
+    const ZERO: Self;
+}
+
+impl ConvType for f32 {
+    const DTYPE: DType = DType::F32;
+    const ONE: Self = 1.0;
+    const ZERO: Self = 0.0;
+}
+
+impl ConvType for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+    const ONE: Self = half::bf16::ONE;
+    const ZERO: Self = half::bf16::ZERO;
+}
+
+impl ConvType for half::f16 {
+    const DTYPE: DType = DType::F16;
+    const ONE: Self = half::f16::ONE;
+    const ZERO: Self = half::f16::ZERO;
+}
 
 thread_local! {
     // cuDNN handles are neither Send nor Sync; the model runs on one thread per device.
@@ -43,8 +73,16 @@ fn cudnn(dev: &candle_core::CudaDevice) -> Result<Arc<Cudnn>> {
     })
 }
 
-/// Which pass, input dims, filter dims, padding, TF32: what an algorithm choice depends on.
-type TuneKey = (&'static str, [usize; 4], [usize; 4], [usize; 2], bool);
+/// Which pass, input dims, filter dims, padding, element type, TF32: what an algorithm choice
+/// depends on.
+type TuneKey = (
+    &'static str,
+    [usize; 4],
+    [usize; 4],
+    [usize; 2],
+    DType,
+    bool,
+);
 
 thread_local! {
     /// The chosen algorithm, as its position in the pass's list.
@@ -147,28 +185,29 @@ fn dims4(l: &Layout) -> Result<[usize; 4]> {
     }
 }
 
-pub(crate) fn view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
+pub(crate) fn view<'a, T: ConvType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
-        Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
-        None => candle_core::bail!("cuDNN convolution needs contiguous f32 tensors"),
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => candle_core::bail!("cuDNN convolution needs contiguous tensors"),
     }
 }
 
-/// The descriptors of one convolution: input x, filter w, output y.
-struct Descriptors {
+/// The descriptors of one convolution: input x, filter w, output y, in `T`; the convolution
+/// computes in f32 whatever `T` is.
+struct Descriptors<T: ConvType> {
     tf32: bool,
     conv: ConvDescriptor<f32>,
-    x: TensorDescriptor<f32>,
-    w: FilterDescriptor<f32>,
-    y: TensorDescriptor<f32>,
+    x: TensorDescriptor<T>,
+    w: FilterDescriptor<T>,
+    y: TensorDescriptor<T>,
 }
 
-fn descriptors(
+fn descriptors<T: ConvType>(
     dev: &candle_core::CudaDevice,
     x: [usize; 4],
     w: [usize; 4],
     pad: [usize; 2],
-) -> Result<Descriptors> {
+) -> Result<Descriptors<T>> {
     let handle = cudnn(dev)?;
     let i = |d: [usize; 4]| d.map(|v| v as i32);
     let mut conv = wrap(handle.create_conv2d::<f32>(
@@ -178,17 +217,18 @@ fn descriptors(
         cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
     ))?;
     let tf32 = candle_core::cuda_backend::gemm_reduced_precision_f32();
-    let math = match tf32 {
-        true => cudnnMathType_t::CUDNN_DEFAULT_MATH, // TF32 tensor cores allowed
+    // Tensor cores for 16-bit types, and TF32 ones for f32 where allowed.
+    let math = match tf32 || T::DTYPE != DType::F32 {
+        true => cudnnMathType_t::CUDNN_DEFAULT_MATH,
         false => cudnnMathType_t::CUDNN_FMA_MATH,
     };
     wrap(conv.set_math_type(math))?;
     let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
     Ok(Descriptors {
         conv,
-        x: wrap(handle.create_4d_tensor::<f32>(nchw, i(x)))?,
-        w: wrap(handle.create_4d_filter::<f32>(nchw, i(w)))?,
-        y: wrap(handle.create_4d_tensor::<f32>(nchw, i(out_dims(x, w, pad))))?,
+        x: wrap(handle.create_4d_tensor::<T>(nchw, i(x)))?,
+        w: wrap(handle.create_4d_filter::<T>(nchw, i(w)))?,
+        y: wrap(handle.create_4d_tensor::<T>(nchw, i(out_dims(x, w, pad))))?,
         tf32,
     })
 }
@@ -204,37 +244,37 @@ fn out_dims(x: [usize; 4], w: [usize; 4], pad: [usize; 2]) -> [usize; 4] {
 }
 
 /// One cuDNN pass of the convolution of x with w, with its two inputs.
-enum Pass<'a> {
+enum Pass<'a, T> {
     /// y from (x, w).
     Forward {
-        x: CudaView<'a, f32>,
-        w: CudaView<'a, f32>,
+        x: CudaView<'a, T>,
+        w: CudaView<'a, T>,
     },
     /// ∂L/∂x from (∂L/∂y, w).
     Data {
-        dy: CudaView<'a, f32>,
-        w: CudaView<'a, f32>,
+        dy: CudaView<'a, T>,
+        w: CudaView<'a, T>,
     },
     /// ∂L/∂w from (x, ∂L/∂y).
     Filter {
-        x: CudaView<'a, f32>,
-        dy: CudaView<'a, f32>,
+        x: CudaView<'a, T>,
+        dy: CudaView<'a, T>,
     },
 }
 
 /// Run `pass` for x of `x_dims` and w of `w_dims` with its tuned algorithm, into a new output
 /// (y, ∂L/∂x or ∂L/∂w).
-fn run_pass(
+fn run_pass<T: ConvType>(
     dev: &candle_core::CudaDevice,
-    pass: Pass,
+    pass: Pass<T>,
     x_dims: [usize; 4],
     w_dims: [usize; 4],
     pad: [usize; 2],
-) -> Result<CudaSlice<f32>> {
-    let d = descriptors(dev, x_dims, w_dims, pad)?;
-    let key = |name| (name, x_dims, w_dims, pad, d.tf32);
-    let ones = (1f32, 0f32);
-    // SAFETY (each launch): the views and outputs are contiguous f32 NCHW buffers of the
+) -> Result<CudaSlice<T>> {
+    let d = descriptors::<T>(dev, x_dims, w_dims, pad)?;
+    let key = |name| (name, x_dims, w_dims, pad, T::DTYPE, d.tf32);
+    let ones = (T::ONE, T::ZERO);
+    // SAFETY (each launch): the views and outputs are contiguous NCHW buffers of `T` of the
     // descriptors' shapes, and cuDNN writes every output element (beta = 0).
     match pass {
         Pass::Forward { x, w } => {
@@ -296,9 +336,66 @@ fn workspace(dev: &candle_core::CudaDevice, bytes: usize) -> Result<CudaSlice<u8
     Ok(unsafe { dev.alloc::<u8>(bytes.max(1))? })
 }
 
-fn output(dev: &candle_core::CudaDevice, dims: [usize; 4]) -> Result<CudaSlice<f32>> {
+fn output<T: ConvType>(dev: &candle_core::CudaDevice, dims: [usize; 4]) -> Result<CudaSlice<T>> {
     // SAFETY: cuDNN writes every element (beta = 0).
-    Ok(unsafe { dev.alloc::<f32>(dims.iter().product())? })
+    Ok(unsafe { dev.alloc::<T>(dims.iter().product())? })
+}
+
+/// Which pass [`run`] makes of its two inputs.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// (x, w) → y.
+    Forward,
+    /// (∂L/∂y, w) → ∂L/∂x.
+    Data,
+    /// (x, ∂L/∂y) → ∂L/∂w.
+    Filter,
+}
+
+/// A pass in its inputs' element type (both alike), into a new output of that type.
+fn run(
+    kind: Kind,
+    a: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    x_dims: [usize; 4],
+    w_dims: [usize; 4],
+    pad: [usize; 2],
+) -> Result<CudaStorage> {
+    let dims = (x_dims, w_dims, pad);
+    match (a.0.dtype(), b.0.dtype()) {
+        (DType::F32, DType::F32) => run_in::<f32>(kind, a, b, dims),
+        (DType::BF16, DType::BF16) => run_in::<half::bf16>(kind, a, b, dims),
+        (DType::F16, DType::F16) => run_in::<half::f16>(kind, a, b, dims),
+        (x, y) => {
+            candle_core::bail!("cuDNN convolution of {x:?} and {y:?}: f32, bf16 or f16, both alike")
+        }
+    }
+}
+
+fn run_in<T: ConvType>(
+    kind: Kind,
+    (a, al): (&CudaStorage, &Layout),
+    (b, bl): (&CudaStorage, &Layout),
+    (x_dims, w_dims, pad): ([usize; 4], [usize; 4], [usize; 2]),
+) -> Result<CudaStorage> {
+    let (a_view, b_view) = (view::<T>(a, al)?, view::<T>(b, bl)?);
+    let pass = match kind {
+        Kind::Forward => Pass::Forward {
+            x: a_view,
+            w: b_view,
+        },
+        Kind::Data => Pass::Data {
+            dy: a_view,
+            w: b_view,
+        },
+        Kind::Filter => Pass::Filter {
+            x: a_view,
+            dy: b_view,
+        },
+    };
+    let dev = a.device();
+    let out = run_pass(dev, pass, x_dims, w_dims, pad)?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
 /// cuDNN's forward into a new output: (output, its dims).
@@ -308,13 +405,9 @@ pub(crate) fn forward(
     ws: &CudaStorage,
     wl: &Layout,
     pad: [usize; 2],
-) -> Result<(CudaSlice<f32>, [usize; 4])> {
+) -> Result<(CudaStorage, [usize; 4])> {
     let (x_dims, w_dims) = (dims4(xl)?, dims4(wl)?);
-    let pass = Pass::Forward {
-        x: view(xs, xl)?,
-        w: view(ws, wl)?,
-    };
-    let y = run_pass(xs.device(), pass, x_dims, w_dims, pad)?;
+    let y = run(Kind::Forward, (xs, xl), (ws, wl), x_dims, w_dims, pad)?;
     Ok((y, out_dims(x_dims, w_dims, pad)))
 }
 
@@ -327,12 +420,7 @@ pub(crate) fn backward_data(
     pad: [usize; 2],
     x_dims: [usize; 4],
 ) -> Result<CudaStorage> {
-    let pass = Pass::Data {
-        dy: view(dys, dyl)?,
-        w: view(ws, wl)?,
-    };
-    let dx = run_pass(dys.device(), pass, x_dims, dims4(wl)?, pad)?;
-    Ok(CudaStorage::wrap_cuda_slice(dx, dys.device().clone()))
+    run(Kind::Data, (dys, dyl), (ws, wl), x_dims, dims4(wl)?, pad)
 }
 
 /// ∂L/∂w of dims `w_dims` from (x, ∂L/∂y).
@@ -344,10 +432,5 @@ pub(crate) fn backward_filter(
     pad: [usize; 2],
     w_dims: [usize; 4],
 ) -> Result<CudaStorage> {
-    let pass = Pass::Filter {
-        x: view(xs, xl)?,
-        dy: view(dys, dyl)?,
-    };
-    let dw = run_pass(xs.device(), pass, dims4(xl)?, w_dims, pad)?;
-    Ok(CudaStorage::wrap_cuda_slice(dw, xs.device().clone()))
+    run(Kind::Filter, (xs, xl), (dys, dyl), dims4(xl)?, w_dims, pad)
 }

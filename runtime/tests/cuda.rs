@@ -186,6 +186,34 @@ fn cudnn_convolution_matches_candle_on_the_cpu() -> Result<()> {
     Ok(())
 }
 
+/// Under autocast cuDNN convolves in bf16 and fp16 (tensor cores, f32 accumulation), where the
+/// CPU op rounds the operands and computes in f32: forward and every gradient within 1e-2
+/// (bf16) and 2e-3 (fp16) of the CPU, 2-D and 1-D, with a bias (added on the GPU to the rounded
+/// result, one more rounding) and without.
+#[test]
+#[ignore = "needs a GPU"]
+fn cudnn_convolution_in_16_bits_matches_the_cpu() -> Result<()> {
+    use signal_diffusion_runtime::conv::conv;
+    let cases: [(&[usize], &[usize], usize); 2] = [
+        (&[4, 3, 19, 23], &[8, 3, 3, 3], 1),
+        (&[3, 4, 50], &[7, 4, 7], 3),
+    ];
+    for (low, tolerance) in [(DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+        for (x, w, pad) in cases {
+            let name = format!("{low:?} convolution {x:?}*{w:?}");
+            cpu_gpu_parity(&name, &[x, w, &[w[0]]], tolerance, |t| {
+                let _amp = Autocast::enter(Some(low));
+                conv(&t[0], &(&t[1] * 0.3)?, Some(&t[2]), pad)
+            })?;
+            cpu_gpu_parity(&format!("{name}, no bias"), &[x, w], tolerance, |t| {
+                let _amp = Autocast::enter(Some(low));
+                conv(&t[0], &(&t[1] * 0.3)?, None, pad)
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// The GELU kernels against Candle's gelu_erf on the CPU: forward and gradient within 1e-6.
 #[test]
 #[ignore = "needs a GPU"]
