@@ -12,8 +12,9 @@
 //! memory bandwidth, not accuracy.)
 //!
 //! Where a product has a 16-bit kernel (cuBLAS and cuDNN on CUDA) it computes on real bf16/f16
-//! copies of its operands. Where it has none (our CPU kernels are f32), the operands are rounded to the 16-bit type and kept in f32: the same numbers, since a 16-bit
-//! value is exact in f32, at f32 speed plus the rounding passes. Either way the casts and
+//! copies of its operands. Where it has none (our CPU kernels are f32), the operands are rounded
+//! to the 16-bit type and kept in f32: the same numbers, since a 16-bit value is exact in f32, at
+//! f32 speed plus the rounding passes. Either way the casts and
 //! roundings happen inside the op ([`matmul`], [`matmul_add`]; the fused linear, attention and
 //! convolution ops with [`operands`] and [`round_in_place`]), so autograd keeps no 16-bit or
 //! rounded copy for the backward and a 16-bit step holds no more activation memory than an f32
