@@ -603,10 +603,8 @@ impl CustomOp2 for BiasGeluTanh {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let backward = BiasGeluTanhBackward { round: self.round };
         let dz = x.apply_op3_no_bwd(bias, &dy.contiguous()?, &backward)?;
-        let rounded = |t: &Tensor| crate::precision::round_tensor(t, self.round);
-        let columns = bias.elem_count();
-        let dbias = rounded(&rounded(&dz)?.reshape(((), columns))?.sum(0)?)?;
-        Ok((Some(dz), Some(dbias.reshape(bias.shape())?)))
+        let dbias = crate::precision::bias_grad(bias, &dz, self.round)?;
+        Ok((Some(dz), Some(dbias)))
     }
 }
 

@@ -29,7 +29,7 @@ use std::cell::Cell;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     backprop::GradStore, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
-    Tensor, Var, D,
+    Tensor, Var,
 };
 use serde::{Deserialize, Serialize};
 
@@ -226,15 +226,12 @@ impl CustomOp3 for Product {
         &self,
         a: &Tensor,
         b: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [da, db] = self.grads(a, b, dy)?;
-        let low = self.low;
-        let columns = dy.dim(D::Minus1)?;
-        let dbias = round_tensor(dy, low)?.reshape(((), columns))?.sum(0)?;
-        Ok((da, db, Some(round_tensor(&dbias, low)?)))
+        Ok((da, db, Some(bias_grad(bias, dy, self.low)?)))
     }
 }
 
@@ -322,6 +319,16 @@ pub fn operand(s: &[f32], dtype: Option<DType>) -> std::borrow::Cow<'_, [f32]> {
             std::borrow::Cow::Owned(copy)
         }
     }
+}
+
+/// The gradient of `bias`, added along the last axis (repeating when shorter) in the 16-bit type
+/// `low` (`None`: f32): the column sums of ∂L/∂y, rounded to `low` as a 16-bit gradient is,
+/// summed in f32 (as PyTorch's CUDA reductions do) and the sum rounded.
+pub fn bias_grad(bias: &Tensor, dy: &Tensor, low: Option<DType>) -> Result<Tensor> {
+    let sums = round_tensor(dy, low)?
+        .reshape(((), bias.elem_count()))?
+        .sum(0)?;
+    round_tensor(&sums.reshape(bias.shape())?, low)
 }
 
 /// A contiguous f32 copy of a device's tensor, rounded to `low` (cast there and back; for GPU

@@ -376,15 +376,10 @@ fn fifty_training_steps_match_the_cpu() -> Result<()> {
     Ok(())
 }
 
-/// The losses of `updates` DiT training updates on `dev` under autocast `amp`: rectified flow
-/// with soft-min-SNR weights (noise levels and noise from a seeded host RNG, the same on every
-/// device), AdamW with clipping, and the fused EMA after each update.
-fn dit_losses(dev: &Device, amp: Option<DType>, updates: u64) -> Result<Vec<f64>> {
-    use rand::SeedableRng;
-    use signal_diffusion_runtime::diffusion::{Ema, Objective, Path};
-    use signal_diffusion_runtime::dit::{Condition, Conditioning, Dit, DitShape};
-    use signal_diffusion_runtime::train::diffusion::{diffusion_grads, StepSpec};
-    let shape = DitShape {
+/// A DiT of 2 blocks, 4 heads of 16, class conditioning, 64 tokens of 16×16×3 images.
+fn small_dit() -> signal_diffusion_runtime::dit::DitShape {
+    use signal_diffusion_runtime::dit::{Conditioning, DitShape};
+    DitShape {
         in_channels: 3,
         out_channels: 3,
         height: 16,
@@ -396,7 +391,18 @@ fn dit_losses(dev: &Device, amp: Option<DType>, updates: u64) -> Result<Vec<f64>
         num_embeds: 5,
         conditioning: Conditioning::Classes { num_classes: 4 },
         norm_eps: 1e-5,
-    };
+    }
+}
+
+/// The losses of `updates` DiT training updates on `dev` under autocast `amp`: rectified flow
+/// with soft-min-SNR weights (noise levels and noise from a seeded host RNG, the same on every
+/// device), AdamW with clipping, and the fused EMA after each update.
+fn dit_losses(dev: &Device, amp: Option<DType>, updates: u64) -> Result<Vec<f64>> {
+    use rand::SeedableRng;
+    use signal_diffusion_runtime::diffusion::{Ema, Objective, Path};
+    use signal_diffusion_runtime::dit::{Condition, Dit};
+    use signal_diffusion_runtime::train::diffusion::{diffusion_grads, StepSpec};
+    let shape = small_dit();
     let mut p = Params::new(3, dev);
     let model = Dit::new(&shape, &mut p, dev)?;
     let mut opt = Optimizer::new(&adamw("adamw"), p.trainable.clone())?;
@@ -711,23 +717,11 @@ fn fused_ema_matches_the_cpu() -> Result<()> {
 #[test]
 #[ignore = "needs a GPU"]
 fn dit_on_the_gpu_matches_the_cpu_and_bf16_stays_close() -> Result<()> {
-    use signal_diffusion_runtime::dit::{Condition, Conditioning, Dit, DitShape};
+    use signal_diffusion_runtime::dit::{Condition, Dit};
     use signal_diffusion_runtime::precision::Autocast;
     let dev = gpu();
     candle_core::cuda_backend::set_gemm_reduced_precision_f32(false);
-    let s = DitShape {
-        in_channels: 3,
-        out_channels: 3,
-        height: 16,
-        width: 16,
-        patch: [2, 2],
-        heads: 4,
-        head_dim: 16,
-        layers: 2,
-        num_embeds: 5,
-        conditioning: Conditioning::Classes { num_classes: 4 },
-        norm_eps: 1e-5,
-    };
+    let s = small_dit();
     let x = Tensor::randn(0f32, 1.0, (3, 3, 16, 16), &Device::Cpu)?;
     let cond = Condition {
         labels: vec![0, 3, 4],
