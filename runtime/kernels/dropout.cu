@@ -10,12 +10,18 @@ __device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
     return z ^ (z >> 31);
 }
 
+// Element i's value v after dropout: v·scale when kept, else 0.
+__device__ __forceinline__ float dropped(unsigned long long seed, long long i,
+                                         unsigned int threshold, float scale, float v) {
+    const unsigned int r = (unsigned int)(splitmix64(seed + (unsigned long long)i) >> 40);
+    return r < threshold ? v * scale : 0.0f;
+}
+
 extern "C" __global__ void dropout(const float* __restrict__ x, float* __restrict__ y,
                                    long long n, unsigned long long seed, unsigned int threshold,
                                    float scale) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        const unsigned int r = (unsigned int)(splitmix64(seed + (unsigned long long)i) >> 40);
-        y[i] = r < threshold ? x[i] * scale : 0.0f;
+        y[i] = dropped(seed, i, threshold, scale, x[i]);
     }
 }

@@ -450,6 +450,58 @@ pub fn dropout(
     elementwise(s.device(), "dropout", &[&x], l.shape().elem_count(), &extra)
 }
 
+/// Dropout (the mask `(seed, threshold, scale)`), then average pooling with a kh × kw window,
+/// over the last two axes of a contiguous (…, h, w) tensor, `[h, w, kh, kw]`; of GELU(x) when
+/// `gelu` (runtime/kernels/pool.cu).
+pub fn dropout_pool_forward(
+    (s, l): (&CudaStorage, &Layout),
+    mask: (u64, u32, f32),
+    [h, w, kh, kw]: [usize; 4],
+    gelu: bool,
+) -> Result<CudaStorage> {
+    let x = f32_view(s, l)?;
+    let n_out = planes(l) * (h / kh) * (w / kw);
+    let mut extra = pool_args(mask, [h, w, kh, kw])?;
+    extra.push(Scalar::I32(gelu as i32));
+    elementwise(s.device(), "dropout_pool_fwd", &[&x], n_out, &extra)
+}
+
+/// ∂L/∂x of `dropout_pool_forward` (before any GELU) from ∂L/∂y, (…, h/kh, w/kw) → (…, h, w).
+pub fn dropout_pool_backward(
+    (s, l): (&CudaStorage, &Layout),
+    mask: (u64, u32, f32),
+    [h, w, kh, kw]: [usize; 4],
+) -> Result<CudaStorage> {
+    let g = f32_view(s, l)?;
+    let extra = pool_args(mask, [h, w, kh, kw])?;
+    elementwise(
+        s.device(),
+        "dropout_pool_bwd",
+        &[&g],
+        planes(l) * h * w,
+        &extra,
+    )
+}
+
+/// The values of all axes but the last two.
+fn planes(l: &Layout) -> usize {
+    let d = l.dims();
+    d[..d.len().saturating_sub(2)].iter().product()
+}
+
+/// The pooling kernels' arguments after n: the dropout mask, then h, w, kh, kw.
+fn pool_args((seed, threshold, scale): (u64, u32, f32), sizes: [usize; 4]) -> Result<Vec<Scalar>> {
+    let mut args = vec![
+        Scalar::U64(seed),
+        Scalar::U32(threshold),
+        Scalar::F32(scale),
+    ];
+    for v in sizes {
+        args.push(i32_arg(v)?);
+    }
+    Ok(args)
+}
+
 /// GELU forward: y = x·Φ(x) (runtime/kernels/gelu.cu).
 pub fn gelu_forward(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
     let x = f32_view(s, l)?;

@@ -530,7 +530,7 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 /// the rounded sum of the rounded ∂L/∂z, as the product op's (precision.rs).
 pub fn bias_gelu_tanh(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let round = crate::precision::autocast_dtype();
-    if x.dtype() == DType::F32 && (x.device().is_cpu() || x.device().is_cuda()) {
+    if fused_f32(x) {
         return x
             .contiguous()?
             .apply_op2(&bias.contiguous()?, BiasGeluTanh { round });
@@ -850,12 +850,18 @@ impl CustomOp2 for GeluBackward {
     }
 }
 
+/// Whether `x` runs the fused f32 ops of this module: on the CPU and on a GPU.
+fn fused_f32(x: &Tensor) -> bool {
+    x.dtype() == DType::F32 && (x.device().is_cpu() || x.device().is_cuda())
+}
+
 /// Average pooling with a `kh × kw` window and the same stride over the last two axes of
 /// (B, C, H, W), trailing rows and columns dropped (PyTorch's floor). One pass forward and one
-/// backward on the CPU (Candle's backward is an upsample and a division, two full-size
-/// tensors); on a GPU Candle's own op.
+/// backward, on the CPU and (f32) on a GPU (Candle's backward is an upsample and a division,
+/// two full-size tensors).
 pub fn avg_pool(x: &Tensor, kh: usize, kw: usize) -> Result<Tensor> {
-    if x.device().is_cuda() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+    let f64_on_cpu = x.device().is_cpu() && x.dtype() == DType::F64;
+    if !(fused_f32(x) || f64_on_cpu) {
         return x.avg_pool2d((kh, kw));
     }
     let (_, _, h, w) = x.dims4()?;
@@ -937,6 +943,15 @@ impl CustomOp1 for AvgPool {
         ))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        DropoutPool(Dropout::new(0.0, 0), *self).cuda(s, l, false)
+    }
+
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(
             grad.contiguous()?
@@ -964,14 +979,23 @@ impl CustomOp1 for AvgPoolBackward {
         };
         Ok((dx, Shape::from((d[0], d[1], self.0.h, self.0.w))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        DropoutPoolBackward(DropoutPool(Dropout::new(0.0, 0), self.0)).cuda_fwd(s, l)
+    }
 }
 
-/// `avg_pool(dropout(x, p, seed), kh, kw)` as one op on the CPU: the same numbers (the same
-/// mask, the same sums in the same order), but the dropped tensor is never made or kept for
-/// the backward — a full activation less per block, and one pass less each way. Elsewhere (and
-/// for dtypes other than f32) the two ops.
+/// `avg_pool(dropout(x, p, seed), kh, kw)` as one op (f32, on the CPU and on a GPU): the same
+/// numbers (the same mask, the same sums in the same order), but the dropped tensor is never
+/// made or kept for the backward — a full activation less per block, and one pass less each
+/// way. Otherwise the two ops.
 pub fn dropout_avg_pool(x: &Tensor, p: f64, seed: u64, kh: usize, kw: usize) -> Result<Tensor> {
-    if x.device().is_cuda() || x.dtype() != DType::F32 {
+    if !fused_f32(x) {
         return avg_pool(&dropout(x, p, seed)?, kh, kw);
     }
     x.contiguous()?
@@ -979,12 +1003,12 @@ pub fn dropout_avg_pool(x: &Tensor, p: f64, seed: u64, kh: usize, kw: usize) -> 
 }
 
 /// `dropout_avg_pool(group_norm(a, weight, bias), p, seed, kh, kw)` with a = `gelu(x)` when
-/// `gelu_first`, else x, as one op on the CPU: the same numbers, but the activation and the
-/// normalised tensor live only inside the op. Candle's graph keeps every op's inputs until the
+/// `gelu_first`, else x, as one op (f32, on the CPU and on a GPU): the same numbers, but the
+/// activation and the normalised tensor live only inside the op. Candle's graph keeps every op's inputs until the
 /// backward ends, so as separate ops those tensors (the largest of cnn_light, at its stem) stay
 /// alive, and each gradient is one more full-size tensor (plus the zeros it is accumulated
 /// into); here the graph keeps `x` alone. The backward recomputes gelu(x) and runs the ops'
-/// backwards in sequence. Elsewhere the separate ops.
+/// backwards in sequence. Otherwise the separate ops.
 pub fn group_norm_dropout_avg_pool(
     x: &Tensor,
     gelu_first: bool,
@@ -992,7 +1016,7 @@ pub fn group_norm_dropout_avg_pool(
     (p, seed): (f64, u64),
     (kh, kw): (usize, usize),
 ) -> Result<Tensor> {
-    if x.device().is_cuda() || x.dtype() != DType::F32 {
+    if !fused_f32(x) {
         let a = if gelu_first { gelu(x)? } else { x.clone() };
         return dropout_avg_pool(&group_norm(&a, weight, bias)?, p, seed, kh, kw);
     }
@@ -1004,10 +1028,10 @@ pub fn group_norm_dropout_avg_pool(
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }
 
-/// `dropout_avg_pool(gelu(x), p, seed, kh, kw)` (GELU's erf form) as one op on the CPU, for the
-/// same reason as `group_norm_dropout_avg_pool`: the activation's output, which only the pooling
-/// reads, is never a tensor of the graph (the GELU's backward needs x, kept anyway). A block of
-/// the CNNs ends this way. Elsewhere the two ops.
+/// `dropout_avg_pool(gelu(x), p, seed, kh, kw)` (GELU's erf form) as one op (f32, on the CPU
+/// and on a GPU), for the same reason as `group_norm_dropout_avg_pool`: the activation's output,
+/// which only the pooling reads, is never a tensor of the graph (the GELU's backward needs x,
+/// kept anyway). A block of the CNNs ends this way. Otherwise the two ops.
 pub fn gelu_dropout_avg_pool(
     x: &Tensor,
     p: f64,
@@ -1015,7 +1039,7 @@ pub fn gelu_dropout_avg_pool(
     kh: usize,
     kw: usize,
 ) -> Result<Tensor> {
-    if x.device().is_cuda() || x.dtype() != DType::F32 {
+    if !fused_f32(x) {
         return dropout_avg_pool(&gelu(x)?, p, seed, kh, kw);
     }
     x.contiguous()?
@@ -1032,6 +1056,16 @@ impl CustomOp1 for GeluDropoutPool {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (activated, shape) = Gelu { tanh: false }.cpu_fwd(s, l)?;
         self.0.cpu_fwd(&activated, &Layout::contiguous(shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        // GELU inside the pooling kernel: the activation is never written.
+        self.0.cuda(s, l, true)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -1068,6 +1102,26 @@ impl candle_core::CustomOp3 for NormDropoutPool {
             GroupNorm.cpu_fwd(xs, xl, ws, wl, bs, bl)?
         };
         self.pool.cpu_fwd(&normed, &Layout::contiguous(shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        // The activation and the normalised tensor are temporaries, freed when this returns.
+        let (normed, shape) = if self.gelu_first {
+            let a = crate::cuda::gelu_forward(xs, xl)?;
+            GroupNorm.cuda_fwd(&a, &Layout::contiguous(xl.shape()), ws, wl, bs, bl)?
+        } else {
+            GroupNorm.cuda_fwd(xs, xl, ws, wl, bs, bl)?
+        };
+        self.pool.cuda(&normed, &Layout::contiguous(shape), false)
     }
 
     fn bwd(
@@ -1125,6 +1179,26 @@ impl DropoutPool {
         let (_, _, h, w) = x.dims4()?;
         Ok(DropoutPool(Dropout::new(p, seed), AvgPool { kh, kw, h, w }))
     }
+
+    /// The forward on a GPU (runtime/kernels/pool.cu), of GELU(x) when `gelu`.
+    #[cfg(feature = "cuda")]
+    fn cuda(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        gelu: bool,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (d, p) = (self.0, self.1);
+        let dims = l.dims();
+        let y = crate::cuda::dropout_pool_forward(
+            (s, l),
+            (d.seed, d.threshold, d.scale),
+            [p.h, p.w, p.kh, p.kw],
+            gelu,
+        )?;
+        let shape = Shape::from((dims[0], dims[1], p.h / p.kh, p.w / p.kw));
+        Ok((y, shape))
+    }
 }
 
 /// ∂L/∂x of `DropoutPool` from ∂L/∂y.
@@ -1172,6 +1246,22 @@ impl CustomOp1 for DropoutPoolBackward {
             CpuStorage::F32(dx),
             Shape::from((dims[0], dims[1], p.h, p.w)),
         ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (d, p) = (self.0 .0, self.0 .1);
+        let dims = l.dims();
+        let dx = crate::cuda::dropout_pool_backward(
+            (s, l),
+            (d.seed, d.threshold, d.scale),
+            [p.h, p.w, p.kh, p.kw],
+        )?;
+        Ok((dx, Shape::from((dims[0], dims[1], p.h, p.w))))
     }
 }
 

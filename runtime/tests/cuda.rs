@@ -239,6 +239,34 @@ fn gelu_kernels_match_candle_on_the_cpu() -> Result<()> {
     Ok(())
 }
 
+/// The CNN blocks' fused tails on the GPU (pool.cu, with the GroupNorm and GELU kernels) against
+/// the same ops on the CPU: average pooling, dropout + pooling, GELU + dropout + pooling, and
+/// GroupNorm + dropout + pooling with and without a GELU before it; forward and every gradient
+/// within 1e-5 (the same masks on both devices; the window sums in f64 on both). An odd height
+/// and width check the rows and columns the pooling drops.
+#[test]
+#[ignore = "needs a GPU"]
+fn fused_pooling_tails_match_the_cpu() -> Result<()> {
+    use signal_diffusion_runtime::ops as op;
+    let x: &[usize] = &[3, 4, 9, 11];
+    let (p, seed) = (0.3, 77);
+    cpu_gpu_parity("avg pool", &[x], 1e-5, |t| op::avg_pool(&t[0], 2, 2))?;
+    cpu_gpu_parity("dropout + avg pool, 1×2", &[x], 1e-5, |t| {
+        op::dropout_avg_pool(&t[0], p, seed, 1, 2)
+    })?;
+    cpu_gpu_parity("gelu + dropout + avg pool", &[x], 1e-5, |t| {
+        op::gelu_dropout_avg_pool(&t[0], p, seed, 2, 2)
+    })?;
+    for gelu_first in [false, true] {
+        let name = format!("group norm + dropout + avg pool, GELU first {gelu_first}");
+        cpu_gpu_parity(&name, &[x, &[4], &[4]], 1e-5, |t| {
+            let params = (&t[1], &t[2]);
+            op::group_norm_dropout_avg_pool(&t[0], gelu_first, params, (p, seed), (2, 2))
+        })?;
+    }
+    Ok(())
+}
+
 fn adamw(name: &str) -> schema::Optimizer {
     schema::Optimizer {
         name: name.into(),
@@ -543,7 +571,28 @@ fn op_timings() -> Result<()> {
             let g = group_norm(yv.as_tensor(), &gw, &gb)?.backward()?;
             Ok(g.get(&yv).unwrap().clone())
         })?;
-        time(&format!("avg_pool2d {tag}"), &|| y.avg_pool2d(2))?;
+        time(&format!("avg_pool2d (Candle) {tag}"), &|| y.avg_pool2d(2))?;
+        time(&format!("avg pool (ours) {tag}"), &|| {
+            signal_diffusion_runtime::ops::avg_pool(&y, 2, 2)
+        })?;
+        // A CNN block's tail, fwd+bwd: one pooling kernel each way (plus GELU's backward),
+        // against our GELU and dropout kernels and Candle's pooling as separate ops.
+        let tail = |fused: bool| -> Result<Tensor> {
+            use signal_diffusion_runtime::ops;
+            let yv = Var::from_tensor(&y)?;
+            let out = match fused {
+                true => ops::gelu_dropout_avg_pool(yv.as_tensor(), 0.43, 7, 2, 2)?,
+                false => ops::dropout(&ops::gelu(yv.as_tensor())?, 0.43, 7)?.avg_pool2d(2)?,
+            };
+            let g = out.backward()?; // ∂/∂out = 1, no reduction
+            Ok(g.get(&yv).unwrap().clone())
+        };
+        time(&format!("gelu+drop+pool fwd+bwd fused {tag}"), &|| {
+            tail(true)
+        })?;
+        time(&format!("gelu+drop+pool fwd+bwd apart {tag}"), &|| {
+            tail(false)
+        })?;
         time(&format!("dropout {tag}"), &|| {
             signal_diffusion_runtime::nn::dropout(&y, 0.43, &mut Mode::train(1))
         })?;

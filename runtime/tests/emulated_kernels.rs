@@ -736,3 +736,98 @@ fn dropout_gelu_and_bias_kernels_match_the_cpu() {
         "gelu, its gradient, bias, channel sums {errs:?}"
     );
 }
+
+/// The pooling kernels (pool.cu) against the CPU's fused ops: dropout + pooling forward and
+/// backward keep exactly the CPU's numbers (the same mask, window sums in f64 in the same
+/// order), with and without dropout (plain pooling), 2×2 and 1×2 windows, an odd height and
+/// width (the dropped rows and columns get no gradient); with GELU first (the kernel's erff
+/// against the CPU's polynomial erf) forward and, with gelu_bwd after the pooling's backward,
+/// the gradient within 1e-5.
+#[test]
+fn dropout_pool_kernels_match_the_cpu() {
+    use signal_diffusion_runtime::ops;
+    let lib = library();
+    type Pool = unsafe extern "C" fn(
+        i32,
+        *const f32,
+        *mut f32,
+        i64,
+        u64,
+        u32,
+        f32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+    );
+    type Gelu = unsafe extern "C" fn(i32, *const f32, *const f32, *mut f32, i64);
+    // SAFETY: the signatures of tests/emulate/exports.h.
+    let (pool, gelu): (Symbol<Pool>, Symbol<Gelu>) = unsafe {
+        (
+            lib.get(b"emu_dropout_pool").unwrap(),
+            lib.get(b"emu_gelu").unwrap(),
+        )
+    };
+    let (b, c, h, w) = (2usize, 3usize, 9usize, 11usize);
+    let x = randn(&[b, c, h, w], 1.5);
+    let xv = host(&x);
+    let seed = 99u64;
+    for (p, kh) in [(0.3, 2usize), (0.3, 1), (0.0, 2)] {
+        let (ho, wo) = (h / kh, w / 2);
+        let r = randn(&[b, c, ho, wo], 1.0);
+        let rv = host(&r);
+        let keep = 1.0 - p;
+        let threshold = (keep * (1u64 << 24) as f64).round() as u32;
+        let scale = (1.0 / keep) as f32;
+        let (want, grads) = cpu_reference(std::slice::from_ref(&x), &r, |t| {
+            ops::dropout_avg_pool(&t[0], p, seed, kh, 2)
+        });
+        let (want_gelu, grads_gelu) = cpu_reference(std::slice::from_ref(&x), &r, |t| {
+            ops::gelu_dropout_avg_pool(&t[0], p, seed, kh, 2)
+        });
+        let n_out = b * c * ho * wo;
+        let n_in = xv.len();
+        let (mut y, mut y_gelu) = (vec![0f32; n_out], vec![0f32; n_out]);
+        let (mut dx, mut dx_gelu) = (vec![0f32; n_in], vec![0f32; n_in]);
+        {
+            let _one = launching();
+            let (hh, ww, kh) = (h as i32, w as i32, kh as i32);
+            // SAFETY: the buffers have the sizes the kernels index.
+            unsafe {
+                let at = |backward: i32, input: &[f32], out: &mut [f32], g: i32| {
+                    let n = out.len() as i64;
+                    pool(
+                        backward,
+                        input.as_ptr(),
+                        out.as_mut_ptr(),
+                        n,
+                        seed,
+                        threshold,
+                        scale,
+                        hh,
+                        ww,
+                        kh,
+                        2,
+                        g,
+                    )
+                };
+                at(0, &xv, &mut y, 0);
+                at(0, &xv, &mut y_gelu, 1);
+                at(1, &rv, &mut dx, 0);
+                gelu(
+                    1,
+                    xv.as_ptr(),
+                    dx.as_ptr(),
+                    dx_gelu.as_mut_ptr(),
+                    n_in as i64,
+                );
+            }
+        }
+        let case = format!("p {p}, window {kh}×2");
+        assert_eq!(y, want, "{case}: forward");
+        assert_eq!(dx, grads[0], "{case}: gradient");
+        let errs = [rel(&y_gelu, &want_gelu), rel(&dx_gelu, &grads_gelu[0])];
+        assert!(errs.iter().all(|e| *e < TOL), "{case}: with GELU {errs:?}");
+    }
+}
