@@ -137,36 +137,63 @@ fn f32_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
     }
 }
 
-/// Launch the GroupNorm kernel `name(inputs..., output, ints..., n)` with one block per sample
-/// of `n` values: `name_N` when the build specialised it to N = n, else `name_any`.
+/// How a GroupNorm splits each sample of `c` channels: (channels per slice, slices), enough
+/// slices that the grid of (slices, batch) blocks is a few per SM of an H100 (132) even at small
+/// batches, each slice whole channels.
+pub fn norm_slices(batch: usize, c: usize) -> (usize, usize) {
+    const BLOCKS: usize = 4 * 132;
+    let wanted = BLOCKS.div_ceil(batch.max(1)).clamp(1, c.max(1));
+    let per_slice = c.max(1).div_ceil(wanted);
+    (per_slice, c.max(1).div_ceil(per_slice))
+}
+
+/// Launch the GroupNorm kernel `name(inputs..., partial, [output,] ints..., c, cps, n)` (norm.cu)
+/// on a (slices, batch) grid: `name_N` when the build specialised it to N = n, else `name_any`.
 fn launch_norm(
     device: &CudaDevice,
     name: &str,
-    batch: usize,
-    n: usize,
+    (batch, c, n): (usize, usize, usize),
     inputs: &[&CudaView<'_, f32>],
-    output: &CudaSlice<f32>,
+    partial: &CudaSlice<f64>,
+    output: Option<&CudaSlice<f32>>,
     ints: &[i32],
 ) -> Result<()> {
     let k = kernels()?;
     let full = specialised(name, n, k.sizes.norm);
     let f = device.get_or_load_custom_func(&full, MODULE, &k.ptx)?;
-    let n_arg = n as i32;
+    let (per_slice, slices) = norm_slices(batch, c);
+    let [c_arg, cps_arg, n_arg] = [c as i32, per_slice as i32, n as i32];
     let mut b = f.builder();
     for x in inputs {
         b.arg(*x);
     }
-    b.arg(output);
+    b.arg(partial);
+    if let Some(y) = output {
+        b.arg(y);
+    }
     for i in ints {
         b.arg(i);
     }
-    b.arg(&n_arg);
-    // SAFETY: the norm kernels take (inputs..., output, ints..., n), in this order.
-    unsafe { b.launch(launch_config(batch, NORM_THREADS)) }.w()?;
+    b.arg(&c_arg).arg(&cps_arg).arg(&n_arg);
+    let config = LaunchConfig {
+        grid_dim: (slices as u32, batch as u32, 1),
+        block_dim: (NORM_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the norm kernels take (inputs..., partial, [output,] ints..., c, cps, n), in this
+    // order; `partial` holds K sums per block of this grid.
+    unsafe { b.launch(config) }.w()?;
     Ok(())
 }
 
 const NORM_THREADS: u32 = 1024;
+
+/// The partial-sums buffer of a GroupNorm launch: `k` doubles per (slice, sample).
+fn norm_partials(dev: &CudaDevice, batch: usize, c: usize, k: usize) -> Result<CudaSlice<f64>> {
+    let slices = norm_slices(batch, c).1;
+    // SAFETY: the statistics kernel writes every value before the second kernel reads it.
+    Ok(unsafe { dev.alloc::<f64>(batch * slices * k)? })
+}
 
 /// y = x̂·w[c] + b[c] over (batch, c channels, n/c positions).
 pub fn group_norm_forward(
@@ -179,16 +206,27 @@ pub fn group_norm_forward(
 ) -> Result<CudaStorage> {
     let dev = xs.device();
     let (x, w, b) = (f32_view(xs, xl)?, f32_view(ws, wl)?, f32_view(bs, bl)?);
+    let sizes = (batch, c, n);
+    let partial = norm_partials(dev, batch, c, 2)?;
+    launch_norm(
+        dev,
+        "group_norm_stats_fwd",
+        sizes,
+        &[&x],
+        &partial,
+        None,
+        &[],
+    )?;
     // SAFETY: every element is written by the kernel.
     let y = unsafe { dev.alloc::<f32>(batch * n)? };
     launch_norm(
         dev,
         "group_norm_fwd",
-        batch,
-        n,
+        sizes,
         &[&x, &w, &b],
-        &y,
-        &[c as i32],
+        &partial,
+        Some(&y),
+        &[],
     )?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
@@ -204,10 +242,30 @@ pub fn group_norm_backward(
 ) -> Result<CudaStorage> {
     let dev = xs.device();
     let (x, w, g) = (f32_view(xs, xl)?, f32_view(ws, wl)?, f32_view(gs, gl)?);
+    let sizes = (batch, c, n);
+    let partial = norm_partials(dev, batch, c, 4)?;
+    launch_norm(
+        dev,
+        "group_norm_stats_bwd",
+        sizes,
+        &[&x, &w, &g],
+        &partial,
+        None,
+        &[],
+    )?;
     // SAFETY: every element is written by the kernel.
     let out = unsafe { dev.alloc::<f32>(batch * n + 2 * batch * c)? };
-    let ints = [batch as i32, c as i32];
-    launch_norm(dev, "group_norm_bwd", batch, n, &[&x, &w, &g], &out, &ints)?;
+    let ints = [batch as i32];
+    let inputs = [&x, &w, &g];
+    launch_norm(
+        dev,
+        "group_norm_bwd",
+        sizes,
+        &inputs,
+        &partial,
+        Some(&out),
+        &ints,
+    )?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 

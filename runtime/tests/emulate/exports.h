@@ -52,11 +52,20 @@ void emu_weighted_mse_bwd(const float* out, const float* target, const float* wg
                           long long n, unsigned long long m) {
     emu::launch({3}, {256}, [=] { weighted_mse_bwd(out, target, wg, d_out, n, m); });
 }
+// Both launches of a GroupNorm direction, as cuda.rs's: `cps` channels per slice, a grid of
+// (slices, batch) blocks, the partial sums in between.
 void emu_group_norm(int backward, unsigned batch, const float* x, const float* w,
-                    const float* b_or_g, float* out, int c, int n) {
-    emu::launch({batch}, {NORM_THREADS}, [=] {
-        if (backward) group_norm_bwd_any(x, w, b_or_g, out, (int)batch, c, n);
-        else group_norm_fwd_any(x, w, b_or_g, out, c, n);
+                    const float* b_or_g, float* out, int c, int cps, int n) {
+    const unsigned slices = (unsigned)((c + cps - 1) / cps);
+    std::vector<double> partial((size_t)batch * slices * 4);
+    double* p = partial.data();
+    emu::launch({slices, batch}, {NORM_THREADS}, [=] {
+        if (backward) group_norm_stats_bwd_any(x, w, b_or_g, p, c, cps, n);
+        else group_norm_stats_fwd_any(x, p, c, cps, n);
+    });
+    emu::launch({slices, batch}, {NORM_THREADS}, [=] {
+        if (backward) group_norm_bwd_any(x, w, b_or_g, p, out, (int)batch, c, cps, n);
+        else group_norm_fwd_any(x, w, b_or_g, p, out, c, cps, n);
     });
 }
 // Clipping and Adam/AdamW over (param, grad, m, v, n) slots, as cuda.rs's adam_step launches.
