@@ -188,84 +188,48 @@ fn launch_norm(
 
 const NORM_THREADS: u32 = 1024;
 
-/// The partial-sums buffer of a GroupNorm launch: `k` doubles per (slice, sample).
-fn norm_partials(dev: &CudaDevice, batch: usize, c: usize, k: usize) -> Result<CudaSlice<f64>> {
-    let slices = norm_slices(batch, c).1;
-    // SAFETY: the statistics kernel writes every value before the second kernel reads it.
-    Ok(unsafe { dev.alloc::<f64>(batch * slices * k)? })
-}
-
-/// y = x̂·w[c] + b[c] over (batch, c channels, n/c positions).
-pub fn group_norm_forward(
-    (xs, xl): (&CudaStorage, &Layout),
-    (ws, wl): (&CudaStorage, &Layout),
-    (bs, bl): (&CudaStorage, &Layout),
-    batch: usize,
-    c: usize,
-    n: usize,
-) -> Result<CudaStorage> {
-    let dev = xs.device();
-    let (x, w, b) = (f32_view(xs, xl)?, f32_view(ws, wl)?, f32_view(bs, bl)?);
-    let sizes = (batch, c, n);
-    let partial = norm_partials(dev, batch, c, 2)?;
-    launch_norm(
-        dev,
-        "group_norm_stats_fwd",
-        sizes,
-        &[&x],
-        &partial,
-        None,
-        &[],
-    )?;
-    // SAFETY: every element is written by the kernel.
-    let y = unsafe { dev.alloc::<f32>(batch * n)? };
-    launch_norm(
-        dev,
-        "group_norm_fwd",
-        sizes,
-        &[&x, &w, &b],
-        &partial,
-        Some(&y),
-        &[],
-    )?;
-    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
-}
-
+/// GroupNorm over (batch, c channels, n/c positions) (norm.cu), both launches of a direction:
+/// the statistics, then forward y = x̂·w[c] + b[c] from (x, w, b), or `backward`
 /// [∂L/∂x | per-(sample, channel) Σ g·x̂ | Σ g] from (x, w, g = ∂L/∂y).
-pub fn group_norm_backward(
+pub fn group_norm(
     (xs, xl): (&CudaStorage, &Layout),
     (ws, wl): (&CudaStorage, &Layout),
-    (gs, gl): (&CudaStorage, &Layout),
-    batch: usize,
-    c: usize,
-    n: usize,
+    (ts, tl): (&CudaStorage, &Layout),
+    (batch, c, n): (usize, usize, usize),
+    backward: bool,
 ) -> Result<CudaStorage> {
     let dev = xs.device();
-    let (x, w, g) = (f32_view(xs, xl)?, f32_view(ws, wl)?, f32_view(gs, gl)?);
+    let (x, w, t) = (f32_view(xs, xl)?, f32_view(ws, wl)?, f32_view(ts, tl)?);
+    let inputs = [&x, &w, &t];
+    let (stats, stats_inputs, apply, sums, out_len, ints) = match backward {
+        false => (
+            "group_norm_stats_fwd",
+            &inputs[..1],
+            "group_norm_fwd",
+            2,
+            batch * n,
+            vec![],
+        ),
+        true => {
+            let len = batch * n + 2 * batch * c;
+            (
+                "group_norm_stats_bwd",
+                &inputs[..],
+                "group_norm_bwd",
+                4,
+                len,
+                vec![batch as i32],
+            )
+        }
+    };
+    let slices = norm_slices(batch, c).1;
+    // SAFETY: the statistics kernel writes every partial sum before the second kernel reads it.
+    let partial = unsafe { dev.alloc::<f64>(batch * slices * sums)? };
     let sizes = (batch, c, n);
-    let partial = norm_partials(dev, batch, c, 4)?;
-    launch_norm(
-        dev,
-        "group_norm_stats_bwd",
-        sizes,
-        &[&x, &w, &g],
-        &partial,
-        None,
-        &[],
-    )?;
+    launch_norm(dev, stats, sizes, stats_inputs, &partial, None, &[])?;
     // SAFETY: every element is written by the kernel.
-    let out = unsafe { dev.alloc::<f32>(batch * n + 2 * batch * c)? };
-    let ints = [batch as i32];
-    let inputs = [&x, &w, &g];
-    launch_norm(
-        dev,
-        "group_norm_bwd",
-        sizes,
-        &inputs,
-        &partial,
-        Some(&out),
-        &ints,
-    )?;
+    let out = unsafe { dev.alloc::<f32>(out_len)? };
+    launch_norm(dev, apply, sizes, &inputs, &partial, Some(&out), &ints)?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 

@@ -326,7 +326,7 @@ impl candle_core::CustomOp3 for GroupNorm {
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (batch, c, n) = norm_dims(xl, wl)?;
-        let y = crate::cuda::group_norm_forward((xs, xl), (ws, wl), (bs, bl), batch, c, n)?;
+        let y = crate::cuda::group_norm((xs, xl), (ws, wl), (bs, bl), (batch, c, n), false)?;
         Ok((y, xl.shape().clone()))
     }
 
@@ -380,7 +380,7 @@ impl candle_core::CustomOp3 for GroupNormBackward {
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (batch, c, n) = norm_dims(xl, wl)?;
-        let out = crate::cuda::group_norm_backward((xs, xl), (ws, wl), (gs, gl), batch, c, n)?;
+        let out = crate::cuda::group_norm((xs, xl), (ws, wl), (gs, gl), (batch, c, n), true)?;
         Ok((out, Shape::from(batch * n + 2 * batch * c)))
     }
 }
