@@ -28,21 +28,41 @@ extern "C" __global__ void dropout_pool_fwd(const float* __restrict__ x, float* 
     }
 }
 
-// ∂L/∂(a(x)) from ∂L/∂y, one thread per input element: the window's gradient over kh·kw, through
-// the same mask; 0 in the rows and columns the pooling dropped. (GELU's own backward follows as
-// gelu_bwd: it needs x, not this op.)
+// ∂L/∂(a(x)) at input element i from ∂L/∂y: the window's gradient over kh·kw, through the same
+// mask; 0 in the rows and columns the pooling dropped.
+__device__ __forceinline__ float dropout_pool_grad(const float* __restrict__ g, long long i,
+                                                   unsigned long long seed,
+                                                   unsigned int threshold, float scale, int h,
+                                                   int w, int kh, int kw) {
+    const int ho = h / kh, wo = w / kw;
+    const long long plane = i / ((long long)h * w);
+    const int oi = (int)(i / w % h) / kh, oj = (int)(i % w) / kw;
+    const float pooled =
+        oi < ho && oj < wo ? (float)(g[(plane * ho + oi) * wo + oj] * (1.0 / (kh * kw))) : 0.0f;
+    return dropped(seed, i, threshold, scale, pooled);
+}
+
+// The backward without an activation, one thread per input element.
 extern "C" __global__ void dropout_pool_bwd(const float* __restrict__ g, float* __restrict__ dx,
                                             long long n_in, unsigned long long seed,
                                             unsigned int threshold, float scale, int h, int w,
                                             int kh, int kw) {
-    const int ho = h / kh, wo = w / kw;
-    const double inv = 1.0 / (kh * kw);
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n_in;
          i += (long long)gridDim.x * blockDim.x) {
-        const long long plane = i / ((long long)h * w);
-        const int oi = (int)(i / w % h) / kh, oj = (int)(i % w) / kw;
-        const float pooled =
-            oi < ho && oj < wo ? (float)(g[(plane * ho + oi) * wo + oj] * inv) : 0.0f;
-        dx[i] = dropped(seed, i, threshold, scale, pooled);
+        dx[i] = dropout_pool_grad(g, i, seed, threshold, scale, h, w, kh, kw);
+    }
+}
+
+// With GELU first: ∂L/∂x = GELU'(x) · the above, in the same pass (the gradient at the
+// activation is never written).
+extern "C" __global__ void gelu_dropout_pool_bwd(const float* __restrict__ x,
+                                                 const float* __restrict__ g,
+                                                 float* __restrict__ dx, long long n_in,
+                                                 unsigned long long seed, unsigned int threshold,
+                                                 float scale, int h, int w, int kh, int kw) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n_in;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float d = dropout_pool_grad(g, i, seed, threshold, scale, h, w, kh, kw);
+        dx[i] = d * gelu_erf_grad(x[i]);
     }
 }

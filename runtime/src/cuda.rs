@@ -488,21 +488,24 @@ pub fn dropout_pool_forward(
     elementwise(s.device(), "dropout_pool_fwd", &[&x], n_out, &extra)
 }
 
-/// ∂L/∂x of `dropout_pool_forward` (before any GELU) from ∂L/∂y, (…, h/kh, w/kw) → (…, h, w).
+/// ∂L/∂x of `dropout_pool_forward` from ∂L/∂y, (…, h/kh, w/kw) → (…, h, w); through GELU at
+/// `gelu_of` (the forward's x) when given, in the same pass.
 pub fn dropout_pool_backward(
     (s, l): (&CudaStorage, &Layout),
     mask: (u64, u32, f32),
     [h, w, kh, kw]: [usize; 4],
+    gelu_of: Option<(&CudaStorage, &Layout)>,
 ) -> Result<CudaStorage> {
     let g = f32_view(s, l)?;
     let extra = pool_args(mask, [h, w, kh, kw])?;
-    elementwise(
-        s.device(),
-        "dropout_pool_bwd",
-        &[&g],
-        planes(l) * h * w,
-        &extra,
-    )
+    let n_in = planes(l) * h * w;
+    match gelu_of {
+        None => elementwise(s.device(), "dropout_pool_bwd", &[&g], n_in, &extra),
+        Some((xs, xl)) => {
+            let x = f32_view(xs, xl)?;
+            elementwise(s.device(), "gelu_dropout_pool_bwd", &[&x, &g], n_in, &extra)
+        }
+    }
 }
 
 /// The values of all axes but the last two.

@@ -1069,10 +1069,42 @@ impl CustomOp1 for GeluDropoutPool {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let d_activated = grad
-            .contiguous()?
-            .apply_op1_no_bwd(&DropoutPoolBackward(self.0))?;
-        Gelu { tanh: false }.bwd(x, &d_activated, &d_activated)
+        let op = GeluDropoutPoolBackward(self.0);
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+/// (x, ∂L/∂y) → ∂L/∂x of `GeluDropoutPool`: the pooling's and dropout's backward, then GELU's,
+/// in one pass on a GPU (the gradient at the activation is never written there).
+struct GeluDropoutPoolBackward(DropoutPool);
+
+impl CustomOp2 for GeluDropoutPoolBackward {
+    fn name(&self) -> &'static str {
+        "gelu-dropout-avg-pool-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (d_activated, shape) = DropoutPoolBackward(self.0).cpu_fwd(gs, gl)?;
+        let d = contiguous::<f32>(&d_activated, &Layout::contiguous(&shape))?;
+        let dx = gelu_f32(contiguous::<f32>(xs, xl)?, Some(d), false);
+        Ok((CpuStorage::F32(dx), shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.0.cuda_backward((gs, gl), Some((xs, xl)))
     }
 }
 
@@ -1199,6 +1231,20 @@ impl DropoutPool {
         let shape = Shape::from((dims[0], dims[1], p.h / p.kh, p.w / p.kw));
         Ok((y, shape))
     }
+
+    /// ∂L/∂x on a GPU from ∂L/∂y (`g`), through GELU at `gelu_of` when given.
+    #[cfg(feature = "cuda")]
+    fn cuda_backward(
+        &self,
+        g: (&candle_core::CudaStorage, &Layout),
+        gelu_of: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (d, p) = (self.0, self.1);
+        let dims = g.1.dims();
+        let mask = (d.seed, d.threshold, d.scale);
+        let dx = crate::cuda::dropout_pool_backward(g, mask, [p.h, p.w, p.kh, p.kw], gelu_of)?;
+        Ok((dx, Shape::from((dims[0], dims[1], p.h, p.w))))
+    }
 }
 
 /// ∂L/∂x of `DropoutPool` from ∂L/∂y.
@@ -1254,14 +1300,7 @@ impl CustomOp1 for DropoutPoolBackward {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (d, p) = (self.0 .0, self.0 .1);
-        let dims = l.dims();
-        let dx = crate::cuda::dropout_pool_backward(
-            (s, l),
-            (d.seed, d.threshold, d.scale),
-            [p.h, p.w, p.kh, p.kw],
-        )?;
-        Ok((dx, Shape::from((dims[0], dims[1], p.h, p.w))))
+        self.0.cuda_backward((s, l), None)
     }
 }
 

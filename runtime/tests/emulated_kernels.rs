@@ -730,14 +730,14 @@ fn dropout_gelu_and_bias_kernels_match_the_cpu() {
 /// backward keep exactly the CPU's numbers (the same mask, window sums in f64 in the same
 /// order), with and without dropout (plain pooling), 2×2 and 1×2 windows, an odd height and
 /// width (the dropped rows and columns get no gradient); with GELU first (the kernel's erff
-/// against the CPU's polynomial erf) forward and, with gelu_bwd after the pooling's backward,
-/// the gradient within 1e-5.
+/// against the CPU's polynomial erf) forward and the one-pass backward within 1e-5.
 #[test]
 fn dropout_pool_kernels_match_the_cpu() {
     use signal_diffusion_runtime::ops;
     let lib = library();
     type Pool = unsafe extern "C" fn(
         i32,
+        *const f32,
         *const f32,
         *mut f32,
         i64,
@@ -750,14 +750,8 @@ fn dropout_pool_kernels_match_the_cpu() {
         i32,
         i32,
     );
-    type Gelu = unsafe extern "C" fn(i32, *const f32, *const f32, *mut f32, i64);
-    // SAFETY: the signatures of tests/emulate/exports.h.
-    let (pool, gelu): (Symbol<Pool>, Symbol<Gelu>) = unsafe {
-        (
-            lib.get(b"emu_dropout_pool").unwrap(),
-            lib.get(b"emu_gelu").unwrap(),
-        )
-    };
+    // SAFETY: the signature of tests/emulate/exports.h.
+    let pool: Symbol<Pool> = unsafe { lib.get(b"emu_dropout_pool").unwrap() };
     let (b, c, h, w) = (2usize, 3usize, 9usize, 11usize);
     let x = randn(&[b, c, h, w], 1.5);
     let xv = host(&x);
@@ -786,14 +780,17 @@ fn dropout_pool_kernels_match_the_cpu() {
             unsafe {
                 let at = |backward: i32, input: &[f32], out: &mut [f32], g: i32| {
                     let n = out.len() as i64;
+                    let (x, o) = (xv.as_ptr(), out.as_mut_ptr());
+                    let mask = (seed, threshold, scale);
                     pool(
                         backward,
+                        x,
                         input.as_ptr(),
-                        out.as_mut_ptr(),
+                        o,
                         n,
-                        seed,
-                        threshold,
-                        scale,
+                        mask.0,
+                        mask.1,
+                        mask.2,
                         hh,
                         ww,
                         kh,
@@ -804,13 +801,7 @@ fn dropout_pool_kernels_match_the_cpu() {
                 at(0, &xv, &mut y, 0);
                 at(0, &xv, &mut y_gelu, 1);
                 at(1, &rv, &mut dx, 0);
-                gelu(
-                    1,
-                    xv.as_ptr(),
-                    dx.as_ptr(),
-                    dx_gelu.as_mut_ptr(),
-                    n_in as i64,
-                );
+                at(1, &rv, &mut dx_gelu, 1);
             }
         }
         let case = format!("p {p}, window {kh}×2");

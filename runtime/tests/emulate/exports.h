@@ -90,12 +90,14 @@ void emu_gelu(int backward, const float* x, const float* dy, float* out, long lo
         else gelu_fwd(x, out, n);
     });
 }
-void emu_dropout_pool(int backward, const float* in, float* out, long long n,
+// Forward of x (`in`), or backward of ∂L/∂y (`in`), through GELU at x when `gelu`.
+void emu_dropout_pool(int backward, const float* x, const float* in, float* out, long long n,
                       unsigned long long seed, unsigned threshold, float scale, int h, int w,
                       int kh, int kw, int gelu) {
     emu::launch({5}, {256}, [=] {
-        if (backward) dropout_pool_bwd(in, out, n, seed, threshold, scale, h, w, kh, kw);
-        else dropout_pool_fwd(in, out, n, seed, threshold, scale, h, w, kh, kw, gelu);
+        if (!backward) dropout_pool_fwd(in, out, n, seed, threshold, scale, h, w, kh, kw, gelu);
+        else if (gelu) gelu_dropout_pool_bwd(x, in, out, n, seed, threshold, scale, h, w, kh, kw);
+        else dropout_pool_bwd(in, out, n, seed, threshold, scale, h, w, kh, kw);
     });
 }
 // In place, as the convolution's bias; then the per-(sample, channel) sums of its gradient.
