@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg,
+    sys, CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result};
@@ -41,6 +41,8 @@ struct Kernels {
     ptx: String,
     origin: Origin,
     sizes: KernelSizes,
+    /// The device's streaming multiprocessors: grids are sized by it.
+    sms: usize,
 }
 
 static KERNELS: OnceLock<Kernels> = OnceLock::new();
@@ -58,8 +60,13 @@ pub fn install(
     if let Some(k) = KERNELS.get() {
         return Ok(k.origin);
     }
-    let (major, minor) = device.cuda_stream().context().compute_capability().w()?;
+    let context = device.cuda_stream().context().clone();
+    let (major, minor) = context.compute_capability().w()?;
     let cc = (major * 10 + minor) as u32;
+    let sms = context
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?
+        .max(1) as usize;
     let kernels = match prebuilt
         .iter()
         .filter(|(arch, _)| *arch <= cc)
@@ -69,6 +76,7 @@ pub fn install(
             ptx: ptx.to_string(),
             origin: Origin::Nvcc(*arch),
             sizes,
+            sms,
         },
         None => {
             let arch = nvrtc_arch(cc)?;
@@ -86,6 +94,7 @@ pub fn install(
                 ptx: ptx.to_src(),
                 origin: Origin::Nvrtc(cc),
                 sizes,
+                sms,
             }
         }
     };
@@ -138,11 +147,10 @@ fn f32_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
 }
 
 /// How a GroupNorm splits each sample of `c` channels: (channels per slice, slices), enough
-/// slices that the grid of (slices, batch) blocks is a few per SM of an H100 (132) even at small
-/// batches, each slice whole channels.
-pub fn norm_slices(batch: usize, c: usize) -> (usize, usize) {
-    const BLOCKS: usize = 4 * 132;
-    let wanted = BLOCKS.div_ceil(batch.max(1)).clamp(1, c.max(1));
+/// slices that the grid of (slices, batch) blocks is four per SM of a GPU with `sms` of them
+/// even at small batches, each slice whole channels.
+pub fn norm_slices(batch: usize, c: usize, sms: usize) -> (usize, usize) {
+    let wanted = (4 * sms).div_ceil(batch.max(1)).clamp(1, c.max(1));
     let per_slice = c.max(1).div_ceil(wanted);
     (per_slice, c.max(1).div_ceil(per_slice))
 }
@@ -161,7 +169,7 @@ fn launch_norm(
     let k = kernels()?;
     let full = specialised(name, n, k.sizes.norm);
     let f = device.get_or_load_custom_func(&full, MODULE, &k.ptx)?;
-    let (per_slice, slices) = norm_slices(batch, c);
+    let (per_slice, slices) = norm_slices(batch, c, k.sms);
     let [c_arg, cps_arg, n_arg] = [c as i32, per_slice as i32, n as i32];
     let mut b = f.builder();
     for x in inputs {
@@ -222,7 +230,7 @@ pub fn group_norm(
             )
         }
     };
-    let slices = norm_slices(batch, c).1;
+    let slices = norm_slices(batch, c, kernels()?.sms).1;
     // SAFETY: the statistics kernel writes every partial sum before the second kernel reads it.
     let partial = unsafe { dev.alloc::<f64>(batch * slices * sums)? };
     let sizes = (batch, c, n);
@@ -449,7 +457,7 @@ fn elementwise(
         };
     }
     // A few waves of blocks cover any size.
-    let blocks = n.div_ceil(256).clamp(1, 132 * 16);
+    let blocks = n.div_ceil(256).clamp(1, k.sms * 16);
     // SAFETY: the callers' kernels take (inputs..., output, n, extra...).
     unsafe { b.launch(launch_config(blocks, 256)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
@@ -590,7 +598,7 @@ pub fn bias_add(
     let (c_arg, hw_arg, n_arg) = (c as i32, hw as i64, n as i64);
     let mut b = f.builder();
     b.arg(y).arg(bias).arg(&c_arg).arg(&hw_arg).arg(&n_arg);
-    let blocks = n.div_ceil(256).clamp(1, 132 * 16);
+    let blocks = n.div_ceil(256).clamp(1, k.sms * 16);
     // SAFETY: argument types match the kernel's signature; y has n = B·C·HW elements.
     unsafe { b.launch(launch_config(blocks, 256)) }.w()?;
     Ok(())
