@@ -7,7 +7,10 @@
 # first), each with at most 240 s, and none is started with less than 60 s left of BUDGET_S
 # (default 540: one device call is limited to 600 s), so a short session still gets the first.
 #
-#   bash benches/gpu_checks.sh [parity] [dit-bf16] [classification-bf16] [dit-f32] [classification-f32]
+#   bash benches/gpu_checks.sh [parity] [dit-bf16] [classification-bf16] [dit-f32] [classification-f32] [timings]
+#
+# `timings` (not in the default list) prints the per-op times of runtime/tests/cuda.rs
+# `op_timings` (convolutions, GELU, GroupNorm, pooling, the fused block tail against its ops apart).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The CUDA 13 libraries and cuDNN 9 (README, "Building for a GPU"): the toolkit's, then
@@ -39,6 +42,7 @@ for check in "${checks[@]}"; do
     dit-f32) run dit-f32 "${dit[@]}" --precision no ;;
     classification-bf16) run classification-bf16 "${classification[@]}" --amp ;;
     classification-f32) run classification-f32 "${classification[@]}" ;;
+    timings) run timings gpu/cuda-tests op_timings --include-ignored --exact --nocapture ;;
     *) echo "unknown check $check"; exit 2 ;;
   esac
 done
