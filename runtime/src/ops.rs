@@ -880,6 +880,15 @@ struct AvgPool {
 /// ∂L/∂x of `AvgPool` from ∂L/∂y.
 struct AvgPoolBackward(AvgPool);
 
+impl AvgPool {
+    /// This pooling as dropout + pooling with p = 0 (every element kept, scale 1: the same
+    /// numbers), which the GPU's pooling kernels run.
+    #[cfg(feature = "cuda")]
+    fn keeping_all(self) -> DropoutPool {
+        DropoutPool(Dropout::new(0.0, 0), self)
+    }
+}
+
 /// Window means of `value(index)` over the input's elements (the input itself, or a function
 /// of it such as its dropped-out value), summed in f64.
 fn pool_fwd<T: Real>(value: impl Fn(usize) -> f64 + Sync, p: AvgPool, planes: usize) -> Vec<T> {
@@ -949,7 +958,7 @@ impl CustomOp1 for AvgPool {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        DropoutPool(Dropout::new(0.0, 0), *self).cuda(s, l, false)
+        self.keeping_all().cuda(s, l, false)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -986,7 +995,7 @@ impl CustomOp1 for AvgPoolBackward {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        DropoutPoolBackward(DropoutPool(Dropout::new(0.0, 0), self.0)).cuda_fwd(s, l)
+        DropoutPoolBackward(self.0.keeping_all()).cuda_fwd(s, l)
     }
 }
 

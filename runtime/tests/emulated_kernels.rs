@@ -781,16 +781,15 @@ fn dropout_pool_kernels_match_the_cpu() {
                 let at = |backward: i32, input: &[f32], out: &mut [f32], g: i32| {
                     let n = out.len() as i64;
                     let (x, o) = (xv.as_ptr(), out.as_mut_ptr());
-                    let mask = (seed, threshold, scale);
                     pool(
                         backward,
                         x,
                         input.as_ptr(),
                         o,
                         n,
-                        mask.0,
-                        mask.1,
-                        mask.2,
+                        seed,
+                        threshold,
+                        scale,
                         hh,
                         ww,
                         kh,
