@@ -1,7 +1,9 @@
 //! Every trainable parameter of every model gets a finite, non-zero gradient (Candle's fused
 //! norms would silently drop them; ours are composites).
+//! And the accumulation rules of our patched candle-core (vendor/README.md) give the closed-form
+//! gradients where a tensor has several consumers, is subtracted, or is upsampled.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use signal_diffusion_runtime::models::{
     Backbone, Classifier, Cnn, Cnn1d, Cnn1dShape, CnnLight, CnnLightShape, CnnShape, Transformer,
     TransformerShape,
@@ -149,4 +151,35 @@ fn transformer_parameters_all_receive_gradients() {
         dropout: 0.0,
     };
     check::<Transformer>(&series, &[4, 6, 40]);
+}
+
+#[test]
+fn gradients_accumulate_over_every_consumer() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 3), &dev)?)?;
+    let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 3), &dev)?)?;
+    let c = Tensor::randn(0f32, 1.0, (1, 2, 3, 3), &dev)?;
+    let w = Tensor::randn(0f32, 1.0, (1, 2, 6, 6), &dev)?;
+    let (a_t, b_t) = (a.as_tensor(), b.as_tensor());
+    // `b` is only ever subtracted (its first gradient is a negation); `a` has three consumers,
+    // one of them an upsampling, whose backward Candle 0.11.1 wrote over the others' gradients:
+    // leftmost, so that it runs last (the backward walks the graph depth-first, right to left).
+    let loss = ((a_t.upsample_nearest2d(6, 6)? * &w)?.sum_all()?
+        + (&c * (a_t - b_t)?)?.sum_all()?
+        + a_t.sqr()?.sum_all()?)?;
+    let grads = loss.backward()?;
+    // ∂/∂a = c + 2a + the sum of w over each 2×2 block; ∂/∂b = −c.
+    let w_blocks = (w.avg_pool2d(2)? * 4.0)?;
+    let expected_a = ((&c + (a_t * 2.0)?)? + w_blocks)?;
+    let expected_b = c.neg()?;
+    for (name, var, expected) in [("a", &a, expected_a), ("b", &b, expected_b)] {
+        let grad = grads.get(var).expect("a gradient");
+        let worst = (grad - expected)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(worst < 1e-5, "∂loss/∂{name} off its closed form by {worst}");
+    }
+    Ok(())
 }

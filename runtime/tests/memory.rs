@@ -1,10 +1,17 @@
-//! Under autocast a forward keeps no more memory for its backward than in f32: the 16-bit casts
-//! and roundings live inside the ops (precision.rs), never in the autograd graph. Measured with
-//! a counting allocator as the bytes a forward leaves allocated while its output (and so its
-//! graph) is alive. One test in this binary, so nothing else allocates meanwhile.
+//! What the autograd graph holds and allocates, measured with a counting allocator.
+//!
+//! - Under autocast a forward keeps no more memory for its backward than in f32: the 16-bit casts
+//!   and roundings live inside the ops (precision.rs), never in the graph. Measured as the bytes
+//!   a forward leaves allocated while its output (and so its graph) is alive.
+//! - A backward allocates the gradients its rules compute and nothing besides: the patched
+//!   candle-core (vendor/README.md) stores the first gradient reaching a tensor instead of
+//!   adding it into a fresh zero tensor.
+//!
+//! The tests take one lock, so nothing else in this binary allocates while one measures.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use signal_diffusion_runtime::models::{Classifier, Transformer, TransformerShape};
@@ -14,7 +21,18 @@ use signal_diffusion_runtime::tasks::{TaskKind, TaskSpec};
 
 struct Counting;
 
+/// Bytes allocated and not yet freed.
 static ALLOCATED: AtomicIsize = AtomicIsize::new(0);
+/// Bytes ever allocated (reallocations count their growth).
+static ALLOCATED_EVER: AtomicIsize = AtomicIsize::new(0);
+static ONE_TEST_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn count(bytes: isize) {
+    ALLOCATED.fetch_add(bytes, Ordering::Relaxed);
+    if bytes > 0 {
+        ALLOCATED_EVER.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
 
 #[global_allocator]
 static COUNTING: Counting = Counting;
@@ -23,7 +41,7 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
-            ALLOCATED.fetch_add(layout.size() as isize, Ordering::Relaxed);
+            count(layout.size() as isize);
         }
         p
     }
@@ -31,20 +49,20 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
-            ALLOCATED.fetch_add(layout.size() as isize, Ordering::Relaxed);
+            count(layout.size() as isize);
         }
         p
     }
 
     unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
         unsafe { System.dealloc(p, layout) };
-        ALLOCATED.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        count(-(layout.size() as isize));
     }
 
     unsafe fn realloc(&self, p: *mut u8, layout: Layout, size: usize) -> *mut u8 {
         let q = unsafe { System.realloc(p, layout, size) };
         if !q.is_null() {
-            ALLOCATED.fetch_add(size as isize - layout.size() as isize, Ordering::Relaxed);
+            count(size as isize - layout.size() as isize);
         }
         q
     }
@@ -68,6 +86,7 @@ fn held_by(dtype: Option<DType>, forward: &dyn Fn() -> Result<Tensor>) -> Result
 
 #[test]
 fn a_16_bit_forward_holds_no_more_memory_than_an_f32_one() -> Result<()> {
+    let _alone = ONE_TEST_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dev = Device::Cpu;
     // Four linear layers through the product op (the GPU's path for linear layers and attention),
     // and the same with cast ops around Candle's products, as a control that the measure sees
@@ -156,5 +175,40 @@ fn a_16_bit_forward_holds_no_more_memory_than_an_f32_one() -> Result<()> {
         bf16_bytes <= 1.02 * f32_bytes,
         "the bf16 transformer holds {bf16_bytes} bytes against f32's {f32_bytes}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_backward_allocates_only_the_gradients_it_computes() -> Result<()> {
+    let _alone = ONE_TEST_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::Cpu;
+    let n = 1 << 20;
+    let x = Var::from_tensor(&(Tensor::randn(0f32, 1.0, n, &dev)? * 0.1)?)?;
+    // Four gradient rules, each computing one (n) tensor: the sum's broadcast made contiguous,
+    // the affine's scaled gradient, exp's product with its output, the first affine's again.
+    let loss = ((x.as_tensor() * 2.0)?.exp()? + 1.0)?.sum_all()?;
+    let mut least = isize::MAX;
+    let mut grads = None;
+    for _ in 0..3 {
+        let before = ALLOCATED_EVER.load(Ordering::Relaxed);
+        let g = loss.backward()?;
+        least = least.min(ALLOCATED_EVER.load(Ordering::Relaxed) - before);
+        grads = Some(g);
+    }
+    let rules = (4 * n * 4) as isize;
+    eprintln!("a backward of four rules over {n} values allocated {least} bytes");
+    // Candle 0.11.1 as published allocates a zero tensor and a sum besides each rule's result:
+    // three times as much.
+    assert!(
+        (rules..rules + rules / 20).contains(&least),
+        "the backward allocated {least} bytes, not the four rules' {rules}"
+    );
+    // d/dx Σ(exp(2x) + 1) = 2·exp(2x), to f32 rounding.
+    let grad = grads
+        .and_then(|g| g.get(&x).cloned())
+        .expect("x has a gradient");
+    let expected = ((x.as_tensor() * 2.0)?.exp()? * 2.0)?;
+    let worst = (grad - expected)?.abs()?.max(0)?.to_scalar::<f32>()?;
+    assert!(worst < 1e-6, "gradient off by {worst}");
     Ok(())
 }
