@@ -68,19 +68,29 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
-/// Bytes `forward` leaves allocated while its output lives, under autocast `dtype` (the least of
-/// three runs: thread pools and caches allocate on first use).
-fn held_by(dtype: Option<DType>, forward: &dyn Fn() -> Result<Tensor>) -> Result<f64> {
+/// How far `run` moves `counter`, the least of three runs (thread pools and caches allocate on
+/// first use), measured while its result lives; and the last result.
+fn least_of_three<T>(
+    counter: &AtomicIsize,
+    mut run: impl FnMut() -> Result<T>,
+) -> Result<(isize, T)> {
     let mut least = isize::MAX;
+    let mut last = None;
     for _ in 0..3 {
-        let before = ALLOCATED.load(Ordering::Relaxed);
-        let y = {
-            let _amp = Autocast::enter(dtype);
-            forward()?
-        };
-        least = least.min(ALLOCATED.load(Ordering::Relaxed) - before);
-        drop(y);
+        let before = counter.load(Ordering::Relaxed);
+        let out = run()?;
+        least = least.min(counter.load(Ordering::Relaxed) - before);
+        last = Some(out);
     }
+    Ok((least, last.expect("three runs")))
+}
+
+/// Bytes `forward` leaves allocated while its output lives, under autocast `dtype`.
+fn held_by(dtype: Option<DType>, forward: &dyn Fn() -> Result<Tensor>) -> Result<f64> {
+    let (least, _) = least_of_three(&ALLOCATED, || {
+        let _amp = Autocast::enter(dtype);
+        forward()
+    })?;
     Ok(least as f64)
 }
 
@@ -187,14 +197,7 @@ fn a_backward_allocates_only_the_gradients_it_computes() -> Result<()> {
     // Four gradient rules, each computing one (n) tensor: the sum's broadcast made contiguous,
     // the affine's scaled gradient, exp's product with its output, the first affine's again.
     let loss = ((x.as_tensor() * 2.0)?.exp()? + 1.0)?.sum_all()?;
-    let mut least = isize::MAX;
-    let mut grads = None;
-    for _ in 0..3 {
-        let before = ALLOCATED_EVER.load(Ordering::Relaxed);
-        let g = loss.backward()?;
-        least = least.min(ALLOCATED_EVER.load(Ordering::Relaxed) - before);
-        grads = Some(g);
-    }
+    let (least, grads) = least_of_three(&ALLOCATED_EVER, || loss.backward())?;
     let rules = (4 * n * 4) as isize;
     eprintln!("a backward of four rules over {n} values allocated {least} bytes");
     // Candle 0.11.1 as published allocates a zero tensor and a sum besides each rule's result:
@@ -204,9 +207,7 @@ fn a_backward_allocates_only_the_gradients_it_computes() -> Result<()> {
         "the backward allocated {least} bytes, not the four rules' {rules}"
     );
     // d/dx Σ(exp(2x) + 1) = 2·exp(2x), to f32 rounding.
-    let grad = grads
-        .and_then(|g| g.get(&x).cloned())
-        .expect("x has a gradient");
+    let grad = grads.get(&x).expect("x has a gradient");
     let expected = ((x.as_tensor() * 2.0)?.exp()? * 2.0)?;
     let worst = (grad - expected)?.abs()?.max(0)?.to_scalar::<f32>()?;
     assert!(worst < 1e-6, "gradient off by {worst}");
