@@ -18,11 +18,11 @@ for config in classification/baseline diffusion/baseline; do
   SD_CONFIG=config/$config.toml cargo build --release --features cuda --bin train
   cp "$CARGO_TARGET_DIR/release/train" "gpu/train-${config%%/*}"
 done
-tests=$(cargo test --release --features cuda -p signal-diffusion-runtime --test cuda --no-run \
+tests=$(cargo test --release --features cuda -p signal-diffusion-runtime --test runtime --no-run \
   --message-format=json | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "runtime" and m.get("executable"):
         print(m["executable"])')
 cp "$tests" gpu/cuda-tests
 strip gpu/*

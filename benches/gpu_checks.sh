@@ -37,12 +37,12 @@ checks=("$@")
 ((${#checks[@]})) || checks=(parity dit-bf16 classification-bf16 dit-f32 classification-f32)
 for check in "${checks[@]}"; do
   case $check in
-    parity) run parity gpu/cuda-tests --include-ignored --test-threads 1 --skip op_timings --nocapture ;;
+    parity) run parity gpu/cuda-tests cuda:: --include-ignored --test-threads 1 --skip op_timings --nocapture ;;
     dit-bf16) run dit-bf16 "${dit[@]}" --precision bf16 ;;
     dit-f32) run dit-f32 "${dit[@]}" --precision no ;;
     classification-bf16) run classification-bf16 "${classification[@]}" --amp ;;
     classification-f32) run classification-f32 "${classification[@]}" ;;
-    timings) run timings gpu/cuda-tests op_timings --include-ignored --exact --nocapture ;;
+    timings) run timings gpu/cuda-tests cuda::op_timings --include-ignored --exact --nocapture ;;
     *) echo "unknown check $check"; exit 2 ;;
   esac
 done

@@ -3,13 +3,11 @@
 //! augmentation loop the project exists for (a classifier trained only on generated samples
 //! recognises real images); and a DiT on time series whose samples carry their class's rhythm.
 
-mod common;
-
 use std::path::Path;
 
-use common::{only_run_dir, python, series, test_metric, train, write_dataset};
-use signal_diffusion_runtime::fidelity::BANDS;
-use signal_diffusion_runtime::sample::SampleArgs;
+use crate::common::{only_run_dir, python, series, test_metric, train, write_dataset};
+use signal_diffusion_runtime::diffusion::fidelity::BANDS;
+use signal_diffusion_runtime::train::sample::SampleArgs;
 
 mod tiny_dit {
     signal_diffusion_macros::trainer!("train/tiny_dit.toml");
@@ -238,7 +236,7 @@ fn a_classifier_trained_on_generated_samples_recognises_real_images() {
 
     // 128 samples conditioned like the training rows (cycled), EMA weights.
     let synth = tmp.path().join("synthetic");
-    signal_diffusion_runtime::sample::run(&SampleArgs {
+    signal_diffusion_runtime::train::sample::run(&SampleArgs {
         checkpoint: run.join("final/ema"),
         ema: false,
         n: Some(128),
@@ -315,7 +313,8 @@ fn write_series(dir: &Path) {
             }
             let rel = format!("{split}/sub-{i:02}/timeseries-0.npy");
             std::fs::create_dir_all(dir.join(&rel).parent().unwrap()).unwrap();
-            signal_diffusion_runtime::io::write_npy_f32(&dir.join(&rel), &[4, 128], &x).unwrap();
+            signal_diffusion_runtime::data::io::write_npy_f32(&dir.join(&rel), &[4, 128], &x)
+                .unwrap();
             rows.push_str(&format!("{rel},{split},{class}\n"));
         }
         std::fs::write(dir.join(format!("{split}-metadata.csv")), rows).unwrap();
@@ -341,7 +340,7 @@ fn a_time_series_dit_generates_the_rhythm_of_its_class() {
     let synth = tmp.path().join("synthetic");
     for class in 0..2 {
         let out = synth.join(format!("class-{class}"));
-        signal_diffusion_runtime::sample::run(&SampleArgs {
+        signal_diffusion_runtime::train::sample::run(&SampleArgs {
             checkpoint: run.join("final/ema"),
             ema: false,
             n: Some(16),
@@ -378,9 +377,9 @@ fn a_time_series_dit_generates_the_rhythm_of_its_class() {
 fn band_contrast(files: &[std::path::PathBuf], class: usize) -> f64 {
     let mut sum = 0f64;
     for file in files {
-        let (dims, x) = signal_diffusion_runtime::io::read_npy_f32(file).unwrap();
+        let (dims, x) = signal_diffusion_runtime::data::io::read_npy_f32(file).unwrap();
         assert_eq!(dims, [4, 128], "{}", file.display());
-        let f = signal_diffusion_runtime::fidelity::signal_features(&x, 4, 128);
+        let f = signal_diffusion_runtime::diffusion::fidelity::signal_features(&x, 4, 128);
         for ch in 0..4 {
             // The band of class k's tone, on channel ch.
             let band = |k: usize| f[ch * (BANDS + 1) + (TONES[k] - 1) * BANDS / 64] as f64;

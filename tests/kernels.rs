@@ -1,7 +1,7 @@
 //! The CUDA kernels compile to PTX for every shipped classification and DiT preset's shapes, with no GPU needed: nvcc
 //! (found as build.rs finds it) on the same translation unit the trainer embeds, for each
 //! architecture the build targets. This test links nothing of CUDA, so it runs on a machine
-//! without a GPU driver: `cargo test --features cuda --test kernels`.
+//! without a GPU driver: `cargo test --features cuda --test integration kernels::`.
 #![cfg(feature = "cuda")]
 
 use std::path::PathBuf;

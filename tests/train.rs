@@ -2,12 +2,10 @@
 //! the model must learn (accuracy above chance, loss down), resume bit-exactly, and write files
 //! that Python's TensorBoard and safetensors read.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use common::{only_run_dir, python, series, test_metric, train, write_dataset};
+use crate::common::{only_run_dir, python, series, test_metric, train, write_dataset};
 
 use signal_diffusion_runtime::train::RunOptions;
 
@@ -226,7 +224,7 @@ fn swa_averages_the_extra_epochs_and_resumes_exactly() {
 /// Hugging Face `datasets` store it: RGB PNG bytes in an `image` struct column, the validation
 /// split under HF's name `validation`.
 fn write_parquet_copy(folder: &Path, out: &Path) {
-    use signal_diffusion_runtime::table::{Cell, Kind, Table, TableWriter};
+    use signal_diffusion_runtime::data::table::{Cell, Kind, Table, TableWriter};
     for (split, file) in [("train", "train"), ("val", "validation"), ("test", "test")] {
         let csv = std::fs::read_to_string(folder.join(format!("{split}-metadata.csv"))).unwrap();
         let mut t = Table::empty(&[
@@ -238,9 +236,10 @@ fn write_parquet_copy(folder: &Path, out: &Path) {
         ]);
         for line in csv.lines().skip(1) {
             let f: Vec<&str> = line.split(',').collect();
-            let (px, _, h, w) = signal_diffusion_runtime::io::read_png(&folder.join(f[0])).unwrap();
+            let (px, _, h, w) =
+                signal_diffusion_runtime::data::io::read_png(&folder.join(f[0])).unwrap();
             let rgb: Vec<u8> = px.iter().flat_map(|&v| [v, v, v]).collect();
-            let png = signal_diffusion_runtime::io::encode_png(&rgb, 3, h, w).unwrap();
+            let png = signal_diffusion_runtime::data::io::encode_png(&rgb, 3, h, w).unwrap();
             let text = |v: &str| Cell::Text(Some(v.to_string()));
             t.push_row(vec![
                 text(f[0]),
@@ -333,9 +332,9 @@ fn cnn_1d_learns_time_series_from_parquet_signal_columns() {
          \x20   pq.write_table(pa.table({'signal': col, 'class': [i % 2 for i in range(n)], 'split': [split] * n}), f'{sys.argv[1]}/{split}.parquet')",
         &[&data],
     );
-    let split = signal_diffusion_runtime::data::read_split(&data, "test", &[]).unwrap();
+    let split = signal_diffusion_runtime::data::loader::read_split(&data, "test", &[]).unwrap();
     let (dims, want) =
-        signal_diffusion_runtime::io::read_npy_f32(&data.join("test-row-3.npy")).unwrap();
+        signal_diffusion_runtime::data::io::read_npy_f32(&data.join("test-row-3.npy")).unwrap();
     assert_eq!(dims, [4, 128]);
     let mut got = vec![];
     split.load(3, &[4, 128], 0, &mut got).unwrap();

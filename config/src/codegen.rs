@@ -80,7 +80,7 @@ fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStr
         /// Per-sample input shape; a sample of another shape is an error naming its file.
         pub const INPUT_SHAPE: [usize; #input_rank] = [#(#input),*];
         /// What the CUDA kernels are specialised to, and their PTX when nvcc built it.
-        pub const CUDA_SIZES: #rt::train::KernelSizes = #rt::train::KernelSizes {
+        pub const CUDA_SIZES: #rt::KernelSizes = #rt::KernelSizes {
             norm: &[#(#norm),*],
             widths: &[#(#widths),*],
             tokens: &[#(#tokens),*],
@@ -89,8 +89,8 @@ fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStr
         /// The kernels' translation unit (empty in a CPU build), for NVRTC when CUDA_PTX is empty.
         pub const CUDA_SOURCE: &str = #cuda_source;
 
-        pub fn compiled() -> #rt::train::Compiled {
-            #rt::train::Compiled {
+        pub fn compiled() -> #rt::Compiled {
+            #rt::Compiled {
                 name: CONFIG_NAME,
                 config_path: CONFIG_PATH,
                 project_root: PROJECT_ROOT,
@@ -137,12 +137,12 @@ fn classification_items(c: &Classification) -> TokenStream {
             let (stem, channels) = cnn_light_channels(m.embedding_dim, m.depth);
             let res = c.dataset.resolution;
             (
-                quote! { #rt::models::CnnLight },
+                quote! { #rt::CnnLight },
                 quote! {
-                    #rt::models::CnnLightShape {
+                    #rt::CnnLightShape {
                         in_channels: #in_ch, resolution: #res, stem: #stem, channels: &[#(#channels),*],
                         layer_repeats: #reps, embedding_dim: #emb,
-                        activation: #rt::nn::Activation::#activation, dropout: #dropout,
+                        activation: #rt::Activation::#activation, dropout: #dropout,
                     }
                 },
             )
@@ -151,12 +151,12 @@ fn classification_items(c: &Classification) -> TokenStream {
             let (stem, channels) = cnn_light_channels(m.embedding_dim, m.depth);
             let res = c.dataset.resolution;
             (
-                quote! { #rt::models::Cnn },
+                quote! { #rt::Cnn },
                 quote! {
-                    #rt::models::CnnShape {
+                    #rt::CnnShape {
                         in_channels: #in_ch, resolution: #res, stem: #stem, channels: &[#(#channels),*],
                         layer_repeats: #reps, embedding_dim: #emb,
-                        activation: #rt::nn::Activation::#activation, dropout: #dropout,
+                        activation: #rt::Activation::#activation, dropout: #dropout,
                     }
                 },
             )
@@ -167,12 +167,12 @@ fn classification_items(c: &Classification) -> TokenStream {
             let (hidden, layers, heads, ff) = (m.hidden_dim, m.num_layers, m.num_heads, m.ff_dim);
             let cls = m.pooling == "cls";
             (
-                quote! { #rt::models::Transformer },
+                quote! { #rt::Transformer },
                 quote! {
-                    #rt::models::TransformerShape {
+                    #rt::TransformerShape {
                         patch: #patch, tokens: #tokens, token_dim: #token_dim, hidden: #hidden,
                         layers: #layers, heads: #heads, ff: #ff, cls: #cls, embedding_dim: #emb,
-                        activation: #rt::nn::Activation::#activation, dropout: #dropout,
+                        activation: #rt::Activation::#activation, dropout: #dropout,
                     }
                 },
             )
@@ -182,12 +182,12 @@ fn classification_items(c: &Classification) -> TokenStream {
                 cnn_1d_channels(m.input_channels, m.embedding_dim, m.depth);
             let len = c.dataset.sequence_length;
             (
-                quote! { #rt::models::Cnn1d },
+                quote! { #rt::Cnn1d },
                 quote! {
-                    #rt::models::Cnn1dShape {
+                    #rt::Cnn1dShape {
                         in_channels: #in_ch, length: #len, stem: #stem, channels: &[#(#channels),*],
                         kernels: &[#(#kernels),*], layer_repeats: #reps, embedding_dim: #emb,
-                        activation: #rt::nn::Activation::#activation, dropout: #dropout,
+                        activation: #rt::Activation::#activation, dropout: #dropout,
                     }
                 },
             )
@@ -196,20 +196,20 @@ fn classification_items(c: &Classification) -> TokenStream {
     let tasks = c.tasks.iter().map(|t| {
         let (n, col, enc, out) = (&t.name, &t.column, &t.encoder, t.outputs);
         let kind = match t.kind {
-            TaskKind::Classification => quote! { #rt::tasks::TaskKind::Classification },
-            TaskKind::Regression => quote! { #rt::tasks::TaskKind::Regression },
+            TaskKind::Classification => quote! { #rt::TaskKind::Classification },
+            TaskKind::Regression => quote! { #rt::TaskKind::Regression },
         };
-        quote! { #rt::tasks::TaskSpec { name: #n, kind: #kind, outputs: #out, column: #col, encoder: #enc } }
+        quote! { #rt::TaskSpec { name: #n, kind: #kind, outputs: #out, column: #col, encoder: #enc } }
     });
     let n_tasks = c.tasks.len();
 
     quote! {
         pub type Model = #model_ty;
-        pub const MODEL: <Model as #rt::models::Backbone>::Shape = #shape;
-        pub const TASKS: [#rt::tasks::TaskSpec; #n_tasks] = [#(#tasks),*];
+        pub const MODEL: <Model as #rt::Backbone>::Shape = #shape;
+        pub const TASKS: [#rt::TaskSpec; #n_tasks] = [#(#tasks),*];
 
-        pub fn run(options: #rt::train::RunOptions) -> ::std::process::ExitCode {
-            #rt::train::classification::main::<Model>(&compiled(), &MODEL, options)
+        pub fn run(options: #rt::RunOptions) -> ::std::process::ExitCode {
+            #rt::train_classifier::<Model>(&compiled(), &MODEL, options)
         }
     }
 }
@@ -236,14 +236,14 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
     let conditioning = match m.conditioning.as_str() {
         "classes" => {
             let n = m.num_classes;
-            quote! { #rt::dit::Conditioning::Classes { num_classes: #n } }
+            quote! { #rt::Conditioning::Classes { num_classes: #n } }
         }
-        "gend_hlth_age" => quote! { #rt::dit::Conditioning::GenderHealthAge },
-        _ => quote! { #rt::dit::Conditioning::None },
+        "gend_hlth_age" => quote! { #rt::Conditioning::GenderHealthAge },
+        _ => quote! { #rt::Conditioning::None },
     };
     // The columns the conditioning reads, as tasks whose empty values mean "unknown" (null).
     let task = |name: &str, column: &str, encoder: &str, outputs: usize| {
-        quote! { #rt::tasks::TaskSpec { name: #name, kind: #rt::tasks::TaskKind::Classification, outputs: #outputs, column: #column, encoder: #encoder } }
+        quote! { #rt::TaskSpec { name: #name, kind: #rt::TaskKind::Classification, outputs: #outputs, column: #column, encoder: #encoder } }
     };
     let ds = &d.dataset;
     let tasks: Vec<TokenStream> = match m.conditioning.as_str() {
@@ -262,15 +262,15 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
     };
     let n_tasks = tasks.len();
     quote! {
-        pub const DIT: #rt::dit::DitShape = #rt::dit::DitShape {
+        pub const DIT: #rt::DitShape = #rt::DitShape {
             in_channels: #cin, out_channels: #cout, height: #height, width: #width,
             patch: [#ph, #pw], heads: #heads, head_dim: #hd, layers: #layers,
             num_embeds: #num_embeds, conditioning: #conditioning, norm_eps: #norm_eps,
         };
-        pub const TASKS: [#rt::tasks::TaskSpec; #n_tasks] = [#(#tasks),*];
+        pub const TASKS: [#rt::TaskSpec; #n_tasks] = [#(#tasks),*];
 
-        pub fn run(options: #rt::train::RunOptions) -> ::std::process::ExitCode {
-            #rt::train::diffusion::main(&compiled(), &DIT, options)
+        pub fn run(options: #rt::RunOptions) -> ::std::process::ExitCode {
+            #rt::train_diffusion(&compiled(), &DIT, options)
         }
     }
 }

@@ -5,5 +5,5 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let path = std::path::Path::new("fuzz.cnt");
-    let _ = signal_diffusion_runtime::signal::cnt::parse_header(path, data, data.len());
+    let _ = signal_diffusion_runtime::data::signal::cnt::parse_header(path, data, data.len());
 });

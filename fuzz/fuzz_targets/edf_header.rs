@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = signal_diffusion_runtime::signal::edf::parse(std::path::Path::new("fuzz.edf"), data);
+    let _ = signal_diffusion_runtime::data::signal::edf::parse(std::path::Path::new("fuzz.edf"), data);
 });

@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = signal_diffusion_runtime::signal::mat::parse(std::path::Path::new("fuzz.set"), data);
+    let _ = signal_diffusion_runtime::data::signal::mat::parse(std::path::Path::new("fuzz.set"), data);
 });

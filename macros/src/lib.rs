@@ -127,10 +127,10 @@ pub fn presets(_input: TokenStream) -> TokenStream {
                     let test = format_ident!("{}_compiles", ident);
                     let built = match kind {
                         "classification" => {
-                            quote! { ::signal_diffusion_runtime::models::count_parameters::<#ident::Model>(&#ident::MODEL, &#ident::TASKS) }
+                            quote! { ::signal_diffusion_runtime::count_classifier_parameters::<#ident::Model>(&#ident::MODEL, &#ident::TASKS) }
                         }
                         _ => {
-                            quote! { ::signal_diffusion_runtime::dit::count_parameters(&#ident::DIT) }
+                            quote! { ::signal_diffusion_runtime::count_dit_parameters(&#ident::DIT) }
                         }
                     };
                     items.push(quote! {

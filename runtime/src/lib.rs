@@ -1,29 +1,27 @@
-//! The Candle runtime the generated trainers call. Data flows one way: `signal` (EEG to
-//! spectrograms) -> dataset on disk -> `data` (batches) -> `train` (models, optim) -> checkpoints
-//! and logs. The generated code only wires constants and types into `train`.
+//! The Candle runtime the generated trainers call, laid out by layer family (docs/architecture.md
+//! has the map). Imports run one way: `train` (the loops) uses `diffusion` and `models`, which
+//! use `ops`; `data` sits beside `models` and uses only the `ops::cpu` leaf; `tasks` is the label
+//! vocabulary all of them share.
+//!
+//! Generated code (config/src/codegen.rs, the `trainer!` macro) names only the items re-exported
+//! at the bottom of this file.
 
-pub mod adaln;
-pub mod attention;
-pub mod conv;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-#[cfg(feature = "cuda")]
-pub mod cudnn;
 pub mod data;
 pub mod diffusion;
-pub mod dit;
-pub mod fidelity;
-pub mod image;
-pub mod io;
-pub mod linear;
-pub mod log;
 pub mod models;
-pub mod nn;
 pub mod ops;
-pub mod optim;
-pub mod precision;
-pub mod sample;
-pub mod signal;
-pub mod table;
 pub mod tasks;
 pub mod train;
+
+// The surface the generated trainers name.
+pub use models::classifier::{
+    count_parameters as count_classifier_parameters, Backbone, Cnn, Cnn1d, Cnn1dShape, CnnLight,
+    CnnLightShape, CnnShape, Transformer, TransformerShape,
+};
+pub use models::dit::{count_parameters as count_dit_parameters, Conditioning, DitShape};
+pub use models::nn::Activation;
+pub use ops::KernelSizes;
+pub use tasks::{TaskKind, TaskSpec};
+pub use train::classification::main as train_classifier;
+pub use train::diffusion::main as train_diffusion;
+pub use train::{Compiled, RunOptions};

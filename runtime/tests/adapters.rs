@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use signal_diffusion_config::settings::{Env, Settings};
-use signal_diffusion_runtime::signal::cnt::{self, Electrode};
-use signal_diffusion_runtime::signal::edf::{self, Format, Recording, Signal};
-use signal_diffusion_runtime::signal::eeglab;
-use signal_diffusion_runtime::signal::preprocess::{run, PreprocessArgs, Summary};
+use signal_diffusion_runtime::data::signal::cnt::{self, Electrode};
+use signal_diffusion_runtime::data::signal::edf::{self, Format, Recording, Signal};
+use signal_diffusion_runtime::data::signal::eeglab;
+use signal_diffusion_runtime::data::signal::preprocess::{run, PreprocessArgs, Summary};
 
 /// µV of channel `c` at sample `n` of a recording at `fs` Hz: a 10 Hz rhythm plus a ramp.
 fn microvolts(c: usize, n: usize, fs: f64) -> f64 {
@@ -79,10 +79,12 @@ fn check_files(out: &Path, rows: &[BTreeMap<String, String>], timeseries: bool) 
         let subject = parts.next().unwrap().to_string();
         assert_eq!(split_of.entry(subject).or_insert(split), &split, "{file}");
         if timeseries {
-            let (shape, _) = signal_diffusion_runtime::io::read_npy_f32(&out.join(file)).unwrap();
+            let (shape, _) =
+                signal_diffusion_runtime::data::io::read_npy_f32(&out.join(file)).unwrap();
             assert_eq!(shape, [20, 2048]);
         } else {
-            let (_, c, h, w) = signal_diffusion_runtime::io::read_png(&out.join(file)).unwrap();
+            let (_, c, h, w) =
+                signal_diffusion_runtime::data::io::read_png(&out.join(file)).unwrap();
             assert_eq!((c, h, w), (1, 256, 256), "{file}");
         }
     }

@@ -1,19 +1,19 @@
 //! Parity of our CUDA kernels with the plain Candle path, and of a short training run on the GPU
 //! with the same run on the CPU. They need a GPU, so they are `#[ignore]`d: a `--features cuda`
 //! test run lists them as ignored (never a silent pass); on a GPU machine run
-//! `cargo test --release --features cuda -p signal-diffusion-runtime --test cuda --
+//! `cargo test --release --features cuda -p signal-diffusion-runtime --test runtime -- cuda::
 //! --include-ignored`, where a missing GPU fails.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use signal_diffusion_config::schema;
-use signal_diffusion_runtime::cuda;
-use signal_diffusion_runtime::models::{Classifier, CnnLight, CnnLightShape};
-use signal_diffusion_runtime::nn::{Activation, Mode, Params};
-use signal_diffusion_runtime::ops::group_norm;
-use signal_diffusion_runtime::optim::Optimizer;
-use signal_diffusion_runtime::precision::Autocast;
+use signal_diffusion_runtime::models::classifier::{Classifier, CnnLight, CnnLightShape};
+use signal_diffusion_runtime::models::nn::{Activation, Mode, Params};
+use signal_diffusion_runtime::ops::cuda;
+use signal_diffusion_runtime::ops::norm::group_norm;
+use signal_diffusion_runtime::ops::precision::Autocast;
 use signal_diffusion_runtime::tasks::{TaskKind, TaskSpec};
+use signal_diffusion_runtime::train::optim::Optimizer;
 use signal_diffusion_runtime::train::KernelSizes;
 
 /// The GPU, with our kernels compiled by NVRTC for it: GroupNorm kernels specialised to 8·32·32
@@ -168,7 +168,8 @@ fn cudnn_convolution_matches_candle_on_the_cpu() -> Result<()> {
             Var::from_tensor(&b.to_device(&dev)?)?,
         );
         let bias = with_bias.then(|| bg.as_tensor());
-        let yg = signal_diffusion_runtime::conv::conv(xg.as_tensor(), wg.as_tensor(), bias, pad)?;
+        let yg =
+            signal_diffusion_runtime::ops::conv::conv(xg.as_tensor(), wg.as_tensor(), bias, pad)?;
         let gg = (&yg * &r.to_device(&dev)?)?.sum_all()?.backward()?;
         let mut checks = vec![
             ("forward", rel_diff(&yg, &yc)),
@@ -193,7 +194,7 @@ fn cudnn_convolution_matches_candle_on_the_cpu() -> Result<()> {
 #[test]
 #[ignore = "needs a GPU"]
 fn cudnn_convolution_in_16_bits_matches_the_cpu() -> Result<()> {
-    use signal_diffusion_runtime::conv::conv;
+    use signal_diffusion_runtime::ops::conv::conv;
     let cases: [(&[usize], &[usize], usize); 2] = [
         (&[4, 3, 19, 23], &[8, 3, 3, 3], 1),
         (&[3, 4, 50], &[7, 4, 7], 3),
@@ -225,7 +226,7 @@ fn gelu_kernels_match_candle_on_the_cpu() -> Result<()> {
     let yc = xc.as_tensor().gelu_erf()?;
     let gc = (&yc * &r)?.sum_all()?.backward()?;
     let xg = Var::from_tensor(&x.to_device(&dev)?)?;
-    let yg = signal_diffusion_runtime::ops::gelu(xg.as_tensor())?;
+    let yg = signal_diffusion_runtime::ops::gelu::gelu(xg.as_tensor())?;
     let gg = (&yg * &r.to_device(&dev)?)?.sum_all()?.backward()?;
     let (fwd, grad) = (
         rel_diff(&yg, &yc),
@@ -405,8 +406,8 @@ fn fifty_training_steps_match_the_cpu() -> Result<()> {
 }
 
 /// A DiT of 2 blocks, 4 heads of 16, class conditioning, 64 tokens of 16×16×3 images.
-fn small_dit() -> signal_diffusion_runtime::dit::DitShape {
-    use signal_diffusion_runtime::dit::{Conditioning, DitShape};
+fn small_dit() -> signal_diffusion_runtime::models::dit::DitShape {
+    use signal_diffusion_runtime::models::dit::{Conditioning, DitShape};
     DitShape {
         in_channels: 3,
         out_channels: 3,
@@ -427,9 +428,10 @@ fn small_dit() -> signal_diffusion_runtime::dit::DitShape {
 /// device), AdamW with clipping, and the fused EMA after each update.
 fn dit_losses(dev: &Device, amp: Option<DType>, updates: u64) -> Result<Vec<f64>> {
     use rand::SeedableRng;
-    use signal_diffusion_runtime::diffusion::{Ema, Objective, Path};
-    use signal_diffusion_runtime::dit::{Condition, Dit};
-    use signal_diffusion_runtime::train::diffusion::{diffusion_grads, StepSpec};
+    use signal_diffusion_runtime::diffusion::ema::Ema;
+    use signal_diffusion_runtime::diffusion::loss::{diffusion_grads, StepSpec};
+    use signal_diffusion_runtime::diffusion::path::{Objective, Path};
+    use signal_diffusion_runtime::models::dit::{Condition, Dit};
     let shape = small_dit();
     let mut p = Params::new(3, dev);
     let model = Dit::new(&shape, &mut p, dev)?;
@@ -533,10 +535,10 @@ fn op_timings() -> Result<()> {
         let tag = format!("{c_in}->{c} @{side}");
         let bv = Var::from_tensor(&b)?;
         time(&format!("conv+bias fwd {tag}"), &|| {
-            signal_diffusion_runtime::conv::conv(x.as_tensor(), w.as_tensor(), Some(&b), 1)
+            signal_diffusion_runtime::ops::conv::conv(x.as_tensor(), w.as_tensor(), Some(&b), 1)
         })?;
         time(&format!("conv+bias fwd+bwd {tag}"), &|| {
-            let out = signal_diffusion_runtime::conv::conv(
+            let out = signal_diffusion_runtime::ops::conv::conv(
                 x.as_tensor(),
                 w.as_tensor(),
                 Some(bv.as_tensor()),
@@ -549,11 +551,11 @@ fn op_timings() -> Result<()> {
             y.broadcast_add(&b.reshape((1, c, 1, 1))?)
         })?;
         time(&format!("gelu (ours) {tag}"), &|| {
-            signal_diffusion_runtime::ops::gelu(&y)
+            signal_diffusion_runtime::ops::gelu::gelu(&y)
         })?;
         time(&format!("gelu fwd+bwd (ours) {tag}"), &|| {
             let yv = Var::from_tensor(&y)?;
-            let g = signal_diffusion_runtime::ops::gelu(yv.as_tensor())?.backward()?;
+            let g = signal_diffusion_runtime::ops::gelu::gelu(yv.as_tensor())?.backward()?;
             Ok(g.get(&yv).unwrap().clone())
         })?;
         time(&format!("gelu fwd+bwd (Candle) {tag}"), &|| {
@@ -573,7 +575,7 @@ fn op_timings() -> Result<()> {
         })?;
         time(&format!("avg_pool2d (Candle) {tag}"), &|| y.avg_pool2d(2))?;
         time(&format!("avg pool (ours) {tag}"), &|| {
-            signal_diffusion_runtime::ops::avg_pool(&y, 2, 2)
+            signal_diffusion_runtime::ops::pool::avg_pool(&y, 2, 2)
         })?;
         // A CNN block's tail, fwd+bwd: one pooling kernel each way (plus GELU's backward),
         // against our GELU and dropout kernels and Candle's pooling as separate ops.
@@ -581,8 +583,9 @@ fn op_timings() -> Result<()> {
             use signal_diffusion_runtime::ops;
             let yv = Var::from_tensor(&y)?;
             let out = match fused {
-                true => ops::gelu_dropout_avg_pool(yv.as_tensor(), 0.43, 7, 2, 2)?,
-                false => ops::dropout(&ops::gelu(yv.as_tensor())?, 0.43, 7)?.avg_pool2d(2)?,
+                true => ops::pool::gelu_dropout_avg_pool(yv.as_tensor(), 0.43, 7, 2, 2)?,
+                false => ops::dropout::dropout(&ops::gelu::gelu(yv.as_tensor())?, 0.43, 7)?
+                    .avg_pool2d(2)?,
             };
             let g = out.backward()?; // ∂/∂out = 1, no reduction
             Ok(g.get(&yv).unwrap().clone())
@@ -594,12 +597,15 @@ fn op_timings() -> Result<()> {
             tail(false)
         })?;
         time(&format!("dropout {tag}"), &|| {
-            signal_diffusion_runtime::nn::dropout(&y, 0.43, &mut Mode::train(1))
+            signal_diffusion_runtime::models::nn::dropout(&y, 0.43, &mut Mode::train(1))
         })?;
         let yv = Var::from_tensor(&y)?;
         time(&format!("dropout fwd+bwd {tag}"), &|| {
-            let out =
-                signal_diffusion_runtime::nn::dropout(yv.as_tensor(), 0.43, &mut Mode::train(1))?;
+            let out = signal_diffusion_runtime::models::nn::dropout(
+                yv.as_tensor(),
+                0.43,
+                &mut Mode::train(1),
+            )?;
             let g = out.backward()?; // ∂/∂out = 1, no reduction
             Ok(g.get(&yv).unwrap().clone())
         })?;
@@ -663,7 +669,7 @@ fn cpu_gpu_parity(
 #[test]
 #[ignore = "needs a GPU"]
 fn dit_kernels_match_the_cpu_ops() -> Result<()> {
-    use signal_diffusion_runtime::adaln::{gated_residual, modulate};
+    use signal_diffusion_runtime::ops::adaln::{gated_residual, modulate};
     for d in [384, 24] {
         cpu_gpu_parity("modulate", &[&[3, 37, d], &[3, d], &[3, d]], 1e-5, |t| {
             modulate(&t[0], 1e-6, &t[1], &t[2])
@@ -676,13 +682,13 @@ fn dit_kernels_match_the_cpu_ops() -> Result<()> {
         )?;
     }
     cpu_gpu_parity("gelu-tanh", &[&[7, 1000]], 1e-5, |t| {
-        signal_diffusion_runtime::ops::gelu_tanh(&(&t[0] * 3.0)?)
+        signal_diffusion_runtime::ops::gelu::gelu_tanh(&(&t[0] * 3.0)?)
     })?;
     for round in [None, Some(DType::BF16), Some(DType::F16)] {
         let name = format!("bias + gelu-tanh, autocast {round:?}");
         cpu_gpu_parity(&name, &[&[7, 1000], &[1000]], 1e-5, |t| {
             let _amp = Autocast::enter(round);
-            signal_diffusion_runtime::ops::bias_gelu_tanh(&(&t[0] * 3.0)?, &t[1])
+            signal_diffusion_runtime::ops::gelu::bias_gelu_tanh(&(&t[0] * 3.0)?, &t[1])
         })?;
     }
     // Attention: the CPU's fused op against the GPU's products around the softmax, recomputed
@@ -696,7 +702,7 @@ fn dit_kernels_match_the_cpu_ops() -> Result<()> {
             tolerance,
             |t| {
                 let _amp = Autocast::enter(round);
-                signal_diffusion_runtime::attention::attention(&t[0], &t[1], &t[2], 4)
+                signal_diffusion_runtime::ops::attention::attention(&t[0], &t[1], &t[2], 4)
             },
         )?;
     }
@@ -708,19 +714,19 @@ fn dit_kernels_match_the_cpu_ops() -> Result<()> {
         1e-2,
         |t| {
             let _amp = Autocast::enter(Some(DType::BF16));
-            signal_diffusion_runtime::precision::matmul_add(&t[0], &t[1], &t[2])
+            signal_diffusion_runtime::ops::precision::matmul_add(&t[0], &t[1], &t[2])
         },
     )?;
     for n in [257, 1024] {
         cpu_gpu_parity("softmax", &[&[4, n]], 1e-5, |t| {
-            signal_diffusion_runtime::attention::softmax_last(&(&t[0] * 4.0)?)
+            signal_diffusion_runtime::ops::attention::softmax_last(&(&t[0] * 4.0)?)
         })?;
     }
     cpu_gpu_parity(
         "weighted MSE",
         &[&[3, 3, 16, 16], &[3, 3, 16, 16], &[3]],
         1e-5,
-        |t| signal_diffusion_runtime::diffusion::weighted_mse(&t[0], &t[1], &t[2].abs()?),
+        |t| signal_diffusion_runtime::ops::loss::weighted_mse(&t[0], &t[1], &t[2].abs()?),
     )?;
     Ok(())
 }
@@ -730,7 +736,7 @@ fn dit_kernels_match_the_cpu_ops() -> Result<()> {
 #[test]
 #[ignore = "needs a GPU"]
 fn fused_ema_matches_the_cpu() -> Result<()> {
-    use signal_diffusion_runtime::diffusion::Ema;
+    use signal_diffusion_runtime::diffusion::ema::Ema;
     let dev = gpu();
     let shapes: [&[usize]; 3] = [&[300, 70], &[70000], &[5]];
     let params: Vec<Tensor> = shapes
@@ -766,8 +772,8 @@ fn fused_ema_matches_the_cpu() -> Result<()> {
 #[test]
 #[ignore = "needs a GPU"]
 fn dit_on_the_gpu_matches_the_cpu_and_bf16_stays_close() -> Result<()> {
-    use signal_diffusion_runtime::dit::{Condition, Dit};
-    use signal_diffusion_runtime::precision::Autocast;
+    use signal_diffusion_runtime::models::dit::{Condition, Dit};
+    use signal_diffusion_runtime::ops::precision::Autocast;
     let dev = gpu();
     candle_core::cuda_backend::set_gemm_reduced_precision_f32(false);
     let s = small_dit();

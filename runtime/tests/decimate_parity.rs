@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use signal_diffusion_runtime::io::read_npy_f64;
-use signal_diffusion_runtime::signal::decimate::{cheby1_sos, decimate, sosfiltfilt};
+use signal_diffusion_runtime::data::io::read_npy_f64;
+use signal_diffusion_runtime::data::signal::decimate::{cheby1_sos, decimate, sosfiltfilt};
 
 fn fixture(name: &str) -> Vec<f64> {
     read_npy_f64(

@@ -5,9 +5,9 @@ use std::path::Path;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
-use signal_diffusion_runtime::dit::{Condition, Conditioning, Dit, DitShape};
-use signal_diffusion_runtime::nn::Params;
-use signal_diffusion_runtime::precision::Autocast;
+use signal_diffusion_runtime::models::dit::{Condition, Conditioning, Dit, DitShape};
+use signal_diffusion_runtime::models::nn::Params;
+use signal_diffusion_runtime::ops::precision::Autocast;
 use signal_diffusion_runtime::train::checkpoint::restore;
 
 fn shape(height: usize, width: usize, num_embeds: usize, conditioning: Conditioning) -> DitShape {

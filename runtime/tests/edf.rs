@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use signal_diffusion_runtime::signal::edf::{self, Format};
+use signal_diffusion_runtime::data::signal::edf::{self, Format};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -10,7 +10,7 @@ use std::sync::{Mutex, OnceLock};
 use candle_core::{Device, Result, Tensor, Var};
 use libloading::{Library, Symbol};
 use signal_diffusion_config::cuda::{translation_unit, KernelSizes};
-use signal_diffusion_runtime::adaln::{gated_residual, modulate};
+use signal_diffusion_runtime::ops::adaln::{gated_residual, modulate};
 
 /// The kernels as a host library, built once per test run.
 fn library() -> &'static Library {
@@ -255,12 +255,12 @@ fn gated_residual_kernels_match_the_cpu_op() {
 }
 
 /// GELU-tanh with the linear layer's bias fused in, plain (a zero bias of width 1, as
-/// ops::gelu_tanh launches it) and with a bias under no autocast, bf16 and fp16 (whose rounding
+/// ops::gelu::gelu_tanh launches it) and with a bias under no autocast, bf16 and fp16 (whose rounding
 /// the kernel does itself), against the CPU op: the value and ∂L/∂z.
 #[test]
 fn gelu_tanh_kernels_match_the_cpu_op() {
     use candle_core::DType;
-    use signal_diffusion_runtime::precision::Autocast;
+    use signal_diffusion_runtime::ops::precision::Autocast;
     let lib = library();
     type Gelu =
         unsafe extern "C" fn(i32, *const f32, *const f32, *const f32, *mut f32, i64, i32, i32);
@@ -277,7 +277,7 @@ fn gelu_tanh_kernels_match_the_cpu_op() {
     for (bias, round, mode) in cases {
         let (want, grads) = cpu_reference(&[x.clone(), bias.clone()], &r, |t| {
             let _amp = Autocast::enter(round);
-            signal_diffusion_runtime::ops::bias_gelu_tanh(&t[0], &t[1])
+            signal_diffusion_runtime::ops::gelu::bias_gelu_tanh(&t[0], &t[1])
         });
         let (xv, bv, rv) = (host(&x), host(&bias), host(&r));
         let (mut y, mut dz) = (vec![0f32; xv.len()], vec![0f32; xv.len()]);
@@ -364,7 +364,7 @@ fn softmax_kernels_match_the_cpu_op() {
         let rows = 2;
         let (s, r) = (randn(&[rows, len], 4.0), randn(&[rows, len], 1.0));
         let (want, grads) = cpu_reference(std::slice::from_ref(&s), &r, |t| {
-            signal_diffusion_runtime::attention::softmax_last(&t[0])
+            signal_diffusion_runtime::ops::attention::softmax_last(&t[0])
         });
         let (sv, rv) = (host(&s), host(&r));
         let (mut p, mut ds) = (vec![0f32; sv.len()], vec![0f32; sv.len()]);
@@ -417,7 +417,7 @@ fn weighted_mse_kernels_match_the_cpu_op() {
     let w = Tensor::new(&[0.5f32, 2.0, 0.25], &Device::Cpu).unwrap();
     let r = Tensor::new(&[1.0f32, -3.0, 2.0], &Device::Cpu).unwrap();
     let (want, grads) = cpu_reference(std::slice::from_ref(&out), &r, |t| {
-        signal_diffusion_runtime::diffusion::weighted_mse(&t[0], &target, &w)
+        signal_diffusion_runtime::ops::loss::weighted_mse(&t[0], &target, &w)
     });
     let (ov, tv, wv) = (host(&out), host(&target), host(&w));
     let wg: Vec<f32> = wv.iter().zip(host(&r)).map(|(a, b)| a * b).collect();
@@ -508,7 +508,7 @@ fn group_norm_kernels_match_the_cpu_op() {
     let (wt, bias) = ((randn(&[c], 0.3) + 1.0).unwrap(), randn(&[c], 0.3));
     let r = randn(&[b, c, h, w], 1.0);
     let (want, grads) = cpu_reference(&[x.clone(), wt.clone(), bias.clone()], &r, |t| {
-        signal_diffusion_runtime::ops::group_norm(&t[0], &t[1], &t[2])
+        signal_diffusion_runtime::ops::norm::group_norm(&t[0], &t[1], &t[2])
     });
     let (xv, wv, bv, rv) = (host(&x), host(&wt), host(&bias), host(&r));
     for per_slice in [1, 2, c] {
@@ -542,7 +542,7 @@ fn group_norm_kernels_match_the_cpu_op() {
 #[test]
 fn adam_kernels_match_the_cpu_optimizer() {
     use signal_diffusion_config::schema;
-    use signal_diffusion_runtime::optim::Optimizer;
+    use signal_diffusion_runtime::train::optim::Optimizer;
     let lib = library();
     type Adam = unsafe extern "C" fn(
         *const u64,
@@ -674,9 +674,9 @@ fn dropout_gelu_and_bias_kernels_match_the_cpu() {
     let (xv, rv) = (host(&x), host(&r));
     let n = xv.len();
     let (seed, p) = (1234u64, 0.3f64);
-    let want_drop = host(&signal_diffusion_runtime::ops::dropout(&x, p, seed).unwrap());
+    let want_drop = host(&signal_diffusion_runtime::ops::dropout::dropout(&x, p, seed).unwrap());
     let (want_gelu, grads) = cpu_reference(std::slice::from_ref(&x), &r, |t| {
-        signal_diffusion_runtime::ops::gelu(&t[0])
+        signal_diffusion_runtime::ops::gelu::gelu(&t[0])
     });
     let (b, c, hw) = (3usize, 5usize, 37usize);
     let y0 = randn(&[b, c, hw], 1.0);
@@ -764,10 +764,10 @@ fn dropout_pool_kernels_match_the_cpu() {
         let threshold = (keep * (1u64 << 24) as f64).round() as u32;
         let scale = (1.0 / keep) as f32;
         let (want, grads) = cpu_reference(std::slice::from_ref(&x), &r, |t| {
-            ops::dropout_avg_pool(&t[0], p, seed, kh, 2)
+            ops::pool::dropout_avg_pool(&t[0], p, seed, kh, 2)
         });
         let (want_gelu, grads_gelu) = cpu_reference(std::slice::from_ref(&x), &r, |t| {
-            ops::gelu_dropout_avg_pool(&t[0], p, seed, kh, 2)
+            ops::pool::gelu_dropout_avg_pool(&t[0], p, seed, kh, 2)
         });
         let n_out = b * c * ho * wo;
         let n_in = xv.len();

@@ -8,8 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use signal_diffusion_runtime::io::read_npy_f64;
-use signal_diffusion_runtime::signal::{self, cnt, eeglab, mat};
+use signal_diffusion_runtime::data::io::read_npy_f64;
+use signal_diffusion_runtime::data::signal::{self, cnt, eeglab, mat};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use signal_diffusion_runtime::signal::{cnt, edf, mat};
+use signal_diffusion_runtime::data::signal::{cnt, edf, mat};
 
 fn corpus(target: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))

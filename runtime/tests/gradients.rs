@@ -4,12 +4,12 @@
 //! gradients where a tensor has several consumers, is subtracted, or is upsampled.
 
 use candle_core::{DType, Device, Tensor, Var};
-use signal_diffusion_runtime::models::{
+use signal_diffusion_runtime::models::classifier::{
     Backbone, Classifier, Cnn, Cnn1d, Cnn1dShape, CnnLight, CnnLightShape, CnnShape, Transformer,
     TransformerShape,
 };
-use signal_diffusion_runtime::nn::{Activation, Mode, Params};
-use signal_diffusion_runtime::precision::Autocast;
+use signal_diffusion_runtime::models::nn::{Activation, Mode, Params};
+use signal_diffusion_runtime::ops::precision::Autocast;
 use signal_diffusion_runtime::tasks::{TaskKind, TaskSpec};
 
 const TASKS: [TaskSpec; 2] = [

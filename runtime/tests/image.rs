@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use signal_diffusion_runtime::image::{resize, Augment, Image};
-use signal_diffusion_runtime::io::read_png;
+use signal_diffusion_runtime::data::image::{resize, Augment, Image};
+use signal_diffusion_runtime::data::io::read_png;
 
 fn load(name: &str) -> Image {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use signal_diffusion_runtime::models::{Classifier, Transformer, TransformerShape};
-use signal_diffusion_runtime::nn::{Activation, Mode, Params};
-use signal_diffusion_runtime::precision::{matmul_add, Autocast};
+use signal_diffusion_runtime::models::classifier::{Classifier, Transformer, TransformerShape};
+use signal_diffusion_runtime::models::nn::{Activation, Mode, Params};
+use signal_diffusion_runtime::ops::precision::{matmul_add, Autocast};
 use signal_diffusion_runtime::tasks::{TaskKind, TaskSpec};
 
 struct Counting;

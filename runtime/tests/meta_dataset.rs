@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::Command;
 
 use signal_diffusion_config::settings::Env;
-use signal_diffusion_runtime::signal::meta::{run, MetaArgs};
-use signal_diffusion_runtime::table::{self, Column};
+use signal_diffusion_runtime::data::signal::meta::{run, MetaArgs};
+use signal_diffusion_runtime::data::table::{self, Column};
 
 /// A dataset output dir with `n_subjects` × 2 grey PNGs per split and its metadata CSVs.
 fn dataset(dir: &Path, header: &str, row: impl Fn(usize) -> String, per_split: &[(&str, usize)]) {
@@ -18,7 +18,8 @@ fn dataset(dir: &Path, header: &str, row: impl Fn(usize) -> String, per_split: &
             let px: Vec<u8> = (0..256 * 256)
                 .map(|p| ((p * 7 + k * 31) % 256) as u8)
                 .collect();
-            signal_diffusion_runtime::io::write_png(&dir.join(&file), &px, 1, 256, 256).unwrap();
+            signal_diffusion_runtime::data::io::write_png(&dir.join(&file), &px, 1, 256, 256)
+                .unwrap();
             csv.push_str(&format!("{file},{split},{}\n", row(k)));
             k += 1;
         }
@@ -113,7 +114,8 @@ fn weighted_parquet_in_the_hugging_face_layout() {
         panic!("image column")
     };
     let (px, c, h, w) =
-        signal_diffusion_runtime::io::decode_png(images[0].as_ref().unwrap(), "row 0").unwrap();
+        signal_diffusion_runtime::data::io::decode_png(images[0].as_ref().unwrap(), "row 0")
+            .unwrap();
     assert_eq!((c, h, w), (3, 256, 256), "grey converted to RGB");
     assert!(px.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]));
 

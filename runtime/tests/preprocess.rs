@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use signal_diffusion_config::settings::Env;
-use signal_diffusion_runtime::signal::edf::{self, Format, Recording, Signal};
-use signal_diffusion_runtime::signal::preprocess::{run, PreprocessArgs};
+use signal_diffusion_runtime::data::signal::edf::{self, Format, Recording, Signal};
+use signal_diffusion_runtime::data::signal::preprocess::{run, PreprocessArgs};
 
 const LABELS: [&str; 21] = [
     "Fp1", "Fp2", "F3", "F4", "F7", "F8", "T3", "T4", "C3", "C4", "T5", "T6", "P3", "P4", "O1",
@@ -151,7 +151,7 @@ fn math_layout_becomes_the_reference_dataset() {
             "metadata looked up by subject name, not by row (the reference's off-by-one)"
         );
         assert_eq!(r[6], if r[3] == "F" { "1" } else { "0" });
-        let (px, c, h, w) = signal_diffusion_runtime::io::read_png(&out.join(&r[0])).unwrap();
+        let (px, c, h, w) = signal_diffusion_runtime::data::io::read_png(&out.join(&r[0])).unwrap();
         assert_eq!((c, h, w), (1, 256, 256));
         assert!(px.iter().any(|&p| p > 0));
     }
@@ -166,7 +166,7 @@ fn math_layout_becomes_the_reference_dataset() {
     std::fs::write(out.join(&all[1][0]), b"").unwrap();
     let again = run(&args(false), &settings).unwrap();
     assert_eq!((again.written, again.existing), (1, 19));
-    assert!(signal_diffusion_runtime::io::read_png(&out.join(&all[1][0])).is_ok());
+    assert!(signal_diffusion_runtime::data::io::read_png(&out.join(&all[1][0])).is_ok());
 }
 
 #[test]
@@ -181,7 +181,7 @@ fn timeseries_windows_and_statistics_are_written_where_readers_look() {
         first.contains("/Subject") && first.contains("/state-1/timeseries-"),
         "{first}"
     );
-    let (shape, x) = signal_diffusion_runtime::io::read_npy_f32(&ts.join(&first)).unwrap();
+    let (shape, x) = signal_diffusion_runtime::data::io::read_npy_f32(&ts.join(&first)).unwrap();
     assert_eq!(shape, [20, 2048]);
     assert!(x.iter().all(|v| v.is_finite()));
     for dir in [&ts, &tmp.path().join("out/math/stfts")] {

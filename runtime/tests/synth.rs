@@ -1,6 +1,6 @@
 //! `sigdiff synth`: the demo dataset is written in the parkinsons raw layout and preprocessed.
 
-use signal_diffusion_runtime::signal::synth::{run, SynthArgs};
+use signal_diffusion_runtime::data::signal::synth::{run, SynthArgs};
 
 #[test]
 fn writes_the_raw_layout_and_its_preprocessed_spectrograms() {
@@ -24,7 +24,7 @@ fn writes_the_raw_layout_and_its_preprocessed_spectrograms() {
     );
     assert_eq!(participants.lines().count(), 11);
     let set = raw.join("sub-001/eeg/sub-001_task-Rest_eeg.set");
-    let rec = signal_diffusion_runtime::signal::eeglab::read(&set).unwrap();
+    let rec = signal_diffusion_runtime::data::signal::eeglab::read(&set).unwrap();
     assert_eq!((rec.labels.len(), rec.sample_rate), (64, 500.0));
     assert_eq!(
         rec.labels[30], "Fp2",

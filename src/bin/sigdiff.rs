@@ -32,14 +32,14 @@ enum Command {
     /// Print the shape plan of a config: layer shapes, parameters, FLOPs, memory.
     Plan { file: PathBuf },
     /// Turn raw recordings into the reference's spectrogram (or time-series) dataset.
-    Preprocess(signal_diffusion_runtime::signal::preprocess::PreprocessArgs),
+    Preprocess(signal_diffusion_runtime::data::signal::preprocess::PreprocessArgs),
     /// Write the synthetic demo EEG dataset (clearly synthetic) as preprocessed spectrograms.
-    Synth(signal_diffusion_runtime::signal::synth::SynthArgs),
+    Synth(signal_diffusion_runtime::data::signal::synth::SynthArgs),
     /// Merge preprocessed spectrogram datasets into the weighted meta-dataset (Parquet, in the
     /// Hugging Face `datasets` layout).
-    MetaDataset(signal_diffusion_runtime::signal::meta::MetaArgs),
+    MetaDataset(signal_diffusion_runtime::data::signal::meta::MetaArgs),
     /// Generate a labelled synthetic dataset (preprocessed layout) from a trained DiT checkpoint.
-    Sample(signal_diffusion_runtime::sample::SampleArgs),
+    Sample(signal_diffusion_runtime::train::sample::SampleArgs),
 }
 
 fn env() -> config::settings::Env {
@@ -108,7 +108,7 @@ fn main() -> ExitCode {
             let Some(settings) = settings(args.config.as_deref()) else {
                 return ExitCode::FAILURE;
             };
-            match signal_diffusion_runtime::signal::preprocess::run(&args, &settings) {
+            match signal_diffusion_runtime::data::signal::preprocess::run(&args, &settings) {
                 Ok(summary) if summary.skipped.is_empty() => ExitCode::SUCCESS,
                 Ok(summary) => {
                     eprintln!(
@@ -127,7 +127,7 @@ fn main() -> ExitCode {
             let Some(settings) = settings(args.config.as_deref()) else {
                 return ExitCode::FAILURE;
             };
-            match signal_diffusion_runtime::signal::meta::run(&args, &settings) {
+            match signal_diffusion_runtime::data::signal::meta::run(&args, &settings) {
                 Ok(summary) => {
                     for (split, counts) in &summary.splits {
                         let parts: Vec<String> = args
@@ -147,8 +147,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Synth(args) => report(signal_diffusion_runtime::signal::synth::run(&args)),
-        Command::Sample(args) => report(signal_diffusion_runtime::sample::run(&args)),
+        Command::Synth(args) => report(signal_diffusion_runtime::data::signal::synth::run(&args)),
+        Command::Sample(args) => report(signal_diffusion_runtime::train::sample::run(&args)),
     }
 }
 

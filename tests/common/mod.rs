@@ -37,7 +37,7 @@ pub fn write_dataset(dir: &Path) {
                 }
             }
             let rel = format!("{split}/sub-{i:02}/img.png");
-            signal_diffusion_runtime::io::write_png(&dir.join(&rel), &px, 1, 32, 32).unwrap();
+            signal_diffusion_runtime::data::io::write_png(&dir.join(&rel), &px, 1, 32, 32).unwrap();
             rows.push_str(&format!(
                 "{rel},{split},{},{},{age}\n",
                 if female { "F" } else { "M" },

@@ -29,7 +29,7 @@ pub struct State {
     pub swa_n: u64,
     /// fp16's loss scale and skipped updates (`mixed_precision = "fp16"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loss_scaler: Option<crate::precision::LossScaler>,
+    pub loss_scaler: Option<crate::ops::precision::LossScaler>,
 }
 
 /// Write a checkpoint; `extras` are further named tensor files (`swa.safetensors`,

@@ -8,7 +8,7 @@
 //! are named by step; the selection score treats regression as 1/(1+MAE) instead of maximising
 //! the MAE; a full resume state is saved; the test split is evaluated.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -17,20 +17,22 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use signal_diffusion_config::{schema::Classification, Kind};
 
+use super::benchmark::benchmark_classifier;
 use super::checkpoint::{self, State};
+use super::metrics::{Metrics, Running};
 use super::swa::{swa_lr, Swa};
 use super::{fnv, list_dirs, Compiled, RunOptions};
-use crate::data::{read_split, Loader, Split};
-use crate::log::Logger;
-use crate::models::{Backbone, Classifier};
-use crate::nn::{Mode, Params};
-use crate::optim::{lr_factor, GradNorm, Optimizer};
-use crate::precision::Autocast;
+use crate::data::loader::{read_split, Loader, Split};
+use crate::models::classifier::{Backbone, Classifier};
+use crate::models::nn::{Mode, Params};
+use crate::ops::precision::Autocast;
 use crate::tasks::{TaskKind, TaskSpec};
+use crate::train::log::Logger;
+use crate::train::optim::{lr_factor, GradNorm, Optimizer};
 
 /// Entry point of a generated classification trainer.
 pub fn main<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) -> ExitCode {
@@ -55,7 +57,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     let t = &cfg.training;
     let device = super::select_device(&t.device, compiled)?;
     if let Some(steps) = options.benchmark {
-        return benchmark::<B>(compiled, shape, cfg, &device, steps);
+        return benchmark_classifier::<B>(compiled, shape, cfg, &device, steps);
     }
 
     // Run directory: a resumed run continues in the run that wrote the checkpoint.
@@ -88,7 +90,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     } else {
         Some(Arc::new(read_split(dir, &cfg.dataset.val_split, tasks)?))
     };
-    let test = match crate::data::has_split(dir, &cfg.dataset.test_split) {
+    let test = match crate::data::loader::has_split(dir, &cfg.dataset.test_split) {
         true => Some(Arc::new(read_split(dir, &cfg.dataset.test_split, tasks)?)),
         false => None,
     };
@@ -359,7 +361,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     )?;
     if let Some(p) = &t.metrics_summary_path {
         let p = PathBuf::from(p);
-        crate::io::write_atomic(&p, |w| {
+        crate::data::io::write_atomic(&p, |w| {
             writeln!(w, "weights,metric,value")?;
             for (l, k, v) in &rows {
                 writeln!(w, "{l},{k},{v}")?;
@@ -376,96 +378,11 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     Ok(())
 }
 
-/// `train --benchmark N`: the training step of this config (forward, weighted task losses,
-/// backward, clipped optimizer step, one read of the losses) on one random batch that stays on
-/// the device, so the loader and disk are out of the measurement. benches/classification_step.py
-/// times the same step in PyTorch.
-fn benchmark<B: Backbone>(
-    compiled: &Compiled,
-    shape: &B::Shape,
-    cfg: &Classification,
-    device: &Device,
-    steps: usize,
-) -> Result<()> {
-    let (t, tasks, bs) = (&cfg.training, compiled.tasks, compiled.batch_size);
-    let mut params = Params::new(t.seed, device);
-    let model = Classifier::<B>::new(shape, tasks, &mut params)?;
-    let mut opt = Optimizer::new(&cfg.optimizer, params.trainable.clone())?;
-    let weights: Vec<f64> = cfg.tasks.iter().map(|t| t.weight).collect();
-    let shape_vec = compiled.input_shape.to_vec();
-    let ctx = Ctx {
-        norm: vec![None; tasks.len()],
-        cfg,
-        tasks,
-        weights: &weights,
-        device,
-        shape: &shape_vec,
-        workers: 0,
-        batch_size: bs,
-    };
-    let mut rng = ChaCha8Rng::seed_from_u64(t.seed);
-    let per_sample: usize = shape_vec.iter().product();
-    let x: Vec<f32> = (0..bs * per_sample)
-        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
-        .collect();
-    let x = ctx.tensor(&x, bs)?;
-    let targets: Vec<Vec<f32>> = tasks
-        .iter()
-        .map(|spec| {
-            (0..bs)
-                .map(|_| match spec.kind {
-                    TaskKind::Classification => rng.random_range(0..spec.outputs) as f32,
-                    TaskKind::Regression => rng.random::<f32>(),
-                })
-                .collect()
-        })
-        .collect();
-    let lr = cfg.optimizer.learning_rate;
-    let mut step = |i: usize, timing: Option<&mut [f64; 3]>| -> Result<f64> {
-        let mut mode = Mode::train(t.seed.wrapping_add(i as u64));
-        let out = train_step(&ctx, &model, &mut opt, &x, &targets, &mut mode, lr, timing)?;
-        Ok(out.0)
-    };
-    // A CPU step of the baseline takes tens of seconds and has nothing to warm up but the
-    // allocator: one step before, one for the phase split.
-    let (warmup, split) = if device.is_cpu() { (1, 1) } else { (3, 3) };
-    for i in 0..warmup {
-        step(i, None)?;
-    }
-    device.synchronize()?;
-    let started = Instant::now();
-    let mut last = 0.0;
-    for i in 0..steps {
-        last = step(warmup + i, None)?;
-    }
-    device.synchronize()?;
-    let secs = started.elapsed().as_secs_f64();
-    let steps_per_s = steps as f64 / secs;
-    // Where a step goes: more steps, waiting for the device after each phase.
-    let mut phases = [0f64; 3];
-    for i in 0..split {
-        step(warmup + steps + i, Some(&mut phases))?;
-    }
-    let phases = phases.map(|ms| ms / split as f64);
-    println!(
-        "per step: forward + loss {:.1} ms, backward {:.1} ms, optimizer {:.1} ms",
-        phases[0], phases[1], phases[2]
-    );
-    println!(
-        "benchmark {}: {steps} steps of batch {bs} in {secs:.3} s: {steps_per_s:.3} steps/s, {:.1} samples/s, {:.2} TFLOP/s by the plan's {:.1} GFLOP/step; last loss {last:.4}",
-        compiled.name,
-        steps_per_s * bs as f64,
-        steps_per_s * compiled.flops_per_step as f64 / 1e12,
-        compiled.flops_per_step as f64 / 1e9,
-    );
-    Ok(())
-}
-
 /// One optimizer step: forward, weighted task losses, backward, clipped update, then one read of
 /// the losses (total and per task) to the host. With `timing` (`--benchmark`) it waits for the
 /// device after each phase and adds the forward + loss, backward and update times (ms) to it.
 #[allow(clippy::too_many_arguments)]
-fn train_step<B: Backbone>(
+pub(super) fn train_step<B: Backbone>(
     ctx: &Ctx,
     model: &Classifier<B>,
     opt: &mut Optimizer,
@@ -502,20 +419,20 @@ fn train_step<B: Backbone>(
 }
 
 /// What the step and evaluation code needs, bundled.
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     /// Regression target standardisation, per task (see `target_norm`).
-    norm: Vec<Option<(f32, f32)>>,
-    cfg: &'a Classification,
-    tasks: &'a [TaskSpec],
-    weights: &'a [f64],
-    device: &'a Device,
-    shape: &'a [usize],
-    workers: usize,
-    batch_size: usize,
+    pub(super) norm: Vec<Option<(f32, f32)>>,
+    pub(super) cfg: &'a Classification,
+    pub(super) tasks: &'a [TaskSpec],
+    pub(super) weights: &'a [f64],
+    pub(super) device: &'a Device,
+    pub(super) shape: &'a [usize],
+    pub(super) workers: usize,
+    pub(super) batch_size: usize,
 }
 
 impl Ctx<'_> {
-    fn tensor(&self, data: &[f32], n: usize) -> Result<Tensor> {
+    pub(super) fn tensor(&self, data: &[f32], n: usize) -> Result<Tensor> {
         let mut dims = vec![n];
         dims.extend_from_slice(self.shape);
         Ok(Tensor::from_slice(data, dims.as_slice(), self.device)?)
@@ -803,176 +720,4 @@ fn swa_file(
     avg: Option<&HashMap<String, Tensor>>,
 ) -> Vec<(&'static str, &HashMap<String, Tensor>)> {
     avg.map(|a| ("swa.safetensors", a)).into_iter().collect()
-}
-
-/// Batch-size-weighted running averages of the training loss between log lines.
-struct Running {
-    loss: f64,
-    tasks: Vec<f64>,
-    n: usize,
-}
-
-impl Running {
-    fn new(k: usize) -> Self {
-        Running {
-            loss: 0.0,
-            tasks: vec![0.0; k],
-            n: 0,
-        }
-    }
-    fn add(&mut self, loss: f64, per_task: &[f64], n: usize) {
-        self.loss += loss * n as f64;
-        for (a, b) in self.tasks.iter_mut().zip(per_task) {
-            *a += b * n as f64;
-        }
-        self.n += n;
-    }
-    fn loss(&self) -> f64 {
-        self.loss / self.n.max(1) as f64
-    }
-    fn task(&self, i: usize) -> f64 {
-        self.tasks[i] / self.n.max(1) as f64
-    }
-}
-
-/// Predictions and targets of one evaluation.
-pub struct Metrics {
-    loss_sum: f64,
-    n: usize,
-    preds: Vec<Vec<f32>>,
-    targets: Vec<Vec<f32>>,
-}
-
-impl Metrics {
-    fn new(tasks: &[TaskSpec]) -> Self {
-        Metrics {
-            loss_sum: 0.0,
-            n: 0,
-            preds: vec![vec![]; tasks.len()],
-            targets: vec![vec![]; tasks.len()],
-        }
-    }
-
-    /// accuracy and macro-F1 (classification), MAE and MSE (regression), and the loss.
-    pub fn scalars(&self, tasks: &[TaskSpec]) -> Vec<(String, f64)> {
-        let mut out = vec![("loss".to_string(), self.loss_sum / self.n.max(1) as f64)];
-        for (i, t) in tasks.iter().enumerate() {
-            let (p, y) = (&self.preds[i], &self.targets[i]);
-            match t.kind {
-                TaskKind::Classification => {
-                    out.push((format!("accuracy/{}", t.name), accuracy(p, y)));
-                    out.push((format!("f1/{}", t.name), macro_f1(p, y, t.outputs)));
-                }
-                TaskKind::Regression => {
-                    let n = p.len().max(1) as f64;
-                    out.push((
-                        format!("mae/{}", t.name),
-                        p.iter()
-                            .zip(y)
-                            .map(|(a, b)| (a - b).abs() as f64)
-                            .sum::<f64>()
-                            / n,
-                    ));
-                    out.push((
-                        format!("mse/{}", t.name),
-                        p.iter()
-                            .zip(y)
-                            .map(|(a, b)| ((a - b) as f64).powi(2))
-                            .sum::<f64>()
-                            / n,
-                    ));
-                }
-            }
-        }
-        out
-    }
-
-    /// Selection score, higher is better: Σ w_t s_t / Σ w_t with s_t = accuracy, or
-    /// 1 / (1 + MAE) for regression (the reference maximised the MAE itself).
-    pub fn score(&self, tasks: &[TaskSpec], weights: &[f64]) -> f64 {
-        let (mut num, mut den) = (0.0, 0.0);
-        for (i, (t, w)) in tasks.iter().zip(weights).enumerate() {
-            let (p, y) = (&self.preds[i], &self.targets[i]);
-            let s = match t.kind {
-                TaskKind::Classification => accuracy(p, y),
-                TaskKind::Regression => {
-                    1.0 / (1.0
-                        + p.iter()
-                            .zip(y)
-                            .map(|(a, b)| (a - b).abs() as f64)
-                            .sum::<f64>()
-                            / p.len().max(1) as f64)
-                }
-            };
-            num += w * s;
-            den += w;
-        }
-        if den > 0.0 {
-            num / den
-        } else {
-            0.0
-        }
-    }
-
-    fn describe(&self, tasks: &[TaskSpec]) -> String {
-        self.scalars(tasks)
-            .iter()
-            .map(|(k, v)| format!("{k} {v:.4}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
-
-pub fn accuracy(p: &[f32], y: &[f32]) -> f64 {
-    p.iter().zip(y).filter(|(a, b)| a == b).count() as f64 / p.len().max(1) as f64
-}
-
-/// Macro-F1 over the classes present in targets or predictions (sklearn's average="macro",
-/// zero_division=0).
-pub fn macro_f1(p: &[f32], y: &[f32], classes: usize) -> f64 {
-    let present: BTreeSet<usize> = p
-        .iter()
-        .chain(y)
-        .map(|&c| c as usize)
-        .filter(|&c| c < classes)
-        .collect();
-    if present.is_empty() {
-        return 0.0;
-    }
-    let f1s = present.iter().map(|&c| {
-        let tp = p
-            .iter()
-            .zip(y)
-            .filter(|(a, b)| **a as usize == c && **b as usize == c)
-            .count() as f64;
-        let fp = p
-            .iter()
-            .zip(y)
-            .filter(|(a, b)| **a as usize == c && **b as usize != c)
-            .count() as f64;
-        let fnn = p
-            .iter()
-            .zip(y)
-            .filter(|(a, b)| **a as usize != c && **b as usize == c)
-            .count() as f64;
-        if tp == 0.0 {
-            0.0
-        } else {
-            2.0 * tp / (2.0 * tp + fp + fnn)
-        }
-    });
-    f1s.sum::<f64>() / present.len() as f64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn macro_f1_matches_sklearn() {
-        // sklearn.metrics.f1_score([0,1,1,2], [0,1,2,2], average="macro") = 0.7777...
-        let y = [0.0, 1.0, 1.0, 2.0];
-        let p = [0.0, 1.0, 2.0, 2.0];
-        assert!((macro_f1(&p, &y, 3) - 7.0 / 9.0).abs() < 1e-12);
-    }
 }

@@ -1,9 +1,16 @@
 //! What every generated trainer shares: the compiled constants it hands over, the command-line
 //! options, re-resolving the embedded config with `--set` overrides, and checkpoints.
 
+pub mod benchmark;
 pub mod checkpoint;
 pub mod classification;
 pub mod diffusion;
+pub mod evaluate;
+pub mod export;
+pub mod log;
+pub mod metrics;
+pub mod optim;
+pub mod sample;
 pub mod swa;
 
 use std::path::{Path, PathBuf};
@@ -11,6 +18,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use signal_diffusion_config::{self as config, settings::Env, Resolved, Target};
 
+use crate::ops::KernelSizes;
 use crate::tasks::TaskSpec;
 
 /// Options of a `train` binary (parsed in src/bin/train.rs).
@@ -61,7 +69,7 @@ pub fn select_device(name: &str, compiled: &Compiled) -> Result<candle_core::Dev
     };
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = &device {
-        let origin = crate::cuda::install(
+        let origin = crate::ops::cuda::install(
             d,
             compiled.cuda_sizes,
             compiled.cuda_ptx,
@@ -77,18 +85,6 @@ pub fn select_device(name: &str, compiled: &Compiled) -> Result<candle_core::Dev
         println!("device cpu");
     }
     Ok(device)
-}
-
-/// The sizes a trainer's CUDA kernels are specialised to (config::cuda::KernelSizes, as the
-/// generated code's constants).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct KernelSizes {
-    /// Values per sample of the model's GroupNorms.
-    pub norm: &'static [usize],
-    /// A DiT's token width (adaLN rows).
-    pub widths: &'static [usize],
-    /// A DiT's tokens per sample (attention softmax rows).
-    pub tokens: &'static [usize],
 }
 
 impl Compiled {

@@ -1,0 +1,229 @@
+//! Noise paths and training objectives: how a clean sample is noised, what the network is
+//! trained to predict, and with which weight.
+//!
+//! Conventions. A path gives, per noise level, x_t = a·x + s·ε. Rectified flow: a = 1 − σ,
+//! s = σ, σ ∈ {1/T, …, 1} drawn logit-normal and fed to the model as t = σ·T (the reference).
+//! VP: a = √ᾱ_t, s = √(1 − ᾱ_t), t uniform in 0..T, β linear 1e-4 → 0.02 (diffusers' DDPM
+//! default). SNR = a²/s² on both. The objective says what the network outputs: `vector_field`
+//! v = ε − x, `epsilon` ε, `sample` x; every sampler converts any of them to what it steps with,
+//! so each objective samples correctly under each path it is allowed on (the reference fed ε into
+//! its flow Euler step, §7.5).
+//!
+//! Soft-min-SNR (HDiT): the x-space weight is w_x = 1 / (1/SNR + 1/γ); the loss of the predicted
+//! quantity q gets w_x · (dx/dq)², the exact factor of the path: σ² for v on the flow path
+//! (x = x_t − σ·v), 1/SNR for ε (x = (x_t − s·ε)/a), 1 for x. The reference used the VP factor
+//! 1/(SNR + 1) for v (§7.7).
+
+use candle_core::{Result, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    VectorField,
+    Epsilon,
+    Sample,
+}
+
+impl Objective {
+    pub fn parse(name: &str) -> Objective {
+        match name {
+            "vector_field" => Objective::VectorField,
+            "sample" => Objective::Sample,
+            _ => Objective::Epsilon,
+        }
+    }
+}
+
+/// The forward (noising) process.
+#[derive(Debug, Clone)]
+pub enum Path {
+    /// Rectified flow over `timesteps` discrete levels σ = k/T.
+    Flow { timesteps: usize },
+    /// Variance preserving with ᾱ per integer timestep.
+    Vp { alphas_cumprod: Vec<f64> },
+}
+
+/// One sample's noise level: the model's time input and the path's coefficients.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Level {
+    /// What the model is given as its timestep (σ·T on the flow path, the integer t on VP).
+    pub t: f32,
+    /// x_t = a·x + s·ε.
+    pub a: f64,
+    pub s: f64,
+}
+
+impl Level {
+    pub fn snr(&self) -> f64 {
+        (self.a * self.a) / (self.s * self.s)
+    }
+}
+
+impl Path {
+    pub fn flow(timesteps: usize) -> Path {
+        Path::Flow { timesteps }
+    }
+
+    /// diffusers' DDPMScheduler default: β = linspace(1e-4, 0.02, T) in f32, ᾱ = Π(1 − β).
+    pub fn vp_linear(timesteps: usize) -> Path {
+        let mut acc = 1f64;
+        let alphas_cumprod = (0..timesteps)
+            .map(|i| {
+                let frac = i as f64 / (timesteps - 1).max(1) as f64;
+                let beta = (1e-4 + (0.02 - 1e-4) * frac) as f32 as f64;
+                acc *= 1.0 - beta;
+                acc
+            })
+            .collect();
+        Path::Vp { alphas_cumprod }
+    }
+
+    /// The path `objective.scheduler` names: rectified flow for `flow_match_euler`, VP for
+    /// `ddpm` and `ddim`.
+    pub fn for_scheduler(scheduler: &str, timesteps: usize) -> Path {
+        match scheduler {
+            "flow_match_euler" => Path::flow(timesteps),
+            _ => Path::vp_linear(timesteps),
+        }
+    }
+
+    pub fn timesteps(&self) -> usize {
+        match self {
+            Path::Flow { timesteps } => *timesteps,
+            Path::Vp { alphas_cumprod } => alphas_cumprod.len(),
+        }
+    }
+
+    /// The level at flow σ (any value in (0, 1]); the model time is σ·T.
+    pub fn flow_level(sigma: f64, timesteps: usize) -> Level {
+        Level {
+            t: (sigma * timesteps as f64) as f32,
+            a: 1.0 - sigma,
+            s: sigma,
+        }
+    }
+
+    pub(crate) fn vp_level(alphas_cumprod: &[f64], t: usize) -> Level {
+        let ab = alphas_cumprod[t];
+        Level {
+            t: t as f32,
+            a: ab.sqrt(),
+            s: (1.0 - ab).sqrt(),
+        }
+    }
+
+    /// A training level: flow σ = ceil(T·sigmoid(z))/T with z ~ N(0, 1) (the reference's
+    /// discretised logit-normal); VP t uniform in 0..T.
+    pub fn draw(&self, rng: &mut ChaCha8Rng) -> Level {
+        match self {
+            Path::Flow { timesteps } => {
+                let u = 1.0 / (1.0 + (-normal(rng)).exp());
+                let k = ((*timesteps as f64 * u).ceil() as usize).clamp(1, *timesteps);
+                Path::flow_level(k as f64 / *timesteps as f64, *timesteps)
+            }
+            Path::Vp { alphas_cumprod } => {
+                Path::vp_level(alphas_cumprod, rng.random_range(0..alphas_cumprod.len()))
+            }
+        }
+    }
+}
+
+/// The weight of one sample's loss (1 without `snr_gamma`), see the module docs.
+pub fn loss_weight(objective: Objective, level: &Level, snr_gamma: Option<f64>) -> f64 {
+    let Some(gamma) = snr_gamma else { return 1.0 };
+    let snr = level.snr();
+    // w_x = SNR·γ/(SNR + γ), written so that SNR = 0 (pure noise) and SNR = ∞ stay finite.
+    match objective {
+        Objective::Sample => {
+            if snr.is_infinite() {
+                gamma
+            } else {
+                snr * gamma / (snr + gamma)
+            }
+        }
+        Objective::Epsilon => gamma / (snr + gamma),
+        // σ²·w_x = s²·a²/s²·γ/(SNR + γ) = a²·γ/(SNR + γ).
+        Objective::VectorField => level.a * level.a * gamma / (snr + gamma),
+    }
+}
+
+/// A standard normal draw from the run's seeded stream (Box-Muller).
+pub fn normal(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = 1.0 - rng.random::<f64>();
+    let u2: f64 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// `n` standard normal values in f32.
+pub fn normals(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| normal(rng) as f32).collect()
+}
+
+/// The training target for a clean batch x and its noise ε.
+pub fn target(objective: Objective, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
+    match objective {
+        Objective::VectorField => eps - x,
+        Objective::Epsilon => Ok(eps.clone()),
+        Objective::Sample => Ok(x.clone()),
+    }
+}
+
+/// Per-sample (B, 1, 1, 1) tensor of one coefficient of each level.
+pub fn per_sample(levels: &[Level], f: impl Fn(&Level) -> f64, like: &Tensor) -> Result<Tensor> {
+    let v: Vec<f32> = levels.iter().map(|l| f(l) as f32).collect();
+    Tensor::from_vec(v, (levels.len(), 1, 1, 1), like.device())
+}
+
+/// The (clean estimate, noise estimate) implied by a model output at level `l`.
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn logit_normal_levels_stay_on_the_grid() {
+        let p = Path::flow(1000);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let levels: Vec<Level> = (0..4000).map(|_| p.draw(&mut rng)).collect();
+        assert!(levels
+            .iter()
+            .all(|l| (l.s * 1000.0 - (l.s * 1000.0).round()).abs() < 1e-9
+                && l.s > 0.0
+                && l.s <= 1.0));
+        // Logit-normal(0, 1): median 0.5, about 68 % within sigmoid(±1) = [0.269, 0.731].
+        let inside = levels
+            .iter()
+            .filter(|l| l.s > 0.269 && l.s <= 0.731)
+            .count() as f64;
+        assert!((inside / 4000.0 - 0.683).abs() < 0.03, "{inside}");
+    }
+
+    #[test]
+    fn soft_min_snr_weights_use_the_exact_path_factors() {
+        let l = Path::flow_level(0.5, 1000); // SNR 1
+                                             // w_x = 1/(1 + 1/5) = 5/6; v: σ² w_x = 5/24; ε: w_x/SNR = 5/6; x: 5/6.
+        assert!((loss_weight(Objective::VectorField, &l, Some(5.0)) - 5.0 / 24.0).abs() < 1e-12);
+        assert!((loss_weight(Objective::Epsilon, &l, Some(5.0)) - 5.0 / 6.0).abs() < 1e-12);
+        assert!((loss_weight(Objective::Sample, &l, Some(5.0)) - 5.0 / 6.0).abs() < 1e-12);
+        let pure = Path::flow_level(1.0, 1000); // SNR 0: finite weights
+        assert_eq!(loss_weight(Objective::VectorField, &pure, Some(5.0)), 0.0);
+        assert_eq!(loss_weight(Objective::Epsilon, &pure, Some(5.0)), 1.0);
+        assert_eq!(loss_weight(Objective::Epsilon, &l, None), 1.0);
+    }
+
+    #[test]
+    fn vp_schedule_matches_diffusers_ddpm() {
+        // diffusers DDPMScheduler() alphas_cumprod[0] = 0.9999, [999] ≈ 4.035e-5.
+        let Path::Vp { alphas_cumprod } = Path::vp_linear(1000) else {
+            unreachable!()
+        };
+        assert!((alphas_cumprod[0] - 0.9999).abs() < 1e-7);
+        assert!(
+            (alphas_cumprod[999] - 4.035e-5).abs() < 1e-7,
+            "{}",
+            alphas_cumprod[999]
+        );
+    }
+}

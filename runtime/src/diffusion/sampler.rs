@@ -1,0 +1,338 @@
+//! The samplers that invert a noise path (flow Euler and Heun, DDIM/DDPM) with classifier-free
+//! guidance. Every sampler converts the network's output, whatever the objective, to what it
+//! steps with, so each objective samples correctly under each path it is allowed on (the
+//! reference fed ε into its flow Euler step, §7.5).
+
+use candle_core::{Result, Tensor};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::path::{normals, Level, Objective, Path as NoisePath};
+use crate::models::dit::{Condition, Conditioning, Dit, DitShape};
+
+/// The (clean estimate, noise estimate) implied by a model output at level `l`.
+fn split_prediction(
+    objective: Objective,
+    out: &Tensor,
+    xt: &Tensor,
+    l: &Level,
+) -> Result<(Tensor, Tensor)> {
+    match objective {
+        // x = x_t − s·v, ε = x_t + a·v (a + s = 1 on the flow path).
+        Objective::VectorField => Ok(((xt - (out * l.s)?)?, (xt + (out * l.a)?)?)),
+        Objective::Epsilon => {
+            let x0 = ((xt - (out * l.s)?)? / l.a)?;
+            Ok((x0, out.clone()))
+        }
+        Objective::Sample => {
+            let eps = ((xt - (out * l.a)?)? / l.s)?;
+            Ok((out.clone(), eps))
+        }
+    }
+}
+
+/// Which guidance the sampler applies when the run is conditional.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Guidance {
+    /// out = out_u + w·(out_c − out_u); w = 1 is the conditional model alone (one pass).
+    Cfg(f64),
+    /// The reference's Rectified-CFG++ (flow only, 3 passes per step), see [`Sampler::sample`].
+    RectifiedCfgPp(f64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// First-order flow steps on the reference's terminal-stretched σ grid.
+    Euler,
+    /// Heun's second-order flow steps on the same grid (Euler on the last step to σ = 0).
+    Heun,
+    /// DDIM on a VP path with "leading" timestep spacing; η = 0 deterministic, η = 1 the DDPM
+    /// posterior (ancestral) on the strided schedule.
+    Ddim { eta_one: bool },
+}
+
+pub struct Sampler {
+    pub path: NoisePath,
+    pub objective: Objective,
+    pub method: Method,
+    pub steps: usize,
+    pub guidance: Guidance,
+    /// Clamp the clean estimate to [-1, 1] in DDIM (diffusers' `clip_sample`, for pixels).
+    pub clip_sample: bool,
+}
+
+impl Sampler {
+    /// diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(N) with shift 1 and
+    /// shift_terminal = max(1/T, 1/(2N)) (the reference): σ = linspace(1, 1/T, N) stretched so
+    /// that the last equals shift_terminal, then 0 appended.
+    pub fn flow_sigmas(timesteps: usize, steps: usize) -> Vec<f64> {
+        let t = timesteps as f64;
+        let terminal = (1.0 / t).max(1.0 / (2.0 * steps as f64));
+        // diffusers computes in float32 from float64 numpy linspace; keep f64.
+        let raw: Vec<f64> = (0..steps)
+            .map(|i| {
+                if steps == 1 {
+                    1.0
+                } else {
+                    1.0 + (1.0 / t - 1.0) * i as f64 / (steps - 1) as f64
+                }
+            })
+            .collect();
+        let scale = (1.0 - raw[steps - 1]) / (1.0 - terminal);
+        let mut s: Vec<f64> = raw
+            .iter()
+            .map(|r| {
+                if scale == 0.0 {
+                    *r
+                } else {
+                    1.0 - (1.0 - r) / scale
+                }
+            })
+            .collect();
+        s.push(0.0);
+        s
+    }
+
+    /// DDIM "leading" timesteps: (0..N)·(T / N), descending.
+    pub fn ddim_timesteps(timesteps: usize, steps: usize) -> Vec<usize> {
+        let ratio = timesteps / steps;
+        (0..steps).rev().map(|i| i * ratio).collect()
+    }
+
+    /// Draw `cond.len()` samples from noise `x` (B, C, H, W), conditioned on `cond` (guidance
+    /// against the null condition when the model is conditional). `rng` feeds DDPM's noise.
+    pub fn sample(
+        &self,
+        model: &Dit,
+        x: Tensor,
+        cond: &Condition,
+        conditioning: Conditioning,
+        rng: &mut ChaCha8Rng,
+        mut on_step: impl FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let n = cond.len();
+        let null = Condition::null(conditioning, n);
+        let guided = conditioning.is_conditional();
+        // One guided model evaluation at level l.
+        let eval = |x: &Tensor, l: &Level| -> Result<Tensor> {
+            let t = vec![l.t; n];
+            match (guided, self.guidance) {
+                (true, Guidance::Cfg(w)) if w != 1.0 => {
+                    let both = Tensor::cat(&[x, x], 0)?;
+                    let mut tt = t.clone();
+                    tt.extend_from_slice(&t);
+                    let cc = Condition {
+                        labels: [null.labels.clone(), cond.labels.clone()].concat(),
+                        ages: [null.ages.clone(), cond.ages.clone()].concat(),
+                    };
+                    let out = model.forward(&both, &tt, &cc)?;
+                    let (u, c) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
+                    &u + ((&c - &u)? * w)?
+                }
+                _ => model.forward(x, &t, cond),
+            }
+        };
+        let t_count = self.path.timesteps();
+        let mut x = x;
+        match (&self.path, self.method) {
+            (NoisePath::Flow { .. }, Method::Euler | Method::Heun) => {
+                let sig = Self::flow_sigmas(t_count, self.steps);
+                for i in 0..self.steps {
+                    let (s0, s1) = (sig[i], sig[i + 1]);
+                    let l0 = NoisePath::flow_level(s0, t_count);
+                    let v = match self.guidance {
+                        Guidance::RectifiedCfgPp(w) if guided => {
+                            // Reference (guidance.py): v_c at x; half an Euler step with it; then
+                            // v_c + w·(v_c' − v_u') at the midpoint. w = 0 is the conditional
+                            // model; 3 passes per step.
+                            let vc = self.velocity(model, &x, &l0, cond)?;
+                            let xh = (&x + (&vc * (0.5 * (s1 - s0)))?)?;
+                            let lh = NoisePath::flow_level(0.5 * (s0 + s1), t_count);
+                            let vch = self.velocity(model, &xh, &lh, cond)?;
+                            let vuh = self.velocity(model, &xh, &lh, &null)?;
+                            (&vc + ((vch - vuh)? * w)?)?
+                        }
+                        _ => self.to_velocity(&eval(&x, &l0)?, &x, &l0)?,
+                    };
+                    let euler = (&x + (&v * (s1 - s0))?)?;
+                    x = if self.method == Method::Heun && s1 > 0.0 {
+                        let l1 = NoisePath::flow_level(s1, t_count);
+                        let v1 = self.to_velocity(&eval(&euler, &l1)?, &euler, &l1)?;
+                        (&x + ((v + v1)? * (0.5 * (s1 - s0)))?)?
+                    } else {
+                        euler
+                    };
+                    // The weights are variables: without this, every step's graph would stay
+                    // reachable from x, and memory would grow with the step count.
+                    x = x.detach();
+                    on_step(i + 1, self.steps);
+                }
+            }
+            (NoisePath::Vp { alphas_cumprod }, Method::Ddim { eta_one }) => {
+                let ts = Self::ddim_timesteps(t_count, self.steps);
+                let ratio = t_count / self.steps;
+                for (i, &t) in ts.iter().enumerate() {
+                    let l = NoisePath::vp_level(alphas_cumprod, t);
+                    let (mut x0, mut eps) =
+                        split_prediction(self.objective, &eval(&x, &l)?, &x, &l)?;
+                    if self.clip_sample {
+                        x0 = x0.clamp(-1f32, 1f32)?;
+                        eps = ((&x - (&x0 * l.a)?)? / l.s)?;
+                    }
+                    let ab = alphas_cumprod[t];
+                    let ab_prev = if t >= ratio {
+                        alphas_cumprod[t - ratio]
+                    } else {
+                        1.0
+                    };
+                    let sigma = if eta_one {
+                        ((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev)).sqrt()
+                    } else {
+                        0.0
+                    };
+                    let dir = (1.0 - ab_prev - sigma * sigma).max(0.0).sqrt();
+                    x = ((x0 * ab_prev.sqrt())? + (eps * dir)?)?;
+                    if sigma > 0.0 {
+                        let z = normals(rng, x.elem_count());
+                        let z = Tensor::from_vec(z, x.shape(), x.device())?;
+                        x = (x + (z * sigma)?)?;
+                    }
+                    // The weights are variables: without this, every step's graph would stay
+                    // reachable from x, and memory would grow with the step count.
+                    x = x.detach();
+                    on_step(i + 1, self.steps);
+                }
+            }
+            _ => candle_core::bail!(
+                "sampler {:?} does not fit the {:?} path",
+                self.method,
+                self.path
+            ),
+        }
+        Ok(x)
+    }
+
+    fn velocity(&self, model: &Dit, x: &Tensor, l: &Level, cond: &Condition) -> Result<Tensor> {
+        let out = model.forward(x, &vec![l.t; cond.len()], cond)?;
+        self.to_velocity(&out, x, l)
+    }
+
+    /// The flow velocity dx/dσ = ε − x implied by any objective's output.
+    fn to_velocity(&self, out: &Tensor, xt: &Tensor, l: &Level) -> Result<Tensor> {
+        if self.objective == Objective::VectorField {
+            return Ok(out.clone());
+        }
+        let (x0, eps) = split_prediction(self.objective, out, xt, l)?;
+        eps - x0
+    }
+}
+
+/// What rebuilds a trained model and its sampler from a checkpoint directory (`sampling.json`,
+/// read by `sigdiff sample`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SampleSpec {
+    pub shape: DitShape,
+    pub objective: String,
+    /// `flow_match_euler`, `ddpm` or `ddim` (the noise path, and η for DDIM sampling).
+    pub scheduler: String,
+    pub timesteps: usize,
+    pub sampler: String,
+    pub denoising_steps: usize,
+    pub cfg_scale: f64,
+    pub guidance: String,
+    /// Metadata columns of the conditioning: [class] or [gender, health, age].
+    pub columns: Vec<String>,
+    /// What the dataset's images are: `db-only` (grey) or a 3-channel type.
+    pub output_type: String,
+    /// Width of the images the model was trained from, before resizing (strip geometry; 0 for
+    /// time series).
+    pub source_width: usize,
+    pub n_eeg_channels: usize,
+    /// Time series (z-scored signals: not clipped to [-1, 1], written as `.npy`) rather than
+    /// spectrogram images.
+    #[serde(default)]
+    pub timeseries: bool,
+}
+
+impl SampleSpec {
+    pub fn path(&self) -> NoisePath {
+        NoisePath::for_scheduler(&self.scheduler, self.timesteps)
+    }
+
+    /// The values a grid shows as black and white: [-1, 1] for images, ±3 for z-scored series.
+    pub fn pixel_range(&self) -> f32 {
+        if self.timeseries {
+            3.0
+        } else {
+            1.0
+        }
+    }
+
+    /// The sampler, with `steps` denoising steps and guidance scale `cfg_scale`.
+    pub fn sampler(&self, steps: usize, cfg_scale: f64) -> Sampler {
+        let method = match self.sampler.as_str() {
+            "heun" => Method::Heun,
+            "ddim" => Method::Ddim {
+                eta_one: self.scheduler == "ddpm",
+            },
+            _ => Method::Euler,
+        };
+        Sampler {
+            path: self.path(),
+            objective: Objective::parse(&self.objective),
+            method,
+            steps,
+            guidance: match self.guidance.as_str() {
+                "rectified_cfg_pp" => Guidance::RectifiedCfgPp(cfg_scale),
+                _ => Guidance::Cfg(cfg_scale),
+            },
+            clip_sample: !self.timeseries,
+        }
+    }
+}
+
+/// The conditions of samples `idx` of a split whose targets are the conditioning columns.
+pub fn conditions(c: Conditioning, targets: &[Vec<f32>], idx: &[usize]) -> Condition {
+    let mut cond = Condition::null(c, idx.len());
+    for (k, &i) in idx.iter().enumerate() {
+        match c {
+            Conditioning::None => {}
+            Conditioning::Classes { .. } => cond.labels[k] = targets[0][i] as u32,
+            Conditioning::GenderHealthAge => {
+                let (g, h, age) = (targets[0][i], targets[1][i], targets[2][i]);
+                if !g.is_nan() && !h.is_nan() {
+                    cond.labels[k] = (g * 2.0 + h) as u32;
+                }
+                cond.ages[k] = age / 100.0;
+            }
+        }
+    }
+    cond
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_sigmas_match_diffusers_with_the_terminal_stretch() {
+        // diffusers FlowMatchEulerDiscreteScheduler(1000, shift=1, shift_terminal=0.02)
+        // .set_timesteps(25).sigmas: first 1.0, last before 0 = 0.02, evenly spaced.
+        let s = Sampler::flow_sigmas(1000, 25);
+        assert_eq!(s.len(), 26);
+        assert!((s[0] - 1.0).abs() < 1e-12);
+        assert!((s[24] - 0.02).abs() < 1e-12);
+        assert_eq!(s[25], 0.0);
+        let step = s[0] - s[1];
+        assert!(s
+            .windows(2)
+            .take(24)
+            .all(|w| ((w[0] - w[1]) - step).abs() < 1e-12));
+        assert!((step - 0.98 / 24.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn ddim_timesteps_use_leading_spacing() {
+        assert_eq!(Sampler::ddim_timesteps(1000, 4), vec![750, 500, 250, 0]);
+    }
+}

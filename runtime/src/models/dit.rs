@@ -1,0 +1,475 @@
+//! DiT: the diffusion transformer as diffusers' `DiTTransformer2DModel` builds it (adaLN-Zero
+//! blocks, each with its own timestep and label embedder), so `model.safetensors` uses diffusers'
+//! parameter names and shapes and weights move between the two.
+//!
+//! Top to bottom: patchify (a conv with kernel = stride = patch, written as one GEMM over the
+//! patches) plus fixed 2-D sin-cos positions; `layers` × block; an output head modulated by the
+//! first block's embedding; unpatchify. Every norm is a composite of differentiable ops (Candle's
+//! fused layer_norm has no backward); attention is one op with its own backward (attention.rs).
+//!
+//! Extensions over diffusers, on purpose (docs/config.md):
+//! - non-square patches and grids (time series enter as (1, 20, 2048) with patch [1, 8]); the
+//!   positions are computed for the real grid, never for a square `sample_size` grid;
+//! - `gend_hlth_age` conditioning: class = gender·2 + health (4 = null) through the label table,
+//!   plus age/100 through fixed Fourier features (a saved buffer, `age_fourier.weight`) and a
+//!   per-block `age_embedder` linear; a null age is the zero feature vector, in training and in
+//!   sampling alike;
+//! - no hidden label dropout: diffusers drops labels to an extra row inside the model (10%, per
+//!   block, independently); here the trainer's `cfg_dropout` is the only dropout and it uses the
+//!   same null label the sampler uses. The extra row is kept so the table shape matches diffusers.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Result, Tensor, Var};
+
+use crate::models::nn::{Linear, Params};
+use crate::ops::adaln::{gated_residual, modulate};
+
+/// What the label and age inputs mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Conditioning {
+    /// Unconditional: a constant label 0 (diffusers needs one).
+    None,
+    /// `num_classes` classes; label `num_classes` is the null (CFG) label.
+    Classes { num_classes: usize },
+    /// gender × health classes (0..4, null 4) and age.
+    GenderHealthAge,
+}
+
+impl Conditioning {
+    /// The label of "no condition" (what CFG dropout and unconditional sampling feed).
+    pub fn null_label(&self) -> u32 {
+        match self {
+            Conditioning::None => 0,
+            Conditioning::Classes { num_classes } => *num_classes as u32,
+            Conditioning::GenderHealthAge => 4,
+        }
+    }
+
+    pub fn is_conditional(&self) -> bool {
+        *self != Conditioning::None
+    }
+}
+
+/// Shapes fixed at build time (generated from the config's plan).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DitShape {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub patch: [usize; 2],
+    pub heads: usize,
+    pub head_dim: usize,
+    pub layers: usize,
+    /// diffusers' `num_embeds_ada_norm`; the label table has one row more.
+    pub num_embeds: usize,
+    pub conditioning: Conditioning,
+    /// LayerNorm epsilon before the MLP (`norm_eps`); the adaLN norms use 1e-6 as diffusers.
+    pub norm_eps: f64,
+}
+
+impl DitShape {
+    pub fn dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    fn grid(&self) -> (usize, usize) {
+        (self.height / self.patch[0], self.width / self.patch[1])
+    }
+}
+
+/// The conditioning of a batch: one label per sample, and ages (years / 100; NaN = null) for
+/// `gend_hlth_age`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition {
+    pub labels: Vec<u32>,
+    pub ages: Vec<f32>,
+}
+
+impl Condition {
+    /// Every sample unconditioned.
+    pub fn null(c: Conditioning, n: usize) -> Self {
+        Condition {
+            labels: vec![c.null_label(); n],
+            ages: vec![f32::NAN; n],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// Sinusoidal timestep features as diffusers' `Timesteps(256, flip_sin_to_cos=True,
+/// downscale_freq_shift=1)`: [cos(t·f_k), sin(t·f_k)], f_k = 10000^(−k/127), in f32 like PyTorch.
+pub fn timestep_features(t: &[f32], device: &Device) -> Result<Tensor> {
+    const HALF: usize = 128;
+    let freqs: Vec<f32> = (0..HALF)
+        .map(|k| (-(10000f32.ln()) * k as f32 / (HALF as f32 - 1.0)).exp())
+        .collect();
+    let mut out = Vec::with_capacity(t.len() * 2 * HALF);
+    for &ti in t {
+        out.extend(freqs.iter().map(|f| (ti * f).cos()));
+        out.extend(freqs.iter().map(|f| (ti * f).sin()));
+    }
+    Tensor::from_vec(out, (t.len(), 2 * HALF), device)
+}
+
+/// diffusers' `get_2d_sincos_pos_embed` for a `gh × gw` grid of integer positions (the grid the
+/// model sees, so no interpolation): per token, [sin, cos](w·ω) ‖ [sin, cos](h·ω), ω_k =
+/// 10000^(−k/(D/4)). Tokens are row-major over (h, w).
+pub fn sincos_positions(dim: usize, gh: usize, gw: usize) -> Vec<f32> {
+    let quarter = dim / 4;
+    let omega: Vec<f64> = (0..quarter)
+        .map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64))
+        .collect();
+    let mut out = Vec::with_capacity(gh * gw * dim);
+    for h in 0..gh {
+        for w in 0..gw {
+            for pos in [w as f64, h as f64] {
+                out.extend(omega.iter().map(|o| (pos * o).sin() as f32));
+                out.extend(omega.iter().map(|o| (pos * o).cos() as f32));
+            }
+        }
+    }
+    out
+}
+
+/// Fourier features of age/100: [cos(2π·a·w_k), sin(2π·a·w_k)] with a fixed N(0, 1) w (128
+/// frequencies); zeros for a null (NaN) age.
+fn age_features(ages: &[f32], freqs: &Tensor) -> Result<Tensor> {
+    let w = freqs.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(ages.len() * 2 * w.len());
+    for &a in ages {
+        if a.is_nan() {
+            out.extend(std::iter::repeat_n(0f32, 2 * w.len()));
+        } else {
+            let tau = std::f32::consts::TAU;
+            out.extend(w.iter().map(|wk| (tau * a * wk).cos()));
+            out.extend(w.iter().map(|wk| (tau * a * wk).sin()));
+        }
+    }
+    Tensor::from_vec(out, (ages.len(), 2 * w.len()), freqs.device())
+}
+
+/// Timestep features (B, 256), labels (B), age features (B, 256) if the model reads ages.
+struct BlockInputs {
+    t_feat: Tensor,
+    labels: Tensor,
+    age_feat: Option<Tensor>,
+}
+
+/// `CombinedTimestepLabelEmbeddings` (+ our age embedder): (t, labels, ages) -> (B, D).
+struct Embedder {
+    time_1: Linear,
+    time_2: Linear,
+    table: Tensor,
+    age: Option<Linear>,
+}
+
+impl Embedder {
+    fn new(p: &mut Params, name: &str, s: &DitShape) -> Result<Self> {
+        let d = s.dim();
+        Ok(Embedder {
+            time_1: Linear::new(p, &format!("{name}.timestep_embedder.linear_1"), 256, d)?,
+            time_2: Linear::new(p, &format!("{name}.timestep_embedder.linear_2"), d, d)?,
+            table: p.normal(
+                format!("{name}.class_embedder.embedding_table.weight"),
+                &[s.num_embeds + 1, d],
+                1.0,
+            )?,
+            age: match s.conditioning {
+                Conditioning::GenderHealthAge => Some(Linear::new(
+                    p,
+                    &format!("{name}.age_embedder.linear_1"),
+                    256,
+                    d,
+                )?),
+                _ => None,
+            },
+        })
+    }
+
+    fn forward(&self, inputs: &BlockInputs) -> Result<Tensor> {
+        let t = self
+            .time_2
+            .forward(&self.time_1.forward(&inputs.t_feat)?.silu()?)?;
+        let mut e = (t + self.table.embedding(&inputs.labels)?)?;
+        if let (Some(lin), Some(a)) = (&self.age, &inputs.age_feat) {
+            e = (e + lin.forward(a)?)?;
+        }
+        Ok(e)
+    }
+}
+
+/// Multi-head self-attention with diffusers' `to_q`, `to_k`, `to_v`, `to_out.0` (all with bias).
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn new(p: &mut Params, name: &str, dim: usize, heads: usize) -> Result<Self> {
+        Ok(Attention {
+            q: Linear::new(p, &format!("{name}.to_q"), dim, dim)?,
+            k: Linear::new(p, &format!("{name}.to_k"), dim, dim)?,
+            v: Linear::new(p, &format!("{name}.to_v"), dim, dim)?,
+            out: Linear::new(p, &format!("{name}.to_out.0"), dim, dim)?,
+            heads,
+        })
+    }
+
+    /// (B, N, D) -> (B, N, D): softmax(q·kᵀ/√d_head)·v per head.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        self.out
+            .forward(&crate::ops::attention::attention(&q, &k, &v, self.heads)?)
+    }
+}
+
+/// `BasicTransformerBlock` with `norm_type = "ada_norm_zero"`, no cross-attention.
+struct Block {
+    emb: Embedder,
+    ada: Linear,
+    attn: Attention,
+    ff_in: Linear,
+    ff_out: Linear,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, emb: &Tensor, norm_eps: f64) -> Result<Tensor> {
+        let m = self.ada.forward(&emb.silu()?)?.chunk(6, 1)?;
+        let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
+        let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
+        let h = modulate(x, 1e-6, shift_msa, scale_msa)?;
+        let x = gated_residual(x, &self.attn.forward(&h)?, gate_msa)?;
+        let h = modulate(&x, norm_eps, shift_mlp, scale_mlp)?;
+        let ff = self.ff_out.forward(&self.ff_in.forward_gelu_tanh(&h)?)?;
+        gated_residual(&x, &ff, gate_mlp)
+    }
+}
+
+pub struct Dit {
+    shape: DitShape,
+    patch: Tensor,
+    patch_bias: Tensor,
+    positions: Tensor,
+    age_fourier: Option<Tensor>,
+    blocks: Vec<Block>,
+    out_1: Linear,
+    out_2: Linear,
+}
+
+impl Dit {
+    pub fn new(s: &DitShape, p: &mut Params, device: &Device) -> Result<Self> {
+        let d = s.dim();
+        let [ph, pw] = s.patch;
+        let fan_in = s.in_channels * ph * pw;
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let patch = p.uniform(
+            "pos_embed.proj.weight".into(),
+            &[d, s.in_channels, ph, pw],
+            bound,
+        )?;
+        let patch_bias = p.uniform("pos_embed.proj.bias".into(), &[d], bound)?;
+        let (gh, gw) = s.grid();
+        let positions = Tensor::from_vec(sincos_positions(d, gh, gw), (1, gh * gw, d), device)?;
+        let age_fourier = match s.conditioning {
+            Conditioning::GenderHealthAge => {
+                Some(p.normal_buffer("age_fourier.weight".into(), &[128, 1], 1.0)?)
+            }
+            _ => None,
+        };
+        let mut blocks = Vec::with_capacity(s.layers);
+        for i in 0..s.layers {
+            let n = format!("transformer_blocks.{i}");
+            blocks.push(Block {
+                emb: Embedder::new(p, &format!("{n}.norm1.emb"), s)?,
+                ada: Linear::new(p, &format!("{n}.norm1.linear"), d, 6 * d)?,
+                attn: Attention::new(p, &format!("{n}.attn1"), d, s.heads)?,
+                ff_in: Linear::new(p, &format!("{n}.ff.net.0.proj"), d, 4 * d)?,
+                ff_out: Linear::new(p, &format!("{n}.ff.net.2"), 4 * d, d)?,
+            });
+        }
+        Ok(Dit {
+            shape: *s,
+            patch,
+            patch_bias,
+            positions,
+            age_fourier,
+            blocks,
+            out_1: Linear::new(p, "proj_out_1", d, 2 * d)?,
+            out_2: Linear::new(p, "proj_out_2", d, ph * pw * s.out_channels)?,
+        })
+    }
+
+    pub fn shape(&self) -> &DitShape {
+        &self.shape
+    }
+
+    /// x (B, C, H, W), timesteps t (B, in the scheduler's 0..T scale), condition -> the model
+    /// output, shaped like x.
+    pub fn forward(&self, x: &Tensor, t: &[f32], cond: &Condition) -> Result<Tensor> {
+        let inputs = self.block_inputs(t, cond, x.device())?;
+        let mut h = self.tokens(x)?;
+        let mut first_emb = None;
+        for block in &self.blocks {
+            let emb = block.emb.forward(&inputs)?;
+            h = block.forward(&h, &emb, self.shape.norm_eps)?;
+            first_emb.get_or_insert(emb);
+        }
+        let first_emb = first_emb.expect("a DiT has at least one block");
+        self.head(&h, &first_emb, x.dims4()?)
+    }
+
+    /// Gradient checkpointing: `loss_of(self.forward(x, t, cond))` and the gradients of every
+    /// parameter, keeping only each block's input during the forward and recomputing one block
+    /// at a time in the backward, which starts from the gradient of the next block's input.
+    /// Costs one more forward of the blocks; the activations held are one block's instead of all.
+    pub fn checkpointed_backward(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        cond: &Condition,
+        loss_of: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore)> {
+        let inputs = self.block_inputs(t, cond, x.device())?;
+        let tokens = self.tokens(x)?;
+        // Forward without graphs: detaching drops each block's activations at once.
+        let mut block_in = vec![tokens.detach()];
+        for block in &self.blocks {
+            let emb = block.emb.forward(&inputs)?;
+            let input = block_in.last().expect("the tokens");
+            let h = block.forward(input, &emb, self.shape.norm_eps)?;
+            block_in.push(h.detach());
+        }
+        let last = Var::from_tensor(&block_in.pop().expect("the tokens"))?;
+        let first_emb = self.blocks[0].emb.forward(&inputs)?;
+        let loss = loss_of(&self.head(last.as_tensor(), &first_emb, x.dims4()?)?)?;
+        let mut grads = loss.backward()?;
+        let mut grad = take_grad(&mut grads, last.as_tensor())?;
+        let mut total = grads;
+        // Each segment's backward is that of <segment output, incoming gradient>.
+        for (block, h) in self.blocks.iter().zip(&block_in).rev() {
+            let h = Var::from_tensor(h)?;
+            let emb = block.emb.forward(&inputs)?;
+            let out = block.forward(h.as_tensor(), &emb, self.shape.norm_eps)?;
+            let mut grads = (out * &grad)?.sum_all()?.backward()?;
+            grads.remove(&grad);
+            grad = take_grad(&mut grads, h.as_tensor())?;
+            total.extend(grads)?;
+        }
+        let mut grads = (tokens * &grad)?.sum_all()?.backward()?;
+        grads.remove(&grad);
+        total.extend(grads)?;
+        Ok((loss, total))
+    }
+
+    /// Patchify + positions: (B, C, H, W) -> (B, N, D).
+    fn tokens(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let [ph, pw] = self.shape.patch;
+        let (gh, gw) = (h / ph, w / pw);
+        let d = self.shape.dim();
+        // (B, C, gh, ph, gw, pw) -> (B·N, C·ph·pw) rows, one GEMM with the conv kernel.
+        let patches = x
+            .reshape((b, c, gh, ph, gw, pw))?
+            .permute([0, 2, 4, 1, 3, 5])?
+            .reshape((b * gh * gw, c * ph * pw))?;
+        let kernel = self.patch.reshape((d, c * ph * pw))?;
+        crate::ops::linear::linear(&patches, &kernel, &self.patch_bias)?
+            .reshape((b, gh * gw, d))?
+            .broadcast_add(&self.positions)
+    }
+
+    /// The features every block's embedder reads (none of them trainable).
+    fn block_inputs(&self, t: &[f32], cond: &Condition, device: &Device) -> Result<BlockInputs> {
+        Ok(BlockInputs {
+            t_feat: timestep_features(t, device)?,
+            labels: Tensor::from_slice(&cond.labels, cond.len(), device)?,
+            age_feat: match &self.age_fourier {
+                Some(f) => Some(age_features(&cond.ages, f)?),
+                None => None,
+            },
+        })
+    }
+
+    /// Output head, modulated by the first block's embedding (diffusers recomputes the same
+    /// value; reusing it gives the same gradients), then unpatchify to `dims` (B, C, H, W).
+    fn head(
+        &self,
+        h: &Tensor,
+        first_emb: &Tensor,
+        dims: (usize, usize, usize, usize),
+    ) -> Result<Tensor> {
+        let (b, _, height, width) = dims;
+        let [ph, pw] = self.shape.patch;
+        let (gh, gw) = (height / ph, width / pw);
+        let m = self.out_1.forward(&first_emb.silu()?)?.chunk(2, 1)?;
+        let y = self.out_2.forward(&modulate(h, 1e-6, &m[0], &m[1])?)?;
+        // (B, gh, gw, ph, pw, C) -> (B, C, gh·ph, gw·pw).
+        let co = self.shape.out_channels;
+        y.reshape((b, gh, gw, ph, pw, co))?
+            .permute([0, 5, 1, 3, 2, 4])?
+            .reshape((b, co, height, width))
+    }
+}
+
+/// Removes and returns the gradient of `x`, which every segment's input has.
+fn take_grad(grads: &mut GradStore, x: &Tensor) -> Result<Tensor> {
+    grads
+        .remove(x)
+        .ok_or_else(|| candle_core::Error::Msg("a DiT segment input got no gradient".into()))
+}
+
+/// The number of trainable parameters of a DiT of this shape (built with zero weights).
+pub fn count_parameters(s: &DitShape) -> Result<usize> {
+    let mut p = Params::counting();
+    Dit::new(s, &mut p, &Device::Cpu)?;
+    Ok(p.count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_match_diffusers_for_a_2x3_grid() {
+        // diffusers get_2d_sincos_pos_embed(8, (2, 3), base_size=...) with integer positions:
+        // token (h=1, w=2): [sin(2ω), cos(2ω)] ‖ [sin(1ω), cos(1ω)], ω = [1, 1e-2].
+        let p = sincos_positions(8, 2, 3);
+        let tok = &p[(3 + 2) * 8..(3 + 2) * 8 + 8];
+        let want = [
+            2f64.sin(),
+            0.02f64.sin(),
+            2f64.cos(),
+            0.02f64.cos(),
+            1f64.sin(),
+            0.01f64.sin(),
+            1f64.cos(),
+            0.01f64.cos(),
+        ];
+        for (g, w) in tok.iter().zip(want) {
+            assert!((*g as f64 - w).abs() < 1e-6, "{tok:?}");
+        }
+    }
+
+    #[test]
+    fn timestep_features_match_diffusers() -> Result<()> {
+        // diffusers get_timestep_embedding(t=[500], 256, flip_sin_to_cos=True, shift=1):
+        // first cos(500), last sin(500·1e-4).
+        let f = timestep_features(&[500.0], &Device::Cpu)?.to_vec2::<f32>()?;
+        assert!((f[0][0] - 500f32.cos()).abs() < 1e-5);
+        assert!((f[0][127] - (500f32 * 1e-4).cos()).abs() < 1e-5);
+        assert!((f[0][128] - 500f32.sin()).abs() < 1e-5);
+        assert!((f[0][255] - (500f32 * 1e-4).sin()).abs() < 1e-5);
+        Ok(())
+    }
+}

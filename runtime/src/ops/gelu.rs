@@ -1,0 +1,479 @@
+//! GELU, its tanh approximation, and GELU-tanh with a linear layer's bias add folded in: one
+//! pass each way on the CPU (vectorised f32 loops) and on a GPU (runtime/kernels/gelu.cu,
+//! dit.cu).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+use super::cpu::{contiguous, exp_f32, fused_f32, par_map, vectorised};
+
+/// GELU (erf form), `0.5·x·(1 + erf(x/√2))`, with a one-pass backward
+/// `g·(Φ(x) + x·φ(x))`: on the GPU runtime/kernels/gelu.cu, on the CPU the loops below (Candle's
+/// `gelu_erf` backward is ten elementwise ops, each a full-size tensor).
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F32 | DType::F64 => x.contiguous()?.apply_op1(Gelu { tanh: false }),
+        _ => x.gelu_erf(),
+    }
+}
+
+/// GELU's tanh approximation (PyTorch's `approximate="tanh"`, diffusers' "gelu-approximate"),
+/// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, one pass each way on the CPU (Candle's own is a
+/// chain of library `tanh`/`powf` calls and its backward a dozen tensors).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    match (x.device().is_cpu(), x.dtype()) {
+        (true, DType::F32 | DType::F64) => x.contiguous()?.apply_op1(Gelu { tanh: true }),
+        // The GPU's kernel takes a bias: zero here, and no rounding.
+        (false, DType::F32) => {
+            let zero = Tensor::zeros(1, DType::F32, x.device())?;
+            x.contiguous()?
+                .apply_op2(&zero, BiasGeluTanh { round: None })
+        }
+        _ => x.gelu(),
+    }
+}
+
+/// GELU-tanh of `x + bias` (the bias along the last axis): a linear layer's bias add moved into
+/// the activation after it (nn::Linear::forward_gelu_tanh), one pass each way on a GPU
+/// (dit.cu) and on the CPU. Under autocast the sum is rounded to the 16-bit type, and so is the
+/// bias before it, as the 16-bit product's own bias add would round them; the bias gradient is
+/// the rounded sum of the rounded ∂L/∂z, as the product op's (precision.rs).
+pub fn bias_gelu_tanh(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let round = crate::ops::precision::autocast_dtype();
+    if fused_f32(x) {
+        return x
+            .contiguous()?
+            .apply_op2(&bias.contiguous()?, BiasGeluTanh { round });
+    }
+    let rounded = |t: &Tensor| crate::ops::precision::round_tensor(t, round);
+    gelu_tanh(&rounded(&x.broadcast_add(&rounded(bias)?)?)?)
+}
+
+/// GELU-tanh of z = x + bias, `round`ed to autocast's 16-bit type (see [`bias_gelu_tanh`]).
+struct BiasGeluTanh {
+    round: Option<DType>,
+}
+
+/// (x, bias, ∂L/∂y) → ∂L/∂z.
+struct BiasGeluTanhBackward {
+    round: Option<DType>,
+}
+
+impl BiasGeluTanh {
+    /// z on the CPU.
+    fn z(&self, xs: &CpuStorage, xl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<Vec<f32>> {
+        let (x, bias) = (contiguous::<f32>(xs, xl)?, contiguous::<f32>(bs, bl)?);
+        let bias = crate::ops::precision::operand(bias, self.round);
+        let mut z: Vec<f32> = x
+            .chunks(bias.len())
+            .flat_map(|row| row.iter().zip(bias.iter()).map(|(x, b)| x + b))
+            .collect();
+        crate::ops::precision::round_in_place(&mut z, self.round);
+        Ok(z)
+    }
+}
+
+impl CustomOp2 for BiasGeluTanh {
+    fn name(&self) -> &'static str {
+        "bias-gelu-tanh"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let z = self.z(xs, xl, bs, bl)?;
+        Ok((
+            CpuStorage::F32(gelu_f32(&z, None, true)),
+            xl.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::ops::cuda::gelu_tanh((xs, xl), (bs, bl), None, self.round)?;
+        Ok((y, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let backward = BiasGeluTanhBackward { round: self.round };
+        let dz = x.apply_op3_no_bwd(bias, &dy.contiguous()?, &backward)?;
+        let dbias = crate::ops::precision::bias_grad(bias, &dz, self.round)?;
+        Ok((Some(dz), Some(dbias)))
+    }
+}
+
+impl candle_core::CustomOp3 for BiasGeluTanhBackward {
+    fn name(&self) -> &'static str {
+        "bias-gelu-tanh-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let z = BiasGeluTanh { round: self.round }.z(xs, xl, bs, bl)?;
+        let g = contiguous::<f32>(gs, gl)?;
+        let dz = gelu_f32(&z, Some(g), true);
+        Ok((CpuStorage::F32(dz), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dz = crate::ops::cuda::gelu_tanh((xs, xl), (bs, bl), Some((gs, gl)), self.round)?;
+        Ok((dz, xl.shape().clone()))
+    }
+}
+
+/// (a, b) with GELU(x) = x·a and GELU'(x) = a + x·b: (Φ(x), φ(x)) for the erf form, and for the
+/// tanh form a = (1 + t)/2, b = (1 − t²)/2·c·(1 + 3k·x²), t = tanh(c·(x + k·x³)).
+fn gelu_parts(x: f64, tanh: bool) -> (f64, f64) {
+    if tanh {
+        let (c, k) = ((2.0 / std::f64::consts::PI).sqrt(), 0.044715);
+        let t = (c * (x + k * x * x * x)).tanh();
+        return (
+            0.5 * (1.0 + t),
+            0.5 * (1.0 - t * t) * c * (1.0 + 3.0 * k * x * x),
+        );
+    }
+    (
+        0.5 * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2)),
+        (-0.5 * x * x).exp()
+            * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2),
+    )
+}
+
+/// Φ(x) and φ(x) in f32, vectorisable: erf by Abramowitz & Stegun 7.1.26 (absolute error
+/// ≤ 1.5e-7, the formula PyTorch's vectorised CPU erf uses), with exp(−x²/2) computed once
+/// (exp(−x²) is its square).
+#[inline(always)]
+fn gelu_parts_f32(x: f32) -> (f32, f32) {
+    let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+    let half_gauss = exp_f32(-0.5 * x * x); // exp(−x²/2) = exp(−z²)
+    let erf = (1.0 - poly * half_gauss).copysign(x);
+    (
+        0.5 * (1.0 + erf),
+        half_gauss * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2),
+    )
+}
+
+/// The tanh form's (a, b) (see `gelu_parts`) in f32, vectorisable: tanh(u) = 1 − 2/(e^{2u} + 1).
+#[inline(always)]
+fn gelu_tanh_parts_f32(x: f32) -> (f32, f32) {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    const K: f32 = 0.044_715;
+    let t = 1.0 - 2.0 / (exp_f32(2.0 * C * (x + K * x * x * x)) + 1.0);
+    (
+        0.5 * (1.0 + t),
+        0.5 * (1.0 - t * t) * C * (1.0 + 3.0 * K * x * x),
+    )
+}
+
+#[inline(always)]
+fn parts_f32(x: f32, tanh: bool) -> (f32, f32) {
+    if tanh {
+        gelu_tanh_parts_f32(x)
+    } else {
+        gelu_parts_f32(x)
+    }
+}
+
+vectorised! {
+    /// The f32 GELU loops (forward without `g`, backward with it).
+    fn gelu_loop_f32(x: &[f32], g: Option<&[f32]>, out: &mut [f32], tanh: bool) {
+        match g {
+            None => {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = v * parts_f32(v, tanh).0;
+                }
+            }
+            Some(g) => {
+                for ((o, &v), &d) in out.iter_mut().zip(x).zip(g) {
+                    let (a, b) = parts_f32(v, tanh);
+                    *o = d * (a + v * b);
+                }
+            }
+        }
+    }
+}
+
+/// GELU of `x` in f32 on the CPU's threads, or with `g` = ∂L/∂y its backward ∂L/∂x.
+pub(crate) fn gelu_f32(x: &[f32], g: Option<&[f32]>, tanh: bool) -> Vec<f32> {
+    par_map(x.len(), |start, out: &mut [f32]| {
+        let end = start + out.len();
+        gelu_loop_f32(&x[start..end], g.map(|g| &g[start..end]), out, tanh)
+    })
+}
+
+/// GELU in its erf form or (`tanh`) its tanh approximation.
+pub(crate) struct Gelu {
+    pub(crate) tanh: bool,
+}
+
+/// (x, ∂L/∂y) → ∂L/∂x.
+pub(crate) struct GeluBackward {
+    pub(crate) tanh: bool,
+}
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = match s {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(gelu_f32(contiguous::<f32>(s, l)?, None, self.tanh))
+            }
+            CpuStorage::F64(_) => {
+                let x = contiguous::<f64>(s, l)?;
+                CpuStorage::F64(par_map(x.len(), |start, out: &mut [f64]| {
+                    for (o, &v) in out.iter_mut().zip(&x[start..]) {
+                        *o = v * gelu_parts(v, self.tanh).0;
+                    }
+                }))
+            }
+            _ => candle_core::bail!("gelu runs in f32 or f64"),
+        };
+        Ok((y, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.tanh {
+            candle_core::bail!("on a GPU GELU-tanh runs as bias_gelu_tanh's kernel");
+        }
+        Ok((crate::ops::cuda::gelu_forward(s, l)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &GeluBackward { tanh: self.tanh },
+        )?))
+    }
+}
+
+impl CustomOp2 for GeluBackward {
+    fn name(&self) -> &'static str {
+        "gelu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dx = match (xs, gs) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (x, g) = (contiguous::<f32>(xs, xl)?, contiguous::<f32>(gs, gl)?);
+                CpuStorage::F32(gelu_f32(x, Some(g), self.tanh))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let (x, g) = (contiguous::<f64>(xs, xl)?, contiguous::<f64>(gs, gl)?);
+                CpuStorage::F64(par_map(x.len(), |start, out: &mut [f64]| {
+                    for ((o, &v), &d) in out.iter_mut().zip(&x[start..]).zip(&g[start..]) {
+                        let (a, b) = gelu_parts(v, self.tanh);
+                        *o = d * (a + v * b);
+                    }
+                }))
+            }
+            _ => candle_core::bail!("gelu's backward runs in f32 or f64, both inputs alike"),
+        };
+        Ok((dx, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.tanh {
+            candle_core::bail!("on a GPU GELU-tanh runs as bias_gelu_tanh's kernel");
+        }
+        Ok((
+            crate::ops::cuda::gelu_backward(xs, xl, gs, gl)?,
+            xl.shape().clone(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// GELU equals Candle's `gelu_erf` (f64, 1e-12); its one-pass gradient equals the central
+    /// difference of that forward (h = 1e-5: truncation ≈ 1e-10, tolerance 1e-8). (Candle's
+    /// own backward differs from the difference by up to 8e-7.)
+    #[test]
+    fn gelu_matches_candles_and_its_gradient_the_derivative() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 2.0, 100_001, &dev)?)?;
+        let ours = gelu(x.as_tensor())?;
+        let max = |t: Tensor| t.abs()?.max_all()?.to_scalar::<f64>();
+        assert!(max((&ours - x.as_tensor().gelu_erf()?)?)? < 1e-12);
+        let grad = ours.sum_all()?.backward()?;
+        let h = 1e-5;
+        let central =
+            ((x.as_tensor() + h)?.gelu_erf()? - (x.as_tensor() - h)?.gelu_erf()?)? / (2.0 * h);
+        let d = max((grad.get(&x).unwrap() - central?)?)?;
+        assert!(d < 1e-8, "gradient differs from the derivative by {d}");
+        Ok(())
+    }
+
+    /// GELU-tanh with a fused bias is GELU-tanh of z = round(x + round(b)) (no rounding outside
+    /// autocast): the value and ∂L/∂x exactly; ∂L/∂b is the rounded column sum of the rounded
+    /// ∂L/∂z (summed in f64 here), within one 16-bit ulp, and the plain sum to 1e-6 in f32.
+    #[test]
+    fn bias_gelu_tanh_is_gelu_tanh_of_the_rounded_sum() -> Result<()> {
+        use crate::ops::precision::{round_in_place, Autocast};
+        let dev = Device::Cpu;
+        let (rows, width) = (37, 24);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (rows, width), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, width, &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (rows, width), &dev)?;
+        let host = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        for (round, ulp) in [
+            (None, 1e-6),
+            (Some(DType::BF16), 2f32.powi(-7)),
+            (Some(DType::F16), 2f32.powi(-10)),
+        ] {
+            let y = {
+                let _amp = Autocast::enter(round);
+                bias_gelu_tanh(x.as_tensor(), b.as_tensor())?
+            };
+            let grads = (&y * &probe)?.sum_all()?.backward()?;
+            let mut bias = host(b.as_tensor())?;
+            round_in_place(&mut bias, round);
+            let mut z = host(x.as_tensor())?;
+            z.iter_mut()
+                .enumerate()
+                .for_each(|(i, z)| *z += bias[i % width]);
+            round_in_place(&mut z, round);
+            let z = Var::from_tensor(&Tensor::from_vec(z, (rows, width), &dev)?)?;
+            let want = gelu_tanh(z.as_tensor())?;
+            let want_dz = (&want * &probe)?.sum_all()?.backward()?;
+            let want_dz = want_dz.get(&z).unwrap();
+            assert_eq!(host(&y)?, host(&want)?, "{round:?}: value");
+            let dx = grads.get(&x).unwrap();
+            assert_eq!(host(dx)?, host(want_dz)?, "{round:?}: ∂x");
+            let mut dz = host(want_dz)?;
+            round_in_place(&mut dz, round);
+            let mut want_db: Vec<f32> = (0..width)
+                .map(|c| {
+                    dz.iter()
+                        .skip(c)
+                        .step_by(width)
+                        .map(|&v| v as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            round_in_place(&mut want_db, round);
+            for (got, want) in host(grads.get(&b).unwrap())?.iter().zip(&want_db) {
+                assert!(
+                    (got - want).abs() <= ulp * want.abs().max(1.0),
+                    "{round:?}: ∂b {got} against {want}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The f32 GELU (A&S erf, our exp) against the exact f64 one: value within
+    /// 4e-7·max(1, |x|), gradient within 1e-6·max(1, |x|) — f32 resolution.
+    #[test]
+    fn gelu_f32_is_within_f32_resolution_of_the_exact_one() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 3.0, 200_001, &dev)?;
+        // The tanh form in f64 is Candle's own formula.
+        let want = x.gelu()?.to_vec1::<f64>()?;
+        let got = gelu_tanh(&x)?.to_vec1::<f64>()?;
+        assert!(want.iter().zip(&got).all(|(a, b)| (a - b).abs() < 1e-12));
+        for f in [gelu as fn(&Tensor) -> Result<Tensor>, gelu_tanh] {
+            f32_matches_f64(f, &x)?;
+        }
+        Ok(())
+    }
+
+    /// Values and gradients of `f` in f32 against f64.
+    fn f32_matches_f64(f: fn(&Tensor) -> Result<Tensor>, x64: &Tensor) -> Result<()> {
+        let x32 = Var::from_tensor(&x64.to_dtype(DType::F32)?)?;
+        let x64 = Var::from_tensor(&x32.as_tensor().to_dtype(DType::F64)?)?;
+        let y32 = f(x32.as_tensor())?;
+        let y64 = f(x64.as_tensor())?;
+        let g32 = y32
+            .sum_all()?
+            .backward()?
+            .get(&x32)
+            .unwrap()
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        let g64 = y64
+            .sum_all()?
+            .backward()?
+            .get(&x64)
+            .unwrap()
+            .to_vec1::<f64>()?;
+        let (y32, y64) = (
+            y32.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+            y64.to_vec1::<f64>()?,
+        );
+        for (i, x) in x64.as_tensor().to_vec1::<f64>()?.into_iter().enumerate() {
+            let scale = x.abs().max(1.0);
+            assert!(
+                (y32[i] - y64[i]).abs() <= 4e-7 * scale,
+                "gelu({x}): {} vs {}",
+                y32[i],
+                y64[i]
+            );
+            assert!(
+                (g32[i] - g64[i]).abs() <= 1e-6 * scale,
+                "gelu'({x}): {} vs {}",
+                g32[i],
+                g64[i]
+            );
+        }
+        Ok(())
+    }
+}

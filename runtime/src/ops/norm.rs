@@ -1,0 +1,317 @@
+//! Normalisation ops with their own backward.
+//!
+//! `group_norm` is GroupNorm with one group and its per-channel affine: per sample,
+//! (x − mean) / √(var + 1e-5) over everything but the batch axis, then ·w[c] + b[c]. Built from
+//! Candle ops it is ten kernels forward and more backward, each a full pass over the activation,
+//! and the affine's gradients are reductions with one GPU block per channel; here it is one pass
+//! to gather the statistics and one to write, forward and backward (which also yields the
+//! affine's gradients), on the CPU (below) and on CUDA (runtime/kernels/norm.cu, specialised to
+//! the model's shapes). Statistics accumulate in f64.
+//!
+//! `standardize_last` is the parameter-free normalisation over the last axis (LayerNorm without
+//! its affine) built from Candle ops that all have a backward: Candle's fused `layer_norm` and
+//! `rms_norm` have none.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+
+use super::cpu::{contiguous, per_sample, Real};
+
+pub const NORM_EPS: f64 = 1e-5;
+
+/// GroupNorm(1, C) of `x` (B, C, ...) with weight and bias (C); differentiable in all three.
+pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, GroupNorm)
+}
+
+pub(crate) struct GroupNorm;
+
+/// The backward of `GroupNorm`: (x, w, ∂L/∂y) → [∂L/∂x | per-(sample, channel) Σ g·x̂ | Σ g],
+/// packed in one tensor so one kernel writes all three.
+struct GroupNormBackward;
+
+/// (batch, values per sample) of a contiguous tensor.
+fn rows(shape: &Shape) -> Result<(usize, usize)> {
+    let dims = shape.dims();
+    if dims.len() < 2 {
+        candle_core::bail!("group_norm needs (batch, channels, ...), got {dims:?}");
+    }
+    Ok((dims[0], shape.elem_count() / dims[0]))
+}
+
+/// Mean and 1/√(var + eps) of one sample, accumulated in f64.
+fn moments<T: Copy + Into<f64>>(x: &[T]) -> (f64, f64) {
+    let (mut s, mut ss) = (0f64, 0f64);
+    for &v in x {
+        let v: f64 = v.into();
+        s += v;
+        ss += v * v;
+    }
+    let n = x.len() as f64;
+    let mean = s / n;
+    (
+        mean,
+        1.0 / ((ss / n - mean * mean).max(0.0) + NORM_EPS).sqrt(),
+    )
+}
+
+fn forward_cpu<T: Real>(x: &[T], w: &[T], b: &[T], batch: usize, n: usize) -> Vec<T> {
+    let hw = n / w.len();
+    per_sample(batch, n, |s, y| {
+        let xs = &x[s * n..(s + 1) * n];
+        let (mean, rstd) = moments(xs);
+        // Per channel: y = x·scale + shift.
+        for (c, (yc, xc)) in y.chunks_mut(hw).zip(xs.chunks(hw)).enumerate() {
+            let scale = rstd * w[c].into();
+            let shift = b[c].into() - mean * scale;
+            for (y, &v) in yc.iter_mut().zip(xc) {
+                *y = T::of(v.into() * scale + shift);
+            }
+        }
+    })
+}
+
+/// With g' = g·w[c]: dx = rstd · (g' − mean(g') − x̂ · mean(g'·x̂)); per channel Σ g·x̂ and Σ g.
+/// Returns the packed [dx | Σ g·x̂ (B·C) | Σ g (B·C)] the GPU kernel writes. Loops run per
+/// channel (no index division per element); samples are split across threads.
+fn backward_cpu<T: Real>(x: &[T], w: &[T], g: &[T], batch: usize, n: usize) -> Vec<T> {
+    let c = w.len();
+    let hw = n / c;
+    let mut packed = vec![T::default(); batch * (n + 2 * c)];
+    let (dx_all, sums_all) = packed.split_at_mut(batch * n);
+    // Per sample: its C values of Σ g·x̂, then its C values of Σ g.
+    let mut sums = vec![T::default(); batch * 2 * c];
+    // Candle's thread count, as every CPU op here (RAYON_NUM_THREADS bounds them all).
+    let threads = candle_core::utils::get_num_threads().clamp(1, batch.max(1));
+    let per = batch.div_ceil(threads).max(1);
+    rayon::scope(|scope| {
+        for (k, (dxs, ss)) in dx_all
+            .chunks_mut(per * n)
+            .zip(sums.chunks_mut(per * 2 * c))
+            .enumerate()
+        {
+            scope.spawn(move |_| {
+                for (i, (dx, sum)) in dxs.chunks_mut(n).zip(ss.chunks_mut(2 * c)).enumerate() {
+                    let s = k * per + i;
+                    let (xs, gs) = (&x[s * n..(s + 1) * n], &g[s * n..(s + 1) * n]);
+                    let (mean, rstd) = moments(xs);
+                    // Per channel Σ g and Σ g·x: everything else follows from them.
+                    for ch in 0..c {
+                        let (mut sg, mut sgx) = (0f64, 0f64);
+                        for (&xv, &gv) in xs[ch * hw..(ch + 1) * hw]
+                            .iter()
+                            .zip(&gs[ch * hw..(ch + 1) * hw])
+                        {
+                            let gv: f64 = gv.into();
+                            sg += gv;
+                            sgx += gv * xv.into();
+                        }
+                        // Σ g·x̂ = rstd·(Σ g·x − mean·Σ g)
+                        sum[ch] = T::of(rstd * (sgx - mean * sg));
+                        sum[c + ch] = T::of(sg);
+                    }
+                    let (mut gm, mut gxm) = (0f64, 0f64);
+                    for ch in 0..c {
+                        let wc: f64 = w[ch].into();
+                        gm += wc * sum[c + ch].into();
+                        gxm += wc * sum[ch].into();
+                    }
+                    let (gm, gxm) = (gm / n as f64, gxm / n as f64);
+                    for ch in 0..c {
+                        // dx = rstd·(g·w − gm − x̂·gxm) = g·a + x·b + d per channel.
+                        let a = rstd * w[ch].into();
+                        let bx = -rstd * gxm * rstd;
+                        let d = -rstd * gm + rstd * gxm * rstd * mean;
+                        let (xc, gc) = (&xs[ch * hw..(ch + 1) * hw], &gs[ch * hw..(ch + 1) * hw]);
+                        for ((o, &xv), &gv) in dx[ch * hw..(ch + 1) * hw].iter_mut().zip(xc).zip(gc)
+                        {
+                            *o = T::of(gv.into() * a + xv.into() * bx + d);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    for s in 0..batch {
+        let row = &sums[s * 2 * c..(s + 1) * 2 * c];
+        sums_all[s * c..(s + 1) * c].copy_from_slice(&row[..c]);
+        sums_all[batch * c + s * c..batch * c + (s + 1) * c].copy_from_slice(&row[c..]);
+    }
+    packed
+}
+
+/// The GroupNorm CPU kernels take (x, w, b or g, batch, n) in f32 or f64.
+type CpuKernel<T> = fn(&[T], &[T], &[T], usize, usize) -> Vec<T>;
+
+/// Run the CPU kernel of the inputs' dtype.
+fn on_cpu(
+    args: [(&CpuStorage, &Layout); 3],
+    f32_kernel: CpuKernel<f32>,
+    f64_kernel: CpuKernel<f64>,
+    batch: usize,
+    n: usize,
+) -> Result<CpuStorage> {
+    let [(a, al), (b, bl), (c, cl)] = args;
+    Ok(match a.dtype() {
+        DType::F32 => CpuStorage::F32(f32_kernel(
+            contiguous(a, al)?,
+            contiguous(b, bl)?,
+            contiguous(c, cl)?,
+            batch,
+            n,
+        )),
+        DType::F64 => CpuStorage::F64(f64_kernel(
+            contiguous(a, al)?,
+            contiguous(b, bl)?,
+            contiguous(c, cl)?,
+            batch,
+            n,
+        )),
+        d => candle_core::bail!("group_norm: unsupported dtype {d:?}"),
+    })
+}
+
+/// (batch, channels, values per sample) of x, checked against the affine's length.
+fn norm_dims(xl: &Layout, wl: &Layout) -> Result<(usize, usize, usize)> {
+    let (batch, n) = rows(xl.shape())?;
+    let c = xl.dims()[1];
+    if wl.shape().elem_count() != c {
+        candle_core::bail!("group_norm: {c} channels but an affine of {:?}", wl.dims());
+    }
+    Ok((batch, c, n))
+}
+
+impl candle_core::CustomOp3 for GroupNorm {
+    fn name(&self) -> &'static str {
+        "group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, _, n) = norm_dims(xl, wl)?;
+        let args = [(xs, xl), (ws, wl), (bs, bl)];
+        let out = on_cpu(args, forward_cpu::<f32>, forward_cpu::<f64>, batch, n)?;
+        Ok((out, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (batch, c, n) = norm_dims(xl, wl)?;
+        let y = crate::ops::cuda::group_norm((xs, xl), (ws, wl), (bs, bl), (batch, c, n), false)?;
+        Ok((y, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (batch, c) = (x.dim(0)?, x.dim(1)?);
+        let n = x.elem_count() / batch;
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &GroupNormBackward)?;
+        let dx = packed.narrow(0, 0, batch * n)?.reshape(x.shape())?;
+        let sums = |at: usize| packed.narrow(0, at, batch * c)?.reshape((batch, c))?.sum(0);
+        let dw = sums(batch * n)?;
+        let db = sums(batch * n + batch * c)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl candle_core::CustomOp3 for GroupNormBackward {
+    fn name(&self) -> &'static str {
+        "group-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, c, n) = norm_dims(xl, wl)?;
+        let args = [(xs, xl), (ws, wl), (gs, gl)];
+        let out = on_cpu(args, backward_cpu::<f32>, backward_cpu::<f64>, batch, n)?;
+        Ok((out, Shape::from(batch * n + 2 * batch * c)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (batch, c, n) = norm_dims(xl, wl)?;
+        let out = crate::ops::cuda::group_norm((xs, xl), (ws, wl), (gs, gl), (batch, c, n), true)?;
+        Ok((out, Shape::from(batch * n + 2 * batch * c)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    /// The composite this op replaces (what nn::GroupNorm1 was built from before).
+    fn composite(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let flat = x.flatten_from(1)?;
+        let centered = flat.broadcast_sub(&flat.mean_keepdim(D::Minus1)?)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered
+            .broadcast_div(&(var + NORM_EPS)?.sqrt()?)?
+            .reshape(dims)?;
+        normed
+            .broadcast_mul(&w.reshape((1, (), 1, 1))?)?
+            .broadcast_add(&b.reshape((1, (), 1, 1))?)
+    }
+
+    /// Forward and all three gradients equal the Candle composite's, in f64 to 1e-10.
+    #[test]
+    fn group_norm_matches_the_composite_and_its_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&((Tensor::randn(0f64, 1.0, (5, 3, 7, 4), &dev)? * 3.0)? + 2.0)?)?;
+        let w = Var::from_tensor(&(Tensor::randn(0f64, 0.5, 3, &dev)? + 1.0)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f64, 0.5, 3, &dev)?)?;
+        let r = Tensor::randn(0f64, 1.0, (5, 3, 7, 4), &dev)?;
+        let ours = group_norm(x.as_tensor(), w.as_tensor(), b.as_tensor())?;
+        let theirs = composite(x.as_tensor(), w.as_tensor(), b.as_tensor())?;
+        let max = |t: Tensor| t.abs()?.max_all()?.to_scalar::<f64>();
+        let diff = max((&ours - &theirs)?)?;
+        assert!(diff < 1e-10, "forward differs by {diff}");
+        let g_ours = (ours * &r)?.sum_all()?.backward()?;
+        let g_theirs = (theirs * &r)?.sum_all()?.backward()?;
+        for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+            let (a, t) = (g_ours.get(v).unwrap(), g_theirs.get(v).unwrap());
+            let diff = max((a - t)?)?;
+            let scale = max(t.clone())?;
+            assert!(diff < 1e-10 * scale.max(1.0), "d{name} differs by {diff}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,335 @@
+//! `sigdiff sample`: a labelled synthetic dataset from a trained DiT, in the preprocessed-dataset
+//! layout (`{split}/synthetic/sample-NNNNN.png`, or `.npy` of (EEG channels, samples) float32
+//! for a time-series model, and `{split}-metadata.csv`), so a classifier can train on real and
+//! synthetic data together.
+//!
+//! The checkpoint directory is any the trainer writes (`checkpoints/<name>`, `best_eval/<name>`,
+//! `final`, `final/ema`): its `sampling.json` rebuilds the model shape and sampler. Conditions
+//! come from `--condition` (one for all samples) or `--like` (the rows of a metadata CSV, in
+//! order, cycled). The dataset is written to a sibling temporary directory and renamed into
+//! place, so an interrupted run leaves nothing half-written.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::data::image::to_pixels;
+use crate::diffusion::path::normals;
+use crate::diffusion::sampler::{conditions, SampleSpec};
+use crate::models::dit::{Condition, Conditioning, Dit};
+use crate::models::nn::Params;
+use crate::tasks::{encode, TaskKind, TaskSpec};
+use crate::train::checkpoint::restore;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SampleArgs {
+    /// A checkpoint directory written by a diffusion trainer (it holds `sampling.json`).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Use the EMA weights of the checkpoint.
+    #[arg(long)]
+    pub ema: bool,
+    /// Number of samples (default: one per `--like` row).
+    #[arg(long)]
+    pub n: Option<usize>,
+    /// One condition for every sample, e.g. `gender=F,health=PD,age=63` or `class=3`; a part
+    /// left out is unknown (sampled without it).
+    #[arg(long, conflicts_with = "like")]
+    pub condition: Option<String>,
+    /// Take the conditions from the rows of this metadata CSV, in order, cycled to `--n`.
+    #[arg(long)]
+    pub like: Option<PathBuf>,
+    /// The dataset directory to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The split the samples belong to (file names and `{split}-metadata.csv`).
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Denoising steps (default: the trained config's `denoising_steps`).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Guidance scale (default: the trained config's `cfg_scale`; 1 = no guidance).
+    #[arg(long)]
+    pub cfg_scale: Option<f64>,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Replace `--out` if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// How each conditioning column is encoded: (name, encoder).
+fn column_encoders(c: Conditioning) -> &'static [(&'static str, &'static str)] {
+    match c {
+        Conditioning::None => &[],
+        Conditioning::Classes { .. } => &[("class", "int")],
+        Conditioning::GenderHealthAge => &[
+            ("gender", "gender?"),
+            ("health", "health?"),
+            ("age", "float?"),
+        ],
+    }
+}
+
+/// One sample's condition from the raw texts of its columns (in `column_encoders` order).
+fn encode_condition(c: Conditioning, raw: &[String]) -> Result<(u32, f32), String> {
+    let outputs = match c {
+        Conditioning::Classes { num_classes } => num_classes,
+        _ => 2,
+    };
+    let values: Vec<f32> = column_encoders(c)
+        .iter()
+        .zip(raw)
+        .map(|((name, encoder), v)| {
+            let spec = TaskSpec {
+                name,
+                kind: TaskKind::Classification,
+                outputs,
+                column: name,
+                encoder,
+            };
+            encode(&spec, v)
+        })
+        .collect::<Result<_, _>>()?;
+    let one = conditions(
+        c,
+        &values.iter().map(|v| vec![*v]).collect::<Vec<_>>(),
+        &[0],
+    );
+    Ok((one.labels[0], one.ages[0]))
+}
+
+/// The raw condition texts for each of `n` samples.
+fn condition_rows(
+    args: &SampleArgs,
+    spec: &SampleSpec,
+    c: Conditioning,
+) -> Result<Vec<Vec<String>>> {
+    let cols = column_encoders(c);
+    if let Some(path) = &args.like {
+        let mut rdr = csv::Reader::from_path(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let headers = rdr.headers()?.clone();
+        let idx: Vec<usize> = spec
+            .columns
+            .iter()
+            .map(|name| {
+                headers.iter().position(|h| h == name).with_context(|| {
+                    format!(
+                        "{}: no `{name}` column (the model is conditioned on {})",
+                        path.display(),
+                        spec.columns.join(", ")
+                    )
+                })
+            })
+            .collect::<Result<_>>()?;
+        let rows: Vec<Vec<String>> = rdr
+            .records()
+            .map(|r| r.map(|r| idx.iter().map(|&i| r[i].to_string()).collect()))
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if rows.is_empty() {
+            bail!("{}: no rows to take conditions from", path.display());
+        }
+        let n = args.n.unwrap_or(rows.len());
+        return Ok((0..n).map(|i| rows[i % rows.len()].clone()).collect());
+    }
+    let n = args
+        .n
+        .context("give `--n N` (or `--like METADATA.csv` to take one sample per row)")?;
+    let mut one = vec![String::new(); cols.len()];
+    if let Some(text) = &args.condition {
+        if cols.is_empty() {
+            bail!("this model is unconditional (`conditioning = \"none\"`): drop `--condition`");
+        }
+        for part in text.split(',').filter(|p| !p.trim().is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .with_context(|| format!("`--condition {text}`: `{part}` is not key=value"))?;
+            let pos = cols
+                .iter()
+                .position(|(name, _)| *name == k.trim())
+                .with_context(|| {
+                    let names: Vec<&str> = cols.iter().map(|(n, _)| *n).collect();
+                    format!(
+                        "`--condition`: unknown key `{}` (this model is conditioned on {})",
+                        k.trim(),
+                        names.join(", ")
+                    )
+                })?;
+            one[pos] = v.trim().to_string();
+        }
+    }
+    Ok(vec![one; n])
+}
+
+/// Load the weights of `dir` (raw or EMA) into `vars`.
+fn load_weights(dir: &Path, ema: bool, vars: &[(String, Var)], device: &Device) -> Result<()> {
+    let candidates: &[&str] = match ema {
+        true => &["ema.safetensors", "ema/diffusion_pytorch_model.safetensors"],
+        false => &["model.safetensors", "diffusion_pytorch_model.safetensors"],
+    };
+    let file = candidates
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.exists())
+        .with_context(|| match ema {
+            true => format!(
+                "{}: no EMA weights (was EMA off, `ema_decay = 0`?); drop `--ema`",
+                dir.display()
+            ),
+            false => format!(
+                "{}: no model.safetensors or diffusion_pytorch_model.safetensors",
+                dir.display()
+            ),
+        })?;
+    let saved: HashMap<String, Tensor> = candle_core::safetensors::load(&file, device)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    restore(vars, &saved).with_context(|| {
+        format!(
+            "{}: not the weights of the model in sampling.json",
+            file.display()
+        )
+    })
+}
+
+/// Write one sample's pixels (C, H, W) as a PNG: grey for db-only data (the model's 3 channels
+/// are copies of it, averaged), else interleaved channels.
+fn write_image(
+    path: &Path,
+    sample: &[u8],
+    (ch, h, w): (usize, usize, usize),
+    grey: bool,
+) -> Result<()> {
+    let (pixels, channels): (Vec<u8>, usize) = if grey {
+        let v = (0..h * w)
+            .map(|p| {
+                ((0..ch).map(|c| sample[c * h * w + p] as u32).sum::<u32>() as f32 / ch as f32)
+                    .round() as u8
+            })
+            .collect();
+        (v, 1)
+    } else {
+        (
+            (0..h * w)
+                .flat_map(|p| (0..ch).map(move |c| sample[c * h * w + p]))
+                .collect(),
+            ch,
+        )
+    };
+    crate::data::io::write_png(path, &pixels, channels, h, w)
+}
+
+pub fn run(args: &SampleArgs) -> Result<()> {
+    let spec_path = args.checkpoint.join("sampling.json");
+    let spec: SampleSpec =
+        serde_json::from_str(&std::fs::read_to_string(&spec_path).with_context(|| {
+            format!(
+                "cannot read {} (is {} a diffusion checkpoint?)",
+                spec_path.display(),
+                args.checkpoint.display()
+            )
+        })?)
+        .with_context(|| format!("{}: not a sampling spec", spec_path.display()))?;
+    if args.out.exists() && !args.overwrite {
+        bail!(
+            "{} exists; pass `--overwrite` to replace it",
+            args.out.display()
+        );
+    }
+    let device = Device::Cpu;
+    let shape = spec.shape;
+    let c = shape.conditioning;
+    let mut params = Params::new(0, &device);
+    let model = Dit::new(&shape, &mut params, &device)?;
+    let vars: Vec<(String, Var)> = params
+        .trainable
+        .iter()
+        .chain(&params.buffers)
+        .cloned()
+        .collect();
+    load_weights(&args.checkpoint, args.ema, &vars, &device)?;
+    let rows = condition_rows(args, &spec, c)?;
+    let conds: Vec<(u32, f32)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            encode_condition(c, r).map_err(|e| anyhow::anyhow!("condition of sample {i}: {e}"))
+        })
+        .collect::<Result<_>>()?;
+    let sampler = spec.sampler(
+        args.steps.unwrap_or(spec.denoising_steps),
+        args.cfg_scale.unwrap_or(spec.cfg_scale),
+    );
+
+    let tmp = crate::data::io::temp_path_for(&args.out)?;
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    let images = tmp.join(&args.split).join("synthetic");
+    std::fs::create_dir_all(&images)
+        .with_context(|| format!("cannot create {}", images.display()))?;
+    let grey = spec.output_type == "db-only";
+    let (ch, h, w) = (shape.in_channels, shape.height, shape.width);
+    let bar = indicatif::ProgressBar::new(rows.len() as u64);
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let mut csv = csv::Writer::from_writer(vec![]);
+    let mut header = vec!["file_name".to_string(), "split".to_string()];
+    header.extend(spec.columns.iter().cloned());
+    csv.write_record(&header)?;
+    for start in (0..rows.len()).step_by(args.batch_size.max(1)) {
+        let b = args.batch_size.max(1).min(rows.len() - start);
+        let cond = Condition {
+            labels: conds[start..start + b].iter().map(|c| c.0).collect(),
+            ages: conds[start..start + b].iter().map(|c| c.1).collect(),
+        };
+        let noise = Tensor::from_vec(normals(&mut rng, b * ch * h * w), (b, ch, h, w), &device)?;
+        let x = sampler.sample(&model, noise, &cond, c, &mut rng, |_, _| {})?;
+        let values = x.flatten_all()?.to_vec1::<f32>()?;
+        let px = match spec.timeseries {
+            true => vec![],
+            false => to_pixels(&values, 1.0),
+        };
+        for k in 0..b {
+            let i = start + k;
+            let rel = if spec.timeseries {
+                // As the preprocessing writes them: (EEG channels, samples), float32.
+                let rel = format!("{}/synthetic/sample-{i:05}.npy", args.split);
+                let signal = &values[k * h * w..(k + 1) * h * w];
+                crate::data::io::write_npy_f32(&tmp.join(&rel), &[h, w], signal)?;
+                rel
+            } else {
+                let rel = format!("{}/synthetic/sample-{i:05}.png", args.split);
+                write_image(
+                    &tmp.join(&rel),
+                    &px[k * ch * h * w..(k + 1) * ch * h * w],
+                    (ch, h, w),
+                    grey,
+                )?;
+                rel
+            };
+            let mut record = vec![rel, args.split.clone()];
+            record.extend(rows[i].iter().cloned());
+            csv.write_record(&record)?;
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let csv = csv.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::write(tmp.join(format!("{}-metadata.csv", args.split)), &csv)?;
+    std::fs::write(tmp.join("metadata.csv"), &csv)?;
+    if args.out.exists() {
+        std::fs::remove_dir_all(&args.out)
+            .with_context(|| format!("cannot replace {}", args.out.display()))?;
+    }
+    std::fs::rename(&tmp, &args.out)
+        .with_context(|| format!("cannot move the samples into {}", args.out.display()))?;
+    println!("wrote {} samples to {}", rows.len(), args.out.display());
+    Ok(())
+}

@@ -1,0 +1,18 @@
+//! The runtime's integration tests, linked into one binary (each file a module; one binary links
+//! Candle once instead of once per file). `memory.rs` is its own binary: it installs a counting
+//! global allocator, which would measure every other test running beside it.
+
+mod adapters;
+mod cuda;
+mod decimate_parity;
+mod dit;
+mod edf;
+mod emulated_kernels;
+mod formats;
+mod fuzz_corpus;
+mod gradients;
+mod image;
+mod meta_dataset;
+mod preprocess;
+mod spectrogram_parity;
+mod synth;
