@@ -1,5 +1,5 @@
 // The DiT block's own layers on the GPU, forward and backward, f32 and contiguous (the same
-// algorithms as the CPU ops in adaln.rs, ops.rs and attention.rs):
+// algorithms as the CPU ops in runtime/src/ops/{adaln,gelu,attention}.rs):
 //   adaLN modulate   y = LayerNorm(x)·(1 + scale[b]) + shift[b]   (no affine of its own)
 //   gated residual   out = x + y·gate[b]
 //   GELU, tanh form  y = x·(1 + tanh(c·(x + k·x³)))/2

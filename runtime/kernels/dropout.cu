@@ -1,7 +1,7 @@
 // Inverted dropout with a counter-based mask: element i is kept when the top 24 bits of
 // splitmix64(seed + i) fall below keep·2^24, and kept values are scaled by 1/keep. The mask is a
 // function of (seed, i) alone, so nothing is stored for the backward (which is this same kernel
-// applied to the gradient) and the CPU (runtime/src/ops.rs) draws exactly the same mask.
+// applied to the gradient) and the CPU (runtime/src/ops/dropout.rs) draws exactly the same mask.
 
 __device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
     z += 0x9e3779b97f4a7c15ull;

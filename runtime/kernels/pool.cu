@@ -3,7 +3,7 @@
 // set, else the identity: the end of every CNN block in one pass. The dropped (and activated)
 // tensor is never written, so nothing of it is kept for the backward, which needs only the
 // mask's seed (dropout.cu). Plain average pooling is threshold = 2^24, scale = 1 (every element
-// kept). Window sums in double, in the CPU op's order (runtime/src/ops.rs `pool_fwd`), so the
+// kept). Window sums in double, in the CPU op's order (runtime/src/ops/pool.rs `pool_fwd`), so the
 // numbers are the CPU's.
 extern "C" __global__ void dropout_pool_fwd(const float* __restrict__ x, float* __restrict__ y,
                                             long long n_out, unsigned long long seed,

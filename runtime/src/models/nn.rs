@@ -7,8 +7,9 @@
 //! of differentiable ops. Parameter names follow the reference's PyTorch modules, so a
 //! `model.safetensors` reads like the reference's `state_dict`.
 
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
+use crate::ops::norm::standardize_last;
 use crate::ops::precision::matmul;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -307,14 +308,6 @@ fn affine(p: &mut Params, name: &str, channels: usize) -> Result<(Tensor, Tensor
         p.constant(format!("{name}.weight"), &[channels], 1.0)?,
         p.constant(format!("{name}.bias"), &[channels], 0.0)?,
     ))
-}
-
-/// (x − mean) / √(var + eps) over the last axis (population variance), from differentiable ops:
-/// a LayerNorm without affine.
-pub fn standardize_last(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    centered.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
 /// GroupNorm with one group: normalise over (C, H, W) per sample, then a per-channel affine.

@@ -15,7 +15,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use crate::models::nn::standardize_last;
+use super::norm::standardize_last;
 use crate::ops::cpu::{on_threads, vectorised, with_f32, Blocks};
 
 /// `LayerNorm(x, eps)·(1 + scale) + shift` for x (B, N, D), scale and shift (B, D).

@@ -13,7 +13,7 @@
 //! `rms_norm` have none.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
 
 use super::cpu::{contiguous, per_sample, Real};
 
@@ -270,6 +270,14 @@ impl candle_core::CustomOp3 for GroupNormBackward {
         let out = crate::ops::cuda::group_norm((xs, xl), (ws, wl), (gs, gl), (batch, c, n), true)?;
         Ok((out, Shape::from(batch * n + 2 * batch * c)))
     }
+}
+
+/// (x − mean) / √(var + eps) over the last axis (population variance), from differentiable ops:
+/// a LayerNorm without affine.
+pub fn standardize_last(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    centered.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 // Host entry points for the emulated kernels: each launches one kernel as the runtime does
-// (runtime/src/cuda.rs: the same grids and block sizes). Appended after the translation unit,
+// (runtime/src/ops/cuda.rs: the same grids and block sizes). Appended after the translation unit,
 // which the test builds with SD_DIT_WIDTHS(X) X(384) and SD_DIT_TOKENS(X) X(1024).
 extern "C" {
 void emu_modulate_fwd(int specialised, unsigned rows, const float* x, const float* scale,
