@@ -8,6 +8,7 @@
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote};
 
+use crate::choice::{Activation, Backbone, Conditioning, Pooling};
 use crate::cuda::{CudaBuild, KernelText};
 use crate::plan::{cnn_1d_channels, cnn_light_channels, dit_num_embeds, transformer_tokens, Plan};
 use crate::schema::TaskKind;
@@ -115,14 +116,14 @@ fn classification_items(c: &Classification) -> TokenStream {
     let m = &c.model;
     let activation = format_ident!(
         "{}",
-        match m.activation.as_str() {
-            "gelu" => "Gelu",
-            "relu" => "Relu",
-            "lrelu" => "LeakyRelu",
-            "silu" => "Silu",
-            "sigmoid" => "Sigmoid",
-            "tanh" => "Tanh",
-            _ => "PRelu",
+        match m.activation {
+            Activation::Gelu => "Gelu",
+            Activation::Relu => "Relu",
+            Activation::LeakyRelu => "LeakyRelu",
+            Activation::Silu => "Silu",
+            Activation::Sigmoid => "Sigmoid",
+            Activation::Tanh => "Tanh",
+            Activation::PRelu => "PRelu",
         }
     );
     let (in_ch, emb, reps, dropout) = (
@@ -132,8 +133,8 @@ fn classification_items(c: &Classification) -> TokenStream {
         m.dropout,
     );
 
-    let (model_ty, shape) = match m.backbone.as_str() {
-        "cnn_light" => {
+    let (model_ty, shape) = match m.backbone {
+        Backbone::CnnLight => {
             let (stem, channels) = cnn_light_channels(m.embedding_dim, m.depth);
             let res = c.dataset.resolution;
             (
@@ -147,7 +148,7 @@ fn classification_items(c: &Classification) -> TokenStream {
                 },
             )
         }
-        "cnn" => {
+        Backbone::Cnn => {
             let (stem, channels) = cnn_light_channels(m.embedding_dim, m.depth);
             let res = c.dataset.resolution;
             (
@@ -161,11 +162,11 @@ fn classification_items(c: &Classification) -> TokenStream {
                 },
             )
         }
-        "transformer" => {
+        Backbone::Transformer => {
             let t = transformer_tokens(c);
             let (patch, tokens, token_dim) = (t.patch, t.tokens, t.token_dim);
             let (hidden, layers, heads, ff) = (m.hidden_dim, m.num_layers, m.num_heads, m.ff_dim);
-            let cls = m.pooling == "cls";
+            let cls = m.pooling == Pooling::Cls;
             (
                 quote! { #rt::Transformer },
                 quote! {
@@ -177,7 +178,7 @@ fn classification_items(c: &Classification) -> TokenStream {
                 },
             )
         }
-        _ => {
+        Backbone::Cnn1d | Backbone::Cnn1dLight => {
             let (stem, channels, kernels) =
                 cnn_1d_channels(m.input_channels, m.embedding_dim, m.depth);
             let len = c.dataset.sequence_length;
@@ -233,32 +234,37 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
     let [ph, pw] = m.patch_size;
     let num_embeds = dit_num_embeds(d);
     let norm_eps = m.norm_eps;
-    let conditioning = match m.conditioning.as_str() {
-        "classes" => {
+    let conditioning = match m.conditioning {
+        Conditioning::Classes => {
             let n = m.num_classes;
             quote! { #rt::Conditioning::Classes { num_classes: #n } }
         }
-        "gend_hlth_age" => quote! { #rt::Conditioning::GenderHealthAge },
-        _ => quote! { #rt::Conditioning::None },
+        Conditioning::GenderHealthAge => quote! { #rt::Conditioning::GenderHealthAge },
+        Conditioning::None => quote! { #rt::Conditioning::None },
+        // resolve() refuses captions on every model that has a plan.
+        Conditioning::Caption => {
+            let msg = "signal-diffusion: caption conditioning has no trainer yet";
+            return quote! { compile_error!(#msg); };
+        }
     };
     // The columns the conditioning reads, as tasks whose empty values mean "unknown" (null).
     let task = |name: &str, column: &str, encoder: &str, outputs: usize| {
         quote! { #rt::TaskSpec { name: #name, kind: #rt::TaskKind::Classification, outputs: #outputs, column: #column, encoder: #encoder } }
     };
     let ds = &d.dataset;
-    let tasks: Vec<TokenStream> = match m.conditioning.as_str() {
-        "classes" => vec![task(
+    let tasks: Vec<TokenStream> = match m.conditioning {
+        Conditioning::Classes => vec![task(
             "class",
             ds.class_column.as_deref().unwrap_or("class"),
             "int",
             m.num_classes,
         )],
-        "gend_hlth_age" => vec![
+        Conditioning::GenderHealthAge => vec![
             task("gender", &ds.gender_column, "gender?", 2),
             task("health", &ds.health_column, "health?", 2),
             task("age", &ds.age_column, "float?", 1),
         ],
-        _ => vec![],
+        Conditioning::None | Conditioning::Caption => vec![],
     };
     let n_tasks = tasks.len();
     quote! {

@@ -7,6 +7,7 @@
 //! of a trainer. build.rs, the `trainer!` macro and `sigdiff validate` all go through here, so they
 //! report the same errors.
 
+pub mod choice;
 pub mod codegen;
 pub mod cuda;
 pub mod diag;
@@ -17,6 +18,10 @@ pub mod tree;
 
 use std::path::{Path, PathBuf};
 
+use choice::{
+    Choice, Conditioning, DataType, Device, DiffusionModel, Guidance, MixedPrecision, Objective,
+    OutputType, Sampler,
+};
 use diag::{ConfigError, Diagnostic, Diagnostics, Loc, Sources};
 use schema::{Classification, Diffusion};
 use settings::{Env, Settings};
@@ -49,8 +54,8 @@ pub struct Resolved {
     /// The config file's stem: the trainer binary is `train-<stem>`.
     pub stem: String,
     pub settings: Settings,
-    pub output_type: String,
-    pub data_type: String,
+    pub output_type: OutputType,
+    pub data_type: DataType,
     pub kind: Kind,
     pub plan: Option<plan::Plan>,
 }
@@ -244,8 +249,8 @@ fn resolve_inner(
         return None;
     }
     let plan = match &kind {
-        Kind::Classification(c) => plan::classification(c),
-        Kind::Diffusion(d) if d.model.name == "dit" => Some(plan::dit(d, &data_type)),
+        Kind::Classification(c) => Some(plan::classification(c)),
+        Kind::Diffusion(d) if d.model.name == DiffusionModel::Dit => Some(plan::dit(d, data_type)),
         Kind::Diffusion(_) => None,
     };
     if target_checks {
@@ -332,7 +337,7 @@ fn check_support(ctx: &mut Ctx, kind: &Kind, target: Target) {
             if t.use_amp {
                 warn_cpu_mixed_precision(ctx, "training.use_amp", "bf16", target);
             }
-            if t.device == "cuda" && !target.cuda {
+            if t.device == Device::Cuda && !target.cuda {
                 unsupported(
                     ctx,
                     "training.device",
@@ -352,7 +357,7 @@ fn check_diffusion(
     unsupported: impl Fn(&mut Ctx, &str, String, &str),
 ) {
     let m = &d.model;
-    if m.name != "dit" {
+    if m.name != DiffusionModel::Dit {
         let what = format!("the `{}` diffusion model (the trainer builds DiT)", m.name);
         unsupported(
             ctx,
@@ -370,7 +375,7 @@ fn check_diffusion(
             "train in pixel space: `latent_space = false`",
         ),
         (
-            m.conditioning == "caption",
+            m.conditioning == Conditioning::Caption,
             "model.conditioning",
             "caption conditioning for DiT (it needs text encoders)",
             "use `none`, `classes` or `gend_hlth_age`",
@@ -418,7 +423,7 @@ fn check_diffusion(
             "remove `norm_elementwise_affine`",
         ),
         (
-            d.sampler == "dpmpp_2m",
+            d.sampler == Sampler::DpmPP2M,
             "inference.sampler",
             "the DPM-Solver++ 2M sampler",
             "use `euler` or `heun` (flow) or `ddim` (epsilon/sample)",
@@ -457,7 +462,10 @@ fn check_diffusion(
             "remove `image_column`",
         );
     }
-    if m.conditioning != "none" && d.sampler == "heun" && d.guidance == "rectified_cfg_pp" {
+    if m.conditioning != Conditioning::None
+        && d.sampler == Sampler::Heun
+        && d.guidance == Guidance::RectifiedCfgPp
+    {
         unsupported(
             ctx,
             "inference.guidance",
@@ -465,7 +473,7 @@ fn check_diffusion(
             "use `sampler = \"euler\"` with Rectified-CFG++",
         );
     }
-    if d.sampler == "heun" && d.prediction_type != "vector_field" {
+    if d.sampler == Sampler::Heun && d.prediction_type != Objective::VectorField {
         unsupported(
             ctx,
             "inference.sampler",
@@ -473,9 +481,9 @@ fn check_diffusion(
             "use `sampler = \"ddim\"` for epsilon/sample objectives",
         );
     }
-    if d.training.mixed_precision != "no" {
-        let precision = d.training.mixed_precision.clone();
-        warn_cpu_mixed_precision(ctx, "training.mixed_precision", &precision, target);
+    if d.training.mixed_precision != MixedPrecision::No {
+        let precision = d.training.mixed_precision.toml();
+        warn_cpu_mixed_precision(ctx, "training.mixed_precision", precision, target);
     }
 }
 

@@ -5,6 +5,7 @@
 
 use serde::Serialize;
 
+use crate::choice::{Activation, Backbone, Choice, Conditioning, DataType, Pooling};
 use crate::schema::{Classification, Diffusion};
 
 #[derive(Debug, Clone, Serialize)]
@@ -200,7 +201,7 @@ pub struct Tokens {
 
 pub fn transformer_tokens(c: &Classification) -> Tokens {
     let m = &c.model;
-    if c.data_type == "timeseries" {
+    if c.data_type == DataType::Timeseries {
         let (ch, len) = (c.dataset.n_eeg_channels, c.dataset.sequence_length);
         Tokens {
             input: vec![ch, len],
@@ -219,14 +220,14 @@ pub fn transformer_tokens(c: &Classification) -> Tokens {
     }
 }
 
-/// Plan of a classification config, or None for a backbone that has no implementation yet.
-pub fn classification(c: &Classification) -> Option<Plan> {
+/// Plan of a classification config.
+pub fn classification(c: &Classification) -> Plan {
     let m = &c.model;
-    let prelu = u64::from(m.activation == "prelu");
+    let prelu = u64::from(m.activation == Activation::PRelu);
     let mut layers = vec![];
     let input;
-    match m.backbone.as_str() {
-        "cnn_light" => {
+    match m.backbone {
+        Backbone::CnnLight => {
             let r = c.dataset.resolution;
             input = vec![m.input_channels, r, r];
             let (c0, channels) = cnn_light_channels(m.embedding_dim, m.depth);
@@ -275,7 +276,7 @@ pub fn classification(c: &Classification) -> Option<Plan> {
                 flops: 0,
             });
         }
-        "cnn_1d" | "cnn_1d_light" => {
+        Backbone::Cnn1d | Backbone::Cnn1dLight => {
             let len = c.dataset.sequence_length;
             input = vec![m.input_channels, len];
             let (c0, channels, kernels) =
@@ -324,7 +325,7 @@ pub fn classification(c: &Classification) -> Option<Plan> {
                 vec![m.embedding_dim],
             ));
         }
-        "cnn" => {
+        Backbone::Cnn => {
             let r = c.dataset.resolution;
             input = vec![m.input_channels, r, r];
             let (c0, channels) = cnn_light_channels(m.embedding_dim, m.depth);
@@ -361,11 +362,11 @@ pub fn classification(c: &Classification) -> Option<Plan> {
                 flops: 0,
             });
         }
-        "transformer" => {
+        Backbone::Transformer => {
             let t = transformer_tokens(c);
             input = t.input.clone();
             let (h, ff) = (m.hidden_dim, m.ff_dim);
-            let positions = t.tokens + usize::from(m.pooling == "cls");
+            let positions = t.tokens + usize::from(m.pooling == Pooling::Cls);
             layers.push(linear(
                 "backbone.embed".into(),
                 t.token_dim,
@@ -373,7 +374,7 @@ pub fn classification(c: &Classification) -> Option<Plan> {
                 t.tokens,
                 vec![t.tokens, h],
             ));
-            let extra = (positions * h + if m.pooling == "cls" { h } else { 0 }) as u64;
+            let extra = (positions * h + if m.pooling == Pooling::Cls { h } else { 0 }) as u64;
             layers.push(Layer {
                 name: "backbone.pos_embed (+cls_token)".into(),
                 output: vec![positions, h],
@@ -418,33 +419,27 @@ pub fn classification(c: &Classification) -> Option<Plan> {
                 vec![m.embedding_dim],
             ));
         }
-        _ => return None,
     }
     heads(c, &mut layers);
-    Some(Plan::finish(
-        &m.backbone,
-        c.dataset.batch_size,
-        input,
-        layers,
-    ))
+    Plan::finish(m.backbone.toml(), c.dataset.batch_size, input, layers)
 }
 
 /// diffusers' `num_embeds_ada_norm` of a DiT (its label table has one row more): classes plus
 /// the null label for `classes`, the 4 gender × health classes plus null for `gend_hlth_age`, and
 /// `num_timesteps` for unconditional models (the reference feeds them a constant label).
 pub fn dit_num_embeds(d: &Diffusion) -> usize {
-    match d.model.conditioning.as_str() {
-        "classes" => d.model.num_classes + 1,
-        "gend_hlth_age" => 5,
-        _ => d.num_timesteps,
+    match d.model.conditioning {
+        Conditioning::Classes => d.model.num_classes + 1,
+        Conditioning::GenderHealthAge => 5,
+        Conditioning::None | Conditioning::Caption => d.num_timesteps,
     }
 }
 
 /// Plan of a DiT (diffusers `DiTTransformer2DModel` with adaLN-Zero and per-block embedders).
-pub fn dit(d: &Diffusion, data_type: &str) -> Plan {
+pub fn dit(d: &Diffusion, data_type: DataType) -> Plan {
     let m = &d.model;
     let dim = m.num_attention_heads * m.attention_head_dim;
-    let (h, w) = if data_type == "timeseries" {
+    let (h, w) = if data_type == DataType::Timeseries {
         (d.dataset.n_eeg_channels, d.dataset.sequence_length)
     } else if m.latent_space {
         (m.sample_size, m.sample_size)
@@ -458,7 +453,7 @@ pub fn dit(d: &Diffusion, data_type: &str) -> Plan {
     let num_embeds = dit_num_embeds(d);
     let table_rows = num_embeds + 1;
     // gend_hlth_age adds a per-block age embedder: Linear(256 Fourier features -> D).
-    let age = if m.conditioning == "gend_hlth_age" {
+    let age = if m.conditioning == Conditioning::GenderHealthAge {
         256 * dim + dim
     } else {
         0

@@ -14,11 +14,9 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
+use crate::choice::{Choice, DataType, OutputType};
 use crate::diag::{Diagnostic, Loc, Sources};
 use crate::tree::{self, Ctx, Section, Table};
-
-pub const OUTPUT_TYPES: &[&str] = &["db-only", "db-iq", "db-polar"];
-pub const DATA_TYPES: &[&str] = &["spectrogram", "timeseries"];
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DatasetPaths {
@@ -37,8 +35,8 @@ pub struct Settings {
     pub data_root: PathBuf,
     pub output_root: PathBuf,
     pub max_sampling_weight: Option<f64>,
-    pub output_type: String,
-    pub data_type: String,
+    pub output_type: OutputType,
+    pub data_type: DataType,
     pub datasets: BTreeMap<String, DatasetPaths>,
 }
 
@@ -324,8 +322,8 @@ pub fn read(
             );
         }
     }
-    let output_type = data.choice(ctx, "output_type", "db-only", OUTPUT_TYPES);
-    let data_type = data.choice(ctx, "data_type", "spectrogram", DATA_TYPES);
+    let output_type = data.pick(ctx, "output_type", OutputType::DbOnly, OutputType::ALL);
+    let data_type = data.pick(ctx, "data_type", DataType::Spectrogram, DataType::ALL);
     data.finish(ctx, &[]);
 
     let ds = root.section(ctx, "datasets");

@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
+use crate::choice::{self, Choice};
 use crate::diag::{suggest, Diagnostic, Diagnostics, FileId, Loc, Sources};
 
 #[derive(Debug, Clone)]
@@ -323,8 +324,21 @@ impl<'a> Section<'a> {
         self.string(ctx, key).unwrap_or_else(|| default.to_string())
     }
 
+    /// A value from `allowed` (listed in messages in that order); an unknown value gets the list
+    /// and the closest match, and reads as `default`.
+    pub fn pick<C: Choice>(&self, ctx: &mut Ctx, key: &str, default: C, allowed: &[C]) -> C {
+        let text = self.choice(ctx, key, default.toml(), &choice::names(allowed));
+        choice::from_toml(&text).unwrap_or(default)
+    }
+
     /// A string from a closed set; an unknown value gets the list and the closest match.
-    pub fn choice(&self, ctx: &mut Ctx, key: &str, default: &str, allowed: &[&str]) -> String {
+    pub(crate) fn choice(
+        &self,
+        ctx: &mut Ctx,
+        key: &str,
+        default: &str,
+        allowed: &[&str],
+    ) -> String {
         let Some(v) = self.string(ctx, key) else {
             return default.to_string();
         };

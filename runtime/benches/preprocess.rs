@@ -7,9 +7,10 @@
 use std::path::Path;
 use std::time::Instant;
 
+use signal_diffusion_config::choice::OutputType;
 use signal_diffusion_runtime::data::io::{read_npy_f64, write_png};
 use signal_diffusion_runtime::data::signal::decimate::{decimate, decimate_channels};
-use signal_diffusion_runtime::data::signal::spectrogram::{derive_hop, image, LogStft, OutputType};
+use signal_diffusion_runtime::data::signal::spectrogram::{derive_hop, image, LogStft};
 
 const REPEAT: usize = 20;
 

@@ -270,7 +270,7 @@ fn fused_pooling_tails_match_the_cpu() -> Result<()> {
 
 fn adamw(name: &str) -> schema::Optimizer {
     schema::Optimizer {
-        name: name.into(),
+        name: signal_diffusion_config::choice::from_toml(name).unwrap(),
         learning_rate: 1e-2,
         weight_decay: 0.05,
         betas: [0.9, 0.995],

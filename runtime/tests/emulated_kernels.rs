@@ -562,7 +562,7 @@ fn adam_kernels_match_the_cpu_optimizer() {
     // SAFETY: the signature of tests/emulate/exports.h.
     let adam: Symbol<Adam> = unsafe { lib.get(b"emu_adam").unwrap() };
     let cfg = schema::Optimizer {
-        name: "adamw".into(),
+        name: signal_diffusion_config::choice::OptimizerName::AdamW,
         learning_rate: 1e-2,
         weight_decay: 0.05,
         betas: [0.9, 0.999],

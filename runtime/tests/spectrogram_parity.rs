@@ -6,8 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
+use signal_diffusion_config::choice::OutputType;
 use signal_diffusion_runtime::data::io::{read_npy, read_npy_f32, read_npy_f64};
-use signal_diffusion_runtime::data::signal::spectrogram::{derive_hop, image, LogStft, OutputType};
+use signal_diffusion_runtime::data::signal::spectrogram::{derive_hop, image, LogStft};
 use signal_diffusion_runtime::data::signal::timeseries::{normalize, Stats, Welford};
 
 const MATH_MIN_DB: f64 = -127.028;

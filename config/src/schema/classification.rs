@@ -4,13 +4,14 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::choice::{
+    Activation, Backbone, CheckpointStrategy, Choice, CompileMode, DataType, Device, EvalStrategy,
+    LrSchedule, OptimizerName, OutputType, Pooling,
+};
 use crate::settings::Settings;
 use crate::tree::{Ctx, Section};
 
 use super::{read_data_overrides, read_optimizer, read_scheduler, Optimizer, Scheduler};
-
-pub const BACKBONES: &[&str] = &["cnn_light", "cnn", "cnn_1d", "cnn_1d_light", "transformer"];
-pub const ACTIVATIONS: &[&str] = &["gelu", "relu", "lrelu", "silu", "sigmoid", "tanh", "prelu"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum TaskKind {
@@ -53,11 +54,11 @@ pub struct ClsDataset {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ClsModel {
-    pub backbone: String,
+    pub backbone: Backbone,
     pub input_channels: usize,
     pub embedding_dim: usize,
     pub dropout: f64,
-    pub activation: String,
+    pub activation: Activation,
     pub depth: usize,
     pub layer_repeats: usize,
     /// Transformer extras (reference names): hidden_dim, num_layers, num_heads, ff_dim, pooling.
@@ -65,7 +66,7 @@ pub struct ClsModel {
     pub num_layers: usize,
     pub num_heads: usize,
     pub ff_dim: usize,
-    pub pooling: String,
+    pub pooling: Pooling,
     pub patch_size: usize,
 }
 
@@ -74,9 +75,9 @@ pub struct ClsTraining {
     pub epochs: usize,
     pub max_steps: Option<usize>,
     pub clip_grad_norm: Option<f64>,
-    pub device: String,
+    pub device: Device,
     pub log_every_batches: usize,
-    pub eval_strategy: String,
+    pub eval_strategy: EvalStrategy,
     pub eval_steps: Option<usize>,
     pub output_dir: Option<String>,
     pub log_dir: Option<String>,
@@ -86,7 +87,7 @@ pub struct ClsTraining {
     pub wandb_tags: Vec<String>,
     pub run_name: Option<String>,
     pub checkpoint_total_limit: Option<usize>,
-    pub checkpoint_strategy: String,
+    pub checkpoint_strategy: CheckpointStrategy,
     pub checkpoint_steps: Option<usize>,
     pub use_amp: bool,
     pub metrics_summary_path: Option<String>,
@@ -94,7 +95,7 @@ pub struct ClsTraining {
     pub early_stopping: bool,
     pub early_stopping_patience: usize,
     pub compile_model: bool,
-    pub compile_mode: String,
+    pub compile_mode: CompileMode,
     pub swa_enabled: bool,
     pub swa_extra_ratio: f64,
     pub swa_lr_frac: f64,
@@ -106,7 +107,7 @@ pub struct ClsTraining {
 #[derive(Debug, Clone, Serialize)]
 pub struct Classification {
     /// `spectrogram` or `timeseries`, after the `[data]` override.
-    pub data_type: String,
+    pub data_type: DataType,
     pub dataset: ClsDataset,
     pub model: ClsModel,
     pub tasks: Vec<Task>,
@@ -161,7 +162,7 @@ pub fn read_classification(
     root: &Section,
     ctx: &mut Ctx,
     settings: &Settings,
-) -> (Classification, String, String) {
+) -> (Classification, OutputType, DataType) {
     let (output_type, data_type) = read_data_overrides(root, ctx, settings);
 
     // [dataset]
@@ -183,7 +184,7 @@ pub fn read_classification(
     let path = match &named {
         Some(n) => {
             let ds = &settings.datasets[n];
-            if data_type == "timeseries" {
+            if data_type == DataType::Timeseries {
                 ds.timeseries_output.clone()
             } else {
                 ds.output.clone()
@@ -225,7 +226,7 @@ pub fn read_classification(
     if !m.is_present() {
         ctx.diags.error(root.loc(), "missing section `[model]`");
     }
-    let backbone = m.choice(ctx, "backbone", "cnn_light", BACKBONES);
+    let backbone = m.pick(ctx, "backbone", Backbone::CnnLight, Backbone::ALL);
     if m.is_present() && !m.has("backbone") {
         ctx.diags.error(
             m.loc(),
@@ -238,7 +239,7 @@ pub fn read_classification(
     }
     let embedding_dim = m.count(ctx, "embedding_dim", 256, 1);
     let dropout = m.float_in(ctx, "dropout", 0.3, 0.0, 0.999);
-    let activation = m.choice(ctx, "activation", "gelu", ACTIVATIONS);
+    let activation = m.pick(ctx, "activation", Activation::Gelu, Activation::ALL);
     let depth = m.count(ctx, "depth", 3, 1);
     let layer_repeats = m.count(ctx, "layer_repeats", 2, 1);
     let mx = m.section(ctx, "extras");
@@ -246,7 +247,7 @@ pub fn read_classification(
     let num_layers = mx.count(ctx, "num_layers", 4, 1);
     let num_heads = mx.count(ctx, "num_heads", 4, 1);
     let ff_dim = mx.count(ctx, "ff_dim", 512, 1);
-    let pooling = mx.choice(ctx, "pooling", "mean", &["mean", "cls"]);
+    let pooling = mx.pick(ctx, "pooling", Pooling::Mean, Pooling::ALL);
     let patch_size = mx.count(ctx, "patch_size", 16, 1);
     // The reference requires these two for its transformer; ours derives them from the data shape.
     for k in ["input_dim", "seq_length"] {
@@ -255,7 +256,7 @@ pub fn read_classification(
         }
     }
     mx.finish(ctx, &[]);
-    if backbone != "transformer" {
+    if backbone != Backbone::Transformer {
         for k in [
             "hidden_dim",
             "num_layers",
@@ -277,8 +278,22 @@ pub fn read_classification(
     }
     m.finish(ctx, &[]);
 
-    let optimizer = read_optimizer(root, ctx, &["adamw", "adam", "sgd"], 3e-4, 1e-4);
-    let scheduler = read_scheduler(root, ctx, &["constant", "linear", "cosine"]);
+    let optimizer = read_optimizer(
+        root,
+        ctx,
+        &[
+            OptimizerName::AdamW,
+            OptimizerName::Adam,
+            OptimizerName::Sgd,
+        ],
+        3e-4,
+        1e-4,
+    );
+    let scheduler = read_scheduler(
+        root,
+        ctx,
+        &[LrSchedule::Constant, LrSchedule::Linear, LrSchedule::Cosine],
+    );
 
     // [training]
     let t = root.section(ctx, "training");
@@ -311,14 +326,14 @@ pub fn read_classification(
             }
         }
     };
-    let device = t.choice(ctx, "device", "auto", &["auto", "cpu", "cuda"]);
+    let device = t.pick(ctx, "device", Device::Auto, Device::ALL);
     let log_every_batches = t
         .count_opt(ctx, "log_every_batches", 1)
         .or(t.count_opt(ctx, "log_every", 1))
         .unwrap_or(10);
-    let eval_strategy = t.choice(ctx, "eval_strategy", "epoch", &["epoch", "steps", "none"]);
+    let eval_strategy = t.pick(ctx, "eval_strategy", EvalStrategy::Epoch, EvalStrategy::ALL);
     let eval_steps = t.count_opt(ctx, "eval_steps", 1);
-    if eval_strategy == "steps" && eval_steps.is_none() {
+    if eval_strategy == EvalStrategy::Steps && eval_steps.is_none() {
         ctx.error(
             "training.eval_strategy",
             "`training.eval_strategy` = \"steps\" needs `training.eval_steps`",
@@ -334,9 +349,14 @@ pub fn read_classification(
     let wandb_tags = t.string_list(ctx, "wandb_tags").unwrap_or_default();
     let run_name = opt_path(&t, ctx, "run_name");
     let checkpoint_total_limit = t.count_opt(ctx, "checkpoint_total_limit", 1);
-    let checkpoint_strategy = t.choice(ctx, "checkpoint_strategy", "epoch", &["epoch", "steps"]);
+    let checkpoint_strategy = t.pick(
+        ctx,
+        "checkpoint_strategy",
+        CheckpointStrategy::Epoch,
+        CheckpointStrategy::ALL,
+    );
     let checkpoint_steps = t.count_opt(ctx, "checkpoint_steps", 1);
-    if checkpoint_strategy == "steps" && checkpoint_steps.is_none() {
+    if checkpoint_strategy == CheckpointStrategy::Steps && checkpoint_steps.is_none() {
         ctx.error(
             "training.checkpoint_strategy",
             "`training.checkpoint_strategy` = \"steps\" needs `training.checkpoint_steps`",
@@ -348,19 +368,14 @@ pub fn read_classification(
     let max_best_checkpoints = t.count(ctx, "max_best_checkpoints", 1, 1);
     let early_stopping = t.bool_or(ctx, "early_stopping", false);
     let early_stopping_patience = t.count(ctx, "early_stopping_patience", 5, 1);
-    if early_stopping && eval_strategy == "none" {
+    if early_stopping && eval_strategy == EvalStrategy::None {
         ctx.error(
             "training.early_stopping",
             "`training.early_stopping` needs evaluations, but `eval_strategy` = \"none\"",
         );
     }
     let compile_model = t.bool_or(ctx, "compile_model", true);
-    let compile_mode = t.choice(
-        ctx,
-        "compile_mode",
-        "default",
-        &["default", "reduce-overhead", "max-autotune"],
-    );
+    let compile_mode = t.pick(ctx, "compile_mode", CompileMode::Default, CompileMode::ALL);
     let swa_enabled = t.bool_or(ctx, "swa_enabled", false);
     let swa_extra_ratio = t.float_in(ctx, "swa_extra_ratio", 0.333, 1e-6, 10.0);
     let swa_lr_frac = t.float_in(ctx, "swa_lr_frac", 0.25, 1e-6, 10.0);
@@ -489,8 +504,8 @@ pub fn read_classification(
     }
 
     // Shape rules that the reference only finds at run time (or crashes on).
-    let is_1d = backbone.contains("1d");
-    if is_1d && data_type != "timeseries" {
+    let is_1d = matches!(backbone, Backbone::Cnn1d | Backbone::Cnn1dLight);
+    if is_1d && data_type != DataType::Timeseries {
         ctx.error(
             "model.backbone",
             format!(
@@ -502,25 +517,29 @@ pub fn read_classification(
                 .into(),
         );
     }
-    if !is_1d && backbone != "transformer" && data_type == "timeseries" {
+    if !is_1d && backbone != Backbone::Transformer && data_type == DataType::Timeseries {
         ctx.error("model.backbone", format!("backbone `{backbone}` reads spectrogram images, but the data type is \"timeseries\""))
             .help = Some("use `cnn_1d` or `transformer` for time series".into());
     }
-    if data_type == "spectrogram" && m.is_present() {
-        let expected = if output_type == "db-only" { 1 } else { 3 };
+    if data_type == DataType::Spectrogram && m.is_present() {
+        let expected = if output_type == OutputType::DbOnly {
+            1
+        } else {
+            3
+        };
         if input_channels != expected && input_channels != 0 {
             ctx.error("model.input_channels", format!("`model.input_channels` = {input_channels}, but output type \"{output_type}\" images have {expected} channel{}", if expected == 1 { "" } else { "s" }))
                 .help = Some(format!("set `input_channels = {expected}`"));
         }
     }
-    if data_type == "timeseries"
+    if data_type == DataType::Timeseries
         && m.is_present()
         && input_channels != n_eeg_channels
         && input_channels != 0
     {
         ctx.error("model.input_channels", format!("`model.input_channels` = {input_channels}, but time series have {n_eeg_channels} EEG channels (`dataset.extras.n_eeg_channels`)"));
     }
-    if backbone == "cnn_light" || backbone == "cnn" {
+    if matches!(backbone, Backbone::CnnLight | Backbone::Cnn) {
         let div = 1usize << depth;
         if !embedding_dim.is_multiple_of(div) {
             ctx.error("model.embedding_dim", format!("`model.embedding_dim` = {embedding_dim} must be divisible by 2^depth = {div} for `{backbone}`"))
@@ -533,25 +552,25 @@ pub fn read_classification(
             );
         }
     }
-    if backbone == "transformer" {
+    if backbone == Backbone::Transformer {
         if !hidden_dim.is_multiple_of(num_heads) {
             ctx.error("model.extras.num_heads", format!("`model.extras.hidden_dim` = {hidden_dim} is not divisible by `num_heads` = {num_heads}"));
         }
-        if data_type == "spectrogram" && !resolution.is_multiple_of(patch_size) {
+        if data_type == DataType::Spectrogram && !resolution.is_multiple_of(patch_size) {
             ctx.error("model.extras.patch_size", format!("resolution {resolution} is not divisible by `model.extras.patch_size` = {patch_size}"));
         }
     }
     if let (Some(steps), Some(ck)) = (eval_steps, checkpoint_steps) {
         if early_stopping
-            && eval_strategy == "steps"
-            && checkpoint_strategy == "steps"
+            && eval_strategy == EvalStrategy::Steps
+            && checkpoint_strategy == CheckpointStrategy::Steps
             && ck % steps != 0
         {
             ctx.error("training.checkpoint_steps", format!("with early stopping, `checkpoint_steps` = {ck} must be a multiple of `eval_steps` = {steps}"));
         }
     }
 
-    if backbone == "transformer" {
+    if backbone == Backbone::Transformer {
         for k in ["depth", "layer_repeats"] {
             let key = format!("model.{k}");
             if ctx.loc(&key).is_some() {

@@ -2,19 +2,15 @@
 
 use serde::Serialize;
 
+use crate::choice::{
+    self, Choice, CompileMode, Conditioning, DataType, DatasetType, DiffusionModel, EvalStrategy,
+    Guidance, LoraBias, LrSchedule, MixedPrecision, NoiseScheduler, Objective, OptimizerName,
+    OutputType, Sampler,
+};
 use crate::settings::Settings;
 use crate::tree::{Ctx, Section};
 
 use super::{read_data_overrides, read_optimizer, read_scheduler, Optimizer, Scheduler};
-
-pub const DIFFUSION_MODELS: &[&str] = &[
-    "dit",
-    "hourglass",
-    "localmamba",
-    "stable-diffusion-v1-5",
-    "stable-diffusion-3.5-medium",
-];
-pub const CONDITIONING: &[&str] = &["none", "caption", "classes", "gend_hlth_age"];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DiffDataset {
@@ -35,7 +31,7 @@ pub struct DiffDataset {
     pub health_column: String,
     pub age_column: String,
     pub num_classes: usize,
-    pub dataset_type: String,
+    pub dataset_type: DatasetType,
     pub max_train_samples: Option<usize>,
     pub max_eval_samples: Option<usize>,
     pub n_eeg_channels: usize,
@@ -46,8 +42,8 @@ pub struct DiffDataset {
 /// Architecture hyper-parameters; each model reads the ones it has.
 #[derive(Debug, Clone, Serialize)]
 pub struct DiffModel {
-    pub name: String,
-    pub conditioning: String,
+    pub name: DiffusionModel,
+    pub conditioning: Conditioning,
     pub pretrained: Option<String>,
     pub revision: Option<String>,
     pub sample_size: usize,
@@ -57,7 +53,7 @@ pub struct DiffModel {
     pub lora_alpha: f64,
     pub lora_dropout: f64,
     pub lora_target_modules: Vec<String>,
-    pub lora_bias: String,
+    pub lora_bias: LoraBias,
     pub lora_scaling: Option<f64>,
     pub latent_space: bool,
     pub vae: Option<String>,
@@ -88,7 +84,7 @@ pub struct DiffModel {
 pub struct DiffTraining {
     pub seed: u64,
     pub output_dir: Option<String>,
-    pub mixed_precision: String,
+    pub mixed_precision: MixedPrecision,
     pub gradient_checkpointing: bool,
     pub gradient_accumulation_steps: usize,
     pub epochs: usize,
@@ -105,12 +101,12 @@ pub struct DiffTraining {
     pub ema_use_ema_warmup: bool,
     pub allow_tf32: bool,
     pub compile_model: bool,
-    pub compile_mode: String,
+    pub compile_mode: CompileMode,
     pub snr_gamma: Option<f64>,
     pub eval_num_examples: usize,
     pub eval_mmd_samples: usize,
     pub eval_mmd_fallback_ntrain: usize,
-    pub eval_strategy: String,
+    pub eval_strategy: EvalStrategy,
     pub eval_num_steps: usize,
     pub eval_batch_size: usize,
     pub initial_eval: bool,
@@ -120,8 +116,8 @@ pub struct DiffTraining {
 pub struct Diffusion {
     pub dataset: DiffDataset,
     pub model: DiffModel,
-    pub prediction_type: String,
-    pub objective_scheduler: String,
+    pub prediction_type: Objective,
+    pub objective_scheduler: NoiseScheduler,
     pub num_timesteps: usize,
     pub optimizer: Optimizer,
     pub scheduler: Scheduler,
@@ -133,8 +129,8 @@ pub struct Diffusion {
     pub run_name: Option<String>,
     pub denoising_steps: usize,
     pub cfg_scale: f64,
-    pub sampler: String,
-    pub guidance: String,
+    pub sampler: Sampler,
+    pub guidance: Guidance,
     /// `data.data_type = "timeseries"`.
     pub dataset_is_timeseries: bool,
 }
@@ -143,9 +139,9 @@ pub fn read_diffusion(
     root: &Section,
     ctx: &mut Ctx,
     settings: &Settings,
-) -> (Diffusion, String, String) {
+) -> (Diffusion, OutputType, DataType) {
     let (output_type, data_type) = read_data_overrides(root, ctx, settings);
-    let ts = data_type == "timeseries";
+    let ts = data_type == DataType::Timeseries;
     for sec in ["dataset", "model", "objective", "training"] {
         if !root.has(sec) {
             ctx.diags.error(root.loc(), format!("missing section `[{sec}]` (diffusion configs need [dataset], [model], [objective] and [training])"));
@@ -184,12 +180,7 @@ pub fn read_diffusion(
     let health_column = d.string_or(ctx, "health_column", "health");
     let age_column = d.string_or(ctx, "age_column", "age");
     let num_classes_ds = d.count(ctx, "num_classes", 0, 0);
-    let dataset_type = d.choice(
-        ctx,
-        "dataset_type",
-        "auto",
-        &["auto", "imagefolder", "parquet"],
-    );
+    let dataset_type = d.pick(ctx, "dataset_type", DatasetType::Auto, DatasetType::ALL);
     let max_train_samples = d.count_opt(ctx, "max_train_samples", 1);
     let max_eval_samples = d.count_opt(ctx, "max_eval_samples", 1);
     let de = d.section(ctx, "extras");
@@ -201,22 +192,29 @@ pub fn read_diffusion(
 
     // [model]
     let m = root.section(ctx, "model");
-    let name_m = m.choice(ctx, "name", "dit", DIFFUSION_MODELS);
+    let name_m = m.pick(ctx, "name", DiffusionModel::Dit, DiffusionModel::ALL);
     if m.is_present() && !m.has("name") {
         ctx.diags.error(
             m.loc(),
             format!(
                 "`model.name` is required (one of {})",
-                DIFFUSION_MODELS.join(", ")
+                choice::names(DiffusionModel::ALL).join(", ")
             ),
         );
     }
-    let is_sd = name_m.starts_with("stable-diffusion");
-    let conditioning = m.choice(
+    let is_sd = matches!(
+        name_m,
+        DiffusionModel::StableDiffusion15 | DiffusionModel::StableDiffusion35
+    );
+    let conditioning = m.pick(
         ctx,
         "conditioning",
-        if is_sd { "caption" } else { "none" },
-        CONDITIONING,
+        if is_sd {
+            Conditioning::Caption
+        } else {
+            Conditioning::None
+        },
+        Conditioning::ALL,
     );
     let pretrained = nonempty(m.string(ctx, "pretrained"));
     let revision = nonempty(m.string(ctx, "revision"));
@@ -232,7 +230,7 @@ pub fn read_diffusion(
             .map(String::from)
             .to_vec()
     });
-    let lora_bias = lora.choice(ctx, "bias", "none", &["none", "all", "lora_only"]);
+    let lora_bias = lora.pick(ctx, "bias", LoraBias::None, LoraBias::ALL);
     let lora_scaling = lora.float(ctx, "scaling");
     lora.finish(ctx, &[]);
     // The reference moves unknown top-level [model] keys into extras; `latent_space` is the one
@@ -252,7 +250,7 @@ pub fn read_diffusion(
     let cfg_dropout = x.float_in(
         ctx,
         "cfg_dropout",
-        if name_m == "stable-diffusion-3.5-medium" {
+        if name_m == DiffusionModel::StableDiffusion35 {
             0.1
         } else {
             0.0
@@ -289,7 +287,7 @@ pub fn read_diffusion(
     };
     let widths = us(x.int_list(ctx, "widths")).unwrap_or_else(|| vec![128, 256, 512]);
     let depths = us(x.int_list(ctx, "depths")).unwrap_or_else(|| {
-        if name_m == "localmamba" {
+        if name_m == DiffusionModel::LocalMamba {
             vec![2, 2, 9, 2]
         } else {
             vec![2, 2, 4]
@@ -352,21 +350,29 @@ pub fn read_diffusion(
 
     // [objective]
     let o = root.section(ctx, "objective");
-    let prediction_type = o.choice(
+    let prediction_type = o.pick(
         ctx,
         "prediction_type",
-        "epsilon",
-        &["epsilon", "sample", "vector_field"],
+        Objective::Epsilon,
+        &[
+            Objective::Epsilon,
+            Objective::Sample,
+            Objective::VectorField,
+        ],
     );
-    let objective_scheduler = o.choice(
+    let objective_scheduler = o.pick(
         ctx,
         "scheduler",
-        if prediction_type == "vector_field" {
-            "flow_match_euler"
+        if prediction_type == Objective::VectorField {
+            NoiseScheduler::FlowMatchEuler
         } else {
-            "ddim"
+            NoiseScheduler::Ddim
         },
-        &["ddim", "ddpm", "flow_match_euler"],
+        &[
+            NoiseScheduler::Ddim,
+            NoiseScheduler::Ddpm,
+            NoiseScheduler::FlowMatchEuler,
+        ],
     );
     let num_timesteps = o.count(ctx, "num_timesteps", 1000, 2);
     o.finish(
@@ -380,7 +386,12 @@ pub fn read_diffusion(
     let optimizer = read_optimizer(
         root,
         ctx,
-        &["adamw", "adam", "sgd", "adamw_8bit"],
+        &[
+            OptimizerName::AdamW,
+            OptimizerName::Adam,
+            OptimizerName::Sgd,
+            OptimizerName::AdamW8bit,
+        ],
         1e-4,
         1e-2,
     );
@@ -388,11 +399,11 @@ pub fn read_diffusion(
         root,
         ctx,
         &[
-            "constant",
-            "constant_with_warmup",
-            "linear",
-            "cosine",
-            "polynomial",
+            LrSchedule::Constant,
+            LrSchedule::ConstantWithWarmup,
+            LrSchedule::Linear,
+            LrSchedule::Cosine,
+            LrSchedule::Polynomial,
         ],
     );
 
@@ -400,7 +411,12 @@ pub fn read_diffusion(
     let t = root.section(ctx, "training");
     let seed = t.int(ctx, "seed").map(|s| s as u64).unwrap_or(42);
     let output_dir = nonempty(t.string(ctx, "output_dir"));
-    let mixed_precision = t.choice(ctx, "mixed_precision", "bf16", &["no", "fp16", "bf16"]);
+    let mixed_precision = t.pick(
+        ctx,
+        "mixed_precision",
+        MixedPrecision::Bf16,
+        MixedPrecision::ALL,
+    );
     let gradient_checkpointing = if t.has("grad_checkpointing") {
         t.bool_or(ctx, "grad_checkpointing", false)
     } else {
@@ -436,12 +452,7 @@ pub fn read_diffusion(
     };
     let allow_tf32 = t.bool_or(ctx, "allow_tf32", true);
     let compile_model = t.bool_or(ctx, "compile_model", false);
-    let compile_mode = t.choice(
-        ctx,
-        "compile_mode",
-        "default",
-        &["default", "reduce-overhead", "max-autotune"],
-    );
+    let compile_mode = t.pick(ctx, "compile_mode", CompileMode::Default, CompileMode::ALL);
     let snr_gamma = t.float(ctx, "snr_gamma");
     if let Some(g) = snr_gamma {
         if g <= 0.0 {
@@ -454,9 +465,9 @@ pub fn read_diffusion(
     let eval_num_examples = t.count(ctx, "eval_num_examples", 0, 0);
     let eval_mmd_samples = t.count(ctx, "eval_mmd_samples", 0, 0);
     let eval_mmd_fallback_ntrain = t.count(ctx, "eval_mmd_fallback_ntrain", 0, 0);
-    let eval_strategy = t.choice(ctx, "eval_strategy", "epoch", &["epoch", "steps", "none"]);
+    let eval_strategy = t.pick(ctx, "eval_strategy", EvalStrategy::Epoch, EvalStrategy::ALL);
     let eval_num_steps = t.count(ctx, "eval_num_steps", 0, 0);
-    if eval_strategy == "steps" && eval_num_steps == 0 {
+    if eval_strategy == EvalStrategy::Steps && eval_num_steps == 0 {
         ctx.error(
             "training.eval_strategy",
             "`training.eval_strategy` = \"steps\" needs `training.eval_num_steps` > 0",
@@ -494,23 +505,28 @@ pub fn read_diffusion(
     let i = root.section(ctx, "inference");
     let denoising_steps = i.count(ctx, "denoising_steps", 50, 1);
     let cfg_scale = i.float_in(ctx, "cfg_scale", 7.5, 0.0, 100.0);
-    let sampler = i.choice(
+    let sampler = i.pick(
         ctx,
         "sampler",
-        if prediction_type == "vector_field" {
-            "euler"
+        if prediction_type == Objective::VectorField {
+            Sampler::Euler
         } else {
-            "ddim"
+            Sampler::Ddim
         },
-        &["euler", "ddim", "heun", "dpmpp_2m"],
+        &[
+            Sampler::Euler,
+            Sampler::Ddim,
+            Sampler::Heun,
+            Sampler::DpmPP2M,
+        ],
     );
-    let guidance = i.choice(ctx, "guidance", "cfg", &["cfg", "rectified_cfg_pp"]);
+    let guidance = i.pick(ctx, "guidance", Guidance::Cfg, Guidance::ALL);
     i.finish(ctx, &[]);
     root.finish(ctx, &[]);
 
     // Cross-field rules.
-    match conditioning.as_str() {
-        "caption" if caption_column.is_none() => {
+    match conditioning {
+        Conditioning::Caption if caption_column.is_none() => {
             ctx.error(
                 "model.conditioning",
                 "`model.conditioning` = \"caption\" needs `dataset.caption_column`",
@@ -519,7 +535,7 @@ pub fn read_diffusion(
                 "set `caption_column = \"caption\"` (the meta-dataset's caption column)".into(),
             );
         }
-        "classes" => {
+        Conditioning::Classes => {
             if class_column.is_none() {
                 ctx.error(
                     "model.conditioning",
@@ -535,7 +551,7 @@ pub fn read_diffusion(
                 .help = Some("set `[dataset] num_classes = N`".into());
             }
         }
-        "gend_hlth_age" => {
+        Conditioning::GenderHealthAge => {
             for (k, v) in [
                 ("gender_column", &gender_column),
                 ("health_column", &health_column),
@@ -546,12 +562,12 @@ pub fn read_diffusion(
                 }
             }
         }
-        _ => {}
+        Conditioning::Caption | Conditioning::None => {}
     }
-    if conditioning == "none"
+    if conditioning == Conditioning::None
         && cfg_dropout > 0.0
         && ctx.loc("model.extras.cfg_dropout").is_some()
-        && name_m != "dit"
+        && name_m != DiffusionModel::Dit
     {
         ctx.diags.push(crate::diag::Diagnostic::warning(
             ctx.loc("model.extras.cfg_dropout"),
@@ -587,27 +603,31 @@ pub fn read_diffusion(
             "Stable Diffusion models always train in their VAE's latent space",
         );
     }
-    if name_m == "stable-diffusion-v1-5" && prediction_type != "epsilon" {
+    if name_m == DiffusionModel::StableDiffusion15 && prediction_type != Objective::Epsilon {
         ctx.error(
             "objective.prediction_type",
             "stable-diffusion-v1-5 is an epsilon-prediction model",
         );
     }
-    if ts && name_m == "stable-diffusion-v1-5" {
+    if ts && name_m == DiffusionModel::StableDiffusion15 {
         ctx.error(
             "model.name",
             "stable-diffusion-v1-5 cannot model time series",
         );
     }
-    if prediction_type == "vector_field" && objective_scheduler != "flow_match_euler" {
+    if prediction_type == Objective::VectorField
+        && objective_scheduler != NoiseScheduler::FlowMatchEuler
+    {
         ctx.error("objective.scheduler", format!("`objective.scheduler` = \"{objective_scheduler}\" is a DDPM/DDIM noise schedule, but `prediction_type` = \"vector_field\" trains a rectified flow"))
             .help = Some("use `scheduler = \"flow_match_euler\"`, or an epsilon/sample objective".into());
     }
-    if prediction_type != "vector_field" && objective_scheduler == "flow_match_euler" {
+    if prediction_type != Objective::VectorField
+        && objective_scheduler == NoiseScheduler::FlowMatchEuler
+    {
         ctx.error("objective.scheduler", format!("`flow_match_euler` needs `prediction_type` = \"vector_field\", not \"{prediction_type}\""));
     }
-    if prediction_type == "vector_field"
-        && sampler == "ddim"
+    if prediction_type == Objective::VectorField
+        && sampler == Sampler::Ddim
         && ctx.loc("inference.sampler").is_some()
     {
         ctx.error(
@@ -615,8 +635,8 @@ pub fn read_diffusion(
             "the DDIM sampler needs an epsilon or sample objective",
         );
     }
-    if prediction_type != "vector_field"
-        && sampler == "euler"
+    if prediction_type != Objective::VectorField
+        && sampler == Sampler::Euler
         && ctx.loc("inference.sampler").is_some()
     {
         ctx.error(
@@ -624,7 +644,7 @@ pub fn read_diffusion(
             "the flow Euler sampler needs `prediction_type` = \"vector_field\"",
         );
     }
-    if guidance == "rectified_cfg_pp" && prediction_type != "vector_field" {
+    if guidance == Guidance::RectifiedCfgPp && prediction_type != Objective::VectorField {
         ctx.error("inference.guidance", "Rectified-CFG++ guides a rectified flow: it needs `prediction_type` = \"vector_field\"");
     }
     if !latent_space && !is_sd && !ts && in_channels != 3 && in_channels != 1 {
@@ -656,7 +676,7 @@ pub fn read_diffusion(
     if in_channels != out_channels {
         ctx.error("model.extras.out_channels", format!("`out_channels` = {out_channels} must equal `in_channels` = {in_channels}: the model predicts a tensor shaped like its input"));
     }
-    if name_m == "dit" {
+    if name_m == DiffusionModel::Dit {
         let hw = if ts {
             [n_eeg_channels, sequence_length]
         } else {
@@ -684,14 +704,17 @@ pub fn read_diffusion(
             }
         }
     }
-    if matches!(name_m.as_str(), "hourglass" | "localmamba") {
-        let levels = if name_m == "hourglass" {
+    if matches!(
+        name_m,
+        DiffusionModel::Hourglass | DiffusionModel::LocalMamba
+    ) {
+        let levels = if name_m == DiffusionModel::Hourglass {
             &widths
         } else {
             &dims
         };
         if levels.len() != depths.len() {
-            let key = if name_m == "hourglass" {
+            let key = if name_m == DiffusionModel::Hourglass {
                 "model.extras.widths"
             } else {
                 "model.extras.dims"
@@ -700,21 +723,26 @@ pub fn read_diffusion(
         }
         // Attention heads of 64 channels each (the reference's d_head) must tile every width.
         let head = 64;
-        if name_m == "hourglass" {
+        if name_m == DiffusionModel::Hourglass {
             if let Some(w) = widths.iter().find(|w| !w.is_multiple_of(head)) {
                 ctx.error("model.extras.widths", format!("width {w} in `model.extras.widths` is not divisible by the attention head size {head}"))
                     .help = Some("use multiples of 64, e.g. [64, 128, 256]".into());
             }
         }
-        if name_m == "hourglass" && !attention.is_empty() && attention.len() != widths.len() {
+        if name_m == DiffusionModel::Hourglass
+            && !attention.is_empty()
+            && attention.len() != widths.len()
+        {
             ctx.error(
                 "model.extras.attention",
                 "`model.extras.attention` needs one entry per level",
             );
         }
     }
-    if matches!(name_m.as_str(), "dit" | "stable-diffusion-3.5-medium")
-        && !(num_attention_heads * attention_head_dim).is_multiple_of(2)
+    if matches!(
+        name_m,
+        DiffusionModel::Dit | DiffusionModel::StableDiffusion35
+    ) && !(num_attention_heads * attention_head_dim).is_multiple_of(2)
     {
         ctx.error(
             "model.extras.attention_head_dim",
@@ -746,7 +774,7 @@ pub fn read_diffusion(
             gender_column,
             health_column,
             age_column,
-            num_classes: if conditioning == "gend_hlth_age" {
+            num_classes: if conditioning == Conditioning::GenderHealthAge {
                 4
             } else {
                 num_classes

@@ -17,7 +17,8 @@ pub use diffusion::*;
 
 use serde::Serialize;
 
-use crate::settings::{Settings, DATA_TYPES, OUTPUT_TYPES};
+use crate::choice::{Choice, DataType, LrSchedule, OptimizerName, OutputType};
+use crate::settings::Settings;
 use crate::tree::{Ctx, Section};
 
 // ------------------------------------------------------------------------------------------
@@ -25,7 +26,7 @@ use crate::tree::{Ctx, Section};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Optimizer {
-    pub name: String,
+    pub name: OptimizerName,
     pub learning_rate: f64,
     pub weight_decay: f64,
     pub betas: [f64; 2],
@@ -36,7 +37,7 @@ pub struct Optimizer {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Scheduler {
-    pub name: String,
+    pub name: LrSchedule,
     pub warmup_steps: usize,
     pub min_lr_ratio: f64,
     pub num_cycles: f64,
@@ -47,12 +48,12 @@ pub struct Scheduler {
 pub(crate) fn read_optimizer(
     root: &Section,
     ctx: &mut Ctx,
-    names: &[&str],
+    names: &[OptimizerName],
     lr: f64,
     wd: f64,
 ) -> Optimizer {
     let s = root.section(ctx, "optimizer");
-    let name = s.choice(ctx, "name", "adamw", names);
+    let name = s.pick(ctx, "name", OptimizerName::AdamW, names);
     let learning_rate = s.float(ctx, "learning_rate").unwrap_or(lr);
     if learning_rate <= 0.0 {
         ctx.error(
@@ -78,7 +79,7 @@ pub(crate) fn read_optimizer(
         ctx.error("optimizer.eps", "`optimizer.eps` must be positive");
     }
     let momentum = s.float_in(ctx, "momentum", 0.9, 0.0, 1.0);
-    if s.has("momentum") && name != "sgd" {
+    if s.has("momentum") && name != OptimizerName::Sgd {
         ctx.error(
             "optimizer.momentum",
             format!("`optimizer.momentum` applies to sgd only, but `optimizer.name` = \"{name}\""),
@@ -95,9 +96,9 @@ pub(crate) fn read_optimizer(
     }
 }
 
-pub(crate) fn read_scheduler(root: &Section, ctx: &mut Ctx, names: &[&str]) -> Scheduler {
+pub(crate) fn read_scheduler(root: &Section, ctx: &mut Ctx, names: &[LrSchedule]) -> Scheduler {
     let s = root.section(ctx, "scheduler");
-    let name = s.choice(ctx, "name", "constant", names);
+    let name = s.pick(ctx, "name", LrSchedule::Constant, names);
     let warmup_steps = s.count(ctx, "warmup_steps", 0, 0);
     // The classification reference puts extra arguments under [scheduler.kwargs]; accept them
     // there and at the top level of [scheduler].
@@ -115,10 +116,13 @@ pub(crate) fn read_scheduler(root: &Section, ctx: &mut Ctx, names: &[&str]) -> S
     for (key, applies) in [
         (
             "min_lr_ratio",
-            ["linear", "cosine", "polynomial"].contains(&name.as_str()),
+            matches!(
+                name,
+                LrSchedule::Linear | LrSchedule::Cosine | LrSchedule::Polynomial
+            ),
         ),
-        ("num_cycles", name == "cosine"),
-        ("power", name == "polynomial"),
+        ("num_cycles", name == LrSchedule::Cosine),
+        ("power", name == LrSchedule::Polynomial),
     ] {
         if !applies && (kw.has(key) || s.has(key)) {
             let path = if kw.has(key) {
@@ -149,10 +153,10 @@ pub(crate) fn read_data_overrides(
     root: &Section,
     ctx: &mut Ctx,
     settings: &Settings,
-) -> (String, String) {
+) -> (OutputType, DataType) {
     let d = root.section(ctx, "data");
-    let output_type = d.choice(ctx, "output_type", &settings.output_type, OUTPUT_TYPES);
-    let data_type = d.choice(ctx, "data_type", &settings.data_type, DATA_TYPES);
+    let output_type = d.pick(ctx, "output_type", settings.output_type, OutputType::ALL);
+    let data_type = d.pick(ctx, "data_type", settings.data_type, DataType::ALL);
     d.finish(ctx, &[]);
     (output_type, data_type)
 }

@@ -6,7 +6,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 
-use super::path::{loss_weight, normals, per_sample, target, Objective, Path as NoisePath};
+use signal_diffusion_config::choice::Objective;
+
+use super::path::{loss_weight, normals, per_sample, target, Path as NoisePath};
 use crate::models::dit::{Condition, Dit};
 use crate::ops::loss::weighted_mse;
 use crate::ops::precision::Autocast;

@@ -17,23 +17,7 @@
 use candle_core::{Result, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Objective {
-    VectorField,
-    Epsilon,
-    Sample,
-}
-
-impl Objective {
-    pub fn parse(name: &str) -> Objective {
-        match name {
-            "vector_field" => Objective::VectorField,
-            "sample" => Objective::Sample,
-            _ => Objective::Epsilon,
-        }
-    }
-}
+use signal_diffusion_config::choice::{NoiseScheduler, Objective};
 
 /// The forward (noising) process.
 #[derive(Debug, Clone)]
@@ -81,10 +65,10 @@ impl Path {
 
     /// The path `objective.scheduler` names: rectified flow for `flow_match_euler`, VP for
     /// `ddpm` and `ddim`.
-    pub fn for_scheduler(scheduler: &str, timesteps: usize) -> Path {
+    pub fn for_scheduler(scheduler: NoiseScheduler, timesteps: usize) -> Path {
         match scheduler {
-            "flow_match_euler" => Path::flow(timesteps),
-            _ => Path::vp_linear(timesteps),
+            NoiseScheduler::FlowMatchEuler => Path::flow(timesteps),
+            NoiseScheduler::Ddpm | NoiseScheduler::Ddim => Path::vp_linear(timesteps),
         }
     }
 

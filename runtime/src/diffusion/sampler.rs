@@ -7,7 +7,10 @@ use candle_core::{Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::path::{normals, Level, Objective, Path as NoisePath};
+use anyhow::bail;
+use signal_diffusion_config::choice::{self, NoiseScheduler, Objective, OutputType};
+
+use super::path::{normals, Level, Path as NoisePath};
 use crate::models::dit::{Condition, Conditioning, Dit, DitShape};
 
 /// The (clean estimate, noise estimate) implied by a model output at level `l`.
@@ -232,18 +235,18 @@ impl Sampler {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SampleSpec {
     pub shape: DitShape,
-    pub objective: String,
-    /// `flow_match_euler`, `ddpm` or `ddim` (the noise path, and η for DDIM sampling).
-    pub scheduler: String,
+    pub objective: Objective,
+    /// The noise path (and η for DDIM sampling: 1 on `ddpm`).
+    pub scheduler: NoiseScheduler,
     pub timesteps: usize,
-    pub sampler: String,
+    pub sampler: choice::Sampler,
     pub denoising_steps: usize,
     pub cfg_scale: f64,
-    pub guidance: String,
+    pub guidance: choice::Guidance,
     /// Metadata columns of the conditioning: [class] or [gender, health, age].
     pub columns: Vec<String>,
     /// What the dataset's images are: `db-only` (grey) or a 3-channel type.
-    pub output_type: String,
+    pub output_type: OutputType,
     /// Width of the images the model was trained from, before resizing (strip geometry; 0 for
     /// time series).
     pub source_width: usize,
@@ -256,7 +259,7 @@ pub struct SampleSpec {
 
 impl SampleSpec {
     pub fn path(&self) -> NoisePath {
-        NoisePath::for_scheduler(&self.scheduler, self.timesteps)
+        NoisePath::for_scheduler(self.scheduler, self.timesteps)
     }
 
     /// The values a grid shows as black and white: [-1, 1] for images, ±3 for z-scored series.
@@ -269,25 +272,27 @@ impl SampleSpec {
     }
 
     /// The sampler, with `steps` denoising steps and guidance scale `cfg_scale`.
-    pub fn sampler(&self, steps: usize, cfg_scale: f64) -> Sampler {
-        let method = match self.sampler.as_str() {
-            "heun" => Method::Heun,
-            "ddim" => Method::Ddim {
-                eta_one: self.scheduler == "ddpm",
+    pub fn sampler(&self, steps: usize, cfg_scale: f64) -> anyhow::Result<Sampler> {
+        let method = match self.sampler {
+            choice::Sampler::Euler => Method::Euler,
+            choice::Sampler::Heun => Method::Heun,
+            choice::Sampler::Ddim => Method::Ddim {
+                eta_one: self.scheduler == NoiseScheduler::Ddpm,
             },
-            _ => Method::Euler,
+            // Refused at build time; a hand-edited sampling.json can still name it.
+            choice::Sampler::DpmPP2M => bail!("the DPM-Solver++ 2M sampler is not built yet"),
         };
-        Sampler {
+        Ok(Sampler {
             path: self.path(),
-            objective: Objective::parse(&self.objective),
+            objective: self.objective,
             method,
             steps,
-            guidance: match self.guidance.as_str() {
-                "rectified_cfg_pp" => Guidance::RectifiedCfgPp(cfg_scale),
-                _ => Guidance::Cfg(cfg_scale),
+            guidance: match self.guidance {
+                choice::Guidance::Cfg => Guidance::Cfg(cfg_scale),
+                choice::Guidance::RectifiedCfgPp => Guidance::RectifiedCfgPp(cfg_scale),
             },
             clip_sample: !self.timeseries,
-        }
+        })
     }
 }
 

@@ -17,9 +17,9 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
 
 #[derive(Clone, Copy)]
 pub(crate) struct Dropout {
-    seed: u64,
-    threshold: u32,
-    scale: f32,
+    pub(crate) seed: u64,
+    pub(crate) threshold: u32,
+    pub(crate) scale: f32,
 }
 
 impl CustomOp1 for Dropout {

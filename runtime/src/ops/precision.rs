@@ -32,17 +32,18 @@ use candle_core::{
     Tensor, Var,
 };
 use serde::{Deserialize, Serialize};
+use signal_diffusion_config::choice::MixedPrecision;
 
 thread_local! {
     static AUTOCAST: Cell<Option<DType>> = const { Cell::new(None) };
 }
 
-/// The 16-bit type a config asks for: `mixed_precision` ("no", "bf16", "fp16") or `use_amp`.
-pub fn dtype_of(mixed_precision: &str) -> Option<DType> {
+/// The 16-bit type `mixed_precision` asks for (`None`: f32).
+pub fn dtype_of(mixed_precision: MixedPrecision) -> Option<DType> {
     match mixed_precision {
-        "bf16" => Some(DType::BF16),
-        "fp16" => Some(DType::F16),
-        _ => None,
+        MixedPrecision::Bf16 => Some(DType::BF16),
+        MixedPrecision::Fp16 => Some(DType::F16),
+        MixedPrecision::No => None,
     }
 }
 

@@ -15,7 +15,7 @@ use super::diffusion::update;
 use super::optim::Optimizer;
 use super::Compiled;
 use crate::diffusion::loss::{diffusion_grads, StepSpec};
-use crate::diffusion::path::{normals, Objective, Path as NoisePath};
+use crate::diffusion::path::{normals, Path as NoisePath};
 use crate::models::classifier::{Backbone, Classifier};
 use crate::models::dit::{Condition, Dit, DitShape};
 use crate::models::nn::{Mode, Params};
@@ -126,9 +126,9 @@ pub(super) fn benchmark_diffusion(
     dims.extend(compiled.input_shape);
     let x = Tensor::from_vec(normals(&mut rng, dims.iter().product()), dims, device)?;
     let cond = Condition::null(shape.conditioning, bs);
-    let path = NoisePath::for_scheduler(&cfg.objective_scheduler, cfg.num_timesteps);
-    let objective = Objective::parse(&cfg.prediction_type);
-    let amp = precision::dtype_of(&t.mixed_precision);
+    let path = NoisePath::for_scheduler(cfg.objective_scheduler, cfg.num_timesteps);
+    let objective = cfg.prediction_type;
+    let amp = precision::dtype_of(t.mixed_precision);
     let spec = StepSpec {
         path: &path,
         objective,

@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use signal_diffusion_config::choice::{CheckpointStrategy, EvalStrategy};
 use signal_diffusion_config::{schema::Classification, Kind};
 
 use super::benchmark::benchmark_classifier;
@@ -55,7 +56,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     };
     let tasks = compiled.tasks;
     let t = &cfg.training;
-    let device = super::select_device(&t.device, compiled)?;
+    let device = super::select_device(t.device, compiled)?;
     if let Some(steps) = options.benchmark {
         return benchmark_classifier::<B>(compiled, shape, cfg, &device, steps);
     }
@@ -85,7 +86,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     // Data.
     let dir = &cfg.dataset.path;
     let train = Arc::new(read_split(dir, &cfg.dataset.train_split, tasks)?);
-    let val = if t.eval_strategy == "none" {
+    let val = if t.eval_strategy == EvalStrategy::None {
         None
     } else {
         Some(Arc::new(read_split(dir, &cfg.dataset.val_split, tasks)?))
@@ -259,7 +260,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
             }
             log.step(status);
             stop = milestone(
-                "steps",
+                When::Step,
                 &ctx,
                 &model,
                 val.as_ref(),
@@ -283,7 +284,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
             state.swa_n = swa.n;
         }
         stop = milestone(
-            "epoch",
+            When::Epoch,
             &ctx,
             &model,
             val.as_ref(),
@@ -594,11 +595,18 @@ fn huber(pred: &Tensor, y: &Tensor, delta: f64) -> Result<Tensor> {
     Ok(abs.le(delta)?.where_cond(&quad, &lin)?.mean_all()?)
 }
 
-/// The evaluation and checkpoint due at this point: `when` is "steps" after an optimizer step,
-/// "epoch" at the end of an epoch. Returns true when early stopping says stop.
+/// Where in the loop `milestone` is called: after an optimizer step, or at the end of an epoch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum When {
+    Step,
+    Epoch,
+}
+
+/// The evaluation and checkpoint due at this point (`when`). Returns true when early stopping
+/// says stop.
 #[allow(clippy::too_many_arguments)]
 fn milestone<B: Backbone>(
-    when: &str,
+    when: When,
     ctx: &Ctx,
     model: &Classifier<B>,
     val: Option<&Arc<Split>>,
@@ -612,11 +620,21 @@ fn milestone<B: Backbone>(
     main_steps: usize,
 ) -> Result<bool> {
     let t = &ctx.cfg.training;
-    let due = |strategy: &str, every: Option<usize>, step: u64| {
-        strategy == when && (when == "epoch" || step.is_multiple_of(every.unwrap_or(1) as u64))
+    // A strategy is due at its own point of the loop, and "steps" only every `every` steps.
+    let due = |at: Option<When>, every: Option<usize>, step: u64| {
+        at == Some(when) && (when == When::Epoch || step.is_multiple_of(every.unwrap_or(1) as u64))
+    };
+    let eval_at = match t.eval_strategy {
+        EvalStrategy::Epoch => Some(When::Epoch),
+        EvalStrategy::Steps => Some(When::Step),
+        EvalStrategy::None => None,
+    };
+    let checkpoint_at = match t.checkpoint_strategy {
+        CheckpointStrategy::Epoch => When::Epoch,
+        CheckpointStrategy::Steps => When::Step,
     };
     let mut stop = false;
-    if due(&t.eval_strategy, t.eval_steps, state.step) {
+    if due(eval_at, t.eval_steps, state.step) {
         // During SWA the averaged weights are the ones evaluated (and kept when best); early
         // stopping is off in that phase, as in the reference.
         let saved = swa.swap_in(vars)?;
@@ -624,7 +642,7 @@ fn milestone<B: Backbone>(
         Swa::swap_out(vars, saved)?;
         stop = result? && state.step as usize <= main_steps;
     }
-    if due(&t.checkpoint_strategy, t.checkpoint_steps, state.step) {
+    if due(Some(checkpoint_at), t.checkpoint_steps, state.step) {
         save_periodic(
             ckpt_dir,
             periodic,

@@ -37,11 +37,12 @@ use crate::data::image::Augment;
 use crate::data::loader::{read_split, Loader, Samples, Split};
 use crate::diffusion::ema::Ema;
 use crate::diffusion::loss::{diffusion_grads, StepSpec};
-use crate::diffusion::path::{normals, Objective, Path as NoisePath};
+use crate::diffusion::path::{normals, Path as NoisePath};
 use crate::diffusion::sampler::{conditions, SampleSpec};
 use crate::models::dit::{Condition, Conditioning, Dit, DitShape};
 use crate::models::nn::Params;
 use crate::ops::precision::{self, LossScaler};
+use signal_diffusion_config::choice::{DatasetType, EvalStrategy, Objective};
 
 /// Entry point of a generated diffusion trainer.
 pub fn main(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> ExitCode {
@@ -125,8 +126,9 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         bail!("this trainer was compiled for diffusion")
     };
     let t = &cfg.training;
-    let amp = precision::dtype_of(&t.mixed_precision);
-    let device = super::select_device("auto", compiled)?;
+    let amp = precision::dtype_of(t.mixed_precision);
+    // Diffusion configs have no `device` key: the GPU when there is one (as the reference).
+    let device = super::select_device(signal_diffusion_config::choice::Device::Auto, compiled)?;
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         candle_core::cuda_backend::set_gemm_reduced_precision_f32(t.allow_tf32);
@@ -164,16 +166,16 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
     let read = |split: &str, augment: Augment, max: Option<usize>| -> Result<Arc<Split>> {
         let mut s = read_split(&dir, split, tasks)?;
         let encoded = matches!(s.samples, Samples::Encoded { .. });
-        match ds.dataset_type.as_str() {
-            "imagefolder" if encoded => bail!(
+        match ds.dataset_type {
+            DatasetType::ImageFolder if encoded => bail!(
                 "{}: `dataset_type = \"imagefolder\"`, but the split `{split}` is a Parquet table",
                 dir.display()
             ),
-            "parquet" if !encoded => bail!(
+            DatasetType::Parquet if !encoded => bail!(
                 "{}: `dataset_type = \"parquet\"`, but the split `{split}` is an image folder",
                 dir.display()
             ),
-            _ => {}
+            DatasetType::ImageFolder | DatasetType::Parquet | DatasetType::Auto => {}
         }
         s.augment = augment;
         if let Some(n) = max {
@@ -211,18 +213,18 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         compiled.parameters
     );
 
-    let objective = Objective::parse(&cfg.prediction_type);
+    let objective = cfg.prediction_type;
     let spec = SampleSpec {
         shape: *shape,
-        objective: cfg.prediction_type.clone(),
-        scheduler: cfg.objective_scheduler.clone(),
+        objective: cfg.prediction_type,
+        scheduler: cfg.objective_scheduler,
         timesteps: cfg.num_timesteps,
-        sampler: cfg.sampler.clone(),
+        sampler: cfg.sampler,
         denoising_steps: cfg.denoising_steps,
         cfg_scale: cfg.cfg_scale,
-        guidance: cfg.guidance.clone(),
+        guidance: cfg.guidance,
         columns: tasks.iter().map(|t| t.column.to_string()).collect(),
-        output_type: resolved.output_type.clone(),
+        output_type: resolved.output_type,
         source_width: match cfg.dataset_is_timeseries {
             true => 0,
             false => source_width(&train)?,
@@ -299,15 +301,15 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
     let mut log = Logger::for_run(&run_dir, cfg.tensorboard, cfg.log_dir.as_ref())?;
     // Reference features for KID/MMD, once per run: the validation split, else the training
     // split without its random augmentations.
-    let reference = match (t.eval_mmd_samples >= 2, t.eval_strategy.as_str()) {
-        (true, "steps" | "epoch") => {
+    let reference = match (t.eval_mmd_samples >= 2, t.eval_strategy) {
+        (true, EvalStrategy::Steps | EvalStrategy::Epoch) => {
             let split = match &val {
                 Some(v) => v.clone(),
                 None => read(&ds.train_split, eval_augment, ds.max_train_samples)?,
             };
             Some(reference_features(&ctx, &split)?)
         }
-        _ => None,
+        (false, _) | (true, EvalStrategy::None) => None,
     };
     let cond_source = val.clone().unwrap_or_else(|| train.clone());
     let mut eval = Evaluator {
@@ -320,7 +322,7 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         reference: reference.as_ref(),
     };
 
-    if t.initial_eval && resume.is_none() && t.eval_strategy != "none" {
+    if t.initial_eval && resume.is_none() && t.eval_strategy != EvalStrategy::None {
         eval.run(&mut state, ema.as_ref(), &mut log)?;
     }
     let started = Instant::now();
@@ -432,7 +434,9 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
             }
             log.step(status);
             let end_of_epoch = state.batch_in_epoch == batches_per_epoch;
-            if t.eval_strategy == "steps" && step.is_multiple_of(t.eval_num_steps as u64) {
+            if t.eval_strategy == EvalStrategy::Steps
+                && step.is_multiple_of(t.eval_num_steps as u64)
+            {
                 eval.run(&mut state, ema.as_ref(), &mut log)?;
                 last_eval = step;
             }
@@ -460,13 +464,13 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         }
         state.epoch += 1;
         state.batch_in_epoch = 0;
-        if t.eval_strategy == "epoch" && last_eval != state.step {
+        if t.eval_strategy == EvalStrategy::Epoch && last_eval != state.step {
             eval.run(&mut state, ema.as_ref(), &mut log)?;
             last_eval = state.step;
         }
     }
     log.finish_progress();
-    if t.eval_strategy != "none" && last_eval != state.step {
+    if t.eval_strategy != EvalStrategy::None && last_eval != state.step {
         eval.run(&mut state, ema.as_ref(), &mut log)?;
     }
     save(

@@ -54,18 +54,28 @@ pub struct Compiled {
     pub cuda_source: &'static str,
 }
 
-/// The device `training.device` names: "cpu", "cuda" (an error without a GPU), or "auto" (the
-/// first GPU when this is a CUDA build and one is there, else the CPU). On a GPU our kernels are
-/// loaded first, so a broken kernel fails here rather than mid-run.
-pub fn select_device(name: &str, compiled: &Compiled) -> Result<candle_core::Device> {
+/// The device `training.device` names: the CPU, the first GPU (an error without one), or `auto`:
+/// the first GPU when this is a CUDA build and one opens, else the CPU (saying why). On a GPU our
+/// kernels are loaded first, so a broken kernel fails here rather than mid-run.
+pub fn select_device(
+    choice: config::choice::Device,
+    compiled: &Compiled,
+) -> Result<candle_core::Device> {
     use candle_core::Device;
-    let device = match name {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).map_err(|e| {
+    use config::choice::Device as Choice;
+    let device = match choice {
+        Choice::Cpu => Device::Cpu,
+        Choice::Cuda => Device::new_cuda(0).map_err(|e| {
             anyhow::anyhow!("training.device = \"cuda\", but no GPU could be opened: {e}")
         })?,
-        _ if cfg!(feature = "cuda") => Device::cuda_if_available(0).unwrap_or(Device::Cpu),
-        _ => Device::Cpu,
+        Choice::Auto if cfg!(feature = "cuda") => match Device::new_cuda(0) {
+            Ok(gpu) => gpu,
+            Err(e) => {
+                println!("training.device = \"auto\": no GPU could be opened ({e}); using the CPU");
+                Device::Cpu
+            }
+        },
+        Choice::Auto => Device::Cpu,
     };
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = &device {

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 
 use candle_core::{backprop::GradStore, Result, Tensor, Var};
+use signal_diffusion_config::choice::{LrSchedule, OptimizerName};
 use signal_diffusion_config::schema;
 
 pub struct Optimizer {
@@ -57,10 +58,11 @@ enum Kind {
 
 impl Optimizer {
     pub fn new(cfg: &schema::Optimizer, params: Vec<(String, Var)>) -> Result<Self> {
-        let kind = match cfg.name.as_str() {
-            "adam" => Kind::Adam,
-            "sgd" => Kind::Sgd,
-            _ => Kind::AdamW,
+        let kind = match cfg.name {
+            OptimizerName::Adam => Kind::Adam,
+            OptimizerName::Sgd => Kind::Sgd,
+            // adamw_8bit still trains with f32 moments: its quantised state is issue 18's.
+            OptimizerName::AdamW | OptimizerName::AdamW8bit => Kind::AdamW,
         };
         let zeros = |p: &[(String, Var)]| {
             p.iter()
@@ -227,15 +229,15 @@ pub fn lr_factor(cfg: &schema::Scheduler, s: usize, total: usize) -> f64 {
     }
     let m = cfg.min_lr_ratio;
     let progress = (s - w) as f64 / (total.saturating_sub(w)).max(1) as f64;
-    match cfg.name.as_str() {
-        "linear" => m.max((1.0 - progress) * (1.0 - m) + m),
-        "cosine" => {
+    match cfg.name {
+        LrSchedule::Linear => m.max((1.0 - progress) * (1.0 - m) + m),
+        LrSchedule::Cosine => {
             m + (1.0 - m)
                 * 0.5
                 * (1.0 + (std::f64::consts::PI * 2.0 * cfg.num_cycles * progress).cos())
         }
-        "polynomial" => m + (1.0 - m) * (1.0 - progress.min(1.0)).powf(cfg.power),
-        _ => 1.0,
+        LrSchedule::Polynomial => m + (1.0 - m) * (1.0 - progress.min(1.0)).powf(cfg.power),
+        LrSchedule::Constant | LrSchedule::ConstantWithWarmup => 1.0,
     }
 }
 
@@ -273,7 +275,7 @@ mod tests {
 
     fn sched(name: &str, warmup: usize, min: f64) -> schema::Scheduler {
         schema::Scheduler {
-            name: name.into(),
+            name: signal_diffusion_config::choice::from_toml(name).unwrap(),
             warmup_steps: warmup,
             min_lr_ratio: min,
             num_cycles: 0.5,
@@ -299,7 +301,7 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let w = Var::new(&[1.0f32, -2.0], &dev)?;
         let cfg = schema::Optimizer {
-            name: "adamw".into(),
+            name: OptimizerName::AdamW,
             learning_rate: 0.1,
             weight_decay: 0.01,
             betas: [0.9, 0.999],

@@ -17,6 +17,8 @@ use candle_core::{Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use signal_diffusion_config::choice::OutputType;
+
 use crate::data::image::to_pixels;
 use crate::diffusion::path::normals;
 use crate::diffusion::sampler::{conditions, SampleSpec};
@@ -266,7 +268,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     let sampler = spec.sampler(
         args.steps.unwrap_or(spec.denoising_steps),
         args.cfg_scale.unwrap_or(spec.cfg_scale),
-    );
+    )?;
 
     let tmp = crate::data::io::temp_path_for(&args.out)?;
     if tmp.exists() {
@@ -275,7 +277,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     let images = tmp.join(&args.split).join("synthetic");
     std::fs::create_dir_all(&images)
         .with_context(|| format!("cannot create {}", images.display()))?;
-    let grey = spec.output_type == "db-only";
+    let grey = spec.output_type == OutputType::DbOnly;
     let (ch, h, w) = (shape.in_channels, shape.height, shape.width);
     let bar = indicatif::ProgressBar::new(rows.len() as u64);
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);

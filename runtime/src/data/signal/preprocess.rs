@@ -22,7 +22,9 @@ use signal_diffusion_config::settings::{DatasetPaths, Settings};
 use super::datasets::{adapter, Adapter, Naming, Subject};
 use super::decimate::{decimate, decimate_channels};
 use super::read_picks;
-use super::spectrogram::{derive_hop, image, LogStft, OutputType};
+use signal_diffusion_config::choice::{self, OutputType};
+
+use super::spectrogram::{derive_hop, image, LogStft};
 use super::timeseries::{normalize, Stats, Welford};
 
 /// CSV rows of a subject: (file_name, metadata columns).
@@ -117,10 +119,12 @@ pub fn run(args: &PreprocessArgs, settings: &Settings) -> Result<Summary> {
                     .join(", ")
             )
         })?;
-        let output_type = args.output_type.as_deref().unwrap_or(&settings.output_type);
-        let output = OutputType::parse(output_type).with_context(|| {
-            format!("output type `{output_type}` is not db-only, db-iq or db-polar")
-        })?;
+        let output = match args.output_type.as_deref() {
+            None => settings.output_type,
+            Some(text) => choice::from_toml::<OutputType>(text).with_context(|| {
+                format!("output type `{text}` is not db-only, db-iq or db-polar")
+            })?,
+        };
         let s = preprocess_dataset(&adapter(name)?, paths, output, args)?;
         println!(
             "{name}: {} recordings, {} windows ({} written, {} already there), {} skipped",

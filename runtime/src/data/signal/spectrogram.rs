@@ -11,6 +11,7 @@
 //! which halves the multiply-adds again (the Hann window is 0 at m = ±c, so m runs to c − 1).
 //! All channels of a window go through one matrix product (see [`LogStft::transform_channels`]).
 
+use signal_diffusion_config::choice::OutputType;
 use std::f64::consts::PI;
 
 /// Frequencies (cycles/sample) of the 256 output rows: 0, then 0.001 … 0.5 log-spaced.
@@ -184,34 +185,6 @@ pub fn derive_hop(nsamps: usize, resolution: usize, channels: usize, step: usize
         hop += step;
     }
     hop
-}
-
-/// The reference's output types: channel 0 is always the clipped dB; db-iq adds the real and
-/// imaginary parts, db-polar the linear magnitude and the phase.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputType {
-    DbOnly,
-    DbIq,
-    DbPolar,
-}
-
-impl OutputType {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "db-only" => Some(OutputType::DbOnly),
-            "db-iq" => Some(OutputType::DbIq),
-            "db-polar" => Some(OutputType::DbPolar),
-            _ => None,
-        }
-    }
-
-    pub fn channels(self) -> usize {
-        if self == OutputType::DbOnly {
-            1
-        } else {
-            3
-        }
-    }
 }
 
 /// `trunc(255 · (v − lo)/(hi − lo))` as numpy's `astype(uint8)` after the reference's scaling;

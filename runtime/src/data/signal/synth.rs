@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use signal_diffusion_config::choice::{DataType, OutputType};
 use signal_diffusion_config::settings::{DatasetPaths, Settings};
 
 use super::datasets::PARKINSONS_CHANNELS;
@@ -194,8 +195,8 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         data_root: args.out.join("raw"),
         output_root: args.out.clone(),
         max_sampling_weight: None,
-        output_type: "db-only".into(),
-        data_type: "spectrogram".into(),
+        output_type: OutputType::DbOnly,
+        data_type: DataType::Spectrogram,
         datasets: [(
             "parkinsons".to_string(),
             DatasetPaths {
