@@ -14,7 +14,7 @@ use signal_diffusion_runtime::ops::norm::group_norm;
 use signal_diffusion_runtime::ops::precision::Autocast;
 use signal_diffusion_runtime::tasks::{TaskKind, TaskSpec};
 use signal_diffusion_runtime::train::optim::Optimizer;
-use signal_diffusion_runtime::train::KernelSizes;
+use signal_diffusion_runtime::KernelSizes;
 
 /// The GPU, with our kernels compiled by NVRTC for it: GroupNorm kernels specialised to 8·32·32
 /// values per sample (the first shape below, and the stem of the training test's model), DiT
@@ -248,7 +248,7 @@ fn gelu_kernels_match_candle_on_the_cpu() -> Result<()> {
 #[test]
 #[ignore = "needs a GPU"]
 fn fused_pooling_tails_match_the_cpu() -> Result<()> {
-    use signal_diffusion_runtime::ops as op;
+    use signal_diffusion_runtime::ops::pool as op;
     let x: &[usize] = &[3, 4, 9, 11];
     let (p, seed) = (0.3, 77);
     cpu_gpu_parity("avg pool", &[x], 1e-5, |t| op::avg_pool(&t[0], 2, 2))?;
@@ -428,9 +428,10 @@ fn small_dit() -> signal_diffusion_runtime::models::dit::DitShape {
 /// device), AdamW with clipping, and the fused EMA after each update.
 fn dit_losses(dev: &Device, amp: Option<DType>, updates: u64) -> Result<Vec<f64>> {
     use rand::SeedableRng;
+    use signal_diffusion_config::choice::Objective;
     use signal_diffusion_runtime::diffusion::ema::Ema;
     use signal_diffusion_runtime::diffusion::loss::{diffusion_grads, StepSpec};
-    use signal_diffusion_runtime::diffusion::path::{Objective, Path};
+    use signal_diffusion_runtime::diffusion::path::Path;
     use signal_diffusion_runtime::models::dit::{Condition, Dit};
     let shape = small_dit();
     let mut p = Params::new(3, dev);

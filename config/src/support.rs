@@ -1,0 +1,203 @@
+//! What this build can honour: a valid config that asks for a model, option or device the
+//! trainer does not have yet is refused here, at the key that asks for it, with what to use
+//! instead. Validity (types, ranges, cross-field rules) is the schema's; this is only support.
+
+use crate::choice::{
+    Choice, Conditioning, Device, DiffusionModel, Guidance, MixedPrecision, Objective, Sampler,
+};
+use crate::diag::Diagnostic;
+use crate::schema::Diffusion;
+use crate::tree::Ctx;
+use crate::{Kind, Target};
+
+/// Reject what this build cannot honour yet, at the key that asks for it.
+pub(crate) fn check_support(ctx: &mut Ctx, kind: &Kind, target: Target) {
+    let unsupported = |ctx: &mut Ctx, key: &str, what: String, help: &str| {
+        let loc = ctx.loc(key).or_else(|| ctx.loc("settings.trainer"));
+        ctx.diags.push(
+            Diagnostic::error(loc, format!("not yet supported: {what}")).help(help.to_string()),
+        );
+    };
+    match kind {
+        Kind::Diffusion(d) => check_diffusion(ctx, d, target, unsupported),
+        Kind::Classification(c) => {
+            let t = &c.training;
+            if t.wandb_project.is_some() || t.wandb_entity.is_some() || !t.wandb_tags.is_empty() {
+                let key = [
+                    "training.wandb_project",
+                    "training.wandb_entity",
+                    "training.wandb_tags",
+                ]
+                .into_iter()
+                .find(|k| ctx.loc(k).is_some())
+                .unwrap_or("training.wandb_project");
+                unsupported(ctx, key, "Weights & Biases logging".into(), "remove the `wandb_*` keys; use `tensorboard = true` (event files TensorBoard reads)");
+            }
+            if t.use_amp {
+                warn_cpu_mixed_precision(ctx, "training.use_amp", "bf16", target);
+            }
+            if t.device == Device::Cuda && !target.cuda {
+                unsupported(
+                    ctx,
+                    "training.device",
+                    "`device = \"cuda\"` in a build without the `cuda` feature".into(),
+                    "use `device = \"auto\"` or \"cpu\", or build with `--features cuda`",
+                );
+            }
+        }
+    }
+}
+
+/// What the DiT trainer cannot honour yet, each at its key.
+fn check_diffusion(
+    ctx: &mut Ctx,
+    d: &Diffusion,
+    target: Target,
+    unsupported: impl Fn(&mut Ctx, &str, String, &str),
+) {
+    let m = &d.model;
+    if m.name != DiffusionModel::Dit {
+        let what = format!("the `{}` diffusion model (the trainer builds DiT)", m.name);
+        unsupported(
+            ctx,
+            "model.name",
+            what,
+            "use `name = \"dit\"`; `sigdiff validate` checks this config",
+        );
+        return;
+    }
+    let rules: [(bool, &str, &str, &str); 12] = [
+        (
+            m.latent_space,
+            "model.extras.latent_space",
+            "latent-space training (it needs a VAE)",
+            "train in pixel space: `latent_space = false`",
+        ),
+        (
+            m.conditioning == Conditioning::Caption,
+            "model.conditioning",
+            "caption conditioning for DiT (it needs text encoders)",
+            "use `none`, `classes` or `gend_hlth_age`",
+        ),
+        (
+            m.lora_enabled,
+            "model.lora.enabled",
+            "LoRA for DiT",
+            "set `enabled = false`",
+        ),
+        (
+            m.vae_tiling,
+            "model.vae_tiling",
+            "VAE tiling (pixel-space DiT has no VAE)",
+            "remove `vae_tiling`",
+        ),
+        (
+            m.revision.is_some(),
+            "model.revision",
+            "`revision` (a Hub revision; models load from local directories)",
+            "remove `revision`",
+        ),
+        (
+            m.dropout > 0.0,
+            "model.extras.dropout",
+            "attention/MLP dropout in DiT",
+            "remove `dropout` (the reference's configs leave it at 0)",
+        ),
+        (
+            !m.attention_bias,
+            "model.extras.attention_bias",
+            "attention without biases",
+            "remove `attention_bias = false`",
+        ),
+        (
+            m.activation_fn != "gelu-approximate",
+            "model.extras.activation_fn",
+            "a DiT MLP activation other than \"gelu-approximate\"",
+            "use `activation_fn = \"gelu-approximate\"`",
+        ),
+        (
+            m.norm_elementwise_affine,
+            "model.extras.norm_elementwise_affine",
+            "affine LayerNorms in DiT",
+            "remove `norm_elementwise_affine`",
+        ),
+        (
+            d.sampler == Sampler::DpmPP2M,
+            "inference.sampler",
+            "the DPM-Solver++ 2M sampler",
+            "use `euler` or `heun` (flow) or `ddim` (epsilon/sample)",
+        ),
+        (
+            d.wandb_project.is_some() || d.wandb_entity.is_some(),
+            "logging.wandb_project",
+            "Weights & Biases logging",
+            "remove the `wandb_*` keys; use `tensorboard = true`",
+        ),
+        (
+            d.dataset.cache_dir.is_some(),
+            "dataset.cache_dir",
+            "`cache_dir` (datasets are read from local directories, nothing is cached)",
+            "remove `cache_dir`",
+        ),
+    ];
+    for (bad, key, what, help) in rules {
+        if bad {
+            let key = if key == "logging.wandb_project" && ctx.loc(key).is_none() {
+                "logging.wandb_entity"
+            } else {
+                key
+            };
+            unsupported(ctx, key, what.to_string(), help);
+        }
+    }
+    if d.dataset.image_column != "image" {
+        unsupported(
+            ctx,
+            "dataset.image_column",
+            format!(
+                "image column `{}` (Parquet datasets are read from their `image` column)",
+                d.dataset.image_column
+            ),
+            "remove `image_column`",
+        );
+    }
+    if m.conditioning != Conditioning::None
+        && d.sampler == Sampler::Heun
+        && d.guidance == Guidance::RectifiedCfgPp
+    {
+        unsupported(
+            ctx,
+            "inference.guidance",
+            "Rectified-CFG++ with the Heun sampler".into(),
+            "use `sampler = \"euler\"` with Rectified-CFG++",
+        );
+    }
+    if d.sampler == Sampler::Heun && d.prediction_type != Objective::VectorField {
+        unsupported(
+            ctx,
+            "inference.sampler",
+            "Heun on a DDPM/DDIM path".into(),
+            "use `sampler = \"ddim\"` for epsilon/sample objectives",
+        );
+    }
+    if d.training.mixed_precision != MixedPrecision::No {
+        let precision = d.training.mixed_precision.toml();
+        warn_cpu_mixed_precision(ctx, "training.mixed_precision", precision, target);
+    }
+}
+
+/// Mixed precision is honoured on every device, but a CPU has no 16-bit GEMM here: it gets the
+/// GPU's numerics (operands rounded to 16 bits) at f32 speed plus the rounding.
+fn warn_cpu_mixed_precision(ctx: &mut Ctx, key: &str, precision: &str, target: Target) {
+    if target.cuda {
+        return;
+    }
+    let loc = ctx.loc(key).or_else(|| ctx.loc("settings.trainer"));
+    ctx.diags.push(
+        Diagnostic::warning(
+            loc,
+            format!("{precision} mixed precision in a CPU build: products are rounded to {precision} (a GPU's numerics) but computed by f32 kernels, so training is no faster than in f32 (about 10 % slower)"),
+        )
+        .help("for speed on a CPU, turn mixed precision off; build with `--features cuda` for 16-bit GEMMs"),
+    );
+}
