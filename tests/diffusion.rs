@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::common::{only_run_dir, python, series, test_metric, train, write_dataset};
 use signal_diffusion_runtime::diffusion::fidelity::BANDS;
-use signal_diffusion_runtime::train::sample::SampleArgs;
+use signal_diffusion_runtime::train::sample::SampleOptions;
 
 mod tiny_dit {
     signal_diffusion_macros::trainer!("train/tiny_dit.toml");
@@ -236,7 +236,7 @@ fn a_classifier_trained_on_generated_samples_recognises_real_images() {
 
     // 128 samples conditioned like the training rows (cycled), EMA weights.
     let synth = tmp.path().join("synthetic");
-    signal_diffusion_runtime::train::sample::run(&SampleArgs {
+    signal_diffusion_runtime::train::sample::run(&SampleOptions {
         checkpoint: run.join("final/ema"),
         ema: false,
         n: Some(128),
@@ -340,7 +340,7 @@ fn a_time_series_dit_generates_the_rhythm_of_its_class() {
     let synth = tmp.path().join("synthetic");
     for class in 0..2 {
         let out = synth.join(format!("class-{class}"));
-        signal_diffusion_runtime::train::sample::run(&SampleArgs {
+        signal_diffusion_runtime::train::sample::run(&SampleOptions {
             checkpoint: run.join("final/ema"),
             ema: false,
             n: Some(16),

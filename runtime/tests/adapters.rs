@@ -10,7 +10,7 @@ use signal_diffusion_config::settings::{Env, Settings};
 use signal_diffusion_runtime::data::signal::cnt::{self, Electrode};
 use signal_diffusion_runtime::data::signal::edf::{self, Format, Recording, Signal};
 use signal_diffusion_runtime::data::signal::eeglab;
-use signal_diffusion_runtime::data::signal::preprocess::{run, PreprocessArgs, Summary};
+use signal_diffusion_runtime::data::signal::preprocess::{run, PreprocessOptions, Summary};
 
 /// µV of channel `c` at sample `n` of a recording at `fs` Hz: a 10 Hz rhythm plus a ramp.
 fn microvolts(c: usize, n: usize, fs: f64) -> f64 {
@@ -37,8 +37,8 @@ fn settings(tmp: &Path, dataset: &str, min_db: f64, max_db: f64) -> Settings {
     signal_diffusion_config::load_settings(Some(&path), &env).unwrap()
 }
 
-fn args(dataset: &str, timeseries: bool) -> PreprocessArgs {
-    PreprocessArgs {
+fn args(dataset: &str, timeseries: bool) -> PreprocessOptions {
+    PreprocessOptions {
         datasets: vec![dataset.into()],
         config: None,
         output_type: None,

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use signal_diffusion_config::settings::Env;
-use signal_diffusion_runtime::data::signal::meta::{run, MetaArgs};
+use signal_diffusion_runtime::data::signal::meta::{run, MetaOptions};
 use signal_diffusion_runtime::data::table::{self, Column};
 
 /// A dataset output dir with `n_subjects` × 2 grey PNGs per split and its metadata CSVs.
@@ -63,7 +63,7 @@ fn weighted_parquet_in_the_hugging_face_layout() {
         embedded: None,
     };
     let settings = signal_diffusion_config::load_settings(Some(&settings_path), &env).unwrap();
-    let mut args = MetaArgs {
+    let mut args = MetaOptions {
         datasets: vec!["big".into(), "small".into()],
         config: None,
         output_dir: None,

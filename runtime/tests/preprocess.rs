@@ -5,7 +5,7 @@ use std::path::Path;
 
 use signal_diffusion_config::settings::Env;
 use signal_diffusion_runtime::data::signal::edf::{self, Format, Recording, Signal};
-use signal_diffusion_runtime::data::signal::preprocess::{run, PreprocessArgs};
+use signal_diffusion_runtime::data::signal::preprocess::{run, PreprocessOptions};
 
 const LABELS: [&str; 21] = [
     "Fp1", "Fp2", "F3", "F4", "F7", "F8", "T3", "T4", "C3", "C4", "T5", "T6", "P3", "P4", "O1",
@@ -69,8 +69,8 @@ fn setup(tmp: &Path) -> signal_diffusion_config::settings::Settings {
     signal_diffusion_config::load_settings(Some(&settings), &env).unwrap()
 }
 
-fn args(timeseries: bool) -> PreprocessArgs {
-    PreprocessArgs {
+fn args(timeseries: bool) -> PreprocessOptions {
+    PreprocessOptions {
         datasets: vec!["math".into()],
         config: None,
         output_type: None,

@@ -1,11 +1,11 @@
 //! `sigdiff synth`: the demo dataset is written in the parkinsons raw layout and preprocessed.
 
-use signal_diffusion_runtime::data::signal::synth::{run, SynthArgs};
+use signal_diffusion_runtime::data::signal::synth::{run, SynthOptions};
 
 #[test]
 fn writes_the_raw_layout_and_its_preprocessed_spectrograms() {
     let tmp = tempfile::tempdir().unwrap();
-    let args = SynthArgs {
+    let args = SynthOptions {
         out: tmp.path().join("demo"),
         subjects: 10,
         windows: 2,

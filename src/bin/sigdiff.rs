@@ -6,6 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use signal_diffusion_config as config;
+use signal_diffusion_config::choice::{self, Choice, OutputType};
+use signal_diffusion_runtime::data::signal::meta::MetaOptions;
+use signal_diffusion_runtime::data::signal::preprocess::PreprocessOptions;
+use signal_diffusion_runtime::data::signal::synth::SynthOptions;
+use signal_diffusion_runtime::train::sample::SampleOptions;
 
 #[derive(Parser)]
 #[command(
@@ -32,14 +37,207 @@ enum Command {
     /// Print the shape plan of a config: layer shapes, parameters, FLOPs, memory.
     Plan { file: PathBuf },
     /// Turn raw recordings into the reference's spectrogram (or time-series) dataset.
-    Preprocess(signal_diffusion_runtime::data::signal::preprocess::PreprocessArgs),
+    Preprocess(PreprocessArgs),
     /// Write the synthetic demo EEG dataset (clearly synthetic) as preprocessed spectrograms.
-    Synth(signal_diffusion_runtime::data::signal::synth::SynthArgs),
+    Synth(SynthArgs),
     /// Merge preprocessed spectrogram datasets into the weighted meta-dataset (Parquet, in the
     /// Hugging Face `datasets` layout).
-    MetaDataset(signal_diffusion_runtime::data::signal::meta::MetaArgs),
+    MetaDataset(MetaArgs),
     /// Generate a labelled synthetic dataset (preprocessed layout) from a trained DiT checkpoint.
-    Sample(signal_diffusion_runtime::train::sample::SampleArgs),
+    Sample(SampleArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct PreprocessArgs {
+    /// Datasets to preprocess (names of `[datasets.*]` tables in the settings file; default:
+    /// each of math, parkinsons, seed and longitudinal whose raw directory exists).
+    datasets: Vec<String>,
+    /// Settings file (default: $SIGNAL_DIFFUSION_CONFIG, else config/default.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override the settings' output type: db-only, db-iq or db-polar.
+    #[arg(long, value_parser = choice_of::<OutputType>)]
+    output_type: Option<OutputType>,
+    /// Write z-scored float32 time series instead of spectrograms.
+    #[arg(long)]
+    timeseries: bool,
+    /// math: also use the arithmetic recordings (state 2).
+    #[arg(long)]
+    include_math_trials: bool,
+    /// Recordings processed at once.
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+    /// Delete the dataset's existing output first (otherwise existing files are kept and skipped).
+    #[arg(long)]
+    overwrite: bool,
+    /// Seed of the subject split.
+    #[arg(long, default_value_t = 205)]
+    seed: u64,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct SynthArgs {
+    /// Output directory: raw recordings go to `<out>/raw/parkinsons`, spectrograms to
+    /// `<out>/stfts`.
+    #[arg(long, default_value = "data/demo")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 40)]
+    subjects: usize,
+    /// 2048-sample windows per subject (16.4 s each at 125 Hz, overlapping by half).
+    #[arg(long, default_value_t = 8)]
+    windows: usize,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// dB window of the 8-bit mapping (the reference's `math` dataset bounds, which fit these
+    /// signals).
+    #[arg(long, default_value_t = -127.028, allow_hyphen_values = true)]
+    min_db: f64,
+    #[arg(long, default_value_t = -44.068, allow_hyphen_values = true)]
+    max_db: f64,
+    /// Replace an existing demo dataset at `<out>`.
+    #[arg(long)]
+    overwrite: bool,
+    /// Recordings preprocessed at once.
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct MetaArgs {
+    /// Datasets to merge, in order (names of `[datasets.*]` tables, preprocessed already).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "math,parkinsons,seed,longitudinal"
+    )]
+    datasets: Vec<String>,
+    /// Settings file (default: $SIGNAL_DIFFUSION_CONFIG, else config/default.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Output directory; relative paths are under the settings' output root
+    /// (default: `reweighted_meta_dataset_log_n2048_fs125`).
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// Splits to write.
+    #[arg(long, value_delimiter = ',', default_value = "train,val,test")]
+    copy_splits: Vec<String>,
+    /// Cap on each weight (default: the settings' `max_sampling_weight`).
+    #[arg(long)]
+    max_sampling_weight: Option<f64>,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    overwrite: bool,
+    /// Threads for re-encoding images.
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct SampleArgs {
+    /// A checkpoint directory written by a diffusion trainer (it holds `sampling.json`).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Use the EMA weights of the checkpoint.
+    #[arg(long)]
+    ema: bool,
+    /// Number of samples (default: one per `--like` row).
+    #[arg(long)]
+    n: Option<usize>,
+    /// One condition for every sample, e.g. `gender=F,health=PD,age=63` or `class=3`; a part
+    /// left out is unknown (sampled without it).
+    #[arg(long, conflicts_with = "like")]
+    condition: Option<String>,
+    /// Take the conditions from the rows of this metadata CSV, in order, cycled to `--n`.
+    #[arg(long)]
+    like: Option<PathBuf>,
+    /// The dataset directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// The split the samples belong to (file names and `{split}-metadata.csv`).
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Denoising steps (default: the trained config's `denoising_steps`).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Guidance scale (default: the trained config's `cfg_scale`; 1 = no guidance).
+    #[arg(long)]
+    cfg_scale: Option<f64>,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Replace `--out` if it exists.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+impl From<PreprocessArgs> for PreprocessOptions {
+    fn from(a: PreprocessArgs) -> Self {
+        PreprocessOptions {
+            datasets: a.datasets,
+            config: a.config,
+            output_type: a.output_type,
+            timeseries: a.timeseries,
+            include_math_trials: a.include_math_trials,
+            jobs: a.jobs,
+            overwrite: a.overwrite,
+            seed: a.seed,
+        }
+    }
+}
+
+impl From<SynthArgs> for SynthOptions {
+    fn from(a: SynthArgs) -> Self {
+        SynthOptions {
+            out: a.out,
+            subjects: a.subjects,
+            windows: a.windows,
+            seed: a.seed,
+            min_db: a.min_db,
+            max_db: a.max_db,
+            overwrite: a.overwrite,
+            jobs: a.jobs,
+        }
+    }
+}
+
+impl From<MetaArgs> for MetaOptions {
+    fn from(a: MetaArgs) -> Self {
+        MetaOptions {
+            datasets: a.datasets,
+            config: a.config,
+            output_dir: a.output_dir,
+            copy_splits: a.copy_splits,
+            max_sampling_weight: a.max_sampling_weight,
+            overwrite: a.overwrite,
+            jobs: a.jobs,
+        }
+    }
+}
+
+impl From<SampleArgs> for SampleOptions {
+    fn from(a: SampleArgs) -> Self {
+        SampleOptions {
+            checkpoint: a.checkpoint,
+            ema: a.ema,
+            n: a.n,
+            condition: a.condition,
+            like: a.like,
+            out: a.out,
+            split: a.split,
+            steps: a.steps,
+            cfg_scale: a.cfg_scale,
+            batch_size: a.batch_size,
+            seed: a.seed,
+            overwrite: a.overwrite,
+        }
+    }
+}
+
+/// A closed-set value spelt as in TOML.
+fn choice_of<C: Choice>(text: &str) -> Result<C, String> {
+    choice::from_toml(text)
+        .ok_or_else(|| format!("expected one of: {}", choice::names(C::ALL).join(", ")))
 }
 
 fn env() -> config::settings::Env {
@@ -108,7 +306,7 @@ fn main() -> ExitCode {
             let Some(settings) = settings(args.config.as_deref()) else {
                 return ExitCode::FAILURE;
             };
-            match signal_diffusion_runtime::data::signal::preprocess::run(&args, &settings) {
+            match signal_diffusion_runtime::data::signal::preprocess::run(&args.into(), &settings) {
                 Ok(summary) if summary.skipped.is_empty() => ExitCode::SUCCESS,
                 Ok(summary) => {
                     eprintln!(
@@ -127,6 +325,7 @@ fn main() -> ExitCode {
             let Some(settings) = settings(args.config.as_deref()) else {
                 return ExitCode::FAILURE;
             };
+            let args = MetaOptions::from(args);
             match signal_diffusion_runtime::data::signal::meta::run(&args, &settings) {
                 Ok(summary) => {
                     for (split, counts) in &summary.splits {
@@ -147,8 +346,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Synth(args) => report(signal_diffusion_runtime::data::signal::synth::run(&args)),
-        Command::Sample(args) => report(signal_diffusion_runtime::train::sample::run(&args)),
+        Command::Synth(args) => report(signal_diffusion_runtime::data::signal::synth::run(
+            &args.into(),
+        )),
+        Command::Sample(args) => report(signal_diffusion_runtime::train::sample::run(&args.into())),
     }
 }
 

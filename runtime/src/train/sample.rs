@@ -27,42 +27,30 @@ use crate::models::nn::Params;
 use crate::tasks::{encode, TaskKind, TaskSpec};
 use crate::train::checkpoint::restore;
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct SampleArgs {
+#[derive(Debug, Clone)]
+pub struct SampleOptions {
     /// A checkpoint directory written by a diffusion trainer (it holds `sampling.json`).
-    #[arg(long)]
     pub checkpoint: PathBuf,
     /// Use the EMA weights of the checkpoint.
-    #[arg(long)]
     pub ema: bool,
     /// Number of samples (default: one per `--like` row).
-    #[arg(long)]
     pub n: Option<usize>,
     /// One condition for every sample, e.g. `gender=F,health=PD,age=63` or `class=3`; a part
     /// left out is unknown (sampled without it).
-    #[arg(long, conflicts_with = "like")]
     pub condition: Option<String>,
     /// Take the conditions from the rows of this metadata CSV, in order, cycled to `--n`.
-    #[arg(long)]
     pub like: Option<PathBuf>,
     /// The dataset directory to write.
-    #[arg(long)]
     pub out: PathBuf,
     /// The split the samples belong to (file names and `{split}-metadata.csv`).
-    #[arg(long, default_value = "train")]
     pub split: String,
     /// Denoising steps (default: the trained config's `denoising_steps`).
-    #[arg(long)]
     pub steps: Option<usize>,
     /// Guidance scale (default: the trained config's `cfg_scale`; 1 = no guidance).
-    #[arg(long)]
     pub cfg_scale: Option<f64>,
-    #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Replace `--out` if it exists.
-    #[arg(long)]
     pub overwrite: bool,
 }
 
@@ -109,11 +97,14 @@ fn encode_condition(c: Conditioning, raw: &[String]) -> Result<(u32, f32), Strin
 
 /// The raw condition texts for each of `n` samples.
 fn condition_rows(
-    args: &SampleArgs,
+    args: &SampleOptions,
     spec: &SampleSpec,
     c: Conditioning,
 ) -> Result<Vec<Vec<String>>> {
     let cols = column_encoders(c);
+    if args.like.is_some() && args.condition.is_some() {
+        bail!("give the conditions either as `condition` or as `like` rows, not both");
+    }
     if let Some(path) = &args.like {
         let mut rdr = csv::Reader::from_path(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -228,7 +219,7 @@ fn write_image(
     crate::data::io::write_png(path, &pixels, channels, h, w)
 }
 
-pub fn run(args: &SampleArgs) -> Result<()> {
+pub fn run(args: &SampleOptions) -> Result<()> {
     let spec_path = args.checkpoint.join("sampling.json");
     let spec: SampleSpec =
         serde_json::from_str(&std::fs::read_to_string(&spec_path).with_context(|| {

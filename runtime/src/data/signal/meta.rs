@@ -23,33 +23,22 @@ use signal_diffusion_config::settings::Settings;
 
 use crate::data::table::{Cell, Kind, Table, TableWriter};
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct MetaArgs {
+#[derive(Debug, Clone)]
+pub struct MetaOptions {
     /// Datasets to merge, in order (names of `[datasets.*]` tables, preprocessed already).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "math,parkinsons,seed,longitudinal"
-    )]
     pub datasets: Vec<String>,
     /// Settings file (default: $SIGNAL_DIFFUSION_CONFIG, else config/default.toml).
-    #[arg(long)]
     pub config: Option<PathBuf>,
     /// Output directory; relative paths are under the settings' output root
     /// (default: `reweighted_meta_dataset_log_n2048_fs125`).
-    #[arg(long)]
     pub output_dir: Option<PathBuf>,
     /// Splits to write.
-    #[arg(long, value_delimiter = ',', default_value = "train,val,test")]
     pub copy_splits: Vec<String>,
     /// Cap on each weight (default: the settings' `max_sampling_weight`).
-    #[arg(long)]
     pub max_sampling_weight: Option<f64>,
     /// Replace an existing output directory.
-    #[arg(long)]
     pub overwrite: bool,
     /// Threads for re-encoding images.
-    #[arg(long, default_value_t = 2)]
     pub jobs: usize,
 }
 
@@ -248,7 +237,7 @@ fn rgb_png(path: &Path) -> Result<Vec<u8>> {
     crate::data::io::encode_png(&rgb, 3, h, w)
 }
 
-pub fn run(args: &MetaArgs, settings: &Settings) -> Result<MetaSummary> {
+pub fn run(args: &MetaOptions, settings: &Settings) -> Result<MetaSummary> {
     let dirs: Vec<PathBuf> = args
         .datasets
         .iter()
@@ -376,7 +365,7 @@ fn encode_parallel(
     })
 }
 
-fn write_readme(path: &Path, args: &MetaArgs, summary: &MetaSummary) -> Result<()> {
+fn write_readme(path: &Path, args: &MetaOptions, summary: &MetaSummary) -> Result<()> {
     let hf_split = |s: &str| if s == "val" { "validation" } else { s }.to_string();
     let mut text = String::from("---\nconfigs:\n- config_name: default\n  data_files:\n");
     for (split, _) in &summary.splits {

@@ -22,7 +22,7 @@ use signal_diffusion_config::settings::{DatasetPaths, Settings};
 use super::datasets::{adapter, Adapter, Naming, Subject};
 use super::decimate::{decimate, decimate_channels};
 use super::read_picks;
-use signal_diffusion_config::choice::{self, OutputType};
+use signal_diffusion_config::choice::OutputType;
 
 use super::spectrogram::{derive_hop, image, LogStft};
 use super::timeseries::{normalize, Stats, Welford};
@@ -35,31 +35,24 @@ pub const NSAMPS: usize = 2048;
 pub const SHIFT: usize = 1024;
 pub const RESOLUTION: usize = 256;
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct PreprocessArgs {
+#[derive(Debug, Clone)]
+pub struct PreprocessOptions {
     /// Datasets to preprocess (names of `[datasets.*]` tables in the settings file; default:
     /// each of math, parkinsons, seed and longitudinal whose raw directory exists).
     pub datasets: Vec<String>,
     /// Settings file (default: $SIGNAL_DIFFUSION_CONFIG, else config/default.toml).
-    #[arg(long)]
     pub config: Option<PathBuf>,
     /// Override the settings' output type: db-only, db-iq or db-polar.
-    #[arg(long)]
-    pub output_type: Option<String>,
+    pub output_type: Option<OutputType>,
     /// Write z-scored float32 time series instead of spectrograms.
-    #[arg(long)]
     pub timeseries: bool,
     /// math: also use the arithmetic recordings (state 2).
-    #[arg(long)]
     pub include_math_trials: bool,
     /// Recordings processed at once.
-    #[arg(long, default_value_t = 2)]
     pub jobs: usize,
     /// Delete the dataset's existing output first (otherwise existing files are kept and skipped).
-    #[arg(long)]
     pub overwrite: bool,
     /// Seed of the subject split.
-    #[arg(long, default_value_t = 205)]
     pub seed: u64,
 }
 
@@ -75,7 +68,7 @@ pub struct Summary {
     pub warnings: Vec<String>,
 }
 
-pub fn run(args: &PreprocessArgs, settings: &Settings) -> Result<Summary> {
+pub fn run(args: &PreprocessOptions, settings: &Settings) -> Result<Summary> {
     let mut total = Summary::default();
     let names: Vec<String> = if args.datasets.is_empty() {
         let known = ["math", "parkinsons", "seed", "longitudinal"];
@@ -119,12 +112,7 @@ pub fn run(args: &PreprocessArgs, settings: &Settings) -> Result<Summary> {
                     .join(", ")
             )
         })?;
-        let output = match args.output_type.as_deref() {
-            None => settings.output_type,
-            Some(text) => choice::from_toml::<OutputType>(text).with_context(|| {
-                format!("output type `{text}` is not db-only, db-iq or db-polar")
-            })?,
-        };
+        let output = args.output_type.unwrap_or(settings.output_type);
         let s = preprocess_dataset(&adapter(name)?, paths, output, args)?;
         println!(
             "{name}: {} recordings, {} windows ({} written, {} already there), {} skipped",
@@ -254,7 +242,7 @@ fn preprocess_dataset(
     adapter: &Adapter,
     paths: &DatasetPaths,
     output: OutputType,
-    args: &PreprocessArgs,
+    args: &PreprocessOptions,
 ) -> Result<Summary> {
     let out_dir = if args.timeseries {
         &paths.timeseries_output

@@ -21,32 +21,24 @@ use signal_diffusion_config::choice::{DataType, OutputType};
 use signal_diffusion_config::settings::{DatasetPaths, Settings};
 
 use super::datasets::PARKINSONS_CHANNELS;
-use super::preprocess::{PreprocessArgs, NSAMPS, SHIFT, TARGET_RATE};
+use super::preprocess::{PreprocessOptions, NSAMPS, SHIFT, TARGET_RATE};
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct SynthArgs {
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
     /// Output directory: raw recordings go to `<out>/raw/parkinsons`, spectrograms to
     /// `<out>/stfts`.
-    #[arg(long, default_value = "data/demo")]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 40)]
     pub subjects: usize,
     /// 2048-sample windows per subject (16.4 s each at 125 Hz, overlapping by half).
-    #[arg(long, default_value_t = 8)]
     pub windows: usize,
-    #[arg(long, default_value_t = 7)]
     pub seed: u64,
     /// dB window of the 8-bit mapping (the reference's `math` dataset bounds, which fit these
     /// signals).
-    #[arg(long, default_value_t = -127.028, allow_hyphen_values = true)]
     pub min_db: f64,
-    #[arg(long, default_value_t = -44.068, allow_hyphen_values = true)]
     pub max_db: f64,
     /// Replace an existing demo dataset at `<out>`.
-    #[arg(long)]
     pub overwrite: bool,
     /// Recordings preprocessed at once.
-    #[arg(long, default_value_t = 2)]
     pub jobs: usize,
 }
 
@@ -111,7 +103,7 @@ pub fn subject_recording(
         .collect()
 }
 
-pub fn run(args: &SynthArgs) -> Result<()> {
+pub fn run(args: &SynthOptions) -> Result<()> {
     if args.subjects < 10 {
         bail!(
             "--subjects {} is too few for an 80/10/10 subject split; use at least 10",
@@ -210,7 +202,7 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         .into(),
     };
     let summary = super::preprocess::run(
-        &PreprocessArgs {
+        &PreprocessOptions {
             datasets: vec!["parkinsons".into()],
             config: None,
             output_type: None,
