@@ -351,3 +351,49 @@ fn cnn_1d_learns_time_series_from_parquet_signal_columns() {
     let acc = test_metric(&out, "best", "accuracy/tone");
     assert!(acc >= 0.9, "held-out tone accuracy {acc} (chance 0.5)");
 }
+
+/// Nothing at run time depends on where the build ran: the embedded config's relative paths
+/// resolve against the project root the binary finds (the build's checkout when it exists, else
+/// the current directory), so a trainer copied to another machine still resolves its config.
+#[test]
+fn a_trainer_resolves_its_config_against_the_root_it_finds() {
+    // tests/train/tiny.toml -> ../../config/default.toml -> data.output_root = "../data/processed",
+    // so the output root is the parent of the project root, then data/processed.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let root = elsewhere.path().join("checkout");
+    std::fs::create_dir(&root).unwrap();
+    let mut compiled = tiny::compiled();
+    compiled.project_root = Box::leak(root.display().to_string().into_boxed_str());
+    let resolved = compiled.resolve(&[]).expect("the embedded config resolves");
+    assert_eq!(
+        resolved.settings.output_root,
+        elsewhere.path().join("data/processed")
+    );
+
+    compiled.project_root = "/nonexistent/signal-diffusion-build";
+    let resolved = compiled.resolve(&[]).expect("the embedded config resolves");
+    let cwd = std::env::current_dir().unwrap();
+    assert_eq!(
+        resolved.settings.output_root,
+        cwd.parent().unwrap().join("data/processed")
+    );
+}
+
+/// A dataset directory that is not there is an error that says where it looked and how to fix it.
+#[test]
+fn a_missing_dataset_names_where_it_looked() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(["--set", "dataset.name=no/such/dataset"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let looked = dir.path().join("no/such/dataset");
+    assert!(
+        err.contains(&format!("no dataset directory at {}", looked.display()))
+            && err.contains("--set dataset.name="),
+        "{err}"
+    );
+}

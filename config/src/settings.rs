@@ -129,7 +129,8 @@ pub fn display_path(env: &Env, p: &Path) -> String {
     relative_to(&env.project_root, p).display().to_string()
 }
 
-fn relative_to(base: &Path, p: &Path) -> PathBuf {
+/// `p` relative to `base` (with `..` where needed); absolute when they share only the root.
+pub fn relative_to(base: &Path, p: &Path) -> PathBuf {
     if !p.is_absolute() || !base.is_absolute() {
         return p.to_path_buf();
     }

@@ -84,7 +84,8 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     )?;
 
     // Data.
-    let dir = &cfg.dataset.path;
+    let ds = &cfg.dataset;
+    let dir = &super::dataset_dir(compiled, &ds.name, &ds.path, ds.named.is_some())?;
     let train = Arc::new(read_split(dir, &cfg.dataset.train_split, tasks)?);
     let val = if t.eval_strategy == EvalStrategy::None {
         None

@@ -156,12 +156,9 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
 
     // Data: the dataset's own directory, or a settings dataset's preprocessed output.
     let ds = &cfg.dataset;
-    let dir = resolved
-        .settings
-        .datasets
-        .get(&ds.name)
-        .map(|d| d.output.clone())
-        .unwrap_or_else(|| PathBuf::from(&ds.name));
+    let settings_dataset = resolved.settings.datasets.get(&ds.name);
+    let dir = settings_dataset.map_or_else(|| PathBuf::from(&ds.name), |d| d.output.clone());
+    let dir = super::dataset_dir(compiled, &ds.name, &dir, settings_dataset.is_some())?;
     let tasks = compiled.tasks;
     let read = |split: &str, augment: Augment, max: Option<usize>| -> Result<Arc<Split>> {
         let mut s = read_split(&dir, split, tasks)?;

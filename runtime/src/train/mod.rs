@@ -37,7 +37,9 @@ pub struct RunOptions {
 /// The constants generated from a config (see config/src/codegen.rs).
 pub struct Compiled {
     pub name: &'static str,
+    /// The config file, relative to the project root.
     pub config_path: &'static str,
+    /// The build's project root (absolute, on the build machine); see [`Compiled::root`].
     pub project_root: &'static str,
     pub embedded: &'static [(&'static str, &'static str, &'static str)],
     pub plan: &'static str,
@@ -122,19 +124,52 @@ impl Compiled {
         )
     }
 
+    /// The project root this run resolves the settings' relative paths against (`data.root`,
+    /// `data.output_root` and the datasets under them): the build's checkout when it exists on
+    /// this machine, else the current directory, as if the binary ran at the project root. Run-time
+    /// paths (`dataset.name` as a path, `output_dir`, ...) are relative to the current directory
+    /// either way. (docs/config.md, "Paths")
+    pub fn root(&self) -> ProjectRoot {
+        let build = PathBuf::from(self.project_root);
+        if build.is_dir() {
+            return ProjectRoot {
+                dir: build,
+                is_build: true,
+            };
+        }
+        let cwd = std::env::current_dir().unwrap_or_default();
+        ProjectRoot {
+            dir: cwd,
+            is_build: false,
+        }
+    }
+
     /// Resolve the embedded config again, with overrides, through the same validation as the
     /// build; refuse if the result would need a different trainer.
     pub fn resolve(&self, sets: &[(String, String)]) -> Result<Resolved> {
+        let root = self.root();
+        if !root.is_build {
+            println!(
+                "the build's project root {} is not on this machine: settings paths resolve in {}",
+                self.project_root,
+                root.dir.display()
+            );
+        }
         let env = Env {
             settings_override: None,
             home: std::env::var_os("HOME").map(PathBuf::from),
-            project_root: PathBuf::from(self.project_root),
             embedded: Some(
                 self.embedded
                     .iter()
-                    .map(|(_, p, t)| (PathBuf::from(p), t.to_string()))
+                    .map(|(_, p, t)| {
+                        (
+                            config::settings::normalize(&root.dir.join(p)),
+                            t.to_string(),
+                        )
+                    })
                     .collect(),
             ),
+            project_root: root.dir,
         };
         let r = config::resolve_with(
             std::path::Path::new(self.config_path),
@@ -155,6 +190,52 @@ impl Compiled {
         }
         Ok(r)
     }
+}
+
+/// Where [`Compiled::root`] found the project root.
+pub struct ProjectRoot {
+    pub dir: PathBuf,
+    /// The build's own checkout (else the current directory).
+    pub is_build: bool,
+}
+
+/// The dataset directory of `dataset.name` = `name`: `dir` as the config resolved it (a dataset
+/// of the settings file, under the project root; else `name` as a path, relative to the current
+/// directory), or an error naming where it looked and how to point the trainer at the data.
+pub(crate) fn dataset_dir(
+    compiled: &Compiled,
+    name: &str,
+    dir: &Path,
+    named: bool,
+) -> Result<PathBuf> {
+    if dir.is_dir() {
+        return Ok(dir.to_path_buf());
+    }
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let looked = match named {
+        true => {
+            let root = compiled.root();
+            let whose = match root.is_build {
+                true => "the build's project root".to_string(),
+                false => format!(
+                    "the current directory (the build's project root {} is not on this machine)",
+                    compiled.project_root
+                ),
+            };
+            format!(
+                "{} (the settings file's `[datasets.{name}]` output, under {whose} {})",
+                dir.display(),
+                root.dir.display()
+            )
+        }
+        false => format!(
+            "{} (a path relative to the current directory)",
+            cwd.join(dir).display()
+        ),
+    };
+    bail!(
+        "dataset.name = \"{name}\": no dataset directory at {looked}. Run where the data is, or `--set dataset.name=/path/to/dataset`"
+    )
 }
 
 /// The directories in `dir` whose names start with `prefix`, oldest first (by the number after
