@@ -56,28 +56,59 @@ pub struct Compiled {
     pub cuda_source: &'static str,
 }
 
+/// Whether this binary can use a GPU here, and if not, why: a CPU build; a CUDA build whose
+/// libraries are not on this machine (they are loaded at run time, so the binary starts without
+/// them); or no GPU behind the driver.
+pub fn gpu() -> std::result::Result<(), String> {
+    #[cfg(not(feature = "cuda"))]
+    return Err("a CPU build (rebuild with `--features cuda`)".into());
+    #[cfg(feature = "cuda")]
+    {
+        use cudarc::{cublas, cublaslt, cudnn, curand, driver, nvrtc};
+        // SAFETY: each only tries to open the library (dlopen), calling nothing in it.
+        let present = unsafe {
+            [
+                ("the CUDA driver (libcuda)", driver::sys::is_culib_present()),
+                ("cuBLAS", cublas::sys::is_culib_present()),
+                ("cuBLASLt", cublaslt::sys::is_culib_present()),
+                ("cuRAND", curand::sys::is_culib_present()),
+                ("NVRTC", nvrtc::sys::is_culib_present()),
+                ("cuDNN", cudnn::sys::is_culib_present()),
+            ]
+        };
+        let missing: Vec<&str> = present.iter().filter(|p| !p.1).map(|p| p.0).collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "{} not found (put their directories on LD_LIBRARY_PATH; README, \"Building for a GPU\")",
+                missing.join(", ")
+            ));
+        }
+        match driver::CudaContext::device_count() {
+            Ok(n) if n > 0 => Ok(()),
+            Ok(_) => Err("the CUDA driver sees no GPU".into()),
+            Err(e) => Err(format!("the CUDA driver does not start: {e}")),
+        }
+    }
+}
+
 /// The device `training.device` names: the CPU, the first GPU (an error without one), or `auto`:
 /// the first GPU when this is a CUDA build and one opens, else the CPU (saying why). On a GPU our
 /// kernels are loaded first, so a broken kernel fails here rather than mid-run.
-pub fn select_device(
-    choice: config::choice::Device,
-    compiled: &Compiled,
-) -> Result<candle_core::Device> {
+pub fn select_device(choice: config::choice::Device, compiled: &Compiled) -> Result<candle_core::Device> {
     use candle_core::Device;
     use config::choice::Device as Choice;
-    let device = match choice {
-        Choice::Cpu => Device::Cpu,
-        Choice::Cuda => Device::new_cuda(0).map_err(|e| {
-            anyhow::anyhow!("training.device = \"cuda\", but no GPU could be opened: {e}")
+    let device = match (choice, gpu()) {
+        (Choice::Cpu, _) => Device::Cpu,
+        (Choice::Cuda, Err(why)) => bail!("training.device = \"cuda\", but no GPU can be used: {why}"),
+        (Choice::Cuda | Choice::Auto, Ok(())) => Device::new_cuda(0).map_err(|e| {
+            anyhow::anyhow!("training.device = \"{choice}\", but the GPU could not be opened: {e}")
         })?,
-        Choice::Auto if cfg!(feature = "cuda") => match Device::new_cuda(0) {
-            Ok(gpu) => gpu,
-            Err(e) => {
-                println!("training.device = \"auto\": no GPU could be opened ({e}); using the CPU");
-                Device::Cpu
+        (Choice::Auto, Err(why)) => {
+            if cfg!(feature = "cuda") {
+                println!("training.device = \"auto\": no GPU ({why}); training on the CPU");
             }
-        },
-        Choice::Auto => Device::Cpu,
+            Device::Cpu
+        }
     };
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = &device {
@@ -114,13 +145,17 @@ impl Compiled {
             true => "compiled by NVRTC at start-up (nvcc was not found at build time)".to_string(),
             false => format!("PTX by nvcc at build time for {}", archs.join(", ")),
         };
+        let here = match gpu() {
+            Ok(()) => "a GPU is available here".to_string(),
+            Err(why) => format!("no GPU here: {why}"),
+        };
         let KernelSizes {
             norm,
             widths,
             tokens,
         } = self.cuda_sizes;
         format!(
-            "CUDA kernels: {how}; specialised to GroupNorms of {norm:?} values per sample, DiT rows of {widths:?} and attention rows of {tokens:?}"
+            "CUDA kernels: {how}; specialised to GroupNorms of {norm:?} values per sample, DiT rows of {widths:?} and attention rows of {tokens:?}; {here}"
         )
     }
 
