@@ -164,8 +164,50 @@ pub fn read_classification(
     settings: &Settings,
 ) -> (Classification, OutputType, DataType) {
     let (output_type, data_type) = read_data_overrides(root, ctx, settings);
+    let dataset = read_dataset(root, ctx, settings, data_type);
+    let model_present = root.has("model");
+    let model = read_model(root, ctx);
+    let optimizer = read_optimizer(
+        root,
+        ctx,
+        &[
+            OptimizerName::AdamW,
+            OptimizerName::Adam,
+            OptimizerName::Sgd,
+        ],
+        3e-4,
+        1e-4,
+    );
+    let scheduler = read_scheduler(
+        root,
+        ctx,
+        &[LrSchedule::Constant, LrSchedule::Linear, LrSchedule::Cosine],
+    );
+    let (training, weights) = read_training(root, ctx, &dataset.tasks);
+    let declared = read_declared_tasks(root, ctx);
+    root.finish(ctx, &[]);
+    let tasks = resolve_tasks(ctx, &dataset, &declared, &weights);
+    let cls = Classification {
+        data_type,
+        dataset,
+        model,
+        tasks,
+        optimizer,
+        scheduler,
+        training,
+    };
+    check_shapes(ctx, &cls, output_type, model_present);
+    (cls, output_type, data_type)
+}
 
-    // [dataset]
+/// `[dataset]`: where the samples are (a `[datasets.*]` name of the settings file, or a path),
+/// the tasks, splits and loader settings.
+fn read_dataset(
+    root: &Section,
+    ctx: &mut Ctx,
+    settings: &Settings,
+    data_type: DataType,
+) -> ClsDataset {
     let d = root.section(ctx, "dataset");
     if !d.is_present() {
         ctx.diags.error(root.loc(), "missing section `[dataset]`");
@@ -220,8 +262,26 @@ pub fn read_classification(
     de.finish(ctx, &[]);
     let resolution = d.count(ctx, "resolution", 256, 8);
     d.finish(ctx, &[]);
+    ClsDataset {
+        name,
+        path,
+        named,
+        tasks: task_names,
+        train_split,
+        val_split,
+        test_split,
+        batch_size,
+        num_workers,
+        pin_memory,
+        shuffle,
+        n_eeg_channels,
+        sequence_length,
+        resolution,
+    }
+}
 
-    // [model]
+/// `[model]`: the backbone and its sizes (the transformer's under `[model.extras]`).
+fn read_model(root: &Section, ctx: &mut Ctx) -> ClsModel {
     let m = root.section(ctx, "model");
     if !m.is_present() {
         ctx.diags.error(root.loc(), "missing section `[model]`");
@@ -277,25 +337,29 @@ pub fn read_classification(
         }
     }
     m.finish(ctx, &[]);
+    ClsModel {
+        backbone,
+        input_channels,
+        embedding_dim,
+        dropout,
+        activation,
+        depth,
+        layer_repeats,
+        hidden_dim,
+        num_layers,
+        num_heads,
+        ff_dim,
+        pooling,
+        patch_size,
+    }
+}
 
-    let optimizer = read_optimizer(
-        root,
-        ctx,
-        &[
-            OptimizerName::AdamW,
-            OptimizerName::Adam,
-            OptimizerName::Sgd,
-        ],
-        3e-4,
-        1e-4,
-    );
-    let scheduler = read_scheduler(
-        root,
-        ctx,
-        &[LrSchedule::Constant, LrSchedule::Linear, LrSchedule::Cosine],
-    );
-
-    // [training]
+/// `[training]` and its `[training.task_weights]` (checked against the dataset's tasks).
+fn read_training(
+    root: &Section,
+    ctx: &mut Ctx,
+    task_names: &[String],
+) -> (ClsTraining, BTreeMap<String, f64>) {
     let t = root.section(ctx, "training");
     let epochs = t.count(ctx, "epochs", 25, 1);
     let max_steps = match t.int(ctx, "max_steps") {
@@ -411,8 +475,46 @@ pub fn read_classification(
             ("focal_gamma", "the reference never reads it from TOML"),
         ],
     );
+    let training = ClsTraining {
+        epochs,
+        max_steps,
+        clip_grad_norm,
+        device,
+        log_every_batches,
+        eval_strategy,
+        eval_steps,
+        output_dir,
+        log_dir,
+        tensorboard,
+        wandb_project,
+        wandb_entity,
+        wandb_tags,
+        run_name,
+        checkpoint_total_limit,
+        checkpoint_strategy,
+        checkpoint_steps,
+        use_amp,
+        metrics_summary_path,
+        max_best_checkpoints,
+        early_stopping,
+        early_stopping_patience,
+        compile_model,
+        compile_mode,
+        swa_enabled,
+        swa_extra_ratio,
+        swa_lr_frac,
+        label_smoothing,
+        seed,
+        resume,
+    };
+    (training, weights)
+}
 
-    // [tasks.NAME]: user-declared tasks for any labelled dataset.
+/// A task declared in `[tasks.NAME]`: (kind, outputs, column).
+type Declared = BTreeMap<String, (TaskKind, usize, String)>;
+
+/// `[tasks.NAME]`: user-declared tasks for any labelled dataset.
+fn read_declared_tasks(root: &Section, ctx: &mut Ctx) -> Declared {
     let custom = root.section(ctx, "tasks");
     let mut declared: BTreeMap<String, (TaskKind, usize, String)> = BTreeMap::new();
     for k in custom.keys() {
@@ -446,13 +548,22 @@ pub fn read_classification(
         declared.insert(k, (kind, outputs, column));
     }
     custom.finish(ctx, &[]);
-    root.finish(ctx, &[]);
+    declared
+}
 
-    // Tasks vs dataset, and the reference's weight rule (empty table: 1/n each; else 1.0 default).
-    let ds_kind = named.as_deref();
+/// The dataset's tasks, each from its `[tasks.NAME]` declaration or the reference's registry,
+/// with the reference's weight rule (an empty `task_weights`: 1/n each; else 1.0 by default).
+fn resolve_tasks(
+    ctx: &mut Ctx,
+    dataset: &ClsDataset,
+    declared: &Declared,
+    weights: &BTreeMap<String, f64>,
+) -> Vec<Task> {
+    let task_names = &dataset.tasks;
+    let ds_kind = dataset.named.as_deref();
     let n = task_names.len().max(1) as f64;
     let mut tasks = vec![];
-    for name in &task_names {
+    for name in task_names {
         let weight = if weights.is_empty() {
             1.0 / n
         } else {
@@ -502,8 +613,27 @@ pub fn read_classification(
     {
         ctx.error("dataset.tasks", "`dataset.tasks` lists a task twice");
     }
+    tasks
+}
 
-    // Shape rules that the reference only finds at run time (or crashes on).
+/// Shape rules that the reference only finds at run time (or crashes on).
+fn check_shapes(ctx: &mut Ctx, c: &Classification, output_type: OutputType, model_present: bool) {
+    let data_type = c.data_type;
+    let ClsModel {
+        backbone,
+        input_channels,
+        embedding_dim,
+        depth,
+        hidden_dim,
+        num_heads,
+        patch_size,
+        ..
+    } = c.model;
+    let (n_eeg_channels, resolution) = (c.dataset.n_eeg_channels, c.dataset.resolution);
+    let t = &c.training;
+    let (eval_steps, checkpoint_steps, early_stopping) =
+        (t.eval_steps, t.checkpoint_steps, t.early_stopping);
+    let (eval_strategy, checkpoint_strategy) = (t.eval_strategy, t.checkpoint_strategy);
     let is_1d = matches!(backbone, Backbone::Cnn1d | Backbone::Cnn1dLight);
     if is_1d && data_type != DataType::Timeseries {
         ctx.error(
@@ -521,7 +651,7 @@ pub fn read_classification(
         ctx.error("model.backbone", format!("backbone `{backbone}` reads spectrogram images, but the data type is \"timeseries\""))
             .help = Some("use `cnn_1d` or `transformer` for time series".into());
     }
-    if data_type == DataType::Spectrogram && m.is_present() {
+    if data_type == DataType::Spectrogram && model_present {
         let expected = if output_type == OutputType::DbOnly {
             1
         } else {
@@ -533,7 +663,7 @@ pub fn read_classification(
         }
     }
     if data_type == DataType::Timeseries
-        && m.is_present()
+        && model_present
         && input_channels != n_eeg_channels
         && input_channels != 0
     {
@@ -579,75 +709,4 @@ pub fn read_classification(
             }
         }
     }
-
-    let cls = Classification {
-        data_type: data_type.clone(),
-        dataset: ClsDataset {
-            name,
-            path,
-            named,
-            tasks: task_names,
-            train_split,
-            val_split,
-            test_split,
-            batch_size,
-            num_workers,
-            pin_memory,
-            shuffle,
-            n_eeg_channels,
-            sequence_length,
-            resolution,
-        },
-        model: ClsModel {
-            backbone,
-            input_channels,
-            embedding_dim,
-            dropout,
-            activation,
-            depth,
-            layer_repeats,
-            hidden_dim,
-            num_layers,
-            num_heads,
-            ff_dim,
-            pooling,
-            patch_size,
-        },
-        tasks,
-        optimizer,
-        scheduler,
-        training: ClsTraining {
-            epochs,
-            max_steps,
-            clip_grad_norm,
-            device,
-            log_every_batches,
-            eval_strategy,
-            eval_steps,
-            output_dir,
-            log_dir,
-            tensorboard,
-            wandb_project,
-            wandb_entity,
-            wandb_tags,
-            run_name,
-            checkpoint_total_limit,
-            checkpoint_strategy,
-            checkpoint_steps,
-            use_amp,
-            metrics_summary_path,
-            max_best_checkpoints,
-            early_stopping,
-            early_stopping_patience,
-            compile_model,
-            compile_mode,
-            swa_enabled,
-            swa_extra_ratio,
-            swa_lr_frac,
-            label_smoothing,
-            seed,
-            resume,
-        },
-    };
-    (cls, output_type, data_type)
 }

@@ -147,9 +147,75 @@ pub fn read_diffusion(
             ctx.diags.error(root.loc(), format!("missing section `[{sec}]` (diffusion configs need [dataset], [model], [objective] and [training])"));
         }
     }
-    let nonempty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
+    let (mut dataset, eval_batch_size_ds) = read_dataset(root, ctx);
+    let (model, is_sd) = read_model(root, ctx, &dataset, ts);
+    let (prediction_type, objective_scheduler, num_timesteps) = read_objective(root, ctx);
+    let optimizer = read_optimizer(
+        root,
+        ctx,
+        &[
+            OptimizerName::AdamW,
+            OptimizerName::Adam,
+            OptimizerName::Sgd,
+            OptimizerName::AdamW8bit,
+        ],
+        1e-4,
+        1e-2,
+    );
+    let scheduler = read_scheduler(
+        root,
+        ctx,
+        &[
+            LrSchedule::Constant,
+            LrSchedule::ConstantWithWarmup,
+            LrSchedule::Linear,
+            LrSchedule::Cosine,
+            LrSchedule::Polynomial,
+        ],
+    );
 
-    // [dataset]
+    let training = read_training(root, ctx, dataset.batch_size, eval_batch_size_ds);
+    let (tensorboard, log_dir, wandb_project, wandb_entity, run_name) = read_logging(root, ctx);
+    let (denoising_steps, cfg_scale, sampler, guidance) =
+        read_inference(root, ctx, prediction_type);
+    root.finish(ctx, &[]);
+    dataset.eval_batch_size = training.eval_batch_size;
+    // The dataset's classes: gender × health for `gend_hlth_age`, else the model's.
+    dataset.num_classes = match model.conditioning {
+        Conditioning::GenderHealthAge => 4,
+        Conditioning::None | Conditioning::Caption | Conditioning::Classes => model.num_classes,
+    };
+    let diff = Diffusion {
+        dataset,
+        model,
+        prediction_type,
+        objective_scheduler,
+        num_timesteps,
+        optimizer,
+        scheduler,
+        training,
+        tensorboard,
+        log_dir,
+        wandb_project,
+        wandb_entity,
+        run_name,
+        denoising_steps,
+        cfg_scale,
+        sampler,
+        guidance,
+        dataset_is_timeseries: ts,
+    };
+    super::diffusion_rules::check(ctx, &diff, is_sd, settings, output_type);
+    (diff, output_type, data_type)
+}
+
+fn nonempty(s: Option<String>) -> Option<String> {
+    s.filter(|s| !s.trim().is_empty())
+}
+
+/// `[dataset]`: the dataset directory, its columns and the loader; also the dataset's own
+/// `eval_batch_size` (training's wins).
+fn read_dataset(root: &Section, ctx: &mut Ctx) -> (DiffDataset, Option<usize>) {
     let d = root.section(ctx, "dataset");
     let name = nonempty(d.string(ctx, "name"))
         .or(nonempty(d.string(ctx, "identifier")))
@@ -189,8 +255,39 @@ pub fn read_diffusion(
     let gaussian_noise_std = de.float_in(ctx, "gaussian_noise_std", 0.0, 0.0, 10.0);
     de.finish(ctx, &[]);
     d.finish(ctx, &[]);
+    let dataset = DiffDataset {
+        name,
+        train_split,
+        val_split,
+        batch_size,
+        // `training.eval_batch_size` wins when set (read_diffusion).
+        eval_batch_size: eval_batch_size_ds.unwrap_or(batch_size),
+        num_workers,
+        resolution,
+        cache_dir,
+        center_crop,
+        random_flip,
+        image_column,
+        caption_column,
+        class_column,
+        gender_column,
+        health_column,
+        age_column,
+        num_classes: num_classes_ds,
+        dataset_type,
+        max_train_samples,
+        max_eval_samples,
+        n_eeg_channels,
+        sequence_length,
+        gaussian_noise_std,
+    };
+    (dataset, eval_batch_size_ds)
+}
 
-    // [model]
+/// `[model]` and its `[model.lora]` and `[model.extras]`; also whether it is a Stable Diffusion
+/// model.
+fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) -> (DiffModel, bool) {
+    let (num_classes_ds, resolution) = (dataset.num_classes, dataset.resolution);
     let m = root.section(ctx, "model");
     let name_m = m.pick(ctx, "name", DiffusionModel::Dit, DiffusionModel::ALL);
     if m.is_present() && !m.has("name") {
@@ -347,8 +444,49 @@ pub fn read_diffusion(
     x.finish(ctx, &[]);
     m.finish(ctx, &[]);
     let num_classes = num_classes_x.unwrap_or(num_classes_ds);
+    let model = DiffModel {
+        name: name_m,
+        conditioning,
+        pretrained,
+        revision,
+        sample_size,
+        vae_tiling,
+        lora_enabled,
+        lora_rank,
+        lora_alpha,
+        lora_dropout,
+        lora_target_modules,
+        lora_bias,
+        lora_scaling,
+        latent_space,
+        vae,
+        in_channels,
+        out_channels,
+        cfg_dropout,
+        num_classes,
+        num_attention_heads,
+        attention_head_dim,
+        num_layers,
+        patch_size,
+        widths,
+        depths,
+        dims,
+        d_state,
+        scan_directions,
+        attention,
+        mapping_width,
+        mapping_depth,
+        dropout,
+        attention_bias,
+        activation_fn,
+        norm_elementwise_affine,
+        norm_eps,
+    };
+    (model, is_sd)
+}
 
-    // [objective]
+/// `[objective]`: what the network predicts, the noise path and its timesteps.
+fn read_objective(root: &Section, ctx: &mut Ctx) -> (Objective, NoiseScheduler, usize) {
     let o = root.section(ctx, "objective");
     let prediction_type = o.pick(
         ctx,
@@ -383,31 +521,16 @@ pub fn read_diffusion(
         )],
     );
 
-    let optimizer = read_optimizer(
-        root,
-        ctx,
-        &[
-            OptimizerName::AdamW,
-            OptimizerName::Adam,
-            OptimizerName::Sgd,
-            OptimizerName::AdamW8bit,
-        ],
-        1e-4,
-        1e-2,
-    );
-    let scheduler = read_scheduler(
-        root,
-        ctx,
-        &[
-            LrSchedule::Constant,
-            LrSchedule::ConstantWithWarmup,
-            LrSchedule::Linear,
-            LrSchedule::Cosine,
-            LrSchedule::Polynomial,
-        ],
-    );
+    (prediction_type, objective_scheduler, num_timesteps)
+}
 
-    // [training]
+/// `[training]`.
+fn read_training(
+    root: &Section,
+    ctx: &mut Ctx,
+    batch_size: usize,
+    eval_batch_size_ds: Option<usize>,
+) -> DiffTraining {
     let t = root.section(ctx, "training");
     let seed = t.int(ctx, "seed").map(|s| s as u64).unwrap_or(42);
     let output_dir = nonempty(t.string(ctx, "output_dir"));
@@ -494,6 +617,50 @@ pub fn read_diffusion(
         ],
     );
 
+    DiffTraining {
+        seed,
+        output_dir,
+        mixed_precision,
+        gradient_checkpointing,
+        gradient_accumulation_steps,
+        epochs,
+        max_train_steps,
+        log_every_steps,
+        checkpoint_interval,
+        checkpoint_total_limit,
+        resume,
+        gradient_clip_norm,
+        ema_decay,
+        ema_power,
+        ema_inv_gamma,
+        ema_update_after_step,
+        ema_use_ema_warmup,
+        allow_tf32,
+        compile_model,
+        compile_mode,
+        snr_gamma,
+        eval_num_examples,
+        eval_mmd_samples,
+        eval_mmd_fallback_ntrain,
+        eval_strategy,
+        eval_num_steps,
+        eval_batch_size,
+        initial_eval,
+    }
+}
+
+/// `[logging]`: (tensorboard, log_dir, wandb_project, wandb_entity, run_name).
+#[allow(clippy::type_complexity)]
+fn read_logging(
+    root: &Section,
+    ctx: &mut Ctx,
+) -> (
+    bool,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+) {
     let l = root.section(ctx, "logging");
     let tensorboard = l.bool_or(ctx, "tensorboard", false);
     let log_dir = nonempty(l.string(ctx, "log_dir"));
@@ -502,6 +669,16 @@ pub fn read_diffusion(
     let run_name = nonempty(l.string(ctx, "run_name"));
     l.finish(ctx, &[]);
 
+    (tensorboard, log_dir, wandb_project, wandb_entity, run_name)
+}
+
+/// `[inference]`: (denoising_steps, cfg_scale, sampler, guidance); the sampler's default follows
+/// the objective.
+fn read_inference(
+    root: &Section,
+    ctx: &mut Ctx,
+    prediction_type: Objective,
+) -> (usize, f64, Sampler, Guidance) {
     let i = root.section(ctx, "inference");
     let denoising_steps = i.count(ctx, "denoising_steps", 50, 1);
     let cfg_scale = i.float_in(ctx, "cfg_scale", 7.5, 0.0, 100.0);
@@ -522,353 +699,5 @@ pub fn read_diffusion(
     );
     let guidance = i.pick(ctx, "guidance", Guidance::Cfg, Guidance::ALL);
     i.finish(ctx, &[]);
-    root.finish(ctx, &[]);
-
-    // Cross-field rules.
-    match conditioning {
-        Conditioning::Caption if caption_column.is_none() => {
-            ctx.error(
-                "model.conditioning",
-                "`model.conditioning` = \"caption\" needs `dataset.caption_column`",
-            )
-            .help = Some(
-                "set `caption_column = \"caption\"` (the meta-dataset's caption column)".into(),
-            );
-        }
-        Conditioning::Classes => {
-            if class_column.is_none() {
-                ctx.error(
-                    "model.conditioning",
-                    "`model.conditioning` = \"classes\" needs `dataset.class_column`",
-                )
-                .help = Some("name the metadata column that holds the integer class".into());
-            }
-            if num_classes < 2 {
-                ctx.error(
-                    "model.conditioning",
-                    "`model.conditioning` = \"classes\" needs `dataset.num_classes` of at least 2",
-                )
-                .help = Some("set `[dataset] num_classes = N`".into());
-            }
-        }
-        Conditioning::GenderHealthAge => {
-            for (k, v) in [
-                ("gender_column", &gender_column),
-                ("health_column", &health_column),
-                ("age_column", &age_column),
-            ] {
-                if v.is_empty() {
-                    ctx.error(&format!("dataset.{k}"), format!("`model.conditioning` = \"gend_hlth_age\" needs a non-empty `dataset.{k}`"));
-                }
-            }
-        }
-        Conditioning::Caption | Conditioning::None => {}
-    }
-    if conditioning == Conditioning::None
-        && cfg_dropout > 0.0
-        && ctx.loc("model.extras.cfg_dropout").is_some()
-        && name_m != DiffusionModel::Dit
-    {
-        ctx.diags.push(crate::diag::Diagnostic::warning(
-            ctx.loc("model.extras.cfg_dropout"),
-            "`cfg_dropout` has no effect without conditioning",
-        ));
-    }
-    if lora_enabled && pretrained.is_none() {
-        ctx.error(
-            "model.lora.enabled",
-            "LoRA adapts a pretrained model, but `model.pretrained` is not set",
-        )
-        .help = Some(
-            "set `model.pretrained` to a local model directory, or disable `[model.lora]`".into(),
-        );
-    }
-    if latent_space
-        && vae.is_none()
-        && !settings.hf_models.contains_key("stable_diffusion_model_id")
-    {
-        ctx.error(
-            "model.extras.latent_space",
-            "latent-space training needs a VAE: set `model.extras.vae` (a local directory)",
-        );
-    }
-    if is_sd
-        && !latent_space
-        && ctx
-            .loc_any(&["model.extras.latent_space", "model.latent_space"])
-            .is_some()
-    {
-        ctx.error(
-            "model.extras.latent_space",
-            "Stable Diffusion models always train in their VAE's latent space",
-        );
-    }
-    if name_m == DiffusionModel::StableDiffusion15 && prediction_type != Objective::Epsilon {
-        ctx.error(
-            "objective.prediction_type",
-            "stable-diffusion-v1-5 is an epsilon-prediction model",
-        );
-    }
-    if ts && name_m == DiffusionModel::StableDiffusion15 {
-        ctx.error(
-            "model.name",
-            "stable-diffusion-v1-5 cannot model time series",
-        );
-    }
-    if prediction_type == Objective::VectorField
-        && objective_scheduler != NoiseScheduler::FlowMatchEuler
-    {
-        ctx.error("objective.scheduler", format!("`objective.scheduler` = \"{objective_scheduler}\" is a DDPM/DDIM noise schedule, but `prediction_type` = \"vector_field\" trains a rectified flow"))
-            .help = Some("use `scheduler = \"flow_match_euler\"`, or an epsilon/sample objective".into());
-    }
-    if prediction_type != Objective::VectorField
-        && objective_scheduler == NoiseScheduler::FlowMatchEuler
-    {
-        ctx.error("objective.scheduler", format!("`flow_match_euler` needs `prediction_type` = \"vector_field\", not \"{prediction_type}\""));
-    }
-    if prediction_type == Objective::VectorField
-        && sampler == Sampler::Ddim
-        && ctx.loc("inference.sampler").is_some()
-    {
-        ctx.error(
-            "inference.sampler",
-            "the DDIM sampler needs an epsilon or sample objective",
-        );
-    }
-    if prediction_type != Objective::VectorField
-        && sampler == Sampler::Euler
-        && ctx.loc("inference.sampler").is_some()
-    {
-        ctx.error(
-            "inference.sampler",
-            "the flow Euler sampler needs `prediction_type` = \"vector_field\"",
-        );
-    }
-    if guidance == Guidance::RectifiedCfgPp && prediction_type != Objective::VectorField {
-        ctx.error("inference.guidance", "Rectified-CFG++ guides a rectified flow: it needs `prediction_type` = \"vector_field\"");
-    }
-    if !latent_space && !is_sd && !ts && in_channels != 3 && in_channels != 1 {
-        ctx.error("model.extras.in_channels", format!("pixel-space spectrograms have 3 channels (diffusion reads every output type as RGB), not {in_channels}"));
-    }
-    if !latent_space && !is_sd && !ts && in_channels == 1 {
-        ctx.error(
-            "model.extras.in_channels",
-            "pixel-space spectrograms are read as RGB: `in_channels` must be 3",
-        )
-        .help = Some(format!(
-            "output type \"{output_type}\" is converted to 3 channels, as the reference does"
-        ));
-    }
-    if ts {
-        for (key, on) in [("center_crop", center_crop), ("random_flip", random_flip)] {
-            if on {
-                ctx.error(&format!("dataset.{key}"), format!("`{key}` transforms images; time series are read whole (every sample must be {n_eeg_channels} × {sequence_length})"))
-                    .help = Some(format!("remove `{key}`, or use `dataset.extras.gaussian_noise_std` to augment time series"));
-            }
-        }
-    } else if gaussian_noise_std > 0.0 {
-        ctx.error("dataset.extras.gaussian_noise_std", "`gaussian_noise_std` adds noise to time series (x + N(0, std²)); spectrograms are augmented by `random_flip` and random crops")
-            .help = Some("remove it, or train on time series (`data_type = \"timeseries\"`)".into());
-    }
-    if ts && in_channels != 1 && !latent_space {
-        ctx.error("model.extras.in_channels", format!("time series enter the model as (1, {n_eeg_channels}, {sequence_length}): `in_channels` must be 1"));
-    }
-    if in_channels != out_channels {
-        ctx.error("model.extras.out_channels", format!("`out_channels` = {out_channels} must equal `in_channels` = {in_channels}: the model predicts a tensor shaped like its input"));
-    }
-    if name_m == DiffusionModel::Dit {
-        let hw = if ts {
-            [n_eeg_channels, sequence_length]
-        } else {
-            [resolution, resolution]
-        };
-        if !ts && sample_size != resolution && !latent_space {
-            ctx.error("model.sample_size", format!("`model.sample_size` = {sample_size} must equal `dataset.resolution` = {resolution} for pixel-space DiT"))
-                .help = Some(format!("set `sample_size = {resolution}` (the reference's baseline preset has this bug)"));
-        }
-        let grid = if latent_space {
-            [sample_size, sample_size]
-        } else {
-            hw
-        };
-        for (axis, (n, p)) in ["height", "width"]
-            .iter()
-            .zip(grid.iter().zip(patch_size.iter()))
-        {
-            if n % p != 0 {
-                ctx.error(
-                    "model.extras.patch_size",
-                    format!("the input {axis} {n} is not divisible by the patch size {p}"),
-                )
-                .help = Some(format!("choose a patch size that divides {n}"));
-            }
-        }
-    }
-    if matches!(
-        name_m,
-        DiffusionModel::Hourglass | DiffusionModel::LocalMamba
-    ) {
-        let levels = if name_m == DiffusionModel::Hourglass {
-            &widths
-        } else {
-            &dims
-        };
-        if levels.len() != depths.len() {
-            let key = if name_m == DiffusionModel::Hourglass {
-                "model.extras.widths"
-            } else {
-                "model.extras.dims"
-            };
-            ctx.error(key, format!("{} levels in `{key}` but {} in `model.extras.depths`: give one depth per level", levels.len(), depths.len()));
-        }
-        // Attention heads of 64 channels each (the reference's d_head) must tile every width.
-        let head = 64;
-        if name_m == DiffusionModel::Hourglass {
-            if let Some(w) = widths.iter().find(|w| !w.is_multiple_of(head)) {
-                ctx.error("model.extras.widths", format!("width {w} in `model.extras.widths` is not divisible by the attention head size {head}"))
-                    .help = Some("use multiples of 64, e.g. [64, 128, 256]".into());
-            }
-        }
-        if name_m == DiffusionModel::Hourglass
-            && !attention.is_empty()
-            && attention.len() != widths.len()
-        {
-            ctx.error(
-                "model.extras.attention",
-                "`model.extras.attention` needs one entry per level",
-            );
-        }
-    }
-    if matches!(
-        name_m,
-        DiffusionModel::Dit | DiffusionModel::StableDiffusion35
-    ) && !(num_attention_heads * attention_head_dim).is_multiple_of(2)
-    {
-        ctx.error(
-            "model.extras.attention_head_dim",
-            "heads × head_dim must be even (2-D sin-cos positions split the width in halves)",
-        );
-    }
-    if cfg_scale < 1.0 && ctx.loc("inference.cfg_scale").is_some() {
-        ctx.error(
-            "inference.cfg_scale",
-            format!("`inference.cfg_scale` = {cfg_scale} is below 1; 1 means no guidance"),
-        );
-    }
-
-    let diff = Diffusion {
-        dataset: DiffDataset {
-            name,
-            train_split,
-            val_split,
-            batch_size,
-            eval_batch_size,
-            num_workers,
-            resolution,
-            cache_dir,
-            center_crop,
-            random_flip,
-            image_column,
-            caption_column,
-            class_column,
-            gender_column,
-            health_column,
-            age_column,
-            num_classes: if conditioning == Conditioning::GenderHealthAge {
-                4
-            } else {
-                num_classes
-            },
-            dataset_type,
-            max_train_samples,
-            max_eval_samples,
-            n_eeg_channels,
-            sequence_length,
-            gaussian_noise_std,
-        },
-        model: DiffModel {
-            name: name_m,
-            conditioning,
-            pretrained,
-            revision,
-            sample_size,
-            vae_tiling,
-            lora_enabled,
-            lora_rank,
-            lora_alpha,
-            lora_dropout,
-            lora_target_modules,
-            lora_bias,
-            lora_scaling,
-            latent_space,
-            vae,
-            in_channels,
-            out_channels,
-            cfg_dropout,
-            num_classes,
-            num_attention_heads,
-            attention_head_dim,
-            num_layers,
-            patch_size,
-            widths,
-            depths,
-            dims,
-            d_state,
-            scan_directions,
-            attention,
-            mapping_width,
-            mapping_depth,
-            dropout,
-            attention_bias,
-            activation_fn,
-            norm_elementwise_affine,
-            norm_eps,
-        },
-        prediction_type,
-        objective_scheduler,
-        num_timesteps,
-        optimizer,
-        scheduler,
-        training: DiffTraining {
-            seed,
-            output_dir,
-            mixed_precision,
-            gradient_checkpointing,
-            gradient_accumulation_steps,
-            epochs,
-            max_train_steps,
-            log_every_steps,
-            checkpoint_interval,
-            checkpoint_total_limit,
-            resume,
-            gradient_clip_norm,
-            ema_decay,
-            ema_power,
-            ema_inv_gamma,
-            ema_update_after_step,
-            ema_use_ema_warmup,
-            allow_tf32,
-            compile_model,
-            compile_mode,
-            snr_gamma,
-            eval_num_examples,
-            eval_mmd_samples,
-            eval_mmd_fallback_ntrain,
-            eval_strategy,
-            eval_num_steps,
-            eval_batch_size,
-            initial_eval,
-        },
-        tensorboard,
-        log_dir,
-        wandb_project,
-        wandb_entity,
-        run_name,
-        denoising_steps,
-        cfg_scale,
-        sampler,
-        guidance,
-        dataset_is_timeseries: ts,
-    };
-    (diff, output_type, data_type)
+    (denoising_steps, cfg_scale, sampler, guidance)
 }

@@ -11,6 +11,7 @@
 
 mod classification;
 mod diffusion;
+mod diffusion_rules;
 
 pub use classification::*;
 pub use diffusion::*;

@@ -1,0 +1,289 @@
+//! The diffusion config's cross-field rules: what one section's values forbid or require in
+//! another's (shapes, objective and sampler, model family and its keys), each reported at the
+//! key to change.
+
+use crate::choice::{
+    Conditioning, DiffusionModel, Guidance, NoiseScheduler, Objective, OutputType, Sampler,
+};
+use crate::settings::Settings;
+use crate::tree::Ctx;
+
+use super::{DiffDataset, DiffModel, Diffusion};
+
+/// The rules that relate keys of different sections.
+pub(super) fn check(
+    ctx: &mut Ctx,
+    d: &Diffusion,
+    is_sd: bool,
+    settings: &Settings,
+    output_type: OutputType,
+) {
+    let ts = d.dataset_is_timeseries;
+    let DiffDataset {
+        random_flip,
+        ref health_column,
+        sequence_length,
+        ref gender_column,
+        gaussian_noise_std,
+        center_crop,
+        ref caption_column,
+        ref age_column,
+        n_eeg_channels,
+        resolution,
+        ref class_column,
+        ..
+    } = d.dataset;
+    let DiffModel {
+        num_classes,
+        ref pretrained,
+        attention_head_dim,
+        lora_enabled,
+        ref vae,
+        num_attention_heads,
+        out_channels,
+        sample_size,
+        latent_space,
+        ref depths,
+        ref attention,
+        ref widths,
+        in_channels,
+        name: name_m,
+        cfg_dropout,
+        conditioning,
+        ref dims,
+        patch_size,
+        ..
+    } = d.model;
+    let (prediction_type, objective_scheduler) = (d.prediction_type, d.objective_scheduler);
+    let (sampler, guidance, cfg_scale) = (d.sampler, d.guidance, d.cfg_scale);
+    match conditioning {
+        Conditioning::Caption if caption_column.is_none() => {
+            ctx.error(
+                "model.conditioning",
+                "`model.conditioning` = \"caption\" needs `dataset.caption_column`",
+            )
+            .help = Some(
+                "set `caption_column = \"caption\"` (the meta-dataset's caption column)".into(),
+            );
+        }
+        Conditioning::Classes => {
+            if class_column.is_none() {
+                ctx.error(
+                    "model.conditioning",
+                    "`model.conditioning` = \"classes\" needs `dataset.class_column`",
+                )
+                .help = Some("name the metadata column that holds the integer class".into());
+            }
+            if num_classes < 2 {
+                ctx.error(
+                    "model.conditioning",
+                    "`model.conditioning` = \"classes\" needs `dataset.num_classes` of at least 2",
+                )
+                .help = Some("set `[dataset] num_classes = N`".into());
+            }
+        }
+        Conditioning::GenderHealthAge => {
+            for (k, v) in [
+                ("gender_column", &gender_column),
+                ("health_column", &health_column),
+                ("age_column", &age_column),
+            ] {
+                if v.is_empty() {
+                    ctx.error(&format!("dataset.{k}"), format!("`model.conditioning` = \"gend_hlth_age\" needs a non-empty `dataset.{k}`"));
+                }
+            }
+        }
+        Conditioning::Caption | Conditioning::None => {}
+    }
+    if conditioning == Conditioning::None
+        && cfg_dropout > 0.0
+        && ctx.loc("model.extras.cfg_dropout").is_some()
+        && name_m != DiffusionModel::Dit
+    {
+        ctx.diags.push(crate::diag::Diagnostic::warning(
+            ctx.loc("model.extras.cfg_dropout"),
+            "`cfg_dropout` has no effect without conditioning",
+        ));
+    }
+    if lora_enabled && pretrained.is_none() {
+        ctx.error(
+            "model.lora.enabled",
+            "LoRA adapts a pretrained model, but `model.pretrained` is not set",
+        )
+        .help = Some(
+            "set `model.pretrained` to a local model directory, or disable `[model.lora]`".into(),
+        );
+    }
+    if latent_space
+        && vae.is_none()
+        && !settings.hf_models.contains_key("stable_diffusion_model_id")
+    {
+        ctx.error(
+            "model.extras.latent_space",
+            "latent-space training needs a VAE: set `model.extras.vae` (a local directory)",
+        );
+    }
+    if is_sd
+        && !latent_space
+        && ctx
+            .loc_any(&["model.extras.latent_space", "model.latent_space"])
+            .is_some()
+    {
+        ctx.error(
+            "model.extras.latent_space",
+            "Stable Diffusion models always train in their VAE's latent space",
+        );
+    }
+    if name_m == DiffusionModel::StableDiffusion15 && prediction_type != Objective::Epsilon {
+        ctx.error(
+            "objective.prediction_type",
+            "stable-diffusion-v1-5 is an epsilon-prediction model",
+        );
+    }
+    if ts && name_m == DiffusionModel::StableDiffusion15 {
+        ctx.error(
+            "model.name",
+            "stable-diffusion-v1-5 cannot model time series",
+        );
+    }
+    if prediction_type == Objective::VectorField
+        && objective_scheduler != NoiseScheduler::FlowMatchEuler
+    {
+        ctx.error("objective.scheduler", format!("`objective.scheduler` = \"{objective_scheduler}\" is a DDPM/DDIM noise schedule, but `prediction_type` = \"vector_field\" trains a rectified flow"))
+            .help = Some("use `scheduler = \"flow_match_euler\"`, or an epsilon/sample objective".into());
+    }
+    if prediction_type != Objective::VectorField
+        && objective_scheduler == NoiseScheduler::FlowMatchEuler
+    {
+        ctx.error("objective.scheduler", format!("`flow_match_euler` needs `prediction_type` = \"vector_field\", not \"{prediction_type}\""));
+    }
+    if prediction_type == Objective::VectorField
+        && sampler == Sampler::Ddim
+        && ctx.loc("inference.sampler").is_some()
+    {
+        ctx.error(
+            "inference.sampler",
+            "the DDIM sampler needs an epsilon or sample objective",
+        );
+    }
+    if prediction_type != Objective::VectorField
+        && sampler == Sampler::Euler
+        && ctx.loc("inference.sampler").is_some()
+    {
+        ctx.error(
+            "inference.sampler",
+            "the flow Euler sampler needs `prediction_type` = \"vector_field\"",
+        );
+    }
+    if guidance == Guidance::RectifiedCfgPp && prediction_type != Objective::VectorField {
+        ctx.error("inference.guidance", "Rectified-CFG++ guides a rectified flow: it needs `prediction_type` = \"vector_field\"");
+    }
+    if !latent_space && !is_sd && !ts && in_channels != 3 && in_channels != 1 {
+        ctx.error("model.extras.in_channels", format!("pixel-space spectrograms have 3 channels (diffusion reads every output type as RGB), not {in_channels}"));
+    }
+    if !latent_space && !is_sd && !ts && in_channels == 1 {
+        ctx.error(
+            "model.extras.in_channels",
+            "pixel-space spectrograms are read as RGB: `in_channels` must be 3",
+        )
+        .help = Some(format!(
+            "output type \"{output_type}\" is converted to 3 channels, as the reference does"
+        ));
+    }
+    if ts {
+        for (key, on) in [("center_crop", center_crop), ("random_flip", random_flip)] {
+            if on {
+                ctx.error(&format!("dataset.{key}"), format!("`{key}` transforms images; time series are read whole (every sample must be {n_eeg_channels} × {sequence_length})"))
+                    .help = Some(format!("remove `{key}`, or use `dataset.extras.gaussian_noise_std` to augment time series"));
+            }
+        }
+    } else if gaussian_noise_std > 0.0 {
+        ctx.error("dataset.extras.gaussian_noise_std", "`gaussian_noise_std` adds noise to time series (x + N(0, std²)); spectrograms are augmented by `random_flip` and random crops")
+            .help = Some("remove it, or train on time series (`data_type = \"timeseries\"`)".into());
+    }
+    if ts && in_channels != 1 && !latent_space {
+        ctx.error("model.extras.in_channels", format!("time series enter the model as (1, {n_eeg_channels}, {sequence_length}): `in_channels` must be 1"));
+    }
+    if in_channels != out_channels {
+        ctx.error("model.extras.out_channels", format!("`out_channels` = {out_channels} must equal `in_channels` = {in_channels}: the model predicts a tensor shaped like its input"));
+    }
+    if name_m == DiffusionModel::Dit {
+        let hw = if ts {
+            [n_eeg_channels, sequence_length]
+        } else {
+            [resolution, resolution]
+        };
+        if !ts && sample_size != resolution && !latent_space {
+            ctx.error("model.sample_size", format!("`model.sample_size` = {sample_size} must equal `dataset.resolution` = {resolution} for pixel-space DiT"))
+                .help = Some(format!("set `sample_size = {resolution}` (the reference's baseline preset has this bug)"));
+        }
+        let grid = if latent_space {
+            [sample_size, sample_size]
+        } else {
+            hw
+        };
+        for (axis, (n, p)) in ["height", "width"]
+            .iter()
+            .zip(grid.iter().zip(patch_size.iter()))
+        {
+            if n % p != 0 {
+                ctx.error(
+                    "model.extras.patch_size",
+                    format!("the input {axis} {n} is not divisible by the patch size {p}"),
+                )
+                .help = Some(format!("choose a patch size that divides {n}"));
+            }
+        }
+    }
+    if matches!(
+        name_m,
+        DiffusionModel::Hourglass | DiffusionModel::LocalMamba
+    ) {
+        let levels = if name_m == DiffusionModel::Hourglass {
+            &widths
+        } else {
+            &dims
+        };
+        if levels.len() != depths.len() {
+            let key = if name_m == DiffusionModel::Hourglass {
+                "model.extras.widths"
+            } else {
+                "model.extras.dims"
+            };
+            ctx.error(key, format!("{} levels in `{key}` but {} in `model.extras.depths`: give one depth per level", levels.len(), depths.len()));
+        }
+        // Attention heads of 64 channels each (the reference's d_head) must tile every width.
+        let head = 64;
+        if name_m == DiffusionModel::Hourglass {
+            if let Some(w) = widths.iter().find(|w| !w.is_multiple_of(head)) {
+                ctx.error("model.extras.widths", format!("width {w} in `model.extras.widths` is not divisible by the attention head size {head}"))
+                    .help = Some("use multiples of 64, e.g. [64, 128, 256]".into());
+            }
+        }
+        if name_m == DiffusionModel::Hourglass
+            && !attention.is_empty()
+            && attention.len() != widths.len()
+        {
+            ctx.error(
+                "model.extras.attention",
+                "`model.extras.attention` needs one entry per level",
+            );
+        }
+    }
+    if matches!(
+        name_m,
+        DiffusionModel::Dit | DiffusionModel::StableDiffusion35
+    ) && !(num_attention_heads * attention_head_dim).is_multiple_of(2)
+    {
+        ctx.error(
+            "model.extras.attention_head_dim",
+            "heads × head_dim must be even (2-D sin-cos positions split the width in halves)",
+        );
+    }
+    if cfg_scale < 1.0 && ctx.loc("inference.cfg_scale").is_some() {
+        ctx.error(
+            "inference.cfg_scale",
+            format!("`inference.cfg_scale` = {cfg_scale} is below 1; 1 means no guidance"),
+        );
+    }
+}
