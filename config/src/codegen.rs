@@ -275,7 +275,8 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
     };
     let n_tasks = tasks.len();
     quote! {
-        pub const DIT: #rt::DitShape = #rt::DitShape {
+        pub type Model = #rt::Dit;
+        pub const MODEL: #rt::DitShape = #rt::DitShape {
             in_channels: #cin, out_channels: #cout, height: #height, width: #width,
             patch: [#ph, #pw], heads: #heads, head_dim: #hd, layers: #layers,
             num_embeds: #num_embeds, conditioning: #conditioning, norm_eps: #norm_eps,
@@ -283,7 +284,7 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
         pub const TASKS: [#rt::TaskSpec; #n_tasks] = [#(#tasks),*];
 
         pub fn run(options: #rt::RunOptions) -> ::std::process::ExitCode {
-            #rt::train_diffusion(&compiled(), &DIT, options)
+            #rt::train_diffusion(&compiled(), &MODEL, options)
         }
     }
 }

@@ -130,7 +130,7 @@ pub fn presets(_input: TokenStream) -> TokenStream {
                             quote! { ::signal_diffusion_runtime::count_classifier_parameters::<#ident::Model>(&#ident::MODEL, &#ident::TASKS) }
                         }
                         _ => {
-                            quote! { ::signal_diffusion_runtime::count_dit_parameters(&#ident::DIT) }
+                            quote! { ::signal_diffusion_runtime::count_dit_parameters(&#ident::MODEL) }
                         }
                     };
                     items.push(quote! {

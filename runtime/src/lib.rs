@@ -18,7 +18,7 @@ pub use models::classifier::{
     count_parameters as count_classifier_parameters, Backbone, Cnn, Cnn1d, Cnn1dShape, CnnLight,
     CnnLightShape, CnnShape, Transformer, TransformerShape,
 };
-pub use models::dit::{count_parameters as count_dit_parameters, Conditioning, DitShape};
+pub use models::dit::{count_parameters as count_dit_parameters, Conditioning, Dit, DitShape};
 pub use models::nn::Activation;
 pub use ops::KernelSizes;
 pub use tasks::{TaskKind, TaskSpec};
