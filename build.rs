@@ -47,6 +47,9 @@ fn main() {
                 )),
                 _ => None,
             };
+            if target.cuda {
+                link_cuda_runtime();
+            }
             let code = config::codegen::generate(&resolved, cuda.as_ref());
             write_if_changed(&out.join("pipeline.rs"), &code);
             if let Some(profile_dir) = out.ancestors().nth(3) {
@@ -154,4 +157,13 @@ fn link_named_trainer(profile_dir: &Path, stem: &str) {
     }
     #[cfg(not(unix))]
     println!("cargo::warning=train-{stem} is only linked on unix; run `train` directly");
+}
+
+/// A `--features cuda` binary opens the CUDA libraries when it first needs them (cudarc's
+/// dynamic loading), so it starts where there is no GPU or driver. The exception is the CUDA
+/// runtime, which Candle's statically built kernels link (runtime/build.rs says where to find it
+/// at link time): at run time it is found beside the binary (benches/gpu_build.sh copies it
+/// there) or on LD_LIBRARY_PATH.
+fn link_cuda_runtime() {
+    println!("cargo::rustc-link-arg-bins=-Wl,-rpath,$ORIGIN");
 }

@@ -25,6 +25,8 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "runtime" and m.get("executable"):
         print(m["executable"])')
 cp "$tests" gpu/cuda-tests
-strip gpu/*
+# The CUDA runtime the binaries link (rpath $ORIGIN); everything else is loaded at run time.
+cp -L "$CUDA/lib/libcudart.so.13" gpu/
+strip gpu/train-* gpu/cuda-tests
 tar -C gpu -cf - . | xz -T0 -6 > gpu.tar.xz
 du -sh gpu/* gpu.tar.xz

@@ -94,12 +94,17 @@ pub fn gpu() -> std::result::Result<(), String> {
 /// The device `training.device` names: the CPU, the first GPU (an error without one), or `auto`:
 /// the first GPU when this is a CUDA build and one opens, else the CPU (saying why). On a GPU our
 /// kernels are loaded first, so a broken kernel fails here rather than mid-run.
-pub fn select_device(choice: config::choice::Device, compiled: &Compiled) -> Result<candle_core::Device> {
+pub fn select_device(
+    choice: config::choice::Device,
+    compiled: &Compiled,
+) -> Result<candle_core::Device> {
     use candle_core::Device;
     use config::choice::Device as Choice;
     let device = match (choice, gpu()) {
         (Choice::Cpu, _) => Device::Cpu,
-        (Choice::Cuda, Err(why)) => bail!("training.device = \"cuda\", but no GPU can be used: {why}"),
+        (Choice::Cuda, Err(why)) => {
+            bail!("training.device = \"cuda\", but no GPU can be used: {why}")
+        }
         (Choice::Cuda | Choice::Auto, Ok(())) => Device::new_cuda(0).map_err(|e| {
             anyhow::anyhow!("training.device = \"{choice}\", but the GPU could not be opened: {e}")
         })?,
