@@ -70,11 +70,13 @@ pub(crate) fn with_f32<R>(
 }
 
 /// Whether `x` runs the fused f32 ops (gelu, pool): f32 on the CPU or on a GPU.
+#[inline]
 pub(crate) fn fused_f32(x: &Tensor) -> bool {
     x.dtype() == candle_core::DType::F32 && (x.device().is_cpu() || x.device().is_cuda())
 }
 
 /// A contiguous CPU tensor's values.
+#[inline]
 pub(crate) fn contiguous<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
@@ -116,17 +118,21 @@ pub(crate) trait Real:
     fn of(v: f64) -> Self;
 }
 impl Real for f32 {
+    #[inline(always)]
     fn of(v: f64) -> Self {
         v as f32
     }
 }
 impl Real for f64 {
+    #[inline(always)]
     fn of(v: f64) -> Self {
         v
     }
 }
 
-/// The same function as the kernel's `splitmix64`.
+/// The same function as the kernel's `splitmix64`. Inlined: dropout calls it per element from
+/// other modules.
+#[inline(always)]
 pub fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -160,6 +166,7 @@ unsafe impl Send for Blocks {}
 unsafe impl Sync for Blocks {}
 
 impl Blocks {
+    #[inline]
     pub(crate) fn new(buf: &mut [f32]) -> Self {
         Blocks(buf.as_mut_ptr())
     }
@@ -169,12 +176,14 @@ impl Blocks {
     /// # Safety
     /// In bounds of the buffer, and no other thread uses an overlapping block at the same time.
     #[allow(clippy::mut_from_ref)]
+    #[inline(always)]
     pub(crate) unsafe fn block(&self, start: usize, len: usize) -> &mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
 
     /// A raw pointer to the float at `start`, for strided blocks (interleaved with other
     /// threads' blocks, so no slice may cover them).
+    #[inline(always)]
     pub(crate) fn at(&self, start: usize) -> *mut f32 {
         self.0.wrapping_add(start)
     }
