@@ -40,7 +40,6 @@ fn settings(tmp: &Path, dataset: &str, min_db: f64, max_db: f64) -> Settings {
 fn args(dataset: &str, timeseries: bool) -> PreprocessOptions {
     PreprocessOptions {
         datasets: vec![dataset.into()],
-        config: None,
         output_type: None,
         timeseries,
         include_math_trials: false,

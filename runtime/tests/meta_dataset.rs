@@ -65,7 +65,6 @@ fn weighted_parquet_in_the_hugging_face_layout() {
     let settings = signal_diffusion_config::load_settings(Some(&settings_path), &env).unwrap();
     let mut args = MetaOptions {
         datasets: vec!["big".into(), "small".into()],
-        config: None,
         output_dir: None,
         copy_splits: vec!["train".into(), "val".into(), "test".into()],
         max_sampling_weight: None,

@@ -72,7 +72,6 @@ fn setup(tmp: &Path) -> signal_diffusion_config::settings::Settings {
 fn args(timeseries: bool) -> PreprocessOptions {
     PreprocessOptions {
         datasets: vec!["math".into()],
-        config: None,
         output_type: None,
         timeseries,
         include_math_trials: false,

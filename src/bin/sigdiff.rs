@@ -175,7 +175,6 @@ impl From<PreprocessArgs> for PreprocessOptions {
     fn from(a: PreprocessArgs) -> Self {
         PreprocessOptions {
             datasets: a.datasets,
-            config: a.config,
             output_type: a.output_type,
             timeseries: a.timeseries,
             include_math_trials: a.include_math_trials,
@@ -205,7 +204,6 @@ impl From<MetaArgs> for MetaOptions {
     fn from(a: MetaArgs) -> Self {
         MetaOptions {
             datasets: a.datasets,
-            config: a.config,
             output_dir: a.output_dir,
             copy_splits: a.copy_splits,
             max_sampling_weight: a.max_sampling_weight,

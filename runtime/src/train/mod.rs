@@ -100,20 +100,25 @@ pub fn select_device(
 ) -> Result<candle_core::Device> {
     use candle_core::Device;
     use config::choice::Device as Choice;
-    let device = match (choice, gpu()) {
-        (Choice::Cpu, _) => Device::Cpu,
-        (Choice::Cuda, Err(why)) => {
-            bail!("training.device = \"cuda\", but no GPU can be used: {why}")
-        }
-        (Choice::Cuda | Choice::Auto, Ok(())) => Device::new_cuda(0).map_err(|e| {
-            anyhow::anyhow!("training.device = \"{choice}\", but the GPU could not be opened: {e}")
-        })?,
-        (Choice::Auto, Err(why)) => {
-            if cfg!(feature = "cuda") {
-                println!("training.device = \"auto\": no GPU ({why}); training on the CPU");
+    let device = match choice {
+        Choice::Cpu => Device::Cpu,
+        // Only a GPU choice looks for one (the look opens the driver).
+        Choice::Cuda | Choice::Auto => match gpu() {
+            Ok(()) => Device::new_cuda(0).map_err(|e| {
+                anyhow::anyhow!(
+                    "training.device = \"{choice}\", but the GPU could not be opened: {e}"
+                )
+            })?,
+            Err(why) if choice == Choice::Cuda => {
+                bail!("training.device = \"cuda\", but no GPU can be used: {why}")
             }
-            Device::Cpu
-        }
+            Err(why) => {
+                if cfg!(feature = "cuda") {
+                    println!("training.device = \"auto\": no GPU ({why}); training on the CPU");
+                }
+                Device::Cpu
+            }
+        },
     };
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = &device {
@@ -251,7 +256,6 @@ pub(crate) fn dataset_dir(
     if dir.is_dir() {
         return Ok(dir.to_path_buf());
     }
-    let cwd = std::env::current_dir().unwrap_or_default();
     let looked = match named {
         true => {
             let root = compiled.root();
@@ -270,7 +274,10 @@ pub(crate) fn dataset_dir(
         }
         false => format!(
             "{} (a path relative to the current directory)",
-            cwd.join(dir).display()
+            std::env::current_dir()
+                .unwrap_or_default()
+                .join(dir)
+                .display()
         ),
     };
     bail!(

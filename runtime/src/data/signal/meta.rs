@@ -27,8 +27,6 @@ use crate::data::table::{Cell, Kind, Table, TableWriter};
 pub struct MetaOptions {
     /// Datasets to merge, in order (names of `[datasets.*]` tables, preprocessed already).
     pub datasets: Vec<String>,
-    /// Settings file (default: $SIGNAL_DIFFUSION_CONFIG, else config/default.toml).
-    pub config: Option<PathBuf>,
     /// Output directory; relative paths are under the settings' output root
     /// (default: `reweighted_meta_dataset_log_n2048_fs125`).
     pub output_dir: Option<PathBuf>,

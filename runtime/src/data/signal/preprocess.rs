@@ -40,8 +40,6 @@ pub struct PreprocessOptions {
     /// Datasets to preprocess (names of `[datasets.*]` tables in the settings file; default:
     /// each of math, parkinsons, seed and longitudinal whose raw directory exists).
     pub datasets: Vec<String>,
-    /// Settings file (default: $SIGNAL_DIFFUSION_CONFIG, else config/default.toml).
-    pub config: Option<PathBuf>,
     /// Override the settings' output type: db-only, db-iq or db-polar.
     pub output_type: Option<OutputType>,
     /// Write z-scored float32 time series instead of spectrograms.

@@ -204,7 +204,6 @@ pub fn run(args: &SynthOptions) -> Result<()> {
     let summary = super::preprocess::run(
         &PreprocessOptions {
             datasets: vec!["parkinsons".into()],
-            config: None,
             output_type: None,
             timeseries: false,
             include_math_trials: false,
