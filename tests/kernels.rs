@@ -30,7 +30,7 @@ fn presets(root: &std::path::Path) -> Vec<(String, config::cuda::KernelSizes)> {
                 _ => config::plan_unchecked(&path, &env),
             }
             .unwrap_or_else(|e| panic!("{}", config::render(&e)));
-            assert!(kind == "diffusion" || matches!(r.kind, Kind::Classification(_)));
+            assert!(kind == "diffusion" || matches!(r.config.kind, Kind::Classification(_)));
             // Models without a plan (hourglass, LocalMamba, SD) have no trainer, so no kernels.
             let Some(plan) = r.plan.as_ref() else {
                 continue;

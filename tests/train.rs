@@ -364,14 +364,23 @@ fn a_trainer_resolves_its_config_against_the_root_it_finds() {
     std::fs::create_dir(&root).unwrap();
     let mut compiled = tiny::compiled();
     compiled.project_root = Box::leak(root.display().to_string().into_boxed_str());
-    let resolved = compiled.resolve(&[]).expect("the embedded config resolves");
+    let resolved = compiled.resolve(&[]).expect("the compiled config");
     assert_eq!(
         resolved.settings.output_root,
         elsewhere.path().join("data/processed")
     );
+    // With an override the embedded TOML is resolved again, against the same root.
+    let set = [("training.epochs".to_string(), "1".to_string())];
+    let reresolved = compiled
+        .resolve(&set)
+        .expect("the embedded config resolves");
+    assert_eq!(
+        reresolved.settings.output_root,
+        resolved.settings.output_root
+    );
 
     compiled.project_root = "/nonexistent/signal-diffusion-build";
-    let resolved = compiled.resolve(&[]).expect("the embedded config resolves");
+    let resolved = compiled.resolve(&[]).expect("the compiled config");
     let cwd = std::env::current_dir().unwrap();
     assert_eq!(
         resolved.settings.output_root,

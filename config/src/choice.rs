@@ -29,6 +29,12 @@ macro_rules! choices {
             }
         }
 
+        impl $crate::literal::Literal for $name {
+            fn literal(&self, _: &$crate::literal::At) -> String {
+                match self { $($name::$variant => concat!(stringify!($name), "::", stringify!($variant))),+ }.into()
+            }
+        }
+
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(self.toml())

@@ -1,45 +1,121 @@
 //! Code generation: a resolved config becomes the Rust source of a trainer specialised to it.
 //!
-//! The output is flat and readable (it is written to `$OUT_DIR/pipeline.rs`): constants for
-//! every shape and count, the concrete model type, the embedded config texts (so `--set` is
-//! re-validated by this same crate at run time) and a `run()` that calls the runtime trainer.
-//! build.rs and the `trainer!` macro both call [`tokens`], so they cannot drift apart.
+//! The output is flat and readable (it is written to `$OUT_DIR/pipeline.rs`), top to bottom: every
+//! resolved value as one typed literal (`config()`, each value commented with its TOML key), the
+//! concrete model type and its shape, `run()` that calls the runtime trainer, then the constants
+//! the runtime needs besides (sizes, the plan, the embedded config texts so that `--set` is
+//! re-validated by this same crate at run time, the CUDA kernels). build.rs and the `trainer!`
+//! macro both go through [`items`], so they cannot drift apart.
 
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote};
 
 use crate::choice::{Activation, Backbone, Conditioning, Pooling};
 use crate::cuda::{CudaBuild, KernelText};
+use crate::literal::{At, Literal};
 use crate::plan::{cnn_1d_channels, cnn_light_channels, dit_num_embeds, transformer_tokens, Plan};
 use crate::schema::TaskKind;
 use crate::schema::{Classification, Diffusion};
 use crate::settings::relative_to;
 use crate::{Kind, Resolved};
 
+/// The generated items: the imports, `config()` as commented source, and the rest as tokens.
+struct Items {
+    imports: TokenStream,
+    config: String,
+    rest: TokenStream,
+}
+
 /// The generated items, as tokens (for the macro). `cuda`: the kernels of a CUDA build.
 pub fn tokens(r: &Resolved, cuda: Option<&CudaBuild>) -> TokenStream {
+    let Items {
+        imports,
+        config,
+        rest,
+    } = match items(r, cuda) {
+        Ok(items) => items,
+        Err(e) => return e,
+    };
+    let config: TokenStream = config.parse().expect("the config literal is Rust");
+    quote! { #imports #config #rest }
+}
+
+fn items(r: &Resolved, cuda: Option<&CudaBuild>) -> Result<Items, TokenStream> {
     let Some(plan) = r.plan.as_ref() else {
         // resolve() rejects every model without a plan before code generation.
         let msg = "signal-diffusion: this model cannot be generated";
-        return quote! { compile_error!(#msg); };
+        return Err(quote! { compile_error!(#msg); });
     };
     let common = common_items(r, plan, cuda);
-    let specific = match &r.kind {
+    let specific = match &r.config.kind {
         Kind::Classification(c) => classification_items(c),
         Kind::Diffusion(d) => diffusion_items(d),
     };
-    quote! { #common #specific }
+    let rt = quote! { rt };
+    Ok(Items {
+        imports: quote! {
+            use ::signal_diffusion_runtime as rt;
+            #[allow(unused_imports)]
+            use #rt::config::{choice::*, schema::*, settings::*, Config, Kind};
+            #[allow(unused_imports)]
+            use ::std::{collections::BTreeMap, path::{Path, PathBuf}};
+        },
+        config: config_fn(r),
+        rest: unsuffixed(quote! { #specific #common }),
+    })
+}
+
+/// `16` and `0.1` instead of quote's `16usize` and `0.1f64`: every number generated here sits
+/// where its type is stated, and reads better bare.
+fn unsuffixed(tokens: TokenStream) -> TokenStream {
+    use proc_macro2::{Group, Literal, TokenTree};
+    tokens
+        .into_iter()
+        .map(|t| match t {
+            TokenTree::Group(g) => {
+                let mut bare = Group::new(g.delimiter(), unsuffixed(g.stream()));
+                bare.set_span(g.span());
+                TokenTree::Group(bare)
+            }
+            TokenTree::Literal(l) => {
+                let text = l.to_string();
+                let bare = if let Some(v) = text.strip_suffix("f64") {
+                    v.parse().ok().map(Literal::f64_unsuffixed)
+                } else {
+                    ["usize", "u64", "u32"]
+                        .iter()
+                        .find_map(|s| text.strip_suffix(s))
+                        .and_then(|v| v.parse().ok())
+                        .map(Literal::u64_unsuffixed)
+                };
+                TokenTree::Literal(bare.unwrap_or(l))
+            }
+            other => other,
+        })
+        .collect()
+}
+
+/// `config()`: the resolved config as one literal, each value commented with its TOML key.
+fn config_fn(r: &Resolved) -> String {
+    let value = r.config.literal(&At::top(&r.project_root, 1));
+    format!(
+        "/// Every value this trainer runs with, as the build resolved `{}` and its\n\
+         /// settings files. Paths under the project root follow `root`, the root the trainer runs\n\
+         /// with (docs/config.md, \"Paths\"). `--set` re-resolves the embedded TOML instead.\n\
+         pub fn config(root: &Path) -> Config {{\n    {value}\n}}\n",
+        relative_to(&r.project_root, &r.config.path).display(),
+    )
 }
 
 /// What every trainer has: its config, plan, sizes and CUDA kernels, and `compiled()`.
 fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStream {
-    let rt = quote! { ::signal_diffusion_runtime };
+    let rt = quote! { rt };
 
     let name = &r.stem;
     // Paths relative to the project root, so the binary resolves them against whichever root it
     // runs with (runtime train::Compiled::root): nothing depends on where the build ran.
     let relative = |p: &std::path::Path| relative_to(&r.project_root, p).display().to_string();
-    let config_path = relative(&r.config_path);
+    let config_path = relative(&r.config.path);
     let project_root = r.project_root.display().to_string();
     let embedded = r.sources.files.iter().filter_map(|f| {
         let path = relative(f.path.as_ref()?);
@@ -97,8 +173,10 @@ fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStr
         /// The kernels' translation unit (empty in a CPU build), for NVRTC when CUDA_PTX is empty.
         pub const CUDA_SOURCE: &str = #cuda_source;
 
+        /// Everything above, for the runtime.
         pub fn compiled() -> #rt::Compiled {
             #rt::Compiled {
+                config,
                 name: CONFIG_NAME,
                 config_path: CONFIG_PATH,
                 project_root: PROJECT_ROOT,
@@ -119,7 +197,7 @@ fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStr
 
 /// A classifier: its backbone type and shape, and its tasks.
 fn classification_items(c: &Classification) -> TokenStream {
-    let rt = quote! { ::signal_diffusion_runtime };
+    let rt = quote! { rt };
     let m = &c.model;
     let activation = format_ident!(
         "{}",
@@ -212,10 +290,14 @@ fn classification_items(c: &Classification) -> TokenStream {
     let n_tasks = c.tasks.len();
 
     quote! {
+        /// The backbone, with a head per task.
         pub type Model = #model_ty;
+        /// Its shape, from `[model]` and the input the dataset gives it.
         pub const MODEL: <Model as #rt::Backbone>::Shape = #shape;
+        /// The heads: each task's label column, how its text is encoded, its output width.
         pub const TASKS: [#rt::TaskSpec; #n_tasks] = [#(#tasks),*];
 
+        /// Builds the model and trains it with `config()` (runtime `train::classification`).
         pub fn run(options: #rt::RunOptions) -> ::std::process::ExitCode {
             #rt::train_classifier::<Model>(&compiled(), &MODEL, options)
         }
@@ -224,7 +306,7 @@ fn classification_items(c: &Classification) -> TokenStream {
 
 /// A DiT: its shape and the metadata columns its conditioning reads.
 fn diffusion_items(d: &Diffusion) -> TokenStream {
-    let rt = quote! { ::signal_diffusion_runtime };
+    let rt = quote! { rt };
     let m = &d.model;
     let (height, width) = if d.dataset_is_timeseries {
         (d.dataset.n_eeg_channels, d.dataset.sequence_length)
@@ -275,14 +357,18 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
     };
     let n_tasks = tasks.len();
     quote! {
+        /// The denoiser.
         pub type Model = #rt::Dit;
+        /// Its shape, from `[model]` and the image or series the dataset gives it.
         pub const MODEL: #rt::DitShape = #rt::DitShape {
             in_channels: #cin, out_channels: #cout, height: #height, width: #width,
             patch: [#ph, #pw], heads: #heads, head_dim: #hd, layers: #layers,
             num_embeds: #num_embeds, conditioning: #conditioning, norm_eps: #norm_eps,
         };
+        /// The metadata columns its conditioning reads (empty values mean "unknown").
         pub const TASKS: [#rt::TaskSpec; #n_tasks] = [#(#tasks),*];
 
+        /// Builds the model and trains it with `config()` (runtime `train::diffusion`).
         pub fn run(options: #rt::RunOptions) -> ::std::process::ExitCode {
             #rt::train_diffusion(&compiled(), &MODEL, options)
         }
@@ -291,10 +377,42 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
 
 /// The generated file: a header naming the config, then the items, formatted.
 pub fn generate(r: &Resolved, cuda: Option<&CudaBuild>) -> String {
-    let file: syn::File = syn::parse2(tokens(r, cuda)).expect("generated code parses");
-    format!(
-        "// @generated by signal-diffusion-config from {}. Do not edit: change the TOML and rebuild.\n\n{}",
-        relative_to(&r.project_root, &r.config_path).display(),
-        prettyplease::unparse(&file)
-    )
+    let pretty = |tokens: TokenStream| {
+        spaced(&prettyplease::unparse(
+            &syn::parse2(tokens).expect("generated code parses"),
+        ))
+    };
+    let header = format!(
+        "// @generated by signal-diffusion-config from {}. Do not edit: change the TOML and rebuild.\n",
+        relative_to(&r.project_root, &r.config.path).display(),
+    );
+    match items(r, cuda) {
+        Ok(items) => format!(
+            "{header}\n{}\n{}\n{}",
+            pretty(items.imports),
+            items.config,
+            pretty(items.rest)
+        ),
+        Err(e) => format!("{header}\n{}", pretty(e)),
+    }
+}
+
+/// A blank line before each top-level item that follows another (prettyplease packs them).
+fn spaced(text: &str) -> String {
+    let mut out = String::new();
+    let mut previous = "";
+    for line in text.lines() {
+        let item_start = ["pub ", "///", "#[", "use "]
+            .iter()
+            .any(|p| line.starts_with(p));
+        let attached =
+            previous.is_empty() || previous.starts_with("///") || previous.starts_with("#[");
+        if item_start && !attached {
+            out.push('\n');
+        }
+        out += line;
+        out.push('\n');
+        previous = line;
+    }
+    out
 }

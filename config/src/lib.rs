@@ -11,6 +11,7 @@ pub mod choice;
 pub mod codegen;
 pub mod cuda;
 pub mod diag;
+pub mod literal;
 pub mod plan;
 pub mod schema;
 pub mod settings;
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use choice::{DataType, DiffusionModel, OutputType};
 use diag::{ConfigError, Diagnostic, Diagnostics, Loc, Sources};
+use literal::literal;
 use schema::{Classification, Diffusion};
 use settings::{Env, Settings};
 use tree::{Ctx, Section};
@@ -40,35 +42,50 @@ pub enum Kind {
     Diffusion(Diffusion),
 }
 
-/// A resolved, validated config.
+/// A resolved, validated config: what the trainer runs with, and what the build needs besides.
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub sources: Sources,
     /// Warnings, rendered (keys that have no effect, and similar).
     pub warnings: Vec<String>,
-    pub config_path: PathBuf,
     /// The root bare `[settings].config` paths were resolved against.
     pub project_root: PathBuf,
     /// The config file's stem: the trainer binary is `train-<stem>`.
     pub stem: String,
-    pub settings: Settings,
-    pub output_type: OutputType,
-    pub data_type: DataType,
-    pub kind: Kind,
+    pub config: Config,
     pub plan: Option<plan::Plan>,
 }
 
-impl Resolved {
-    /// The resolved config as JSON (what `--print-config` shows and each run records).
+literal! {
+    /// Every value a trainer runs with, resolved: the generated pipeline.rs states it as Rust
+    /// ([`codegen`]), `--print-config` prints it and each run records it.
+    #[derive(Debug, Clone, serde::Serialize)]
+    pub struct Config {
+        /// The training config file.
+        #[serde(rename = "config")]
+        pub path: PathBuf = "the training config",
+        #[serde(rename = "run")]
+        pub kind: Kind = "",
+        pub output_type: OutputType = "data.output_type",
+        pub data_type: DataType = "data.data_type",
+        pub settings: Settings = "",
+    }
+}
+
+impl literal::Literal for Kind {
+    fn literal(&self, at: &literal::At) -> String {
+        match self {
+            Kind::Classification(c) => format!("Kind::Classification({})", c.literal(at)),
+            Kind::Diffusion(d) => format!("Kind::Diffusion({})", d.literal(at)),
+        }
+    }
+}
+
+impl Config {
+    /// As JSON, keys sorted (what `--print-config` shows, each run records and resume compares).
     pub fn to_json(&self) -> String {
-        let v = serde_json::json!({
-            "config": self.config_path,
-            "settings": self.settings,
-            "output_type": self.output_type,
-            "data_type": self.data_type,
-            "run": self.kind,
-        });
-        serde_json::to_string_pretty(&v).expect("plain data serializes")
+        let sorted = serde_json::to_value(self).expect("plain data serializes");
+        serde_json::to_string_pretty(&sorted).expect("plain data serializes")
     }
 }
 
@@ -261,13 +278,15 @@ fn resolve_inner(
     Some(Resolved {
         sources: Sources::default(),
         warnings: vec![],
-        config_path: path.to_path_buf(),
         project_root: env.project_root.clone(),
         stem,
-        settings,
-        output_type,
-        data_type,
-        kind,
+        config: Config {
+            path: path.to_path_buf(),
+            settings,
+            output_type,
+            data_type,
+            kind,
+        },
         plan,
     })
 }

@@ -431,7 +431,7 @@ pub fn dit_num_embeds(d: &Diffusion) -> usize {
     match d.model.conditioning {
         Conditioning::Classes => d.model.num_classes + 1,
         Conditioning::GenderHealthAge => 5,
-        Conditioning::None | Conditioning::Caption => d.num_timesteps,
+        Conditioning::None | Conditioning::Caption => d.objective.num_timesteps,
     }
 }
 

@@ -16,28 +16,33 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::choice::{Choice, DataType, OutputType};
 use crate::diag::{Diagnostic, Loc, Sources};
+use crate::literal::literal;
 use crate::tree::{self, Ctx, Section, Table};
 
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DatasetPaths {
-    pub root: PathBuf,
-    pub output: PathBuf,
-    pub timeseries_output: PathBuf,
-    pub min_db: Option<f64>,
-    pub max_db: Option<f64>,
+literal! {
+    #[derive(Debug, Clone, serde::Serialize)]
+    pub struct DatasetPaths {
+        pub root: PathBuf,
+        pub output: PathBuf,
+        pub timeseries_output: PathBuf,
+        pub min_db: Option<f64>,
+        pub max_db: Option<f64>,
+    }
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Settings {
-    /// The settings files of the chain, base first.
-    pub files: Vec<PathBuf>,
-    pub hf_models: BTreeMap<String, String>,
-    pub data_root: PathBuf,
-    pub output_root: PathBuf,
-    pub max_sampling_weight: Option<f64>,
-    pub output_type: OutputType,
-    pub data_type: DataType,
-    pub datasets: BTreeMap<String, DatasetPaths>,
+literal! {
+    #[derive(Debug, Clone, serde::Serialize)]
+    pub struct Settings {
+        /// The settings files of the chain, base first.
+        pub files: Vec<PathBuf> = "settings.config (the chain, base first)",
+        pub hf_models: BTreeMap<String, String>,
+        pub data_root: PathBuf = "data.root",
+        pub output_root: PathBuf = "data.output_root",
+        pub max_sampling_weight: Option<f64> = "data.max_sampling_weight",
+        pub output_type: OutputType = "data.output_type",
+        pub data_type: DataType = "data.data_type",
+        pub datasets: BTreeMap<String, DatasetPaths>,
+    }
 }
 
 /// Where the environment points, captured once so resolution is a pure function of its inputs.

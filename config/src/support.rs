@@ -122,13 +122,13 @@ fn check_diffusion(
             "remove `norm_elementwise_affine`",
         ),
         (
-            d.sampler == Sampler::DpmPP2M,
+            d.inference.sampler == Sampler::DpmPP2M,
             "inference.sampler",
             "the DPM-Solver++ 2M sampler",
             "use `euler` or `heun` (flow) or `ddim` (epsilon/sample)",
         ),
         (
-            d.wandb_project.is_some() || d.wandb_entity.is_some(),
+            d.logging.wandb_project.is_some() || d.logging.wandb_entity.is_some(),
             "logging.wandb_project",
             "Weights & Biases logging",
             "remove the `wandb_*` keys; use `tensorboard = true`",
@@ -162,8 +162,8 @@ fn check_diffusion(
         );
     }
     if m.conditioning != Conditioning::None
-        && d.sampler == Sampler::Heun
-        && d.guidance == Guidance::RectifiedCfgPp
+        && d.inference.sampler == Sampler::Heun
+        && d.inference.guidance == Guidance::RectifiedCfgPp
     {
         unsupported(
             ctx,
@@ -172,7 +172,8 @@ fn check_diffusion(
             "use `sampler = \"euler\"` with Rectified-CFG++",
         );
     }
-    if d.sampler == Sampler::Heun && d.prediction_type != Objective::VectorField {
+    if d.inference.sampler == Sampler::Heun && d.objective.prediction_type != Objective::VectorField
+    {
         unsupported(
             ctx,
             "inference.sampler",

@@ -92,7 +92,7 @@ fn cnn_parameter_counts_equal_the_reference() {
 #[test]
 fn dit_parameter_counts_equal_the_reference() {
     let r = config::plan_unchecked(Path::new("config/diffusion/baseline.toml"), &env()).unwrap();
-    let Kind::Diffusion(_) = &r.kind else {
+    let Kind::Diffusion(_) = &r.config.kind else {
         panic!()
     };
     let plan = r.plan.unwrap();

@@ -89,7 +89,8 @@ pub fn trainer(input: TokenStream) -> TokenStream {
 }
 
 /// One test per shipped preset: trainer kinds this build supports expand into a module that
-/// must type-check; the rest must fail with nothing but the "not yet supported" error.
+/// must type-check, whose model has the plan's parameter count and whose `config()` literal is
+/// the resolved config; the rest must fail with nothing but the "not yet supported" error.
 #[proc_macro]
 pub fn presets(_input: TokenStream) -> TokenStream {
     let root = manifest_dir();
@@ -133,6 +134,7 @@ pub fn presets(_input: TokenStream) -> TokenStream {
                             quote! { ::signal_diffusion_runtime::count_dit_parameters(&#ident::MODEL) }
                         }
                     };
+                    let json = r.config.to_json();
                     items.push(quote! {
                         #[allow(dead_code)]
                         mod #ident { #body }
@@ -140,6 +142,9 @@ pub fn presets(_input: TokenStream) -> TokenStream {
                         fn #test() {
                             let built = #built.unwrap();
                             assert_eq!(built as u64, #ident::PARAMETERS, "the model built differs from the shape plan");
+                            // The typed literal of pipeline.rs states exactly what resolve() found.
+                            let root = ::std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+                            assert_eq!(#ident::config(root).to_json(), #json, "config() differs from the resolved config");
                         }
                     });
                 }

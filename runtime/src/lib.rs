@@ -21,6 +21,8 @@ pub use models::classifier::{
 pub use models::dit::{count_parameters as count_dit_parameters, Conditioning, Dit, DitShape};
 pub use models::nn::Activation;
 pub use ops::KernelSizes;
+/// The config crate: generated trainers state their resolved config in its types.
+pub use signal_diffusion_config as config;
 pub use tasks::{TaskKind, TaskSpec};
 pub use train::classification::main as train_classifier;
 pub use train::diffusion::main as train_diffusion;

@@ -8,6 +8,7 @@ use crate::choice::{
     Activation, Backbone, CheckpointStrategy, Choice, CompileMode, DataType, Device, EvalStrategy,
     LrSchedule, OptimizerName, OutputType, Pooling,
 };
+use crate::literal::literal;
 use crate::settings::Settings;
 use crate::tree::{Ctx, Section};
 
@@ -19,101 +20,117 @@ pub enum TaskKind {
     Regression,
 }
 
-/// A task: where its label comes from and how many outputs its head has.
-#[derive(Debug, Clone, Serialize)]
-pub struct Task {
-    pub name: String,
-    pub kind: TaskKind,
-    /// Output width of the head: classes, or 1 for regression.
-    pub outputs: usize,
-    /// Metadata column the label is read from.
-    pub column: String,
-    /// How the column's text becomes a label (see runtime `data::labels`).
-    pub encoder: String,
-    pub weight: f64,
+impl crate::literal::Literal for TaskKind {
+    fn literal(&self, _: &crate::literal::At) -> String {
+        format!("TaskKind::{self:?}")
+    }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct ClsDataset {
-    pub name: String,
-    /// Named dataset from `[datasets.*]` (its `output` dir) or a path.
-    pub path: std::path::PathBuf,
-    pub named: Option<String>,
-    pub tasks: Vec<String>,
-    pub train_split: String,
-    pub val_split: String,
-    pub test_split: String,
-    pub batch_size: usize,
-    pub num_workers: usize,
-    pub pin_memory: bool,
-    pub shuffle: bool,
-    pub n_eeg_channels: usize,
-    pub sequence_length: usize,
-    pub resolution: usize,
+literal! {
+    /// A task: where its label comes from and how many outputs its head has.
+    #[derive(Debug, Clone, Serialize)]
+    pub struct Task {
+        pub name: String,
+        pub kind: TaskKind,
+        /// Output width of the head: classes, or 1 for regression.
+        pub outputs: usize,
+        /// Metadata column the label is read from.
+        pub column: String,
+        /// How the column's text becomes a label (see runtime `data::labels`).
+        pub encoder: String,
+        pub weight: f64,
+    }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct ClsModel {
-    pub backbone: Backbone,
-    pub input_channels: usize,
-    pub embedding_dim: usize,
-    pub dropout: f64,
-    pub activation: Activation,
-    pub depth: usize,
-    pub layer_repeats: usize,
-    /// Transformer extras (reference names): hidden_dim, num_layers, num_heads, ff_dim, pooling.
-    pub hidden_dim: usize,
-    pub num_layers: usize,
-    pub num_heads: usize,
-    pub ff_dim: usize,
-    pub pooling: Pooling,
-    pub patch_size: usize,
+literal! {
+    #[derive(Debug, Clone, Serialize)]
+    pub struct ClsDataset {
+        pub name: String,
+        /// Named dataset from `[datasets.*]` (its `output` dir) or a path.
+        pub path: std::path::PathBuf = "dataset.name (its directory)",
+        pub named: Option<String> = "dataset.name (a [datasets.*] entry)",
+        pub tasks: Vec<String>,
+        pub train_split: String,
+        pub val_split: String,
+        pub test_split: String,
+        pub batch_size: usize,
+        pub num_workers: usize,
+        pub pin_memory: bool,
+        pub shuffle: bool,
+        pub n_eeg_channels: usize = "dataset.extras.n_eeg_channels",
+        pub sequence_length: usize = "dataset.extras.sequence_length",
+        pub resolution: usize,
+    }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct ClsTraining {
-    pub epochs: usize,
-    pub max_steps: Option<usize>,
-    pub clip_grad_norm: Option<f64>,
-    pub device: Device,
-    pub log_every_batches: usize,
-    pub eval_strategy: EvalStrategy,
-    pub eval_steps: Option<usize>,
-    pub output_dir: Option<String>,
-    pub log_dir: Option<String>,
-    pub tensorboard: bool,
-    pub wandb_project: Option<String>,
-    pub wandb_entity: Option<String>,
-    pub wandb_tags: Vec<String>,
-    pub run_name: Option<String>,
-    pub checkpoint_total_limit: Option<usize>,
-    pub checkpoint_strategy: CheckpointStrategy,
-    pub checkpoint_steps: Option<usize>,
-    pub use_amp: bool,
-    pub metrics_summary_path: Option<String>,
-    pub max_best_checkpoints: usize,
-    pub early_stopping: bool,
-    pub early_stopping_patience: usize,
-    pub compile_model: bool,
-    pub compile_mode: CompileMode,
-    pub swa_enabled: bool,
-    pub swa_extra_ratio: f64,
-    pub swa_lr_frac: f64,
-    pub label_smoothing: f64,
-    pub seed: u64,
-    pub resume: Option<String>,
+literal! {
+    #[derive(Debug, Clone, Serialize)]
+    pub struct ClsModel {
+        pub backbone: Backbone,
+        pub input_channels: usize,
+        pub embedding_dim: usize,
+        pub dropout: f64,
+        pub activation: Activation,
+        pub depth: usize,
+        pub layer_repeats: usize,
+        /// Transformer extras (reference names): hidden_dim, num_layers, num_heads, ff_dim, pooling.
+        pub hidden_dim: usize = "model.extras.hidden_dim",
+        pub num_layers: usize = "model.extras.num_layers",
+        pub num_heads: usize = "model.extras.num_heads",
+        pub ff_dim: usize = "model.extras.ff_dim",
+        pub pooling: Pooling = "model.extras.pooling",
+        pub patch_size: usize = "model.extras.patch_size",
+    }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Classification {
-    /// `spectrogram` or `timeseries`, after the `[data]` override.
-    pub data_type: DataType,
-    pub dataset: ClsDataset,
-    pub model: ClsModel,
-    pub tasks: Vec<Task>,
-    pub optimizer: Optimizer,
-    pub scheduler: Scheduler,
-    pub training: ClsTraining,
+literal! {
+    #[derive(Debug, Clone, Serialize)]
+    pub struct ClsTraining {
+        pub epochs: usize,
+        pub max_steps: Option<usize>,
+        pub clip_grad_norm: Option<f64>,
+        pub device: Device,
+        pub log_every_batches: usize,
+        pub eval_strategy: EvalStrategy,
+        pub eval_steps: Option<usize>,
+        pub output_dir: Option<String>,
+        pub log_dir: Option<String>,
+        pub tensorboard: bool,
+        pub wandb_project: Option<String>,
+        pub wandb_entity: Option<String>,
+        pub wandb_tags: Vec<String>,
+        pub run_name: Option<String>,
+        pub checkpoint_total_limit: Option<usize>,
+        pub checkpoint_strategy: CheckpointStrategy,
+        pub checkpoint_steps: Option<usize>,
+        pub use_amp: bool,
+        pub metrics_summary_path: Option<String>,
+        pub max_best_checkpoints: usize,
+        pub early_stopping: bool,
+        pub early_stopping_patience: usize,
+        pub compile_model: bool,
+        pub compile_mode: CompileMode,
+        pub swa_enabled: bool,
+        pub swa_extra_ratio: f64,
+        pub swa_lr_frac: f64,
+        pub label_smoothing: f64,
+        pub seed: u64,
+        pub resume: Option<String>,
+    }
+}
+
+literal! {
+    #[derive(Debug, Clone, Serialize)]
+    pub struct Classification {
+        /// `spectrogram` or `timeseries`, after the `[data]` override.
+        pub data_type: DataType = "data.data_type",
+        pub dataset: ClsDataset,
+        pub model: ClsModel,
+        pub tasks: Vec<Task>,
+        pub optimizer: Optimizer,
+        pub scheduler: Scheduler,
+        pub training: ClsTraining,
+    }
 }
 
 /// The label registries of the reference: meta (path) datasets and the named datasets.

@@ -7,132 +7,165 @@ use crate::choice::{
     Guidance, LoraBias, LrSchedule, MixedPrecision, NoiseScheduler, Objective, OptimizerName,
     OutputType, Sampler,
 };
+use crate::literal::literal;
 use crate::settings::Settings;
 use crate::tree::{Ctx, Section};
 
 use super::{read_data_overrides, read_optimizer, read_scheduler, Optimizer, Scheduler};
 
-#[derive(Debug, Clone, Serialize)]
-pub struct DiffDataset {
-    pub name: String,
-    pub train_split: String,
-    pub val_split: Option<String>,
-    pub batch_size: usize,
-    pub eval_batch_size: usize,
-    pub num_workers: usize,
-    pub resolution: usize,
-    pub cache_dir: Option<String>,
-    pub center_crop: bool,
-    pub random_flip: bool,
-    pub image_column: String,
-    pub caption_column: Option<String>,
-    pub class_column: Option<String>,
-    pub gender_column: String,
-    pub health_column: String,
-    pub age_column: String,
-    pub num_classes: usize,
-    pub dataset_type: DatasetType,
-    pub max_train_samples: Option<usize>,
-    pub max_eval_samples: Option<usize>,
-    pub n_eeg_channels: usize,
-    pub sequence_length: usize,
-    pub gaussian_noise_std: f64,
+literal! {
+    #[derive(Debug, Clone, Serialize)]
+    pub struct DiffDataset {
+        pub name: String,
+        pub train_split: String,
+        pub val_split: Option<String>,
+        pub batch_size: usize,
+        pub eval_batch_size: usize = "training.eval_batch_size",
+        pub num_workers: usize,
+        pub resolution: usize,
+        pub cache_dir: Option<String>,
+        pub center_crop: bool,
+        pub random_flip: bool,
+        pub image_column: String,
+        pub caption_column: Option<String>,
+        pub class_column: Option<String>,
+        pub gender_column: String,
+        pub health_column: String,
+        pub age_column: String,
+        pub num_classes: usize = "from model.conditioning",
+        pub dataset_type: DatasetType,
+        pub max_train_samples: Option<usize>,
+        pub max_eval_samples: Option<usize>,
+        pub n_eeg_channels: usize = "dataset.extras.n_eeg_channels",
+        pub sequence_length: usize = "dataset.extras.sequence_length",
+        pub gaussian_noise_std: f64 = "dataset.extras.gaussian_noise_std",
+    }
 }
 
-/// Architecture hyper-parameters; each model reads the ones it has.
-#[derive(Debug, Clone, Serialize)]
-pub struct DiffModel {
-    pub name: DiffusionModel,
-    pub conditioning: Conditioning,
-    pub pretrained: Option<String>,
-    pub revision: Option<String>,
-    pub sample_size: usize,
-    pub vae_tiling: bool,
-    pub lora_enabled: bool,
-    pub lora_rank: usize,
-    pub lora_alpha: f64,
-    pub lora_dropout: f64,
-    pub lora_target_modules: Vec<String>,
-    pub lora_bias: LoraBias,
-    pub lora_scaling: Option<f64>,
-    pub latent_space: bool,
-    pub vae: Option<String>,
-    pub in_channels: usize,
-    pub out_channels: usize,
-    pub cfg_dropout: f64,
-    pub num_classes: usize,
-    pub num_attention_heads: usize,
-    pub attention_head_dim: usize,
-    pub num_layers: usize,
-    pub patch_size: [usize; 2],
-    pub widths: Vec<usize>,
-    pub depths: Vec<usize>,
-    pub dims: Vec<usize>,
-    pub d_state: usize,
-    pub scan_directions: Vec<String>,
-    pub attention: Vec<String>,
-    pub mapping_width: usize,
-    pub mapping_depth: usize,
-    pub dropout: f64,
-    pub attention_bias: bool,
-    pub activation_fn: String,
-    pub norm_elementwise_affine: bool,
-    pub norm_eps: f64,
+literal! {
+    /// Architecture hyper-parameters; each model reads the ones it has.
+    #[derive(Debug, Clone, Serialize)]
+    pub struct DiffModel {
+        pub name: DiffusionModel,
+        pub conditioning: Conditioning,
+        pub pretrained: Option<String>,
+        pub revision: Option<String>,
+        pub sample_size: usize,
+        pub vae_tiling: bool,
+        pub lora_enabled: bool = "model.lora.enabled",
+        pub lora_rank: usize = "model.lora.rank",
+        pub lora_alpha: f64 = "model.lora.alpha",
+        pub lora_dropout: f64 = "model.lora.dropout",
+        pub lora_target_modules: Vec<String> = "model.lora.target_modules",
+        pub lora_bias: LoraBias = "model.lora.bias",
+        pub lora_scaling: Option<f64> = "model.lora.scaling",
+        pub latent_space: bool = "model.extras.latent_space",
+        pub vae: Option<String> = "model.extras.vae",
+        pub in_channels: usize = "model.extras.in_channels",
+        pub out_channels: usize = "model.extras.out_channels",
+        pub cfg_dropout: f64 = "model.extras.cfg_dropout",
+        pub num_classes: usize = "model.extras.num_classes",
+        pub num_attention_heads: usize = "model.extras.num_attention_heads",
+        pub attention_head_dim: usize = "model.extras.attention_head_dim",
+        pub num_layers: usize = "model.extras.num_layers",
+        pub patch_size: [usize; 2] = "model.extras.patch_size",
+        pub widths: Vec<usize> = "model.extras.widths",
+        pub depths: Vec<usize> = "model.extras.depths",
+        pub dims: Vec<usize> = "model.extras.dims",
+        pub d_state: usize = "model.extras.d_state",
+        pub scan_directions: Vec<String> = "model.extras.scan_directions",
+        pub attention: Vec<String> = "model.extras.attention",
+        pub mapping_width: usize = "model.extras.mapping_width",
+        pub mapping_depth: usize = "model.extras.mapping_depth",
+        pub dropout: f64 = "model.extras.dropout",
+        pub attention_bias: bool = "model.extras.attention_bias",
+        pub activation_fn: String = "model.extras.activation_fn",
+        pub norm_elementwise_affine: bool = "model.extras.norm_elementwise_affine",
+        pub norm_eps: f64 = "model.extras.norm_eps",
+    }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct DiffTraining {
-    pub seed: u64,
-    pub output_dir: Option<String>,
-    pub mixed_precision: MixedPrecision,
-    pub gradient_checkpointing: bool,
-    pub gradient_accumulation_steps: usize,
-    pub epochs: usize,
-    pub max_train_steps: Option<usize>,
-    pub log_every_steps: usize,
-    pub checkpoint_interval: Option<usize>,
-    pub checkpoint_total_limit: Option<usize>,
-    pub resume: Option<String>,
-    pub gradient_clip_norm: Option<f64>,
-    pub ema_decay: f64,
-    pub ema_power: f64,
-    pub ema_inv_gamma: f64,
-    pub ema_update_after_step: usize,
-    pub ema_use_ema_warmup: bool,
-    pub allow_tf32: bool,
-    pub compile_model: bool,
-    pub compile_mode: CompileMode,
-    pub snr_gamma: Option<f64>,
-    pub eval_num_examples: usize,
-    pub eval_mmd_samples: usize,
-    pub eval_mmd_fallback_ntrain: usize,
-    pub eval_strategy: EvalStrategy,
-    pub eval_num_steps: usize,
-    pub eval_batch_size: usize,
-    pub initial_eval: bool,
+literal! {
+    #[derive(Debug, Clone, Serialize)]
+    pub struct DiffTraining {
+        pub seed: u64,
+        pub output_dir: Option<String>,
+        pub mixed_precision: MixedPrecision,
+        pub gradient_checkpointing: bool,
+        pub gradient_accumulation_steps: usize,
+        pub epochs: usize,
+        pub max_train_steps: Option<usize>,
+        pub log_every_steps: usize,
+        pub checkpoint_interval: Option<usize>,
+        pub checkpoint_total_limit: Option<usize>,
+        pub resume: Option<String>,
+        pub gradient_clip_norm: Option<f64>,
+        pub ema_decay: f64,
+        pub ema_power: f64,
+        pub ema_inv_gamma: f64,
+        pub ema_update_after_step: usize,
+        pub ema_use_ema_warmup: bool,
+        pub allow_tf32: bool,
+        pub compile_model: bool,
+        pub compile_mode: CompileMode,
+        pub snr_gamma: Option<f64>,
+        pub eval_num_examples: usize,
+        pub eval_mmd_samples: usize,
+        pub eval_mmd_fallback_ntrain: usize,
+        pub eval_strategy: EvalStrategy,
+        pub eval_num_steps: usize,
+        pub eval_batch_size: usize,
+        pub initial_eval: bool,
+    }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Diffusion {
-    pub dataset: DiffDataset,
-    pub model: DiffModel,
-    pub prediction_type: Objective,
-    pub objective_scheduler: NoiseScheduler,
-    pub num_timesteps: usize,
-    pub optimizer: Optimizer,
-    pub scheduler: Scheduler,
-    pub training: DiffTraining,
-    pub tensorboard: bool,
-    pub log_dir: Option<String>,
-    pub wandb_project: Option<String>,
-    pub wandb_entity: Option<String>,
-    pub run_name: Option<String>,
-    pub denoising_steps: usize,
-    pub cfg_scale: f64,
-    pub sampler: Sampler,
-    pub guidance: Guidance,
-    /// `data.data_type = "timeseries"`.
-    pub dataset_is_timeseries: bool,
+literal! {
+    /// `[objective]`: what the network predicts, on which noise path.
+    #[derive(Debug, Clone, Serialize)]
+    pub struct DiffObjective {
+        pub prediction_type: Objective,
+        pub scheduler: NoiseScheduler,
+        pub num_timesteps: usize,
+    }
+}
+
+literal! {
+    /// `[logging]`.
+    #[derive(Debug, Clone, Serialize)]
+    pub struct DiffLogging {
+        pub tensorboard: bool,
+        pub log_dir: Option<String>,
+        pub wandb_project: Option<String>,
+        pub wandb_entity: Option<String>,
+        pub run_name: Option<String>,
+    }
+}
+
+literal! {
+    /// `[inference]`: how samples are drawn (evaluation and `sigdiff sample`).
+    #[derive(Debug, Clone, Serialize)]
+    pub struct DiffInference {
+        pub denoising_steps: usize,
+        pub cfg_scale: f64,
+        pub sampler: Sampler,
+        pub guidance: Guidance,
+    }
+}
+
+literal! {
+    #[derive(Debug, Clone, Serialize)]
+    pub struct Diffusion {
+        pub dataset: DiffDataset,
+        pub model: DiffModel,
+        pub objective: DiffObjective,
+        pub optimizer: Optimizer,
+        pub scheduler: Scheduler,
+        pub training: DiffTraining,
+        pub logging: DiffLogging,
+        pub inference: DiffInference,
+        /// `data.data_type = "timeseries"`.
+        pub dataset_is_timeseries: bool = "data.data_type",
+    }
 }
 
 pub fn read_diffusion(
@@ -149,7 +182,7 @@ pub fn read_diffusion(
     }
     let (mut dataset, eval_batch_size_ds) = read_dataset(root, ctx);
     let (model, is_sd) = read_model(root, ctx, &dataset, ts);
-    let (prediction_type, objective_scheduler, num_timesteps) = read_objective(root, ctx);
+    let objective = read_objective(root, ctx);
     let optimizer = read_optimizer(
         root,
         ctx,
@@ -175,9 +208,8 @@ pub fn read_diffusion(
     );
 
     let training = read_training(root, ctx, dataset.batch_size, eval_batch_size_ds);
-    let (tensorboard, log_dir, wandb_project, wandb_entity, run_name) = read_logging(root, ctx);
-    let (denoising_steps, cfg_scale, sampler, guidance) =
-        read_inference(root, ctx, prediction_type);
+    let logging = read_logging(root, ctx);
+    let inference = read_inference(root, ctx, objective.prediction_type);
     root.finish(ctx, &[]);
     dataset.eval_batch_size = training.eval_batch_size;
     // The dataset's classes: gender × health for `gend_hlth_age`, else the model's.
@@ -188,21 +220,12 @@ pub fn read_diffusion(
     let diff = Diffusion {
         dataset,
         model,
-        prediction_type,
-        objective_scheduler,
-        num_timesteps,
+        objective,
         optimizer,
         scheduler,
         training,
-        tensorboard,
-        log_dir,
-        wandb_project,
-        wandb_entity,
-        run_name,
-        denoising_steps,
-        cfg_scale,
-        sampler,
-        guidance,
+        logging,
+        inference,
         dataset_is_timeseries: ts,
     };
     super::diffusion_rules::check(ctx, &diff, is_sd, settings, output_type);
@@ -486,7 +509,7 @@ fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) ->
 }
 
 /// `[objective]`: what the network predicts, the noise path and its timesteps.
-fn read_objective(root: &Section, ctx: &mut Ctx) -> (Objective, NoiseScheduler, usize) {
+fn read_objective(root: &Section, ctx: &mut Ctx) -> DiffObjective {
     let o = root.section(ctx, "objective");
     let prediction_type = o.pick(
         ctx,
@@ -498,7 +521,7 @@ fn read_objective(root: &Section, ctx: &mut Ctx) -> (Objective, NoiseScheduler, 
             Objective::VectorField,
         ],
     );
-    let objective_scheduler = o.pick(
+    let scheduler = o.pick(
         ctx,
         "scheduler",
         if prediction_type == Objective::VectorField {
@@ -521,7 +544,11 @@ fn read_objective(root: &Section, ctx: &mut Ctx) -> (Objective, NoiseScheduler, 
         )],
     );
 
-    (prediction_type, objective_scheduler, num_timesteps)
+    DiffObjective {
+        prediction_type,
+        scheduler,
+        num_timesteps,
+    }
 }
 
 /// `[training]`.
@@ -649,18 +676,8 @@ fn read_training(
     }
 }
 
-/// `[logging]`: (tensorboard, log_dir, wandb_project, wandb_entity, run_name).
-#[allow(clippy::type_complexity)]
-fn read_logging(
-    root: &Section,
-    ctx: &mut Ctx,
-) -> (
-    bool,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-) {
+/// `[logging]`.
+fn read_logging(root: &Section, ctx: &mut Ctx) -> DiffLogging {
     let l = root.section(ctx, "logging");
     let tensorboard = l.bool_or(ctx, "tensorboard", false);
     let log_dir = nonempty(l.string(ctx, "log_dir"));
@@ -669,16 +686,17 @@ fn read_logging(
     let run_name = nonempty(l.string(ctx, "run_name"));
     l.finish(ctx, &[]);
 
-    (tensorboard, log_dir, wandb_project, wandb_entity, run_name)
+    DiffLogging {
+        tensorboard,
+        log_dir,
+        wandb_project,
+        wandb_entity,
+        run_name,
+    }
 }
 
-/// `[inference]`: (denoising_steps, cfg_scale, sampler, guidance); the sampler's default follows
-/// the objective.
-fn read_inference(
-    root: &Section,
-    ctx: &mut Ctx,
-    prediction_type: Objective,
-) -> (usize, f64, Sampler, Guidance) {
+/// `[inference]`; the sampler's default follows the objective.
+fn read_inference(root: &Section, ctx: &mut Ctx, prediction_type: Objective) -> DiffInference {
     let i = root.section(ctx, "inference");
     let denoising_steps = i.count(ctx, "denoising_steps", 50, 1);
     let cfg_scale = i.float_in(ctx, "cfg_scale", 7.5, 0.0, 100.0);
@@ -699,5 +717,10 @@ fn read_inference(
     );
     let guidance = i.pick(ctx, "guidance", Guidance::Cfg, Guidance::ALL);
     i.finish(ctx, &[]);
-    (denoising_steps, cfg_scale, sampler, guidance)
+    DiffInference {
+        denoising_steps,
+        cfg_scale,
+        sampler,
+        guidance,
+    }
 }

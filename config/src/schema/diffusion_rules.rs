@@ -54,8 +54,13 @@ pub(super) fn check(
         patch_size,
         ..
     } = d.model;
-    let (prediction_type, objective_scheduler) = (d.prediction_type, d.objective_scheduler);
-    let (sampler, guidance, cfg_scale) = (d.sampler, d.guidance, d.cfg_scale);
+    let (prediction_type, objective_scheduler) =
+        (d.objective.prediction_type, d.objective.scheduler);
+    let (sampler, guidance, cfg_scale) = (
+        d.inference.sampler,
+        d.inference.guidance,
+        d.inference.cfg_scale,
+    );
     match conditioning {
         Conditioning::Caption if caption_column.is_none() => {
             ctx.error(

@@ -19,31 +19,36 @@ pub use diffusion::*;
 use serde::Serialize;
 
 use crate::choice::{Choice, DataType, LrSchedule, OptimizerName, OutputType};
+use crate::literal::literal;
 use crate::settings::Settings;
 use crate::tree::{Ctx, Section};
 
 // ------------------------------------------------------------------------------------------
 // Shared sections
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Optimizer {
-    pub name: OptimizerName,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    pub betas: [f64; 2],
-    pub eps: f64,
-    /// SGD momentum (the reference hard-codes 0.9).
-    pub momentum: f64,
+literal! {
+    #[derive(Debug, Clone, Serialize)]
+    pub struct Optimizer {
+        pub name: OptimizerName,
+        pub learning_rate: f64,
+        pub weight_decay: f64,
+        pub betas: [f64; 2],
+        pub eps: f64,
+        /// SGD momentum (the reference hard-codes 0.9).
+        pub momentum: f64,
+    }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Scheduler {
-    pub name: LrSchedule,
-    pub warmup_steps: usize,
-    pub min_lr_ratio: f64,
-    pub num_cycles: f64,
-    /// Polynomial decay power (diffusers' default 1.0).
-    pub power: f64,
+literal! {
+    #[derive(Debug, Clone, Serialize)]
+    pub struct Scheduler {
+        pub name: LrSchedule,
+        pub warmup_steps: usize,
+        pub min_lr_ratio: f64,
+        pub num_cycles: f64,
+        /// Polynomial decay power (diffusers' default 1.0).
+        pub power: f64,
+    }
 }
 
 pub(crate) fn read_optimizer(

@@ -76,7 +76,7 @@ pub fn diffusion_loss(
     rng: &mut ChaCha8Rng,
 ) -> Result<Tensor> {
     let n = Noised::draw(x, spec.path, spec.objective, spec.snr_gamma, rng)?;
-    Ok(n.loss(&model.forward(&n.xt, &n.t, cond)?, 1.0)?)
+    n.loss(&model.forward(&n.xt, &n.t, cond)?, 1.0)
 }
 
 /// The diffusion loss of `x` and the gradients of that loss times `share` (a micro-batch's part

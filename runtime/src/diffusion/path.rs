@@ -159,8 +159,6 @@ pub fn per_sample(levels: &[Level], f: impl Fn(&Level) -> f64, like: &Tensor) ->
     Tensor::from_vec(v, (levels.len(), 1, 1, 1), like.device())
 }
 
-/// The (clean estimate, noise estimate) implied by a model output at level `l`.
-
 #[cfg(test)]
 mod tests {
     use super::*;

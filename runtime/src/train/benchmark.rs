@@ -126,8 +126,8 @@ pub(super) fn benchmark_diffusion(
     dims.extend(compiled.input_shape);
     let x = Tensor::from_vec(normals(&mut rng, dims.iter().product()), dims, device)?;
     let cond = Condition::null(shape.conditioning, bs);
-    let path = NoisePath::for_scheduler(cfg.objective_scheduler, cfg.num_timesteps);
-    let objective = cfg.prediction_type;
+    let path = NoisePath::for_scheduler(cfg.objective.scheduler, cfg.objective.num_timesteps);
+    let objective = cfg.objective.prediction_type;
     let amp = precision::dtype_of(t.mixed_precision);
     let spec = StepSpec {
         path: &path,

@@ -47,11 +47,11 @@ pub fn main<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOpti
 }
 
 fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) -> Result<()> {
-    let resolved = compiled.resolve(&options.sets)?;
-    if super::answered(compiled, &resolved, &options) {
+    let config = compiled.resolve(&options.sets)?;
+    if super::answered(compiled, &config, &options) {
         return Ok(());
     }
-    let Kind::Classification(cfg) = &resolved.kind else {
+    let Kind::Classification(cfg) = &config.kind else {
         bail!("this trainer was compiled for classification")
     };
     let tasks = compiled.tasks;
@@ -76,7 +76,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     });
     let run_dir = super::run_directory(
         compiled,
-        &resolved,
+        &config,
         &options,
         resume.as_deref(),
         (t.output_dir.as_ref(), "runs/classification"),
@@ -129,7 +129,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
         .collect();
     let mut opt = Optimizer::new(&cfg.optimizer, params.trainable.clone())?;
     let weights: Vec<f64> = cfg.tasks.iter().map(|t| t.weight).collect();
-    let config_hash = format!("{:016x}", fnv(resolved.to_json().as_bytes()));
+    let config_hash = format!("{:016x}", fnv(config.to_json().as_bytes()));
     let mut state = State {
         step: 0,
         epoch: 0,

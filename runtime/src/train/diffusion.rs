@@ -118,11 +118,11 @@ impl Ctx<'_> {
 }
 
 fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()> {
-    let resolved = compiled.resolve(&options.sets)?;
-    if super::answered(compiled, &resolved, &options) {
+    let config = compiled.resolve(&options.sets)?;
+    if super::answered(compiled, &config, &options) {
         return Ok(());
     }
-    let Kind::Diffusion(cfg) = &resolved.kind else {
+    let Kind::Diffusion(cfg) = &config.kind else {
         bail!("this trainer was compiled for diffusion")
     };
     let t = &cfg.training;
@@ -142,12 +142,13 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         .clone()
         .or(t.resume.as_ref().map(PathBuf::from));
     let name = cfg
+        .logging
         .run_name
         .clone()
         .unwrap_or_else(|| compiled.name.to_string());
     let run_dir = super::run_directory(
         compiled,
-        &resolved,
+        &config,
         &options,
         resume.as_deref(),
         (t.output_dir.as_ref(), "runs/diffusion"),
@@ -156,7 +157,7 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
 
     // Data: the dataset's own directory, or a settings dataset's preprocessed output.
     let ds = &cfg.dataset;
-    let settings_dataset = resolved.settings.datasets.get(&ds.name);
+    let settings_dataset = config.settings.datasets.get(&ds.name);
     let dir = settings_dataset.map_or_else(|| PathBuf::from(&ds.name), |d| d.output.clone());
     let dir = super::dataset_dir(compiled, &ds.name, &dir, settings_dataset.is_some())?;
     let tasks = compiled.tasks;
@@ -210,18 +211,18 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         compiled.parameters
     );
 
-    let objective = cfg.prediction_type;
+    let objective = cfg.objective.prediction_type;
     let spec = SampleSpec {
         shape: *shape,
-        objective: cfg.prediction_type,
-        scheduler: cfg.objective_scheduler,
-        timesteps: cfg.num_timesteps,
-        sampler: cfg.sampler,
-        denoising_steps: cfg.denoising_steps,
-        cfg_scale: cfg.cfg_scale,
-        guidance: cfg.guidance,
+        objective: cfg.objective.prediction_type,
+        scheduler: cfg.objective.scheduler,
+        timesteps: cfg.objective.num_timesteps,
+        sampler: cfg.inference.sampler,
+        denoising_steps: cfg.inference.denoising_steps,
+        cfg_scale: cfg.inference.cfg_scale,
+        guidance: cfg.inference.guidance,
         columns: tasks.iter().map(|t| t.column.to_string()).collect(),
-        output_type: resolved.output_type,
+        output_type: config.output_type,
         source_width: match cfg.dataset_is_timeseries {
             true => 0,
             false => source_width(&train)?,
@@ -272,7 +273,7 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         best: vec![],
         evals_without_improvement: 0,
         best_score: None,
-        config_hash: format!("{:016x}", fnv(resolved.to_json().as_bytes())),
+        config_hash: format!("{:016x}", fnv(config.to_json().as_bytes())),
         target_norm: vec![],
         swa_n: 0,
         loss_scaler: LossScaler::for_dtype(amp),
@@ -295,7 +296,11 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         );
     }
 
-    let mut log = Logger::for_run(&run_dir, cfg.tensorboard, cfg.log_dir.as_ref())?;
+    let mut log = Logger::for_run(
+        &run_dir,
+        cfg.logging.tensorboard,
+        cfg.logging.log_dir.as_ref(),
+    )?;
     // Reference features for KID/MMD, once per run: the validation split, else the training
     // split without its random augmentations.
     let reference = match (t.eval_mmd_samples >= 2, t.eval_strategy) {

@@ -187,9 +187,10 @@ impl Evaluator<'_> {
     /// `n` samples, conditioned on the reference rows in order (cycled), from a fixed seed.
     fn generate(&self, n: usize) -> Result<Vec<f32>> {
         let (ctx, t) = (self.ctx, &self.ctx.cfg.training);
-        let sampler = ctx
-            .spec
-            .sampler(ctx.cfg.denoising_steps, ctx.cfg.cfg_scale)?;
+        let sampler = ctx.spec.sampler(
+            ctx.cfg.inference.denoising_steps,
+            ctx.cfg.inference.cfg_scale,
+        )?;
         let src = self.cond_source;
         let mut out = Vec::with_capacity(n * ctx.input.iter().product::<usize>());
         let mut rng = ChaCha8Rng::seed_from_u64(t.seed ^ 0x5a3b_1e00);

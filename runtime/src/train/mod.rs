@@ -16,7 +16,7 @@ pub mod swa;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use signal_diffusion_config::{self as config, settings::Env, Resolved, Target};
+use signal_diffusion_config::{self as config, settings::Env, Config, Target};
 
 use crate::ops::KernelSizes;
 use crate::tasks::TaskSpec;
@@ -36,6 +36,8 @@ pub struct RunOptions {
 
 /// The constants generated from a config (see config/src/codegen.rs).
 pub struct Compiled {
+    /// The resolved config, for the project root the trainer runs with.
+    pub config: fn(&Path) -> Config,
     pub name: &'static str,
     /// The config file, relative to the project root.
     pub config_path: &'static str,
@@ -189,9 +191,10 @@ impl Compiled {
         }
     }
 
-    /// Resolve the embedded config again, with overrides, through the same validation as the
-    /// build; refuse if the result would need a different trainer.
-    pub fn resolve(&self, sets: &[(String, String)]) -> Result<Resolved> {
+    /// The config this run uses: the compiled one, or with `--set` overrides, the embedded TOML
+    /// resolved again through the same validation as the build, refused if the result would need
+    /// a different trainer.
+    pub fn resolve(&self, sets: &[(String, String)]) -> Result<Config> {
         let root = self.root();
         if !root.is_build {
             println!(
@@ -199,6 +202,9 @@ impl Compiled {
                 self.project_root,
                 root.dir.display()
             );
+        }
+        if sets.is_empty() {
+            return Ok((self.config)(&root.dir));
         }
         let env = Env {
             settings_override: None,
@@ -233,7 +239,7 @@ impl Compiled {
         if params != self.parameters {
             bail!("the overrides change the model ({} parameters instead of {}); change the TOML and rebuild", params, self.parameters);
         }
-        Ok(r)
+        Ok(r.config)
     }
 }
 
@@ -350,7 +356,7 @@ pub(crate) fn timestamp() -> String {
 /// `default_base`.
 pub(crate) fn run_directory(
     compiled: &Compiled,
-    resolved: &Resolved,
+    config: &Config,
     options: &RunOptions,
     resume: Option<&Path>,
     (output_dir, default_base): (Option<&String>, &str),
@@ -374,16 +380,16 @@ pub(crate) fn run_directory(
     };
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    std::fs::write(run_dir.join("config_resolved.json"), resolved.to_json())?;
+    std::fs::write(run_dir.join("config_resolved.json"), config.to_json())?;
     std::fs::write(run_dir.join("plan.txt"), compiled.plan)?;
     println!("run directory {}", run_dir.display());
     Ok(run_dir)
 }
 
 /// `--print-config` and `--plan`: print what was asked; true when the run stops there.
-pub(crate) fn answered(compiled: &Compiled, resolved: &Resolved, options: &RunOptions) -> bool {
+pub(crate) fn answered(compiled: &Compiled, config: &Config, options: &RunOptions) -> bool {
     if options.print_config {
-        println!("{}", resolved.to_json());
+        println!("{}", config.to_json());
     } else if options.plan {
         print!("{}", compiled.plan);
         println!("{}", compiled.kernels());
