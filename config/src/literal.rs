@@ -213,3 +213,68 @@ impl<T: Literal> Literal for BTreeMap<String, T> {
         at.list("BTreeMap::from([", entries, "])")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written<T: Literal>(value: &T) -> String {
+        value.literal(&At::top(Path::new("/build/project"), 0))
+    }
+
+    #[test]
+    fn paths_follow_the_root_only_under_it() {
+        let p = |s: &str| written(&PathBuf::from(s));
+        assert_eq!(p("/build/project/data/raw"), r#"root.join("data/raw")"#);
+        assert_eq!(p("/build/project"), "root.to_path_buf()");
+        assert_eq!(
+            p("/build/shared/eeg"),
+            r#"normalize(&root.join("../shared/eeg"))"#
+        );
+        assert_eq!(p("/mnt/eeg"), r#"PathBuf::from("/mnt/eeg")"#);
+        assert_eq!(p("data/demo"), r#"PathBuf::from("data/demo")"#);
+    }
+
+    #[test]
+    fn floats_read_back_as_floats_of_the_same_value() {
+        for x in [1.0, 0.1, 3e-4, 1e-8, -127.028, 1e20, 0.333] {
+            let text = written(&x);
+            assert!(
+                text.contains(['.', 'e']),
+                "{text} would be an integer literal"
+            );
+            assert_eq!(text.parse::<f64>().unwrap(), x);
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped_rust_literals() {
+        assert_eq!(written(&"a \"b\"\n".to_string()), r#""a \"b\"\n".into()"#);
+    }
+
+    literal! {
+        pub struct Section {
+            pub rate: f64,
+            pub steps: Option<usize>,
+            pub names: Vec<String> = "elsewhere.names",
+        }
+    }
+
+    #[test]
+    fn struct_fields_carry_their_keys_in_aligned_comments() {
+        let s = Section {
+            rate: 0.5,
+            steps: None,
+            names: vec!["a".into()],
+        };
+        let text = s.literal(&At::top(Path::new("/r"), 0).field("section", None));
+        assert_eq!(
+            text,
+            "Section {\n        \
+                 rate: 0.5,               // section.rate\n        \
+                 steps: None,             // section.steps\n        \
+                 names: vec![\"a\".into()], // elsewhere.names\n    \
+             }"
+        );
+    }
+}
