@@ -20,12 +20,12 @@ fn validate_reports_mistakes_with_locations_and_exit_1() {
     let (ok, _, err) = sigdiff(&[
         "validate",
         "config/classification/quickstart.toml",
-        "tests/compile_fail/typo_in_key.toml",
+        "macros/tests/compile_fail/typo_in_key.toml",
     ]);
     assert!(!ok);
     assert!(
         err.contains(
-            "tests/compile_fail/typo_in_key.toml:18:1: error: unknown key `optimizer.learnig_rate`"
+            "macros/tests/compile_fail/typo_in_key.toml:18:1: error: unknown key `optimizer.learnig_rate`"
         ),
         "{err}"
     );
