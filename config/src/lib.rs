@@ -3,11 +3,12 @@
 //!
 //! Flow: [`resolve`] reads a training config and its settings chain, validates every key and
 //! every cross-field rule, checks that this build can honour the config ([`Target`]) and
-//! computes the shape [`plan::Plan`]. [`codegen::generate`] turns the result into the Rust source
+//! computes the shape [`plan::Plan`]. `codegen::generate` (feature `codegen`) turns the result into the Rust source
 //! of a trainer. build.rs, the `trainer!` macro and `sigdiff validate` all go through here, so they
 //! report the same errors.
 
 pub mod choice;
+#[cfg(feature = "codegen")]
 pub mod codegen;
 pub mod cuda;
 pub mod diag;
@@ -58,7 +59,7 @@ pub struct Resolved {
 
 literal! {
     /// Every value a trainer runs with, resolved: the generated pipeline.rs states it as Rust
-    /// ([`codegen`]), `--print-config` prints it and each run records it.
+    /// (`codegen`), `--print-config` prints it and each run records it.
     #[derive(Debug, Clone, serde::Serialize)]
     pub struct Config {
         /// The training config file.
