@@ -13,6 +13,7 @@ mod fuzz_corpus;
 mod gradients;
 mod image;
 mod meta_dataset;
+mod optim;
 mod preprocess;
 mod spectrogram_parity;
 mod synth;

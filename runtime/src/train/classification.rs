@@ -128,6 +128,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
         .cloned()
         .collect();
     let mut opt = Optimizer::new(&cfg.optimizer, params.trainable.clone())?;
+    println!("{}", opt.describe());
     let weights: Vec<f64> = cfg.tasks.iter().map(|t| t.weight).collect();
     let config_hash = format!("{:016x}", fnv(config.to_json().as_bytes()));
     let mut state = State {
@@ -310,7 +311,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     checkpoint::save(
         &last,
         &all_vars,
-        &opt.state(),
+        &opt.state()?,
         &state,
         &swa_file(swa.tensors(&params.trainable).as_ref()),
     )?;
@@ -318,7 +319,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     let swa_dir = ckpt_dir.join("swa");
     if let Some(saved) = swa.swap_in(&params.trainable)? {
         ctx.recompute_batchnorm(&model, &train, &params.buffers, t.seed)?;
-        checkpoint::save(&swa_dir, &all_vars, &opt.state(), &state, &[])?;
+        checkpoint::save(&swa_dir, &all_vars, &opt.state()?, &state, &[])?;
         Swa::swap_out(&params.trainable, Some(saved))?;
     }
     log.flush()?;
@@ -703,7 +704,7 @@ fn evaluate_and_select<B: Backbone>(
             let (_, _, evicted) = state.best.pop().expect("non-empty");
             let _ = std::fs::remove_dir_all(ckpt_dir.join(evicted));
         }
-        checkpoint::save(&ckpt_dir.join(&name), vars, &opt.state(), state, &[])?;
+        checkpoint::save(&ckpt_dir.join(&name), vars, &opt.state()?, state, &[])?;
     }
     Ok(t.early_stopping && state.evals_without_improvement >= t.early_stopping_patience)
 }
@@ -721,7 +722,7 @@ fn save_periodic(
     checkpoint::save(
         &path,
         vars,
-        &opt.state(),
+        &opt.state()?,
         state,
         &swa_file(swa.tensors(vars).as_ref()),
     )?;

@@ -254,6 +254,7 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         .cloned()
         .collect();
     let mut opt = Optimizer::new(&cfg.optimizer, params.trainable.clone())?;
+    println!("{}", opt.describe());
     let mut ema = (t.ema_decay > 0.0)
         .then(|| {
             Ema::new(
@@ -589,7 +590,7 @@ fn save(
     let ema_map = ema.map(|e| ema_tensors(vars, e));
     let extras: Vec<(&str, &HashMap<String, Tensor>)> =
         ema_map.iter().map(|m| ("ema.safetensors", m)).collect();
-    checkpoint::save(dir, vars, &opt.state(), &state, &extras)?;
+    checkpoint::save(dir, vars, &opt.state()?, &state, &extras)?;
     std::fs::write(
         dir.join("sampling.json"),
         serde_json::to_string_pretty(&ctx.spec)?,

@@ -1,6 +1,7 @@
 //! What every generated trainer shares: the compiled constants it hands over, the command-line
 //! options, re-resolving the embedded config with `--set` overrides, and checkpoints.
 
+pub mod adamw_8bit;
 pub mod benchmark;
 pub mod checkpoint;
 pub mod classification;

@@ -3,20 +3,23 @@
 //! Candle's AdamW hides its moments, so a run could not resume exactly; these keep them as
 //! named tensors that go into `optimizer.safetensors`. Update rules are PyTorch's: AdamW with
 //! decoupled weight decay, Adam with L2 decay added to the gradient, SGD with momentum (dampening 0,
-//! no Nesterov). One parameter group, as the reference.
+//! no Nesterov); 8-bit AdamW is AdamW with block-wise quantised moments (train/adamw_8bit.rs).
+//! One parameter group, as the reference.
 
 use std::collections::HashMap;
 
-use candle_core::{backprop::GradStore, Result, Tensor, Var};
+use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use signal_diffusion_config::choice::{LrSchedule, OptimizerName};
 use signal_diffusion_config::schema;
 
+use super::adamw_8bit::{self, Hyper, MIN_8BIT_SIZE};
+
 pub struct Optimizer {
+    name: OptimizerName,
     kind: Kind,
     params: Vec<(String, Var)>,
-    /// First moment (Adam) or momentum buffer (SGD), and second moment (Adam).
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    /// Per parameter, its state.
+    moments: Vec<Moments>,
     pub step: u64,
     betas: [f64; 2],
     eps: f64,
@@ -54,6 +57,26 @@ enum Kind {
     AdamW,
     Adam,
     Sgd,
+    AdamW8bit,
+}
+
+/// A parameter's optimizer state.
+enum Moments {
+    /// The first moment (Adam) or momentum buffer (SGD), and the second moment (Adam).
+    F32 { m: Tensor, v: Tensor },
+    /// 8-bit AdamW's, for tensors of at least [`MIN_8BIT_SIZE`] values (in host memory).
+    Blockwise(adamw_8bit::Moments),
+}
+
+impl Moments {
+    /// The f32 moments. Only 8-bit AdamW keeps others, and it never asks.
+    #[cfg(feature = "cuda")]
+    fn f32(&self) -> (&Tensor, &Tensor) {
+        match self {
+            Moments::F32 { m, v } => (m, v),
+            Moments::Blockwise(_) => unreachable!("only adamw_8bit quantises its moments"),
+        }
+    }
 }
 
 impl Optimizer {
@@ -61,18 +84,26 @@ impl Optimizer {
         let kind = match cfg.name {
             OptimizerName::Adam => Kind::Adam,
             OptimizerName::Sgd => Kind::Sgd,
-            // adamw_8bit still trains with f32 moments: its quantised state is issue 18's.
-            OptimizerName::AdamW | OptimizerName::AdamW8bit => Kind::AdamW,
+            OptimizerName::AdamW => Kind::AdamW,
+            OptimizerName::AdamW8bit => Kind::AdamW8bit,
         };
-        let zeros = |p: &[(String, Var)]| {
-            p.iter()
-                .map(|(_, v)| v.as_tensor().zeros_like())
-                .collect::<Result<Vec<_>>>()
-        };
+        let moments = params
+            .iter()
+            .map(|(_, var)| {
+                let n = var.elem_count();
+                Ok(match kind == Kind::AdamW8bit && n >= MIN_8BIT_SIZE {
+                    true => Moments::Blockwise(adamw_8bit::Moments::zeros(n)),
+                    false => Moments::F32 {
+                        m: var.as_tensor().zeros_like()?,
+                        v: var.as_tensor().zeros_like()?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Optimizer {
+            name: cfg.name,
             kind,
-            m: zeros(&params)?,
-            v: zeros(&params)?,
+            moments,
             params,
             step: 0,
             betas: cfg.betas,
@@ -86,6 +117,36 @@ impl Optimizer {
     /// The parameters it updates, by name.
     pub fn params(&self) -> &[(String, Var)] {
         &self.params
+    }
+
+    /// Bytes of optimizer state (both moments, and 8-bit AdamW's block scales).
+    pub fn state_bytes(&self) -> usize {
+        let f32_bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        self.moments
+            .iter()
+            .map(|s| match s {
+                Moments::F32 { m, v } => f32_bytes(m) + f32_bytes(v),
+                Moments::Blockwise(q) => q.bytes(),
+            })
+            .sum()
+    }
+
+    /// What the run log says of it: its name and the size of its state.
+    pub fn describe(&self) -> String {
+        let values: usize = self.params.iter().map(|(_, v)| v.elem_count()).sum();
+        let bytes = self.state_bytes();
+        format!(
+            "optimizer {}: {:.1} MiB of state, {:.2} bytes per parameter",
+            self.name,
+            bytes as f64 / (1 << 20) as f64,
+            bytes as f64 / values.max(1) as f64
+        )
+    }
+
+    /// AdamW's weight decay is decoupled (θ ← θ(1 − lr·wd)); Adam's and SGD's is added to the
+    /// gradient.
+    fn decoupled(&self) -> bool {
+        matches!(self.kind, Kind::AdamW | Kind::AdamW8bit)
     }
 
     /// Clip the gradients to `max_norm` by their global norm, then update at learning rate `lr`.
@@ -123,11 +184,14 @@ impl Optimizer {
                     .collect::<Result<_>>()?;
                 let slots: Vec<crate::ops::cuda::Slot> = with_grads
                     .iter()
-                    .map(|(i, g)| crate::ops::cuda::Slot {
-                        param: self.params[*i].1.as_tensor(),
-                        grad: g,
-                        m: &self.m[*i],
-                        v: &self.v[*i],
+                    .map(|(i, g)| {
+                        let (m, v) = self.moments[*i].f32();
+                        crate::ops::cuda::Slot {
+                            param: self.params[*i].1.as_tensor(),
+                            grad: g,
+                            m,
+                            v,
+                        }
                     })
                     .collect();
                 let sq = crate::ops::cuda::adam_step(dev, &slots, &hp)?;
@@ -144,33 +208,52 @@ impl Optimizer {
         self.step += 1;
         let t = self.step as i32;
         let [b1, b2] = self.betas;
+        let decoupled = self.decoupled();
         for (i, (_, var)) in self.params.iter().enumerate() {
             let Some(g) = grads.get(var) else { continue };
             // Detached: a tensor computed from a Var keeps its op graph, so a stored moment would
             // otherwise chain every previous step's graph and memory would grow without bound.
             let g = &g.detach();
             let theta = &var.as_tensor().detach();
-            match self.kind {
-                Kind::AdamW | Kind::Adam => {
-                    let g = if self.kind == Kind::Adam && self.weight_decay > 0.0 {
+            match (&mut self.moments[i], self.kind) {
+                (Moments::Blockwise(state), _) => {
+                    let host = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1();
+                    let mut p: Vec<f32> = host(theta)?;
+                    state.step(
+                        &mut p,
+                        &host(g)?,
+                        &Hyper {
+                            lr: lr as f32,
+                            beta1: b1 as f32,
+                            beta2: b2 as f32,
+                            eps: self.eps as f32,
+                            weight_decay: self.weight_decay as f32,
+                            bc1: (1.0 - b1.powi(t)) as f32,
+                            bc2: (1.0 - b2.powi(t)) as f32,
+                        },
+                    );
+                    var.set(&Tensor::from_vec(p, theta.shape(), theta.device())?)?;
+                }
+                (Moments::F32 { m, v }, Kind::AdamW | Kind::Adam | Kind::AdamW8bit) => {
+                    let g = if !decoupled && self.weight_decay > 0.0 {
                         (g + (theta * self.weight_decay)?)?
                     } else {
                         g.clone()
                     };
-                    let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
-                    let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-                    let m_hat = (&m / (1.0 - b1.powi(t)))?;
-                    let v_hat = (&v / (1.0 - b2.powi(t)))?;
-                    let decayed = if self.kind == Kind::AdamW {
+                    let m_next = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
+                    let v_next = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+                    let m_hat = (&m_next / (1.0 - b1.powi(t)))?;
+                    let v_hat = (&v_next / (1.0 - b2.powi(t)))?;
+                    let decayed = if decoupled {
                         (theta * (1.0 - lr * self.weight_decay))?
                     } else {
                         theta.clone()
                     };
                     var.set(&(decayed - ((m_hat / (v_hat.sqrt()? + self.eps)?)? * lr)?)?)?;
-                    self.m[i] = m.detach();
-                    self.v[i] = v.detach();
+                    *m = m_next.detach();
+                    *v = v_next.detach();
                 }
-                Kind::Sgd => {
+                (Moments::F32 { m, .. }, Kind::Sgd) => {
                     let g = if self.weight_decay > 0.0 {
                         (g + (theta * self.weight_decay)?)?
                     } else {
@@ -179,40 +262,79 @@ impl Optimizer {
                     let buf = if self.step == 1 {
                         g
                     } else {
-                        ((&self.m[i] * self.momentum)? + g)?
+                        ((&*m * self.momentum)? + g)?
                     };
                     var.set(&(theta - (&buf * lr)?)?)?;
-                    self.m[i] = buf.detach();
+                    *m = buf.detach();
                 }
             }
         }
         Ok(())
     }
 
-    /// Named state tensors for `optimizer.safetensors`.
-    pub fn state(&self) -> HashMap<String, Tensor> {
+    /// Named state tensors for `optimizer.safetensors`: `m.<param>` and `v.<param>`, and for
+    /// 8-bit moments (u8 code indices) their block scales `m_absmax.<param>`, `v_absmax.<param>`.
+    pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut s = HashMap::new();
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            s.insert(format!("m.{name}"), self.m[i].clone());
-            s.insert(format!("v.{name}"), self.v[i].clone());
+        for ((name, _), state) in self.params.iter().zip(&self.moments) {
+            match state {
+                Moments::F32 { m, v } => {
+                    s.insert(format!("m.{name}"), m.clone());
+                    s.insert(format!("v.{name}"), v.clone());
+                }
+                Moments::Blockwise(q) => {
+                    let cpu = &Device::Cpu;
+                    s.insert(format!("m.{name}"), Tensor::new(q.m.as_slice(), cpu)?);
+                    s.insert(format!("v.{name}"), Tensor::new(q.v.as_slice(), cpu)?);
+                    let absmax = |a: &[f32]| Tensor::new(a, cpu);
+                    s.insert(format!("m_absmax.{name}"), absmax(&q.m_absmax)?);
+                    s.insert(format!("v_absmax.{name}"), absmax(&q.v_absmax)?);
+                }
+            }
         }
-        s
+        Ok(s)
     }
 
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: u64) -> anyhow::Result<()> {
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
-                let t = state
-                    .get(&format!("{prefix}.{name}"))
-                    .ok_or_else(|| anyhow::anyhow!("optimizer state has no `{prefix}.{name}`"))?;
-                if t.dims() != slot.dims() {
-                    anyhow::bail!(
-                        "optimizer state `{prefix}.{name}` has shape {:?}, expected {:?}",
-                        t.dims(),
-                        slot.dims()
-                    );
+        let get = |key: String| {
+            state
+                .get(&key)
+                .ok_or_else(|| anyhow::anyhow!("optimizer state has no `{key}`"))
+                .map(|t| (key, t))
+        };
+        // The state tensor `key` as `dtype` with the shape `dims`, or why not.
+        let check = |(key, t): (String, &Tensor), dtype: DType, dims: &[usize]| {
+            if t.dtype() != dtype || t.dims() != dims {
+                anyhow::bail!(
+                    "optimizer state `{key}` is {:?} {:?}, expected {dtype:?} {dims:?} (a checkpoint of another optimizer? `optimizer.name` must be the one it was written with)",
+                    t.dtype(),
+                    t.dims(),
+                );
+            }
+            Ok(t.clone())
+        };
+        for ((name, var), slot) in self.params.iter().zip(&mut self.moments) {
+            match slot {
+                Moments::F32 { m, v } => {
+                    let dims = var.dims();
+                    *m = check(get(format!("m.{name}"))?, DType::F32, dims)?;
+                    *v = check(get(format!("v.{name}"))?, DType::F32, dims)?;
                 }
-                *slot = t.clone();
+                Moments::Blockwise(q) => {
+                    let (n, blocks) = (q.m.len(), q.m_absmax.len());
+                    let codes = |key| -> anyhow::Result<Vec<u8>> {
+                        Ok(check(get(key)?, DType::U8, &[n])?.to_vec1()?)
+                    };
+                    let scales = |key| -> anyhow::Result<Vec<f32>> {
+                        Ok(check(get(key)?, DType::F32, &[blocks])?.to_vec1()?)
+                    };
+                    *q = adamw_8bit::Moments {
+                        m: codes(format!("m.{name}"))?,
+                        v: codes(format!("v.{name}"))?,
+                        m_absmax: scales(format!("m_absmax.{name}"))?,
+                        v_absmax: scales(format!("v_absmax.{name}"))?,
+                    };
+                }
             }
         }
         self.step = step;
