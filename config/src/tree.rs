@@ -223,6 +223,11 @@ impl Ctx {
         self.diags.push(Diagnostic::error(loc, message));
         self.diags.list.last_mut().expect("just pushed")
     }
+    pub fn warn(&mut self, key: &str, message: impl Into<String>) -> &mut Diagnostic {
+        let loc = self.loc(key);
+        self.diags.push(Diagnostic::warning(loc, message));
+        self.diags.list.last_mut().expect("just pushed")
+    }
 }
 
 /// A table being read. Absent sections read as empty (every key takes its default).

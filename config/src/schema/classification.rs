@@ -269,6 +269,13 @@ fn read_dataset(
     let batch_size = d.count(ctx, "batch_size", 32, 1);
     let num_workers = d.count(ctx, "num_workers", 4, 0);
     let pin_memory = d.bool_or(ctx, "pin_memory", true);
+    if d.has("pin_memory") {
+        ctx.warn(
+            "dataset.pin_memory",
+            "`dataset.pin_memory` has no effect yet: batches are uploaded to a GPU from ordinary (pageable) memory, and a CPU run uploads nothing",
+        )
+        .help = Some("remove it; page-locked upload buffers are planned for CUDA builds".into());
+    }
     let shuffle = d.bool_or(ctx, "shuffle", true);
     let de = d.section(ctx, "extras");
     let n_eeg_channels = de.count(ctx, "n_eeg_channels", 20, 1);
@@ -455,8 +462,7 @@ fn read_training(
             "`training.early_stopping` needs evaluations, but `eval_strategy` = \"none\"",
         );
     }
-    let compile_model = t.bool_or(ctx, "compile_model", true);
-    let compile_mode = t.pick(ctx, "compile_mode", CompileMode::Default, CompileMode::ALL);
+    let (compile_model, compile_mode) = super::read_compile_keys(&t, ctx, true);
     let swa_enabled = t.bool_or(ctx, "swa_enabled", false);
     let swa_extra_ratio = t.float_in(ctx, "swa_extra_ratio", 0.333, 1e-6, 10.0);
     let swa_lr_frac = t.float_in(ctx, "swa_lr_frac", 0.25, 1e-6, 10.0);

@@ -601,8 +601,7 @@ fn read_training(
         t.bool_or(ctx, "ema_use_ema_warmup", true)
     };
     let allow_tf32 = t.bool_or(ctx, "allow_tf32", true);
-    let compile_model = t.bool_or(ctx, "compile_model", false);
-    let compile_mode = t.pick(ctx, "compile_mode", CompileMode::Default, CompileMode::ALL);
+    let (compile_model, compile_mode) = super::read_compile_keys(&t, ctx, false);
     let snr_gamma = t.float(ctx, "snr_gamma");
     if let Some(g) = snr_gamma {
         if g <= 0.0 {

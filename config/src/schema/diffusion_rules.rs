@@ -103,12 +103,12 @@ pub(super) fn check(
     if conditioning == Conditioning::None
         && cfg_dropout > 0.0
         && ctx.loc("model.extras.cfg_dropout").is_some()
-        && name_m != DiffusionModel::Dit
     {
-        ctx.diags.push(crate::diag::Diagnostic::warning(
-            ctx.loc("model.extras.cfg_dropout"),
-            "`cfg_dropout` has no effect without conditioning",
-        ));
+        ctx.warn(
+            "model.extras.cfg_dropout",
+            "`model.extras.cfg_dropout` has no effect with `model.conditioning` = \"none\": there is no condition to drop",
+        )
+        .help = Some("remove it, or set `model.conditioning`".into());
     }
     if lora_enabled && pretrained.is_none() {
         ctx.error(

@@ -18,7 +18,7 @@ pub use diffusion::*;
 
 use serde::Serialize;
 
-use crate::choice::{Choice, DataType, LrSchedule, OptimizerName, OutputType};
+use crate::choice::{Choice, CompileMode, DataType, LrSchedule, OptimizerName, OutputType};
 use crate::literal::literal;
 use crate::settings::Settings;
 use crate::tree::{Ctx, Section};
@@ -165,4 +165,25 @@ pub(crate) fn read_data_overrides(
     let data_type = d.pick(ctx, "data_type", settings.data_type, DataType::ALL);
     d.finish(ctx, &[]);
     (output_type, data_type)
+}
+
+/// `training.compile_model` / `compile_mode` (torch.compile in the reference) are read so that
+/// the reference's configs build, with a warning where they are written: they change nothing.
+pub(crate) fn read_compile_keys(
+    t: &Section,
+    ctx: &mut Ctx,
+    compile_model_default: bool,
+) -> (bool, CompileMode) {
+    let compile_model = t.bool_or(ctx, "compile_model", compile_model_default);
+    let compile_mode = t.pick(ctx, "compile_mode", CompileMode::Default, CompileMode::ALL);
+    for key in ["compile_model", "compile_mode"] {
+        if t.has(key) {
+            ctx.warn(
+                &format!("training.{key}"),
+                format!("`training.{key}` has no effect: the build already compiles this config into a trainer specialised to it"),
+            )
+            .help = Some("remove it (torch.compile has no counterpart to switch here)".into());
+        }
+    }
+    (compile_model, compile_mode)
 }
