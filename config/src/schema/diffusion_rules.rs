@@ -110,6 +110,25 @@ pub(super) fn check(
         )
         .help = Some("remove it, or set `model.conditioning`".into());
     }
+    if ctx.loc("training.eval_mmd_fallback_ntrain").is_some() {
+        let why = if d.training.eval_mmd_samples < 2 {
+            Some("no KID/MMD² is computed (`training.eval_mmd_samples` < 2)")
+        } else if d.dataset.val_split.is_some() {
+            Some("the reference is the validation split (`dataset.val_split`)")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            ctx.warn(
+                "training.eval_mmd_fallback_ntrain",
+                format!("`training.eval_mmd_fallback_ntrain` has no effect: {why}"),
+            )
+            .help = Some(
+                "it sets how many training samples serve as the KID/MMD² reference when there is no validation split"
+                    .into(),
+            );
+        }
+    }
     if lora_enabled && pretrained.is_none() {
         ctx.error(
             "model.lora.enabled",

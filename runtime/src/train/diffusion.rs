@@ -302,15 +302,21 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         cfg.logging.tensorboard,
         cfg.logging.log_dir.as_ref(),
     )?;
-    // Reference features for KID/MMD, once per run: the validation split, else the training
-    // split without its random augmentations.
+    // Reference features for KID/MMD, once per run: the validation split, else
+    // `eval_mmd_fallback_ntrain` rows of the training split (0: all; evenly spaced, so a split
+    // sorted by subject is still covered) without its random augmentations.
     let reference = match (t.eval_mmd_samples >= 2, t.eval_strategy) {
         (true, EvalStrategy::Steps | EvalStrategy::Epoch) => {
-            let split = match &val {
-                Some(v) => v.clone(),
-                None => read(&ds.train_split, eval_augment, ds.max_train_samples)?,
+            let (split, rows) = match &val {
+                Some(v) => (v.clone(), (0..v.len()).collect()),
+                None => {
+                    let split = read(&ds.train_split, eval_augment, ds.max_train_samples)?;
+                    let rows = spread(split.len(), t.eval_mmd_fallback_ntrain);
+                    (split, rows)
+                }
             };
-            Some(reference_features(&ctx, &split)?)
+            println!("KID/MMD² reference: {} samples", rows.len());
+            Some(reference_features(&ctx, &split, rows)?)
         }
         (false, _) | (true, EvalStrategy::None) => None,
     };
@@ -596,4 +602,25 @@ fn save(
         serde_json::to_string_pretty(&ctx.spec)?,
     )?;
     Ok(())
+}
+
+/// `n` row indices spread evenly over `len` rows (all of them when `n` is 0 or at least `len`).
+fn spread(len: usize, n: usize) -> Vec<usize> {
+    match n == 0 || n >= len {
+        true => (0..len).collect(),
+        false => (0..n).map(|i| i * len / n).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    #[test]
+    fn the_fallback_reference_spreads_over_the_split() {
+        assert_eq!(spread(10, 0), (0..10).collect::<Vec<_>>());
+        assert_eq!(spread(10, 25), (0..10).collect::<Vec<_>>());
+        assert_eq!(spread(10, 4), vec![0, 2, 5, 7]);
+        assert_eq!(spread(1000, 3), vec![0, 333, 666]);
+    }
 }

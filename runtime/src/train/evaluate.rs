@@ -22,12 +22,17 @@ use crate::diffusion::path::normals;
 use crate::diffusion::sampler::conditions;
 use crate::models::dit::Dit;
 
-/// Features of every image of `split` (its dB channel at the model's resolution).
-pub(super) fn reference_features(ctx: &Ctx, split: &Arc<Split>) -> Result<Reference> {
+/// Features of the rows `rows` of `split` (of each image's dB channel at the model's resolution,
+/// or of each series).
+pub(super) fn reference_features(
+    ctx: &Ctx,
+    split: &Arc<Split>,
+    rows: Vec<usize>,
+) -> Result<Reference> {
     let mut feats = vec![];
     let loader = Loader::new(
         split.clone(),
-        (0..split.len()).collect(),
+        rows,
         64,
         ctx.input.clone(),
         ctx.cfg.dataset.num_workers,
