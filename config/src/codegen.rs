@@ -357,7 +357,8 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
     };
     let n_tasks = tasks.len();
     quote! {
-        /// The denoiser.
+        /// The denoiser (the trainer builds it from `MODEL`).
+        #[allow(dead_code)]
         pub type Model = #rt::Dit;
         /// Its shape, from `[model]` and the image or series the dataset gives it.
         pub const MODEL: #rt::DitShape = #rt::DitShape {
