@@ -26,8 +26,8 @@ fn f32s(f: &HashMap<String, Tensor>, key: &str) -> Vec<f32> {
 #[test]
 fn dynamic_maps_equal_bitsandbytes() {
     let f = fixture();
-    assert_eq!(f32s(&f, "signed_map"), SIGNED.to_vec());
-    assert_eq!(f32s(&f, "unsigned_map"), UNSIGNED.to_vec());
+    assert_eq!(f32s(&f, "signed_map"), SIGNED.codes.to_vec());
+    assert_eq!(f32s(&f, "unsigned_map"), UNSIGNED.codes.to_vec());
 }
 
 /// Block-wise quantisation scales each block of 256 values by its largest magnitude, as
@@ -35,14 +35,14 @@ fn dynamic_maps_equal_bitsandbytes() {
 /// nearest code: bitsandbytes' CPU search (BinSearch's `Direct2`, a lookup grid) may return a
 /// farther one where codes are closer than its grid (near zero) or a value is within rounding of
 /// a midpoint. Where the two differ, ours is never farther from the value, and bitsandbytes'
-/// error exceeds ours by less than 10⁻⁴ of the block's largest value. The second moments' codes
-/// (squares, all ≥ 0) are identical.
+/// error exceeds ours by less than 10⁻⁴ of the block's largest value; away from zero (at least
+/// 1 % of the block's largest) nine codes in ten or more are the same.
 #[test]
 fn blockwise_quantisation_matches_bitsandbytes() {
     let f = fixture();
     let x = f32s(&f, "x");
     let squares: Vec<f32> = x.iter().map(|v| v * v).collect();
-    for (values, codes, name) in [
+    for (values, map, name) in [
         (&x, &*SIGNED, "x_signed"),
         (&squares, &*UNSIGNED, "x_unsigned"),
     ] {
@@ -51,7 +51,7 @@ fn blockwise_quantisation_matches_bitsandbytes() {
         let absmax: Vec<f32> = values
             .chunks(BLOCK)
             .zip(ours.chunks_mut(BLOCK))
-            .map(|(v, q)| quantize_block(codes, v, q))
+            .map(|(v, q)| quantize_block(map, v, q))
             .collect();
         assert_eq!(
             absmax,
@@ -61,7 +61,10 @@ fn blockwise_quantisation_matches_bitsandbytes() {
         let (mut large, mut large_same) = (0, 0);
         for (i, (&a, &b)) in ours.iter().zip(&theirs).enumerate() {
             let v = values[i] / absmax[i / BLOCK];
-            let (ea, eb) = ((codes[a as usize] - v).abs(), (codes[b as usize] - v).abs());
+            let (ea, eb) = (
+                (map.codes[a as usize] - v).abs(),
+                (map.codes[b as usize] - v).abs(),
+            );
             assert!(
                 ea <= eb,
                 "{name}[{i}] = {v}: our code {a} is farther than {b}"

@@ -72,34 +72,63 @@ fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The first moment's codes, in [-1, 1].
-pub static SIGNED: LazyLock<[f32; 256]> = LazyLock::new(|| dynamic_map(true));
-/// The second moment's codes, in [0, 1].
-pub static UNSIGNED: LazyLock<[f32; 256]> = LazyLock::new(|| dynamic_map(false));
+/// A dynamic map and its search table.
+pub struct Map {
+    /// The 256 codes, ascending.
+    pub codes: [f32; 256],
+    /// For each 16-bit prefix of an f32 (sign, exponent, 7 mantissa bits), the last code below
+    /// every value with that prefix (0 when none is).
+    below: Vec<u8>,
+}
 
-/// The index of the code nearest `x` (the lower one on a tie).
-#[inline]
-pub fn nearest(codes: &[f32; 256], x: f32) -> u8 {
-    let above = codes.partition_point(|&c| c < x).min(255);
-    if above == 0 {
-        return 0;
+impl Map {
+    fn new(codes: [f32; 256]) -> Self {
+        let below = (0..1u32 << 16)
+            .map(|prefix| {
+                // The prefix's lowest value: its smallest magnitude when positive, largest when
+                // negative.
+                let low_bits = if prefix & 0x8000 == 0 { 0 } else { 0xffff };
+                let lowest = f32::from_bits(prefix << 16 | low_bits);
+                codes.partition_point(|&c| c < lowest).saturating_sub(1) as u8
+            })
+            .collect();
+        Map { codes, below }
     }
-    let below = above - 1;
-    if x - codes[below] <= codes[above] - x {
-        below as u8
-    } else {
-        above as u8
+
+    /// The index of the code nearest `x` (the lower one on a tie). The table gives the last code
+    /// below x's prefix; a code lies within one prefix's span at most once or twice, so a step or
+    /// two finds the last code below x. (A binary search, branch-free or not, cost the DiT
+    /// quickstart's step half again: its eight dependent loads per value are the step's
+    /// critical path.)
+    #[inline]
+    pub fn nearest(&self, x: f32) -> u8 {
+        let c = &self.codes;
+        let mut below = self.below[(x.to_bits() >> 16) as usize] as usize;
+        while below < 255 && c[below + 1] < x {
+            below += 1;
+        }
+        let above = (below + 1).min(255);
+        match x - c[below] <= c[above] - x {
+            true => below as u8,
+            false => above as u8,
+        }
     }
 }
 
-/// Quantise `values` into `codes` indices scaled by their largest magnitude, which it returns
-/// (bitsandbytes' `quantize_blockwise` for one block). A block of zeros stores the zero code.
-pub fn quantize_block(codes: &[f32; 256], values: &[f32], out: &mut [u8]) -> f32 {
+/// The first moment's codes, in [-1, 1].
+pub static SIGNED: LazyLock<Map> = LazyLock::new(|| Map::new(dynamic_map(true)));
+/// The second moment's codes, in [0, 1].
+pub static UNSIGNED: LazyLock<Map> = LazyLock::new(|| Map::new(dynamic_map(false)));
+
+/// Quantise `values` into code indices of `map` scaled by their largest magnitude, which it
+/// returns (bitsandbytes' `quantize_blockwise` for one block). A block of zeros stores the zero
+/// code.
+pub fn quantize_block(map: &Map, values: &[f32], out: &mut [u8]) -> f32 {
     let absmax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let zero = nearest(codes, 0.0);
+    let zero = map.nearest(0.0);
     for (q, &v) in out.iter_mut().zip(values) {
         *q = match absmax > 0.0 {
-            true => nearest(codes, v / absmax),
+            true => map.nearest(v / absmax),
             false => zero,
         };
     }
@@ -133,8 +162,8 @@ impl Moments {
     pub fn zeros(n: usize) -> Self {
         let blocks = n.div_ceil(BLOCK);
         Moments {
-            m: vec![nearest(&SIGNED, 0.0); n],
-            v: vec![nearest(&UNSIGNED, 0.0); n],
+            m: vec![SIGNED.nearest(0.0); n],
+            v: vec![UNSIGNED.nearest(0.0); n],
             m_absmax: vec![0.0; blocks],
             v_absmax: vec![0.0; blocks],
         }
@@ -191,22 +220,24 @@ fn step_block(
     v_absmax: &mut f32,
     h: &Hyper,
 ) {
+    let (signed, unsigned): (&Map, &Map) = (&SIGNED, &UNSIGNED);
     let mut m_new = [0f32; BLOCK];
     let mut v_new = [0f32; BLOCK];
     let n = p.len();
     let decay = 1.0 - h.lr * h.weight_decay;
     for i in 0..n {
-        let mi = h.beta1 * (SIGNED[m[i] as usize] * *m_absmax) + (1.0 - h.beta1) * g[i];
-        let vi = h.beta2 * (UNSIGNED[v[i] as usize] * *v_absmax) + (1.0 - h.beta2) * g[i] * g[i];
+        let mi = h.beta1 * (signed.codes[m[i] as usize] * *m_absmax) + (1.0 - h.beta1) * g[i];
+        let vi =
+            h.beta2 * (unsigned.codes[v[i] as usize] * *v_absmax) + (1.0 - h.beta2) * g[i] * g[i];
         p[i] = p[i] * decay - h.lr * (mi / h.bc1) / ((vi / h.bc2).sqrt() + h.eps);
         m_new[i] = mi;
         v_new[i] = vi;
     }
-    *m_absmax = quantize_block(&SIGNED, &m_new[..n], m);
-    *v_absmax = quantize_block(&UNSIGNED, &v_new[..n], v);
+    *m_absmax = quantize_block(signed, &m_new[..n], m);
+    *v_absmax = quantize_block(unsigned, &v_new[..n], v);
     // A first moment keeps its sign: a code of the other sign moves one step back toward it.
     for i in 0..n {
-        let code = SIGNED[m[i] as usize];
+        let code = signed.codes[m[i] as usize];
         if m_new[i] > 0.0 && code < 0.0 {
             m[i] += 1;
         } else if m_new[i] < 0.0 && code > 0.0 {
@@ -221,25 +252,37 @@ mod tests {
 
     #[test]
     fn the_maps_are_sorted_and_span_their_ranges() {
-        for (codes, lo) in [(&*SIGNED, -1.0), (&*UNSIGNED, 0.0)] {
+        for (codes, lo) in [(&SIGNED.codes, -1.0), (&UNSIGNED.codes, 0.0)] {
             assert!(codes.windows(2).all(|w| w[0] < w[1]), "strictly ascending");
             assert_eq!(codes[255], 1.0);
             assert!((codes[0] - lo).abs() < 0.01, "{} vs {lo}", codes[0]);
             assert!(codes.contains(&0.0));
         }
         // The smallest non-zero magnitude is in the 10⁻⁶ decade.
-        let tiny = UNSIGNED.iter().copied().find(|&c| c > 0.0).unwrap();
+        let tiny = UNSIGNED.codes.iter().copied().find(|&c| c > 0.0).unwrap();
         assert!((1e-7..1e-6).contains(&tiny), "{tiny}");
     }
 
     #[test]
     fn nearest_picks_the_closest_code() {
-        for x in [-1.0f32, -0.3, -1e-5, 0.0, 2e-7, 0.049, 0.5, 0.999, 1.0] {
-            let q = nearest(&SIGNED, x) as usize;
-            let best = (0..256)
-                .min_by(|&a, &b| (SIGNED[a] - x).abs().total_cmp(&(SIGNED[b] - x).abs()))
-                .unwrap();
-            assert_eq!((SIGNED[q] - x).abs(), (SIGNED[best] - x).abs(), "x = {x}");
+        // Every code, the midpoints between neighbours and points near them, and a sweep.
+        let mut xs: Vec<f32> = (-1000..=1000).map(|i| i as f32 / 1000.0).collect();
+        for map in [&*SIGNED, &*UNSIGNED] {
+            for w in map.codes.windows(2) {
+                let mid = (w[0] + w[1]) / 2.0;
+                xs.extend([w[0], w[1], mid, mid.next_down(), mid.next_up()]);
+            }
+        }
+        xs.extend([1e-7, -3e-7, 2e-6, -4.4e-6, 0.0, -0.0]);
+        for map in [&*SIGNED, &*UNSIGNED] {
+            let c = &map.codes;
+            for &x in &xs {
+                let q = map.nearest(x) as usize;
+                let best = (0..256)
+                    .min_by(|&a, &b| (c[a] - x).abs().total_cmp(&(c[b] - x).abs()))
+                    .unwrap();
+                assert_eq!((c[q] - x).abs(), (c[best] - x).abs(), "x = {x}");
+            }
         }
     }
 
@@ -271,8 +314,8 @@ mod tests {
             // The stored moments decode to the f32 ones within half a code gap (≤ 3.5 % of a
             // value near 1, relative to the block's largest).
             let b = i / BLOCK;
-            let m_back = SIGNED[s.m[i] as usize] * s.m_absmax[b];
-            let v_back = UNSIGNED[s.v[i] as usize] * s.v_absmax[b];
+            let m_back = SIGNED.codes[s.m[i] as usize] * s.m_absmax[b];
+            let v_back = UNSIGNED.codes[s.v[i] as usize] * s.v_absmax[b];
             assert!(
                 (m_back - m).abs() <= 0.04 * s.m_absmax[b],
                 "m {i}: {m_back} vs {m}"
