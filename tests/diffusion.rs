@@ -115,6 +115,30 @@ fn dit_trains_resumes_exactly_and_writes_readable_files() {
         assert!(!a.is_empty());
         assert_eq!(a, b, "{tag} after resume");
     }
+    //    Resumed in fp16 instead, the run starts a loss scaler, which its checkpoints keep.
+    let out_c = tmp.path().join("c");
+    copy_dir(
+        &run_a.join("checkpoints/checkpoint-3"),
+        &out_c.join("run/checkpoints/checkpoint-3"),
+    );
+    let fp16 = [
+        sets[0].clone(),
+        ("training.mixed_precision", "fp16".to_string()),
+    ];
+    train(
+        tiny_dit::run,
+        &fp16,
+        &out_c,
+        Some(out_c.join("run/checkpoints/checkpoint-3")),
+    );
+    let state =
+        std::fs::read_to_string(out_c.join("run/checkpoints/checkpoint-6/state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(state["loss_scaler"]["scale"], 65536.0, "{state}");
+    assert_eq!(
+        state["config"]["run"]["training"]["mixed_precision"],
+        "fp16"
+    );
 
     // 3. TensorBoard reads the scalars and the sample grids; Python's safetensors reads the
     // final weights under diffusers' names.

@@ -7,6 +7,7 @@ use std::process::{Command, ExitCode};
 
 use crate::common::{only_run_dir, python, series, test_metric, train, write_dataset};
 
+use signal_diffusion_runtime::train::checkpoint::{check_config, State};
 use signal_diffusion_runtime::train::RunOptions;
 
 mod tiny {
@@ -92,6 +93,47 @@ fn trains_above_chance_resumes_exactly_and_writes_readable_files() {
     let b = series(&out_b.join("run"), "train/loss_step");
     assert_eq!(a.len(), 56);
     assert_eq!(a, b, "resumed losses differ from the uninterrupted run");
+
+    //    From the step-20 checkpoint, in the middle of epoch 3 (batch 4 of 8): the same.
+    let out_c = tmp.path().join("c");
+    let mid = out_c.join("run/checkpoints/step-00000020");
+    std::fs::create_dir_all(&mid).unwrap();
+    for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        std::fs::copy(run_a.join("checkpoints/step-00000020").join(f), mid.join(f)).unwrap();
+    }
+    run(&data, &out_c, &[], Some(mid.clone()));
+    let a: Vec<(u64, f64)> = series(&run_a, "train/loss_step")
+        .into_iter()
+        .filter(|(s, _)| *s > 20)
+        .collect();
+    assert_eq!(a.len(), 60);
+    assert_eq!(
+        a,
+        series(&out_c.join("run"), "train/loss_step"),
+        "resumed mid-epoch"
+    );
+
+    //    A trainer of another model refuses the checkpoint, naming what differs; other keys
+    //    (here the dataset path, which the test sets) only differ.
+    let state: State =
+        serde_json::from_str(&std::fs::read_to_string(mid.join("state.json")).unwrap()).unwrap();
+    // The macro's project root is the directory of the file that invokes it.
+    let root = &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let err = check_config(&tiny_cnn::config(root), &state, &mid)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`model.backbone` = \"cnn\" (the checkpoint's: \"cnn_light\")"),
+        "{err}"
+    );
+    check_config(&tiny::config(root), &state, &mid).unwrap();
+    let refused = tiny_cnn::run(RunOptions {
+        sets: vec![("dataset.name".into(), data.display().to_string())],
+        output_dir: Some(tmp.path().join("d")),
+        resume: Some(mid),
+        ..Default::default()
+    });
+    assert_eq!(format!("{refused:?}"), format!("{:?}", ExitCode::FAILURE));
 
     // 3. TensorBoard reads the event file; Python's safetensors reads the weights.
     let tb = python(

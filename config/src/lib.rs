@@ -85,9 +85,92 @@ impl literal::Literal for Kind {
 impl Config {
     /// As JSON, keys sorted (what `--print-config` shows, each run records and resume compares).
     pub fn to_json(&self) -> String {
-        let sorted = serde_json::to_value(self).expect("plain data serializes");
-        serde_json::to_string_pretty(&sorted).expect("plain data serializes")
+        serde_json::to_string_pretty(&self.to_value()).expect("plain data serializes")
     }
+
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("plain data serializes")
+    }
+
+    /// The values that differ from `old` (another config's [`Config::to_value`], e.g. the one a
+    /// checkpoint was written with), by dotted key, lists compared whole.
+    pub fn differences(&self, old: &serde_json::Value) -> Vec<Difference> {
+        let mut out = vec![];
+        diff_values("", old, &self.to_value(), &mut out);
+        out
+    }
+}
+
+/// A value that differs between two configs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Difference {
+    /// The key: a TOML key for the training config's values (`training.epochs`), `settings.*`
+    /// for the settings file's, `config` for the file's path.
+    pub key: String,
+    pub old: String,
+    pub new: String,
+    /// Whether a run may not continue across it: it changes what the parameters, the optimizer
+    /// state or the position in the data mean (the model, the tasks, the input's shape and
+    /// kind, the batch size and accumulation, the optimizer, the objective).
+    pub structural: bool,
+}
+
+fn diff_values(
+    key: &str,
+    old: &serde_json::Value,
+    new: &serde_json::Value,
+    out: &mut Vec<Difference>,
+) {
+    use serde_json::Value::Object;
+    match (old, new) {
+        (Object(a), Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let null = serde_json::Value::Null;
+                // The run's sections are the training config's own, at the top: `run.training.epochs`
+                // is `training.epochs`.
+                let child = match (key, k.as_str()) {
+                    ("", "run") => String::new(),
+                    ("", _) => k.clone(),
+                    _ => format!("{key}.{k}"),
+                };
+                diff_values(
+                    &child,
+                    a.get(k).unwrap_or(&null),
+                    b.get(k).unwrap_or(&null),
+                    out,
+                );
+            }
+        }
+        (a, b) if a != b => out.push(Difference {
+            key: key.to_string(),
+            old: a.to_string(),
+            new: b.to_string(),
+            structural: is_structural(key),
+        }),
+        _ => {}
+    }
+}
+
+/// See [`Difference::structural`].
+fn is_structural(key: &str) -> bool {
+    const KEYS: &[&str] = &[
+        "tasks",
+        "data_type",
+        "output_type",
+        "dataset_is_timeseries",
+        "dataset.tasks",
+        "dataset.resolution",
+        "dataset.batch_size",
+        "dataset.n_eeg_channels",
+        "dataset.sequence_length",
+        "training.gradient_accumulation_steps",
+        "optimizer.name",
+        "objective.prediction_type",
+        "objective.scheduler",
+        "objective.num_timesteps",
+    ];
+    key.starts_with("model.") || key.starts_with("tasks.") || KEYS.contains(&key)
 }
 
 /// Keys a compiled trainer accepts in `--set`: run-time paths and scalars that change no shape,
@@ -369,4 +452,61 @@ pub fn render_lines(sources: &Sources, diags: &Diagnostics) -> Vec<String> {
                 .collect::<Vec<_>>()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod difference_tests {
+    use super::*;
+
+    fn quickstart(sets: &[(&str, &str)]) -> Config {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let env = Env {
+            settings_override: None,
+            home: None,
+            project_root: root,
+            embedded: None,
+        };
+        let sets: Vec<(String, String)> = sets
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let path = Path::new("config/classification/quickstart.toml");
+        resolve_with(path, &env, Target::default(), &sets)
+            .unwrap()
+            .config
+    }
+
+    #[test]
+    fn differences_name_the_toml_keys_and_which_are_structural() {
+        let old = quickstart(&[]).to_value();
+        assert_eq!(quickstart(&[]).differences(&old), vec![]);
+        let new = quickstart(&[
+            ("training.epochs", "9"),
+            ("optimizer.learning_rate", "0.01"),
+        ]);
+        let keys: Vec<(String, bool)> = new
+            .differences(&old)
+            .into_iter()
+            .map(|d| (d.key, d.structural))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("optimizer.learning_rate".into(), false),
+                ("training.epochs".into(), false)
+            ]
+        );
+        let mut changed = old.clone();
+        changed["run"]["model"]["embedding_dim"] = 128.into();
+        changed["run"]["dataset"]["batch_size"] = 4.into();
+        let d = quickstart(&[]).differences(&changed);
+        assert_eq!(d.len(), 2);
+        assert!(d.iter().all(|d| d.structural), "{d:?}");
+        assert_eq!(d[0].key, "dataset.batch_size");
+        assert_eq!((d[0].old.as_str(), d[0].new.as_str()), ("4", "16"));
+        assert_eq!(d[1].key, "model.embedding_dim");
+    }
 }

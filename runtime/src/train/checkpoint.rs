@@ -1,6 +1,6 @@
 //! Checkpoints: a directory with `model.safetensors` (parameters and buffers, PyTorch names),
 //! `optimizer.safetensors` (moments, by parameter name) and `state.json` (step, epoch, position
-//! in the epoch, selection and early-stopping state, config hash). Written into a hidden
+//! in the epoch, selection and early-stopping state, the resolved config). Written into a hidden
 //! temporary directory and renamed into place, so a crash never leaves half a checkpoint.
 
 use std::collections::HashMap;
@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
+use signal_diffusion_config::Config;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct State {
@@ -30,6 +31,47 @@ pub struct State {
     /// fp16's loss scale and skipped updates (`mixed_precision = "fp16"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<crate::ops::precision::LossScaler>,
+    /// The resolved config the run was written with (`Config::to_value`), which a resume
+    /// compares key by key (checkpoints written before it have only `config_hash`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
+}
+
+/// Whether a run with `config` may continue from a checkpoint whose state is `saved`: an error
+/// naming every structural key that differs (the model, the tasks, the input, the batch, the
+/// optimizer, the objective), else each other difference printed as it takes effect.
+pub fn check_config(config: &Config, saved: &State, dir: &Path) -> Result<()> {
+    let Some(old) = &saved.config else {
+        println!(
+            "{} predates per-key config records: resuming without comparing configs",
+            dir.display()
+        );
+        return Ok(());
+    };
+    let differences = config.differences(old);
+    let structural: Vec<String> = differences
+        .iter()
+        .filter(|d| d.structural)
+        .map(|d| format!("`{}` = {} (the checkpoint's: {})", d.key, d.new, d.old))
+        .collect();
+    if !structural.is_empty() {
+        bail!(
+            "{} was written with another model, input, batch, optimizer or objective; this trainer has {}. Resume it with a trainer built from the config it was written with (its run directory's config_resolved.json), or start a new run",
+            dir.display(),
+            structural.join(", ")
+        );
+    }
+    const SHOWN: usize = 10;
+    for d in differences.iter().take(SHOWN) {
+        println!(
+            "resuming with `{}` = {} (the checkpoint's: {})",
+            d.key, d.new, d.old
+        );
+    }
+    if differences.len() > SHOWN {
+        println!("... and {} more differences", differences.len() - SHOWN);
+    }
+    Ok(())
 }
 
 /// Write a checkpoint; `extras` are further named tensor files (`swa.safetensors`,

@@ -142,16 +142,23 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
         target_norm: target_norm(tasks, &train),
         swa_n: 0,
         loss_scaler: None,
+        config: Some(config.to_value()),
     };
     let mut swa = Swa::new();
     if let Some(ck) = &resume {
         let loaded = checkpoint::load(ck, &device)?;
+        checkpoint::check_config(&config, &loaded.state, ck)?;
         checkpoint::restore(&all_vars, &loaded.model)?;
         opt.load_state(&loaded.optimizer, loaded.state.step)?;
         if let Some(avg) = loaded.extras.get("swa.safetensors") {
             swa = Swa::restore(&params.trainable, avg, loaded.state.swa_n)?;
         }
-        state = loaded.state;
+        // Later checkpoints record the config this run continues with.
+        state = State {
+            config_hash: config_hash.clone(),
+            config: Some(config.to_value()),
+            ..loaded.state
+        };
         println!(
             "resumed from {} at step {} (epoch {}, batch {})",
             ck.display(),

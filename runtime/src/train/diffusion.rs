@@ -278,16 +278,43 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         target_norm: vec![],
         swa_n: 0,
         loss_scaler: LossScaler::for_dtype(amp),
+        config: Some(config.to_value()),
     };
     if let Some(ck) = &resume {
         let loaded = checkpoint::load(ck, &device)?;
+        checkpoint::check_config(&config, &loaded.state, ck)?;
         checkpoint::restore(&all_vars, &loaded.model)?;
         let skipped = loaded.state.loss_scaler.map_or(0, |s| s.skipped);
         opt.load_state(&loaded.optimizer, loaded.state.step - skipped)?;
         if let (Some(e), Some(saved)) = (&mut ema, loaded.extras.get("ema.safetensors")) {
             e.tensors = named(&params.trainable, saved)?;
         }
-        state = loaded.state;
+        // fp16 keeps the checkpoint's loss scale; a change of `mixed_precision` starts or drops
+        // the scaler. Later checkpoints record the config this run continues with.
+        let loss_scaler = match (state.loss_scaler, loaded.state.loss_scaler) {
+            (Some(_), Some(saved)) => Some(saved),
+            (Some(new), None) => {
+                println!(
+                    "mixed_precision is now fp16: a loss scaler starts at {}",
+                    new.scale
+                );
+                Some(new)
+            }
+            (None, Some(saved)) => {
+                println!(
+                    "mixed_precision is no longer fp16: the checkpoint's loss scaler (scale {}) is dropped",
+                    saved.scale
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        state = State {
+            loss_scaler,
+            config_hash: state.config_hash,
+            config: state.config,
+            ..loaded.state
+        };
         println!(
             "resumed from {} at update {} (epoch {}, batch {})",
             ck.display(),
