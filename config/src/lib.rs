@@ -463,12 +463,7 @@ mod difference_tests {
             .parent()
             .unwrap()
             .to_path_buf();
-        let env = Env {
-            settings_override: None,
-            home: None,
-            project_root: root,
-            embedded: None,
-        };
+        let env = Env::isolated(root);
         let sets: Vec<(String, String)> = sets
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -60,6 +60,17 @@ pub struct Env {
 }
 
 impl Env {
+    /// A project at `project_root` and nothing of the process's environment (no
+    /// `SIGNAL_DIFFUSION_CONFIG`, no home directory): what tests and the presets check use.
+    pub fn isolated(project_root: PathBuf) -> Self {
+        Env {
+            settings_override: None,
+            home: None,
+            project_root,
+            embedded: None,
+        }
+    }
+
     pub fn from_process(project_root: PathBuf) -> Self {
         Env {
             settings_override: std::env::var("SIGNAL_DIFFUSION_CONFIG")

@@ -13,12 +13,7 @@ fn root() -> PathBuf {
 }
 
 fn env() -> Env {
-    Env {
-        settings_override: None,
-        home: None,
-        project_root: root(),
-        embedded: None,
-    }
+    Env::isolated(root())
 }
 
 fn presets(kind: &str) -> Vec<PathBuf> {

@@ -13,12 +13,7 @@ fn warnings_read_as_their_snapshots() {
         .parent()
         .unwrap()
         .to_path_buf();
-    let env = Env {
-        settings_override: None,
-        home: None,
-        project_root: root.clone(),
-        embedded: None,
-    };
+    let env = Env::isolated(root.clone());
     let dir = root.join("config/tests/warnings");
     let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()

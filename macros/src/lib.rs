@@ -94,12 +94,7 @@ pub fn trainer(input: TokenStream) -> TokenStream {
 #[proc_macro]
 pub fn presets(_input: TokenStream) -> TokenStream {
     let root = manifest_dir();
-    let env = Env {
-        settings_override: None,
-        home: None,
-        project_root: root.clone(),
-        embedded: None,
-    };
+    let env = Env::isolated(root.clone());
     let mut items = vec![];
     for kind in ["classification", "diffusion"] {
         let dir = root.join("config").join(kind);

@@ -28,12 +28,7 @@ fn settings(tmp: &Path, dataset: &str, min_db: f64, max_db: f64) -> Settings {
         ),
     )
     .unwrap();
-    let env = Env {
-        settings_override: None,
-        home: None,
-        project_root: tmp.to_path_buf(),
-        embedded: None,
-    };
+    let env = Env::isolated(tmp.to_path_buf());
     signal_diffusion_config::load_settings(Some(&path), &env).unwrap()
 }
 

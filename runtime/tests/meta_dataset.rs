@@ -56,12 +56,7 @@ fn weighted_parquet_in_the_hugging_face_layout() {
         "[data]\nroot = \"raw\"\noutput_root = \"out\"\n\n[datasets.big]\noutput = \"big/stfts\"\n\n[datasets.small]\noutput = \"small/stfts\"\n",
     )
     .unwrap();
-    let env = Env {
-        settings_override: None,
-        home: None,
-        project_root: tmp.path().to_path_buf(),
-        embedded: None,
-    };
+    let env = Env::isolated(tmp.path().to_path_buf());
     let settings = signal_diffusion_config::load_settings(Some(&settings_path), &env).unwrap();
     let mut args = MetaOptions {
         datasets: vec!["big".into(), "small".into()],

@@ -60,12 +60,7 @@ fn setup(tmp: &Path) -> signal_diffusion_config::settings::Settings {
     std::fs::write(raw.join("subject-info.csv"), info).unwrap();
     let settings = tmp.join("settings.toml");
     std::fs::write(&settings, "[data]\nroot = \"raw\"\noutput_root = \"out\"\n\n[datasets.math]\nroot = \"math\"\noutput = \"math/stfts\"\ntimeseries_output = \"math/timeseries\"\nmin_db = -127.028\nmax_db = -44.068\n").unwrap();
-    let env = Env {
-        settings_override: None,
-        home: None,
-        project_root: tmp.to_path_buf(),
-        embedded: None,
-    };
+    let env = Env::isolated(tmp.to_path_buf());
     signal_diffusion_config::load_settings(Some(&settings), &env).unwrap()
 }
 
