@@ -422,48 +422,22 @@ fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) ->
     let attention = x.string_list(ctx, "attention").unwrap_or_default();
     let mapping_width = x.count(ctx, "mapping_width", 256, 1);
     let mapping_depth = x.count(ctx, "mapping_depth", 2, 1);
-    // Model-adapter keys the reference's shipped configs use for hourglass/localmamba/sd35.
-    for k in [
-        "d_ffs",
-        "mapping_d_ff",
-        "mapping_cond_dim",
-        "mapping_dropout_rate",
-        "dropout_rate",
-        "ssm_ratio",
-        "ssm_dt_rank",
-        "mlp_ratio",
-        "drop_path_rate",
-        "num_genders",
-        "num_health",
-        "age_embedding_dim",
-        "skip_t5",
-        "train_text_encoder",
-        "text_encoder_lr_scale",
-        "joint_attention_dim",
-        "caption_projection_dim",
-        "pooled_projection_dim",
-        "mapping_cond",
-        "block_out_channels",
-        "num_res_blocks",
-        "d_conv",
-        "expand",
-        "self_attns",
-        "augment_wrapper",
-        "augment_prob",
-        "conditioning",
-    ] {
-        x.node(ctx, k);
-    }
     // DiT's diffusers keys.
     let dropout = x.float_in(ctx, "dropout", 0.0, 0.0, 0.999);
     let attention_bias = x.bool_or(ctx, "attention_bias", true);
     let activation_fn = x.string_or(ctx, "activation_fn", "gelu-approximate");
     let norm_elementwise_affine = x.bool_or(ctx, "norm_elementwise_affine", false);
     let norm_eps = x.float_in(ctx, "norm_eps", 1e-5, 1e-12, 1.0);
-    // Upcasting attention to f32 is what every build does; GroupNorm groups are not used by a
-    // DiT with adaLN-Zero (diffusers ignores the key too).
+    // Upcasting attention to f32 is what every build does.
     x.bool_or(ctx, "upcast_attention", false);
     x.count(ctx, "norm_num_groups", 32, 1);
+    if x.has("norm_num_groups") && name_m == DiffusionModel::Dit {
+        ctx.warn(
+            "model.extras.norm_num_groups",
+            "`model.extras.norm_num_groups` has no effect: a DiT's norms are adaLN-Zero layer norms, with no groups (diffusers ignores it too)",
+        );
+    }
+    super::extras::check(&x, ctx, name_m);
     x.finish(ctx, &[]);
     m.finish(ctx, &[]);
     let num_classes = num_classes_x.unwrap_or(num_classes_ds);

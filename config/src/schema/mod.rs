@@ -12,6 +12,7 @@
 mod classification;
 mod diffusion;
 mod diffusion_rules;
+mod extras;
 
 pub use classification::*;
 pub use diffusion::*;

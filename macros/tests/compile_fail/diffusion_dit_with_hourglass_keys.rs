@@ -1,0 +1,3 @@
+signal_diffusion_macros::trainer!("diffusion_dit_with_hourglass_keys.toml");
+
+fn main() {}
