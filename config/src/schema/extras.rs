@@ -44,7 +44,11 @@ const KEYS: &[(&str, Type, &[DiffusionModel])] = &[
     ("out_channels", Type::Read, EVERY),
     ("cfg_dropout", Type::Read, EVERY),
     ("num_classes", Type::Read, &[Dit]),
-    ("num_attention_heads", Type::Read, &[Dit, Hourglass, LocalMamba, Sd35]),
+    (
+        "num_attention_heads",
+        Type::Read,
+        &[Dit, Hourglass, LocalMamba, Sd35],
+    ),
     ("attention_head_dim", Type::Read, &[Dit, Sd35]),
     ("num_layers", Type::Read, &[Dit, Sd35]),
     ("patch_size", Type::Read, CUSTOM),
@@ -72,8 +76,16 @@ const KEYS: &[(&str, Type, &[DiffusionModel])] = &[
     ("age_embedding_dim", Type::Count, HDIT_LM),
     ("augment_wrapper", Type::Bool, HDIT_LM),
     ("augment_prob", Type::Float, HDIT_LM),
-    ("block_out_channels", Type::Ints, &[Hourglass, LocalMamba, Sd15]),
-    ("num_res_blocks", Type::Count, &[Hourglass, LocalMamba, Sd15]),
+    (
+        "block_out_channels",
+        Type::Ints,
+        &[Hourglass, LocalMamba, Sd15],
+    ),
+    (
+        "num_res_blocks",
+        Type::Count,
+        &[Hourglass, LocalMamba, Sd15],
+    ),
     ("dims", Type::Read, &[LocalMamba]),
     ("d_state", Type::Read, &[LocalMamba]),
     ("d_conv", Type::Count, &[LocalMamba]),
@@ -113,7 +125,10 @@ pub(super) fn check(x: &Section, ctx: &mut Ctx, model: DiffusionModel) {
             );
         }
         if !readers.contains(&model) {
-            let names: Vec<String> = readers.iter().map(|m| format!("\"{}\"", m.toml())).collect();
+            let names: Vec<String> = readers
+                .iter()
+                .map(|m| format!("\"{}\"", m.toml()))
+                .collect();
             ctx.error(
                 &path,
                 format!(
