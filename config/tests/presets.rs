@@ -124,3 +124,28 @@ fn transformer_layers_have_the_reference_size() {
         .sum();
     assert_eq!(layer0, 527_104);
 }
+
+/// `dataset.name` naming a settings dataset points a diffusion trainer at its spectrograms, or
+/// at its time series when `data.data_type = "timeseries"` (the classification trainer's rule).
+#[test]
+fn named_datasets_resolve_to_their_spectrograms_or_time_series() {
+    let set = [("dataset.name".to_string(), "math".to_string())];
+    for (preset, timeseries) in [
+        ("config/diffusion/quickstart.toml", false),
+        ("config/diffusion/dit-timeseries.toml", true),
+        ("config/classification/baseline-timeseries.toml", true),
+    ] {
+        let r = config::resolve_with(Path::new(preset), &env(), Target::default(), &set).unwrap();
+        let math = &r.config.settings.datasets["math"];
+        let want = match timeseries {
+            true => &math.timeseries_output,
+            false => &math.output,
+        };
+        let (path, named) = match &r.config.kind {
+            Kind::Diffusion(d) => (&d.dataset.path, &d.dataset.named),
+            Kind::Classification(c) => (&c.dataset.path, &c.dataset.named),
+        };
+        assert_eq!(path, want, "{preset}");
+        assert_eq!(named.as_deref(), Some("math"));
+    }
+}

@@ -80,6 +80,9 @@ literal! {
         pub ff_dim: usize = "model.extras.ff_dim",
         pub pooling: Pooling = "model.extras.pooling",
         pub patch_size: usize = "model.extras.patch_size",
+        /// The reference's required transformer sizes, checked against the data's tokens.
+        pub input_dim: Option<usize> = "model.extras.input_dim",
+        pub seq_length: Option<usize> = "model.extras.seq_length",
     }
 }
 
@@ -239,18 +242,7 @@ fn read_dataset(
             .help("for example `name = \"data/processed/demo\"`"),
         );
     }
-    let named = settings.datasets.contains_key(&name).then(|| name.clone());
-    let path = match &named {
-        Some(n) => {
-            let ds = &settings.datasets[n];
-            if data_type == DataType::Timeseries {
-                ds.timeseries_output.clone()
-            } else {
-                ds.output.clone()
-            }
-        }
-        None => std::path::PathBuf::from(&name),
-    };
+    let (path, named) = super::dataset_dir(settings, &name, data_type);
     let task_names = d.string_list(ctx, "tasks").unwrap_or_default();
     if d.is_present() && task_names.is_empty() {
         ctx.error(
@@ -333,12 +325,10 @@ fn read_model(root: &Section, ctx: &mut Ctx) -> ClsModel {
     let ff_dim = mx.count(ctx, "ff_dim", 512, 1);
     let pooling = mx.pick(ctx, "pooling", Pooling::Mean, Pooling::ALL);
     let patch_size = mx.count(ctx, "patch_size", 16, 1);
-    // The reference requires these two for its transformer; ours derives them from the data shape.
-    for k in ["input_dim", "seq_length"] {
-        if mx.has(k) {
-            mx.count_opt(ctx, k, 1);
-        }
-    }
+    // The reference requires these two for its transformer; ours derives them from the data shape
+    // and checks them against it (check_shapes).
+    let input_dim = mx.count_opt(ctx, "input_dim", 1);
+    let seq_length = mx.count_opt(ctx, "seq_length", 1);
     mx.finish(ctx, &[]);
     if backbone != Backbone::Transformer {
         for k in [
@@ -375,6 +365,8 @@ fn read_model(root: &Section, ctx: &mut Ctx) -> ClsModel {
         ff_dim,
         pooling,
         patch_size,
+        input_dim,
+        seq_length,
     }
 }
 
@@ -711,6 +703,24 @@ fn check_shapes(ctx: &mut Ctx, c: &Classification, output_type: OutputType, mode
         }
         if data_type == DataType::Spectrogram && !resolution.is_multiple_of(patch_size) {
             ctx.error("model.extras.patch_size", format!("resolution {resolution} is not divisible by `model.extras.patch_size` = {patch_size}"));
+        }
+        // The reference's (B, seq_length, input_dim) input: tokens and their size.
+        let tokens = crate::plan::transformer_tokens(c);
+        let what = match data_type {
+            DataType::Timeseries => "one token per EEG channel, its samples as features",
+            DataType::Spectrogram => "one token per patch, its pixels as features",
+        };
+        for (key, given, derived) in [
+            ("seq_length", c.model.seq_length, tokens.tokens),
+            ("input_dim", c.model.input_dim, tokens.token_dim),
+        ] {
+            if let Some(given) = given.filter(|g| *g != derived) {
+                ctx.error(
+                    &format!("model.extras.{key}"),
+                    format!("`model.extras.{key}` = {given}, but the data gives the transformer {derived} ({what}: {} tokens of {})", tokens.tokens, tokens.token_dim),
+                )
+                .help = Some(format!("set `{key} = {derived}`, or remove it (it is derived from the data)"));
+            }
         }
     }
     if let (Some(steps), Some(ck)) = (eval_steps, checkpoint_steps) {

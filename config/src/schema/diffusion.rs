@@ -17,6 +17,9 @@ literal! {
     #[derive(Debug, Clone, Serialize)]
     pub struct DiffDataset {
         pub name: String,
+        /// A `[datasets.*]` entry's directory (its spectrograms, or its time series), or a path.
+        pub path: std::path::PathBuf = "dataset.name (its directory)",
+        pub named: Option<String> = "dataset.name (a [datasets.*] entry)",
         pub train_split: String,
         pub val_split: Option<String>,
         pub batch_size: usize,
@@ -181,6 +184,7 @@ pub fn read_diffusion(
         }
     }
     let (mut dataset, eval_batch_size_ds) = read_dataset(root, ctx);
+    (dataset.path, dataset.named) = super::dataset_dir(settings, &dataset.name, data_type);
     let (model, is_sd) = read_model(root, ctx, &dataset, ts);
     let objective = read_objective(root, ctx);
     let optimizer = read_optimizer(
@@ -279,6 +283,9 @@ fn read_dataset(root: &Section, ctx: &mut Ctx) -> (DiffDataset, Option<usize>) {
     de.finish(ctx, &[]);
     d.finish(ctx, &[]);
     let dataset = DiffDataset {
+        // Where the name points is resolved with the settings (read_diffusion).
+        path: std::path::PathBuf::new(),
+        named: None,
         name,
         train_split,
         val_split,

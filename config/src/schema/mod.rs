@@ -188,3 +188,23 @@ pub(crate) fn read_compile_keys(
     }
     (compile_model, compile_mode)
 }
+
+/// Where `dataset.name` points: a `[datasets.*]` entry of the settings (its preprocessed
+/// spectrograms, or its time series for `data.data_type = "timeseries"`), else a directory
+/// (relative to where the trainer runs). Returns (the directory, the entry's name if it is one).
+pub(crate) fn dataset_dir(
+    settings: &Settings,
+    name: &str,
+    data_type: DataType,
+) -> (std::path::PathBuf, Option<String>) {
+    match settings.datasets.get(name) {
+        Some(ds) => {
+            let dir = match data_type {
+                DataType::Timeseries => ds.timeseries_output.clone(),
+                DataType::Spectrogram => ds.output.clone(),
+            };
+            (dir, Some(name.to_string()))
+        }
+        None => (std::path::PathBuf::from(name), None),
+    }
+}

@@ -155,11 +155,10 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         name,
     )?;
 
-    // Data: the dataset's own directory, or a settings dataset's preprocessed output.
+    // Data: the dataset's own directory, or a settings dataset's preprocessed output (its
+    // spectrograms, or its time series).
     let ds = &cfg.dataset;
-    let settings_dataset = config.settings.datasets.get(&ds.name);
-    let dir = settings_dataset.map_or_else(|| PathBuf::from(&ds.name), |d| d.output.clone());
-    let dir = super::dataset_dir(compiled, &ds.name, &dir, settings_dataset.is_some())?;
+    let dir = super::dataset_dir(compiled, &ds.name, &ds.path, ds.named.is_some())?;
     let tasks = compiled.tasks;
     let read = |split: &str, augment: Augment, max: Option<usize>| -> Result<Arc<Split>> {
         let mut s = read_split(&dir, split, tasks)?;
