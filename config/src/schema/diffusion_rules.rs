@@ -147,6 +147,20 @@ pub(super) fn check(
             "latent-space training needs a VAE: set `model.extras.vae` (a local directory)",
         );
     }
+    if vae.is_some() && !latent_space && !is_sd {
+        ctx.warn(
+            "model.extras.vae",
+            "`model.extras.vae` has no effect: the model trains in pixel space (`latent_space` is false)",
+        )
+        .help = Some("set `latent_space = true` to train on its latents, or remove it".into());
+    }
+    if ts && ctx.loc("model.sample_size").is_some() {
+        ctx.warn(
+            "model.sample_size",
+            format!("`model.sample_size` has no effect on time series: the model's input is `n_eeg_channels` × `sequence_length` = {n_eeg_channels} × {sequence_length}"),
+        )
+        .help = Some("remove it".into());
+    }
     if is_sd
         && !latent_space
         && ctx
