@@ -10,8 +10,14 @@
 //! reference set's mean and standard deviation (at least 2.5 grey levels), computed once per run.
 //!
 //! KID is torch-fidelity's: polynomial kernel k(x, y) = (x·y/d + 1)³, the unbiased MMD² estimate
-//! of its `mmd2` on 100 random subsets of min(n_gen, n_ref, 1000) of each set (subset draws
-//! seeded), mean and standard deviation. MMD² uses the full sets with the unbiased U-statistic and
+//! of its `mmd2` on 100 random subsets of each set (subset draws seeded), mean and standard
+//! deviation. The subsets hold half the smaller set, at most 1,000 (torch-fidelity's and
+//! clean-fid's size once both sets have 2,000 samples): theirs, min(n_gen, n_ref, 1000), takes
+//! the whole smaller set when it has fewer than 1,000, so with 32 samples every subset of it was
+//! the same and the ± always 0. On features standardised by the reference, a set many standard
+//! deviations away (the noise an untrained model generates) makes the cubic kernel's terms grow
+//! as the cube of that distance: KIDs in the hundreds of thousands at step 0 are that, not an
+//! error. MMD² uses the full sets with the unbiased U-statistic and
 //! a sum of Gaussian kernels exp(−‖x − y‖²/(2s)) for s = {0.5, 1, 2, 4} × the median squared
 //! distance within the reference set.
 
@@ -190,16 +196,40 @@ impl Reference {
             .collect()
     }
 
-    /// (KID mean, KID std, MMD²) of generated raw features against this reference.
-    pub fn compare(&self, generated: &[Vec<f32>]) -> (f64, f64, f64) {
+    /// KID and MMD² of generated raw features against this reference.
+    pub fn compare(&self, generated: &[Vec<f32>]) -> Fidelity {
         let g: Vec<Vec<f64>> = generated.iter().map(|f| self.standardise(f)).collect();
-        let (kid, kid_std) = kid(&g, &self.features, 100, 1000);
-        (
-            kid,
-            kid_std,
-            mmd2_gaussian(&g, &self.features, self.median_sq),
-        )
+        let kid = kid(&g, &self.features, 100, 1000);
+        Fidelity {
+            kid_mean: kid.mean,
+            kid_std: kid.std,
+            subset: kid.subset,
+            mmd2: mmd2_gaussian(&g, &self.features, self.median_sq),
+            generated: g.len(),
+            reference: self.features.len(),
+        }
     }
+}
+
+/// The distances of a generated set to the reference, and the sample counts behind them.
+#[derive(Debug, Clone, Copy)]
+pub struct Fidelity {
+    pub kid_mean: f64,
+    pub kid_std: f64,
+    /// Samples of each set in a KID subset.
+    pub subset: usize,
+    pub mmd2: f64,
+    pub generated: usize,
+    pub reference: usize,
+}
+
+/// KID over random subsets: the mean and standard deviation of their estimates.
+#[derive(Debug, Clone, Copy)]
+pub struct Kid {
+    pub mean: f64,
+    pub std: f64,
+    /// Samples of each set in a subset.
+    pub subset: usize,
 }
 
 fn sq_dist(a: &[f64], b: &[f64]) -> f64 {
@@ -229,11 +259,15 @@ fn mmd2_polynomial(x: &[&Vec<f64>], y: &[&Vec<f64>]) -> f64 {
 }
 
 /// KID: mean and standard deviation of `subsets` polynomial MMD² estimates on random subsets of
-/// min(|a|, |b|, max_subset) samples of each set.
-pub fn kid(a: &[Vec<f64>], b: &[Vec<f64>], subsets: usize, max_subset: usize) -> (f64, f64) {
-    let m = a.len().min(b.len()).min(max_subset);
+/// min(min(|a|, |b|)/2, max_subset) samples of each set (NaN below 2 samples a subset).
+pub fn kid(a: &[Vec<f64>], b: &[Vec<f64>], subsets: usize, max_subset: usize) -> Kid {
+    let m = (a.len().min(b.len()) / 2).min(max_subset);
     if m < 2 {
-        return (f64::NAN, f64::NAN);
+        return Kid {
+            mean: f64::NAN,
+            std: f64::NAN,
+            subset: m,
+        };
     }
     let mut rng = ChaCha8Rng::seed_from_u64(2020);
     let values: Vec<f64> = (0..subsets)
@@ -245,7 +279,11 @@ pub fn kid(a: &[Vec<f64>], b: &[Vec<f64>], subsets: usize, max_subset: usize) ->
         .collect();
     let mean = values.iter().sum::<f64>() / values.len() as f64;
     let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / values.len() as f64;
-    (mean, var.sqrt())
+    Kid {
+        mean,
+        std: var.sqrt(),
+        subset: m,
+    }
 }
 
 /// Unbiased MMD² with a sum of Gaussian kernels at bandwidths scaled by `median_sq`.
@@ -328,13 +366,41 @@ mod tests {
         let r = gaussian_set(200, 10, 0.0, 1);
         let same = gaussian_set(200, 10, 0.0, 2);
         let far = gaussian_set(200, 10, 1.0, 3);
-        let (k_same, _) = kid(&same, &r, 100, 1000);
-        let (k_far, _) = kid(&far, &r, 100, 1000);
+        let k_same = kid(&same, &r, 100, 1000).mean;
+        let k_far = kid(&far, &r, 100, 1000).mean;
         assert!(k_same.abs() < 0.02, "{k_same}");
         // Mean shift δ=1 in each of 10 dims: E[k] differences are large.
         assert!(k_far > 0.5, "{k_far}");
         let m_same = mmd2_gaussian(&same, &r, 20.0);
         let m_far = mmd2_gaussian(&far, &r, 20.0);
         assert!(m_same.abs() < 0.02 && m_far > 0.2, "{m_same} {m_far}");
+    }
+
+    /// With as few samples as an evaluation draws (32), the ± is a real spread: a second draw
+    /// of the reference's distribution scores 0 within it, and a shifted copy of the reference
+    /// scores more the further it is shifted, by more than the spread. (The reference against
+    /// its very own samples scores below 0: its subsets share samples, whose self-similarity
+    /// counts in the cross term only.)
+    #[test]
+    fn kid_of_small_sets_has_a_spread_that_covers_zero_and_grows_with_a_shift() {
+        let r = gaussian_set(32, 18, 0.0, 7);
+        let same = kid(&gaussian_set(32, 18, 0.0, 8), &r, 100, 1000);
+        assert_eq!(same.subset, 16);
+        assert!(same.std > 0.0, "{same:?}");
+        assert!(same.mean.abs() <= 2.0 * same.std, "{same:?}");
+        let shifted = |d: f64| -> Vec<Vec<f64>> {
+            r.iter()
+                .map(|x| x.iter().map(|v| v + d).collect())
+                .collect()
+        };
+        let mut last = same;
+        for d in [0.5, 1.0, 2.0] {
+            let k = kid(&shifted(d), &r, 100, 1000);
+            assert!(
+                k.mean - last.mean > last.std.max(k.std),
+                "shift {d}: {k:?} after {last:?}"
+            );
+            last = k;
+        }
     }
 }

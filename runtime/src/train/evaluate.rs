@@ -174,15 +174,15 @@ impl Evaluator<'_> {
                 let feats: Vec<Vec<f32>> = (0..t.eval_mmd_samples)
                     .map(|k| sample_features(ctx, &samples[k * per..(k + 1) * per]))
                     .collect();
-                let (k_mean, k_std, mmd) = reference.compare(&feats);
-                log.scalar("eval/kid_mean", k_mean, step)?;
-                log.scalar("eval/kid_std", k_std, step)?;
-                log.scalar("eval/mmd2", mmd, step)?;
+                let f = reference.compare(&feats);
+                log.scalar("eval/kid_mean", f.kid_mean, step)?;
+                log.scalar("eval/kid_std", f.kid_std, step)?;
+                log.scalar("eval/mmd2", f.mmd2, step)?;
                 line.push_str(&format!(
-                    " KID {k_mean:.4} ± {k_std:.4} MMD² {mmd:.4} ({} samples)",
-                    t.eval_mmd_samples
+                    " KID {:.4} ± {:.4} MMD² {:.4} ({} generated, {} reference; KID subsets of {})",
+                    f.kid_mean, f.kid_std, f.mmd2, f.generated, f.reference, f.subset
                 ));
-                kid = Some(k_mean);
+                kid = Some(f.kid_mean);
             }
         }
         println!("{line}");
