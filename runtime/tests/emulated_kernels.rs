@@ -12,6 +12,8 @@ use libloading::{Library, Symbol};
 use signal_diffusion_config::cuda::{translation_unit, KernelSizes};
 use signal_diffusion_runtime::ops::adaln::{gated_residual, modulate};
 
+use crate::common::randn;
+
 /// The kernels as a host library, built once per test run.
 fn library() -> &'static Library {
     static LIB: OnceLock<Library> = OnceLock::new();
@@ -62,21 +64,6 @@ fn launching() -> std::sync::MutexGuard<'static, ()> {
 
 fn host(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
-/// Normal values from a seeded stream: each test (its own thread) draws the same inputs on
-/// every run, its k-th call from seed k, so a tolerance that holds once holds always.
-fn randn(shape: &[usize], std: f64) -> Tensor {
-    use rand::SeedableRng;
-    thread_local!(static CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) });
-    let k = CALLS.with(|c| c.replace(c.get() + 1));
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed_0000 + k);
-    let n = shape.iter().product();
-    let v: Vec<f32> = signal_diffusion_runtime::diffusion::path::normals(&mut rng, n)
-        .into_iter()
-        .map(|x| x * std as f32)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
 /// max |a − b| / max |b|.

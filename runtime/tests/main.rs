@@ -2,6 +2,8 @@
 //! Candle once instead of once per file). `memory.rs` is its own binary: it installs a counting
 //! global allocator, which would measure every other test running beside it.
 
+mod common;
+
 mod adapters;
 mod cuda;
 mod decimate_parity;

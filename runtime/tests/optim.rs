@@ -12,6 +12,8 @@ use signal_diffusion_runtime::train::adamw_8bit::{
 };
 use signal_diffusion_runtime::train::optim::Optimizer;
 
+use crate::common::randn;
+
 fn fixture() -> HashMap<String, Tensor> {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/adamw_8bit/bnb.safetensors");
@@ -99,9 +101,7 @@ fn config(name: OptimizerName) -> schema::Optimizer {
 
 /// A large weight (8-bit moments) and a small bias (f32 moments), with a fixed random init.
 fn params() -> Result<Vec<(String, Var)>> {
-    let dev = Device::Cpu;
-    let w = Tensor::randn(0f32, 1.0, (64, 300), &dev)?;
-    let b = Tensor::randn(0f32, 1.0, 100, &dev)?;
+    let (w, b) = (randn(&[64, 300], 1.0), randn(&[100], 1.0));
     Ok(vec![
         ("w".into(), Var::from_tensor(&w)?),
         ("b".into(), Var::from_tensor(&b)?),
@@ -134,11 +134,11 @@ fn values_of(params: &[(String, Var)]) -> Vec<Vec<f32>> {
 fn adamw_8bit_keeps_two_bytes_per_parameter_resumes_exactly_and_follows_f32_adamw() -> Result<()> {
     let dev = Device::Cpu;
     let target = [
-        (Tensor::randn(0f32, 1.0, (64, 300), &dev)?
+        (randn(&[64, 300], 1.0)
             * Tensor::arange(0f32, 300.0, &dev)?
                 .broadcast_as((64, 300))?
                 .affine(1.0 / 300.0, 0.01)?)?,
-        Tensor::randn(0f32, 1.0, 100, &dev)?,
+        randn(&[100], 1.0),
     ];
     let init = params()?;
     let copy = |ps: &[(String, Var)]| -> Result<Vec<(String, Var)>> {
