@@ -85,6 +85,8 @@ literal! {
         pub activation_fn: String = "model.extras.activation_fn",
         pub norm_elementwise_affine: bool = "model.extras.norm_elementwise_affine",
         pub norm_eps: f64 = "model.extras.norm_eps",
+        /// diffusers' f32 attention scores under mixed precision.
+        pub upcast_attention: bool = "model.extras.upcast_attention",
     }
 }
 
@@ -435,8 +437,7 @@ fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) ->
     let activation_fn = x.string_or(ctx, "activation_fn", "gelu-approximate");
     let norm_elementwise_affine = x.bool_or(ctx, "norm_elementwise_affine", false);
     let norm_eps = x.float_in(ctx, "norm_eps", 1e-5, 1e-12, 1.0);
-    // Upcasting attention to f32 is what every build does.
-    x.bool_or(ctx, "upcast_attention", false);
+    let upcast_attention = x.bool_or(ctx, "upcast_attention", false);
     x.count(ctx, "norm_num_groups", 32, 1);
     if x.has("norm_num_groups") && name_m == DiffusionModel::Dit {
         ctx.warn(
@@ -485,6 +486,7 @@ fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) ->
         activation_fn,
         norm_elementwise_affine,
         norm_eps,
+        upcast_attention,
     };
     (model, is_sd)
 }
