@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::common::{only_run_dir, python, series, test_metric, train, write_dataset};
+use crate::common::{copy_dir, only_run_dir, python, series, test_metric, train, write_dataset};
 use signal_diffusion_runtime::diffusion::fidelity::BANDS;
 use signal_diffusion_runtime::train::sample::SampleOptions;
 
@@ -51,18 +51,6 @@ fn train_dit(
         "the diffusion loss went from {first:.4} to {last:.4}"
     );
     run
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use crate::common::{only_run_dir, python, series, test_metric, train, write_dataset};
+use crate::common::{copy_dir, only_run_dir, python, series, test_metric, train, write_dataset};
 
 use signal_diffusion_runtime::train::checkpoint::{check_config, State};
 use signal_diffusion_runtime::train::RunOptions;
@@ -81,10 +81,7 @@ fn trains_above_chance_resumes_exactly_and_writes_readable_files() {
     //    equal the uninterrupted run's bit for bit.
     let out_b = tmp.path().join("b");
     let ck = out_b.join("run/checkpoints/step-00000024");
-    std::fs::create_dir_all(&ck).unwrap();
-    for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
-        std::fs::copy(run_a.join("checkpoints/step-00000024").join(f), ck.join(f)).unwrap();
-    }
+    copy_dir(&run_a.join("checkpoints/step-00000024"), &ck);
     run(&data, &out_b, &[], Some(ck));
     let a: Vec<(u64, f64)> = series(&run_a, "train/loss_step")
         .into_iter()
@@ -97,10 +94,7 @@ fn trains_above_chance_resumes_exactly_and_writes_readable_files() {
     //    From the step-20 checkpoint, in the middle of epoch 3 (batch 4 of 8): the same.
     let out_c = tmp.path().join("c");
     let mid = out_c.join("run/checkpoints/step-00000020");
-    std::fs::create_dir_all(&mid).unwrap();
-    for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
-        std::fs::copy(run_a.join("checkpoints/step-00000020").join(f), mid.join(f)).unwrap();
-    }
+    copy_dir(&run_a.join("checkpoints/step-00000020"), &mid);
     run(&data, &out_c, &[], Some(mid.clone()));
     let a: Vec<(u64, f64)> = series(&run_a, "train/loss_step")
         .into_iter()
