@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use crate::common::{copy_dir, only_run_dir, python, series, test_metric, train, write_dataset};
+use signal_diffusion_runtime::config::choice::Sampler;
 use signal_diffusion_runtime::diffusion::fidelity::BANDS;
 use signal_diffusion_runtime::train::sample::SampleOptions;
 
@@ -258,6 +259,7 @@ fn a_classifier_trained_on_generated_samples_recognises_real_images() {
         split: "train".into(),
         steps: None,
         cfg_scale: None,
+        sampler: None,
         batch_size: 32,
         seed: 1,
         overwrite: false,
@@ -349,9 +351,10 @@ fn a_time_series_dit_generates_the_rhythm_of_its_class() {
     );
     assert_eq!(shape.trim(), "(4, 1, 4, 128)");
 
+    // Each class with the trained sampler (flow Euler) and with DPM-Solver++ 2M.
     let synth = tmp.path().join("synthetic");
-    for class in 0..2 {
-        let out = synth.join(format!("class-{class}"));
+    for (class, sampler) in (0..2).flat_map(|c| [(c, None), (c, Some(Sampler::DpmPP2M))]) {
+        let out = synth.join(format!("class-{class}-{sampler:?}"));
         signal_diffusion_runtime::train::sample::run(&SampleOptions {
             checkpoint: run.join("final/ema"),
             ema: false,
@@ -362,6 +365,7 @@ fn a_time_series_dit_generates_the_rhythm_of_its_class() {
             split: "train".into(),
             steps: None,
             cfg_scale: None,
+            sampler,
             batch_size: 16,
             seed: 2,
             overwrite: false,
@@ -379,9 +383,27 @@ fn a_time_series_dit_generates_the_rhythm_of_its_class() {
         let real = band_contrast(&real_files, class);
         assert!(
             generated > 0.5 * real,
-            "class {class}: its band is {generated:.2} decades above the other class's band in the samples, {real:.2} in the real data"
+            "class {class}, sampler {sampler:?}: its band is {generated:.2} decades above the other class's band in the samples, {real:.2} in the real data"
         );
     }
+    // A sampler that does not fit the flow path is refused, naming the ones that do.
+    let err = signal_diffusion_runtime::train::sample::run(&SampleOptions {
+        checkpoint: run.join("final/ema"),
+        ema: false,
+        n: Some(1),
+        condition: Some("class=0".into()),
+        like: None,
+        out: synth.join("ddim"),
+        split: "train".into(),
+        steps: None,
+        cfg_scale: None,
+        sampler: Some(Sampler::Ddim),
+        batch_size: 1,
+        seed: 2,
+        overwrite: false,
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("euler, heun or dpmpp_2m"), "{err}");
 }
 
 /// Mean over files and channels of log10 band power in `class`'s tone band minus that in the

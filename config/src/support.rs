@@ -66,7 +66,7 @@ fn check_diffusion(
         );
         return;
     }
-    let rules: [(bool, &str, &str, &str); 13] = [
+    let rules: [(bool, &str, &str, &str); 12] = [
         (
             m.latent_space,
             "model.extras.latent_space",
@@ -129,12 +129,6 @@ fn check_diffusion(
             "remove `norm_elementwise_affine`",
         ),
         (
-            d.inference.sampler == Sampler::DpmPP2M,
-            "inference.sampler",
-            "the DPM-Solver++ 2M sampler",
-            "use `euler` or `heun` (flow) or `ddim` (epsilon/sample)",
-        ),
-        (
             d.logging.wandb_project.is_some() || d.logging.wandb_entity.is_some(),
             "logging.wandb_project",
             "Weights & Biases logging",
@@ -168,15 +162,19 @@ fn check_diffusion(
             "remove `image_column`",
         );
     }
+    // Rectified-CFG++ is a guided Euler step (its midpoint is half an Euler step).
     if m.conditioning != Conditioning::None
-        && d.inference.sampler == Sampler::Heun
+        && d.inference.sampler != Sampler::Euler
         && d.inference.guidance == Guidance::RectifiedCfgPp
     {
         unsupported(
             ctx,
             "inference.guidance",
-            "Rectified-CFG++ with the Heun sampler".into(),
-            "use `sampler = \"euler\"` with Rectified-CFG++",
+            format!(
+                "Rectified-CFG++ with the `{}` sampler (it is a guided Euler step)",
+                d.inference.sampler
+            ),
+            "use `sampler = \"euler\"` with Rectified-CFG++, or `guidance = \"cfg\"`",
         );
     }
     if d.inference.sampler == Sampler::Heun && d.objective.prediction_type != Objective::VectorField

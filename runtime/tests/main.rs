@@ -17,5 +17,6 @@ mod image;
 mod meta_dataset;
 mod optim;
 mod preprocess;
+mod sampler;
 mod spectrogram_parity;
 mod synth;

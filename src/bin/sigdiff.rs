@@ -162,6 +162,10 @@ struct SampleArgs {
     /// Guidance scale (default: the trained config's `cfg_scale`; 1 = no guidance).
     #[arg(long)]
     cfg_scale: Option<f64>,
+    /// Sampler (default: the trained config's `inference.sampler`): euler or heun for a flow
+    /// model, ddim for an epsilon/sample model, dpmpp_2m for either.
+    #[arg(long, value_parser = choice_of::<choice::Sampler>)]
+    sampler: Option<choice::Sampler>,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
     #[arg(long, default_value_t = 0)]
@@ -225,6 +229,7 @@ impl From<SampleArgs> for SampleOptions {
             split: a.split,
             steps: a.steps,
             cfg_scale: a.cfg_scale,
+            sampler: a.sampler,
             batch_size: a.batch_size,
             seed: a.seed,
             overwrite: a.overwrite,

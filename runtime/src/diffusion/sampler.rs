@@ -1,5 +1,5 @@
-//! The samplers that invert a noise path (flow Euler and Heun, DDIM/DDPM) with classifier-free
-//! guidance. Every sampler converts the network's output, whatever the objective, to what it
+//! The samplers that invert a noise path (flow Euler and Heun, DDIM/DDPM, DPM-Solver++ 2M on
+//! either path) with classifier-free guidance. Every sampler converts the network's output, whatever the objective, to what it
 //! steps with, so each objective samples correctly under each path it is allowed on (the
 //! reference fed ε into its flow Euler step, §7.5).
 
@@ -7,14 +7,13 @@ use candle_core::{Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use anyhow::bail;
 use signal_diffusion_config::choice::{self, NoiseScheduler, Objective, OutputType};
 
 use super::path::{normals, Level, Path as NoisePath};
 use crate::models::dit::{Condition, Conditioning, Dit, DitShape};
 
 /// The (clean estimate, noise estimate) implied by a model output at level `l`.
-fn split_prediction(
+pub fn split_prediction(
     objective: Objective,
     out: &Tensor,
     xt: &Tensor,
@@ -52,6 +51,8 @@ pub enum Method {
     /// DDIM on a VP path with "leading" timestep spacing; η = 0 deterministic, η = 1 the DDPM
     /// posterior (ancestral) on the strided schedule.
     Ddim { eta_one: bool },
+    /// DPM-Solver++ 2M on either path, diffusers' grid (see [`DpmSolver2M`]).
+    DpmSolver2M,
 }
 
 pub struct Sampler {
@@ -206,6 +207,15 @@ impl Sampler {
                     on_step(i + 1, self.steps);
                 }
             }
+            (_, Method::DpmSolver2M) => {
+                let mut solver = DpmSolver2M::new(&self.path, self.steps);
+                for i in 0..self.steps {
+                    let l = solver.levels[i];
+                    let (x0, _) = split_prediction(self.objective, &eval(&x, &l)?, &x, &l)?;
+                    x = solver.step(i, x0, &x)?.detach();
+                    on_step(i + 1, self.steps);
+                }
+            }
             _ => candle_core::bail!(
                 "sampler {:?} does not fit the {:?} path",
                 self.method,
@@ -227,6 +237,80 @@ impl Sampler {
         }
         let (x0, eps) = split_prediction(self.objective, out, xt, l)?;
         eps - x0
+    }
+}
+
+/// DPM-Solver++ 2M (Lu et al. 2022), as diffusers' `DPMSolverMultistepScheduler` runs it with
+/// `algorithm_type = "dpmsolver++"`, `solver_order = 2`, `solver_type = "midpoint"`,
+/// `lower_order_final`, `final_sigmas_type = "zero"` and no thresholding: a multistep solver of
+/// the data-prediction ODE in λ = ln(a/s), first order on the first step and on the last (to
+/// s = 0, where it returns the clean estimate), second order between.
+///
+/// Its grid is diffusers': on the flow path (`use_flow_sigmas`, shift 1) σ = (1 − 1/T)·k/N for
+/// k = N..1, fed to the model as t = σ·T (diffusers truncates that to an integer; our models take
+/// real times, as in training); on the VP path the "linspace" timesteps round(k·(T − 1)/N).
+pub struct DpmSolver2M {
+    /// The N levels the model is evaluated at, then the final level (a = 1, s = 0).
+    pub levels: Vec<Level>,
+    /// The previous step's clean estimate and its λ.
+    previous: Option<(Tensor, f64)>,
+}
+
+impl DpmSolver2M {
+    pub fn new(path: &NoisePath, steps: usize) -> Self {
+        let t_count = path.timesteps();
+        let t = t_count as f64;
+        // numpy's linspace(start, stop, N + 1)[j] = j·((stop − start)/N) + start.
+        let linspace =
+            |start: f64, stop: f64, j: usize| j as f64 * ((stop - start) / steps as f64) + start;
+        let mut levels: Vec<Level> = (0..steps)
+            .map(|i| match path {
+                NoisePath::Flow { .. } => {
+                    // σ = 1 − linspace(1, 1/T, N + 1), reversed, without its final 0.
+                    let sigma = 1.0 - linspace(1.0, 1.0 / t, steps - i);
+                    NoisePath::flow_level(sigma, t_count)
+                }
+                NoisePath::Vp { alphas_cumprod } => {
+                    let k = linspace(0.0, t - 1.0, steps - i).round_ties_even() as usize;
+                    NoisePath::vp_level(alphas_cumprod, k)
+                }
+            })
+            .collect();
+        levels.push(Level {
+            t: 0.0,
+            a: 1.0,
+            s: 0.0,
+        });
+        DpmSolver2M {
+            levels,
+            previous: None,
+        }
+    }
+
+    /// λ = ln a − ln s (+∞ at the final level).
+    fn lambda(l: &Level) -> f64 {
+        l.a.ln() - l.s.ln()
+    }
+
+    /// Step `i`: from `x` at level i to level i + 1, given the clean estimate `x0` at level i.
+    pub fn step(&mut self, i: usize, x0: Tensor, x: &Tensor) -> Result<Tensor> {
+        let (from, to) = (self.levels[i], self.levels[i + 1]);
+        let (lambda_s, lambda_t) = (Self::lambda(&from), Self::lambda(&to));
+        let h = lambda_t - lambda_s;
+        // x_t = (s_t/s_s)·x − a_t·(e^(−h) − 1)·D, with D = x0 on a first-order step and
+        // D = x0 + (x0 − x0_prev)/(2·r) (r = h_prev/h) on a second-order midpoint step.
+        let decay = to.a * ((-h).exp() - 1.0);
+        let last = i + 1 == self.levels.len() - 1;
+        let d = match &self.previous {
+            Some((x0_prev, lambda_prev)) if !last => {
+                let r = (lambda_s - lambda_prev) / h;
+                (&x0 + ((&x0 - x0_prev)? * (0.5 / r))?)?
+            }
+            _ => x0.clone(),
+        };
+        let next = ((x * (to.s / from.s))? - (d * decay)?)?;
+        self.previous = Some((x0, lambda_s));
+        Ok(next)
     }
 }
 
@@ -271,17 +355,40 @@ impl SampleSpec {
         }
     }
 
-    /// The sampler, with `steps` denoising steps and guidance scale `cfg_scale`.
-    pub fn sampler(&self, steps: usize, cfg_scale: f64) -> anyhow::Result<Sampler> {
-        let method = match self.sampler {
-            choice::Sampler::Euler => Method::Euler,
-            choice::Sampler::Heun => Method::Heun,
-            choice::Sampler::Ddim => Method::Ddim {
+    /// `sampler` (the trained one, or another that fits its path) with `steps` denoising steps
+    /// and guidance scale `cfg_scale`.
+    pub fn sampler(
+        &self,
+        sampler: choice::Sampler,
+        steps: usize,
+        cfg_scale: f64,
+    ) -> anyhow::Result<Sampler> {
+        let flow = self.scheduler == NoiseScheduler::FlowMatchEuler;
+        let method = match sampler {
+            choice::Sampler::Euler if flow => Method::Euler,
+            choice::Sampler::Heun if flow => Method::Heun,
+            choice::Sampler::Ddim if !flow => Method::Ddim {
                 eta_one: self.scheduler == NoiseScheduler::Ddpm,
             },
-            // Refused at build time; a hand-edited sampling.json can still name it.
-            choice::Sampler::DpmPP2M => bail!("the DPM-Solver++ 2M sampler is not built yet"),
+            choice::Sampler::DpmPP2M => Method::DpmSolver2M,
+            _ => anyhow::bail!(
+                "the `{sampler}` sampler does not fit this model's `{}` noise path: use {}",
+                self.scheduler,
+                if flow {
+                    "euler, heun or dpmpp_2m"
+                } else {
+                    "ddim or dpmpp_2m"
+                }
+            ),
         };
+        if self.guidance == choice::Guidance::RectifiedCfgPp
+            && self.shape.conditioning.is_conditional()
+            && sampler != choice::Sampler::Euler
+        {
+            anyhow::bail!(
+                "this model samples with Rectified-CFG++ guidance, a guided Euler step: the `{sampler}` sampler cannot apply it (use euler)"
+            );
+        }
         Ok(Sampler {
             path: self.path(),
             objective: self.objective,

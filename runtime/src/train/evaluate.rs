@@ -193,6 +193,7 @@ impl Evaluator<'_> {
     fn generate(&self, n: usize) -> Result<Vec<f32>> {
         let (ctx, t) = (self.ctx, &self.ctx.cfg.training);
         let sampler = ctx.spec.sampler(
+            ctx.spec.sampler,
             ctx.cfg.inference.denoising_steps,
             ctx.cfg.inference.cfg_scale,
         )?;

@@ -17,7 +17,7 @@ use candle_core::{Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use signal_diffusion_config::choice::OutputType;
+use signal_diffusion_config::choice::{self, OutputType};
 
 use crate::data::image::to_pixels;
 use crate::diffusion::path::normals;
@@ -48,6 +48,8 @@ pub struct SampleOptions {
     pub steps: Option<usize>,
     /// Guidance scale (default: the trained config's `cfg_scale`; 1 = no guidance).
     pub cfg_scale: Option<f64>,
+    /// Sampler (default: the trained config's).
+    pub sampler: Option<choice::Sampler>,
     pub batch_size: usize,
     pub seed: u64,
     /// Replace `--out` if it exists.
@@ -257,6 +259,7 @@ pub fn run(args: &SampleOptions) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let sampler = spec.sampler(
+        args.sampler.unwrap_or(spec.sampler),
         args.steps.unwrap_or(spec.denoising_steps),
         args.cfg_scale.unwrap_or(spec.cfg_scale),
     )?;
