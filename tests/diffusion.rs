@@ -142,12 +142,13 @@ fn dit_trains_resumes_exactly_and_writes_readable_files() {
     let st = python(
         "import sys, json\nfrom safetensors.numpy import load_file\nd=load_file(sys.argv[1]+'/diffusion_pytorch_model.safetensors')\n\
          c=json.load(open(sys.argv[1]+'/config.json'))\n\
-         print(d['transformer_blocks.1.attn1.to_q.weight'].shape, d['pos_embed.proj.weight'].shape, d['transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight'].shape, c['_class_name'], c['num_layers'])",
+         print(d['transformer_blocks.1.attn1.to_q.weight'].shape, d['pos_embed.proj.weight'].shape, d['transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight'].shape, c['_class_name'], c['num_layers'])\n\
+         print(d['transformer_blocks.0.ff.net.0.proj.weight'].shape, d['transformer_blocks.1.norm3.bias'].shape, 'transformer_blocks.0.attn1.to_q.bias' in d, c['activation_fn'], c['attention_bias'], c['norm_elementwise_affine'], c['dropout'])",
         &[&run_a.join("final/ema")],
     );
     assert_eq!(
         st.trim(),
-        "(16, 16) (16, 3, 4, 4) (6, 16) DiTTransformer2DModel 2",
+        "(16, 16) (16, 3, 4, 4) (6, 16) DiTTransformer2DModel 2\n(128, 16) (16,) False geglu False True 0.1",
         "safetensors saw: {st}"
     );
 }

@@ -183,6 +183,17 @@ choices! {
     /// `inference.sampler`.
     pub enum Sampler { Euler = "euler", Heun = "heun", Ddim = "ddim", DpmPP2M = "dpmpp_2m" }
 
+    /// `model.extras.activation_fn`: a DiT feed-forward's first half, as diffusers'
+    /// `FeedForward` names them (`geglu-approximate` is its ungated `ApproximateGELU`).
+    pub enum FeedForward {
+        Gelu = "gelu",
+        GeluApproximate = "gelu-approximate",
+        Geglu = "geglu",
+        GegluApproximate = "geglu-approximate",
+        Swiglu = "swiglu",
+        LinearSilu = "linear-silu",
+    }
+
     /// `inference.guidance`.
     pub enum Guidance { Cfg = "cfg", RectifiedCfgPp = "rectified_cfg_pp" }
 }

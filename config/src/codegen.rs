@@ -323,6 +323,13 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
     let [ph, pw] = m.patch_size;
     let num_embeds = dit_num_embeds(d);
     let norm_eps = m.norm_eps;
+    let (dropout, attention_bias, norm_affine) =
+        (m.dropout, m.attention_bias, m.norm_elementwise_affine);
+    let feed_forward: TokenStream = m
+        .activation_fn
+        .literal(&At::top(std::path::Path::new(""), 0))
+        .parse()
+        .expect("a choice literal is a path");
     let conditioning = match m.conditioning {
         Conditioning::Classes => {
             let n = m.num_classes;
@@ -365,6 +372,8 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
             in_channels: #cin, out_channels: #cout, height: #height, width: #width,
             patch: [#ph, #pw], heads: #heads, head_dim: #hd, layers: #layers,
             num_embeds: #num_embeds, conditioning: #conditioning, norm_eps: #norm_eps,
+            dropout: #dropout, attention_bias: #attention_bias, feed_forward: #feed_forward,
+            norm_affine: #norm_affine,
         };
         /// The metadata columns its conditioning reads (empty values mean "unknown").
         pub const TASKS: [#rt::TaskSpec; #n_tasks] = [#(#tasks),*];

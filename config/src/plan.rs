@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use crate::choice::{Activation, Backbone, Choice, Conditioning, DataType, Pooling};
+use crate::choice::{Activation, Backbone, Choice, Conditioning, DataType, FeedForward, Pooling};
 use crate::schema::{Classification, Diffusion};
 
 #[derive(Debug, Clone, Serialize)]
@@ -481,7 +481,9 @@ pub fn dit(d: &Diffusion, data_type: DataType) -> Plan {
             1,
             vec![6 * dim],
         ));
-        let attn_params = 4 * (dim * dim + dim) as u64;
+        // q, k, v (biases unless `attention_bias = false`) and the output projection (always).
+        let qkv_bias = if m.attention_bias { 3 * dim } else { 0 };
+        let attn_params = (4 * dim * dim + qkv_bias + dim) as u64;
         let attn_flops =
             2 * 4 * (dim * dim * tokens) as u64 + 2 * 2 * (tokens * tokens * dim) as u64;
         layers.push(Layer {
@@ -490,12 +492,23 @@ pub fn dit(d: &Diffusion, data_type: DataType) -> Plan {
             params: attn_params,
             flops: attn_flops,
         });
+        if m.norm_elementwise_affine {
+            layers.push(Layer {
+                name: format!("{p}.norm3"),
+                output: vec![tokens, dim],
+                params: 2 * dim as u64,
+                flops: 0,
+            });
+        }
+        // The gated activations project to twice the inner width and multiply its halves.
+        let gated = matches!(m.activation_fn, FeedForward::Geglu | FeedForward::Swiglu);
+        let proj = if gated { 8 * dim } else { 4 * dim };
         layers.push(linear(
             format!("{p}.ff.net.0.proj"),
             dim,
-            4 * dim,
+            proj,
             tokens,
-            vec![tokens, 4 * dim],
+            vec![tokens, proj],
         ));
         layers.push(linear(
             format!("{p}.ff.net.2"),
@@ -519,8 +532,9 @@ pub fn dit(d: &Diffusion, data_type: DataType) -> Plan {
         // Saved: every block's input tokens, one block's activations while it is recomputed, and
         // the patch embedding and head. The FLOPs stay the model's (the recompute is not counted).
         let outputs = |l: &Layer| l.output.iter().product::<usize>() as u64;
-        // The first block's five layers (after the patch embedding).
-        let per_block: u64 = plan.layers[1..6].iter().map(outputs).sum();
+        // The first block's layers (after the patch embedding): five, six with an affine norm3.
+        let block_layers = 5 + usize::from(m.norm_elementwise_affine);
+        let per_block: u64 = plan.layers[1..1 + block_layers].iter().map(outputs).sum();
         let ends =
             outputs(&plan.layers[0]) + plan.layers.iter().rev().take(2).map(outputs).sum::<u64>();
         // One tensor each, where `training_memory` counts two per output.

@@ -66,7 +66,7 @@ fn check_diffusion(
         );
         return;
     }
-    let rules: [(bool, &str, &str, &str); 12] = [
+    let rules: [(bool, &str, &str, &str); 8] = [
         (
             m.latent_space,
             "model.extras.latent_space",
@@ -103,30 +103,6 @@ fn check_diffusion(
             "model.revision",
             "`revision` (a Hub revision; models load from local directories)",
             "remove `revision`",
-        ),
-        (
-            m.dropout > 0.0,
-            "model.extras.dropout",
-            "attention/MLP dropout in DiT",
-            "remove `dropout` (the reference's configs leave it at 0)",
-        ),
-        (
-            !m.attention_bias,
-            "model.extras.attention_bias",
-            "attention without biases",
-            "remove `attention_bias = false`",
-        ),
-        (
-            m.activation_fn != "gelu-approximate",
-            "model.extras.activation_fn",
-            "a DiT MLP activation other than \"gelu-approximate\"",
-            "use `activation_fn = \"gelu-approximate\"`",
-        ),
-        (
-            m.norm_elementwise_affine,
-            "model.extras.norm_elementwise_affine",
-            "affine LayerNorms in DiT",
-            "remove `norm_elementwise_affine`",
         ),
         (
             d.logging.wandb_project.is_some() || d.logging.wandb_entity.is_some(),

@@ -420,6 +420,10 @@ fn small_dit() -> signal_diffusion_runtime::models::dit::DitShape {
         num_embeds: 5,
         conditioning: Conditioning::Classes { num_classes: 4 },
         norm_eps: 1e-5,
+        dropout: 0.0,
+        attention_bias: true,
+        feed_forward: signal_diffusion_runtime::config::choice::FeedForward::GeluApproximate,
+        norm_affine: false,
     }
 }
 

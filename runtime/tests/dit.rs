@@ -1,10 +1,12 @@
 //! DiT against diffusers' DiTTransformer2DModel (fixtures/dit/generate.py): the same weights,
-//! loaded by diffusers name, give the same output; and every parameter gets a gradient.
+//! loaded by diffusers name, give the same output, with every `activation_fn`, without q/k/v
+//! biases and with an affine norm3; and every parameter gets a gradient.
 
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
+use signal_diffusion_runtime::config::choice::FeedForward;
 use signal_diffusion_runtime::models::dit::{Condition, Conditioning, Dit, DitShape};
 use signal_diffusion_runtime::models::nn::Params;
 use signal_diffusion_runtime::ops::precision::Autocast;
@@ -23,6 +25,10 @@ fn shape(height: usize, width: usize, num_embeds: usize, conditioning: Condition
         num_embeds,
         conditioning,
         norm_eps: 1e-5,
+        dropout: 0.0,
+        attention_bias: true,
+        feed_forward: FeedForward::GeluApproximate,
+        norm_affine: false,
     }
 }
 
@@ -82,11 +88,45 @@ fn non_square_dit_equals_diffusers_on_the_real_grid() {
     parity("nonsquare", shape(4, 16, 1000, Conditioning::None));
 }
 
+/// diffusers' other block options: GEGLU without q/k/v biases, with an affine norm3 and dropout
+/// (off in evaluation), then each other feed-forward activation.
+#[test]
+fn dit_block_options_equal_diffusers() {
+    let classes = Conditioning::Classes { num_classes: 4 };
+    parity(
+        "ff_geglu",
+        DitShape {
+            feed_forward: FeedForward::Geglu,
+            attention_bias: false,
+            norm_affine: true,
+            dropout: 0.1,
+            ..shape(8, 8, 5, classes)
+        },
+    );
+    for (name, feed_forward) in [
+        ("ff_gelu", FeedForward::Gelu),
+        ("ff_geglu_approximate", FeedForward::GegluApproximate),
+        ("ff_swiglu", FeedForward::Swiglu),
+        ("ff_linear_silu", FeedForward::LinearSilu),
+    ] {
+        parity(
+            name,
+            DitShape {
+                feed_forward,
+                ..shape(8, 8, 5, classes)
+            },
+        );
+    }
+}
+
 /// A gend_hlth_age DiT (the largest parameter set: label tables, age embedders) on a fixed
 /// input, and the gradients of a random projection of its output, computed under `autocast`.
 fn output_and_gradients(autocast: Option<DType>) -> (Params, Tensor, GradStore) {
+    output_and_gradients_of(shape(8, 16, 5, Conditioning::GenderHealthAge), autocast)
+}
+
+fn output_and_gradients_of(s: DitShape, autocast: Option<DType>) -> (Params, Tensor, GradStore) {
     let dev = Device::Cpu;
-    let s = shape(8, 16, 5, Conditioning::GenderHealthAge);
     let mut p = Params::new(3, &dev);
     let model = Dit::new(&s, &mut p, &dev).unwrap();
     let mut rng = Params::new(4, &dev);
@@ -114,11 +154,31 @@ fn max_abs(t: &Tensor) -> f32 {
 }
 
 /// Every trainable tensor gets a finite, non-zero gradient from one loss, in f32 and under
-/// bf16/fp16 autocast (where the gradient reaches the f32 master through the casts).
+/// bf16/fp16 autocast (where the gradient reaches the f32 master through the casts), with the
+/// default block and with each other feed-forward (no q/k/v biases, an affine norm3).
 #[test]
 fn every_dit_parameter_gets_a_gradient() {
-    for autocast in [None, Some(DType::BF16), Some(DType::F16)] {
-        let (p, _, grads) = output_and_gradients(autocast);
+    let default = shape(8, 16, 5, Conditioning::GenderHealthAge);
+    let variants = [
+        FeedForward::Gelu,
+        FeedForward::Geglu,
+        FeedForward::GegluApproximate,
+        FeedForward::Swiglu,
+        FeedForward::LinearSilu,
+    ]
+    .map(|feed_forward| DitShape {
+        feed_forward,
+        attention_bias: false,
+        norm_affine: true,
+        ..default
+    });
+    let cases = [None, Some(DType::BF16), Some(DType::F16)]
+        .map(|a| (default, a))
+        .into_iter()
+        .chain(variants.map(|s| (s, None)));
+    for (s, autocast) in cases {
+        let (p, _, grads) = output_and_gradients_of(s, autocast);
+        let autocast = (autocast, s.feed_forward);
         for (name, var) in &p.trainable {
             let g = grads
                 .get(var)
@@ -195,7 +255,9 @@ fn checkpointed_backward_equals_the_plain_backward() {
     let loss_of = |out: &Tensor| (out - &target)?.sqr()?.mean_all();
     let plain_loss = loss_of(&model.forward(&x, &t, &cond).unwrap()).unwrap();
     let plain = plain_loss.backward().unwrap();
-    let (loss, grads) = model.checkpointed_backward(&x, &t, &cond, loss_of).unwrap();
+    let (loss, grads) = model
+        .checkpointed_backward(&x, &t, &cond, None, loss_of)
+        .unwrap();
     let value = |t: &Tensor| t.to_scalar::<f32>().unwrap();
     assert_eq!(value(&loss), value(&plain_loss));
     for (name, var) in &p.trainable {
@@ -210,6 +272,51 @@ fn checkpointed_backward_equals_the_plain_backward() {
         assert!(
             scale > 0.0 && diff <= 1e-5 * scale,
             "{name}: |Δ| {diff} vs max |g| {scale}"
+        );
+    }
+}
+
+/// Dropout (diffusers' `dropout`) in training: a seed gives the same output every time and
+/// another seed another output, evaluation has none, and the checkpointed recompute drops the
+/// same elements (its gradients equal the plain backward's).
+#[test]
+fn dit_dropout_is_seeded_and_survives_checkpointing() {
+    let dev = Device::Cpu;
+    let s = DitShape {
+        dropout: 0.2,
+        ..shape(8, 8, 5, Conditioning::Classes { num_classes: 4 })
+    };
+    let mut p = Params::new(6, &dev);
+    let model = Dit::new(&s, &mut p, &dev).unwrap();
+    let mut rng = Params::new(7, &dev);
+    let x = rng.normal_buffer("x".into(), &[2, 3, 8, 8], 1.0).unwrap();
+    let target = rng.normal_buffer("y".into(), &[2, 3, 8, 8], 1.0).unwrap();
+    let cond = Condition {
+        labels: vec![1, 4],
+        ages: vec![f32::NAN; 2],
+    };
+    let t = [50.0, 600.0];
+    let run = |seed| model.forward_with_dropout(&x, &t, &cond, seed).unwrap();
+    let eval = model.forward(&x, &t, &cond).unwrap();
+    let diff = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap());
+    assert_eq!(diff(&run(None), &eval), 0.0);
+    assert_eq!(diff(&run(Some(1)), &run(Some(1))), 0.0);
+    assert!(diff(&run(Some(1)), &eval) > 1e-3);
+    assert!(diff(&run(Some(1)), &run(Some(2))) > 1e-3);
+
+    let loss_of = |out: &Tensor| (out - &target)?.sqr()?.mean_all();
+    let plain = loss_of(&run(Some(3))).unwrap().backward().unwrap();
+    let (_, grads) = model
+        .checkpointed_backward(&x, &t, &cond, Some(3), loss_of)
+        .unwrap();
+    for (name, var) in &p.trainable {
+        let want = plain.get(var).unwrap();
+        let got = grads.get(var).unwrap();
+        let scale = max_abs(want);
+        assert!(
+            scale > 0.0 && diff(got, want) <= 1e-5 * scale,
+            "{name}: |Δ| {} vs max |g| {scale}",
+            diff(got, want)
         );
     }
 }

@@ -4,8 +4,8 @@ use serde::Serialize;
 
 use crate::choice::{
     self, Choice, CompileMode, Conditioning, DataType, DatasetType, DiffusionModel, EvalStrategy,
-    Guidance, LoraBias, LrSchedule, MixedPrecision, NoiseScheduler, Objective, OptimizerName,
-    OutputType, Sampler,
+    FeedForward, Guidance, LoraBias, LrSchedule, MixedPrecision, NoiseScheduler, Objective,
+    OptimizerName, OutputType, Sampler,
 };
 use crate::literal::literal;
 use crate::settings::Settings;
@@ -82,7 +82,7 @@ literal! {
         pub mapping_depth: usize = "model.extras.mapping_depth",
         pub dropout: f64 = "model.extras.dropout",
         pub attention_bias: bool = "model.extras.attention_bias",
-        pub activation_fn: String = "model.extras.activation_fn",
+        pub activation_fn: FeedForward = "model.extras.activation_fn",
         pub norm_elementwise_affine: bool = "model.extras.norm_elementwise_affine",
         pub norm_eps: f64 = "model.extras.norm_eps",
         /// diffusers' f32 attention scores under mixed precision.
@@ -434,7 +434,12 @@ fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) ->
     // DiT's diffusers keys.
     let dropout = x.float_in(ctx, "dropout", 0.0, 0.0, 0.999);
     let attention_bias = x.bool_or(ctx, "attention_bias", true);
-    let activation_fn = x.string_or(ctx, "activation_fn", "gelu-approximate");
+    let activation_fn = x.pick(
+        ctx,
+        "activation_fn",
+        FeedForward::GeluApproximate,
+        FeedForward::ALL,
+    );
     let norm_elementwise_affine = x.bool_or(ctx, "norm_elementwise_affine", false);
     let norm_eps = x.float_in(ctx, "norm_eps", 1e-5, 1e-12, 1.0);
     let upcast_attention = x.bool_or(ctx, "upcast_attention", false);

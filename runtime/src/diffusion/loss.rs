@@ -4,6 +4,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use signal_diffusion_config::choice::Objective;
@@ -94,10 +95,12 @@ pub fn diffusion_grads(
     let _amp = Autocast::enter(spec.amp);
     let n = Noised::draw(x, spec.path, spec.objective, spec.snr_gamma, rng)?;
     let scale = share * loss_scale;
+    // Drawn only when the model drops out, so runs without dropout keep their noise draws.
+    let seed = (model.shape().dropout > 0.0).then(|| rng.random::<u64>());
     let (loss, grads) = if spec.checkpointing {
-        model.checkpointed_backward(&n.xt, &n.t, cond, |out| n.loss(out, scale))?
+        model.checkpointed_backward(&n.xt, &n.t, cond, seed, |out| n.loss(out, scale))?
     } else {
-        let loss = n.loss(&model.forward(&n.xt, &n.t, cond)?, scale)?;
+        let loss = n.loss(&model.forward_with_dropout(&n.xt, &n.t, cond, seed)?, scale)?;
         let grads = loss.backward()?;
         (loss, grads)
     };

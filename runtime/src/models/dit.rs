@@ -15,14 +15,25 @@
 //!   per-block `age_embedder` linear; a null age is the zero feature vector, in training and in
 //!   sampling alike;
 //! - no hidden label dropout: diffusers drops labels to an extra row inside the model (10%, per
-//!   block, independently); here the trainer's `cfg_dropout` is the only dropout and it uses the
-//!   same null label the sampler uses. The extra row is kept so the table shape matches diffusers.
+//!   block, independently); here the trainer's `cfg_dropout` is the only label dropout and it uses
+//!   the same null label the sampler uses. The extra row is kept so the table shape matches
+//!   diffusers. `dropout` (diffusers' activation dropout) is as diffusers places it.
+//!
+//! diffusers' block options are all here: `attention_bias` (q/k/v biases), `activation_fn` (the
+//! feed-forward's six first halves), `norm_elementwise_affine` (an affine `norm3` before the
+//! feed-forward; the adaLN norms never have one, in diffusers either) and `dropout` (after the
+//! attention's output projection and between the feed-forward's halves, in training only; its
+//! masks come from a seed per forward, per block and site, so gradient checkpointing's recompute
+//! drops the same elements).
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{Device, Result, Tensor, Var, D};
+use signal_diffusion_config::choice::FeedForward;
 
 use crate::models::nn::{Linear, Params};
 use crate::ops::adaln::{gated_residual, modulate};
+use crate::ops::cpu::splitmix64;
+use crate::ops::dropout::dropout;
 
 /// What the label and age inputs mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -66,6 +77,27 @@ pub struct DitShape {
     pub conditioning: Conditioning,
     /// LayerNorm epsilon before the MLP (`norm_eps`); the adaLN norms use 1e-6 as diffusers.
     pub norm_eps: f64,
+    /// diffusers' `dropout` (training only).
+    #[serde(default)]
+    pub dropout: f64,
+    /// Biases on q, k and v (`attention_bias`; the output projection always has one).
+    #[serde(default = "yes")]
+    pub attention_bias: bool,
+    /// The feed-forward's first half (`activation_fn`).
+    #[serde(default = "gelu_tanh")]
+    pub feed_forward: FeedForward,
+    /// An affine LayerNorm before the feed-forward (`norm_elementwise_affine`).
+    #[serde(default)]
+    pub norm_affine: bool,
+}
+
+// Defaults of `sampling.json` files written before these options existed.
+fn yes() -> bool {
+    true
+}
+
+fn gelu_tanh() -> FeedForward {
+    FeedForward::GeluApproximate
 }
 
 impl DitShape {
@@ -206,7 +238,8 @@ impl Embedder {
     }
 }
 
-/// Multi-head self-attention with diffusers' `to_q`, `to_k`, `to_v`, `to_out.0` (all with bias).
+/// Multi-head self-attention with diffusers' `to_q`, `to_k`, `to_v` (biases unless
+/// `attention_bias = false`) and `to_out.0` (with bias).
 struct Attention {
     q: Linear,
     k: Linear,
@@ -216,11 +249,11 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(p: &mut Params, name: &str, dim: usize, heads: usize) -> Result<Self> {
+    fn new(p: &mut Params, name: &str, dim: usize, heads: usize, bias: bool) -> Result<Self> {
         Ok(Attention {
-            q: Linear::new(p, &format!("{name}.to_q"), dim, dim)?,
-            k: Linear::new(p, &format!("{name}.to_k"), dim, dim)?,
-            v: Linear::new(p, &format!("{name}.to_v"), dim, dim)?,
+            q: Linear::with_bias(p, &format!("{name}.to_q"), dim, dim, bias)?,
+            k: Linear::with_bias(p, &format!("{name}.to_k"), dim, dim, bias)?,
+            v: Linear::with_bias(p, &format!("{name}.to_v"), dim, dim, bias)?,
             out: Linear::new(p, &format!("{name}.to_out.0"), dim, dim)?,
             heads,
         })
@@ -234,25 +267,99 @@ impl Attention {
     }
 }
 
+/// diffusers' `FeedForward(dim, mult=4, activation_fn)`: `net.0.proj` (to 4·D, or 8·D split into
+/// value and gate halves for the gated kinds), dropout, `net.2` back to D.
+struct Mlp {
+    kind: FeedForward,
+    proj: Linear,
+    out: Linear,
+}
+
+impl Mlp {
+    fn new(p: &mut Params, name: &str, dim: usize, kind: FeedForward) -> Result<Self> {
+        let gated = matches!(kind, FeedForward::Geglu | FeedForward::Swiglu);
+        let inner = 4 * dim;
+        Ok(Mlp {
+            kind,
+            proj: Linear::new(
+                p,
+                &format!("{name}.net.0.proj"),
+                dim,
+                inner * (1 + usize::from(gated)),
+            )?,
+            out: Linear::new(p, &format!("{name}.net.2"), inner, dim)?,
+        })
+    }
+
+    /// The first half: diffusers' GELU (erf or tanh), GEGLU (value·GELU(gate)), ApproximateGELU
+    /// (x·σ(1.702·x)), SwiGLU (value·SiLU(gate)) or LinearActivation(SiLU).
+    fn activate(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = |x: &Tensor, f: fn(&Tensor) -> Result<Tensor>| -> Result<Tensor> {
+            let halves = x.chunk(2, D::Minus1)?;
+            &halves[0] * f(&halves[1].contiguous()?)?
+        };
+        match self.kind {
+            FeedForward::GeluApproximate => self.proj.forward_gelu_tanh(x),
+            FeedForward::Gelu => crate::ops::gelu::gelu(&self.proj.forward(x)?),
+            FeedForward::Geglu => gate(&self.proj.forward(x)?, crate::ops::gelu::gelu),
+            FeedForward::Swiglu => gate(&self.proj.forward(x)?, |g| g.silu()),
+            FeedForward::GegluApproximate => {
+                let h = self.proj.forward(x)?;
+                &h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?
+            }
+            FeedForward::LinearSilu => self.proj.forward(x)?.silu(),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, drop: Option<(f64, u64)>) -> Result<Tensor> {
+        self.out.forward(&dropped(self.activate(x)?, drop)?)
+    }
+}
+
+/// Inverted dropout with (probability, seed), or nothing.
+fn dropped(x: Tensor, drop: Option<(f64, u64)>) -> Result<Tensor> {
+    match drop {
+        Some((p, seed)) => dropout(&x, p, seed),
+        None => Ok(x),
+    }
+}
+
 /// `BasicTransformerBlock` with `norm_type = "ada_norm_zero"`, no cross-attention.
 struct Block {
     emb: Embedder,
     ada: Linear,
     attn: Attention,
-    ff_in: Linear,
-    ff_out: Linear,
+    /// `norm3`'s weight and bias with `norm_elementwise_affine`.
+    norm3: Option<(Tensor, Tensor)>,
+    mlp: Mlp,
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, emb: &Tensor, norm_eps: f64) -> Result<Tensor> {
+    /// `seed`: dropout's masks in training (the block's own seed), `None` in evaluation.
+    fn forward(&self, x: &Tensor, emb: &Tensor, s: &DitShape, seed: Option<u64>) -> Result<Tensor> {
         let m = self.ada.forward(&emb.silu()?)?.chunk(6, 1)?;
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
+        let drop = |site: u64| {
+            seed.filter(|_| s.dropout > 0.0)
+                .map(|k| (s.dropout, splitmix64(k ^ site)))
+        };
         let h = modulate(x, 1e-6, shift_msa, scale_msa)?;
-        let x = gated_residual(x, &self.attn.forward(&h)?, gate_msa)?;
-        let h = modulate(&x, norm_eps, shift_mlp, scale_mlp)?;
-        let ff = self.ff_out.forward(&self.ff_in.forward_gelu_tanh(&h)?)?;
-        gated_residual(&x, &ff, gate_mlp)
+        let x = gated_residual(x, &dropped(self.attn.forward(&h)?, drop(1))?, gate_msa)?;
+        // An affine norm3 folds into the modulation: (x̂·γ + β)·(1 + scale) + shift
+        // = x̂·(γ·(1 + scale)) + (β·(1 + scale) + shift).
+        let (shift_mlp, scale_mlp) = match &self.norm3 {
+            Some((gamma, beta)) => {
+                let one_plus = (scale_mlp + 1.0)?;
+                (
+                    (one_plus.broadcast_mul(beta)? + shift_mlp)?,
+                    (one_plus.broadcast_mul(gamma)? - 1.0)?,
+                )
+            }
+            None => (shift_mlp.clone(), scale_mlp.clone()),
+        };
+        let h = modulate(&x, s.norm_eps, &shift_mlp, &scale_mlp)?;
+        gated_residual(&x, &self.mlp.forward(&h, drop(2))?, gate_mlp)
     }
 }
 
@@ -293,9 +400,16 @@ impl Dit {
             blocks.push(Block {
                 emb: Embedder::new(p, &format!("{n}.norm1.emb"), s)?,
                 ada: Linear::new(p, &format!("{n}.norm1.linear"), d, 6 * d)?,
-                attn: Attention::new(p, &format!("{n}.attn1"), d, s.heads)?,
-                ff_in: Linear::new(p, &format!("{n}.ff.net.0.proj"), d, 4 * d)?,
-                ff_out: Linear::new(p, &format!("{n}.ff.net.2"), 4 * d, d)?,
+                attn: Attention::new(p, &format!("{n}.attn1"), d, s.heads, s.attention_bias)?,
+                norm3: if s.norm_affine {
+                    Some((
+                        p.constant(format!("{n}.norm3.weight"), &[d], 1.0)?,
+                        p.constant(format!("{n}.norm3.bias"), &[d], 0.0)?,
+                    ))
+                } else {
+                    None
+                },
+                mlp: Mlp::new(p, &format!("{n}.ff"), d, s.feed_forward)?,
             });
         }
         Ok(Dit {
@@ -315,14 +429,25 @@ impl Dit {
     }
 
     /// x (B, C, H, W), timesteps t (B, in the scheduler's 0..T scale), condition -> the model
-    /// output, shaped like x.
+    /// output, shaped like x (evaluation: no dropout).
     pub fn forward(&self, x: &Tensor, t: &[f32], cond: &Condition) -> Result<Tensor> {
+        self.forward_with_dropout(x, t, cond, None)
+    }
+
+    /// `forward` in training: `dropout_seed` draws the dropout masks (`None`: no dropout).
+    pub fn forward_with_dropout(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        cond: &Condition,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
         let inputs = self.block_inputs(t, cond, x.device())?;
         let mut h = self.tokens(x)?;
         let mut first_emb = None;
-        for block in &self.blocks {
+        for (i, block) in self.blocks.iter().enumerate() {
             let emb = block.emb.forward(&inputs)?;
-            h = block.forward(&h, &emb, self.shape.norm_eps)?;
+            h = block.forward(&h, &emb, &self.shape, block_seed(dropout_seed, i))?;
             first_emb.get_or_insert(emb);
         }
         let first_emb = first_emb.expect("a DiT has at least one block");
@@ -338,16 +463,17 @@ impl Dit {
         x: &Tensor,
         t: &[f32],
         cond: &Condition,
+        dropout_seed: Option<u64>,
         loss_of: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, GradStore)> {
         let inputs = self.block_inputs(t, cond, x.device())?;
         let tokens = self.tokens(x)?;
         // Forward without graphs: detaching drops each block's activations at once.
         let mut block_in = vec![tokens.detach()];
-        for block in &self.blocks {
+        for (i, block) in self.blocks.iter().enumerate() {
             let emb = block.emb.forward(&inputs)?;
             let input = block_in.last().expect("the tokens");
-            let h = block.forward(input, &emb, self.shape.norm_eps)?;
+            let h = block.forward(input, &emb, &self.shape, block_seed(dropout_seed, i))?;
             block_in.push(h.detach());
         }
         let last = Var::from_tensor(&block_in.pop().expect("the tokens"))?;
@@ -357,10 +483,11 @@ impl Dit {
         let mut grad = take_grad(&mut grads, last.as_tensor())?;
         let mut total = grads;
         // Each segment's backward is that of <segment output, incoming gradient>.
-        for (block, h) in self.blocks.iter().zip(&block_in).rev() {
+        for (i, (block, h)) in self.blocks.iter().zip(&block_in).enumerate().rev() {
             let h = Var::from_tensor(h)?;
             let emb = block.emb.forward(&inputs)?;
-            let out = block.forward(h.as_tensor(), &emb, self.shape.norm_eps)?;
+            let seed = block_seed(dropout_seed, i);
+            let out = block.forward(h.as_tensor(), &emb, &self.shape, seed)?;
             let mut grads = (out * &grad)?.sum_all()?.backward()?;
             grads.remove(&grad);
             grad = take_grad(&mut grads, h.as_tensor())?;
@@ -420,6 +547,11 @@ impl Dit {
             .permute([0, 5, 1, 3, 2, 4])?
             .reshape((b, co, height, width))
     }
+}
+
+/// Block `i`'s dropout seed from the forward's (the same in a checkpointed recompute).
+fn block_seed(seed: Option<u64>, i: usize) -> Option<u64> {
+    seed.map(|s| splitmix64(s ^ ((i as u64) << 8)))
 }
 
 /// Removes and returns the gradient of `x`, which every segment's input has.

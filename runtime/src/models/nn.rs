@@ -258,21 +258,37 @@ impl Conv {
 
 pub struct Linear {
     weight: Tensor,
-    bias: Tensor,
+    bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(p: &mut Params, name: &str, din: usize, dout: usize) -> Result<Self> {
+        Self::with_bias(p, name, din, dout, true)
+    }
+
+    /// `nn.Linear(din, dout, bias=bias)`.
+    pub fn with_bias(
+        p: &mut Params,
+        name: &str,
+        din: usize,
+        dout: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let bound = 1.0 / (din as f64).sqrt();
         let weight = p.uniform(format!("{name}.weight"), &[dout, din], bound)?;
-        let bias = p.uniform(format!("{name}.bias"), &[dout], bound)?;
+        let bias = if bias {
+            Some(p.uniform(format!("{name}.bias"), &[dout], bound)?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
 
     /// (..., din) -> (..., dout), as one GEMM over all leading positions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.over_rows(x, |x| {
-            crate::ops::linear::linear(x, &self.weight, &self.bias)
+        self.over_rows(x, |x| match &self.bias {
+            Some(b) => crate::ops::linear::linear(x, &self.weight, b),
+            None => crate::ops::precision::matmul(x, &self.weight.t()?),
         })
     }
 
@@ -280,13 +296,13 @@ impl Linear {
     /// activation's kernel (one pass and one kept tensor fewer than a separate add); on the CPU
     /// the fused linear op starts its GEMM from the bias, so the add is free there already.
     pub fn forward_gelu_tanh(&self, x: &Tensor) -> Result<Tensor> {
-        if !x.device().is_cuda() {
-            return crate::ops::gelu::gelu_tanh(&self.forward(x)?);
+        match &self.bias {
+            Some(b) if x.device().is_cuda() => self.over_rows(x, |x| {
+                let h = crate::ops::precision::matmul(x, &self.weight.t()?)?;
+                crate::ops::gelu::bias_gelu_tanh(&h, b)
+            }),
+            _ => crate::ops::gelu::gelu_tanh(&self.forward(x)?),
         }
-        self.over_rows(x, |x| {
-            let h = crate::ops::precision::matmul(x, &self.weight.t()?)?;
-            crate::ops::gelu::bias_gelu_tanh(&h, &self.bias)
-        })
     }
 
     /// `f` of x as (rows, din), its (rows, dout) result given x's leading axes back.

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor, Var};
+use signal_diffusion_config::choice::Choice;
 
 use super::checkpoint;
 use super::diffusion::Ctx;
@@ -58,16 +59,16 @@ pub(super) fn save_diffusers(
         "in_channels": s.in_channels,
         "out_channels": s.out_channels,
         "num_layers": s.layers,
-        "dropout": 0.0,
+        "dropout": s.dropout,
         "norm_num_groups": 32,
-        "attention_bias": true,
+        "attention_bias": s.attention_bias,
         "sample_size": s.height,
         "patch_size": s.patch[0],
-        "activation_fn": "gelu-approximate",
+        "activation_fn": s.feed_forward.toml(),
         "num_embeds_ada_norm": s.num_embeds,
         "upcast_attention": false,
         "norm_type": "ada_norm_zero",
-        "norm_elementwise_affine": false,
+        "norm_elementwise_affine": s.norm_affine,
         "norm_eps": s.norm_eps,
     });
     std::fs::write(
