@@ -442,3 +442,28 @@ fn a_missing_dataset_names_where_it_looked() {
         "{err}"
     );
 }
+
+/// A dataset whose `layout.json` says its pixels are another kind than the config trains on is
+/// refused at start, naming the record and the keys (three-channel images all load alike).
+#[test]
+fn a_dataset_of_another_image_kind_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("polar");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("layout.json"),
+        r#"{"output_type": "db-polar", "polar_layout": "magnitude-phase"}"#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(["--set", &format!("dataset.name={}", data.display())])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("layout.json: this dataset holds db-polar images in the `magnitude-phase` layout, but the config (`data.output_type`, `data.polar_layout`) says db-only images"),
+        "{err}"
+    );
+}

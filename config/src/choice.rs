@@ -183,6 +183,11 @@ choices! {
     /// `inference.sampler`.
     pub enum Sampler { Euler = "euler", Heun = "heun", Ddim = "ddim", DpmPP2M = "dpmpp_2m" }
 
+    /// `data.polar_layout`: what the three channels of a `db-polar` image hold. The
+    /// configuration contract's (dB magnitude, cos φ, sin φ; φ wraps nowhere), or the original
+    /// implementation's (dB, linear magnitude, φ min-max scaled, wrapping at ±π).
+    pub enum PolarLayout { PhaseCosSin = "phase-cos-sin", MagnitudePhase = "magnitude-phase" }
+
     /// `model.extras.activation_fn`: a DiT feed-forward's first half, as diffusers'
     /// `FeedForward` names them (`geglu-approximate` is its ungated `ApproximateGELU`).
     pub enum FeedForward {

@@ -21,7 +21,7 @@ pub mod tree;
 
 use std::path::{Path, PathBuf};
 
-use choice::{DataType, DiffusionModel, OutputType};
+use choice::{DataType, DiffusionModel, OutputType, PolarLayout};
 use diag::{ConfigError, Diagnostic, Diagnostics, Loc, Sources};
 use literal::literal;
 use schema::{Classification, Diffusion};
@@ -69,6 +69,7 @@ literal! {
         pub kind: Kind = "",
         pub output_type: OutputType = "data.output_type",
         pub data_type: DataType = "data.data_type",
+        pub polar_layout: PolarLayout = "data.polar_layout",
         pub settings: Settings = "",
     }
 }
@@ -158,6 +159,7 @@ fn is_structural(key: &str) -> bool {
         "tasks",
         "data_type",
         "output_type",
+        "polar_layout",
         "dataset_is_timeseries",
         "dataset.tasks",
         "dataset.resolution",
@@ -333,14 +335,14 @@ fn resolve_inner(
         settings::load_chain(sources, ctx, env, settings_path.0, settings_path.1)?;
     let settings = settings::read(sources, ctx, env, &settings_table, files);
 
-    let (kind, output_type, data_type) = match trainer.as_str() {
+    let (kind, data) = match trainer.as_str() {
         "classification" => {
-            let (c, o, d) = schema::read_classification(&root, ctx, &settings);
-            (Kind::Classification(c), o, d)
+            let (c, data) = schema::read_classification(&root, ctx, &settings);
+            (Kind::Classification(c), data)
         }
         "diffusion" => {
-            let (c, o, d) = schema::read_diffusion(&root, ctx, &settings);
-            (Kind::Diffusion(c), o, d)
+            let (c, data) = schema::read_diffusion(&root, ctx, &settings);
+            (Kind::Diffusion(c), data)
         }
         _ => return None,
     };
@@ -349,7 +351,9 @@ fn resolve_inner(
     }
     let plan = match &kind {
         Kind::Classification(c) => Some(plan::classification(c)),
-        Kind::Diffusion(d) if d.model.name == DiffusionModel::Dit => Some(plan::dit(d, data_type)),
+        Kind::Diffusion(d) if d.model.name == DiffusionModel::Dit => {
+            Some(plan::dit(d, data.data_type))
+        }
         Kind::Diffusion(_) => None,
     };
     if target_checks {
@@ -367,8 +371,9 @@ fn resolve_inner(
         config: Config {
             path: path.to_path_buf(),
             settings,
-            output_type,
-            data_type,
+            output_type: data.output_type,
+            data_type: data.data_type,
+            polar_layout: data.polar_layout,
             kind,
         },
         plan,

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
-use crate::choice::{Choice, DataType, OutputType};
+use crate::choice::{Choice, DataType, OutputType, PolarLayout};
 use crate::diag::{Diagnostic, Loc, Sources};
 use crate::literal::literal;
 use crate::tree::{self, Ctx, Section, Table};
@@ -41,6 +41,8 @@ literal! {
         pub max_sampling_weight: Option<f64> = "data.max_sampling_weight",
         pub output_type: OutputType = "data.output_type",
         pub data_type: DataType = "data.data_type",
+        /// How `db-polar` images are written (`sigdiff preprocess`) and read.
+        pub polar_layout: PolarLayout = "data.polar_layout",
         pub datasets: BTreeMap<String, DatasetPaths>,
     }
 }
@@ -341,6 +343,12 @@ pub fn read(
     }
     let output_type = data.pick(ctx, "output_type", OutputType::DbOnly, OutputType::ALL);
     let data_type = data.pick(ctx, "data_type", DataType::Spectrogram, DataType::ALL);
+    let polar_layout = data.pick(
+        ctx,
+        "polar_layout",
+        PolarLayout::PhaseCosSin,
+        PolarLayout::ALL,
+    );
     data.finish(ctx, &[]);
 
     let ds = root.section(ctx, "datasets");
@@ -402,6 +410,7 @@ pub fn read(
         max_sampling_weight,
         output_type,
         data_type,
+        polar_layout,
         datasets,
     }
 }

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use signal_diffusion_config::choice::OutputType;
+use signal_diffusion_config::choice::{OutputType, PolarLayout};
 use signal_diffusion_runtime::data::io::{read_npy_f64, write_png};
 use signal_diffusion_runtime::data::signal::decimate::{decimate, decimate_channels};
 use signal_diffusion_runtime::data::signal::spectrogram::{derive_hop, image, LogStft};
@@ -37,7 +37,14 @@ fn main() {
                         let (jobs, stft, out) = (&jobs, &stft, out.path());
                         s.spawn(move || {
                             for (i, w) in jobs.iter().enumerate().skip(t).step_by(threads) {
-                                let img = image(stft, w, OutputType::DbOnly, -127.028, -44.068);
+                                let img = image(
+                                    stft,
+                                    w,
+                                    OutputType::DbOnly,
+                                    PolarLayout::PhaseCosSin,
+                                    -127.028,
+                                    -44.068,
+                                );
                                 if png {
                                     write_png(&out.join(format!("{i}.png")), &img, 1, 256, 256)
                                         .unwrap();

@@ -36,6 +36,7 @@ fn args(dataset: &str, timeseries: bool) -> PreprocessOptions {
     PreprocessOptions {
         datasets: vec![dataset.into()],
         output_type: None,
+        polar_layout: None,
         timeseries,
         include_math_trials: false,
         jobs: 2,

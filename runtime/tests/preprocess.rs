@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use signal_diffusion_config::choice::{OutputType, PolarLayout};
 use signal_diffusion_config::settings::Env;
 use signal_diffusion_runtime::data::signal::edf::{self, Format, Recording, Signal};
 use signal_diffusion_runtime::data::signal::preprocess::{run, PreprocessOptions};
@@ -68,6 +69,7 @@ fn args(timeseries: bool) -> PreprocessOptions {
     PreprocessOptions {
         datasets: vec!["math".into()],
         output_type: None,
+        polar_layout: None,
         timeseries,
         include_math_trials: false,
         jobs: 2,
@@ -161,6 +163,29 @@ fn math_layout_becomes_the_reference_dataset() {
     let again = run(&args(false), &settings).unwrap();
     assert_eq!((again.written, again.existing), (1, 19));
     assert!(signal_diffusion_runtime::data::io::read_png(&out.join(&all[1][0])).is_ok());
+
+    // The dataset records what its pixels are; a rerun that would mix in another kind is
+    // refused (naming the record and --overwrite), and --overwrite rewrites it as asked.
+    let layout = |dir: &Path| std::fs::read_to_string(dir.join("layout.json")).unwrap();
+    assert_eq!(layout(&out), "{\n  \"output_type\": \"db-only\"\n}");
+    let polar = |polar_layout, overwrite| PreprocessOptions {
+        output_type: Some(OutputType::DbPolar),
+        polar_layout,
+        overwrite,
+        ..args(false)
+    };
+    let err = run(&polar(None, false), &settings).unwrap_err().to_string();
+    assert!(
+        err.contains("layout.json: this dataset holds db-only images")
+            && err.contains("db-polar images in the `phase-cos-sin` layout")
+            && err.contains("--overwrite"),
+        "{err}"
+    );
+    let replaced = run(&polar(Some(PolarLayout::MagnitudePhase), true), &settings).unwrap();
+    assert_eq!(replaced.written, 20);
+    assert!(layout(&out).contains("\"polar_layout\": \"magnitude-phase\""));
+    let (_, c, _, _) = signal_diffusion_runtime::data::io::read_png(&out.join(&all[1][0])).unwrap();
+    assert_eq!(c, 3);
 }
 
 #[test]

@@ -3,10 +3,14 @@
 //! db-only and db-iq pixels exact (no reference value lies within 1e-6 of a quantisation
 //! boundary); db-polar exact in dB and magnitude, phase within one level outside row 0 (whose
 //! ±π phases are rounding noise); time-series statistics 1e-12 relative, z-scored windows exact.
+//! The configuration contract's db-polar layout (dB, cos φ, sin φ), which the reference never
+//! wrote, against an independent numpy computation (fixtures/polar_cos_sin.py, whose own dB
+//! channel equals the reference's golden image): exact, except at most one level at the pixels
+//! whose value lies within 1e-9 of a quantisation boundary (listed by the script).
 
 use std::path::{Path, PathBuf};
 
-use signal_diffusion_config::choice::OutputType;
+use signal_diffusion_config::choice::{OutputType, PolarLayout};
 use signal_diffusion_runtime::data::io::{read_npy, read_npy_f32, read_npy_f64};
 use signal_diffusion_runtime::data::signal::spectrogram::{derive_hop, image, LogStft};
 use signal_diffusion_runtime::data::signal::timeseries::{normalize, Stats, Welford};
@@ -27,12 +31,17 @@ fn window(w: usize) -> Vec<Vec<f64>> {
 }
 
 fn ours(w: usize, output: OutputType) -> Vec<u8> {
+    ours_polar(w, output, PolarLayout::MagnitudePhase)
+}
+
+fn ours_polar(w: usize, output: OutputType, polar: PolarLayout) -> Vec<u8> {
     let hop = derive_hop(2048, 256, 20, 4);
     assert_eq!(hop, 172);
     image(
         &LogStft::new(256, hop),
         &window(w),
         output,
+        polar,
         MATH_MIN_DB,
         MATH_MAX_DB,
     )
@@ -85,6 +94,37 @@ fn db_polar_images_equal_the_reference_up_to_the_ambiguous_phase_row() {
             }
         }
     }
+}
+
+#[test]
+fn contract_db_polar_images_equal_an_independent_numpy_computation() {
+    let got = ours_polar(0, OutputType::DbPolar, PolarLayout::PhaseCosSin);
+    let want = reference("win0_db_polar_cos_sin_u8.npy");
+    let ambiguous: std::collections::BTreeSet<usize> = serde_json::from_str(
+        &std::fs::read_to_string(fixture("polar_cos_sin_ambiguous_pixels.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(got.len(), want.len());
+    let mut loose = 0;
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        if ambiguous.contains(&i) {
+            assert!((*a as i32 - *b as i32).abs() <= 1, "pixel {i}: {a} vs {b}");
+            loose += usize::from(a != b);
+        } else {
+            assert_eq!(a, b, "pixel {i} (channel {})", i % 3);
+        }
+    }
+    // The layout's point: no wrap. Row 0 (Nyquist, nearly real values) has sin φ ≈ 0 -> 127 in
+    // every strip pixel, where the original's phase channel flips between 0 and 255.
+    let row0_sin: Vec<u8> = (8..248).map(|x| got[x * 3 + 2]).collect();
+    assert!(
+        row0_sin.iter().all(|&v| v == 127 || v == 128),
+        "{row0_sin:?}"
+    );
+    eprintln!(
+        "{loose} of {} boundary pixels one level apart",
+        ambiguous.len()
+    );
 }
 
 #[test]

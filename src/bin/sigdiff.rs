@@ -58,6 +58,10 @@ struct PreprocessArgs {
     /// Override the settings' output type: db-only, db-iq or db-polar.
     #[arg(long, value_parser = choice_of::<OutputType>)]
     output_type: Option<OutputType>,
+    /// Override the settings' `data.polar_layout` for db-polar: phase-cos-sin (dB, cos φ, sin φ;
+    /// the configuration contract's) or magnitude-phase (the original implementation's).
+    #[arg(long, value_parser = choice_of::<choice::PolarLayout>)]
+    polar_layout: Option<choice::PolarLayout>,
     /// Write z-scored float32 time series instead of spectrograms.
     #[arg(long)]
     timeseries: bool,
@@ -180,6 +184,7 @@ impl From<PreprocessArgs> for PreprocessOptions {
         PreprocessOptions {
             datasets: a.datasets,
             output_type: a.output_type,
+            polar_layout: a.polar_layout,
             timeseries: a.timeseries,
             include_math_trials: a.include_math_trials,
             jobs: a.jobs,

@@ -182,8 +182,9 @@ pub fn read_classification(
     root: &Section,
     ctx: &mut Ctx,
     settings: &Settings,
-) -> (Classification, OutputType, DataType) {
-    let (output_type, data_type) = read_data_overrides(root, ctx, settings);
+) -> (Classification, super::Data) {
+    let data = read_data_overrides(root, ctx, settings);
+    let (output_type, data_type) = (data.output_type, data.data_type);
     let dataset = read_dataset(root, ctx, settings, data_type);
     let model_present = root.has("model");
     let model = read_model(root, ctx);
@@ -217,7 +218,7 @@ pub fn read_classification(
         training,
     };
     check_shapes(ctx, &cls, output_type, model_present);
-    (cls, output_type, data_type)
+    (cls, data)
 }
 
 /// `[dataset]`: where the samples are (a `[datasets.*]` name of the settings file, or a path),

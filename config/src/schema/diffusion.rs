@@ -5,7 +5,7 @@ use serde::Serialize;
 use crate::choice::{
     self, Choice, CompileMode, Conditioning, DataType, DatasetType, DiffusionModel, EvalStrategy,
     FeedForward, Guidance, LoraBias, LrSchedule, MixedPrecision, NoiseScheduler, Objective,
-    OptimizerName, OutputType, Sampler,
+    OptimizerName, Sampler,
 };
 use crate::literal::literal;
 use crate::settings::Settings;
@@ -177,8 +177,9 @@ pub fn read_diffusion(
     root: &Section,
     ctx: &mut Ctx,
     settings: &Settings,
-) -> (Diffusion, OutputType, DataType) {
-    let (output_type, data_type) = read_data_overrides(root, ctx, settings);
+) -> (Diffusion, super::Data) {
+    let data = read_data_overrides(root, ctx, settings);
+    let (output_type, data_type) = (data.output_type, data.data_type);
     let ts = data_type == DataType::Timeseries;
     for sec in ["dataset", "model", "objective", "training"] {
         if !root.has(sec) {
@@ -235,7 +236,7 @@ pub fn read_diffusion(
         dataset_is_timeseries: ts,
     };
     super::diffusion_rules::check(ctx, &diff, is_sd, settings, output_type);
-    (diff, output_type, data_type)
+    (diff, data)
 }
 
 fn nonempty(s: Option<String>) -> Option<String> {

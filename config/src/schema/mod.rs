@@ -19,7 +19,9 @@ pub use diffusion::*;
 
 use serde::Serialize;
 
-use crate::choice::{Choice, CompileMode, DataType, LrSchedule, OptimizerName, OutputType};
+use crate::choice::{
+    Choice, CompileMode, DataType, LrSchedule, OptimizerName, OutputType, PolarLayout,
+};
 use crate::literal::literal;
 use crate::settings::Settings;
 use crate::tree::{Ctx, Section};
@@ -155,17 +157,34 @@ pub(crate) fn read_scheduler(root: &Section, ctx: &mut Ctx, names: &[LrSchedule]
     }
 }
 
+/// What the data is: the settings' `[data]` keys with the training config's `[data]` overrides.
+#[derive(Debug, Clone, Copy)]
+pub struct Data {
+    pub output_type: OutputType,
+    pub data_type: DataType,
+    pub polar_layout: PolarLayout,
+}
+
 /// The `[data]` overrides of a training config.
-pub(crate) fn read_data_overrides(
-    root: &Section,
-    ctx: &mut Ctx,
-    settings: &Settings,
-) -> (OutputType, DataType) {
+pub(crate) fn read_data_overrides(root: &Section, ctx: &mut Ctx, settings: &Settings) -> Data {
     let d = root.section(ctx, "data");
     let output_type = d.pick(ctx, "output_type", settings.output_type, OutputType::ALL);
     let data_type = d.pick(ctx, "data_type", settings.data_type, DataType::ALL);
+    let polar_layout = d.pick(ctx, "polar_layout", settings.polar_layout, PolarLayout::ALL);
+    if d.has("polar_layout")
+        && (output_type != OutputType::DbPolar || data_type != DataType::Spectrogram)
+    {
+        ctx.warn(
+            "data.polar_layout",
+            format!("`data.polar_layout` has no effect: only db-polar spectrograms have a polar layout (this config trains on {output_type} {data_type})"),
+        );
+    }
     d.finish(ctx, &[]);
-    (output_type, data_type)
+    Data {
+        output_type,
+        data_type,
+        polar_layout,
+    }
 }
 
 /// `training.compile_model` / `compile_mode` (torch.compile in the reference) are read so that

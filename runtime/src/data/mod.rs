@@ -6,6 +6,7 @@
 
 pub mod image;
 pub mod io;
+pub mod layout;
 pub mod loader;
 pub mod signal;
 pub mod table;

@@ -331,6 +331,9 @@ pub struct SampleSpec {
     pub columns: Vec<String>,
     /// What the dataset's images are: `db-only` (grey) or a 3-channel type.
     pub output_type: OutputType,
+    /// db-polar's layout (absent in files written before it was recorded, and for other types).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub polar_layout: Option<choice::PolarLayout>,
     /// Width of the images the model was trained from, before resizing (strip geometry; 0 for
     /// time series).
     pub source_width: usize,

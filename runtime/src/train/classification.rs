@@ -86,6 +86,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     // Data.
     let ds = &cfg.dataset;
     let dir = &super::dataset_dir(compiled, &ds.name, &ds.path, ds.named.is_some())?;
+    super::check_layout(dir, &config)?;
     let train = Arc::new(read_split(dir, &cfg.dataset.train_split, tasks)?);
     let val = if t.eval_strategy == EvalStrategy::None {
         None

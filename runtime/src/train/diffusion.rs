@@ -42,7 +42,7 @@ use crate::diffusion::sampler::{conditions, SampleSpec};
 use crate::models::dit::{Condition, Conditioning, Dit, DitShape};
 use crate::models::nn::Params;
 use crate::ops::precision::{self, LossScaler};
-use signal_diffusion_config::choice::{DatasetType, EvalStrategy, Objective};
+use signal_diffusion_config::choice::{DatasetType, EvalStrategy, Objective, OutputType};
 
 /// Entry point of a generated diffusion trainer.
 pub fn main(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> ExitCode {
@@ -159,6 +159,7 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
     // spectrograms, or its time series).
     let ds = &cfg.dataset;
     let dir = super::dataset_dir(compiled, &ds.name, &ds.path, ds.named.is_some())?;
+    super::check_layout(&dir, &config)?;
     let tasks = compiled.tasks;
     let read = |split: &str, augment: Augment, max: Option<usize>| -> Result<Arc<Split>> {
         let mut s = read_split(&dir, split, tasks)?;
@@ -222,6 +223,7 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         guidance: cfg.inference.guidance,
         columns: tasks.iter().map(|t| t.column.to_string()).collect(),
         output_type: config.output_type,
+        polar_layout: (config.output_type == OutputType::DbPolar).then_some(config.polar_layout),
         source_width: match cfg.dataset_is_timeseries {
             true => 0,
             false => source_width(&train)?,

@@ -292,6 +292,20 @@ pub(crate) fn dataset_dir(
     )
 }
 
+/// An error when the dataset at `dir` records images of another kind than `config` trains on
+/// (data/layout.rs); time series carry no record.
+pub(crate) fn check_layout(dir: &Path, config: &signal_diffusion_config::Config) -> Result<()> {
+    if config.data_type != signal_diffusion_config::choice::DataType::Spectrogram {
+        return Ok(());
+    }
+    let expected = crate::data::layout::Layout::new(config.output_type, config.polar_layout);
+    crate::data::layout::check(
+        dir,
+        &expected,
+        "the config (`data.output_type`, `data.polar_layout`)",
+    )
+}
+
 /// The directories in `dir` whose names start with `prefix`, oldest first (by the number after
 /// the prefix, then by name).
 pub(crate) fn list_dirs(dir: &Path, prefix: &str) -> Vec<PathBuf> {

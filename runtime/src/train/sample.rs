@@ -320,6 +320,15 @@ pub fn run(args: &SampleOptions) -> Result<()> {
     let csv = csv.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
     std::fs::write(tmp.join(format!("{}-metadata.csv", args.split)), &csv)?;
     std::fs::write(tmp.join("metadata.csv"), &csv)?;
+    if !spec.timeseries {
+        // The samples are images of the kind the model learned: a trainer reading them checks.
+        let layout = crate::data::layout::Layout::new(
+            spec.output_type,
+            spec.polar_layout
+                .unwrap_or(choice::PolarLayout::PhaseCosSin),
+        );
+        crate::data::layout::write(&tmp, &layout)?;
+    }
     if args.out.exists() {
         std::fs::remove_dir_all(&args.out)
             .with_context(|| format!("cannot replace {}", args.out.display()))?;

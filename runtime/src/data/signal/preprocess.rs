@@ -22,7 +22,9 @@ use signal_diffusion_config::settings::{DatasetPaths, Settings};
 use super::datasets::{adapter, Adapter, Naming, Subject};
 use super::decimate::{decimate, decimate_channels};
 use super::read_picks;
-use signal_diffusion_config::choice::OutputType;
+use signal_diffusion_config::choice::{OutputType, PolarLayout};
+
+use crate::data::layout::Layout;
 
 use super::spectrogram::{derive_hop, image, LogStft};
 use super::timeseries::{normalize, Stats, Welford};
@@ -42,6 +44,8 @@ pub struct PreprocessOptions {
     pub datasets: Vec<String>,
     /// Override the settings' output type: db-only, db-iq or db-polar.
     pub output_type: Option<OutputType>,
+    /// Override the settings' `data.polar_layout` (db-polar only).
+    pub polar_layout: Option<PolarLayout>,
     /// Write z-scored float32 time series instead of spectrograms.
     pub timeseries: bool,
     /// math: also use the arithmetic recordings (state 2).
@@ -110,8 +114,11 @@ pub fn run(args: &PreprocessOptions, settings: &Settings) -> Result<Summary> {
                     .join(", ")
             )
         })?;
-        let output = args.output_type.unwrap_or(settings.output_type);
-        let s = preprocess_dataset(&adapter(name)?, paths, output, args)?;
+        let layout = Layout::new(
+            args.output_type.unwrap_or(settings.output_type),
+            args.polar_layout.unwrap_or(settings.polar_layout),
+        );
+        let s = preprocess_dataset(&adapter(name)?, paths, layout, args)?;
         println!(
             "{name}: {} recordings, {} windows ({} written, {} already there), {} skipped",
             s.recordings,
@@ -239,7 +246,7 @@ fn windows(
 fn preprocess_dataset(
     adapter: &Adapter,
     paths: &DatasetPaths,
-    output: OutputType,
+    layout: Layout,
     args: &PreprocessOptions,
 ) -> Result<Summary> {
     let out_dir = if args.timeseries {
@@ -278,6 +285,14 @@ fn preprocess_dataset(
         let (Some(_), Some(_)) = (paths.min_db, paths.max_db) else {
             bail!("spectrograms need `[datasets.{}] min_db` and `max_db` in the settings (the dB window of the 8-bit mapping)", adapter.name);
         };
+        // Images already there are kept: they must be of the kind this run writes.
+        crate::data::layout::check(
+            out_dir,
+            &layout,
+            "this run (the settings' `[data] output_type`/`polar_layout`, or --output-type/--polar-layout)",
+        )
+        .map_err(|e| anyhow::anyhow!("{e:#}; or pass --overwrite to replace it"))?;
+        crate::data::layout::write(out_dir, &layout)?;
         None
     };
 
@@ -311,7 +326,7 @@ fn preprocess_dataset(
                     subject,
                     split,
                     out_dir,
-                    output,
+                    layout,
                     paths,
                     stats.as_ref(),
                     &stft,
@@ -397,7 +412,7 @@ fn process_subject(
     subject: &Subject,
     split: &str,
     out_dir: &Path,
-    output: OutputType,
+    layout: Layout,
     paths: &DatasetPaths,
     stats: Option<&Stats>,
     stft: &LogStft,
@@ -463,14 +478,15 @@ fn process_subject(
                             let px = image(
                                 stft,
                                 &w,
-                                output,
+                                layout.output_type,
+                                layout.polar(),
                                 paths.min_db.expect("checked"),
                                 paths.max_db.expect("checked"),
                             );
                             crate::data::io::write_png(
                                 &path,
                                 &px,
-                                output.channels(),
+                                layout.output_type.channels(),
                                 RESOLUTION,
                                 RESOLUTION,
                             )?;

@@ -11,7 +11,7 @@
 //! which halves the multiply-adds again (the Hann window is 0 at m = ±c, so m runs to c − 1).
 //! All channels of a window go through one matrix product (see [`LogStft::transform_channels`]).
 
-use signal_diffusion_config::choice::OutputType;
+use signal_diffusion_config::choice::{OutputType, PolarLayout};
 use std::f64::consts::PI;
 
 /// Frequencies (cycles/sample) of the 256 output rows: 0, then 0.001 … 0.5 log-spaced.
@@ -199,12 +199,16 @@ fn to_u8(v: f64, lo: f64, hi: f64) -> u8 {
 
 /// A multichannel image (R×R, 1 or 3 interleaved channels): each EEG channel's strip of F
 /// columns, flipped so row 0 is Nyquist, tiled left to right with the reference's margins.
-/// dB is clipped to [min_db, max_db]; I/Q share one min–max per strip, magnitude and phase each
-/// their own (per EEG channel and window, as the reference).
+/// dB is clipped to [min_db, max_db]; I/Q share one min–max per strip. db-polar in the
+/// `phase-cos-sin` layout: cos φ and sin φ on the fixed scale [-1, 1] (cos 1, sin 0 where X = 0);
+/// in the original's `magnitude-phase` layout: linear magnitude and φ, each min–max scaled per
+/// EEG channel and window as the reference does (its φ wraps at ±π, so nearly real rows flicker
+/// between 0 and 255).
 pub fn image(
     stft: &LogStft,
     window: &[Vec<f64>],
     output: OutputType,
+    polar: PolarLayout,
     min_db: f64,
     max_db: f64,
 ) -> Vec<u8> {
@@ -215,13 +219,18 @@ pub fn image(
     let mut img = vec![0u8; r * r * nc];
     for (ch, (re, im)) in stft.transform_channels(window).into_iter().enumerate() {
         let mag: Vec<f64> = re.iter().zip(&im).map(|(a, b)| a.hypot(*b)).collect();
-        let (g, b): (Vec<f64>, Vec<f64>) = match output {
-            OutputType::DbOnly => (vec![], vec![]),
-            OutputType::DbIq => (re.clone(), im.clone()),
-            OutputType::DbPolar => (
+        let (g, b): (Vec<f64>, Vec<f64>) = match (output, polar) {
+            (OutputType::DbOnly, _) => (vec![], vec![]),
+            (OutputType::DbIq, _) => (re.clone(), im.clone()),
+            (OutputType::DbPolar, PolarLayout::MagnitudePhase) => (
                 mag.clone(),
                 re.iter().zip(&im).map(|(a, b)| b.atan2(*a)).collect(),
             ),
+            (OutputType::DbPolar, PolarLayout::PhaseCosSin) => mag
+                .iter()
+                .zip(re.iter().zip(&im))
+                .map(|(&m, (&a, &b))| if m > 0.0 { (a / m, b / m) } else { (1.0, 0.0) })
+                .unzip(),
         };
         let range = |v: &[f64]| {
             v.iter()
@@ -229,12 +238,13 @@ pub fn image(
                     (lo.min(x), hi.max(x))
                 })
         };
-        let (g_range, b_range) = match output {
-            OutputType::DbIq => {
+        let (g_range, b_range) = match (output, polar) {
+            (OutputType::DbIq, _) => {
                 let (a, b) = (range(&g), range(&b));
                 let joint = (a.0.min(b.0), a.1.max(b.1));
                 (joint, joint)
             }
+            (OutputType::DbPolar, PolarLayout::PhaseCosSin) => ((-1.0, 1.0), (-1.0, 1.0)),
             _ => (range(&g), range(&b)),
         };
         for k in 0..r {

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use signal_diffusion_config::choice::{DataType, OutputType};
+use signal_diffusion_config::choice::{DataType, OutputType, PolarLayout};
 use signal_diffusion_config::settings::{DatasetPaths, Settings};
 
 use super::datasets::PARKINSONS_CHANNELS;
@@ -189,6 +189,7 @@ pub fn run(args: &SynthOptions) -> Result<()> {
         max_sampling_weight: None,
         output_type: OutputType::DbOnly,
         data_type: DataType::Spectrogram,
+        polar_layout: PolarLayout::PhaseCosSin,
         datasets: [(
             "parkinsons".to_string(),
             DatasetPaths {
@@ -205,6 +206,7 @@ pub fn run(args: &SynthOptions) -> Result<()> {
         &PreprocessOptions {
             datasets: vec!["parkinsons".into()],
             output_type: None,
+            polar_layout: None,
             timeseries: false,
             include_math_trials: false,
             jobs: args.jobs,
