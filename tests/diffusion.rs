@@ -5,7 +5,9 @@
 
 use std::path::Path;
 
-use crate::common::{copy_dir, only_run_dir, python, series, test_metric, train, write_dataset};
+use crate::common::{
+    copy_dir, only_run_dir, python, series, test_metric, train, write_dataset, write_parquet_copy,
+};
 use signal_diffusion_runtime::config::choice::Sampler;
 use signal_diffusion_runtime::diffusion::fidelity::BANDS;
 use signal_diffusion_runtime::train::sample::SampleOptions;
@@ -129,7 +131,47 @@ fn dit_trains_resumes_exactly_and_writes_readable_files() {
         "fp16"
     );
 
-    // 3. TensorBoard reads the scalars and the sample grids; Python's safetensors reads the
+    // 3. The same images as Parquet tables whose image column is `img` (`dataset.image_column`),
+    //    decoded once into `dataset.cache_dir`: the same losses and KIDs as the image folder's,
+    //    on the run that fills the cache and on the run that reads it; a changed table is decoded
+    //    again.
+    let parquet = tmp.path().join("parquet");
+    write_parquet_copy(&data, &parquet, "img");
+    let cache = tmp.path().join("cache");
+    let cached_sets = [
+        ("dataset.name", parquet.display().to_string()),
+        ("dataset.image_column", "img".to_string()),
+        ("dataset.cache_dir", cache.display().to_string()),
+    ];
+    let mut stamps = vec![];
+    for pass in ["fills", "reads"] {
+        let out = tmp.path().join(format!("cache-{pass}"));
+        train(tiny_dit::run, &cached_sets, &out, None);
+        for tag in ["train/loss", "val/loss", "eval/kid_mean"] {
+            let want = series(&run_a, tag);
+            assert_eq!(
+                series(&only_run_dir(&out), tag),
+                want,
+                "{tag}: cache {pass}"
+            );
+        }
+        let cached: Vec<_> =
+            std::fs::read_dir(cache.read_dir().unwrap().next().unwrap().unwrap().path())
+                .unwrap()
+                .map(|e| e.unwrap())
+                .collect();
+        // The train and val splits: pixels and index each.
+        assert_eq!(cached.len(), 4, "{cached:?}");
+        stamps.push(
+            cached
+                .iter()
+                .map(|e| e.metadata().unwrap().modified().unwrap())
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(stamps[0], stamps[1], "the second run decoded again");
+
+    // 4. TensorBoard reads the scalars and the sample grids; Python's safetensors reads the
     // final weights under diffusers' names.
     let tb = python(
         "import sys\nfrom tensorboard.backend.event_processing.event_accumulator import EventAccumulator as E\n\

@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use crate::common::{copy_dir, only_run_dir, python, series, test_metric, train, write_dataset};
+use crate::common::{
+    copy_dir, only_run_dir, python, series, test_metric, train, write_dataset, write_parquet_copy,
+};
 
 use signal_diffusion_runtime::train::checkpoint::{check_config, State};
 use signal_diffusion_runtime::train::RunOptions;
@@ -256,48 +258,12 @@ fn swa_averages_the_extra_epochs_and_resumes_exactly() {
     }
 }
 
-/// The image folder written as one Parquet table per split, as `sigdiff meta-dataset` and
-/// Hugging Face `datasets` store it: RGB PNG bytes in an `image` struct column, the validation
-/// split under HF's name `validation`.
-fn write_parquet_copy(folder: &Path, out: &Path) {
-    use signal_diffusion_runtime::data::table::{Cell, Kind, Table, TableWriter};
-    for (split, file) in [("train", "train"), ("val", "validation"), ("test", "test")] {
-        let csv = std::fs::read_to_string(folder.join(format!("{split}-metadata.csv"))).unwrap();
-        let mut t = Table::empty(&[
-            ("file_name", Kind::Text),
-            ("gender", Kind::Text),
-            ("health", Kind::Text),
-            ("age", Kind::Int),
-            ("image", Kind::Image),
-        ]);
-        for line in csv.lines().skip(1) {
-            let f: Vec<&str> = line.split(',').collect();
-            let (px, _, h, w) =
-                signal_diffusion_runtime::data::io::read_png(&folder.join(f[0])).unwrap();
-            let rgb: Vec<u8> = px.iter().flat_map(|&v| [v, v, v]).collect();
-            let png = signal_diffusion_runtime::data::io::encode_png(&rgb, 3, h, w).unwrap();
-            let text = |v: &str| Cell::Text(Some(v.to_string()));
-            t.push_row(vec![
-                text(f[0]),
-                text(f[2]),
-                text(f[3]),
-                Cell::Int(Some(f[4].parse().unwrap())),
-                Cell::Image(Some(png)),
-            ])
-            .unwrap();
-        }
-        let mut w = TableWriter::create(&out.join(format!("{file}.parquet")), &t).unwrap();
-        w.write(&t).unwrap();
-        w.finish().unwrap();
-    }
-}
-
 #[test]
 fn a_parquet_meta_dataset_trains_exactly_like_its_image_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let (folder, parquet) = (tmp.path().join("folder"), tmp.path().join("parquet"));
     write_dataset(&folder);
-    write_parquet_copy(&folder, &parquet);
+    write_parquet_copy(&folder, &parquet, "image");
     let steps = [("training.max_steps", "16")];
     run(&folder, &tmp.path().join("a"), &steps, None);
     run(&parquet, &tmp.path().join("b"), &steps, None);
@@ -368,7 +334,8 @@ fn cnn_1d_learns_time_series_from_parquet_signal_columns() {
          \x20   pq.write_table(pa.table({'signal': col, 'class': [i % 2 for i in range(n)], 'split': [split] * n}), f'{sys.argv[1]}/{split}.parquet')",
         &[&data],
     );
-    let split = signal_diffusion_runtime::data::loader::read_split(&data, "test", &[]).unwrap();
+    let split =
+        signal_diffusion_runtime::data::loader::read_split(&data, "test", &[], None).unwrap();
     let (dims, want) =
         signal_diffusion_runtime::data::io::read_npy_f32(&data.join("test-row-3.npy")).unwrap();
     assert_eq!(dims, [4, 128]);

@@ -185,6 +185,8 @@ pub const OVERRIDABLE: &[&str] = &[
     "dataset.num_workers",
     "dataset.shuffle",
     "dataset.pin_memory",
+    "dataset.cache_dir",
+    "dataset.image_column",
     "optimizer.learning_rate",
     "optimizer.weight_decay",
     "optimizer.betas",

@@ -66,7 +66,7 @@ fn check_diffusion(
         );
         return;
     }
-    let rules: [(bool, &str, &str, &str); 8] = [
+    let rules: [(bool, &str, &str, &str); 7] = [
         (
             m.latent_space,
             "model.extras.latent_space",
@@ -110,12 +110,6 @@ fn check_diffusion(
             "Weights & Biases logging",
             "remove the `wandb_*` keys; use `tensorboard = true`",
         ),
-        (
-            d.dataset.cache_dir.is_some(),
-            "dataset.cache_dir",
-            "`cache_dir` (datasets are read from local directories, nothing is cached)",
-            "remove `cache_dir`",
-        ),
     ];
     for (bad, key, what, help) in rules {
         if bad {
@@ -126,17 +120,6 @@ fn check_diffusion(
             };
             unsupported(ctx, key, what.to_string(), help);
         }
-    }
-    if d.dataset.image_column != "image" {
-        unsupported(
-            ctx,
-            "dataset.image_column",
-            format!(
-                "image column `{}` (Parquet datasets are read from their `image` column)",
-                d.dataset.image_column
-            ),
-            "remove `image_column`",
-        );
     }
     // Rectified-CFG++ is a guided Euler step (its midpoint is half an Euler step).
     if m.conditioning != Conditioning::None

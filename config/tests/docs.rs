@@ -1,6 +1,9 @@
 //! docs/config.md documents every key a config can hold: each key the schema reads (as the
 //! generated trainers' `config()` comments name them) appears in one of its tables, so a key
-//! added to the schema without a line in the docs fails here.
+//! added to the schema without a line in the docs fails here. And the class the docs give a key
+//! is the code's: a key `--set` accepts (`config::OVERRIDABLE`) is marked "run-time" in every row
+//! that names it, and a key with a warning snapshot (config/tests/warnings) is described as a
+//! warning in one.
 
 use std::path::Path;
 
@@ -26,8 +29,14 @@ const SECTIONS: &[&str] = &[
 /// The keys the docs' tables name in their first column: `a.b.c`, with `a.b.c/d` and
 /// "`a.b.c`, `d`" naming `a.b.d` too, and `*` or `<name>` matching any part.
 fn documented(docs: &str) -> Vec<String> {
-    let mut keys = vec![];
+    rows(docs).into_iter().flat_map(|(keys, _)| keys).collect()
+}
+
+/// Each table row that names keys: (the keys, the row's text).
+fn rows(docs: &str) -> Vec<(Vec<String>, &str)> {
+    let mut rows = vec![];
     for line in docs.lines().filter(|l| l.starts_with("| `")) {
+        let mut keys = vec![];
         let cell = line[1..].split('|').next().unwrap_or("");
         let mut parent = String::new();
         for token in cell.split('`').skip(1).step_by(2) {
@@ -47,8 +56,9 @@ fn documented(docs: &str) -> Vec<String> {
                 keys.push(key);
             }
         }
+        rows.push((keys, line));
     }
-    keys
+    rows
 }
 
 fn matches(pattern: &str, key: &str) -> bool {
@@ -106,5 +116,64 @@ fn every_key_of_the_schema_is_documented() {
     assert!(
         missing.is_empty(),
         "keys docs/config.md does not name: {missing:#?}"
+    );
+}
+
+fn docs_text() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/config.md"))
+        .unwrap()
+}
+
+#[test]
+fn every_overridable_key_is_documented_as_run_time() {
+    let docs = docs_text();
+    let rows = rows(&docs);
+    let mut wrong = vec![];
+    for key in config::OVERRIDABLE {
+        let naming: Vec<&str> = rows
+            .iter()
+            .filter(|(keys, _)| keys.iter().any(|d| matches(d, key) || matches(key, d)))
+            .map(|(_, row)| *row)
+            .collect();
+        if naming.is_empty() {
+            wrong.push(format!("{key}: no row names it"));
+        }
+        for row in naming {
+            if !row.contains("run-time") {
+                wrong.push(format!("{key}: not marked run-time in {row}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+#[test]
+fn every_key_with_a_warning_is_documented_as_one() {
+    let docs = docs_text();
+    let rows = rows(&docs);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/warnings");
+    let mut wrong = vec![];
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        if entry.path().extension().is_none_or(|e| e != "warnings") {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path()).unwrap();
+        // "file:line:col: warning: `key` ..."
+        for key in text
+            .lines()
+            .filter_map(|l| l.split_once(": warning: `"))
+            .filter_map(|(_, rest)| rest.split_once('`').map(|(k, _)| k))
+        {
+            let described = rows
+                .iter()
+                .any(|(keys, row)| keys.iter().any(|d| matches(d, key)) && row.contains("warning"));
+            if !described {
+                wrong.push(key.to_string());
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "keys with a warning snapshot whose docs row does not say so: {wrong:#?}"
     );
 }

@@ -4,6 +4,8 @@
 //!
 //! `cargo bench -p signal-diffusion-runtime --bench preprocess`
 
+mod common;
+
 use std::path::Path;
 use std::time::Instant;
 
@@ -31,7 +33,7 @@ fn main() {
 
     for threads in [1usize, 2] {
         for png in [false, true] {
-            let secs = median_seconds(|| {
+            let secs = common::median_seconds(|| {
                 std::thread::scope(|s| {
                     for t in 0..threads {
                         let (jobs, stft, out) = (&jobs, &stft, out.path());
@@ -62,7 +64,7 @@ fn main() {
     // the 255×255 cos/sin tables with 255 × (20 channels × 12 frames) even/odd parts — the
     // arithmetic actually done — next to the direct DFT's count (20 × 255 rows × 12 frames ×
     // 511 samples × 2 (re, im) multiply-adds) that the centred sums halve.
-    let secs = median_seconds(|| {
+    let secs = common::median_seconds(|| {
         for w in &jobs {
             std::hint::black_box(stft.transform_channels(w));
         }
@@ -89,7 +91,7 @@ fn main() {
         .map(|i| (i as f64 * 0.01).sin() + (i as f64 * 0.37).cos())
         .collect();
     let n = 10;
-    let secs = median_seconds(|| {
+    let secs = common::median_seconds(|| {
         for _ in 0..n {
             std::hint::black_box(decimate(&long, 4).unwrap());
         }
@@ -105,23 +107,10 @@ fn main() {
                 .collect()
         })
         .collect();
-    let secs = median_seconds(|| {
+    let secs = common::median_seconds(|| {
         std::hint::black_box(decimate_channels(&channels, 4).unwrap());
     });
     println!("{{\"impl\": \"rust\", \"what\": \"decimation of 20 channels M input samples/s\", \"threads\": 1, \"png\": false, \"value\": {:.1}}}", 20.0 * 150_000.0 / secs / 1e6);
-}
-
-/// The median wall time of 5 runs (the 2-vCPU machines this runs on are noisy).
-fn median_seconds(mut run: impl FnMut()) -> f64 {
-    let mut t: Vec<f64> = (0..5)
-        .map(|_| {
-            let start = Instant::now();
-            run();
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[2]
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -5,6 +5,7 @@
 mod common;
 
 mod adapters;
+mod cache;
 mod cuda;
 mod decimate_parity;
 mod dit;

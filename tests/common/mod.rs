@@ -132,3 +132,39 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The image folder written as one Parquet table per split, as `sigdiff meta-dataset` and
+/// Hugging Face `datasets` store it: RGB PNG bytes in an image struct column named `column`, the
+/// validation split under HF's name `validation`.
+pub fn write_parquet_copy(folder: &Path, out: &Path, column: &str) {
+    use signal_diffusion_runtime::data::table::{Cell, Kind, Table, TableWriter};
+    for (split, file) in [("train", "train"), ("val", "validation"), ("test", "test")] {
+        let csv = std::fs::read_to_string(folder.join(format!("{split}-metadata.csv"))).unwrap();
+        let mut t = Table::empty(&[
+            ("file_name", Kind::Text),
+            ("gender", Kind::Text),
+            ("health", Kind::Text),
+            ("age", Kind::Int),
+            (column, Kind::Image),
+        ]);
+        for line in csv.lines().skip(1) {
+            let f: Vec<&str> = line.split(',').collect();
+            let (px, _, h, w) =
+                signal_diffusion_runtime::data::io::read_png(&folder.join(f[0])).unwrap();
+            let rgb: Vec<u8> = px.iter().flat_map(|&v| [v, v, v]).collect();
+            let png = signal_diffusion_runtime::data::io::encode_png(&rgb, 3, h, w).unwrap();
+            let text = |v: &str| Cell::Text(Some(v.to_string()));
+            t.push_row(vec![
+                text(f[0]),
+                text(f[2]),
+                text(f[3]),
+                Cell::Int(Some(f[4].parse().unwrap())),
+                Cell::Image(Some(png)),
+            ])
+            .unwrap();
+        }
+        let mut w = TableWriter::create(&out.join(format!("{file}.parquet")), &t).unwrap();
+        w.write(&t).unwrap();
+        w.finish().unwrap();
+    }
+}

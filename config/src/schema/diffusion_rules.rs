@@ -228,6 +228,12 @@ pub(super) fn check(
             "output type \"{output_type}\" is converted to 3 channels, as the reference does"
         ));
     }
+    if ts && d.dataset.cache_dir.is_some() {
+        ctx.warn(
+            "dataset.cache_dir",
+            "`dataset.cache_dir` has no effect on time series: they are stored decoded (`.npy` files or float columns); the cache holds decoded images",
+        );
+    }
     if ts {
         for (key, on) in [("center_crop", center_crop), ("random_flip", random_flip)] {
             if on {

@@ -260,3 +260,10 @@ pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     })
     .with_context(|| format!("writing {}", path.display()))
 }
+
+/// FNV-1a: the config hash a checkpoint records, and a cache's source fingerprint.
+pub fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}

@@ -6,8 +6,10 @@
 //!   per label; samples are 8-bit PNGs (L or RGB) or float32 `.npy` time series;
 //! - a Parquet table per split (as `sigdiff meta-dataset` or Hugging Face `datasets` write it):
 //!   `<dir>/{split}.parquet` (`val` and `validation` name the same split) with an `image`
-//!   column of PNG bytes, or for time series a `signal` column of (channels, samples) float
-//!   lists (the reference's time-series meta-dataset), and one column per label; held in memory.
+//!   column of PNG bytes (another name with `dataset.image_column`), or for time series a
+//!   `signal` column of (channels, samples) float lists (the reference's time-series
+//!   meta-dataset), and one column per label; held in memory (or decoded once into
+//!   `dataset.cache_dir`, see `cache`).
 //!
 //! Pixels map to [-1, 1] like the reference's `ToDtype(scale) + Normalize(0.5, 0.5)`. Every
 //! sample must have the compiled input shape; one that does not is an error naming it.
@@ -29,6 +31,8 @@ fn is_npy(path: &Path) -> bool {
 /// One split: its samples and their encoded targets (task-major: `targets[task][sample]`).
 pub struct Split {
     pub name: String,
+    /// What the split was read from: its metadata CSV or its Parquet table.
+    pub source: PathBuf,
     pub samples: Samples,
     pub targets: Vec<Vec<f32>>,
     /// Resize, crop and flip applied to images as they load (none: they must fit exactly).
@@ -48,6 +52,8 @@ pub enum Samples {
         table: PathBuf,
         signals: Vec<crate::data::table::Array2>,
     },
+    /// Images decoded once into `dataset.cache_dir` (see `cache`).
+    Decoded(crate::data::cache::Decoded),
 }
 
 impl Split {
@@ -56,6 +62,7 @@ impl Split {
             Samples::Files(f) => f.len(),
             Samples::Encoded { images, .. } => images.len(),
             Samples::Signals { signals, .. } => signals.len(),
+            Samples::Decoded(d) => d.len(),
         }
     }
 
@@ -69,6 +76,7 @@ impl Split {
             Samples::Files(f) => f.truncate(n),
             Samples::Encoded { images, .. } => images.truncate(n),
             Samples::Signals { signals, .. } => signals.truncate(n),
+            Samples::Decoded(d) => d.truncate(n),
         }
         for t in &mut self.targets {
             t.truncate(n);
@@ -78,17 +86,9 @@ impl Split {
     /// Decode sample `i` into `out`. `salt` varies the random augmentations (by epoch); the same
     /// (salt, i) always gives the same crop and flip.
     pub fn load(&self, i: usize, shape: &[usize], salt: u64, out: &mut Vec<f32>) -> Result<()> {
-        let (decoded, what) = match &self.samples {
+        match &self.samples {
             Samples::Files(files) if is_npy(&files[i]) => {
                 return load_sample(&files[i], shape, out)
-            }
-            Samples::Files(files) => (
-                crate::data::io::read_png(&files[i])?,
-                files[i].display().to_string(),
-            ),
-            Samples::Encoded { table, images } => {
-                let what = format!("{} row {i}", table.display());
-                (crate::data::io::decode_png(&images[i], &what)?, what)
             }
             Samples::Signals { table, signals } => {
                 let what = || format!("{} row {i}", table.display());
@@ -97,7 +97,9 @@ impl Split {
                 out.extend_from_slice(&signals[i].values);
                 return Ok(());
             }
-        };
+            _ => {}
+        }
+        let decoded = self.decode(i)?;
         let decoded = if self.augment == Augment::default() {
             decoded
         } else {
@@ -112,7 +114,27 @@ impl Split {
             let img = self.augment.apply(img, shape[1], draw);
             (img.pixels, img.channels, img.height, img.width)
         };
-        image_to_input(decoded, shape, &what, out)
+        image_to_input(decoded, shape, &self.describe(i), out)
+    }
+
+    /// Image `i` decoded, before any augmentation: (pixels, channels, height, width).
+    pub fn decode(&self, i: usize) -> Result<(Vec<u8>, usize, usize, usize)> {
+        match &self.samples {
+            Samples::Files(files) => crate::data::io::read_png(&files[i]),
+            Samples::Encoded { images, .. } => {
+                crate::data::io::decode_png(&images[i], &self.describe(i))
+            }
+            Samples::Decoded(d) => d.get(i),
+            Samples::Signals { .. } => bail!("{} is a time series", self.describe(i)),
+        }
+    }
+
+    /// Sample `i` in messages: its file, or its table row.
+    fn describe(&self, i: usize) -> String {
+        match &self.samples {
+            Samples::Files(files) => files[i].display().to_string(),
+            _ => format!("{} row {i}", self.source.display()),
+        }
     }
 }
 
@@ -134,13 +156,25 @@ pub fn has_split(dir: &Path, split: &str) -> bool {
 }
 
 /// Read a split of `dir` (image folder or Parquet, see the module docs) and encode every task's
-/// column.
-pub fn read_split(dir: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Split> {
+/// column. `image_column`: the Parquet column of the images when it is not `image`.
+pub fn read_split(
+    dir: &Path,
+    split: &str,
+    tasks: &[TaskSpec],
+    image_column: Option<&str>,
+) -> Result<Split> {
     let csv_path = dir.join(format!("{split}-metadata.csv"));
     if !csv_path.exists() {
         if let Some(table) = parquet_split(dir, split) {
-            return read_parquet_split(&table, split, tasks);
+            return read_parquet_split(&table, split, tasks, image_column);
         }
+    }
+    if let Some(column) = image_column {
+        bail!(
+            "`dataset.image_column` = \"{column}\" names a Parquet column, but {} is an image folder, whose images are the files of its `file_name` column (expected {} for a Parquet split)",
+            csv_path.display(),
+            dir.join(format!("{split}.parquet")).display()
+        );
     }
     let mut rdr = csv::Reader::from_path(&csv_path).with_context(|| {
         format!("cannot read {} (expected a preprocessed dataset: `sigdiff synth` or preprocessing writes it; check `dataset.name` and the split name)", csv_path.display())
@@ -188,22 +222,35 @@ pub fn read_split(dir: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Split> 
     }
     Ok(Split {
         name: split.to_string(),
+        source: csv_path,
         samples: Samples::Files(files),
         targets,
         augment: Augment::default(),
     })
 }
 
-fn read_parquet_split(path: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Split> {
+fn read_parquet_split(
+    path: &Path,
+    split: &str,
+    tasks: &[TaskSpec],
+    image_column: Option<&str>,
+) -> Result<Split> {
     let mut table = crate::data::table::read(path)?;
-    let Some(at) = table
-        .names
-        .iter()
-        .position(|n| n == "image" || n == "signal")
-    else {
+    let found = match image_column {
+        Some(c) => table.names.iter().position(|n| n == c),
+        None => table
+            .names
+            .iter()
+            .position(|n| n == "image" || n == "signal"),
+    };
+    let Some(at) = found else {
         bail!(
-            "{}: no `image` or `signal` column (columns: {})",
+            "{}: no column {} (columns: {})",
             path.display(),
+            match image_column {
+                Some(c) => format!("`{c}` (`dataset.image_column`)"),
+                None => "`image` or `signal`".into(),
+            },
             table.names.join(", ")
         );
     };
@@ -258,6 +305,7 @@ fn read_parquet_split(path: &Path, split: &str, tasks: &[TaskSpec]) -> Result<Sp
     }
     Ok(Split {
         name: split.to_string(),
+        source: path.to_path_buf(),
         samples,
         targets,
         augment: Augment::default(),

@@ -4,6 +4,7 @@
 //! Face `datasets` layout) and the image resizing and augmentations (`image`). It sits beside
 //! `models` and imports neither `models` nor `train`.
 
+pub mod cache;
 pub mod image;
 pub mod io;
 pub mod layout;

@@ -26,7 +26,8 @@ use super::benchmark::benchmark_classifier;
 use super::checkpoint::{self, State};
 use super::metrics::{Metrics, Running};
 use super::swa::{swa_lr, Swa};
-use super::{fnv, list_dirs, Compiled, RunOptions};
+use super::{list_dirs, Compiled, RunOptions};
+use crate::data::io::fnv;
 use crate::data::loader::{read_split, Loader, Split};
 use crate::models::classifier::{Backbone, Classifier};
 use crate::models::nn::{Mode, Params};
@@ -87,14 +88,24 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     let ds = &cfg.dataset;
     let dir = &super::dataset_dir(compiled, &ds.name, &ds.path, ds.named.is_some())?;
     super::check_layout(dir, &config)?;
-    let train = Arc::new(read_split(dir, &cfg.dataset.train_split, tasks)?);
+    let train = Arc::new(read_split(dir, &cfg.dataset.train_split, tasks, None)?);
     let val = if t.eval_strategy == EvalStrategy::None {
         None
     } else {
-        Some(Arc::new(read_split(dir, &cfg.dataset.val_split, tasks)?))
+        Some(Arc::new(read_split(
+            dir,
+            &cfg.dataset.val_split,
+            tasks,
+            None,
+        )?))
     };
     let test = match crate::data::loader::has_split(dir, &cfg.dataset.test_split) {
-        true => Some(Arc::new(read_split(dir, &cfg.dataset.test_split, tasks)?)),
+        true => Some(Arc::new(read_split(
+            dir,
+            &cfg.dataset.test_split,
+            tasks,
+            None,
+        )?)),
         false => None,
     };
     let bs = compiled.batch_size;

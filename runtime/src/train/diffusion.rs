@@ -32,8 +32,9 @@ use super::evaluate::{reference_features, Evaluator};
 use super::export::{load_pretrained, save_diffusers};
 use super::log::Logger;
 use super::optim::{lr_factor, Optimizer};
-use super::{fnv, list_dirs, Compiled, RunOptions};
+use super::{list_dirs, Compiled, RunOptions};
 use crate::data::image::Augment;
+use crate::data::io::fnv;
 use crate::data::loader::{read_split, Loader, Samples, Split};
 use crate::diffusion::ema::Ema;
 use crate::diffusion::loss::{diffusion_grads, StepSpec};
@@ -161,8 +162,9 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
     let dir = super::dataset_dir(compiled, &ds.name, &ds.path, ds.named.is_some())?;
     super::check_layout(&dir, &config)?;
     let tasks = compiled.tasks;
+    let image_column = (ds.image_column != "image").then_some(ds.image_column.as_str());
     let read = |split: &str, augment: Augment, max: Option<usize>| -> Result<Arc<Split>> {
-        let mut s = read_split(&dir, split, tasks)?;
+        let mut s = read_split(&dir, split, tasks, image_column)?;
         let encoded = matches!(s.samples, Samples::Encoded { .. });
         match ds.dataset_type {
             DatasetType::ImageFolder if encoded => bail!(
@@ -178,6 +180,10 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         s.augment = augment;
         if let Some(n) = max {
             s.truncate(n);
+        }
+        if let Some(cache) = &ds.cache_dir {
+            let workers = ds.num_workers.max(1);
+            s = crate::data::cache::cached(s, &dir, Path::new(cache), image_column, workers)?;
         }
         Ok(Arc::new(s))
     };
@@ -591,17 +597,13 @@ fn named(vars: &[(String, Var)], saved: &HashMap<String, Tensor>) -> Result<Vec<
 
 /// Width of the split's first image as stored (before any resize).
 fn source_width(split: &Split) -> Result<usize> {
-    let (_, _, _, width) = match &split.samples {
-        Samples::Files(files) => crate::data::io::read_png(&files[0])?,
-        Samples::Encoded { table, images } => {
-            crate::data::io::decode_png(&images[0], &format!("{} row 0", table.display()))?
-        }
-        Samples::Signals { table, .. } => bail!(
+    if let Samples::Signals { table, .. } = &split.samples {
+        bail!(
             "{}: a time-series table, but this trainer was compiled for spectrograms (set `data_type = \"timeseries\"`)",
             table.display()
-        ),
-    };
-    Ok(width)
+        );
+    }
+    Ok(split.decode(0)?.3)
 }
 
 /// A resumable checkpoint: weights, optimizer moments, EMA, state, and `sampling.json`. Saved at

@@ -333,13 +333,6 @@ pub(crate) fn list_dirs(dir: &Path, prefix: &str) -> Vec<PathBuf> {
     v
 }
 
-/// FNV-1a, for the config hash a checkpoint records.
-pub(crate) fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// UTC `YYYYmmdd-HHMMSS`, for run directory names.
 pub(crate) fn timestamp() -> String {
     let secs = std::time::SystemTime::now()

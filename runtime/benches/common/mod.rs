@@ -1,0 +1,16 @@
+//! What the bench binaries share.
+
+use std::time::Instant;
+
+/// The median wall time of 5 runs, in seconds (the 2-vCPU machines this runs on are noisy).
+pub fn median_seconds(mut run: impl FnMut()) -> f64 {
+    let mut t: Vec<f64> = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            run();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[2]
+}
