@@ -88,7 +88,7 @@ struct SynthArgs {
     #[arg(long, default_value_t = 40)]
     subjects: usize,
     /// 2048-sample windows per subject (16.4 s each at 125 Hz, overlapping by half).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     windows: usize,
     #[arg(long, default_value_t = 7)]
     seed: u64,
