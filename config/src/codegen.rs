@@ -323,8 +323,12 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
     let [ph, pw] = m.patch_size;
     let num_embeds = dit_num_embeds(d);
     let norm_eps = m.norm_eps;
-    let (dropout, attention_bias, norm_affine) =
-        (m.dropout, m.attention_bias, m.norm_elementwise_affine);
+    let (dropout, attention_bias, norm_affine, upcast_attention) = (
+        m.dropout,
+        m.attention_bias,
+        m.norm_elementwise_affine,
+        m.upcast_attention,
+    );
     let feed_forward: TokenStream = m
         .activation_fn
         .literal(&At::top(std::path::Path::new(""), 0))
@@ -373,7 +377,7 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
             patch: [#ph, #pw], heads: #heads, head_dim: #hd, layers: #layers,
             num_embeds: #num_embeds, conditioning: #conditioning, norm_eps: #norm_eps,
             dropout: #dropout, attention_bias: #attention_bias, feed_forward: #feed_forward,
-            norm_affine: #norm_affine,
+            norm_affine: #norm_affine, upcast_attention: #upcast_attention,
         };
         /// The metadata columns its conditioning reads (empty values mean "unknown").
         pub const TASKS: [#rt::TaskSpec; #n_tasks] = [#(#tasks),*];

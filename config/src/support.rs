@@ -66,7 +66,7 @@ fn check_diffusion(
         );
         return;
     }
-    let rules: [(bool, &str, &str, &str); 7] = [
+    let rules: [(bool, &str, &str, &str); 6] = [
         (
             m.latent_space,
             "model.extras.latent_space",
@@ -84,13 +84,6 @@ fn check_diffusion(
             "model.lora.enabled",
             "LoRA for DiT",
             "set `enabled = false`",
-        ),
-        (
-            // In f32 every score is f32 already; under autocast ours are 16-bit products.
-            m.upcast_attention && d.training.mixed_precision != MixedPrecision::No,
-            "model.extras.upcast_attention",
-            "f32 attention scores under mixed precision (autocast computes attention's products in 16 bits)",
-            "remove `upcast_attention`, or set `training.mixed_precision = \"no\"`",
         ),
         (
             m.vae_tiling,

@@ -424,6 +424,7 @@ fn small_dit() -> signal_diffusion_runtime::models::dit::DitShape {
         attention_bias: true,
         feed_forward: signal_diffusion_runtime::config::choice::FeedForward::GeluApproximate,
         norm_affine: false,
+        upcast_attention: false,
     }
 }
 

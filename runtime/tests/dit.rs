@@ -29,6 +29,7 @@ fn shape(height: usize, width: usize, num_embeds: usize, conditioning: Condition
         attention_bias: true,
         feed_forward: FeedForward::GeluApproximate,
         norm_affine: false,
+        upcast_attention: false,
     }
 }
 
@@ -318,5 +319,29 @@ fn dit_dropout_is_seeded_and_survives_checkpointing() {
             "{name}: |Δ| {} vs max |g| {scale}",
             diff(got, want)
         );
+    }
+}
+
+/// `upcast_attention` under bf16 autocast takes the attention op out of the autocast. On the
+/// CPU that op already computes the scores and the softmax in f32 from 16-bit q, k, v (what
+/// diffusers' upcast asks) and its roundings of q, k, v and of the output coincide with those of
+/// the linear layers around it: outputs and gradients stay bit for bit those of the plain bf16
+/// model. (On a GPU it turns the op's two 16-bit products into f32 ones; the op itself is checked
+/// without autocast by `attention_by_products_equals_the_composite`.)
+#[test]
+fn upcast_attention_leaves_the_cpu_numbers_as_they_are() {
+    let default = shape(8, 16, 5, Conditioning::GenderHealthAge);
+    let upcast = DitShape {
+        upcast_attention: true,
+        ..default
+    };
+    for autocast in [None, Some(DType::BF16), Some(DType::F16)] {
+        let (p0, out0, g0) = output_and_gradients_of(default, autocast);
+        let (p1, out1, g1) = output_and_gradients_of(upcast, autocast);
+        assert_eq!(max_abs(&(&out0 - &out1).unwrap()), 0.0, "{autocast:?}");
+        for ((name, a), (_, b)) in p0.trainable.iter().zip(&p1.trainable) {
+            let d = max_abs(&(g0.get(a).unwrap() - g1.get(b).unwrap()).unwrap());
+            assert_eq!(d, 0.0, "{name} ({autocast:?})");
+        }
     }
 }

@@ -21,10 +21,12 @@
 //!
 //! diffusers' block options are all here: `attention_bias` (q/k/v biases), `activation_fn` (the
 //! feed-forward's six first halves), `norm_elementwise_affine` (an affine `norm3` before the
-//! feed-forward; the adaLN norms never have one, in diffusers either) and `dropout` (after the
+//! feed-forward; the adaLN norms never have one, in diffusers either), `dropout` (after the
 //! attention's output projection and between the feed-forward's halves, in training only; its
 //! masks come from a seed per forward, per block and site, so gradient checkpointing's recompute
-//! drops the same elements).
+//! drops the same elements) and `upcast_attention` (under autocast, the attention op runs in f32:
+//! diffusers computes q·kᵀ and the softmax in f32 and rounds the probabilities back for the
+//! product with v; ours keeps that product in f32 too).
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Result, Tensor, Var, D};
@@ -34,6 +36,7 @@ use crate::models::nn::{Linear, Params};
 use crate::ops::adaln::{gated_residual, modulate};
 use crate::ops::cpu::splitmix64;
 use crate::ops::dropout::dropout;
+use crate::ops::precision::Autocast;
 
 /// What the label and age inputs mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -89,6 +92,9 @@ pub struct DitShape {
     /// An affine LayerNorm before the feed-forward (`norm_elementwise_affine`).
     #[serde(default)]
     pub norm_affine: bool,
+    /// Attention in f32 under mixed precision (`upcast_attention`).
+    #[serde(default)]
+    pub upcast_attention: bool,
 }
 
 // Defaults of `sampling.json` files written before these options existed.
@@ -246,24 +252,32 @@ struct Attention {
     v: Linear,
     out: Linear,
     heads: usize,
+    /// Run the attention op (forward and backward) in f32 whatever the autocast.
+    upcast: bool,
 }
 
 impl Attention {
-    fn new(p: &mut Params, name: &str, dim: usize, heads: usize, bias: bool) -> Result<Self> {
+    fn new(p: &mut Params, name: &str, s: &DitShape) -> Result<Self> {
+        let (dim, bias) = (s.dim(), s.attention_bias);
         Ok(Attention {
             q: Linear::with_bias(p, &format!("{name}.to_q"), dim, dim, bias)?,
             k: Linear::with_bias(p, &format!("{name}.to_k"), dim, dim, bias)?,
             v: Linear::with_bias(p, &format!("{name}.to_v"), dim, dim, bias)?,
             out: Linear::new(p, &format!("{name}.to_out.0"), dim, dim)?,
-            heads,
+            heads: s.heads,
+            upcast: s.upcast_attention,
         })
     }
 
     /// (B, N, D) -> (B, N, D): softmax(q·kᵀ/√d_head)·v per head.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
-        self.out
-            .forward(&crate::ops::attention::attention(&q, &k, &v, self.heads)?)
+        let attended = {
+            // The op reads the autocast when it is applied and keeps it for its backward.
+            let _f32 = self.upcast.then(|| Autocast::enter(None));
+            crate::ops::attention::attention(&q, &k, &v, self.heads)?
+        };
+        self.out.forward(&attended)
     }
 }
 
@@ -400,7 +414,7 @@ impl Dit {
             blocks.push(Block {
                 emb: Embedder::new(p, &format!("{n}.norm1.emb"), s)?,
                 ada: Linear::new(p, &format!("{n}.norm1.linear"), d, 6 * d)?,
-                attn: Attention::new(p, &format!("{n}.attn1"), d, s.heads, s.attention_bias)?,
+                attn: Attention::new(p, &format!("{n}.attn1"), s)?,
                 norm3: if s.norm_affine {
                     Some((
                         p.constant(format!("{n}.norm3.weight"), &[d], 1.0)?,

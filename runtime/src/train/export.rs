@@ -66,7 +66,7 @@ pub(super) fn save_diffusers(
         "patch_size": s.patch[0],
         "activation_fn": s.feed_forward.toml(),
         "num_embeds_ada_norm": s.num_embeds,
-        "upcast_attention": false,
+        "upcast_attention": s.upcast_attention,
         "norm_type": "ada_norm_zero",
         "norm_elementwise_affine": s.norm_affine,
         "norm_eps": s.norm_eps,
