@@ -8,6 +8,7 @@ pub mod eeglab;
 pub mod mat;
 pub mod meta;
 pub mod preprocess;
+pub mod resample;
 pub mod spectrogram;
 pub mod synth;
 pub mod timeseries;
