@@ -50,9 +50,9 @@ pub fn encode(task: &TaskSpec, raw: &str) -> Result<f32, String> {
         },
         "health" => match up.as_str() {
             "H" | "HEALTHY" | "HC" | "CONTROL" | "0" | "FALSE" => class(0),
-            "PD" | "PARKINSONS" | "1" | "TRUE" => class(1),
+            "PD" | "PARKINSONS" | "EP" | "EPILEPSY" | "1" | "TRUE" => class(1),
             _ => Err(format!(
-                "health `{v}` is neither H/healthy nor PD/parkinsons"
+                "health `{v}` is neither H/healthy nor PD/parkinsons or EP/epilepsy"
             )),
         },
         "emotion" => match up.as_str() {

@@ -16,6 +16,7 @@ mod fuzz_corpus;
 mod gradients;
 mod image;
 mod meta_dataset;
+mod mit;
 mod optim;
 mod preprocess;
 mod sampler;

@@ -50,7 +50,7 @@ enum Command {
 #[derive(Debug, Clone, clap::Args)]
 struct PreprocessArgs {
     /// Datasets to preprocess (names of `[datasets.*]` tables in the settings file; default:
-    /// each of math, parkinsons, seed and longitudinal whose raw directory exists).
+    /// each of math, parkinsons, seed, longitudinal and mit whose raw directory exists).
     datasets: Vec<String>,
     /// Settings file (default: $SIGNAL_DIFFUSION_CONFIG, else config/default.toml).
     #[arg(long)]

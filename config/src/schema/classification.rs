@@ -161,6 +161,8 @@ fn registry_task(
         (Some("longitudinal"), "handedness") => {
             Some((Classification, 2, "handedness", "handedness"))
         }
+        (Some("mit"), "seizure") => Some((Classification, 2, "seizure", "bool")),
+        (Some("mit"), "mit_condition") => Some((Classification, 4, "mit_condition", "int")),
         _ => None,
     }
 }
@@ -171,6 +173,7 @@ fn registry_names(dataset: Option<&str>) -> Vec<&'static str> {
         Some("math") => &["math_activity", "math_condition"],
         Some("parkinsons") => &["parkinsons_condition"],
         Some("longitudinal") => &["handedness"],
+        Some("mit") => &["seizure", "mit_condition"],
         _ => &[],
     };
     let mut v = vec!["gender", "health", "age"];

@@ -7,6 +7,7 @@
 //! | `parkinsons` (OpenNeuro ds004584) | `sub-XXX/eeg/*eeg.set`, `participants.tsv` | EEGLAB, 500 Hz |
 //! | `seed` (SEED-V) | `EEG_raw/{subject}_{session}_{date}.cnt`, `participants_info.csv` | Neuroscan, 1000 Hz |
 //! | `longitudinal` (Dortmund Vital Study, BIDS) | `sub-XXX/ses-{1,2}/eeg/sub-XXX_ses-N_task-EyesOpen_acq-{pre,post}_eeg.edf`, `participants.tsv`, `sub-XXX/sub-XXX_sessions.tsv` | EDF, 1000 Hz |
+//! | `mit` (PhysioNet CHB-MIT) | `chbNN/chbNN_MM.edf`, `chbNN/chbNN-summary.txt`, `SUBJECT-INFO` | EDF, 256 Hz (resampled) |
 //!
 //! Labels, column order and file names follow the reference (data.md §2.3, §3.6). Where the
 //! reference finds a subject's row by position, here it is found by its id (math, parkinsons),
@@ -23,6 +24,25 @@ use anyhow::{bail, Context, Result};
 pub struct ChannelMap {
     pub rows: [(&'static str, usize); 20],
 }
+
+/// Which 20 channels an adapter takes, in output order.
+pub enum Channels {
+    /// By position in the file (the reference's maps; names only checked).
+    Indexed(&'static ChannelMap),
+    /// By name, wherever the file has them (the first of a repeated name); a file without one of
+    /// them is skipped with the reason.
+    Named(&'static [&'static str; 20]),
+}
+
+/// CHB-MIT's bipolar montage, as taken here: the 18 double-banana derivations every case
+/// records (left temporal, left parasagittal, right parasagittal, right temporal chains, then
+/// the midline), and the two temporal-chain extensions of its 23-channel files, T7-FT9 and
+/// FT10-T8, to make the pipeline's 20 rows. Recordings whose montage lacks one (a few files of
+/// chb12, chb13, chb15, chb16 and chb18 change montage) are skipped, naming the channel.
+pub const MIT_CHANNELS: [&str; 20] = [
+    "FP1-F7", "F7-T7", "T7-P7", "P7-O1", "FP1-F3", "F3-C3", "C3-P3", "P3-O1", "FP2-F4", "F4-C4",
+    "C4-P4", "P4-O2", "FP2-F8", "F8-T8", "T8-P8", "P8-O2", "FZ-CZ", "CZ-PZ", "T7-FT9", "FT10-T8",
+];
 
 pub const MATH_CHANNELS: ChannelMap = ChannelMap {
     rows: [
@@ -147,6 +167,33 @@ pub struct Segment {
     /// (column, value) in the reference's column order.
     pub metadata: Vec<(String, String)>,
     pub naming: Naming,
+    /// CHB-MIT: the recording's seizures, which label each window (preprocess.rs).
+    pub seizures: Option<Seizures>,
+}
+
+/// The seizures of a recording, `[start, end)` in seconds from its start, and whether the
+/// subject is female (for `mit_condition`). A window is a seizure window when it overlaps them
+/// by at least [`SEIZURE_OVERLAP`] of its length.
+#[derive(Debug, Clone)]
+pub struct Seizures {
+    pub intervals: Vec<(f64, f64)>,
+    pub female: bool,
+}
+
+/// The share of a window that must lie in a seizure for the window to be labelled one: 10 %
+/// (1.64 s of a 16.4 s window), as the removed reference adapter counted (max(1 sample, 10 %)).
+pub const SEIZURE_OVERLAP: f64 = 0.1;
+
+impl Seizures {
+    /// 1 when the window `[start, end)` (seconds) overlaps the seizures by the threshold.
+    pub fn label(&self, start: f64, end: f64) -> usize {
+        let overlap: f64 = self
+            .intervals
+            .iter()
+            .map(|&(a, b)| (end.min(b) - start.max(a)).max(0.0))
+            .sum();
+        usize::from(overlap >= SEIZURE_OVERLAP * (end - start))
+    }
 }
 
 /// One raw file to cut into windows.
@@ -167,23 +214,29 @@ pub struct Subject {
 pub struct Adapter {
     pub name: &'static str,
     pub native_rate: f64,
-    pub channels: &'static ChannelMap,
+    pub channels: Channels,
     /// The hop of the spectrogram is the smallest multiple of this that fits the strips
     /// (8 for seed, 4 for the others, as the reference's per-dataset `_derive_hop_length`).
     pub hop_step: usize,
 }
 
+/// The datasets with an adapter.
+pub const DATASETS: [&str; 5] = ["math", "parkinsons", "seed", "longitudinal", "mit"];
+
 pub fn adapter(name: &str) -> Result<Adapter> {
-    let (native_rate, channels, hop_step): (f64, &'static ChannelMap, usize) = match name {
-        "math" => (500.0, &MATH_CHANNELS, 4),
-        "parkinsons" => (500.0, &PARKINSONS_CHANNELS, 4),
-        "seed" => (1000.0, &SEED_CHANNELS, 8),
-        "longitudinal" => (1000.0, &LONGITUDINAL_CHANNELS, 4),
+    use Channels::{Indexed, Named};
+    let (native_rate, channels, hop_step) = match name {
+        "math" => (500.0, Indexed(&MATH_CHANNELS), 4),
+        "parkinsons" => (500.0, Indexed(&PARKINSONS_CHANNELS), 4),
+        "seed" => (1000.0, Indexed(&SEED_CHANNELS), 8),
+        "longitudinal" => (1000.0, Indexed(&LONGITUDINAL_CHANNELS), 4),
+        "mit" => (256.0, Named(&MIT_CHANNELS), 4),
         other => bail!(
-            "unknown dataset `{other}`: the datasets are math, parkinsons, seed and longitudinal"
+            "unknown dataset `{other}`: the datasets are {}",
+            DATASETS.join(", ")
         ),
     };
-    let name = ["math", "parkinsons", "seed", "longitudinal"]
+    let name = DATASETS
         .into_iter()
         .find(|n| *n == name)
         .expect("matched above");
@@ -208,6 +261,7 @@ impl Adapter {
             "math" => math_subjects(root, include_math_trials)?,
             "parkinsons" => parkinsons_subjects(root, &mut warnings)?,
             "seed" => seed_subjects(root, &mut warnings)?,
+            "mit" => mit_subjects(root, &mut warnings)?,
             _ => longitudinal_subjects(root, &mut warnings)?,
         };
         if subjects.is_empty() {
@@ -219,6 +273,7 @@ impl Adapter {
                     "math" => "raw_eeg/Subject{NN}_1.edf",
                     "parkinsons" => "sub-XXX/eeg/*eeg.set",
                     "seed" => "EEG_raw/{subject}_{session}_{date}.cnt",
+                    "mit" => "chbNN/chbNN_MM.edf with chbNN/chbNN-summary.txt",
                     _ => "sub-XXX/ses-N/eeg/sub-XXX_ses-N_task-EyesOpen_acq-{pre,post}_eeg.edf",
                 }
             );
@@ -351,6 +406,7 @@ fn whole(metadata: Vec<(String, String)>, naming: Naming) -> Vec<Segment> {
         seconds: None,
         metadata,
         naming,
+        seizures: None,
     }]
 }
 
@@ -625,6 +681,7 @@ fn seed_subjects(root: &Path, warnings: &mut Vec<String>) -> Result<Vec<Subject>
                             naming: Naming::Trial {
                                 tag: format!("s{}-t{trial}", session + 1),
                             },
+                            seizures: None,
                         }
                     })
                     .collect(),
@@ -721,4 +778,184 @@ fn longitudinal_subjects(root: &Path, warnings: &mut Vec<String>) -> Result<Vec<
         }
     }
     Ok(subjects)
+}
+
+/// CHB-MIT's cases recorded again: chb21 is chb01 1.5 years later, one person for the split.
+const MIT_SAME_PERSON: [(&str, &str); 1] = [("chb21", "chb01")];
+
+/// CHB-MIT (PhysioNet chbmit 1.0.0): `<root>/chbNN/*.edf`, each case's `chbNN-summary.txt`
+/// (per file: `File Name:`, `Number of Seizures in File:` and each seizure's `Seizure Start
+/// Time: S seconds` / `Seizure End Time:`, also spelt `Seizure 1 Start Time:`), and
+/// `<root>/SUBJECT-INFO` (tab-separated `Case`, `Gender`, `Age (years)`). chb21's recordings
+/// join chb01's subject (one person; each keeps its own age). Every case has epilepsy: health
+/// is `EP`. A file the summary does not list is skipped with a warning (its seizures are
+/// unknown), never labelled background.
+fn mit_subjects(root: &Path, warnings: &mut Vec<String>) -> Result<Vec<Subject>> {
+    let info = mit_subject_info(&root.join("SUBJECT-INFO"))?;
+    let mut by_person: BTreeMap<String, Vec<Recording>> = BTreeMap::new();
+    for case in subject_dirs(root, "chb")? {
+        let dir = root.join(&case);
+        let summary_path = dir.join(format!("{case}-summary.txt"));
+        let summary = std::fs::read_to_string(&summary_path).with_context(|| {
+            format!(
+                "cannot read {} (each CHB-MIT case has one)",
+                summary_path.display()
+            )
+        })?;
+        let seizures = mit_summary(&summary, &summary_path, warnings)?;
+        let whose = format!("{} ({case})", root.join("SUBJECT-INFO").display());
+        let (g, a) = match info.get(&case) {
+            Some((g, a)) => (gender(g, &whose, warnings), age(a, &whose, warnings)),
+            None => {
+                warnings.push(format!(
+                    "{whose}: no row for `{case}`; gender and age written empty"
+                ));
+                (String::new(), String::new())
+            }
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("edf")))
+            .collect();
+        files.sort();
+        let person = MIT_SAME_PERSON
+            .iter()
+            .find(|(c, _)| *c == case)
+            .map_or(case.clone(), |(_, p)| p.to_string());
+        for path in files {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("")
+                .to_string();
+            let Some(intervals) = seizures.get(&name) else {
+                warnings.push(format!(
+                    "{}: not listed in {}; skipped (its seizures are unknown)",
+                    path.display(),
+                    summary_path.display()
+                ));
+                continue;
+            };
+            by_person
+                .entry(person.clone())
+                .or_default()
+                .push(Recording {
+                    path,
+                    segments: vec![Segment {
+                        seconds: None,
+                        metadata: kv(&[
+                            ("gender", g.clone()),
+                            ("health", "EP".into()),
+                            ("age", a.clone()),
+                            ("case", case.clone()),
+                        ]),
+                        naming: Naming::Counter,
+                        seizures: Some(Seizures {
+                            intervals: intervals.clone(),
+                            female: g == "F",
+                        }),
+                    }],
+                });
+        }
+    }
+    Ok(by_person
+        .into_iter()
+        .map(|(dir, recordings)| Subject { dir, recordings })
+        .collect())
+}
+
+/// `SUBJECT-INFO`: case → (gender, age), from its tab-separated rows after the header.
+fn mit_subject_info(path: &Path) -> Result<BTreeMap<String, (String, String)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {} (CHB-MIT's subject table)", path.display()))?;
+    let mut rows = text.lines().filter(|l| !l.trim().is_empty());
+    let header = rows.next().unwrap_or("");
+    if !header.to_ascii_lowercase().starts_with("case") {
+        bail!(
+            "{}: expected a header `Case<TAB>Gender<TAB>Age (years)`, found `{header}`",
+            path.display()
+        );
+    }
+    Ok(rows
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').map(str::trim).collect();
+            (f.len() >= 3).then(|| (f[0].to_string(), (f[1].to_string(), f[2].to_string())))
+        })
+        .collect())
+}
+
+/// A case summary: file name → its seizures `[start, end)` in seconds. A file whose listed
+/// count differs from the intervals found, or an end before its start, is an error naming the
+/// line (a wrong label is worse than no dataset).
+fn mit_summary(
+    text: &str,
+    path: &Path,
+    warnings: &mut Vec<String>,
+) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
+    let mut files: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut current: Option<(String, usize, Vec<f64>, Vec<f64>)> = None;
+    let finish = |c: Option<(String, usize, Vec<f64>, Vec<f64>)>,
+                  files: &mut BTreeMap<String, Vec<(f64, f64)>>|
+     -> Result<()> {
+        let Some((name, count, starts, ends)) = c else {
+            return Ok(());
+        };
+        if starts.len() != count || ends.len() != count {
+            bail!(
+                "{}: `{name}` lists {count} seizures but {} start and {} end times",
+                path.display(),
+                starts.len(),
+                ends.len()
+            );
+        }
+        let intervals: Vec<(f64, f64)> = starts.into_iter().zip(ends).collect();
+        if let Some((a, b)) = intervals.iter().find(|(a, b)| b <= a) {
+            bail!(
+                "{}: `{name}` has a seizure ending at {b} s, not after its start {a} s",
+                path.display()
+            );
+        }
+        files.insert(name, intervals);
+        Ok(())
+    };
+    for (i, line) in text.lines().enumerate() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let (key, value) = (key.trim(), value.trim());
+        let seconds = || -> Result<f64> {
+            value
+                .trim_end_matches("seconds")
+                .trim()
+                .parse::<f64>()
+                .with_context(|| {
+                    format!(
+                        "{}:{}: `{line}` is not a time in seconds",
+                        path.display(),
+                        i + 1
+                    )
+                })
+        };
+        if key == "File Name" {
+            finish(current.take(), &mut files)?;
+            current = Some((value.to_string(), 0, vec![], vec![]));
+        } else if let Some(c) = current.as_mut() {
+            if key == "Number of Seizures in File" {
+                c.1 = value
+                    .parse()
+                    .with_context(|| format!("{}:{}: `{line}`", path.display(), i + 1))?;
+            } else if key.starts_with("Seizure") && key.ends_with("Start Time") {
+                c.2.push(seconds()?);
+            } else if key.starts_with("Seizure") && key.ends_with("End Time") {
+                c.3.push(seconds()?);
+            }
+        }
+    }
+    finish(current, &mut files)?;
+    if files.is_empty() {
+        warnings.push(format!("{}: lists no files", path.display()));
+    }
+    Ok(files)
 }

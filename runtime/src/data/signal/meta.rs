@@ -47,7 +47,7 @@ pub struct Sample {
     pub file_name: String,
     /// F or M, None when missing or unrecognised.
     pub gender: Option<&'static str>,
-    /// H or PD.
+    /// H, PD (Parkinson's) or EP (epilepsy, CHB-MIT).
     pub health: &'static str,
     pub age: Option<i64>,
 }
@@ -157,7 +157,7 @@ pub fn plan_copies(weights: &[f64]) -> Result<Vec<(usize, usize)>> {
 }
 
 /// "a spectrogram image of a 25 year old, healthy, female subject", "... with Parkinson's
-/// disease" for PD, as the reference's `build_caption`.
+/// disease" for PD, as the reference's `build_caption`; "... with epilepsy" for CHB-MIT's EP.
 pub fn caption(age: Option<i64>, health: &str, gender: Option<&str>) -> String {
     let mut parts = vec![];
     if let Some(a) = age {
@@ -176,12 +176,12 @@ pub fn caption(age: Option<i64>, health: &str, gender: Option<&str>) -> String {
     } else {
         format!("{} subject", parts.join(", "))
     };
-    let pd = if health == "PD" {
-        " with Parkinson's disease"
-    } else {
-        ""
+    let condition = match health {
+        "PD" => " with Parkinson's disease",
+        "EP" => " with epilepsy",
+        _ => "",
     };
-    format!("a spectrogram image of a {who}{pd}")
+    format!("a spectrogram image of a {who}{condition}")
 }
 
 fn read_split(dir: &Path, dataset: usize, split: &str) -> Result<Vec<Sample>> {
@@ -208,6 +208,7 @@ fn read_split(dir: &Path, dataset: usize, split: &str) -> Result<Vec<Sample>> {
         };
         let health = match get(h).to_ascii_uppercase().as_str() {
             "PD" | "PARKINSONS" | "1" | "TRUE" => "PD",
+            "EP" | "EPILEPSY" => "EP",
             _ => "H",
         };
         out.push(Sample {

@@ -87,3 +87,53 @@ pub fn read_picks(path: &Path, picks: &[usize]) -> Result<Picked> {
         ),
     }
 }
+
+/// Reads the channels called `names` (case-insensitive, surrounding spaces ignored; the first of
+/// a repeated name) of an EDF/BDF recording, in the order of `names`. A missing one is an error
+/// naming it and the file's channels.
+pub fn read_named(path: &Path, names: &[&str]) -> Result<Picked> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if ext != "edf" && ext != "bdf" {
+        bail!(
+            "{}: channels are picked by name from EDF/BDF recordings only",
+            path.display()
+        );
+    }
+    let rec = edf::read(path)?;
+    let index = |name: &str| {
+        rec.signals
+            .iter()
+            .position(|s| s.label.trim().eq_ignore_ascii_case(name))
+    };
+    let missing: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| index(n).is_none())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "{}: no channel {} (it has: {})",
+            path.display(),
+            missing.join(", "),
+            rec.signals
+                .iter()
+                .map(|s| s.label.trim())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let signals: Vec<_> = names
+        .iter()
+        .map(|n| &rec.signals[index(n).expect("checked above")])
+        .collect();
+    Ok(Picked {
+        labels: signals.iter().map(|s| s.label.clone()).collect(),
+        sample_rates: signals.iter().map(|s| s.sample_rate).collect(),
+        volts: signals.iter().map(|s| s.volts()).collect(),
+        warning: None,
+    })
+}

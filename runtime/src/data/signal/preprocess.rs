@@ -19,9 +19,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use signal_diffusion_config::settings::{DatasetPaths, Settings};
 
-use super::datasets::{adapter, Adapter, Naming, Subject};
+use super::datasets::{adapter, Adapter, Channels, Naming, Subject};
 use super::decimate::{decimate, decimate_channels};
-use super::read_picks;
+use super::resample::resample_poly;
+use super::{read_named, read_picks};
 use signal_diffusion_config::choice::{OutputType, PolarLayout};
 
 use crate::data::layout::Layout;
@@ -40,7 +41,7 @@ pub const RESOLUTION: usize = 256;
 #[derive(Debug, Clone)]
 pub struct PreprocessOptions {
     /// Datasets to preprocess (names of `[datasets.*]` tables in the settings file; default:
-    /// each of math, parkinsons, seed and longitudinal whose raw directory exists).
+    /// each of math, parkinsons, seed, longitudinal and mit whose raw directory exists).
     pub datasets: Vec<String>,
     /// Override the settings' output type: db-only, db-iq or db-polar.
     pub output_type: Option<OutputType>,
@@ -68,12 +69,17 @@ pub struct Summary {
     /// (file, reason) of recordings that produced nothing.
     pub skipped: Vec<(PathBuf, String)>,
     pub warnings: Vec<String>,
+    /// Labelled windows (CHB-MIT): seizure windows, background windows written, and background
+    /// windows left out by `max_background_windows`.
+    pub seizure: usize,
+    pub background: usize,
+    pub left_out: usize,
 }
 
 pub fn run(args: &PreprocessOptions, settings: &Settings) -> Result<Summary> {
     let mut total = Summary::default();
     let names: Vec<String> = if args.datasets.is_empty() {
-        let known = ["math", "parkinsons", "seed", "longitudinal"];
+        let known = super::datasets::DATASETS;
         let found: Vec<String> = known
             .iter()
             .filter(|n| settings.datasets.get(**n).is_some_and(|d| d.root.is_dir()))
@@ -133,12 +139,24 @@ pub fn run(args: &PreprocessOptions, settings: &Settings) -> Result<Summary> {
         for w in &s.warnings {
             println!("  warning: {w}");
         }
+        if s.seizure + s.background > 0 {
+            println!(
+                "  seizure windows {}, background windows {} ({} more left out by `max_background_windows` = {})",
+                s.seizure,
+                s.background,
+                s.left_out,
+                paths.max_background_windows
+            );
+        }
         total.recordings += s.recordings;
         total.windows += s.windows;
         total.written += s.written;
         total.existing += s.existing;
         total.skipped.extend(s.skipped);
         total.warnings.extend(s.warnings);
+        total.seizure += s.seizure;
+        total.background += s.background;
+        total.left_out += s.left_out;
     }
     Ok(total)
 }
@@ -168,79 +186,100 @@ pub fn assign_splits<T>(mut subjects: Vec<T>, seed: u64) -> Vec<(&'static str, T
         .collect()
 }
 
-/// The 20 mapped channels of a recording, decimated to 125 Hz, in volts.
+/// The 20 mapped channels of a recording at 125 Hz, in volts: decimated (scipy's `decimate`)
+/// when the rate is an integer multiple of 125 Hz, as the reference does; else resampled
+/// (scipy's `resample_poly`, e.g. 125/256 for CHB-MIT), which the reference could not do.
 fn load(adapter: &Adapter, path: &Path, warnings: &Mutex<Vec<String>>) -> Result<Vec<Vec<f64>>> {
-    let picks: Vec<usize> = adapter.channels.rows.iter().map(|&(_, i)| i).collect();
-    let rec = read_picks(path, &picks).map_err(|e| {
-        anyhow::anyhow!(
-            "{e:#} (the {} channel map takes channels {picks:?})",
-            adapter.name
-        )
-    })?;
     let warn = |w: String| warnings.lock().expect("no panics hold it").push(w);
+    let rec = match &adapter.channels {
+        Channels::Indexed(map) => {
+            let picks: Vec<usize> = map.rows.iter().map(|&(_, i)| i).collect();
+            let rec = read_picks(path, &picks).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e:#} (the {} channel map takes channels {picks:?})",
+                    adapter.name
+                )
+            })?;
+            let norm = |l: &str| {
+                let l = l.trim();
+                let l = match l.get(..3) {
+                    Some(p) if p.eq_ignore_ascii_case("EEG") => &l[3..],
+                    _ => l,
+                };
+                l.trim().trim_end_matches('.').to_uppercase()
+            };
+            for (&(name, idx), label) in map.rows.iter().zip(&rec.labels) {
+                if norm(label) != norm(name) {
+                    warn(format!("{}: channel {idx} is `{label}`, the map expects `{name}` (used by index, as the reference)", path.display()));
+                }
+            }
+            rec
+        }
+        Channels::Named(names) => read_named(path, &names[..])
+            .map_err(|e| anyhow::anyhow!("{e:#} (the {} montage)", adapter.name))?,
+    };
     if let Some(w) = &rec.warning {
         warn(format!("{}: {w}", path.display()));
     }
-    let norm = |l: &str| {
-        let l = l.trim();
-        let l = match l.get(..3) {
-            Some(p) if p.eq_ignore_ascii_case("EEG") => &l[3..],
-            _ => l,
-        };
-        l.trim().trim_end_matches('.').to_uppercase()
-    };
     let mut factors = vec![];
-    for ((&(name, idx), label), &rate) in adapter
-        .channels
-        .rows
-        .iter()
-        .zip(&rec.labels)
-        .zip(&rec.sample_rates)
-    {
-        if norm(label) != norm(name) {
-            warn(format!("{}: channel {idx} is `{label}`, the map expects `{name}` (used by index, as the reference)", path.display()));
-        }
+    for (label, &rate) in rec.labels.iter().zip(&rec.sample_rates) {
         let q = rate / TARGET_RATE;
-        if q.fract() != 0.0 || q < 1.0 {
+        let integer_rate = rate.fract() == 0.0 && rate >= 1.0;
+        if (q.fract() != 0.0 || q < 1.0) && !integer_rate {
             bail!(
-                "{}: channel {label} is sampled at {rate} Hz, not an integer multiple of {TARGET_RATE} Hz",
+                "{}: channel {label} is sampled at {rate} Hz, neither a multiple of {TARGET_RATE} Hz nor a whole number of Hz",
                 path.display()
             );
         }
         if rate != adapter.native_rate {
             warn(format!(
-                "{}: channel {label} is sampled at {rate} Hz; {} recordings are {} Hz (decimated by {q} instead)",
+                "{}: channel {label} is sampled at {rate} Hz; {} recordings are {} Hz",
                 path.display(),
                 adapter.name,
                 adapter.native_rate
             ));
         }
-        factors.push(q as usize);
+        factors.push(rate);
     }
-    let failed = |e: String| anyhow::anyhow!("{}: {e}", path.display());
+    let to_125 = |v: &[f64], rate: f64| -> Result<Vec<f64>> {
+        let q = rate / TARGET_RATE;
+        if q.fract() == 0.0 && q >= 1.0 {
+            decimate(v, q as usize).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        } else {
+            Ok(resample_poly(v, TARGET_RATE as usize, rate as usize))
+        }
+    };
     let same_length = rec.volts.iter().all(|v| v.len() == rec.volts[0].len());
-    if factors.iter().all(|&q| q == factors[0]) && same_length {
-        return decimate_channels(&rec.volts, factors[0]).map_err(failed);
+    let q = factors[0] / TARGET_RATE;
+    if factors.iter().all(|&r| r == factors[0]) && same_length && q.fract() == 0.0 {
+        return decimate_channels(&rec.volts, q as usize)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
     }
-    // EDF allows a different rate per channel: one at a time.
+    // A different rate per channel (EDF allows it), or resampling: one channel at a time.
     rec.volts
         .iter()
         .zip(&factors)
-        .map(|(v, &q)| decimate(v, q).map_err(failed))
+        .map(|(v, &rate)| to_125(v, rate))
         .collect()
 }
 
-/// The windows of `signal[.., from..to]`: NSAMPS long, every SHIFT samples, the trailing
-/// partial one dropped.
-fn windows(
-    signal: &[Vec<f64>],
-    from: usize,
-    to: usize,
-) -> impl Iterator<Item = Vec<Vec<f64>>> + '_ {
-    (from..)
-        .step_by(SHIFT)
-        .take_while(move |s| s + NSAMPS <= to)
-        .map(move |s| signal.iter().map(|ch| ch[s..s + NSAMPS].to_vec()).collect())
+/// Which windows to write, given each one's seizure label: every seizure window, and at most
+/// `cap` background windows spread evenly over the recording (the i-th of `cap` at position
+/// ⌊i·n/cap⌋ of the n background windows); `cap` 0 keeps them all.
+fn background_cap(labels: &[usize], cap: usize) -> Vec<bool> {
+    let background: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == 0).collect();
+    let mut keep: Vec<bool> = labels.iter().map(|&l| l == 1).collect();
+    let n = background.len();
+    if cap == 0 || n <= cap {
+        for &i in &background {
+            keep[i] = true;
+        }
+    } else {
+        for i in 0..cap {
+            keep[background[i * n / cap]] = true;
+        }
+    }
+    keep
 }
 
 fn preprocess_dataset(
@@ -378,6 +417,9 @@ fn preprocess_dataset(
             summary.written += sub.written;
             summary.existing += sub.existing;
             summary.skipped.extend(sub.skipped.iter().cloned());
+            summary.seizure += sub.seizure;
+            summary.background += sub.background;
+            summary.left_out += sub.left_out;
         }
         write_csv(
             &out_dir.join(format!("{split}-metadata.csv")),
@@ -443,7 +485,24 @@ fn process_subject(
                     ((b * TARGET_RATE) as usize).min(len),
                 ),
             };
-            for (block, w) in windows(&signal, from, to).enumerate() {
+            let starts: Vec<usize> = (from..)
+                .step_by(SHIFT)
+                .take_while(|s| s + NSAMPS <= to)
+                .collect();
+            // CHB-MIT: each window's seizure label, and which background windows are written.
+            let labels: Option<Vec<usize>> = segment.seizures.as_ref().map(|sz| {
+                starts
+                    .iter()
+                    .map(|&st| {
+                        sz.label(st as f64 / TARGET_RATE, (st + NSAMPS) as f64 / TARGET_RATE)
+                    })
+                    .collect()
+            });
+            let keep = match &labels {
+                Some(l) => background_cap(l, paths.max_background_windows),
+                None => vec![true; starts.len()],
+            };
+            for (block, &start) in starts.iter().enumerate() {
                 let kind = if stats.is_some() {
                     "timeseries"
                 } else {
@@ -461,7 +520,17 @@ fn process_subject(
                         format!("{split}/{}/{kind}-{tag}-{block}.{ext}", subject.dir)
                     }
                 };
+                // Every window takes a number, written or not: a name always means the same
+                // window, whatever the cap (a rerun skips the files that exist).
                 k += 1;
+                if !keep[block] {
+                    s.left_out += 1;
+                    continue;
+                }
+                let w: Vec<Vec<f64>> = signal
+                    .iter()
+                    .map(|ch| ch[start..start + NSAMPS].to_vec())
+                    .collect();
                 s.windows += 1;
                 let path = out_dir.join(&rel);
                 // An empty file is what a power loss can leave of an unsynced write.
@@ -494,7 +563,19 @@ fn process_subject(
                     }
                     s.written += 1;
                 }
-                rows.push((rel, segment.metadata.clone()));
+                let mut metadata = segment.metadata.clone();
+                if let (Some(l), Some(sz)) = (&labels, &segment.seizures) {
+                    let seizure = l[block];
+                    if seizure == 1 {
+                        s.seizure += 1;
+                    } else {
+                        s.background += 1;
+                    }
+                    metadata.push(("seizure".into(), seizure.to_string()));
+                    let condition = 2 * seizure + usize::from(sz.female);
+                    metadata.push(("mit_condition".into(), condition.to_string()));
+                }
+                rows.push((rel, metadata));
             }
         }
         if s.windows == before {

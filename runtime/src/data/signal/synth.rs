@@ -198,6 +198,7 @@ pub fn run(args: &SynthOptions) -> Result<()> {
                 timeseries_output: args.out.join("timeseries"),
                 min_db: Some(args.min_db),
                 max_db: Some(args.max_db),
+                max_background_windows: 0,
             },
         )]
         .into(),
