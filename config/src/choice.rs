@@ -188,6 +188,9 @@ choices! {
     /// implementation's (dB, linear magnitude, φ min-max scaled, wrapping at ±π).
     pub enum PolarLayout { PhaseCosSin = "phase-cos-sin", MagnitudePhase = "magnitude-phase" }
 
+    /// `training.class_weights`: how a classification task's cross-entropy weighs its classes.
+    pub enum ClassWeights { None = "none", Balanced = "balanced" }
+
     /// `model.extras.activation_fn`: a DiT feed-forward's first half, as diffusers'
     /// `FeedForward` names them (`geglu-approximate` is its ungated `ApproximateGELU`).
     pub enum FeedForward {

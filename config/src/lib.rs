@@ -214,6 +214,7 @@ pub const OVERRIDABLE: &[&str] = &[
     "training.max_best_checkpoints",
     "training.early_stopping_patience",
     "training.label_smoothing",
+    "training.class_weights",
     "training.seed",
     "training.resume",
     "training.device",

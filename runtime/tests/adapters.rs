@@ -295,24 +295,17 @@ fn seed_trials_of_neuroscan_sessions() {
 
 fn write_edf(path: &Path, n_ch: usize, seconds: usize) {
     let signals = (0..n_ch)
-        .map(|c| Signal {
-            label: if c == 0 {
+        .map(|c| {
+            let label = if c == 0 {
                 "Fp1".into()
             } else {
                 format!("E{c}")
-            },
-            transducer: String::new(),
-            unit: "uV".into(),
-            prefilter: String::new(),
-            physical_min: -3276.8,
-            physical_max: 3276.7,
-            digital_min: -32768,
-            digital_max: 32767,
-            samples_per_record: 1000,
-            sample_rate: 1000.0,
-            digital: (0..1000 * seconds)
-                .map(|n| (microvolts(c, n, 1000.0) * 10.0).round() as i32)
-                .collect(),
+            };
+            Signal::microvolts(
+                &label,
+                1000,
+                (0..1000 * seconds).map(|n| microvolts(c, n, 1000.0)),
+            )
         })
         .collect();
     let rec = Recording::new(path, Format::Edf, 1.0, signals);

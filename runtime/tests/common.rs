@@ -16,3 +16,12 @@ pub fn randn(shape: &[usize], std: f64) -> Tensor {
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
+
+/// The rows of a CSV file, split at commas (the preprocessed metadata has no quoted fields).
+pub fn rows(path: &std::path::Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect()
+}

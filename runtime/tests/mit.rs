@@ -7,84 +7,17 @@
 use std::path::Path;
 
 use signal_diffusion_config::settings::Env;
-use signal_diffusion_runtime::data::signal::edf::{self, Format, Recording, Signal};
+
+use crate::common::rows;
 use signal_diffusion_runtime::data::signal::preprocess::{run, PreprocessOptions};
 
-/// A 23-channel CHB-MIT file's labels: the 18 double-banana derivations, then P7-T7, T7-FT9,
-/// FT9-FT10, FT10-T8 and T8-P8 again (as PhysioNet's files repeat it), with `-` placeholders.
-const MONTAGE: [&str; 25] = [
-    "FP1-F7", "F7-T7", "T7-P7", "P7-O1", "FP1-F3", "F3-C3", "C3-P3", "P3-O1", "FP2-F4", "F4-C4",
-    "C4-P4", "P4-O2", "FP2-F8", "F8-T8", "T8-P8", "P8-O2", "FZ-CZ", "CZ-PZ", "-", "P7-T7",
-    "T7-FT9", "FT9-FT10", "-", "FT10-T8", "T8-P8",
-];
+use signal_diffusion_runtime::data::signal::synth::chbmit::{summary_entry, MONTAGE};
 
-/// `seconds` of 256 Hz EEG in `labels`' montage: 20 µV of 10 Hz alpha plus noise, and during
-/// each seizure a 3 Hz, 300 µV rhythm. The repeated T8-P8 (the second) is flat, to show which
-/// one is read.
 fn write_edf(path: &Path, labels: &[&str], seconds: usize, seizures: &[(f64, f64)]) {
-    let mut state = path.to_string_lossy().len() as u64;
-    let mut noise = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-    };
-    let seen_t8p8 = std::cell::Cell::new(false);
-    let signals = labels
-        .iter()
-        .enumerate()
-        .map(|(c, l)| {
-            let flat = *l == "T8-P8" && seen_t8p8.replace(true);
-            Signal {
-                label: l.to_string(),
-                transducer: String::new(),
-                unit: "uV".into(),
-                prefilter: String::new(),
-                physical_min: -3276.8,
-                physical_max: 3276.7,
-                digital_min: -32768,
-                digital_max: 32767,
-                samples_per_record: 256,
-                sample_rate: 256.0,
-                digital: (0..256 * seconds)
-                    .map(|n| {
-                        let t = n as f64 / 256.0;
-                        if flat {
-                            return 0;
-                        }
-                        let tau = 2.0 * std::f64::consts::PI;
-                        let mut uv = 20.0 * (tau * 10.0 * t + c as f64).sin() + 10.0 * noise();
-                        if seizures.iter().any(|&(a, b)| t >= a && t < b) {
-                            uv += 300.0 * (tau * 3.0 * t).sin();
-                        }
-                        (uv * 10.0).round() as i32
-                    })
-                    .collect(),
-            }
-        })
-        .collect();
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let rec = Recording::new(path, Format::Edf, 1.0, signals);
-    edf::write(path, &rec, Format::Edf).unwrap();
-}
-
-/// One summary entry, in the spelling of newer cases (`Seizure 1 Start Time`) or older ones.
-fn summary_entry(file: &str, seizures: &[(f64, f64)], numbered: bool) -> String {
-    let mut s = format!(
-        "File Name: {file}\nFile Start Time: 11:42:54\nFile End Time: 12:42:54\nNumber of Seizures in File: {}\n",
-        seizures.len()
-    );
-    for (i, (a, b)) in seizures.iter().enumerate() {
-        let n = if numbered {
-            format!(" {}", i + 1)
-        } else {
-            String::new()
-        };
-        s.push_str(&format!(
-            "Seizure{n} Start Time: {a} seconds\nSeizure{n} End Time: {b} seconds\n"
-        ));
-    }
-    s + "\n"
+    signal_diffusion_runtime::data::signal::synth::chbmit::write_edf(
+        path, labels, seconds, seizures,
+    )
+    .unwrap();
 }
 
 fn settings(tmp: &Path, cap: usize) -> signal_diffusion_config::settings::Settings {
@@ -108,14 +41,6 @@ fn args() -> PreprocessOptions {
         overwrite: true,
         seed: 3,
     }
-}
-
-fn rows(path: &Path) -> Vec<Vec<String>> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| l.split(',').map(String::from).collect())
-        .collect()
 }
 
 /// chb01 (one 120 s file, a seizure at [40, 60) s, old spelling), chb21 (chb01 again, 120 s,

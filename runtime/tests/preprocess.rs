@@ -5,6 +5,8 @@ use std::path::Path;
 
 use signal_diffusion_config::choice::{OutputType, PolarLayout};
 use signal_diffusion_config::settings::Env;
+
+use crate::common::rows;
 use signal_diffusion_runtime::data::signal::edf::{self, Format, Recording, Signal};
 use signal_diffusion_runtime::data::signal::preprocess::{run, PreprocessOptions};
 
@@ -17,25 +19,13 @@ fn write_subject(raw: &Path, name: &str, seconds: usize, alpha_uv: f64) {
     let signals = LABELS
         .iter()
         .enumerate()
-        .map(|(c, l)| Signal {
-            label: format!("EEG {l}"),
-            transducer: String::new(),
-            unit: "uV".into(),
-            prefilter: String::new(),
-            physical_min: -3276.8,
-            physical_max: 3276.7,
-            digital_min: -32768,
-            digital_max: 32767,
-            samples_per_record: 500,
-            sample_rate: 500.0,
-            digital: (0..500 * seconds)
-                .map(|n| {
-                    let t = n as f64 / 500.0;
-                    let uv = alpha_uv * (2.0 * std::f64::consts::PI * 10.0 * t + c as f64).sin()
-                        + 3.0 * ((n * 7919 + c * 104729) % 1000) as f64 / 1000.0;
-                    (uv * 10.0).round() as i32
-                })
-                .collect(),
+        .map(|(c, l)| {
+            let uv = (0..500 * seconds).map(|n| {
+                let t = n as f64 / 500.0;
+                alpha_uv * (2.0 * std::f64::consts::PI * 10.0 * t + c as f64).sin()
+                    + 3.0 * ((n * 7919 + c * 104729) % 1000) as f64 / 1000.0
+            });
+            Signal::microvolts(&format!("EEG {l}"), 500, uv)
         })
         .collect();
     let rec = Recording::new(&raw.join(name), Format::Edf, 1.0, signals);
@@ -76,14 +66,6 @@ fn args(timeseries: bool) -> PreprocessOptions {
         overwrite: false,
         seed: 205,
     }
-}
-
-fn rows(path: &Path) -> Vec<Vec<String>> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| l.split(',').map(String::from).collect())
-        .collect()
 }
 
 #[test]

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::choice::{
-    Activation, Backbone, CheckpointStrategy, Choice, CompileMode, DataType, Device, EvalStrategy,
-    LrSchedule, OptimizerName, OutputType, Pooling,
+    Activation, Backbone, CheckpointStrategy, Choice, ClassWeights, CompileMode, DataType, Device,
+    EvalStrategy, LrSchedule, OptimizerName, OutputType, Pooling,
 };
 use crate::literal::literal;
 use crate::settings::Settings;
@@ -117,6 +117,7 @@ literal! {
         pub swa_extra_ratio: f64,
         pub swa_lr_frac: f64,
         pub label_smoothing: f64,
+        pub class_weights: ClassWeights,
         pub seed: u64,
         pub resume: Option<String>,
     }
@@ -463,6 +464,7 @@ fn read_training(
     let swa_extra_ratio = t.float_in(ctx, "swa_extra_ratio", 0.333, 1e-6, 10.0);
     let swa_lr_frac = t.float_in(ctx, "swa_lr_frac", 0.25, 1e-6, 10.0);
     let label_smoothing = t.float_in(ctx, "label_smoothing", 0.0, 0.0, 0.999);
+    let class_weights = t.pick(ctx, "class_weights", ClassWeights::None, ClassWeights::ALL);
     let seed = t.int(ctx, "seed").map(|s| s as u64).unwrap_or(42);
     let resume = opt_path(&t, ctx, "resume");
     let tw = t.section(ctx, "task_weights");
@@ -523,6 +525,7 @@ fn read_training(
         swa_extra_ratio,
         swa_lr_frac,
         label_smoothing,
+        class_weights,
         seed,
         resume,
     };

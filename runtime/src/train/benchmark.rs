@@ -39,7 +39,9 @@ pub(super) fn benchmark_classifier<B: Backbone>(
     let mut opt = Optimizer::new(&cfg.optimizer, params.trainable.clone())?;
     let weights: Vec<f64> = cfg.tasks.iter().map(|t| t.weight).collect();
     let shape_vec = compiled.input_shape.to_vec();
+    // Random inputs and targets: no training split to weigh classes by.
     let ctx = classification::Ctx {
+        class_weights: vec![None; tasks.len()],
         norm: vec![None; tasks.len()],
         cfg,
         tasks,

@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use signal_diffusion_config::choice::{CheckpointStrategy, EvalStrategy};
+use signal_diffusion_config::choice::{CheckpointStrategy, ClassWeights, EvalStrategy};
 use signal_diffusion_config::{schema::Classification, Kind};
 
 use super::benchmark::benchmark_classifier;
@@ -184,7 +184,22 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
     let ckpt_dir = run_dir.join("checkpoints");
     let mut periodic: Vec<PathBuf> = list_dirs(&ckpt_dir, "step-");
     let shape_vec = compiled.input_shape.to_vec();
+    let class_weights = class_weights(t.class_weights, tasks, &train);
+    for (spec, w) in tasks.iter().zip(&class_weights) {
+        if let Some(w) = w {
+            let w: Vec<String> = w.iter().map(|v| format!("{v:.3}")).collect();
+            println!(
+                "class weights of {} (balanced): [{}]",
+                spec.name,
+                w.join(", ")
+            );
+        }
+    }
     let ctx = Ctx {
+        class_weights: class_weights
+            .into_iter()
+            .map(|w| w.map(|w| Tensor::new(w.as_slice(), &device)).transpose())
+            .collect::<candle_core::Result<_>>()?,
         norm: state.target_norm.clone(),
         cfg,
         tasks,
@@ -444,6 +459,8 @@ pub(super) fn train_step<B: Backbone>(
 pub(super) struct Ctx<'a> {
     /// Regression target standardisation, per task (see `target_norm`).
     pub(super) norm: Vec<Option<(f32, f32)>>,
+    /// Per classification task, its classes' weights in the cross-entropy (`class_weights`).
+    pub(super) class_weights: Vec<Option<Tensor>>,
     pub(super) cfg: &'a Classification,
     pub(super) tasks: &'a [TaskSpec],
     pub(super) weights: &'a [f64],
@@ -460,7 +477,8 @@ impl Ctx<'_> {
         Ok(Tensor::from_slice(data, dims.as_slice(), self.device)?)
     }
 
-    /// Σ w_t · L_t: cross-entropy with label smoothing, or Huber (δ = 2) for regression.
+    /// Σ w_t · L_t: cross-entropy with label smoothing (with class weights: Σ_i c_{y_i}·l_i /
+    /// Σ_i c_{y_i}, PyTorch's weighted mean), or Huber (δ = 2) for regression.
     /// Returns the total and each task's loss, still on the device (see [`read_losses`]).
     fn loss(
         &self,
@@ -482,7 +500,15 @@ impl Ctx<'_> {
                     let logp = candle_nn::ops::log_softmax(out, D::Minus1)?;
                     let nll = logp.gather(&y.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
                     let smooth = logp.mean(D::Minus1)?.neg()?;
-                    ((nll * (1.0 - smoothing))? + (smooth * smoothing)?)?.mean_all()?
+                    let per_sample = ((nll * (1.0 - smoothing))? + (smooth * smoothing)?)?;
+                    match &self.class_weights[t] {
+                        Some(c) => {
+                            let w = c.gather(&y, 0)?;
+                            ((per_sample * &w)?.sum_all()?
+                                / w.sum_all()?.to_scalar::<f32>()? as f64)?
+                        }
+                        None => per_sample.mean_all()?,
+                    }
                 }
                 TaskKind::Regression => {
                     let (mean, std) = self.norm[t].unwrap_or((0.0, 1.0));
@@ -759,4 +785,74 @@ fn swa_file(
     avg: Option<&HashMap<String, Tensor>>,
 ) -> Vec<(&'static str, &HashMap<String, Tensor>)> {
     avg.map(|a| ("swa.safetensors", a)).into_iter().collect()
+}
+
+/// `class_weights = "balanced"`: per classification task, n / (k · n_c) for each class c of the
+/// k classes present in the training split (scikit-learn's "balanced"), 0 for a class it lacks;
+/// `None` for regression tasks and without the option.
+fn class_weights(how: ClassWeights, tasks: &[TaskSpec], train: &Split) -> Vec<Option<Vec<f32>>> {
+    tasks
+        .iter()
+        .zip(&train.targets)
+        .map(|(spec, targets)| {
+            if how == ClassWeights::None || spec.kind != TaskKind::Classification {
+                return None;
+            }
+            let mut counts = vec![0usize; spec.outputs];
+            for &v in targets {
+                counts[v as usize] += 1;
+            }
+            let present = counts.iter().filter(|&&c| c > 0).count().max(1);
+            let n = targets.len() as f32;
+            Some(
+                counts
+                    .iter()
+                    .map(|&c| {
+                        if c == 0 {
+                            0.0
+                        } else {
+                            n / (present as f32 * c as f32)
+                        }
+                    })
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::image::Augment;
+    use crate::data::loader::Samples;
+
+    #[test]
+    fn balanced_class_weights_are_inverse_frequencies() {
+        let task = |name, kind, outputs| TaskSpec {
+            name,
+            kind,
+            outputs,
+            column: name,
+            encoder: "int",
+        };
+        let tasks = [
+            task("seizure", TaskKind::Classification, 3),
+            task("age", TaskKind::Regression, 1),
+        ];
+        // 6 background, 2 seizure windows; class 2 absent.
+        let split = Split {
+            name: "train".into(),
+            source: PathBuf::new(),
+            samples: Samples::Files(vec![PathBuf::new(); 8]),
+            targets: vec![vec![0., 0., 0., 0., 0., 0., 1., 1.], vec![30.; 8]],
+            augment: Augment::default(),
+        };
+        let w = class_weights(ClassWeights::Balanced, &tasks, &split);
+        // n / (k · n_c) with k = 2 classes present: 8 / (2·6), 8 / (2·2), 0.
+        assert_eq!(w[0], Some(vec![8.0 / 12.0, 2.0, 0.0]));
+        assert_eq!(w[1], None);
+        assert!(class_weights(ClassWeights::None, &tasks, &split)
+            .iter()
+            .all(Option::is_none));
+    }
 }

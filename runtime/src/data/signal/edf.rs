@@ -40,6 +40,24 @@ pub struct Signal {
 }
 
 impl Signal {
+    /// A 16-bit µV channel at 0.1 µV per step (±3276.8 µV), one-second records at `rate` Hz,
+    /// from microvolt values (rounded to the step): what the synthetic recordings are written as.
+    pub fn microvolts(label: &str, rate: usize, microvolts: impl Iterator<Item = f64>) -> Signal {
+        Signal {
+            label: label.to_string(),
+            transducer: String::new(),
+            unit: "uV".into(),
+            prefilter: String::new(),
+            physical_min: -3276.8,
+            physical_max: 3276.7,
+            digital_min: -32768,
+            digital_max: 32767,
+            samples_per_record: rate,
+            sample_rate: rate as f64,
+            digital: microvolts.map(|uv| (uv * 10.0).round() as i32).collect(),
+        }
+    }
+
     /// The scale from the physical dimension to volts; 1 for non-voltage units.
     pub fn volts_per_unit(&self) -> f64 {
         match self.unit.trim() {

@@ -408,6 +408,11 @@ mod tests {
             "a spectrogram image of a 60 year old, male subject with Parkinson's disease"
         );
         assert_eq!(caption(None, "X", None), "a spectrogram image of a subject");
+        // CHB-MIT (ours; the reference had no mit dataset).
+        assert_eq!(
+            caption(Some(11), "EP", Some("F")),
+            "a spectrogram image of a 11 year old, female subject with epilepsy"
+        );
     }
 
     fn sample(dataset: usize, female: bool) -> Sample {

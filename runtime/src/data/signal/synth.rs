@@ -233,3 +233,110 @@ fn gauss(rng: &mut ChaCha8Rng) -> f64 {
     let (u, v): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
     (-2.0 * u.ln()).sqrt() * (2.0 * PI * v).cos()
 }
+
+/// Synthetic CHB-MIT (`mit`) recordings in PhysioNet's layout, for the tests of the `mit`
+/// adapter and its seizure classifier (runtime/tests/mit.rs, tests/train.rs): EDFs at 256 Hz in CHB-MIT's bipolar montage, each
+/// case's `chbNN-summary.txt`, and `SUBJECT-INFO`. The signals are 20 µV of 10 Hz alpha plus
+/// noise, and during each seizure a 3 Hz, 300 µV rhythm (a crude spike-wave stand-in).
+pub mod chbmit {
+    use std::f64::consts::TAU;
+    use std::path::Path;
+
+    use anyhow::Result;
+
+    use crate::data::signal::edf::{self, Format, Recording, Signal};
+
+    /// A 23-channel file's labels as PhysioNet writes them: the 18 double-banana derivations,
+    /// P7-T7, T7-FT9, FT9-FT10, FT10-T8 and T8-P8 again, with two `-` placeholders.
+    pub const MONTAGE: [&str; 25] = [
+        "FP1-F7", "F7-T7", "T7-P7", "P7-O1", "FP1-F3", "F3-C3", "C3-P3", "P3-O1", "FP2-F4",
+        "F4-C4", "C4-P4", "P4-O2", "FP2-F8", "F8-T8", "T8-P8", "P8-O2", "FZ-CZ", "CZ-PZ", "-",
+        "P7-T7", "T7-FT9", "FT9-FT10", "-", "FT10-T8", "T8-P8",
+    ];
+
+    /// `seconds` of EEG in `labels`' montage with `seizures` (`[start, end)` s). A repeated
+    /// label's later copies are flat, so a reader that takes the first is seen to.
+    pub fn write_edf(
+        path: &Path,
+        labels: &[&str],
+        seconds: usize,
+        seizures: &[(f64, f64)],
+    ) -> Result<()> {
+        let mut state = crate::data::io::fnv(path.to_string_lossy().as_bytes());
+        let mut noise = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        let signals = labels
+            .iter()
+            .enumerate()
+            .map(|(c, l)| {
+                let flat = labels[..c].contains(l);
+                let samples = (0..256 * seconds).map(|n| {
+                    if flat {
+                        return 0.0;
+                    }
+                    let t = n as f64 / 256.0;
+                    let mut uv = 20.0 * (TAU * 10.0 * t + c as f64).sin() + 10.0 * noise();
+                    if seizures.iter().any(|&(a, b)| t >= a && t < b) {
+                        uv += 300.0 * (TAU * 3.0 * t).sin();
+                    }
+                    uv
+                });
+                Signal::microvolts(l, 256, samples)
+            })
+            .collect();
+        std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+        edf::write(
+            path,
+            &Recording::new(path, Format::Edf, 1.0, signals),
+            Format::Edf,
+        )
+    }
+
+    /// One file's entry of a `chbNN-summary.txt`, in the spelling of later cases (`Seizure 1
+    /// Start Time:`, `numbered`) or of earlier ones (`Seizure Start Time:`).
+    pub fn summary_entry(file: &str, seizures: &[(f64, f64)], numbered: bool) -> String {
+        let mut s = format!(
+            "File Name: {file}\nFile Start Time: 11:42:54\nFile End Time: 12:42:54\nNumber of Seizures in File: {}\n",
+            seizures.len()
+        );
+        for (i, (a, b)) in seizures.iter().enumerate() {
+            let n = if numbered {
+                format!(" {}", i + 1)
+            } else {
+                String::new()
+            };
+            s.push_str(&format!(
+                "Seizure{n} Start Time: {a} seconds\nSeizure{n} End Time: {b} seconds\n"
+            ));
+        }
+        s + "\n"
+    }
+
+    /// `cases` cases under `root` (chb01, chb02, ...), alternating F/M, ages 5–20, each with
+    /// one `seconds`-long file holding one seizure of a fifth of it at a case-dependent place,
+    /// and `SUBJECT-INFO`.
+    pub fn write_tree(root: &Path, cases: usize, seconds: usize) -> Result<()> {
+        std::fs::create_dir_all(root)?;
+        let mut info = String::from("Case\tGender\tAge (years)\n");
+        for i in 1..=cases {
+            let case = format!("chb{i:02}");
+            let gender = if i % 2 == 1 { "F" } else { "M" };
+            info.push_str(&format!("{case}\t{gender}\t{}\n", 5 + (i * 7) % 16));
+            let length = seconds as f64 / 5.0;
+            let start = (seconds as f64 - length) * ((i * 37) % 100) as f64 / 100.0;
+            let seizure = [(start.floor(), (start + length).floor())];
+            let file = format!("{case}_01.edf");
+            write_edf(&root.join(&case).join(&file), &MONTAGE, seconds, &seizure)?;
+            std::fs::write(
+                root.join(&case).join(format!("{case}-summary.txt")),
+                summary_entry(&file, &seizure, i % 2 == 0),
+            )?;
+        }
+        std::fs::write(root.join("SUBJECT-INFO"), info)?;
+        Ok(())
+    }
+}
