@@ -185,6 +185,22 @@ fn chb_mit_windows_carry_the_summary_s_seizures() {
         chb01,
         [0, 3, 4, 5, 6, 7, 10].map(|k| format!("spectrogram-{k}.png"))
     );
+
+    // Time series: the same windows and labels, as z-scored (20, 2048) float32 `.npy`.
+    let series = run(
+        &PreprocessOptions {
+            timeseries: true,
+            ..args()
+        },
+        &settings(tmp.path(), 3),
+    )
+    .unwrap();
+    assert_eq!((series.seizure, series.background), (6, 9));
+    let ts = tmp.path().join("out/mit/timeseries");
+    let first = &rows(&ts.join("metadata.csv"))[1];
+    let (dims, x) = signal_diffusion_runtime::data::io::read_npy_f32(&ts.join(&first[0])).unwrap();
+    assert_eq!(dims, [20, 2048]);
+    assert!(x.iter().all(|v| v.is_finite()));
 }
 
 #[test]
