@@ -193,6 +193,21 @@ fn dit_trains_resumes_exactly_and_writes_readable_files() {
         "(16, 16) (16, 3, 4, 4) (6, 16) DiTTransformer2DModel 2\n(128, 16) (16,) False geglu False True 0.1",
         "safetensors saw: {st}"
     );
+    // MLflow (`[logging] mlflow = true`) reads the run: finished, KID history, the sample grids.
+    let ml = python(
+        "import os, sys\nos.environ['MLFLOW_ALLOW_FILE_STORE'] = 'true'\n\
+         from mlflow.tracking import MlflowClient\n\
+         c = MlflowClient('file:' + sys.argv[1])\n\
+         r = c.search_runs([e.experiment_id for e in c.search_experiments()])[0]\n\
+         grids = [a.path for a in c.list_artifacts(r.info.run_id, 'eval/generated_samples')]\n\
+         print(r.info.status, len(c.get_metric_history(r.info.run_id, 'eval/kid_mean')), grids)",
+        &[&out_a.join("mlruns")],
+    );
+    assert_eq!(
+        ml.trim(),
+        "FINISHED 3 ['eval/generated_samples/step-00000000.png', 'eval/generated_samples/step-00000004.png', 'eval/generated_samples/step-00000008.png']",
+        "MLflow saw: {ml}"
+    );
 }
 
 /// The same 8 updates in f32, under bf16 autocast and under fp16 autocast with its loss scale

@@ -504,3 +504,40 @@ fn a_cnn_light_learns_chb_mit_seizures_on_held_out_subjects() {
         labels.len()
     );
 }
+
+/// `training.mlflow` (run-time): an MLflow file store beside the run directories that MLflow
+/// itself reads (`MlflowClient`, mlflow-skinny): one experiment named after the config, the run
+/// finished, the resolved config as params, every logged point of a metric, the plan and
+/// resolved config as artifacts; resumed in the same run directory, the same run continues.
+#[test]
+fn mlflow_reads_the_run_store_we_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_dataset(&data);
+    let out = tmp.path().join("out");
+    let on = [("training.mlflow", "true"), ("training.epochs", "2")];
+    run(&data, &out, &on, None);
+    let run_dir = only_run_dir(&out);
+    let steps = series(&run_dir, "train/loss_step").len();
+    assert_eq!(steps, 16);
+    // Resumed in the same run directory: the same MLflow run, its steps after 8 logged again.
+    let ck = run_dir.join("checkpoints/step-00000008");
+    run(&data, &out, &on, Some(ck));
+    let script = "import os, sys\nos.environ['MLFLOW_ALLOW_FILE_STORE'] = 'true'\n\
+        from mlflow.tracking import MlflowClient\n\
+        c = MlflowClient('file:' + sys.argv[1])\n\
+        exps = c.search_experiments()\n\
+        runs = c.search_runs([e.experiment_id for e in exps])\n\
+        r = runs[0]\n\
+        h = c.get_metric_history(r.info.run_id, 'train/loss_step')\n\
+        arts = sorted(a.path for a in c.list_artifacts(r.info.run_id))\n\
+        print([e.name for e in exps], len(runs), r.info.status, r.data.tags['mlflow.runName'] == os.path.basename(sys.argv[2]))\n\
+        print(r.data.params['run.optimizer.learning_rate'], r.data.params['run.dataset.tasks'], len(h), sorted({m.step for m in h}) == list(range(1, 17)))\n\
+        print(arts, 'val/accuracy.gender' in r.data.metrics)";
+    let got = python(script, &[&out.join("mlruns"), &run_dir]);
+    assert_eq!(
+        got.trim(),
+        "['tiny'] 1 FINISHED True\n0.01 [\"gender\",\"health\",\"age\"] 24 True\n['config_resolved.json', 'plan.txt'] True",
+        "MLflow saw: {got}"
+    );
+}

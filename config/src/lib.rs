@@ -206,6 +206,7 @@ pub const OVERRIDABLE: &[&str] = &[
     "training.output_dir",
     "training.log_dir",
     "training.tensorboard",
+    "training.mlflow",
     "training.run_name",
     "training.checkpoint_total_limit",
     "training.checkpoint_strategy",

@@ -48,12 +48,13 @@ pub fn write_dataset(dir: &Path) {
     }
 }
 
+/// The one run directory in an output directory (beside it, an MLflow store `mlruns/` may be).
 pub fn only_run_dir(out: &Path) -> PathBuf {
     let dirs: Vec<PathBuf> = std::fs::read_dir(out)
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.is_dir())
+        .filter(|p| p.is_dir() && !p.ends_with("mlruns"))
         .collect();
     assert_eq!(dirs.len(), 1, "{dirs:?}");
     dirs[0].clone()

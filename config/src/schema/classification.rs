@@ -99,6 +99,8 @@ literal! {
         pub output_dir: Option<String>,
         pub log_dir: Option<String>,
         pub tensorboard: bool,
+        /// An MLflow file-store run (runtime train/mlflow.rs).
+        pub mlflow: bool,
         pub wandb_project: Option<String>,
         pub wandb_entity: Option<String>,
         pub wandb_tags: Vec<String>,
@@ -429,6 +431,7 @@ fn read_training(
     let output_dir = opt_path(&t, ctx, "output_dir");
     let log_dir = opt_path(&t, ctx, "log_dir");
     let tensorboard = t.bool_or(ctx, "tensorboard", false);
+    let mlflow = t.bool_or(ctx, "mlflow", false);
     let wandb_project = opt_path(&t, ctx, "wandb_project");
     let wandb_entity = opt_path(&t, ctx, "wandb_entity");
     let wandb_tags = t.string_list(ctx, "wandb_tags").unwrap_or_default();
@@ -507,6 +510,7 @@ fn read_training(
         output_dir,
         log_dir,
         tensorboard,
+        mlflow,
         wandb_project,
         wandb_entity,
         wandb_tags,

@@ -139,6 +139,8 @@ literal! {
     #[derive(Debug, Clone, Serialize)]
     pub struct DiffLogging {
         pub tensorboard: bool,
+        /// An MLflow file-store run (runtime train/mlflow.rs).
+        pub mlflow: bool,
         pub log_dir: Option<String>,
         pub wandb_project: Option<String>,
         pub wandb_entity: Option<String>,
@@ -668,6 +670,7 @@ fn read_training(
 fn read_logging(root: &Section, ctx: &mut Ctx) -> DiffLogging {
     let l = root.section(ctx, "logging");
     let tensorboard = l.bool_or(ctx, "tensorboard", false);
+    let mlflow = l.bool_or(ctx, "mlflow", false);
     let log_dir = nonempty(l.string(ctx, "log_dir"));
     let wandb_project = nonempty(l.string(ctx, "wandb_project"));
     let wandb_entity = nonempty(l.string(ctx, "wandb_entity"));
@@ -676,6 +679,7 @@ fn read_logging(root: &Section, ctx: &mut Ctx) -> DiffLogging {
 
     DiffLogging {
         tensorboard,
+        mlflow,
         log_dir,
         wandb_project,
         wandb_entity,

@@ -180,7 +180,13 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
         );
     }
 
-    let mut log = Logger::for_run(&run_dir, t.tensorboard, t.log_dir.as_ref())?;
+    let mut log = super::logger(
+        compiled,
+        &config,
+        &run_dir,
+        (t.tensorboard, t.log_dir.as_ref()),
+        t.mlflow,
+    )?;
     let ckpt_dir = run_dir.join("checkpoints");
     let mut periodic: Vec<PathBuf> = list_dirs(&ckpt_dir, "step-");
     let shape_vec = compiled.input_shape.to_vec();
@@ -406,6 +412,7 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
             Ok(())
         })?;
     }
+    log.finish()?;
     println!(
         "done: {} steps in {:.1} s; checkpoints in {}",
         state.step,

@@ -30,7 +30,6 @@ use super::benchmark::benchmark_diffusion;
 use super::checkpoint::{self, State};
 use super::evaluate::{reference_features, Evaluator};
 use super::export::{load_pretrained, save_diffusers};
-use super::log::Logger;
 use super::optim::{lr_factor, Optimizer};
 use super::{list_dirs, Compiled, RunOptions};
 use crate::data::image::Augment;
@@ -331,10 +330,12 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         );
     }
 
-    let mut log = Logger::for_run(
+    let mut log = super::logger(
+        compiled,
+        &config,
         &run_dir,
-        cfg.logging.tensorboard,
-        cfg.logging.log_dir.as_ref(),
+        (cfg.logging.tensorboard, cfg.logging.log_dir.as_ref()),
+        cfg.logging.mlflow,
     )?;
     // Reference features for KID/MMD, once per run: the validation split, else
     // `eval_mmd_fallback_ntrain` rows of the training split (0: all; evenly spaced, so a split
@@ -537,7 +538,7 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
             .collect();
         save_diffusers(&final_dir.join("ema"), &ctx, &all_vars, &values)?;
     }
-    log.flush()?;
+    log.finish()?;
     let summary = serde_json::json!({
         "run_dir": run_dir,
         "updates": state.step,

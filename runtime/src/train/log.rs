@@ -1,5 +1,6 @@
-//! Run logging: TensorBoard event files, a JSONL metrics log, and the console (a progress bar on
-//! a terminal, with the log lines printed above it).
+//! Run logging: TensorBoard event files, a JSONL metrics log, an MLflow file-store run
+//! (mlflow.rs) when asked, and the console (a progress bar on a terminal, with the log lines
+//! printed above it).
 //!
 //! The event file is written by hand (no TensorFlow): TFRecord framing (length, masked CRC-32C
 //! of the length, payload, masked CRC-32C of the payload) around `Event` protobuf messages with
@@ -136,9 +137,11 @@ impl TensorBoard {
     }
 }
 
-/// Scalars go to TensorBoard (when enabled) and to `metrics.jsonl` (always); lines go to stdout.
+/// Scalars go to TensorBoard and MLflow (when enabled) and to `metrics.jsonl` (always); lines
+/// go to stdout.
 pub struct Logger {
     tb: Option<TensorBoard>,
+    mlflow: Option<super::mlflow::MlflowRun>,
     jsonl: BufWriter<File>,
     /// Steps done of the run, with the last logged loss, lr and throughput. Drawn on stderr only
     /// when it is a terminal; in a pipe or a file, stdout keeps just the log lines.
@@ -160,20 +163,32 @@ impl Logger {
             .transpose()?;
         Ok(Logger {
             tb,
+            mlflow: None,
             jsonl,
             bar: indicatif::ProgressBar::hidden(),
         })
     }
 
     /// The run's logger: TensorBoard events (when `tensorboard`) in `log_dir`, else
-    /// `<run>/tensorboard`.
-    pub fn for_run(run_dir: &Path, tensorboard: bool, log_dir: Option<&String>) -> Result<Self> {
+    /// `<run>/tensorboard`; and `mlflow`'s run, if any.
+    pub fn for_run(
+        run_dir: &Path,
+        tensorboard: bool,
+        log_dir: Option<&String>,
+        mlflow: Option<super::mlflow::MlflowRun>,
+    ) -> Result<Self> {
         let tb_dir = tensorboard.then(|| {
             log_dir
                 .map(PathBuf::from)
                 .unwrap_or_else(|| run_dir.join("tensorboard"))
         });
-        Logger::new(run_dir, tb_dir)
+        if let Some(run) = &mlflow {
+            println!("MLflow run {}", run.dir().display());
+        }
+        Ok(Logger {
+            mlflow,
+            ..Logger::new(run_dir, tb_dir)?
+        })
     }
 
     /// Show a progress bar of `total` steps, `done` of them already (a resumed run).
@@ -210,6 +225,9 @@ impl Logger {
         if let Some(tb) = &mut self.tb {
             tb.scalar(tag, value, step)?;
         }
+        if let Some(run) = &mut self.mlflow {
+            run.metric(tag, value, step)?;
+        }
         writeln!(
             self.jsonl,
             "{}",
@@ -218,19 +236,44 @@ impl Logger {
         Ok(())
     }
 
-    /// A PNG image to TensorBoard (when enabled).
+    /// A PNG image to TensorBoard and to MLflow's artifacts (`<tag>/step-NNNNNNNN.png`), when
+    /// enabled.
     pub fn image(&mut self, tag: &str, png: &[u8], shape: [usize; 3], step: u64) -> Result<()> {
         if let Some(tb) = &mut self.tb {
             tb.image(tag, png, shape[1], shape[2], shape[0], step)?;
         }
+        if let Some(run) = &self.mlflow {
+            run.artifact(&format!("{tag}/step-{step:08}.png"), png)?;
+        }
         Ok(())
+    }
+
+    /// A file of the run (plan, resolved config) for the trackers that keep artifacts.
+    pub fn artifact(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        match &self.mlflow {
+            Some(run) => run.artifact(name, bytes),
+            None => Ok(()),
+        }
     }
 
     pub fn flush(&mut self) -> Result<()> {
         if let Some(tb) = &mut self.tb {
             tb.flush()?;
         }
+        if let Some(run) = &mut self.mlflow {
+            run.flush()?;
+        }
         self.jsonl.flush()?;
+        Ok(())
+    }
+
+    /// The run completed: everything flushed, and MLflow's run marked finished (a logger
+    /// dropped without this marks it failed).
+    pub fn finish(&mut self) -> Result<()> {
+        self.flush()?;
+        if let Some(run) = &mut self.mlflow {
+            run.finish()?;
+        }
         Ok(())
     }
 }

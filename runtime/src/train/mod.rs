@@ -10,6 +10,7 @@ pub mod evaluate;
 pub mod export;
 pub mod log;
 pub mod metrics;
+pub mod mlflow;
 pub mod optim;
 pub mod sample;
 pub mod swa;
@@ -356,6 +357,42 @@ pub(crate) fn timestamp() -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// The run's logger (log.rs): TensorBoard as configured, and an MLflow run (mlflow.rs) when
+/// `mlflow` is set or `MLFLOW_TRACKING_URI` names a file store; the default store is `mlruns/`
+/// beside the run directories, so runs of one output directory compare in one MLflow
+/// experiment per config. The plan and the resolved config become the run's artifacts.
+pub(crate) fn logger(
+    compiled: &Compiled,
+    config: &Config,
+    run_dir: &Path,
+    (tensorboard, log_dir): (bool, Option<&String>),
+    mlflow: bool,
+) -> anyhow::Result<log::Logger> {
+    let default_store = run_dir.parent().unwrap_or(Path::new(".")).join("mlruns");
+    let run = match self::mlflow::store(mlflow, &default_store)? {
+        Some(store) => {
+            let stem = |p: &Path| {
+                p.file_stem()
+                    .or(p.file_name())
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            };
+            let run = self::mlflow::MlflowRun::open(
+                &store,
+                &stem(&config.path),
+                &stem(run_dir),
+                run_dir,
+                &config.to_value(),
+            )?;
+            run.artifact("plan.txt", compiled.plan.as_bytes())?;
+            run.artifact("config_resolved.json", config.to_json().as_bytes())?;
+            Some(run)
+        }
+        None => None,
+    };
+    log::Logger::for_run(run_dir, tensorboard, log_dir, run)
 }
 
 /// Where a run writes, created with its resolved config and plan: a resumed run continues in the
