@@ -134,11 +134,13 @@ fn trains_above_chance_resumes_exactly_and_writes_readable_files() {
     // 3. TensorBoard reads the event file; Python's safetensors reads the weights.
     let tb = python(
         "import sys\nfrom tensorboard.backend.event_processing.event_accumulator import EventAccumulator as E\n\
-         e=E(sys.argv[1]); e.Reload(); s=e.Scalars('train/loss'); print(len(s), s[-1].step, len(e.Scalars('val/accuracy/gender')))",
+         e=E(sys.argv[1]); e.Reload(); s=e.Scalars('train/loss'); c=e.Tensors('config')[0].tensor_proto\n\
+         print(len(s), s[-1].step, len(e.Scalars('val/accuracy/gender')), int(b'\"backbone\": \"cnn_light\"' in c.string_val[0]))",
         &[&run_a.join("tensorboard")],
     );
     let f: Vec<u64> = tb.split_whitespace().map(|x| x.parse().unwrap()).collect();
-    assert_eq!(f, vec![40, 80, 10], "tensorboard saw: {tb}");
+    // The last figure: the resolved config in the Text tab.
+    assert_eq!(f, vec![40, 80, 10, 1], "tensorboard saw: {tb}");
     let st = python(
         "import sys\nfrom safetensors.numpy import load_file\nd=load_file(sys.argv[1]); print(d['backbone.input_conv.0.weight'].shape, d['heads.gender.net.2.weight'].shape, len(d))",
         &[&run_a.join("checkpoints/last/model.safetensors")],

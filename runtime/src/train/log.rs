@@ -108,6 +108,23 @@ impl TensorBoard {
         self.record(&ev)
     }
 
+    /// A text summary (the text plugin renders it as Markdown): a string `TensorProto` (dtype
+    /// DT_STRING = 7, scalar shape) with the plugin named in the value's metadata.
+    pub fn text(&mut self, tag: &str, text: &str, step: u64) -> Result<()> {
+        let mut tensor = vec![0x08, 0x07];
+        field_bytes(2, &[], &mut tensor);
+        field_bytes(8, text.as_bytes(), &mut tensor);
+        let mut plugin = vec![];
+        field_bytes(1, b"text", &mut plugin);
+        let mut metadata = vec![];
+        field_bytes(1, &plugin, &mut metadata);
+        let mut val = vec![];
+        field_bytes(1, tag.as_bytes(), &mut val);
+        field_bytes(8, &tensor, &mut val);
+        field_bytes(9, &metadata, &mut val);
+        self.summary(&val, step)
+    }
+
     /// An image summary (`encoded` is a PNG of `height`×`width`, `channels` colour channels).
     pub fn image(
         &mut self,
@@ -246,6 +263,14 @@ impl Logger {
             run.artifact(&format!("{tag}/step-{step:08}.png"), png)?;
         }
         Ok(())
+    }
+
+    /// Text to TensorBoard's text plugin (Markdown), when enabled.
+    pub fn text(&mut self, tag: &str, text: &str, step: u64) -> Result<()> {
+        match &mut self.tb {
+            Some(tb) => tb.text(tag, text, step),
+            None => Ok(()),
+        }
     }
 
     /// A file of the run (plan, resolved config) for the trackers that keep artifacts.

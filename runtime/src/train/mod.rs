@@ -392,7 +392,10 @@ pub(crate) fn logger(
         }
         None => None,
     };
-    log::Logger::for_run(run_dir, tensorboard, log_dir, run)
+    let mut log = log::Logger::for_run(run_dir, tensorboard, log_dir, run)?;
+    // The resolved config, readable in TensorBoard's Text tab (a code block in Markdown).
+    log.text("config", &format!("```json\n{}\n```", config.to_json()), 0)?;
+    Ok(log)
 }
 
 /// Where a run writes, created with its resolved config and plan: a resumed run continues in the
