@@ -50,7 +50,13 @@ fn file_uri(path: &Path) -> String {
 /// `None` when neither the config nor the environment asks for MLflow. Another scheme with
 /// `mlflow = true` is an error: nothing here talks to a server.
 pub fn store(enabled: bool, default: &Path) -> Result<Option<PathBuf>> {
-    match std::env::var("MLFLOW_TRACKING_URI").ok().filter(|u| !u.is_empty()) {
+    let uri = std::env::var("MLFLOW_TRACKING_URI").ok();
+    store_for(uri.as_deref(), enabled, default)
+}
+
+/// [`store`] given the environment's `MLFLOW_TRACKING_URI`.
+fn store_for(uri: Option<&str>, enabled: bool, default: &Path) -> Result<Option<PathBuf>> {
+    match uri.filter(|u| !u.is_empty()) {
         Some(uri) => match uri.strip_prefix("file:") {
             Some(path) => Ok(Some(PathBuf::from(path.trim_start_matches("//")))),
             None if enabled => bail!(
@@ -299,6 +305,35 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_follows_the_key_and_a_file_tracking_uri() {
+        let default = Path::new("runs/mlruns");
+        assert_eq!(store_for(None, false, default).unwrap(), None);
+        assert_eq!(
+            store_for(None, true, default).unwrap(),
+            Some(default.into())
+        );
+        // A file: URI turns it on and points it elsewhere, with or without `//`.
+        for uri in ["file:/tmp/store", "file:///tmp/store"] {
+            assert_eq!(
+                store_for(Some(uri), false, default).unwrap(),
+                Some(PathBuf::from("/tmp/store"))
+            );
+        }
+        // A server is never called: ignored unless the config asks for MLflow, then an error.
+        assert_eq!(
+            store_for(Some("http://mlflow:5000"), false, default).unwrap(),
+            None
+        );
+        let err = store_for(Some("http://mlflow:5000"), true, default)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("file store only") && err.contains("runs/mlruns"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn configs_flatten_to_dotted_params() {
