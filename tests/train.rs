@@ -135,12 +135,17 @@ fn trains_above_chance_resumes_exactly_and_writes_readable_files() {
     let tb = python(
         "import sys\nfrom tensorboard.backend.event_processing.event_accumulator import EventAccumulator as E\n\
          e=E(sys.argv[1]); e.Reload(); s=e.Scalars('train/loss'); c=e.Tensors('config')[0].tensor_proto\n\
-         print(len(s), s[-1].step, len(e.Scalars('val/accuracy/gender')), int(b'\"backbone\": \"cnn_light\"' in c.string_val[0]))",
+         from tensorboard.plugins.hparams import plugin_data_pb2 as P\n\
+         h=e.PluginTagToContent('hparams'); start=P.HParamsPluginData.FromString(h['_hparams_/session_start_info']).session_start_info\n\
+         end=P.HParamsPluginData.FromString(h['_hparams_/session_end_info']).session_end_info\n\
+         print(len(s), s[-1].step, len(e.Scalars('val/accuracy/gender')), int(b'\"backbone\": \"cnn_light\"' in c.string_val[0]),\n\
+               int(start.hparams['run.optimizer.learning_rate'].number_value * 1000), end.status)",
         &[&run_a.join("tensorboard")],
     );
     let f: Vec<u64> = tb.split_whitespace().map(|x| x.parse().unwrap()).collect();
-    // The last figure: the resolved config in the Text tab.
-    assert_eq!(f, vec![40, 80, 10, 1], "tensorboard saw: {tb}");
+    // Then: the resolved config in the Text tab; the hparams session (learning rate 0.01 × 1000,
+    // status 1 = success) that the HParams tab compares runs by.
+    assert_eq!(f, vec![40, 80, 10, 1, 10, 1], "tensorboard saw: {tb}");
     let st = python(
         "import sys\nfrom safetensors.numpy import load_file\nd=load_file(sys.argv[1]); print(d['backbone.input_conv.0.weight'].shape, d['heads.gender.net.2.weight'].shape, len(d))",
         &[&run_a.join("checkpoints/last/model.safetensors")],

@@ -60,7 +60,53 @@ fn now() -> f64 {
 pub struct TensorBoard {
     file: BufWriter<File>,
     pub path: PathBuf,
+    /// An hparams session was started and not yet ended (ended as failed on drop).
+    session_open: bool,
 }
+
+/// An hparam's value, as `google.protobuf.Value` holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HParam {
+    Number(f64),
+    Text(String),
+    Bool(bool),
+}
+
+impl HParam {
+    /// A JSON leaf as an hparam (lists as their JSON text); `None` for null and objects.
+    pub fn from_json(v: &serde_json::Value) -> Option<HParam> {
+        match v {
+            serde_json::Value::Number(n) => n.as_f64().map(HParam::Number),
+            serde_json::Value::Bool(b) => Some(HParam::Bool(*b)),
+            serde_json::Value::String(s) => Some(HParam::Text(s.clone())),
+            serde_json::Value::Array(_) => Some(HParam::Text(v.to_string())),
+            _ => None,
+        }
+    }
+
+    /// `google.protobuf.Value`: number_value = 2 (double), string_value = 3, bool_value = 4.
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            HParam::Number(x) => {
+                out.push(0x11);
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            HParam::Text(s) => field_bytes(3, s.as_bytes(), out),
+            HParam::Bool(b) => {
+                out.push(0x20);
+                out.push(u8::from(*b));
+            }
+        }
+    }
+}
+
+/// The hparams plugin's session status (`api.proto`): success, failure.
+const STATUS_SUCCESS: u64 = 1;
+const STATUS_FAILURE: u64 = 2;
+
+/// A length-0 float tensor (dtype 1, shape [0]): the plugin's `NULL_TENSOR`, which a summary
+/// that only carries metadata holds.
+const NULL_TENSOR: [u8; 6] = [0x08, 0x01, 0x12, 0x02, 0x12, 0x00];
 
 impl TensorBoard {
     pub fn create(dir: &Path) -> Result<Self> {
@@ -70,7 +116,11 @@ impl TensorBoard {
         let file = BufWriter::new(
             File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
         );
-        let mut tb = TensorBoard { file, path };
+        let mut tb = TensorBoard {
+            file,
+            path,
+            session_open: false,
+        };
         let mut ev = vec![];
         ev.push(0x09);
         ev.extend_from_slice(&now().to_le_bytes());
@@ -125,6 +175,60 @@ impl TensorBoard {
         self.summary(&val, step)
     }
 
+    /// A summary value carrying only the hparams plugin's data (`HParamsPluginData`, version 0,
+    /// with `data_field` = 3 session start or 4 session end).
+    fn hparams_record(&mut self, tag: &str, data_field: u32, data: &[u8]) -> Result<()> {
+        let mut content = vec![0x08, 0x00];
+        field_bytes(data_field, data, &mut content);
+        let mut plugin = vec![];
+        field_bytes(1, b"hparams", &mut plugin);
+        field_bytes(2, &content, &mut plugin);
+        let mut metadata = vec![];
+        field_bytes(1, &plugin, &mut metadata);
+        let mut val = vec![];
+        field_bytes(1, tag.as_bytes(), &mut val);
+        field_bytes(8, &NULL_TENSOR, &mut val);
+        field_bytes(9, &metadata, &mut val);
+        self.summary(&val, 0)
+    }
+
+    /// The run as an hparams session (TensorBoard's HParams tab compares runs by these values
+    /// and by their scalars): `SessionStartInfo{hparams = 1 (map), start_time_secs = 5}`.
+    pub fn hparams_start(&mut self, hparams: &[(String, HParam)]) -> Result<()> {
+        let mut info = vec![];
+        for (key, value) in hparams {
+            let mut v = vec![];
+            value.encode(&mut v);
+            let mut entry = vec![];
+            field_bytes(1, key.as_bytes(), &mut entry);
+            field_bytes(2, &v, &mut entry);
+            field_bytes(1, &entry, &mut info);
+        }
+        info.push(0x29);
+        info.extend_from_slice(&now().to_le_bytes());
+        self.hparams_record("_hparams_/session_start_info", 3, &info)?;
+        self.session_open = true;
+        Ok(())
+    }
+
+    /// `SessionEndInfo{status = 1, end_time_secs = 2}`.
+    pub fn hparams_end(&mut self, success: bool) -> Result<()> {
+        let mut info = vec![0x08];
+        varint(
+            if success {
+                STATUS_SUCCESS
+            } else {
+                STATUS_FAILURE
+            },
+            &mut info,
+        );
+        info.push(0x11);
+        info.extend_from_slice(&now().to_le_bytes());
+        self.hparams_record("_hparams_/session_end_info", 4, &info)?;
+        self.session_open = false;
+        self.flush()
+    }
+
     /// An image summary (`encoded` is a PNG of `height`×`width`, `channels` colour channels).
     pub fn image(
         &mut self,
@@ -151,6 +255,16 @@ impl TensorBoard {
     pub fn flush(&mut self) -> Result<()> {
         self.file.flush()?;
         Ok(())
+    }
+}
+
+impl Drop for TensorBoard {
+    /// A session the run did not end stopped with an error: ended as failed (best effort).
+    fn drop(&mut self) {
+        if self.session_open {
+            let _ = self.hparams_end(false);
+        }
+        let _ = self.file.flush();
     }
 }
 
@@ -265,6 +379,14 @@ impl Logger {
         Ok(())
     }
 
+    /// The run's hyperparameters as TensorBoard's hparams session, when enabled.
+    pub fn hparams(&mut self, hparams: &[(String, HParam)]) -> Result<()> {
+        match &mut self.tb {
+            Some(tb) => tb.hparams_start(hparams),
+            None => Ok(()),
+        }
+    }
+
     /// Text to TensorBoard's text plugin (Markdown), when enabled.
     pub fn text(&mut self, tag: &str, text: &str, step: u64) -> Result<()> {
         match &mut self.tb {
@@ -296,6 +418,9 @@ impl Logger {
     /// dropped without this marks it failed).
     pub fn finish(&mut self) -> Result<()> {
         self.flush()?;
+        if let Some(tb) = &mut self.tb {
+            tb.hparams_end(true)?;
+        }
         if let Some(run) = &mut self.mlflow {
             run.finish()?;
         }

@@ -140,9 +140,9 @@ impl MlflowRun {
                 std::fs::create_dir_all(run.dir.join(sub))?;
             }
             let mut params = vec![];
-            flatten("", config, &mut params);
+            leaves("", config, &mut params);
             for (key, value) in params {
-                run.write(&format!("params/{key}"), value.as_bytes())?;
+                run.write(&format!("params/{key}"), param_text(value).as_bytes())?;
             }
             run.write("tags/mlflow.runName", run_name.as_bytes())?;
             let user = std::env::var("USER").unwrap_or_default();
@@ -280,25 +280,34 @@ fn experiment_id(store: &Path, name: &str) -> Result<String> {
     Ok(id)
 }
 
-/// `value`'s leaves as (dotted key, text): strings as they are, other scalars and lists as JSON;
-/// nulls left out (MLflow has no null param).
-fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
-    let key = |k: &str| {
-        if prefix.is_empty() {
-            k.to_string()
-        } else {
-            format!("{prefix}.{k}")
-        }
-    };
+/// `value`'s leaves (scalars and lists) with their dotted keys; nulls left out (neither MLflow
+/// nor TensorBoard's hparams have a null).
+pub(crate) fn leaves<'a>(
+    prefix: &str,
+    value: &'a serde_json::Value,
+    out: &mut Vec<(String, &'a serde_json::Value)>,
+) {
     match value {
         serde_json::Value::Object(map) => {
             for (k, v) in map {
-                flatten(&key(k), v, out);
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                leaves(&key, v, out);
             }
         }
         serde_json::Value::Null => {}
-        serde_json::Value::String(s) => out.push((prefix.to_string(), s.clone())),
-        other => out.push((prefix.to_string(), other.to_string())),
+        leaf => out.push((prefix.to_string(), leaf)),
+    }
+}
+
+/// A leaf as an MLflow param: strings as they are, other values as JSON.
+fn param_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -338,8 +347,10 @@ mod tests {
     #[test]
     fn configs_flatten_to_dotted_params() {
         let v = serde_json::json!({"run": {"optimizer": {"learning_rate": 0.001, "betas": [0.9, 0.999]}, "name": "x", "none": null}});
-        let mut out = vec![];
-        flatten("", &v, &mut out);
+        let mut leafs = vec![];
+        leaves("", &v, &mut leafs);
+        let mut out: Vec<(String, String)> =
+            leafs.into_iter().map(|(k, v)| (k, param_text(v))).collect();
         out.sort();
         assert_eq!(
             out,

@@ -395,6 +395,17 @@ pub(crate) fn logger(
     let mut log = log::Logger::for_run(run_dir, tensorboard, log_dir, run)?;
     // The resolved config, readable in TensorBoard's Text tab (a code block in Markdown).
     log.text("config", &format!("```json\n{}\n```", config.to_json()), 0)?;
+    // Its run keys as the run's hparams session (the HParams tab; `settings.*` are paths).
+    let value = config.to_value();
+    let mut hparams = vec![];
+    if let Some(run) = value.get("run") {
+        self::mlflow::leaves("run", run, &mut hparams);
+    }
+    let hparams: Vec<(String, log::HParam)> = hparams
+        .into_iter()
+        .filter_map(|(k, v)| log::HParam::from_json(v).map(|h| (k, h)))
+        .collect();
+    log.hparams(&hparams)?;
     Ok(log)
 }
 
