@@ -509,10 +509,10 @@ impl Ctx<'_> {
                     let smooth = logp.mean(D::Minus1)?.neg()?;
                     let per_sample = ((nll * (1.0 - smoothing))? + (smooth * smoothing)?)?;
                     match &self.class_weights[t] {
+                        // Stays on the device: no read of Σ w in the training step.
                         Some(c) => {
                             let w = c.gather(&y, 0)?;
-                            ((per_sample * &w)?.sum_all()?
-                                / w.sum_all()?.to_scalar::<f32>()? as f64)?
+                            (per_sample * &w)?.sum_all()?.div(&w.sum_all()?)?
                         }
                         None => per_sample.mean_all()?,
                     }

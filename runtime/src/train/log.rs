@@ -164,13 +164,29 @@ impl TensorBoard {
         let mut tensor = vec![0x08, 0x07];
         field_bytes(2, &[], &mut tensor);
         field_bytes(8, text.as_bytes(), &mut tensor);
+        self.plugin_value(tag, &tensor, b"text", None, step)
+    }
+
+    /// A `Summary.Value` of `tag` holding `tensor`, with metadata naming the plugin that reads
+    /// it (`PluginData{plugin_name = 1, content = 2}`).
+    fn plugin_value(
+        &mut self,
+        tag: &str,
+        tensor: &[u8],
+        plugin_name: &[u8],
+        content: Option<&[u8]>,
+        step: u64,
+    ) -> Result<()> {
         let mut plugin = vec![];
-        field_bytes(1, b"text", &mut plugin);
+        field_bytes(1, plugin_name, &mut plugin);
+        if let Some(c) = content {
+            field_bytes(2, c, &mut plugin);
+        }
         let mut metadata = vec![];
         field_bytes(1, &plugin, &mut metadata);
         let mut val = vec![];
         field_bytes(1, tag.as_bytes(), &mut val);
-        field_bytes(8, &tensor, &mut val);
+        field_bytes(8, tensor, &mut val);
         field_bytes(9, &metadata, &mut val);
         self.summary(&val, step)
     }
@@ -180,16 +196,7 @@ impl TensorBoard {
     fn hparams_record(&mut self, tag: &str, data_field: u32, data: &[u8]) -> Result<()> {
         let mut content = vec![0x08, 0x00];
         field_bytes(data_field, data, &mut content);
-        let mut plugin = vec![];
-        field_bytes(1, b"hparams", &mut plugin);
-        field_bytes(2, &content, &mut plugin);
-        let mut metadata = vec![];
-        field_bytes(1, &plugin, &mut metadata);
-        let mut val = vec![];
-        field_bytes(1, tag.as_bytes(), &mut val);
-        field_bytes(8, &NULL_TENSOR, &mut val);
-        field_bytes(9, &metadata, &mut val);
-        self.summary(&val, 0)
+        self.plugin_value(tag, &NULL_TENSOR, b"hparams", Some(&content), 0)
     }
 
     /// The run as an hparams session (TensorBoard's HParams tab compares runs by these values

@@ -370,6 +370,7 @@ pub(crate) fn logger(
     (tensorboard, log_dir): (bool, Option<&String>),
     mlflow: bool,
 ) -> anyhow::Result<log::Logger> {
+    let value = config.to_value();
     let default_store = run_dir.parent().unwrap_or(Path::new(".")).join("mlruns");
     let run = match self::mlflow::store(mlflow, &default_store)? {
         Some(store) => {
@@ -384,7 +385,7 @@ pub(crate) fn logger(
                 &stem(&config.path),
                 &stem(run_dir),
                 run_dir,
-                &config.to_value(),
+                &value,
             )?;
             run.artifact("plan.txt", compiled.plan.as_bytes())?;
             run.artifact("config_resolved.json", config.to_json().as_bytes())?;
@@ -396,7 +397,6 @@ pub(crate) fn logger(
     // The resolved config, readable in TensorBoard's Text tab (a code block in Markdown).
     log.text("config", &format!("```json\n{}\n```", config.to_json()), 0)?;
     // Its run keys as the run's hparams session (the HParams tab; `settings.*` are paths).
-    let value = config.to_value();
     let mut hparams = vec![];
     if let Some(run) = value.get("run") {
         self::mlflow::leaves("run", run, &mut hparams);

@@ -221,11 +221,8 @@ fn load(adapter: &Adapter, path: &Path, warnings: &Mutex<Vec<String>>) -> Result
     if let Some(w) = &rec.warning {
         warn(format!("{}: {w}", path.display()));
     }
-    let mut factors = vec![];
     for (label, &rate) in rec.labels.iter().zip(&rec.sample_rates) {
-        let q = rate / TARGET_RATE;
-        let integer_rate = rate.fract() == 0.0 && rate >= 1.0;
-        if (q.fract() != 0.0 || q < 1.0) && !integer_rate {
+        if decimation_factor(rate).is_none() && !(rate.fract() == 0.0 && rate >= 1.0) {
             bail!(
                 "{}: channel {label} is sampled at {rate} Hz, neither a multiple of {TARGET_RATE} Hz nor a whole number of Hz",
                 path.display()
@@ -239,28 +236,32 @@ fn load(adapter: &Adapter, path: &Path, warnings: &Mutex<Vec<String>>) -> Result
                 adapter.native_rate
             ));
         }
-        factors.push(rate);
     }
-    let to_125 = |v: &[f64], rate: f64| -> Result<Vec<f64>> {
-        let q = rate / TARGET_RATE;
-        if q.fract() == 0.0 && q >= 1.0 {
-            decimate(v, q as usize).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-        } else {
-            Ok(resample_poly(v, TARGET_RATE as usize, rate as usize))
-        }
-    };
+    let failed = |e: String| anyhow::anyhow!("{}: {e}", path.display());
+    let rates = &rec.sample_rates;
     let same_length = rec.volts.iter().all(|v| v.len() == rec.volts[0].len());
-    let q = factors[0] / TARGET_RATE;
-    if factors.iter().all(|&r| r == factors[0]) && same_length && q.fract() == 0.0 {
-        return decimate_channels(&rec.volts, q as usize)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
+    if let (Some(q), true, true) = (
+        decimation_factor(rates[0]),
+        rates.iter().all(|&r| r == rates[0]),
+        same_length,
+    ) {
+        return decimate_channels(&rec.volts, q).map_err(failed);
     }
     // A different rate per channel (EDF allows it), or resampling: one channel at a time.
     rec.volts
         .iter()
-        .zip(&factors)
-        .map(|(v, &rate)| to_125(v, rate))
+        .zip(rates)
+        .map(|(v, &rate)| match decimation_factor(rate) {
+            Some(q) => decimate(v, q).map_err(failed),
+            None => Ok(resample_poly(v, TARGET_RATE as usize, rate as usize)),
+        })
         .collect()
+}
+
+/// `rate / 125` when it is a whole number ≥ 1: the rates the reference's decimation handles.
+fn decimation_factor(rate: f64) -> Option<usize> {
+    let q = rate / TARGET_RATE;
+    (q.fract() == 0.0 && q >= 1.0).then_some(q as usize)
 }
 
 /// Which windows to write, given each one's seizure label: every seizure window, and at most

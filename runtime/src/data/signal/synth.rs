@@ -247,7 +247,7 @@ pub mod chbmit {
     use crate::data::signal::edf::{self, Format, Recording, Signal};
 
     /// A 23-channel file's labels as PhysioNet writes them: the 18 double-banana derivations,
-    /// P7-T7, T7-FT9, FT9-FT10, FT10-T8 and T8-P8 again, with two `-` placeholders.
+    /// P7-T7, T7-FT9, FT9-FT10, FT10-T8 and T8-P8 again, with two unused channels labelled `-`.
     pub const MONTAGE: [&str; 25] = [
         "FP1-F7", "F7-T7", "T7-P7", "P7-O1", "FP1-F3", "F3-C3", "C3-P3", "P3-O1", "FP2-F4",
         "F4-C4", "C4-P4", "P4-O2", "FP2-F8", "F8-T8", "T8-P8", "P8-O2", "FZ-CZ", "CZ-PZ", "-",
