@@ -6,7 +6,8 @@
 use std::path::Path;
 
 use crate::common::{
-    copy_dir, only_run_dir, python, series, test_metric, train, write_dataset, write_parquet_copy,
+    copy_dir, only_run_dir, python, series, test_metric, train, wandb_inspect, wandb_runs,
+    write_dataset, write_parquet_copy,
 };
 use signal_diffusion_runtime::config::choice::Sampler;
 use signal_diffusion_runtime::diffusion::fidelity::BANDS;
@@ -208,6 +209,59 @@ fn dit_trains_resumes_exactly_and_writes_readable_files() {
         "FINISHED 3 ['eval/generated_samples/step-00000000.png', 'eval/generated_samples/step-00000004.png', 'eval/generated_samples/step-00000008.png']",
         "MLflow saw: {ml}"
     );
+    // W&B (`[logging] wandb_project`, read by wandb's own reader): finished, the lowest KID in
+    // the summary, the sample grids as image files its media records and rows name, with their
+    // size and sha256; parameter histograms every 4 updates.
+    let runs = wandb_runs(&run_a);
+    let (summary, _) = wandb_inspect(&runs[0], true);
+    let s = &summary[0];
+    let kid = series(&run_a, "eval/kid_mean");
+    let lowest = kid.iter().map(|(_, v)| *v).fold(f64::MAX, f64::min);
+    assert_eq!(
+        (&s["state"], &s["project"]),
+        (&"finished".into(), &"eeg-dit".into())
+    );
+    assert_eq!(s["summary"]["best/kid_mean"], lowest);
+    let (records, _) = wandb_inspect(&runs[0], false);
+    let files: Vec<&str> = records
+        .iter()
+        .filter(|r| r["type"] == "files")
+        .map(|r| r["files"]["files"][0]["path"].as_str().unwrap())
+        .collect();
+    let rows: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["type"] == "history")
+        .map(|r| &r["history"]["item"])
+        .collect();
+    let images: Vec<&serde_json::Value> = rows
+        .iter()
+        .map(|r| &r["eval/generated_samples"])
+        .filter(|v| !v.is_null())
+        .collect();
+    assert_eq!(images.len(), 3);
+    for (image, file) in images.iter().zip(&files) {
+        assert_eq!(
+            (&image["_type"], &image["path"]),
+            (&"image-file".into(), &(*file).into())
+        );
+        assert_eq!(
+            (&image["width"], &image["height"]),
+            (&74.into(), &20.into())
+        );
+        let png = std::fs::read(runs[0].join("files").join(file)).unwrap();
+        assert_eq!(image["size"], png.len());
+        let sha = python(
+            "import sys, hashlib\nprint(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())",
+            &[&runs[0].join("files").join(file)],
+        );
+        assert_eq!(image["sha256"], sha.trim());
+    }
+    let with_histograms: Vec<u64> = rows
+        .iter()
+        .filter(|r| r["parameters/pos_embed.proj.weight"]["_type"] == "histogram")
+        .map(|r| r["_step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(with_histograms, [4, 8]);
 }
 
 /// The same 8 updates in f32, under bf16 autocast and under fp16 autocast with its loss scale

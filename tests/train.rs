@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use crate::common::{
-    copy_dir, only_run_dir, python, series, test_metric, train, write_dataset, write_parquet_copy,
+    copy_dir, only_run_dir, python, series, test_metric, train, wandb_inspect, wandb_runs,
+    write_dataset, write_parquet_copy,
 };
 
 use signal_diffusion_runtime::train::checkpoint::{check_config, State};
@@ -546,5 +547,209 @@ fn mlflow_reads_the_run_store_we_write() {
         got.trim(),
         "['tiny'] 1 FINISHED True\n0.01 [\"gender\",\"health\",\"age\"] 24 True\n['config_resolved.json', 'plan.txt'] True",
         "MLflow saw: {got}"
+    );
+    // `mlflow migrate-filestore` converts the store to MLflow's database losslessly: the same
+    // run, params and metric points read back from SQLite.
+    let db = tmp.path().join("mlflow.db");
+    let script = "import os, sys, subprocess\nos.environ['MLFLOW_ALLOW_FILE_STORE'] = 'true'\n\
+        subprocess.run([sys.executable, '-m', 'mlflow', 'migrate-filestore', '--source', sys.argv[1], '--target', 'sqlite:///' + sys.argv[2], '--no-progress'], check=True, capture_output=True)\n\
+        from mlflow.tracking import MlflowClient\n\
+        c = MlflowClient('sqlite:///' + sys.argv[2])\n\
+        r = c.search_runs([e.experiment_id for e in c.search_experiments() if e.name == 'tiny'])[0]\n\
+        print(r.info.status, r.data.params['run.optimizer.learning_rate'], len(c.get_metric_history(r.info.run_id, 'train/loss_step')), len(r.data.params) > 50)";
+    let migrated = python(script, &[&out.join("mlruns"), &db]);
+    assert_eq!(
+        migrated.trim(),
+        "FINISHED 0.01 24 True",
+        "migrated: {migrated}"
+    );
+}
+
+/// `training.wandb_*` (run-time): a W&B offline run that wandb's own reader (`wandb leet
+/// inspect`, wandb 0.31, the reader `wandb sync` uses) reads back: finished, with the project,
+/// entity, tags, name and resolved config, one history row per step, the summary with the best
+/// selection score; histograms there and in TensorBoard; over 32 KiB of records; a flipped
+/// byte is reported; a resume in the same run directory keeps the run id.
+#[test]
+fn wandb_reads_the_offline_run_we_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_dataset(&data);
+    let out = tmp.path().join("out");
+    let on = [
+        ("training.wandb_project", "eeg"),
+        ("training.wandb_entity", "lab"),
+        ("training.wandb_tags", "[\"pilot\", \"cnn\"]"),
+        ("training.histogram_every_batches", "4"),
+        ("training.tensorboard", "true"),
+        ("training.epochs", "2"),
+    ];
+    run(&data, &out, &on, None);
+    let run_dir = only_run_dir(&out);
+    let runs = wandb_runs(&run_dir);
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let (summary, _) = wandb_inspect(&runs[0], true);
+    let s = &summary[0];
+    let run_name = run_dir.file_name().unwrap().to_str().unwrap();
+    assert_eq!(
+        (&s["state"], &s["exit_code"], &s["project"], &s["entity"]),
+        (&"finished".into(), &0.into(), &"eeg".into(), &"lab".into()),
+        "{s}"
+    );
+    assert_eq!(s["tags"], serde_json::json!(["pilot", "cnn"]));
+    assert_eq!(s["name"], run_name);
+    assert_eq!(s["config"]["run"]["optimizer"]["learning_rate"], 0.01);
+    // The summary: each key's latest value, and the best validation selection score.
+    let scores = series(&run_dir, "val/selection_score");
+    let best = scores.iter().map(|(_, v)| *v).fold(f64::MIN, f64::max);
+    assert_eq!(s["summary"]["best/selection_score"], best);
+    assert_eq!(
+        s["summary"]["val/selection_score"],
+        scores.last().unwrap().1
+    );
+    assert_eq!(s["summary"]["_step"], 16);
+
+    // Every record, numbered 1, 2, ... with none skipped; one history row per step, each
+    // with every value logged at that step.
+    let wandb_file = runs[0].join(format!("run-{}.wandb", s["run_id"].as_str().unwrap()));
+    let size = std::fs::metadata(&wandb_file).unwrap().len();
+    assert!(
+        size > 32 * 1024,
+        "{size} bytes: the test should span blocks"
+    );
+    let (records, stderr) = wandb_inspect(&wandb_file, false);
+    assert!(!stderr.contains("corrupt"), "{stderr}");
+    let nums: Vec<u64> = records.iter().map(|r| r["num"].as_u64().unwrap()).collect();
+    assert_eq!(nums, (1..=records.len() as u64).collect::<Vec<_>>());
+    let rows: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["type"] == "history")
+        .map(|r| &r["history"]["item"])
+        .collect();
+    let steps: Vec<u64> = rows.iter().map(|r| r["_step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=16).collect::<Vec<_>>());
+    let losses: Vec<f64> = rows
+        .iter()
+        .map(|r| r["train/loss_step"].as_f64().unwrap())
+        .collect();
+    let want: Vec<f64> = series(&run_dir, "train/loss_step")
+        .iter()
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(losses, want);
+    assert_eq!(rows[7]["val/selection_score"], scores[0].1);
+    // Histograms every 4 steps: one of every parameter, and one of the gradients' per-tensor
+    // norms that counts one norm per parameter with a gradient.
+    for (i, row) in rows.iter().enumerate() {
+        let map = row.as_object().unwrap();
+        let params = map.keys().filter(|k| k.starts_with("parameters/")).count();
+        if (i + 1) % 4 != 0 {
+            assert_eq!(params, 0, "step {}", i + 1);
+            continue;
+        }
+        let norm = &row["gradients/norm"];
+        assert_eq!(norm["_type"], "histogram");
+        let counted: f64 = norm["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        assert_eq!(norm["bins"].as_array().unwrap().len(), 65);
+        assert!(
+            params > 20 && counted == params as f64,
+            "{params} parameters, {counted} norms"
+        );
+    }
+
+    // TensorBoard draws the same histograms.
+    let tb = python(
+        "import sys\nfrom tensorboard.backend.event_processing.event_accumulator import EventAccumulator as E\n\
+         e=E(sys.argv[1], size_guidance={'histograms': 0}); e.Reload(); h=e.Histograms('gradients/norm')\n\
+         print([x.step for x in h], len(e.Tags()['histograms']) > 40, h[0].histogram_value.num)",
+        &[&run_dir.join("tensorboard")],
+    );
+    let params = rows[3]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.starts_with("parameters/"))
+        .count();
+    assert_eq!(
+        tb.trim(),
+        format!("[4, 8, 12, 16] True {params}.0"),
+        "tensorboard saw: {tb}"
+    );
+
+    // One flipped byte: wandb's reader reports the checksum mismatch.
+    let mut bytes = std::fs::read(&wandb_file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x20;
+    let corrupt = tmp.path().join("corrupt.wandb");
+    std::fs::write(&corrupt, bytes).unwrap();
+    let (_, stderr) = wandb_inspect(&corrupt, false);
+    assert!(stderr.contains("checksum mismatch"), "{stderr}");
+
+    // Resumed from step 8 in the same run directory: a second offline directory of the same
+    // run id, marked resumed, with steps 9..16 after step 8's evaluation (the checkpoint was
+    // written before the end-of-epoch evaluation, which the resumed run repeats).
+    run(
+        &data,
+        &out,
+        &on,
+        Some(run_dir.join("checkpoints/step-00000008")),
+    );
+    let runs = wandb_runs(&run_dir);
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let id = s["run_id"].as_str().unwrap();
+    assert!(
+        runs.iter()
+            .all(|r| r.to_str().unwrap().ends_with(&format!("-{id}"))),
+        "{runs:?}"
+    );
+    let (records, _) = wandb_inspect(&runs[1], false);
+    let run_record = records.iter().find(|r| r["type"] == "run").unwrap();
+    assert_eq!(run_record["run"]["resume"], true);
+    let rows: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["type"] == "history")
+        .map(|r| &r["history"]["item"])
+        .collect();
+    let steps: Vec<u64> = rows.iter().map(|r| r["_step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (8..=16).collect::<Vec<_>>());
+    assert!(rows[0]["train/loss_step"].is_null() && rows[0]["val/selection_score"].is_number());
+    let (summary, _) = wandb_inspect(&runs[1], true);
+    assert_eq!(
+        (&summary[0]["state"], &summary[0]["run_id"]),
+        (&"finished".into(), &id.into())
+    );
+}
+
+/// A tracker that cannot write (here the metrics log on a full disk, `/dev/full`) returns an
+/// error naming the file and the reason, which stops the run; no record is dropped silently.
+#[test]
+fn a_tracker_that_cannot_write_names_the_file() {
+    use signal_diffusion_runtime::track::{Logger, Tracking};
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    std::os::unix::fs::symlink("/dev/full", run_dir.join("metrics.jsonl")).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let mut log = Logger::open(&run_dir, &Tracking::default(), &tiny::config(&root), "").unwrap();
+    // The first writes fill the buffer; the error comes when it reaches the disk.
+    let mut failed = None;
+    for step in 0..10_000 {
+        if let Err(e) = log.scalar("train/loss", 1.0, step) {
+            failed = Some(e);
+            break;
+        }
+    }
+    let err = failed
+        .or_else(|| log.flush().err())
+        .expect("a write to a full disk fails");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("run/metrics.jsonl") && msg.contains("No space left on device"),
+        "{msg}"
     );
 }

@@ -22,17 +22,12 @@ pub(crate) fn check_support(ctx: &mut Ctx, kind: &Kind, target: Target) {
         Kind::Diffusion(d) => check_diffusion(ctx, d, target, unsupported),
         Kind::Classification(c) => {
             let t = &c.training;
-            if t.wandb_project.is_some() || t.wandb_entity.is_some() || !t.wandb_tags.is_empty() {
-                let key = [
-                    "training.wandb_project",
-                    "training.wandb_entity",
-                    "training.wandb_tags",
-                ]
-                .into_iter()
-                .find(|k| ctx.loc(k).is_some())
-                .unwrap_or("training.wandb_project");
-                unsupported(ctx, key, "Weights & Biases logging".into(), "remove the `wandb_*` keys; use `tensorboard = true` (event files TensorBoard reads)");
-            }
+            wandb_needs_project(
+                ctx,
+                "training",
+                t.wandb_project.is_some(),
+                t.wandb_entity.is_some() || !t.wandb_tags.is_empty(),
+            );
             if t.use_amp {
                 warn_cpu_mixed_precision(ctx, "training.use_amp", "bf16", target);
             }
@@ -66,7 +61,7 @@ fn check_diffusion(
         );
         return;
     }
-    let rules: [(bool, &str, &str, &str); 6] = [
+    let rules: [(bool, &str, &str, &str); 5] = [
         (
             m.latent_space,
             "model.extras.latent_space",
@@ -97,20 +92,15 @@ fn check_diffusion(
             "`revision` (a Hub revision; models load from local directories)",
             "remove `revision`",
         ),
-        (
-            d.logging.wandb_project.is_some() || d.logging.wandb_entity.is_some(),
-            "logging.wandb_project",
-            "Weights & Biases logging",
-            "remove the `wandb_*` keys; use `tensorboard = true`",
-        ),
     ];
+    wandb_needs_project(
+        ctx,
+        "logging",
+        d.logging.wandb_project.is_some(),
+        d.logging.wandb_entity.is_some() || !d.logging.wandb_tags.is_empty(),
+    );
     for (bad, key, what, help) in rules {
         if bad {
-            let key = if key == "logging.wandb_project" && ctx.loc(key).is_none() {
-                "logging.wandb_entity"
-            } else {
-                key
-            };
             unsupported(ctx, key, what.to_string(), help);
         }
     }
@@ -157,5 +147,25 @@ fn warn_cpu_mixed_precision(ctx: &mut Ctx, key: &str, precision: &str, target: T
             format!("{precision} mixed precision in a CPU build: products are rounded to {precision} (a GPU's numerics) but computed by f32 kernels, so training is no faster than in f32 (about 10 % slower)"),
         )
         .help("for speed on a CPU, turn mixed precision off; build with `--features cuda` for 16-bit GEMMs"),
+    );
+}
+
+/// A W&B entity or tags without a project would name a run that is never written: an error at
+/// the first of those keys.
+fn wandb_needs_project(ctx: &mut Ctx, table: &str, project: bool, others: bool) {
+    if project || !others {
+        return;
+    }
+    let key = ["wandb_entity", "wandb_tags"]
+        .into_iter()
+        .map(|k| format!("{table}.{k}"))
+        .find(|k| ctx.loc(k).is_some())
+        .unwrap_or_else(|| format!("{table}.wandb_entity"));
+    let loc = ctx.loc(&key);
+    ctx.diags.push(
+        Diagnostic::error(loc, format!("`{key}` is set without `{table}.wandb_project`"))
+            .help(format!(
+                "add `wandb_project = \"<project>\"` to [{table}] (the W&B run is written offline under `wandb/`), or remove `{key}`"
+            )),
     );
 }

@@ -1,7 +1,7 @@
 //! The Candle runtime the generated trainers call, laid out by layer family (docs/architecture.md
-//! has the map). Imports run one way: `train` (the loops) uses `diffusion` and `models`, which
-//! use `ops`; `data` sits beside `models` and uses only the `ops::cpu` leaf; `tasks` is the label
-//! vocabulary all of them share.
+//! has the map). Imports run one way: `train` (the loops) uses `diffusion`, `models` and `track`
+//! (the run trackers), and `diffusion` and `models` use `ops`; `data` sits beside `models` and
+//! uses only the `ops::cpu` leaf; `tasks` is the label vocabulary all of them share.
 //!
 //! Generated code (config/src/codegen.rs, the `trainer!` macro) names only the items re-exported
 //! at the bottom of this file.
@@ -11,6 +11,7 @@ pub mod diffusion;
 pub mod models;
 pub mod ops;
 pub mod tasks;
+pub mod track;
 pub mod train;
 
 // The surface the generated trainers name.

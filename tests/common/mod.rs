@@ -169,3 +169,40 @@ pub fn write_parquet_copy(folder: &Path, out: &Path, column: &str) {
         w.finish().unwrap();
     }
 }
+
+/// `wandb leet inspect` (wandb's own reader, the one `wandb sync` uses; offline) on a run
+/// directory or `.wandb` file: with `summary`, the run's summary object; else every record, one
+/// JSON object per line. Returns the parsed output and stderr (where it reports corrupt data).
+pub fn wandb_inspect(path: &Path, summary: bool) -> (Vec<serde_json::Value>, String) {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "wandb", "leet", "inspect", "--json"]);
+    if summary {
+        cmd.arg("--summary");
+    }
+    let out = cmd
+        .arg(path)
+        .env("WANDB_MODE", "offline")
+        .output()
+        .expect("python3 -m wandb runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "wandb leet inspect failed: {stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let values = if summary {
+        vec![serde_json::from_str(&stdout).expect("one JSON object")]
+    } else {
+        stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON record"))
+            .collect()
+    };
+    (values, stderr)
+}
+
+/// A run directory's W&B offline runs (`<run>/wandb/offline-run-*`), oldest first.
+pub fn wandb_runs(root: &Path) -> Vec<PathBuf> {
+    let mut runs: Vec<PathBuf> = std::fs::read_dir(root.join("wandb"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    runs.sort();
+    runs
+}

@@ -99,11 +99,13 @@ literal! {
         pub output_dir: Option<String>,
         pub log_dir: Option<String>,
         pub tensorboard: bool,
-        /// An MLflow file-store run (runtime train/mlflow.rs).
+        /// An MLflow file-store run (runtime track/mlflow.rs).
         pub mlflow: bool,
         pub wandb_project: Option<String>,
         pub wandb_entity: Option<String>,
         pub wandb_tags: Vec<String>,
+        /// Parameter and gradient histograms every N optimizer steps (0: never).
+        pub histogram_every_batches: usize,
         pub run_name: Option<String>,
         pub checkpoint_total_limit: Option<usize>,
         pub checkpoint_strategy: CheckpointStrategy,
@@ -435,6 +437,7 @@ fn read_training(
     let wandb_project = opt_path(&t, ctx, "wandb_project");
     let wandb_entity = opt_path(&t, ctx, "wandb_entity");
     let wandb_tags = t.string_list(ctx, "wandb_tags").unwrap_or_default();
+    let histogram_every_batches = t.count(ctx, "histogram_every_batches", 0, 0);
     let run_name = opt_path(&t, ctx, "run_name");
     let checkpoint_total_limit = t.count_opt(ctx, "checkpoint_total_limit", 1);
     let checkpoint_strategy = t.pick(
@@ -514,6 +517,7 @@ fn read_training(
         wandb_project,
         wandb_entity,
         wandb_tags,
+        histogram_every_batches,
         run_name,
         checkpoint_total_limit,
         checkpoint_strategy,

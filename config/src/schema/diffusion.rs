@@ -139,11 +139,14 @@ literal! {
     #[derive(Debug, Clone, Serialize)]
     pub struct DiffLogging {
         pub tensorboard: bool,
-        /// An MLflow file-store run (runtime train/mlflow.rs).
+        /// An MLflow file-store run (runtime track/mlflow.rs).
         pub mlflow: bool,
         pub log_dir: Option<String>,
         pub wandb_project: Option<String>,
         pub wandb_entity: Option<String>,
+        pub wandb_tags: Vec<String>,
+        /// Parameter and gradient histograms every N optimizer steps (0: never).
+        pub histogram_every_steps: usize,
         pub run_name: Option<String>,
     }
 }
@@ -674,6 +677,8 @@ fn read_logging(root: &Section, ctx: &mut Ctx) -> DiffLogging {
     let log_dir = nonempty(l.string(ctx, "log_dir"));
     let wandb_project = nonempty(l.string(ctx, "wandb_project"));
     let wandb_entity = nonempty(l.string(ctx, "wandb_entity"));
+    let wandb_tags = l.string_list(ctx, "wandb_tags").unwrap_or_default();
+    let histogram_every_steps = l.count(ctx, "histogram_every_steps", 0, 0);
     let run_name = nonempty(l.string(ctx, "run_name"));
     l.finish(ctx, &[]);
 
@@ -683,6 +688,8 @@ fn read_logging(root: &Section, ctx: &mut Ctx) -> DiffLogging {
         log_dir,
         wandb_project,
         wandb_entity,
+        wandb_tags,
+        histogram_every_steps,
         run_name,
     }
 }

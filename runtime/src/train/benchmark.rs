@@ -71,7 +71,9 @@ pub(super) fn benchmark_classifier<B: Backbone>(
     let lr = cfg.optimizer.learning_rate;
     let mut step = |i: usize, timing: Option<&mut [f64; 3]>| -> Result<f64> {
         let mut mode = Mode::train(t.seed.wrapping_add(i as u64));
-        let out = train_step(&ctx, &model, &mut opt, &x, &targets, &mut mode, lr, timing)?;
+        let out = train_step(
+            &ctx, &model, &mut opt, &x, &targets, &mut mode, lr, timing, None,
+        )?;
         Ok(out.0)
     };
     // A CPU step of the baseline takes tens of seconds and has nothing to warm up but the

@@ -33,7 +33,7 @@ use crate::models::classifier::{Backbone, Classifier};
 use crate::models::nn::{Mode, Params};
 use crate::ops::precision::Autocast;
 use crate::tasks::{TaskKind, TaskSpec};
-use crate::train::log::Logger;
+use crate::track::{Logger, Tracking};
 use crate::train::optim::{lr_factor, GradNorm, Optimizer};
 
 /// Entry point of a generated classification trainer.
@@ -180,13 +180,17 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
         );
     }
 
-    let mut log = super::logger(
-        compiled,
-        &config,
-        &run_dir,
-        (t.tensorboard, t.log_dir.as_ref()),
-        t.mlflow,
-    )?;
+    let tracking = Tracking {
+        tensorboard: t.tensorboard,
+        log_dir: t.log_dir.as_ref(),
+        mlflow: t.mlflow,
+        wandb_project: t.wandb_project.as_deref(),
+        wandb_entity: t.wandb_entity.as_deref(),
+        wandb_tags: &t.wandb_tags,
+        run_name: t.run_name.as_deref(),
+        histogram_every: t.histogram_every_batches as u64,
+    };
+    let mut log = Logger::open(&run_dir, &tracking, &config, compiled.plan)?;
     let ckpt_dir = run_dir.join("checkpoints");
     let mut periodic: Vec<PathBuf> = list_dirs(&ckpt_dir, "step-");
     let shape_vec = compiled.input_shape.to_vec();
@@ -270,6 +274,8 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
                 &mut mode,
                 lr,
                 None,
+                log.wants_histograms(state.step + 1)
+                    .then_some((&mut log, state.step + 1)),
             )?;
             state.step += 1;
             state.batch_in_epoch += 1;
@@ -412,7 +418,13 @@ fn run<B: Backbone>(compiled: &Compiled, shape: &B::Shape, options: RunOptions) 
             Ok(())
         })?;
     }
-    log.finish()?;
+    // The best validation selection score (the best checkpoint's), in W&B's summary.
+    let best: Vec<(&str, f64)> = state
+        .best_score
+        .map(|b| ("best/selection_score", b))
+        .into_iter()
+        .collect();
+    log.finish(&best)?;
     println!(
         "done: {} steps in {:.1} s; checkpoints in {}",
         state.step,
@@ -435,6 +447,7 @@ pub(super) fn train_step<B: Backbone>(
     mode: &mut Mode,
     lr: f64,
     mut timing: Option<&mut [f64; 3]>,
+    histograms: Option<(&mut Logger, u64)>,
 ) -> Result<(f64, Vec<f64>, GradNorm)> {
     let t = &ctx.cfg.training;
     let mut lap = Instant::now();
@@ -456,6 +469,9 @@ pub(super) fn train_step<B: Backbone>(
     phase_done(0)?;
     let mut grads = loss.backward()?;
     phase_done(1)?;
+    if let Some((log, step)) = histograms {
+        log.parameter_histograms(opt.params(), &grads, 1.0, step)?;
+    }
     let grad_norm = opt.step(&mut grads, lr, t.clip_grad_norm)?;
     let (loss_v, per_task) = read_losses(&loss, &per_task)?;
     phase_done(2)?;

@@ -42,6 +42,7 @@ use crate::diffusion::sampler::{conditions, SampleSpec};
 use crate::models::dit::{Condition, Conditioning, Dit, DitShape};
 use crate::models::nn::Params;
 use crate::ops::precision::{self, LossScaler};
+use crate::track::{Logger, Tracking};
 use signal_diffusion_config::choice::{DatasetType, EvalStrategy, Objective, OutputType};
 
 /// Entry point of a generated diffusion trainer.
@@ -330,13 +331,18 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         );
     }
 
-    let mut log = super::logger(
-        compiled,
-        &config,
-        &run_dir,
-        (cfg.logging.tensorboard, cfg.logging.log_dir.as_ref()),
-        cfg.logging.mlflow,
-    )?;
+    let logging = &cfg.logging;
+    let tracking = Tracking {
+        tensorboard: logging.tensorboard,
+        log_dir: logging.log_dir.as_ref(),
+        mlflow: logging.mlflow,
+        wandb_project: logging.wandb_project.as_deref(),
+        wandb_entity: logging.wandb_entity.as_deref(),
+        wandb_tags: &logging.wandb_tags,
+        run_name: logging.run_name.as_deref(),
+        histogram_every: logging.histogram_every_steps as u64,
+    };
+    let mut log = Logger::open(&run_dir, &tracking, &config, compiled.plan)?;
     // Reference features for KID/MMD, once per run: the validation split, else
     // `eval_mmd_fallback_ntrain` rows of the training split (0: all; evenly spaced, so a split
     // sorted by subject is still covered) without its random augmentations.
@@ -436,6 +442,10 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
             // One optimizer update.
             let s = state.step as usize;
             let lr = cfg.optimizer.learning_rate * lr_factor(&cfg.scheduler, s, total);
+            if log.wants_histograms(state.step + 1) {
+                let scale = state.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
+                log.parameter_histograms(opt.params(), &acc, scale, state.step + 1)?;
+            }
             let grad_norm = update(
                 &mut opt,
                 &mut acc,
@@ -538,7 +548,14 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
             .collect();
         save_diffusers(&final_dir.join("ema"), &ctx, &all_vars, &values)?;
     }
-    log.finish()?;
+    // The lowest KID of the run (the first kept evaluation), in W&B's summary.
+    let best: Vec<(&str, f64)> = state
+        .best
+        .first()
+        .map(|b| ("best/kid_mean", b.0))
+        .into_iter()
+        .collect();
+    log.finish(&best)?;
     let summary = serde_json::json!({
         "run_dir": run_dir,
         "updates": state.step,

@@ -12,7 +12,6 @@ use rand_chacha::ChaCha8Rng;
 
 use super::checkpoint::{self, State};
 use super::diffusion::{ema_tensors, tensors, Ctx};
-use super::log::Logger;
 use crate::data::image::grid;
 use crate::data::loader::{Loader, Split};
 use crate::diffusion::ema::Ema;
@@ -21,6 +20,7 @@ use crate::diffusion::loss::{diffusion_loss, StepSpec};
 use crate::diffusion::path::normals;
 use crate::diffusion::sampler::conditions;
 use crate::models::dit::Dit;
+use crate::track::Logger;
 
 /// Features of the rows `rows` of `split` (of each image's dB channel at the model's resolution,
 /// or of each series).

@@ -8,9 +8,7 @@ pub mod classification;
 pub mod diffusion;
 pub mod evaluate;
 pub mod export;
-pub mod log;
 pub mod metrics;
-pub mod mlflow;
 pub mod optim;
 pub mod sample;
 pub mod swa;
@@ -340,73 +338,7 @@ pub(crate) fn timestamp() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    // UTC YYYYmmdd-HHMMSS without a date crate (civil-from-days, Howard Hinnant's algorithm).
-    let (days, rem) = (secs / 86400, secs % 86400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// The run's logger (log.rs): TensorBoard as configured, and an MLflow run (mlflow.rs) when
-/// `mlflow` is set or `MLFLOW_TRACKING_URI` names a file store; the default store is `mlruns/`
-/// beside the run directories, so runs of one output directory compare in one MLflow
-/// experiment per config. The plan and the resolved config become the run's artifacts.
-pub(crate) fn logger(
-    compiled: &Compiled,
-    config: &Config,
-    run_dir: &Path,
-    (tensorboard, log_dir): (bool, Option<&String>),
-    mlflow: bool,
-) -> anyhow::Result<log::Logger> {
-    let value = config.to_value();
-    let default_store = run_dir.parent().unwrap_or(Path::new(".")).join("mlruns");
-    let run = match self::mlflow::store(mlflow, &default_store)? {
-        Some(store) => {
-            let stem = |p: &Path| {
-                p.file_stem()
-                    .or(p.file_name())
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            };
-            let run = self::mlflow::MlflowRun::open(
-                &store,
-                &stem(&config.path),
-                &stem(run_dir),
-                run_dir,
-                &value,
-            )?;
-            run.artifact("plan.txt", compiled.plan.as_bytes())?;
-            run.artifact("config_resolved.json", config.to_json().as_bytes())?;
-            Some(run)
-        }
-        None => None,
-    };
-    let mut log = log::Logger::for_run(run_dir, tensorboard, log_dir, run)?;
-    // The resolved config, readable in TensorBoard's Text tab (a code block in Markdown).
-    log.text("config", &format!("```json\n{}\n```", config.to_json()), 0)?;
-    // Its run keys as the run's hparams session (the HParams tab; `settings.*` are paths).
-    let mut hparams = vec![];
-    if let Some(run) = value.get("run") {
-        self::mlflow::leaves("run", run, &mut hparams);
-    }
-    let hparams: Vec<(String, log::HParam)> = hparams
-        .into_iter()
-        .filter_map(|(k, v)| log::HParam::from_json(v).map(|h| (k, h)))
-        .collect();
-    log.hparams(&hparams)?;
-    Ok(log)
+    crate::track::utc_timestamp(secs, '-')
 }
 
 /// Where a run writes, created with its resolved config and plan: a resumed run continues in the

@@ -25,6 +25,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::leaves;
+
 /// MLflow's run statuses.
 const RUNNING: u32 = 1;
 const FINISHED: u32 = 3;
@@ -278,29 +280,6 @@ fn experiment_id(store: &Path, name: &str) -> Result<String> {
         |w| Ok(w.write_all(meta.as_bytes())?),
     )?;
     Ok(id)
-}
-
-/// `value`'s leaves (scalars and lists) with their dotted keys; nulls left out (neither MLflow
-/// nor TensorBoard's hparams have a null).
-pub(crate) fn leaves<'a>(
-    prefix: &str,
-    value: &'a serde_json::Value,
-    out: &mut Vec<(String, &'a serde_json::Value)>,
-) {
-    match value {
-        serde_json::Value::Object(map) => {
-            for (k, v) in map {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                leaves(&key, v, out);
-            }
-        }
-        serde_json::Value::Null => {}
-        leaf => out.push((prefix.to_string(), leaf)),
-    }
 }
 
 /// A leaf as an MLflow param: strings as they are, other values as JSON.

@@ -1,0 +1,3 @@
+signal_diffusion_macros::trainer!("wandb_tags_without_project.toml");
+
+fn main() {}
