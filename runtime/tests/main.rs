@@ -17,6 +17,7 @@ mod gradients;
 mod image;
 mod meta_dataset;
 mod mit;
+mod neighborhood;
 mod optim;
 mod preprocess;
 mod sampler;

@@ -18,7 +18,7 @@ use candle_core::{
 
 use crate::ops::cpu::{exp_f32, on_threads, vectorised, with_f32, Blocks};
 use crate::ops::linear::{gemm, gemm_strided};
-use crate::ops::precision::{operands, round_in_place};
+use crate::ops::precision::{gradients, operands, round_in_place, storage_operands};
 
 /// softmax(q·kᵀ/√d)·v per head for q, k, v of shape (B, N, H·d): the heads side by side in the
 /// last axis, as the projections write them (the op reads and writes each head in place, with a
@@ -634,14 +634,7 @@ impl CustomOp3 for Attention {
                 vl.dims()
             );
         }
-        let [q, k, v] = operands(
-            [
-                crate::ops::cpu::contiguous::<f32>(qs, ql)?,
-                crate::ops::cpu::contiguous::<f32>(ks, kl)?,
-                crate::ops::cpu::contiguous::<f32>(vs, vl)?,
-            ],
-            self.round,
-        );
+        let [q, k, v] = storage_operands([(qs, ql), (ks, kl), (vs, vl)], self.round)?;
         let mut out = vec![0f32; ql.shape().elem_count()];
         let o = Blocks::new(&mut out);
         let scale = self.scale as f32;
@@ -735,12 +728,8 @@ impl CustomOp3 for Attention {
             });
             Ok(())
         })?;
-        for g in [&mut dq, &mut dk, &mut dv] {
-            round_in_place(g, self.round);
-        }
-        let dev = grad.device();
-        let t = |x: Vec<f32>| Tensor::from_vec(x, shape.clone(), dev);
-        Ok((Some(t(dq)?), Some(t(dk)?), Some(t(dv)?)))
+        let [dq, dk, dv] = gradients([dq, dk, dv], self.round, &shape, grad.device())?;
+        Ok((dq, dk, dv))
     }
 }
 

@@ -20,6 +20,7 @@ pub mod dropout;
 pub mod gelu;
 pub mod linear;
 pub mod loss;
+pub mod neighborhood;
 pub mod norm;
 pub mod pool;
 pub mod precision;

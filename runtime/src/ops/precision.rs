@@ -310,6 +310,34 @@ pub fn operands<'a, const N: usize>(
     v.map(|s| operand(s, dtype))
 }
 
+/// [`operands`] of CPU storages read through their layouts (contiguous f32).
+pub fn storage_operands<'a, const N: usize>(
+    v: [(&'a CpuStorage, &Layout); N],
+    dtype: Option<DType>,
+) -> Result<[std::borrow::Cow<'a, [f32]>; N]> {
+    let mut slices = [&[][..]; N];
+    for (slot, (s, l)) in slices.iter_mut().zip(v) {
+        *slot = crate::ops::cpu::contiguous::<f32>(s, l)?;
+    }
+    Ok(operands(slices, dtype))
+}
+
+/// A fused op's gradients, computed in f32: rounded to autocast's `dtype` as 16-bit gradients
+/// are, as tensors of `shape` on `dev`.
+pub fn gradients<const N: usize>(
+    grads: [Vec<f32>; N],
+    dtype: Option<DType>,
+    shape: &Shape,
+    dev: &candle_core::Device,
+) -> Result<[Option<Tensor>; N]> {
+    let mut out: [Option<Tensor>; N] = std::array::from_fn(|_| None);
+    for (slot, mut g) in out.iter_mut().zip(grads) {
+        round_in_place(&mut g, dtype);
+        *slot = Some(Tensor::from_vec(g, shape.clone(), dev)?);
+    }
+    Ok(out)
+}
+
 /// One operand of [`operands`].
 pub fn operand(s: &[f32], dtype: Option<DType>) -> std::borrow::Cow<'_, [f32]> {
     match dtype {
