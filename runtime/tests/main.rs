@@ -14,6 +14,7 @@ mod emulated_kernels;
 mod formats;
 mod fuzz_corpus;
 mod gradients;
+mod hourglass;
 mod image;
 mod meta_dataset;
 mod mit;

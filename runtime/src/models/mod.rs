@@ -1,10 +1,12 @@
 //! The models, built from `ops` through the layers of `nn`: the classification backbones and
-//! their multi-task heads (`classifier`), and the diffusion transformer (`dit`). New model
-//! families (hourglass, LocalMamba, the Stable Diffusion UNet and MMDiT) go here, one file each,
+//! their multi-task heads (`classifier`), the diffusion transformer (`dit`) and the hourglass
+//! transformer (`hourglass`). New model families (LocalMamba, the Stable Diffusion UNet and
+//! MMDiT) go here, one file each,
 //! with their own ops in `ops/`. A model is its shape struct (compile-time constants from the
 //! generated trainer), a constructor taking `nn::Params` (which names every tensor as the
 //! reference's `state_dict` does) and a forward; it knows nothing of data, losses or loops.
 
 pub mod classifier;
 pub mod dit;
+pub mod hourglass;
 pub mod nn;

@@ -284,6 +284,13 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
+    /// A bias-free linear of a given (dout, din) weight (one initialised otherwise than
+    /// PyTorch's default, e.g. to zeros).
+    pub fn from_weight(weight: Tensor) -> Result<Self> {
+        weight.dims2()?;
+        Ok(Linear { weight, bias: None })
+    }
+
     /// (..., din) -> (..., dout), as one GEMM over all leading positions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.over_rows(x, |x| match &self.bias {

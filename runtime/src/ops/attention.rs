@@ -28,9 +28,21 @@ use crate::ops::precision::{gradients, operands, round_in_place, storage_operand
 /// CPU; on a GPU inside the two 16-bit products, with the softmax in f32 between them, as flash
 /// attention's does (precision.rs).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let d = q.dim(2)? / heads;
+    scaled_attention(q, k, v, heads, 1.0 / (d as f64).sqrt())
+}
+
+/// [`attention`] with the scores scaled by `scale` instead of 1/√d (1 for cosine-similarity
+/// attention, whose q and k carry their own scale).
+pub fn scaled_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, n, width) = q.dims3()?;
     let d = width / heads;
-    let scale = 1.0 / (d as f64).sqrt();
     if q.device().is_cpu() && q.dtype() == DType::F32 {
         let round = crate::ops::precision::autocast_dtype();
         return q.contiguous()?.apply_op3(

@@ -1,0 +1,621 @@
+//! The hourglass diffusion transformer (HDiT, Crowson et al. 2024): k-diffusion's
+//! `image_transformer_v2`, which the reference ports as `Hourglass2DModel`
+//! (spec/reference/diffusion.md §2.2). Parameter names are the reference's state-dict names, so
+//! its `hourglass_model.pt` maps onto ours one to one.
+//!
+//! ```text
+//! x (B, C, H, W) ─ NHWC ─ patch_in (TokenMerge p_h×p_w) ─┬─ down level 0 ── merge 2×2 ─┬─ … mid level
+//!                                                         └────────── skip ──────────────┘
+//!   … split 2×2 (lerp with the skip by `fac`) ─ up level 0 ─ out_norm ─ patch_out ─ NCHW
+//! cond = mapping(time_in_proj(FF(ln(σ + 1e-9) / 4)) + aug_in_proj(FF(0)) + class_emb[y] + mapping_cond_in_proj(c))
+//! layer = x + out_proj(attention(AdaRMSNorm(x, cond))), then x + down_proj(GEGLU(AdaRMSNorm(x, cond)))
+//! ```
+//!
+//! Attention is cosine-similarity attention (q and k L2-normalised and scaled by √scale, a
+//! learnable per-head scale initialised to 10, softmax scale 1) with axial RoPE on the first
+//! half of each head, over the whole grid (global) or each query's k×k neighbourhood
+//! (ops/neighborhood.rs). Every layer's output projection, the AdaRMSNorm projections and
+//! `patch_out` start at zero, so an untrained model outputs zeros. σ is the flow's noise level in
+//! (0, 1]; the 1e-9 is the reference's guard for σ = 0 (k-diffusion's EDM σ never is).
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::models::nn::{dropout, Linear, Mode, Params};
+
+/// A level's self-attention.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum SelfAttention {
+    /// Over every token of the level.
+    Global { d_head: usize },
+    /// Over each token's `kernel`×`kernel` neighbourhood (NATTEN's semantics).
+    Neighborhood { d_head: usize, kernel: usize },
+}
+
+impl SelfAttention {
+    fn d_head(&self) -> usize {
+        match *self {
+            SelfAttention::Global { d_head } | SelfAttention::Neighborhood { d_head, .. } => d_head,
+        }
+    }
+}
+
+/// One level of the hourglass: `depth` layers of `width` channels.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LevelShape {
+    pub depth: usize,
+    pub width: usize,
+    pub d_ff: usize,
+    pub attention: SelfAttention,
+}
+
+/// The model's shape, as the config's `[model]` and `[model.extras]` give it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HourglassShape {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// The input patch (p_h, p_w); merges inside are always 2×2.
+    pub patch: [usize; 2],
+    /// Outermost first; the last is the middle level.
+    pub levels: Vec<LevelShape>,
+    pub mapping_width: usize,
+    pub mapping_depth: usize,
+    pub mapping_d_ff: usize,
+    /// Rows of the class embedding (the classes and the CFG null row); 0: no class input.
+    pub class_rows: usize,
+    /// Width of the extra mapping input (`gend_hlth_age`'s age features, captions); 0: none.
+    pub mapping_cond_dim: usize,
+    pub dropout: f64,
+}
+
+const EPS: f64 = 1e-6;
+
+/// x · rsqrt(mean(x²) + ε) · scale over the last axis (`scale` broadcast against x), in the
+/// differentiable ops Candle has (its fused `rms_norm` has no backward).
+fn rms_norm(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_mul(&(mean_sq + EPS)?.sqrt()?.recip()?)?
+        .broadcast_mul(scale)
+}
+
+/// `nn.Linear(din, dout, bias=False)` initialised to zeros (k-diffusion's `zero_init`).
+fn zero_linear(p: &mut Params, name: &str, din: usize, dout: usize) -> Result<Linear> {
+    Linear::from_weight(p.constant(format!("{name}.weight"), &[dout, din], 0.0)?)
+}
+
+/// `x · GELU(gate)` of the two halves of a `Linear(d, 2·d_ff)` (k-diffusion's `LinearGEGLU`).
+fn geglu(up: &Linear, x: &Tensor) -> Result<Tensor> {
+    let h = up.forward(x)?;
+    let halves = h.chunk(2, D::Minus1)?;
+    &halves[0] * crate::ops::gelu::gelu(&halves[1].contiguous()?)?
+}
+
+/// Random Fourier features: a fixed (out/2, in) N(0, 1) buffer W, then cos ‖ sin of 2π·x·Wᵀ.
+struct FourierFeatures {
+    weight: Tensor,
+}
+
+impl FourierFeatures {
+    fn new(p: &mut Params, name: &str, din: usize, dout: usize) -> Result<Self> {
+        Ok(FourierFeatures {
+            weight: p.normal_buffer(format!("{name}.weight"), &[dout / 2, din], 1.0)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let f = (x.matmul(&self.weight.t()?)? * std::f64::consts::TAU)?;
+        Tensor::cat(&[f.cos()?, f.sin()?], D::Minus1)
+    }
+}
+
+/// `rms_norm(x, 1 + Linear(cond))`: the linear zero-initialised, so it starts as a plain RMS
+/// norm; tagged as a mapping parameter (a third of the learning rate).
+struct AdaRmsNorm {
+    linear: Linear,
+}
+
+impl AdaRmsNorm {
+    fn new(p: &mut Params, name: &str, features: usize, cond: usize) -> Result<Self> {
+        Ok(AdaRmsNorm {
+            linear: zero_linear(p, &format!("{name}.linear"), cond, features)?,
+        })
+    }
+
+    /// x (B, H, W, C), cond (B, M).
+    fn forward(&self, x: &Tensor, cond: &Tensor) -> Result<Tensor> {
+        let (b, c) = (x.dim(0)?, x.dim(D::Minus1)?);
+        let scale = (self.linear.forward(cond)? + 1.0)?.reshape((b, 1, 1, c))?;
+        rms_norm(x, &scale)
+    }
+}
+
+/// Axial rotary angles per head: head h's frequencies are every n_heads-th of
+/// exp(linspace(ln π, ln 10π, n_heads·d_head/8)) (the buffer `freqs`, (heads, d_head/8)), and a
+/// token at (y, x) rotates by (y·f ‖ x·f): d_head/4 angles, applied to the first d_head/2
+/// channels of q and k.
+struct AxialRope {
+    freqs: Tensor,
+}
+
+impl AxialRope {
+    fn new(p: &mut Params, name: &str, d_head: usize, heads: usize) -> Result<Self> {
+        let n = heads * d_head / 8;
+        let (lo, hi) = (
+            std::f64::consts::PI.ln(),
+            (10.0 * std::f64::consts::PI).ln(),
+        );
+        // linspace(lo, hi, n + 1)[:-1].exp(), viewed (d_head/8, heads) and transposed.
+        let values: Vec<f64> = (0..n)
+            .map(|i| (lo + (hi - lo) * i as f64 / n as f64).exp())
+            .collect();
+        let per_head: Vec<f32> = (0..heads)
+            .flat_map(|h| (0..d_head / 8).map(move |j| (j, h)))
+            .map(|(j, h)| values[j * heads + h] as f32)
+            .collect();
+        let freqs = p.buffer(format!("{name}.freqs"), &[heads, d_head / 8], 0.0)?;
+        freqs.set(&Tensor::from_vec(
+            per_head,
+            (heads, d_head / 8),
+            freqs.device(),
+        )?)?;
+        Ok(AxialRope {
+            freqs: freqs.as_tensor().clone(),
+        })
+    }
+
+    /// The angles (H, W, heads, d_head/4) of a (H, W, 2) position grid.
+    fn angles(&self, pos: &Tensor) -> Result<Tensor> {
+        let f = self.freqs.unsqueeze(0)?.unsqueeze(0)?; // (1, 1, heads, n)
+        let along = |axis: usize| pos.narrow(2, axis, 1)?.unsqueeze(3)?.broadcast_mul(&f);
+        Tensor::cat(&[along(0)?, along(1)?], D::Minus1)
+    }
+}
+
+/// Rotates the first 2·n channels of x (B, H, W, heads, d) by θ (H, W, heads, n):
+/// (x₁ cos θ − x₂ sin θ, x₂ cos θ + x₁ sin θ), the rest passed through. In Candle ops, whose
+/// backward is the inverse rotation (Candle's `rope*` ops have none).
+fn rotate(x: &Tensor, theta: &Tensor) -> Result<Tensor> {
+    let n = theta.dim(D::Minus1)?;
+    let d = x.dim(D::Minus1)?;
+    let (cos, sin) = (theta.cos()?.unsqueeze(0)?, theta.sin()?.unsqueeze(0)?);
+    let x1 = x.narrow(4, 0, n)?;
+    let x2 = x.narrow(4, n, n)?;
+    let y1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let y2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    if 2 * n == d {
+        return Tensor::cat(&[y1, y2], 4);
+    }
+    Tensor::cat(&[y1, y2, x.narrow(4, 2 * n, d - 2 * n)?], 4)
+}
+
+/// Cosine-similarity self-attention with axial RoPE, global or in neighbourhoods.
+struct Attention {
+    kind: SelfAttention,
+    heads: usize,
+    norm: AdaRmsNorm,
+    qkv_proj: Linear,
+    /// Per head; q and k are scaled by its square root after L2 normalisation.
+    scale: Tensor,
+    pos_emb: AxialRope,
+    out_proj: Linear,
+}
+
+impl Attention {
+    fn new(
+        p: &mut Params,
+        name: &str,
+        width: usize,
+        cond: usize,
+        kind: SelfAttention,
+    ) -> Result<Self> {
+        let d_head = kind.d_head();
+        let heads = width / d_head;
+        Ok(Attention {
+            kind,
+            heads,
+            norm: AdaRmsNorm::new(p, &format!("{name}.norm"), width, cond)?,
+            qkv_proj: Linear::with_bias(p, &format!("{name}.qkv_proj"), width, 3 * width, false)?,
+            scale: p.constant(format!("{name}.scale"), &[heads], 10.0)?,
+            pos_emb: AxialRope::new(p, &format!("{name}.pos_emb"), d_head, heads)?,
+            out_proj: zero_linear(p, &format!("{name}.out_proj"), width, width)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        pos: &Tensor,
+        cond: &Tensor,
+        drop: f64,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
+        let (b, h, w, width) = x.dims4()?;
+        let d = width / self.heads;
+        let qkv = self.qkv_proj.forward(&self.norm.forward(x, cond)?)?;
+        // (B, H, W, heads, d) each: k-diffusion's "n h w (t nh e)".
+        let part = |i: usize| {
+            qkv.narrow(3, i * width, width)?
+                .reshape((b, h, w, self.heads, d))
+        };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        // q·√scale/‖q‖ and k·√scale/‖k‖ (ε = 1e-6 under the root, as k-diffusion).
+        let sqrt_scale = self.scale.sqrt()?.reshape((1, 1, 1, self.heads, 1))?;
+        let cosine = |t: &Tensor| -> Result<Tensor> {
+            let inv = (t.sqr()?.sum_keepdim(4)? + EPS)?.sqrt()?.recip()?;
+            t.broadcast_mul(&inv)?.broadcast_mul(&sqrt_scale)
+        };
+        let theta = self.pos_emb.angles(pos)?;
+        let q = rotate(&cosine(&q)?, &theta)?.reshape((b, h, w, width))?;
+        let k = rotate(&cosine(&k)?, &theta)?.reshape((b, h, w, width))?;
+        let v = v.reshape((b, h, w, width))?.contiguous()?;
+        let attended = match self.kind {
+            SelfAttention::Neighborhood { kernel, .. } => {
+                crate::ops::neighborhood::neighborhood_attention(
+                    &q, &k, &v, self.heads, kernel, 1.0,
+                )?
+            }
+            SelfAttention::Global { .. } => {
+                let tokens = |t: &Tensor| t.reshape((b, h * w, width));
+                crate::ops::attention::scaled_attention(
+                    &tokens(&q)?,
+                    &tokens(&k)?,
+                    &tokens(&v)?,
+                    self.heads,
+                    1.0,
+                )?
+                .reshape((b, h, w, width))?
+            }
+        };
+        x + self.out_proj.forward(&dropout(&attended, drop, mode)?)?
+    }
+}
+
+/// AdaRMSNorm → GEGLU `up_proj` → dropout → `down_proj` (zero-initialised), residual.
+struct FeedForward {
+    norm: AdaRmsNorm,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl FeedForward {
+    fn new(p: &mut Params, name: &str, width: usize, d_ff: usize, cond: usize) -> Result<Self> {
+        Ok(FeedForward {
+            norm: AdaRmsNorm::new(p, &format!("{name}.norm"), width, cond)?,
+            up_proj: Linear::with_bias(p, &format!("{name}.up_proj"), width, 2 * d_ff, false)?,
+            down_proj: zero_linear(p, &format!("{name}.down_proj"), d_ff, width)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cond: &Tensor, drop: f64, mode: &mut Mode) -> Result<Tensor> {
+        let h = geglu(&self.up_proj, &self.norm.forward(x, cond)?)?;
+        x + self.down_proj.forward(&dropout(&h, drop, mode)?)?
+    }
+}
+
+struct Layer {
+    self_attn: Attention,
+    ff: FeedForward,
+}
+
+/// The mapping network's residual block: RMSNorm → GEGLU → dropout → zero-initialised down.
+struct MappingBlock {
+    norm: Tensor,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// TokenMerge: (B, H, W, C) → (B, H/p_h, W/p_w, p_h·p_w·C) (k-diffusion's "(nh nw e)" order),
+/// then a bias-free linear.
+struct TokenMerge {
+    patch: [usize; 2],
+    proj: Linear,
+}
+
+impl TokenMerge {
+    fn new(p: &mut Params, name: &str, din: usize, dout: usize, patch: [usize; 2]) -> Result<Self> {
+        let proj = Linear::with_bias(
+            p,
+            &format!("{name}.proj"),
+            din * patch[0] * patch[1],
+            dout,
+            false,
+        )?;
+        Ok(TokenMerge { patch, proj })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
+        let [ph, pw] = self.patch;
+        let x = x
+            .reshape((b, h / ph, ph, w / pw, pw * c))?
+            .transpose(2, 3)?
+            .reshape((b, h / ph, w / pw, ph * pw * c))?;
+        self.proj.forward(&x)
+    }
+}
+
+/// A bias-free linear to p_h·p_w·C, unshuffled to (B, H·p_h, W·p_w, C): the inverse of
+/// [`TokenMerge`]'s rearrangement.
+fn token_split(proj: &Linear, x: &Tensor, [ph, pw]: [usize; 2]) -> Result<Tensor> {
+    let (b, h, w, _) = x.dims4()?;
+    let y = proj.forward(x)?;
+    let c = y.dim(3)? / (ph * pw);
+    y.reshape((b, h, w, ph, pw * c))?
+        .transpose(2, 3)?
+        .reshape((b, h * ph, w * pw, c))
+}
+
+/// The cell centres of an h×w grid in [-1, 1], the longer side spanning it and the shorter
+/// scaled by the aspect ratio (k-diffusion's `make_axial_pos`): (h, w, 2) of (y, x).
+fn axial_pos(h: usize, w: usize, device: &Device) -> Result<Tensor> {
+    let ratio = w as f64 / h as f64;
+    let (ys, xs) = if ratio > 1.0 {
+        (1.0 / ratio, 1.0)
+    } else {
+        (1.0, ratio)
+    };
+    let centres = |n: usize, half: f64| -> Vec<f64> {
+        (0..n)
+            .map(|i| -half + half * (2 * i + 1) as f64 / n as f64)
+            .collect()
+    };
+    let (y, x) = (centres(h, ys), centres(w, xs));
+    let grid: Vec<f32> = y
+        .iter()
+        .flat_map(|&yv| x.iter().flat_map(move |&xv| [yv as f32, xv as f32]))
+        .collect();
+    Tensor::from_vec(grid, (h, w, 2), device)
+}
+
+/// The mean of each 2×2 block of positions (k-diffusion's `downscale_pos`).
+fn downscale_pos(pos: &Tensor) -> Result<Tensor> {
+    let (h, w, _) = pos.dims3()?;
+    pos.reshape((h / 2, 2, w / 2, 2, 2))?.mean(3)?.mean(1)
+}
+
+pub struct Hourglass {
+    shape: HourglassShape,
+    patch_in: TokenMerge,
+    time_emb: FourierFeatures,
+    time_in_proj: Linear,
+    aug_emb: FourierFeatures,
+    aug_in_proj: Linear,
+    class_emb: Option<Tensor>,
+    mapping_cond_in_proj: Option<Linear>,
+    mapping_in_norm: Tensor,
+    mapping_blocks: Vec<MappingBlock>,
+    mapping_out_norm: Tensor,
+    down_levels: Vec<Vec<Layer>>,
+    mid_level: Vec<Layer>,
+    up_levels: Vec<Vec<Layer>>,
+    merges: Vec<TokenMerge>,
+    /// Each split's projection and its lerp factor `fac` (initialised to 0.5).
+    splits: Vec<(Linear, Tensor)>,
+    out_norm: Tensor,
+    patch_out: Linear,
+}
+
+/// Which of the reference's four optimizer groups a parameter is in (`param_groups`): weights
+/// that k-diffusion tags for weight decay, and the mapping network with the AdaRMSNorm
+/// projections at a third of the learning rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamGroup {
+    pub weight_decay: bool,
+    pub mapping: bool,
+}
+
+/// The group of the parameter called `name` (a name [`Hourglass::new`] gives).
+pub fn param_group(name: &str) -> ParamGroup {
+    let mapping = name.starts_with("mapping.") || name.ends_with(".norm.linear.weight");
+    // The input projections of the mapping's sum and the class table are not tagged.
+    let untagged = [
+        "time_in_proj.",
+        "aug_in_proj.",
+        "class_emb.",
+        "mapping_cond_in_proj.",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix));
+    ParamGroup {
+        weight_decay: name.ends_with(".weight") && !untagged,
+        mapping,
+    }
+}
+
+impl Hourglass {
+    pub fn new(shape: &HourglassShape, p: &mut Params) -> Result<Self> {
+        let m = shape.mapping_width;
+        let layer = |p: &mut Params, name: String, spec: &LevelShape| -> Result<Layer> {
+            Ok(Layer {
+                self_attn: Attention::new(
+                    p,
+                    &format!("{name}.self_attn"),
+                    spec.width,
+                    m,
+                    spec.attention,
+                )?,
+                ff: FeedForward::new(p, &format!("{name}.ff"), spec.width, spec.d_ff, m)?,
+            })
+        };
+        let level = |p: &mut Params, name: String, spec: &LevelShape| -> Result<Vec<Layer>> {
+            (0..spec.depth)
+                .map(|j| layer(p, format!("{name}.{j}"), spec))
+                .collect()
+        };
+        let Some((mid, outer)) = shape.levels.split_last() else {
+            candle_core::bail!("an hourglass needs at least one level");
+        };
+        let patch_in = TokenMerge::new(
+            p,
+            "patch_in",
+            shape.in_channels,
+            shape.levels[0].width,
+            shape.patch,
+        )?;
+        let time_emb = FourierFeatures::new(p, "time_emb", 1, m)?;
+        let time_in_proj = Linear::with_bias(p, "time_in_proj", m, m, false)?;
+        let aug_emb = FourierFeatures::new(p, "aug_emb", 9, m)?;
+        let aug_in_proj = Linear::with_bias(p, "aug_in_proj", m, m, false)?;
+        let class_emb = (shape.class_rows > 0)
+            .then(|| p.normal("class_emb.weight".into(), &[shape.class_rows, m], 1.0))
+            .transpose()?;
+        let mapping_cond_in_proj = (shape.mapping_cond_dim > 0)
+            .then(|| Linear::with_bias(p, "mapping_cond_in_proj", shape.mapping_cond_dim, m, false))
+            .transpose()?;
+        let mapping_in_norm = p.constant("mapping.in_norm.scale".into(), &[m], 1.0)?;
+        let mapping_blocks = (0..shape.mapping_depth)
+            .map(|i| {
+                let name = format!("mapping.blocks.{i}");
+                Ok(MappingBlock {
+                    norm: p.constant(format!("{name}.norm.scale"), &[m], 1.0)?,
+                    up_proj: Linear::with_bias(
+                        p,
+                        &format!("{name}.up_proj"),
+                        m,
+                        2 * shape.mapping_d_ff,
+                        false,
+                    )?,
+                    down_proj: zero_linear(p, &format!("{name}.down_proj"), shape.mapping_d_ff, m)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mapping_out_norm = p.constant("mapping.out_norm.scale".into(), &[m], 1.0)?;
+        // Construction order as the reference's, so a seeded model draws the same streams:
+        // each outer level's down then up stack, the middle level at its turn.
+        let (mut down_levels, mut up_levels) = (vec![], vec![]);
+        for (i, spec) in outer.iter().enumerate() {
+            down_levels.push(level(p, format!("down_levels.{i}"), spec)?);
+            up_levels.push(level(p, format!("up_levels.{i}"), spec)?);
+        }
+        let mid_level = level(p, "mid_level".into(), mid)?;
+        let pairs: Vec<(&LevelShape, &LevelShape)> =
+            shape.levels.iter().zip(&shape.levels[1..]).collect();
+        let merges = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (a, b))| TokenMerge::new(p, &format!("merges.{i}"), a.width, b.width, [2, 2]))
+            .collect::<Result<_>>()?;
+        let splits = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (a, b))| {
+                let proj =
+                    Linear::with_bias(p, &format!("splits.{i}.proj"), b.width, 4 * a.width, false)?;
+                Ok((proj, p.constant(format!("splits.{i}.fac"), &[1], 0.5)?))
+            })
+            .collect::<Result<_>>()?;
+        let w0 = shape.levels[0].width;
+        let out_norm = p.constant("out_norm.scale".into(), &[w0], 1.0)?;
+        let patch_out = zero_linear(
+            p,
+            "patch_out.proj",
+            w0,
+            shape.out_channels * shape.patch[0] * shape.patch[1],
+        )?;
+        Ok(Hourglass {
+            shape: shape.clone(),
+            patch_in,
+            time_emb,
+            time_in_proj,
+            aug_emb,
+            aug_in_proj,
+            class_emb,
+            mapping_cond_in_proj,
+            mapping_in_norm,
+            mapping_blocks,
+            mapping_out_norm,
+            down_levels,
+            mid_level,
+            up_levels,
+            merges,
+            splits,
+            out_norm,
+            patch_out,
+        })
+    }
+
+    /// The mapping network's output `cond` (B, M) for noise levels `sigma` (B,) (the flow's
+    /// σ ∈ (0, 1]), class rows `class` (B,) and extra inputs `mapping_cond` (B, cond_dim).
+    fn mapping(
+        &self,
+        sigma: &Tensor,
+        class: Option<&Tensor>,
+        mapping_cond: Option<&Tensor>,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
+        let b = sigma.dim(0)?;
+        let c_noise = ((sigma + 1e-9)?.log()? / 4.0)?.reshape((b, 1))?;
+        let mut sum = self
+            .time_in_proj
+            .forward(&self.time_emb.forward(&c_noise)?)?;
+        let aug = Tensor::zeros((b, 9), DType::F32, sigma.device())?;
+        sum = (sum + self.aug_in_proj.forward(&self.aug_emb.forward(&aug)?)?)?;
+        match (&self.class_emb, class) {
+            (Some(table), Some(y)) => sum = (sum + table.index_select(y, 0)?)?,
+            (Some(_), None) => candle_core::bail!("this hourglass takes a class per sample"),
+            _ => {}
+        }
+        match (&self.mapping_cond_in_proj, mapping_cond) {
+            (Some(proj), Some(c)) => sum = (sum + proj.forward(c)?)?,
+            (Some(_), None) => {
+                candle_core::bail!("this hourglass takes a mapping condition per sample")
+            }
+            _ => {}
+        }
+        let drop = self.shape.dropout;
+        let mut x = rms_norm(&sum, &self.mapping_in_norm)?;
+        for block in &self.mapping_blocks {
+            let h = geglu(&block.up_proj, &rms_norm(&x, &block.norm)?)?;
+            x = (&x + block.down_proj.forward(&dropout(&h, drop, mode)?)?)?;
+        }
+        rms_norm(&x, &self.mapping_out_norm)
+    }
+
+    /// The prediction (B, out, H, W) for x (B, in, H, W) at noise levels `sigma` (B,).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        sigma: &Tensor,
+        class: Option<&Tensor>,
+        mapping_cond: Option<&Tensor>,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
+        let cond = self.mapping(sigma, class, mapping_cond, mode)?;
+        let drop = self.shape.dropout;
+        let run =
+            |layers: &[Layer], mut x: Tensor, pos: &Tensor, mode: &mut Mode| -> Result<Tensor> {
+                for l in layers {
+                    x = l.self_attn.forward(&x, pos, &cond, drop, mode)?;
+                    x = l.ff.forward(&x, &cond, drop, mode)?;
+                }
+                Ok(x)
+            };
+        let mut x = self.patch_in.forward(&x.permute((0, 2, 3, 1))?)?;
+        let mut pos = axial_pos(x.dim(1)?, x.dim(2)?, x.device())?;
+        let mut skips = vec![];
+        for (level, merge) in self.down_levels.iter().zip(&self.merges) {
+            x = run(level, x, &pos, mode)?;
+            skips.push((x.clone(), pos.clone()));
+            x = merge.forward(&x)?;
+            pos = downscale_pos(&pos)?;
+        }
+        x = run(&self.mid_level, x, &pos, mode)?;
+        for ((level, (proj, fac)), (skip, pos)) in
+            self.up_levels.iter().zip(&self.splits).zip(skips).rev()
+        {
+            // lerp(skip, x, fac) = skip + fac·(x − skip).
+            let up = token_split(proj, &x, [2, 2])?;
+            x = (&skip + (up - &skip)?.broadcast_mul(fac)?)?;
+            x = run(level, x, &pos, mode)?;
+        }
+        let x = rms_norm(&x, &self.out_norm)?;
+        token_split(&self.patch_out, &x, self.shape.patch)?.permute((0, 3, 1, 2))
+    }
+}
+
+/// The model's trainable parameters, counted without drawing them.
+pub fn count_parameters(shape: &HourglassShape) -> Result<usize> {
+    let mut p = Params::counting();
+    Hourglass::new(shape, &mut p)?;
+    Ok(p.count())
+}
