@@ -22,5 +22,6 @@ mod neighborhood;
 mod optim;
 mod preprocess;
 mod sampler;
+mod selective_scan;
 mod spectrogram_parity;
 mod synth;

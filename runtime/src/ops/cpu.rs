@@ -207,6 +207,25 @@ pub(crate) fn par_map<T: Default + Clone + Send>(
     out
 }
 
+/// a·b summed in 16 lanes, so it vectorises (a float sum in one chain cannot: its order is
+/// fixed). The lanes' order is fixed too, so the result is the same on every vector unit.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// e^x for f32 without a library call, so loops over it vectorise: Cephes' `expf` (range
 /// reduction by ln 2 in two parts, a degree-6 polynomial; ≈ 2 ulp), inputs clamped to the
 /// normal range.
@@ -233,6 +252,12 @@ mod tests {
     use super::*;
 
     /// Within 3 ulp of the library's e^x over the clamped range, and finite at the ends.
+    #[test]
+    fn dot_sums_every_element() {
+        let a: Vec<f32> = (0..37).map(|x| x as f32).collect();
+        assert_eq!(dot(&a, &[1f32; 37]), (0..37).sum::<i32>() as f32);
+    }
+
     #[test]
     fn exp_f32_matches_the_library_exp() {
         let mut worst = 0f64;

@@ -24,6 +24,7 @@ pub mod neighborhood;
 pub mod norm;
 pub mod pool;
 pub mod precision;
+pub mod selective_scan;
 
 /// The sizes a trainer's CUDA kernels are specialised to (config::cuda::KernelSizes, as the
 /// generated code's constants). Defined in every build, so a CPU trainer names the same type.

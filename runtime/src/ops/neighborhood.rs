@@ -23,7 +23,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use crate::ops::cpu::{exp_f32, on_threads, vectorised, with_f32, Blocks};
+use crate::ops::cpu::{dot, exp_f32, on_threads, vectorised, with_f32, Blocks};
 use crate::ops::precision::{gradients, operands, round_in_place, storage_operands};
 
 /// Neighbourhood attention of q, k, v of shape (B, H, W, heads·d) (the heads side by side in the
@@ -121,24 +121,6 @@ fn attending(n: usize, kernel: usize) -> Vec<std::ops::Range<usize>> {
             lo..hi
         })
         .collect()
-}
-
-/// q·k in 16 lanes (vectorised; the lanes' order is fixed, so results are too).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut tail = 0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        tail += x * y;
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// y += a·x.
@@ -462,12 +444,5 @@ mod tests {
                 assert_eq!(range.contains(&i), (s..s + 7).contains(&a));
             }
         }
-    }
-
-    #[test]
-    fn dot_sums_every_element() {
-        let a: Vec<f32> = (0..37).map(|x| x as f32).collect();
-        let b = vec![1f32; 37];
-        assert_eq!(dot(&a, &b), (0..37).sum::<i32>() as f32);
     }
 }
