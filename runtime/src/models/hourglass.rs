@@ -72,14 +72,14 @@ const EPS: f64 = 1e-6;
 
 /// x · rsqrt(mean(x²) + ε) · scale over the last axis (`scale` broadcast against x), in the
 /// differentiable ops Candle has (its fused `rms_norm` has no backward).
-fn rms_norm(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+pub(crate) fn rms_norm(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
     let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_mul(&(mean_sq + EPS)?.sqrt()?.recip()?)?
         .broadcast_mul(scale)
 }
 
 /// `nn.Linear(din, dout, bias=False)` initialised to zeros (k-diffusion's `zero_init`).
-fn zero_linear(p: &mut Params, name: &str, din: usize, dout: usize) -> Result<Linear> {
+pub(crate) fn zero_linear(p: &mut Params, name: &str, din: usize, dout: usize) -> Result<Linear> {
     Linear::from_weight(p.constant(format!("{name}.weight"), &[dout, din], 0.0)?)
 }
 
@@ -110,19 +110,19 @@ impl FourierFeatures {
 
 /// `rms_norm(x, 1 + Linear(cond))`: the linear zero-initialised, so it starts as a plain RMS
 /// norm; tagged as a mapping parameter (a third of the learning rate).
-struct AdaRmsNorm {
+pub(crate) struct AdaRmsNorm {
     linear: Linear,
 }
 
 impl AdaRmsNorm {
-    fn new(p: &mut Params, name: &str, features: usize, cond: usize) -> Result<Self> {
+    pub(crate) fn new(p: &mut Params, name: &str, features: usize, cond: usize) -> Result<Self> {
         Ok(AdaRmsNorm {
             linear: zero_linear(p, &format!("{name}.linear"), cond, features)?,
         })
     }
 
     /// x (B, H, W, C), cond (B, M).
-    fn forward(&self, x: &Tensor, cond: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, cond: &Tensor) -> Result<Tensor> {
         let (b, c) = (x.dim(0)?, x.dim(D::Minus1)?);
         let scale = (self.linear.forward(cond)? + 1.0)?.reshape((b, 1, 1, c))?;
         rms_norm(x, &scale)
@@ -297,22 +297,21 @@ struct Layer {
     ff: FeedForward,
 }
 
-/// The mapping network's residual block: RMSNorm → GEGLU → dropout → zero-initialised down.
-struct MappingBlock {
-    norm: Tensor,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
 /// TokenMerge: (B, H, W, C) → (B, H/p_h, W/p_w, p_h·p_w·C) (k-diffusion's "(nh nw e)" order),
 /// then a bias-free linear.
-struct TokenMerge {
+pub(crate) struct TokenMerge {
     patch: [usize; 2],
     proj: Linear,
 }
 
 impl TokenMerge {
-    fn new(p: &mut Params, name: &str, din: usize, dout: usize, patch: [usize; 2]) -> Result<Self> {
+    pub(crate) fn new(
+        p: &mut Params,
+        name: &str,
+        din: usize,
+        dout: usize,
+        patch: [usize; 2],
+    ) -> Result<Self> {
         let proj = Linear::with_bias(
             p,
             &format!("{name}.proj"),
@@ -323,7 +322,7 @@ impl TokenMerge {
         Ok(TokenMerge { patch, proj })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
         let [ph, pw] = self.patch;
         let x = x
@@ -336,7 +335,7 @@ impl TokenMerge {
 
 /// A bias-free linear to p_h·p_w·C, unshuffled to (B, H·p_h, W·p_w, C): the inverse of
 /// [`TokenMerge`]'s rearrangement.
-fn token_split(proj: &Linear, x: &Tensor, [ph, pw]: [usize; 2]) -> Result<Tensor> {
+pub(crate) fn token_split(proj: &Linear, x: &Tensor, [ph, pw]: [usize; 2]) -> Result<Tensor> {
     let (b, h, w, _) = x.dims4()?;
     let y = proj.forward(x)?;
     let c = y.dim(3)? / (ph * pw);
@@ -373,24 +372,202 @@ fn downscale_pos(pos: &Tensor) -> Result<Tensor> {
     pos.reshape((h / 2, 2, w / 2, 2, 2))?.mean(3)?.mean(1)
 }
 
-pub struct Hourglass {
-    shape: HourglassShape,
-    patch_in: TokenMerge,
+/// The conditioning both hourglass-shaped models share (LocalMamba's too): Fourier features of
+/// the noise level and of the (always zero) augmentation vector, each projected, plus the class
+/// row and the projected extra condition, through RMSNorm → `depth` × [RMSNorm → GEGLU →
+/// dropout → zero-initialised down, residual] → RMSNorm. Its names are the reference's
+/// top-level `time_emb`, `time_in_proj`, `aug_emb`, `aug_in_proj`, `class_emb`,
+/// `mapping_cond_in_proj` and `mapping.*`.
+pub(crate) struct MappingNetwork {
     time_emb: FourierFeatures,
     time_in_proj: Linear,
     aug_emb: FourierFeatures,
     aug_in_proj: Linear,
     class_emb: Option<Tensor>,
-    mapping_cond_in_proj: Option<Linear>,
-    mapping_in_norm: Tensor,
-    mapping_blocks: Vec<MappingBlock>,
-    mapping_out_norm: Tensor,
-    down_levels: Vec<Vec<Layer>>,
-    mid_level: Vec<Layer>,
-    up_levels: Vec<Vec<Layer>>,
+    cond_in_proj: Option<Linear>,
+    in_norm: Tensor,
+    /// Each block's RMSNorm scale, GEGLU up projection and down projection.
+    blocks: Vec<(Tensor, Linear, Linear)>,
+    out_norm: Tensor,
+    /// Added to σ before its log: the hourglass's guard for σ = 0 (1e-9); LocalMamba has none.
+    sigma_eps: f64,
+    dropout: f64,
+}
+
+/// The mapping network's sizes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct MappingShape {
+    pub width: usize,
+    pub depth: usize,
+    pub d_ff: usize,
+    pub class_rows: usize,
+    pub cond_dim: usize,
+    pub dropout: f64,
+    pub sigma_eps: f64,
+}
+
+impl MappingNetwork {
+    pub(crate) fn new(p: &mut Params, s: &MappingShape) -> Result<Self> {
+        let m = s.width;
+        Ok(MappingNetwork {
+            time_emb: FourierFeatures::new(p, "time_emb", 1, m)?,
+            time_in_proj: Linear::with_bias(p, "time_in_proj", m, m, false)?,
+            aug_emb: FourierFeatures::new(p, "aug_emb", 9, m)?,
+            aug_in_proj: Linear::with_bias(p, "aug_in_proj", m, m, false)?,
+            class_emb: (s.class_rows > 0)
+                .then(|| p.normal("class_emb.weight".into(), &[s.class_rows, m], 1.0))
+                .transpose()?,
+            cond_in_proj: (s.cond_dim > 0)
+                .then(|| Linear::with_bias(p, "mapping_cond_in_proj", s.cond_dim, m, false))
+                .transpose()?,
+            in_norm: p.constant("mapping.in_norm.scale".into(), &[m], 1.0)?,
+            blocks: (0..s.depth)
+                .map(|i| {
+                    let name = format!("mapping.blocks.{i}");
+                    Ok((
+                        p.constant(format!("{name}.norm.scale"), &[m], 1.0)?,
+                        Linear::with_bias(p, &format!("{name}.up_proj"), m, 2 * s.d_ff, false)?,
+                        zero_linear(p, &format!("{name}.down_proj"), s.d_ff, m)?,
+                    ))
+                })
+                .collect::<Result<_>>()?,
+            out_norm: p.constant("mapping.out_norm.scale".into(), &[m], 1.0)?,
+            sigma_eps: s.sigma_eps,
+            dropout: s.dropout,
+        })
+    }
+
+    /// `cond` (B, M) for noise levels `sigma` (B,) (the flow's σ ∈ (0, 1]), class rows `class`
+    /// (B,) and extra inputs `mapping_cond` (B, cond_dim).
+    pub(crate) fn forward(
+        &self,
+        sigma: &Tensor,
+        class: Option<&Tensor>,
+        mapping_cond: Option<&Tensor>,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
+        let b = sigma.dim(0)?;
+        let c_noise = ((sigma + self.sigma_eps)?.log()? / 4.0)?.reshape((b, 1))?;
+        let mut sum = self
+            .time_in_proj
+            .forward(&self.time_emb.forward(&c_noise)?)?;
+        let aug = Tensor::zeros((b, 9), DType::F32, sigma.device())?;
+        sum = (sum + self.aug_in_proj.forward(&self.aug_emb.forward(&aug)?)?)?;
+        match (&self.class_emb, class) {
+            (Some(table), Some(y)) => sum = (sum + table.index_select(y, 0)?)?,
+            (Some(_), None) => candle_core::bail!("this model takes a class per sample"),
+            _ => {}
+        }
+        match (&self.cond_in_proj, mapping_cond) {
+            (Some(proj), Some(c)) => sum = (sum + proj.forward(c)?)?,
+            (Some(_), None) => {
+                candle_core::bail!("this model takes a mapping condition per sample")
+            }
+            _ => {}
+        }
+        let mut x = rms_norm(&sum, &self.in_norm)?;
+        for (norm, up, down) in &self.blocks {
+            let h = geglu(up, &rms_norm(&x, norm)?)?;
+            x = (&x + down.forward(&dropout(&h, self.dropout, mode)?)?)?;
+        }
+        rms_norm(&x, &self.out_norm)
+    }
+}
+
+/// The hourglass of levels both models share: each outer level's `down_levels.i` stack, a 2×2
+/// `merges.i`, the `mid_level`, then per level inward-out a 2×2 `splits.i` (a linear,
+/// unshuffled, lerped with the level's skip by `splits.i.fac`, initialised to 0.5) and the
+/// `up_levels.i` stack. `L` is the model's layer.
+pub(crate) struct Levels<L> {
+    down: Vec<Vec<L>>,
+    mid: Vec<L>,
+    up: Vec<Vec<L>>,
     merges: Vec<TokenMerge>,
-    /// Each split's projection and its lerp factor `fac` (initialised to 0.5).
     splits: Vec<(Linear, Tensor)>,
+}
+
+impl<L> Levels<L> {
+    /// `widths` and `depths` outermost first; `layer(p, name, level)` builds one layer. Built in
+    /// the reference's order (each outer level's down then up stack, then the middle, then the
+    /// merges and splits), so a seeded model draws the same streams.
+    pub(crate) fn new(
+        p: &mut Params,
+        widths: &[usize],
+        depths: &[usize],
+        mut layer: impl FnMut(&mut Params, String, usize) -> Result<L>,
+    ) -> Result<Self> {
+        let last = widths.len() - 1;
+        let mut stack = |p: &mut Params, name: &str, level: usize| -> Result<Vec<L>> {
+            (0..depths[level])
+                .map(|j| layer(p, format!("{name}.{j}"), level))
+                .collect()
+        };
+        let (mut down, mut up) = (vec![], vec![]);
+        for i in 0..last {
+            down.push(stack(p, &format!("down_levels.{i}"), i)?);
+            up.push(stack(p, &format!("up_levels.{i}"), i)?);
+        }
+        let mid = stack(p, "mid_level", last)?;
+        let merges = (0..last)
+            .map(|i| TokenMerge::new(p, &format!("merges.{i}"), widths[i], widths[i + 1], [2, 2]))
+            .collect::<Result<_>>()?;
+        let splits = (0..last)
+            .map(|i| {
+                let name = format!("splits.{i}");
+                let proj = Linear::with_bias(
+                    p,
+                    &format!("{name}.proj"),
+                    widths[i + 1],
+                    4 * widths[i],
+                    false,
+                )?;
+                Ok((proj, p.constant(format!("{name}.fac"), &[1], 0.5)?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Levels {
+            down,
+            mid,
+            up,
+            merges,
+            splits,
+        })
+    }
+
+    /// x (B, H, W, C₀) through the hourglass; `run(layers, x, level)` runs a stack.
+    pub(crate) fn forward(
+        &self,
+        mut x: Tensor,
+        mut run: impl FnMut(&[L], Tensor, usize) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut skips = vec![];
+        for (i, (stack, merge)) in self.down.iter().zip(&self.merges).enumerate() {
+            x = run(stack, x, i)?;
+            skips.push(x.clone());
+            x = merge.forward(&x)?;
+        }
+        x = run(&self.mid, x, self.down.len())?;
+        for (i, ((stack, (proj, fac)), skip)) in self
+            .up
+            .iter()
+            .zip(&self.splits)
+            .zip(skips)
+            .enumerate()
+            .rev()
+        {
+            // lerp(skip, x, fac) = skip + fac·(x − skip).
+            let up = token_split(proj, &x, [2, 2])?;
+            x = (&skip + (up - &skip)?.broadcast_mul(fac)?)?;
+            x = run(stack, x, i)?;
+        }
+        Ok(x)
+    }
+}
+
+pub struct Hourglass {
+    shape: HourglassShape,
+    patch_in: TokenMerge,
+    mapping: MappingNetwork,
+    levels: Levels<Layer>,
     out_norm: Tensor,
     patch_out: Linear,
 }
@@ -425,7 +602,27 @@ pub fn param_group(name: &str) -> ParamGroup {
 impl Hourglass {
     pub fn new(shape: &HourglassShape, p: &mut Params) -> Result<Self> {
         let m = shape.mapping_width;
-        let layer = |p: &mut Params, name: String, spec: &LevelShape| -> Result<Layer> {
+        if shape.levels.is_empty() {
+            candle_core::bail!("an hourglass needs at least one level");
+        }
+        let w0 = shape.levels[0].width;
+        let patch_in = TokenMerge::new(p, "patch_in", shape.in_channels, w0, shape.patch)?;
+        let mapping = MappingNetwork::new(
+            p,
+            &MappingShape {
+                width: m,
+                depth: shape.mapping_depth,
+                d_ff: shape.mapping_d_ff,
+                class_rows: shape.class_rows,
+                cond_dim: shape.mapping_cond_dim,
+                dropout: shape.dropout,
+                sigma_eps: 1e-9,
+            },
+        )?;
+        let widths: Vec<usize> = shape.levels.iter().map(|l| l.width).collect();
+        let depths: Vec<usize> = shape.levels.iter().map(|l| l.depth).collect();
+        let levels = Levels::new(p, &widths, &depths, |p, name, i| {
+            let spec = &shape.levels[i];
             Ok(Layer {
                 self_attn: Attention::new(
                     p,
@@ -436,75 +633,7 @@ impl Hourglass {
                 )?,
                 ff: FeedForward::new(p, &format!("{name}.ff"), spec.width, spec.d_ff, m)?,
             })
-        };
-        let level = |p: &mut Params, name: String, spec: &LevelShape| -> Result<Vec<Layer>> {
-            (0..spec.depth)
-                .map(|j| layer(p, format!("{name}.{j}"), spec))
-                .collect()
-        };
-        let Some((mid, outer)) = shape.levels.split_last() else {
-            candle_core::bail!("an hourglass needs at least one level");
-        };
-        let patch_in = TokenMerge::new(
-            p,
-            "patch_in",
-            shape.in_channels,
-            shape.levels[0].width,
-            shape.patch,
-        )?;
-        let time_emb = FourierFeatures::new(p, "time_emb", 1, m)?;
-        let time_in_proj = Linear::with_bias(p, "time_in_proj", m, m, false)?;
-        let aug_emb = FourierFeatures::new(p, "aug_emb", 9, m)?;
-        let aug_in_proj = Linear::with_bias(p, "aug_in_proj", m, m, false)?;
-        let class_emb = (shape.class_rows > 0)
-            .then(|| p.normal("class_emb.weight".into(), &[shape.class_rows, m], 1.0))
-            .transpose()?;
-        let mapping_cond_in_proj = (shape.mapping_cond_dim > 0)
-            .then(|| Linear::with_bias(p, "mapping_cond_in_proj", shape.mapping_cond_dim, m, false))
-            .transpose()?;
-        let mapping_in_norm = p.constant("mapping.in_norm.scale".into(), &[m], 1.0)?;
-        let mapping_blocks = (0..shape.mapping_depth)
-            .map(|i| {
-                let name = format!("mapping.blocks.{i}");
-                Ok(MappingBlock {
-                    norm: p.constant(format!("{name}.norm.scale"), &[m], 1.0)?,
-                    up_proj: Linear::with_bias(
-                        p,
-                        &format!("{name}.up_proj"),
-                        m,
-                        2 * shape.mapping_d_ff,
-                        false,
-                    )?,
-                    down_proj: zero_linear(p, &format!("{name}.down_proj"), shape.mapping_d_ff, m)?,
-                })
-            })
-            .collect::<Result<_>>()?;
-        let mapping_out_norm = p.constant("mapping.out_norm.scale".into(), &[m], 1.0)?;
-        // Construction order as the reference's, so a seeded model draws the same streams:
-        // each outer level's down then up stack, the middle level at its turn.
-        let (mut down_levels, mut up_levels) = (vec![], vec![]);
-        for (i, spec) in outer.iter().enumerate() {
-            down_levels.push(level(p, format!("down_levels.{i}"), spec)?);
-            up_levels.push(level(p, format!("up_levels.{i}"), spec)?);
-        }
-        let mid_level = level(p, "mid_level".into(), mid)?;
-        let pairs: Vec<(&LevelShape, &LevelShape)> =
-            shape.levels.iter().zip(&shape.levels[1..]).collect();
-        let merges = pairs
-            .iter()
-            .enumerate()
-            .map(|(i, (a, b))| TokenMerge::new(p, &format!("merges.{i}"), a.width, b.width, [2, 2]))
-            .collect::<Result<_>>()?;
-        let splits = pairs
-            .iter()
-            .enumerate()
-            .map(|(i, (a, b))| {
-                let proj =
-                    Linear::with_bias(p, &format!("splits.{i}.proj"), b.width, 4 * a.width, false)?;
-                Ok((proj, p.constant(format!("splits.{i}.fac"), &[1], 0.5)?))
-            })
-            .collect::<Result<_>>()?;
-        let w0 = shape.levels[0].width;
+        })?;
         let out_norm = p.constant("out_norm.scale".into(), &[w0], 1.0)?;
         let patch_out = zero_linear(
             p,
@@ -515,63 +644,16 @@ impl Hourglass {
         Ok(Hourglass {
             shape: shape.clone(),
             patch_in,
-            time_emb,
-            time_in_proj,
-            aug_emb,
-            aug_in_proj,
-            class_emb,
-            mapping_cond_in_proj,
-            mapping_in_norm,
-            mapping_blocks,
-            mapping_out_norm,
-            down_levels,
-            mid_level,
-            up_levels,
-            merges,
-            splits,
+            mapping,
+            levels,
             out_norm,
             patch_out,
         })
     }
 
-    /// The mapping network's output `cond` (B, M) for noise levels `sigma` (B,) (the flow's
-    /// σ ∈ (0, 1]), class rows `class` (B,) and extra inputs `mapping_cond` (B, cond_dim).
-    fn mapping(
-        &self,
-        sigma: &Tensor,
-        class: Option<&Tensor>,
-        mapping_cond: Option<&Tensor>,
-        mode: &mut Mode,
-    ) -> Result<Tensor> {
-        let b = sigma.dim(0)?;
-        let c_noise = ((sigma + 1e-9)?.log()? / 4.0)?.reshape((b, 1))?;
-        let mut sum = self
-            .time_in_proj
-            .forward(&self.time_emb.forward(&c_noise)?)?;
-        let aug = Tensor::zeros((b, 9), DType::F32, sigma.device())?;
-        sum = (sum + self.aug_in_proj.forward(&self.aug_emb.forward(&aug)?)?)?;
-        match (&self.class_emb, class) {
-            (Some(table), Some(y)) => sum = (sum + table.index_select(y, 0)?)?,
-            (Some(_), None) => candle_core::bail!("this hourglass takes a class per sample"),
-            _ => {}
-        }
-        match (&self.mapping_cond_in_proj, mapping_cond) {
-            (Some(proj), Some(c)) => sum = (sum + proj.forward(c)?)?,
-            (Some(_), None) => {
-                candle_core::bail!("this hourglass takes a mapping condition per sample")
-            }
-            _ => {}
-        }
-        let drop = self.shape.dropout;
-        let mut x = rms_norm(&sum, &self.mapping_in_norm)?;
-        for block in &self.mapping_blocks {
-            let h = geglu(&block.up_proj, &rms_norm(&x, &block.norm)?)?;
-            x = (&x + block.down_proj.forward(&dropout(&h, drop, mode)?)?)?;
-        }
-        rms_norm(&x, &self.mapping_out_norm)
-    }
-
-    /// The prediction (B, out, H, W) for x (B, in, H, W) at noise levels `sigma` (B,).
+    /// The prediction (B, out, H, W) for x (B, in, H, W) at noise levels `sigma` (B,), with
+    /// class rows `class` (B,) and extra mapping inputs `mapping_cond` (B, cond_dim) when the
+    /// shape has them.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -580,34 +662,24 @@ impl Hourglass {
         mapping_cond: Option<&Tensor>,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let cond = self.mapping(sigma, class, mapping_cond, mode)?;
+        let cond = self.mapping.forward(sigma, class, mapping_cond, mode)?;
         let drop = self.shape.dropout;
-        let run =
-            |layers: &[Layer], mut x: Tensor, pos: &Tensor, mode: &mut Mode| -> Result<Tensor> {
-                for l in layers {
-                    x = l.self_attn.forward(&x, pos, &cond, drop, mode)?;
-                    x = l.ff.forward(&x, &cond, drop, mode)?;
-                }
-                Ok(x)
-            };
-        let mut x = self.patch_in.forward(&x.permute((0, 2, 3, 1))?)?;
-        let mut pos = axial_pos(x.dim(1)?, x.dim(2)?, x.device())?;
-        let mut skips = vec![];
-        for (level, merge) in self.down_levels.iter().zip(&self.merges) {
-            x = run(level, x, &pos, mode)?;
-            skips.push((x.clone(), pos.clone()));
-            x = merge.forward(&x)?;
-            pos = downscale_pos(&pos)?;
+        let x = self.patch_in.forward(&x.permute((0, 2, 3, 1))?)?;
+        // Each level's positions: the grid's, mean-pooled 2×2 per merge.
+        let mut positions = vec![axial_pos(x.dim(1)?, x.dim(2)?, x.device())?];
+        for _ in 1..self.shape.levels.len() {
+            let last = positions.last().expect("the first level's");
+            positions.push(downscale_pos(last)?);
         }
-        x = run(&self.mid_level, x, &pos, mode)?;
-        for ((level, (proj, fac)), (skip, pos)) in
-            self.up_levels.iter().zip(&self.splits).zip(skips).rev()
-        {
-            // lerp(skip, x, fac) = skip + fac·(x − skip).
-            let up = token_split(proj, &x, [2, 2])?;
-            x = (&skip + (up - &skip)?.broadcast_mul(fac)?)?;
-            x = run(level, x, &pos, mode)?;
-        }
+        let x = self.levels.forward(x, |layers, mut x, level| {
+            for l in layers {
+                x = l
+                    .self_attn
+                    .forward(&x, &positions[level], &cond, drop, mode)?;
+                x = l.ff.forward(&x, &cond, drop, mode)?;
+            }
+            Ok(x)
+        })?;
         let x = rms_norm(&x, &self.out_norm)?;
         token_split(&self.patch_out, &x, self.shape.patch)?.permute((0, 3, 1, 2))
     }
