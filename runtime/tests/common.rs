@@ -25,3 +25,34 @@ pub fn rows(path: &std::path::Path) -> Vec<Vec<String>> {
         .map(|l| l.split(',').map(String::from).collect())
         .collect()
 }
+
+/// Moves every trainable parameter off its initial value (N(0, 0.05²) added), as a first
+/// training step does: a zero-initialised projection would otherwise block the gradient of
+/// everything before it.
+pub fn perturb(p: &signal_diffusion_runtime::models::nn::Params) {
+    for (_, var) in &p.trainable {
+        var.set(&(var.as_tensor() + randn(var.dims(), 0.05)).unwrap())
+            .unwrap();
+    }
+}
+
+/// Every trainable parameter of `p` has a finite, non-zero gradient in `grads` (Candle's fused
+/// norms and softmax would drop some silently).
+pub fn assert_every_gradient(
+    p: &signal_diffusion_runtime::models::nn::Params,
+    grads: &candle_core::backprop::GradStore,
+) {
+    assert!(!p.trainable.is_empty());
+    for (name, var) in &p.trainable {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g
+            .sqr()
+            .and_then(|g| g.sum_all())
+            .and_then(|g| g.to_dtype(candle_core::DType::F64))
+            .and_then(|g| g.to_scalar::<f64>())
+            .unwrap();
+        assert!(norm.is_finite() && norm > 0.0, "{name}: |g|² = {norm}");
+    }
+}

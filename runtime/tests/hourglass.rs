@@ -9,6 +9,8 @@ use signal_diffusion_runtime::models::hourglass::{
 };
 use signal_diffusion_runtime::models::nn::{Mode, Params};
 
+use crate::common::{assert_every_gradient, perturb};
+
 fn level(depth: usize, width: usize, d_ff: usize, global: bool) -> LevelShape {
     LevelShape {
         depth,
@@ -170,25 +172,11 @@ fn every_parameter_gets_a_finite_nonzero_gradient() -> Result<()> {
     let dev = Device::Cpu;
     let mut p = Params::new(2, &dev);
     let model = Hourglass::new(&tiny(), &mut p)?;
-    for (_, var) in &p.trainable {
-        let noise = Tensor::randn(0f32, 0.05, var.shape(), &dev)?;
-        var.set(&(var.as_tensor() + noise)?)?;
-    }
+    perturb(&p);
     let (x, sigma, class, cond) = inputs(&dev)?;
     let y = model.forward(&x, &sigma, Some(&class), Some(&cond), &mut Mode::train(3))?;
     let r = Tensor::randn(0f32, 1.0, y.shape(), &dev)?;
-    let grads = (y * r)?.sum_all()?.backward()?;
-    for (name, var) in &p.trainable {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let norm = g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        assert!(norm.is_finite() && norm > 0.0, "{name}: |g|² = {norm}");
-    }
+    assert_every_gradient(&p, &(y * r)?.sum_all()?.backward()?);
     Ok(())
 }
 

@@ -80,7 +80,10 @@ pub(crate) fn rms_norm(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
 
 /// `nn.Linear(din, dout, bias=False)` initialised to zeros (k-diffusion's `zero_init`).
 pub(crate) fn zero_linear(p: &mut Params, name: &str, din: usize, dout: usize) -> Result<Linear> {
-    Linear::from_weight(p.constant(format!("{name}.weight"), &[dout, din], 0.0)?)
+    Linear::from_parts(
+        p.constant(format!("{name}.weight"), &[dout, din], 0.0)?,
+        None,
+    )
 }
 
 /// `x · GELU(gate)` of the two halves of a `Linear(d, 2·d_ff)` (k-diffusion's `LinearGEGLU`).
@@ -563,13 +566,67 @@ impl<L> Levels<L> {
     }
 }
 
-pub struct Hourglass {
-    shape: HourglassShape,
+/// Both models' frame around their levels: `patch_in` (TokenMerge of the input patch), the
+/// mapping network, the [`Levels`], `out_norm` (RMSNorm) and `patch_out` (a zero-initialised
+/// TokenSplit without skip).
+pub(crate) struct Skeleton<L> {
+    patch: [usize; 2],
     patch_in: TokenMerge,
     mapping: MappingNetwork,
-    levels: Levels<Layer>,
+    levels: Levels<L>,
     out_norm: Tensor,
     patch_out: Linear,
+}
+
+impl<L> Skeleton<L> {
+    /// Built in the reference's order: patch_in, the mapping network, the levels (`layer`
+    /// builds one layer of a level), out_norm, patch_out.
+    pub(crate) fn new(
+        p: &mut Params,
+        (in_channels, out_channels, patch): (usize, usize, [usize; 2]),
+        mapping: &MappingShape,
+        (widths, depths): (&[usize], &[usize]),
+        layer: impl FnMut(&mut Params, String, usize) -> Result<L>,
+    ) -> Result<Self> {
+        let w0 = widths[0];
+        let patch_in = TokenMerge::new(p, "patch_in", in_channels, w0, patch)?;
+        let mapping = MappingNetwork::new(p, mapping)?;
+        let levels = Levels::new(p, widths, depths, layer)?;
+        let out_norm = p.constant("out_norm.scale".into(), &[w0], 1.0)?;
+        let patch_out = zero_linear(p, "patch_out.proj", w0, out_channels * patch[0] * patch[1])?;
+        Ok(Skeleton {
+            patch,
+            patch_in,
+            mapping,
+            levels,
+            out_norm,
+            patch_out,
+        })
+    }
+
+    /// x (B, in, H, W) → (B, out, H, W): patched to (B, H/p_h, W/p_w, C₀) channels-last, through
+    /// the levels (`run(layers, x, level, cond)` runs a stack with the mapping's `cond`), then
+    /// normalised and unpatched.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        (sigma, class, mapping_cond): (&Tensor, Option<&Tensor>, Option<&Tensor>),
+        mode: &mut Mode,
+        mut run: impl FnMut(&[L], Tensor, usize, &Tensor, &mut Mode) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let cond = self.mapping.forward(sigma, class, mapping_cond, mode)?;
+        let x = self.patch_in.forward(&x.permute((0, 2, 3, 1))?)?;
+        let x = self
+            .levels
+            .forward(x, |layers, x, level| run(layers, x, level, &cond, mode))?;
+        let x = rms_norm(&x, &self.out_norm)?;
+        token_split(&self.patch_out, &x, self.patch)?.permute((0, 3, 1, 2))
+    }
+}
+
+pub struct Hourglass {
+    shape: HourglassShape,
+    skeleton: Skeleton<Layer>,
 }
 
 /// Which of the reference's four optimizer groups a parameter is in (`param_groups`): weights
@@ -605,23 +662,19 @@ impl Hourglass {
         if shape.levels.is_empty() {
             candle_core::bail!("an hourglass needs at least one level");
         }
-        let w0 = shape.levels[0].width;
-        let patch_in = TokenMerge::new(p, "patch_in", shape.in_channels, w0, shape.patch)?;
-        let mapping = MappingNetwork::new(
-            p,
-            &MappingShape {
-                width: m,
-                depth: shape.mapping_depth,
-                d_ff: shape.mapping_d_ff,
-                class_rows: shape.class_rows,
-                cond_dim: shape.mapping_cond_dim,
-                dropout: shape.dropout,
-                sigma_eps: 1e-9,
-            },
-        )?;
+        let mapping = MappingShape {
+            width: m,
+            depth: shape.mapping_depth,
+            d_ff: shape.mapping_d_ff,
+            class_rows: shape.class_rows,
+            cond_dim: shape.mapping_cond_dim,
+            dropout: shape.dropout,
+            sigma_eps: 1e-9,
+        };
         let widths: Vec<usize> = shape.levels.iter().map(|l| l.width).collect();
         let depths: Vec<usize> = shape.levels.iter().map(|l| l.depth).collect();
-        let levels = Levels::new(p, &widths, &depths, |p, name, i| {
+        let io = (shape.in_channels, shape.out_channels, shape.patch);
+        let skeleton = Skeleton::new(p, io, &mapping, (&widths, &depths), |p, name, i| {
             let spec = &shape.levels[i];
             Ok(Layer {
                 self_attn: Attention::new(
@@ -634,20 +687,9 @@ impl Hourglass {
                 ff: FeedForward::new(p, &format!("{name}.ff"), spec.width, spec.d_ff, m)?,
             })
         })?;
-        let out_norm = p.constant("out_norm.scale".into(), &[w0], 1.0)?;
-        let patch_out = zero_linear(
-            p,
-            "patch_out.proj",
-            w0,
-            shape.out_channels * shape.patch[0] * shape.patch[1],
-        )?;
         Ok(Hourglass {
             shape: shape.clone(),
-            patch_in,
-            mapping,
-            levels,
-            out_norm,
-            patch_out,
+            skeleton,
         })
     }
 
@@ -662,26 +704,28 @@ impl Hourglass {
         mapping_cond: Option<&Tensor>,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let cond = self.mapping.forward(sigma, class, mapping_cond, mode)?;
         let drop = self.shape.dropout;
-        let x = self.patch_in.forward(&x.permute((0, 2, 3, 1))?)?;
-        // Each level's positions: the grid's, mean-pooled 2×2 per merge.
-        let mut positions = vec![axial_pos(x.dim(1)?, x.dim(2)?, x.device())?];
+        let [ph, pw] = self.shape.patch;
+        // Each level's positions: the patched grid's, mean-pooled 2×2 per merge.
+        let mut positions = vec![axial_pos(x.dim(2)? / ph, x.dim(3)? / pw, x.device())?];
         for _ in 1..self.shape.levels.len() {
             let last = positions.last().expect("the first level's");
             positions.push(downscale_pos(last)?);
         }
-        let x = self.levels.forward(x, |layers, mut x, level| {
-            for l in layers {
-                x = l
-                    .self_attn
-                    .forward(&x, &positions[level], &cond, drop, mode)?;
-                x = l.ff.forward(&x, &cond, drop, mode)?;
-            }
-            Ok(x)
-        })?;
-        let x = rms_norm(&x, &self.out_norm)?;
-        token_split(&self.patch_out, &x, self.shape.patch)?.permute((0, 3, 1, 2))
+        self.skeleton.forward(
+            x,
+            (sigma, class, mapping_cond),
+            mode,
+            |layers, mut x, level, cond, mode| {
+                for l in layers {
+                    x = l
+                        .self_attn
+                        .forward(&x, &positions[level], cond, drop, mode)?;
+                    x = l.ff.forward(&x, cond, drop, mode)?;
+                }
+                Ok(x)
+            },
+        )
     }
 }
 

@@ -1,7 +1,7 @@
 //! The models, built from `ops` through the layers of `nn`: the classification backbones and
 //! their multi-task heads (`classifier`), the diffusion transformer (`dit`) and the hourglass
-//! transformer (`hourglass`). New model families (LocalMamba, the Stable Diffusion UNet and
-//! MMDiT) go here, one file each,
+//! transformer (`hourglass`, whose skeleton `localmamba` shares). New model families (the
+//! Stable Diffusion UNet and MMDiT) go here, one file each,
 //! with their own ops in `ops/`. A model is its shape struct (compile-time constants from the
 //! generated trainer), a constructor taking `nn::Params` (which names every tensor as the
 //! reference's `state_dict` does) and a forward; it knows nothing of data, losses or loops.
@@ -9,4 +9,5 @@
 pub mod classifier;
 pub mod dit;
 pub mod hourglass;
+pub mod localmamba;
 pub mod nn;

@@ -44,14 +44,26 @@ impl Params {
     }
 
     pub fn uniform(&mut self, name: String, shape: &[usize], bound: f64) -> Result<Tensor> {
+        let t = self.draw_uniform(shape, bound)?;
+        self.trainable(name, &t)
+    }
+
+    /// U(−bound, bound) entries from the seeded stream, not registered (for parameters whose
+    /// initial value is computed from a draw); zeros when counting.
+    pub fn draw_uniform(&mut self, shape: &[usize], bound: f64) -> Result<Tensor> {
         if self.counting {
-            return self.normal(name, shape, 0.0);
+            return Tensor::zeros(shape, DType::F32, &self.device);
         }
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n)
             .map(|_| self.rng.random_range(-bound..bound) as f32)
             .collect();
-        let var = Var::from_tensor(&Tensor::from_vec(data, shape, &self.device)?)?;
+        Tensor::from_vec(data, shape, &self.device)
+    }
+
+    /// A trainable parameter starting at `value`.
+    pub fn trainable(&mut self, name: String, value: &Tensor) -> Result<Tensor> {
+        let var = Var::from_tensor(value)?;
         self.trainable.push((name, var.clone()));
         Ok(var.as_tensor().clone())
     }
@@ -284,11 +296,11 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
-    /// A bias-free linear of a given (dout, din) weight (one initialised otherwise than
-    /// PyTorch's default, e.g. to zeros).
-    pub fn from_weight(weight: Tensor) -> Result<Self> {
+    /// A linear of a given (dout, din) weight and (dout) bias, for layers initialised otherwise
+    /// than PyTorch's default (zeros, a small normal).
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         weight.dims2()?;
-        Ok(Linear { weight, bias: None })
+        Ok(Linear { weight, bias })
     }
 
     /// (..., din) -> (..., dout), as one GEMM over all leading positions.
