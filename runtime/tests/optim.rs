@@ -218,3 +218,47 @@ fn adamw_8bit_keeps_two_bytes_per_parameter_resumes_exactly_and_follows_f32_adam
     );
     Ok(())
 }
+
+/// The hourglass models' four groups (models::hourglass::param_group): one AdamW step from
+/// gradient g moves θ to θ(1 − lr_g·wd_g) − lr_g·g/(|g| + ε), with lr_g a third of the
+/// learning rate for mapping parameters and wd_g zero off the tagged weights: checked against
+/// that closed form for one parameter of each group.
+#[test]
+fn parameter_groups_scale_the_learning_rate_and_switch_decay() -> Result<()> {
+    use signal_diffusion_runtime::models::hourglass::param_group;
+    use signal_diffusion_runtime::train::optim::Group;
+    let names = [
+        ("down_levels.0.0.self_attn.qkv_proj.weight", 1.0, 1e-2), // decayed
+        ("down_levels.0.0.self_attn.scale", 1.0, 0.0),            // not decayed
+        ("mapping.blocks.0.up_proj.weight", 1.0 / 3.0, 1e-2),     // mapping, decayed
+        ("mapping.in_norm.scale", 1.0 / 3.0, 0.0),                // mapping, not decayed
+    ];
+    let params: Vec<(String, Var)> = names
+        .iter()
+        .map(|(n, _, _)| Ok((n.to_string(), Var::from_tensor(&randn(&[8], 1.0))?)))
+        .collect::<Result<_>>()?;
+    let before = values_of(&params);
+    let mut opt = Optimizer::new(&config(OptimizerName::AdamW), params)?
+        .with_groups(|name| Group::from(param_group(name)));
+    let grads_of: Vec<Tensor> = (0..names.len()).map(|_| randn(&[8], 1.0)).collect();
+    let mut loss = Tensor::new(0f32, &Device::Cpu)?;
+    for ((_, p), g) in opt.params().iter().zip(&grads_of) {
+        loss = (loss + (p.as_tensor() * g)?.sum_all()?)?;
+    }
+    opt.update(&loss.backward()?, 1e-2)?;
+    for (i, (name, scale, wd)) in names.iter().enumerate() {
+        let lr = 1e-2 * scale;
+        let g = grads_of[i].to_vec1::<f32>()?;
+        let after = &values(&opt)[i];
+        for j in 0..8 {
+            let want = before[i][j] as f64 * (1.0 - lr * wd)
+                - lr * g[j] as f64 / ((g[j] as f64).abs() + 1e-8);
+            assert!(
+                (after[j] as f64 - want).abs() < 1e-6,
+                "{name}[{j}]: {} vs {want}",
+                after[j]
+            );
+        }
+    }
+    Ok(())
+}

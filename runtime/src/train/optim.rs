@@ -4,7 +4,11 @@
 //! named tensors that go into `optimizer.safetensors`. Update rules are PyTorch's: AdamW with
 //! decoupled weight decay, Adam with L2 decay added to the gradient, SGD with momentum (dampening 0,
 //! no Nesterov); 8-bit AdamW is AdamW with block-wise quantised moments (train/adamw_8bit.rs).
-//! One parameter group, as the reference.
+//! Parameter groups scale the learning rate and switch weight decay per parameter: the
+//! classifiers and the DiT have one group, as the reference; the hourglass-shaped models take
+//! the reference's four (their mapping parameters at a third of the learning rate, weight decay
+//! only on the weights it tags). Groups follow from parameter names, so a resumed run rebuilds
+//! the same ones.
 
 use std::collections::HashMap;
 
@@ -14,10 +18,40 @@ use signal_diffusion_config::schema;
 
 use super::adamw_8bit::{self, Hyper, MIN_8BIT_SIZE};
 
+/// A parameter's group: its learning rate is the schedule's times `lr_scale`, and it decays
+/// only when `weight_decay`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Group {
+    pub lr_scale: f64,
+    pub weight_decay: bool,
+}
+
+impl Default for Group {
+    fn default() -> Self {
+        Group {
+            lr_scale: 1.0,
+            weight_decay: true,
+        }
+    }
+}
+
+impl From<crate::models::hourglass::ParamGroup> for Group {
+    /// The reference's `param_groups` for the hourglass-shaped models: the mapping network and
+    /// the AdaRMSNorm projections at a third of the learning rate.
+    fn from(g: crate::models::hourglass::ParamGroup) -> Self {
+        Group {
+            lr_scale: if g.mapping { 1.0 / 3.0 } else { 1.0 },
+            weight_decay: g.weight_decay,
+        }
+    }
+}
+
 pub struct Optimizer {
     name: OptimizerName,
     kind: Kind,
     params: Vec<(String, Var)>,
+    /// Per parameter, its group.
+    groups: Vec<Group>,
     /// Per parameter, its state.
     moments: Vec<Moments>,
     pub step: u64,
@@ -104,6 +138,7 @@ impl Optimizer {
             name: cfg.name,
             kind,
             moments,
+            groups: vec![Group::default(); params.len()],
             params,
             step: 0,
             betas: cfg.betas,
@@ -112,6 +147,12 @@ impl Optimizer {
             momentum: cfg.momentum,
             fused: true,
         })
+    }
+
+    /// Puts each parameter in the group `group_of` its name gives.
+    pub fn with_groups(mut self, group_of: impl Fn(&str) -> Group) -> Self {
+        self.groups = self.params.iter().map(|(name, _)| group_of(name)).collect();
+        self
     }
 
     /// The parameters it updates, by name.
@@ -159,9 +200,13 @@ impl Optimizer {
         lr: f64,
         max_norm: Option<f64>,
     ) -> Result<GradNorm> {
+        // The fused kernels take one learning rate and decay for every parameter: with groups,
+        // the update runs as Candle ops.
         #[cfg(feature = "cuda")]
-        if let (true, Kind::AdamW | Kind::Adam, Some((_, first))) =
-            (self.fused, self.kind, self.params.first())
+        let uniform = self.groups.iter().all(|g| *g == Group::default());
+        #[cfg(feature = "cuda")]
+        if let (true, true, Kind::AdamW | Kind::Adam, Some((_, first))) =
+            (self.fused, uniform, self.kind, self.params.first())
         {
             if let candle_core::Device::Cuda(dev) = first.device() {
                 self.step += 1;
@@ -211,6 +256,13 @@ impl Optimizer {
         let decoupled = self.decoupled();
         for (i, (_, var)) in self.params.iter().enumerate() {
             let Some(g) = grads.get(var) else { continue };
+            let group = self.groups[i];
+            let lr = lr * group.lr_scale;
+            let weight_decay = if group.weight_decay {
+                self.weight_decay
+            } else {
+                0.0
+            };
             // Detached: a tensor computed from a Var keeps its op graph, so a stored moment would
             // otherwise chain every previous step's graph and memory would grow without bound.
             let g = &g.detach();
@@ -227,7 +279,7 @@ impl Optimizer {
                             beta1: b1 as f32,
                             beta2: b2 as f32,
                             eps: self.eps as f32,
-                            weight_decay: self.weight_decay as f32,
+                            weight_decay: weight_decay as f32,
                             bc1: (1.0 - b1.powi(t)) as f32,
                             bc2: (1.0 - b2.powi(t)) as f32,
                         },
@@ -235,8 +287,8 @@ impl Optimizer {
                     var.set(&Tensor::from_vec(p, theta.shape(), theta.device())?)?;
                 }
                 (Moments::F32 { m, v }, Kind::AdamW | Kind::Adam | Kind::AdamW8bit) => {
-                    let g = if !decoupled && self.weight_decay > 0.0 {
-                        (g + (theta * self.weight_decay)?)?
+                    let g = if !decoupled && weight_decay > 0.0 {
+                        (g + (theta * weight_decay)?)?
                     } else {
                         g.clone()
                     };
@@ -245,7 +297,7 @@ impl Optimizer {
                     let m_hat = (&m_next / (1.0 - b1.powi(t)))?;
                     let v_hat = (&v_next / (1.0 - b2.powi(t)))?;
                     let decayed = if decoupled {
-                        (theta * (1.0 - lr * self.weight_decay))?
+                        (theta * (1.0 - lr * weight_decay))?
                     } else {
                         theta.clone()
                     };
@@ -254,8 +306,8 @@ impl Optimizer {
                     *v = v_next.detach();
                 }
                 (Moments::F32 { m, .. }, Kind::Sgd) => {
-                    let g = if self.weight_decay > 0.0 {
-                        (g + (theta * self.weight_decay)?)?
+                    let g = if weight_decay > 0.0 {
+                        (g + (theta * weight_decay)?)?
                     } else {
                         g.clone()
                     };
