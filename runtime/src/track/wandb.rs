@@ -49,13 +49,24 @@ const HEADER: u32 = 21;
 /// Where a run's `wandb/` directory goes: `WANDB_DIR` when set (as the SDK reads it), else
 /// `default`; `None` when the config names no project or `WANDB_MODE=disabled`.
 pub fn root(project: Option<&str>, default: &Path) -> Option<PathBuf> {
+    let mode = std::env::var("WANDB_MODE").ok();
+    let dir = std::env::var_os("WANDB_DIR");
+    root_for(project, mode.as_deref(), dir.as_deref(), default)
+}
+
+/// [`root`] given the environment's `WANDB_MODE` and `WANDB_DIR`.
+fn root_for(
+    project: Option<&str>,
+    mode: Option<&str>,
+    dir: Option<&std::ffi::OsStr>,
+    default: &Path,
+) -> Option<PathBuf> {
     project?;
-    if std::env::var("WANDB_MODE").is_ok_and(|m| m == "disabled") {
+    if mode == Some("disabled") {
         return None;
     }
     Some(
-        std::env::var_os("WANDB_DIR")
-            .filter(|d| !d.is_empty())
+        dir.filter(|d| !d.is_empty())
             .map(PathBuf::from)
             .unwrap_or_else(|| default.to_path_buf()),
     )
@@ -417,6 +428,27 @@ mod tests {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
         assert_ne!(id, run_id("runs/y-20261203-000000"));
+    }
+
+    #[test]
+    fn the_run_goes_where_the_config_and_environment_say() {
+        let default = Path::new("runs/x");
+        assert_eq!(root_for(None, None, None, default), None);
+        assert_eq!(
+            root_for(Some("eeg"), None, None, default),
+            Some(default.into())
+        );
+        // WANDB_MODE=offline (or online: the network is never called) still writes offline.
+        assert_eq!(
+            root_for(Some("eeg"), Some("online"), None, default),
+            Some(default.into())
+        );
+        assert_eq!(root_for(Some("eeg"), Some("disabled"), None, default), None);
+        let dir = std::ffi::OsStr::new("/tmp/wb");
+        assert_eq!(
+            root_for(Some("eeg"), None, Some(dir), default),
+            Some("/tmp/wb".into())
+        );
     }
 
     #[test]
