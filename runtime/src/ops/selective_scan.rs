@@ -131,14 +131,30 @@ struct SelectiveScan {
 struct Unit<'a> {
     x: &'a [f32],
     dims: Dims,
+    /// `dims.offsets()`, once.
+    off: [usize; 8],
     softplus: bool,
     b: usize,
     g: usize,
 }
 
+impl SelectiveScan {
+    /// Unit `unit` (its batch and group) of the packed inputs `x`.
+    fn unit<'a>(&self, x: &'a [f32], unit: usize) -> Unit<'a> {
+        Unit {
+            x,
+            dims: self.dims,
+            off: self.dims.offsets(),
+            softplus: self.softplus,
+            b: unit / self.dims.groups,
+            g: unit % self.dims.groups,
+        }
+    }
+}
+
 impl Unit<'_> {
     fn at(&self, which: usize) -> usize {
-        self.dims.offsets()[which]
+        self.off[which]
     }
 
     /// Channel `ch`'s row of a (B, D, L) input (0 = u, 1 = Δ).
@@ -291,13 +307,7 @@ impl CustomOp1 for SelectiveScan {
             batch * groups,
             2 * len * n + 3 * len + n,
             |unit, scratch| {
-                let u = Unit {
-                    x,
-                    dims: self.dims,
-                    softplus: self.softplus,
-                    b: unit / groups,
-                    g: unit % groups,
-                };
+                let u = self.unit(x, unit);
                 let (bt, rest) = scratch.split_at_mut(len * n);
                 let (ct, rest) = rest.split_at_mut(len * n);
                 let (delta, rest) = rest.split_at_mut(len);
@@ -352,13 +362,7 @@ impl CustomOp1 for SelectiveScan {
             let pa = Blocks::new(&mut partial);
             let scratch = 4 * len * n + 4 * len + (chunks + 5) * n + CHUNK * n;
             on_threads(batch * groups, scratch, |unit, buf| {
-                let u = Unit {
-                    x,
-                    dims,
-                    softplus: self.softplus,
-                    b: unit / groups,
-                    g: unit % groups,
-                };
+                let u = self.unit(x, unit);
                 let (bt, rest) = buf.split_at_mut(len * n);
                 let (ct, rest) = rest.split_at_mut(len * n);
                 let (dbt, rest) = rest.split_at_mut(len * n);

@@ -173,14 +173,18 @@ impl TensorBoard {
 
     fn record(&mut self, data: &[u8]) -> Result<()> {
         let len = (data.len() as u64).to_le_bytes();
-        let mut frame = Vec::with_capacity(data.len() + 16);
-        frame.extend_from_slice(&len);
-        frame.extend_from_slice(&masked_crc(&len).to_le_bytes());
-        frame.extend_from_slice(data);
-        frame.extend_from_slice(&masked_crc(data).to_le_bytes());
-        self.file
-            .write_all(&frame)
-            .with_context(|| format!("cannot write {}", self.path.display()))
+        let pieces: [&[u8]; 4] = [
+            &len,
+            &masked_crc(&len).to_le_bytes(),
+            data,
+            &masked_crc(data).to_le_bytes(),
+        ];
+        for piece in pieces {
+            self.file
+                .write_all(piece)
+                .with_context(|| format!("cannot write {}", self.path.display()))?;
+        }
+        Ok(())
     }
 
     pub fn scalar(&mut self, tag: &str, value: f64, step: u64) -> Result<()> {
