@@ -34,11 +34,11 @@ fn validate_reports_mistakes_with_locations_and_exit_1() {
 
 #[test]
 fn validate_accepts_configs_whose_trainer_is_not_built_yet() {
-    let (ok, out, err) = sigdiff(&["validate", "config/diffusion/hourglass-db-only.toml"]);
+    let (ok, out, err) = sigdiff(&["validate", "config/diffusion/localmamba-db-only.toml"]);
     assert!(ok, "{err}");
     assert!(
         out.contains(
-            "config/diffusion/hourglass-db-only.toml: valid; building a trainer from it stops with"
+            "config/diffusion/localmamba-db-only.toml: valid; building a trainer from it stops with"
         ) && out.contains("not yet supported"),
         "{out}"
     );

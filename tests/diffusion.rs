@@ -4,6 +4,7 @@
 //! recognises real images); and a DiT on time series whose samples carry their class's rhythm.
 
 use std::path::Path;
+use std::process::ExitCode;
 
 use crate::common::{
     copy_dir, only_run_dir, python, series, test_metric, train, wandb_inspect, wandb_runs,
@@ -12,6 +13,10 @@ use crate::common::{
 use signal_diffusion_runtime::config::choice::Sampler;
 use signal_diffusion_runtime::diffusion::fidelity::BANDS;
 use signal_diffusion_runtime::train::sample::SampleOptions;
+use signal_diffusion_runtime::train::RunOptions;
+
+/// A macro-compiled trainer's entry point.
+type Trainer = fn(RunOptions) -> ExitCode;
 
 mod tiny_dit {
     signal_diffusion_macros::trainer!("train/tiny_dit.toml");
@@ -25,18 +30,25 @@ mod series_dit {
     signal_diffusion_macros::trainer!("train/series_dit.toml");
 }
 
+mod tiny_hourglass {
+    signal_diffusion_macros::trainer!("train/tiny_hourglass.toml");
+}
+
+mod series_hourglass {
+    signal_diffusion_macros::trainer!("train/series_hourglass.toml");
+}
+
+mod series_localmamba {
+    signal_diffusion_macros::trainer!("train/series_localmamba.toml");
+}
+
 mod classifier {
     signal_diffusion_macros::trainer!("train/tiny.toml");
 }
 
 /// Train a DiT on `data` into `out`; the mean loss of the last `window` updates must be below
 /// 0.7× that of the first. Returns the run directory.
-fn train_dit(
-    trainer: fn(signal_diffusion_runtime::train::RunOptions) -> std::process::ExitCode,
-    data: &Path,
-    out: &Path,
-    window: usize,
-) -> std::path::PathBuf {
+fn train_dit(trainer: Trainer, data: &Path, out: &Path, window: usize) -> std::path::PathBuf {
     train(
         trainer,
         &[("dataset.name", data.display().to_string())],
@@ -264,6 +276,98 @@ fn dit_trains_resumes_exactly_and_writes_readable_files() {
     assert_eq!(with_histograms, [4, 8]);
 }
 
+/// The hourglass transformer on the tiny images (gender × health and age): 8 updates resumed
+/// from update 3 give the uninterrupted run's losses, validation losses and KIDs (the optimizer's
+/// parameter groups, dropout's draws and the EMA restored); bf16 autocast follows them; Python's safetensors reads the final
+/// weights under the reference's state-dict names; `sigdiff sample` draws from them with a
+/// condition of each kind.
+#[test]
+fn hourglass_trains_resumes_exactly_and_samples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_dataset(&data);
+    let sets = [("dataset.name", data.display().to_string())];
+    let out_a = tmp.path().join("a");
+    train(tiny_hourglass::run, &sets, &out_a, None);
+    let run_a = only_run_dir(&out_a);
+    assert_eq!(series(&run_a, "train/loss").len(), 8);
+    let out_b = tmp.path().join("b");
+    copy_dir(
+        &run_a.join("checkpoints/checkpoint-3"),
+        &out_b.join("run/checkpoints/checkpoint-3"),
+    );
+    train(
+        tiny_hourglass::run,
+        &sets,
+        &out_b,
+        Some(out_b.join("run/checkpoints/checkpoint-3")),
+    );
+    for tag in ["train/loss", "train/grad_norm", "val/loss", "eval/kid_mean"] {
+        let a: Vec<(u64, f64)> = series(&run_a, tag)
+            .into_iter()
+            .filter(|(s, _)| *s > 3)
+            .collect();
+        assert!(!a.is_empty());
+        assert_eq!(a, series(&out_b.join("run"), tag), "{tag} after resume");
+    }
+    // Under bf16 autocast (neighbourhood and global attention, GEGLU, the mapping network) the
+    // same updates follow the f32 losses within bf16's rounding.
+    let out_bf16 = tmp.path().join("bf16");
+    let bf16 = [
+        sets[0].clone(),
+        ("training.mixed_precision", "bf16".to_string()),
+    ];
+    train(tiny_hourglass::run, &bf16, &out_bf16, None);
+    let f32_losses = series(&run_a, "train/loss");
+    for ((step, got), (_, want)) in series(&only_run_dir(&out_bf16), "train/loss")
+        .iter()
+        .zip(&f32_losses)
+    {
+        assert!(
+            (got - want).abs() < 1e-2 * want,
+            "update {step}: bf16 loss {got} against f32 {want}"
+        );
+    }
+    let st = python(
+        "import sys, json\nfrom safetensors.numpy import load_file\nd=load_file(sys.argv[1]+'/hourglass_model.safetensors')\n\
+         c=json.load(open(sys.argv[1]+'/config.json'))\n\
+         print(c['_class_name'], len(d), d['down_levels.0.0.self_attn.qkv_proj.weight'].shape, d['mid_level.0.ff.up_proj.weight'].shape, d['class_emb.weight'].shape)\n\
+         print(d['mapping_cond_in_proj.weight'].shape, d['age_emb.weight'].shape, d['splits.0.fac'].shape, d['down_levels.0.0.self_attn.pos_emb.freqs'].shape, d['patch_out.proj.weight'].shape)",
+        &[&run_a.join("final/ema")],
+    );
+    // 41 state-dict entries of the reference's model (its buffers included) and our age features.
+    assert_eq!(
+        st.trim(),
+        "Hourglass2DModel 42 (48, 16) (96, 32) (5, 16)\n(16, 16) (8, 1) (1,) (2, 1) (12, 16)",
+        "safetensors saw: {st}"
+    );
+    for (i, condition) in ["gender=F,health=PD,age=63", "gender=M,health=H,age="]
+        .iter()
+        .enumerate()
+    {
+        let out = tmp.path().join(format!("synthetic-{i}"));
+        signal_diffusion_runtime::train::sample::run(&SampleOptions {
+            checkpoint: run_a.join("final"),
+            ema: true,
+            n: Some(3),
+            condition: Some(condition.to_string()),
+            like: None,
+            out: out.clone(),
+            split: "train".into(),
+            steps: Some(3),
+            cfg_scale: None,
+            sampler: None,
+            batch_size: 2,
+            seed: 1,
+            overwrite: false,
+        })
+        .unwrap();
+        let meta = std::fs::read_to_string(out.join("train-metadata.csv")).unwrap();
+        assert_eq!(meta.lines().count(), 4, "{meta}");
+        assert!(out.join("train/synthetic/sample-00002.png").exists());
+    }
+}
+
 /// The same 8 updates in f32, under bf16 autocast and under fp16 autocast with its loss scale
 /// (overridden at run time): each loss and gradient norm follows the f32 run's within its
 /// type's rounding (measured: bf16 2e-4, fp16 3e-5 of the loss), which the gradient norm could
@@ -462,9 +566,52 @@ fn a_time_series_dit_generates_the_rhythm_of_its_class() {
         &[&run.join("samples/step-000200.npy")],
     );
     assert_eq!(shape.trim(), "(4, 1, 4, 128)");
-
-    // Each class with the trained sampler (flow Euler) and with DPM-Solver++ 2M.
     let synth = tmp.path().join("synthetic");
+    samples_carry_the_rhythm_of_their_class(&run, &data, &synth);
+    // A sampler that does not fit the flow path is refused, naming the ones that do.
+    let err = signal_diffusion_runtime::train::sample::run(&SampleOptions {
+        checkpoint: run.join("final/ema"),
+        ema: false,
+        n: Some(1),
+        condition: Some("class=0".into()),
+        like: None,
+        out: synth.join("ddim"),
+        split: "train".into(),
+        steps: None,
+        cfg_scale: None,
+        sampler: Some(Sampler::Ddim),
+        batch_size: 1,
+        seed: 2,
+        overwrite: false,
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("euler, heun or dpmpp_2m"), "{err}");
+}
+
+/// The hourglass transformer and LocalMamba on the same series: the loss falls, and `sigdiff
+/// sample` draws each class's rhythm from the final EMA weights.
+#[test]
+fn the_hourglass_and_localmamba_generate_the_rhythm_of_each_class() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_series(&data);
+    let trainers: [(&str, Trainer); 2] = [
+        ("hourglass", series_hourglass::run),
+        ("localmamba", series_localmamba::run),
+    ];
+    for (name, trainer) in trainers {
+        let run = train_dit(trainer, &data, &tmp.path().join(name), 20);
+        let weights = run.join(format!("final/ema/{name}_model.safetensors"));
+        assert!(weights.exists(), "{}", weights.display());
+        let synth = tmp.path().join(format!("{name}-synthetic"));
+        samples_carry_the_rhythm_of_their_class(&run, &data, &synth);
+    }
+}
+
+/// `sigdiff sample` from the final EMA weights of `run`, each class with the trained sampler
+/// (flow Euler) and with DPM-Solver++ 2M: the samples' contrast between the two classes' bands
+/// is at least half the real data's.
+fn samples_carry_the_rhythm_of_their_class(run: &Path, data: &Path, synth: &Path) {
     for (class, sampler) in (0..2).flat_map(|c| [(c, None), (c, Some(Sampler::DpmPP2M))]) {
         let out = synth.join(format!("class-{class}-{sampler:?}"));
         signal_diffusion_runtime::train::sample::run(&SampleOptions {
@@ -498,24 +645,6 @@ fn a_time_series_dit_generates_the_rhythm_of_its_class() {
             "class {class}, sampler {sampler:?}: its band is {generated:.2} decades above the other class's band in the samples, {real:.2} in the real data"
         );
     }
-    // A sampler that does not fit the flow path is refused, naming the ones that do.
-    let err = signal_diffusion_runtime::train::sample::run(&SampleOptions {
-        checkpoint: run.join("final/ema"),
-        ema: false,
-        n: Some(1),
-        condition: Some("class=0".into()),
-        like: None,
-        out: synth.join("ddim"),
-        split: "train".into(),
-        steps: None,
-        cfg_scale: None,
-        sampler: Some(Sampler::Ddim),
-        batch_size: 1,
-        seed: 2,
-        overwrite: false,
-    })
-    .unwrap_err();
-    assert!(err.to_string().contains("euler, heun or dpmpp_2m"), "{err}");
 }
 
 /// Mean over files and channels of log10 band power in `class`'s tone band minus that in the

@@ -10,10 +10,13 @@
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote};
 
-use crate::choice::{Activation, Backbone, Conditioning, Pooling};
+use crate::choice::{Activation, Backbone, Conditioning, DiffusionModel, Pooling};
 use crate::cuda::{CudaBuild, KernelText};
 use crate::literal::{At, Literal};
-use crate::plan::{cnn_1d_channels, cnn_light_channels, dit_num_embeds, transformer_tokens, Plan};
+use crate::plan::{
+    cnn_1d_channels, cnn_light_channels, dit_num_embeds, skeleton_class_rows, transformer_tokens,
+    Plan,
+};
 use crate::schema::TaskKind;
 use crate::schema::{Classification, Diffusion};
 use crate::settings::relative_to;
@@ -304,15 +307,12 @@ fn classification_items(c: &Classification) -> TokenStream {
     }
 }
 
-/// A DiT: its shape and the metadata columns its conditioning reads.
+/// A denoiser (DiT, hourglass or LocalMamba): its shape and the metadata columns its
+/// conditioning reads.
 fn diffusion_items(d: &Diffusion) -> TokenStream {
     let rt = quote! { rt };
     let m = &d.model;
-    let (height, width) = if d.dataset_is_timeseries {
-        (d.dataset.n_eeg_channels, d.dataset.sequence_length)
-    } else {
-        (d.dataset.resolution, d.dataset.resolution)
-    };
+    let [height, width] = d.input_hw();
     let (cin, cout, heads, hd, layers) = (
         m.in_channels,
         m.out_channels,
@@ -367,18 +367,88 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
         Conditioning::None | Conditioning::Caption => vec![],
     };
     let n_tasks = tasks.len();
+    let frame =
+        quote! { #rt::Frame { conditioning: #conditioning, height: #height, width: #width } };
+    let class_rows = skeleton_class_rows(d);
+    let (mw, md, mf, mcond, mdrop) = (
+        m.mapping_width,
+        m.mapping_depth,
+        m.mapping_d_ff,
+        m.mapping_cond_dim,
+        m.mapping_dropout_rate,
+    );
+    let shape = match m.name {
+        DiffusionModel::Hourglass => {
+            let levels = (0..m.widths.len()).map(|i| {
+                let (depth, width, d_ff, d_head, drop) =
+                    (m.depths[i], m.widths[i], m.d_ffs[i], m.d_heads[i], m.dropout_rates[i]);
+                let attention = match m.kernel_sizes[i] {
+                    0 => quote! { #rt::SelfAttention::Global { d_head: #d_head } },
+                    kernel => quote! { #rt::SelfAttention::Neighborhood { d_head: #d_head, kernel: #kernel } },
+                };
+                quote! { #rt::LevelShape { depth: #depth, width: #width, d_ff: #d_ff, attention: #attention, dropout: #drop } }
+            });
+            quote! {
+                #rt::DenoiserShape::Hourglass {
+                    hourglass: #rt::HourglassShape {
+                        in_channels: #cin, out_channels: #cout, patch: [#ph, #pw],
+                        levels: vec![#(#levels),*],
+                        mapping_width: #mw, mapping_depth: #md, mapping_d_ff: #mf,
+                        class_rows: #class_rows, mapping_cond_dim: #mcond, mapping_dropout: #mdrop,
+                    },
+                    frame: #frame,
+                }
+            }
+        }
+        DiffusionModel::LocalMamba => {
+            let (dims, depths) = (&m.dims, &m.depths);
+            let (d_state, ssm_ratio, drop_path) = (m.d_state, m.ssm_ratio, m.drop_path_rate);
+            let scans = m.scan_directions.iter().map(|name| {
+                let (base, flip) = match name.strip_suffix("_flip") {
+                    Some(b) => (b, true),
+                    None => (name.as_str(), false),
+                };
+                match base {
+                    "h" => quote! { #rt::Scan::Rows { flip: #flip } },
+                    "v" => quote! { #rt::Scan::Columns { flip: #flip } },
+                    // resolve() accepts only h, v and wK.
+                    _ => {
+                        let size: usize = base[1..].parse().expect("a validated wK scan");
+                        quote! { #rt::Scan::Windows { size: #size, flip: #flip } }
+                    }
+                }
+            });
+            quote! {
+                #rt::DenoiserShape::LocalMamba {
+                    localmamba: #rt::LocalMambaShape {
+                        in_channels: #cin, out_channels: #cout, patch: [#ph, #pw],
+                        dims: vec![#(#dims),*], depths: vec![#(#depths),*],
+                        d_state: #d_state, ssm_ratio: #ssm_ratio, scans: vec![#(#scans),*],
+                        mapping_width: #mw, mapping_depth: #md, mapping_d_ff: #mf,
+                        class_rows: #class_rows, mapping_cond_dim: #mcond, dropout: #mdrop,
+                        drop_path: #drop_path,
+                    },
+                    frame: #frame,
+                }
+            }
+        }
+        _ => quote! {
+            #rt::DenoiserShape::Dit(#rt::DitShape {
+                in_channels: #cin, out_channels: #cout, height: #height, width: #width,
+                patch: [#ph, #pw], heads: #heads, head_dim: #hd, layers: #layers,
+                num_embeds: #num_embeds, conditioning: #conditioning, norm_eps: #norm_eps,
+                dropout: #dropout, attention_bias: #attention_bias, feed_forward: #feed_forward,
+                norm_affine: #norm_affine, upcast_attention: #upcast_attention,
+            })
+        },
+    };
     quote! {
         /// The denoiser (the trainer builds it from `MODEL`).
         #[allow(dead_code)]
-        pub type Model = #rt::Dit;
+        pub type Model = #rt::Denoiser;
         /// Its shape, from `[model]` and the image or series the dataset gives it.
-        pub const MODEL: #rt::DitShape = #rt::DitShape {
-            in_channels: #cin, out_channels: #cout, height: #height, width: #width,
-            patch: [#ph, #pw], heads: #heads, head_dim: #hd, layers: #layers,
-            num_embeds: #num_embeds, conditioning: #conditioning, norm_eps: #norm_eps,
-            dropout: #dropout, attention_bias: #attention_bias, feed_forward: #feed_forward,
-            norm_affine: #norm_affine, upcast_attention: #upcast_attention,
-        };
+        pub static MODEL: ::std::sync::LazyLock<#rt::DenoiserShape> =
+            ::std::sync::LazyLock::new(|| #shape);
         /// The metadata columns its conditioning reads (empty values mean "unknown").
         pub const TASKS: [#rt::TaskSpec; #n_tasks] = [#(#tasks),*];
 

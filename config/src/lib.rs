@@ -359,8 +359,10 @@ fn resolve_inner(
     }
     let plan = match &kind {
         Kind::Classification(c) => Some(plan::classification(c)),
-        Kind::Diffusion(d) if d.model.name == DiffusionModel::Dit => {
-            Some(plan::dit(d, data.data_type))
+        Kind::Diffusion(d) if d.model.name == DiffusionModel::Dit => Some(plan::dit(d)),
+        Kind::Diffusion(d) if d.model.name == DiffusionModel::Hourglass => Some(plan::hourglass(d)),
+        Kind::Diffusion(d) if d.model.name == DiffusionModel::LocalMamba => {
+            Some(plan::localmamba(d))
         }
         Kind::Diffusion(_) => None,
     };

@@ -436,16 +436,10 @@ pub fn dit_num_embeds(d: &Diffusion) -> usize {
 }
 
 /// Plan of a DiT (diffusers `DiTTransformer2DModel` with adaLN-Zero and per-block embedders).
-pub fn dit(d: &Diffusion, data_type: DataType) -> Plan {
+pub fn dit(d: &Diffusion) -> Plan {
     let m = &d.model;
     let dim = m.num_attention_heads * m.attention_head_dim;
-    let (h, w) = if data_type == DataType::Timeseries {
-        (d.dataset.n_eeg_channels, d.dataset.sequence_length)
-    } else if m.latent_space {
-        (m.sample_size, m.sample_size)
-    } else {
-        (d.dataset.resolution, d.dataset.resolution)
-    };
+    let [h, w] = d.input_hw();
     let [ph, pw] = m.patch_size;
     let tokens = (h / ph) * (w / pw);
     // Label table: num_embeds_ada_norm (+1 for the CFG null row). Without class conditioning the
@@ -542,6 +536,143 @@ pub fn dit(d: &Diffusion, data_type: DataType) -> Plan {
         plan.memory_bytes = training_memory(plan.params, per_block + ends + inputs, plan.batch);
     }
     plan
+}
+
+/// Rows of the class table of a hourglass-shaped model: the classes and the null row for
+/// `classes`, the 4 gender × health classes and the null for `gend_hlth_age`, none without.
+pub fn skeleton_class_rows(d: &Diffusion) -> usize {
+    match d.model.conditioning {
+        Conditioning::Classes => d.model.num_classes + 1,
+        Conditioning::GenderHealthAge => 5,
+        Conditioning::None | Conditioning::Caption => 0,
+    }
+}
+
+/// Plan of the hourglass transformer or LocalMamba: the frame they share (patch_in, the mapping
+/// network, 2×2 merges and splits, out_norm, patch_out) around each level's stack, whose
+/// layer `layer(level, width, tokens)` gives as (parameters, forward FLOPs per sample).
+fn skeleton(
+    d: &Diffusion,
+    model: &str,
+    widths: &[usize],
+    layer: impl Fn(usize, usize, usize) -> (u64, u64),
+) -> Plan {
+    let m = &d.model;
+    let (cin, [h, w]) = (m.in_channels, d.input_hw());
+    let [ph, pw] = m.patch_size;
+    let (mw, mf) = (m.mapping_width, m.mapping_d_ff);
+    let grid = |i: usize| ((h / ph) >> i, (w / pw) >> i);
+    let (gh, gw) = grid(0);
+    let mut layers = vec![Layer {
+        name: "patch_in".into(),
+        output: vec![gh, gw, widths[0]],
+        params: (cin * ph * pw * widths[0]) as u64,
+        flops: 2 * (cin * ph * pw * widths[0] * gh * gw) as u64,
+    }];
+    // time_in_proj and aug_in_proj (M × M each, no bias), the class table, the mapping
+    // condition's projection, then RMSNorm + depth × (RMSNorm, GEGLU up, down) + RMSNorm.
+    let rows = skeleton_class_rows(d);
+    let inputs = 2 * mw * mw + rows * mw + m.mapping_cond_dim * mw;
+    let blocks = m.mapping_depth * (mw + mw * 2 * mf + mf * mw);
+    layers.push(Layer {
+        name: "mapping".into(),
+        output: vec![mw],
+        params: (inputs + 2 * mw + blocks) as u64,
+        flops: 2 * (inputs + blocks) as u64,
+    });
+    let stack = |name: String, i: usize, depth: usize| {
+        let (gh, gw) = grid(i);
+        let (params, flops) = layer(i, widths[i], gh * gw);
+        Layer {
+            name,
+            output: vec![gh, gw, widths[i]],
+            params: params * depth as u64,
+            flops: flops * depth as u64,
+        }
+    };
+    let last = widths.len() - 1;
+    for i in 0..last {
+        layers.push(stack(format!("down_levels.{i}"), i, m.depths[i]));
+        let (gh, gw) = grid(i + 1);
+        layers.push(Layer {
+            name: format!("merges.{i}"),
+            output: vec![gh, gw, widths[i + 1]],
+            params: (4 * widths[i] * widths[i + 1]) as u64,
+            flops: 2 * (4 * widths[i] * widths[i + 1] * gh * gw) as u64,
+        });
+    }
+    layers.push(stack("mid_level".into(), last, m.depths[last]));
+    for i in (0..last).rev() {
+        let (gh, gw) = grid(i);
+        layers.push(Layer {
+            name: format!("splits.{i}"),
+            output: vec![gh, gw, widths[i]],
+            // The projection and the learnable lerp factor.
+            params: (4 * widths[i] * widths[i + 1] + 1) as u64,
+            flops: 2 * (widths[i + 1] * widths[i] * gh * gw) as u64,
+        });
+        layers.push(stack(format!("up_levels.{i}"), i, m.depths[i]));
+    }
+    let cout = m.out_channels;
+    layers.push(Layer {
+        name: "out_norm + patch_out".into(),
+        output: vec![cout, h, w],
+        params: (widths[0] + widths[0] * cout * ph * pw) as u64,
+        flops: 2 * (widths[0] * cout * ph * pw * gh * gw) as u64,
+    });
+    if d.model.name == crate::choice::DiffusionModel::LocalMamba {
+        layers.push(conv2d("output_smoother".into(), cout, cout, 3, h, w));
+    }
+    let mut plan = Plan::finish(model, d.dataset.batch_size, vec![cin, h, w], layers);
+    if d.training.gradient_checkpointing {
+        // Saved (roughly): one tensor per level output (the segments' inputs), and the largest
+        // stack's activations while a layer of it is recomputed.
+        let outputs = |l: &Layer| l.output.iter().product::<usize>() as u64;
+        let kept: u64 = plan.layers.iter().map(outputs).sum::<u64>() / 2;
+        let largest = plan.layers.iter().map(outputs).max().unwrap_or(0);
+        plan.memory_bytes = training_memory(plan.params, kept + largest, plan.batch);
+    }
+    plan
+}
+
+/// Plan of the hourglass transformer (k-diffusion's `image_transformer_v2` as the reference
+/// builds it). A layer: AdaRMSNorm projections (M × width, twice), qkv, the per-head scale,
+/// the output projection, the GEGLU up (width × 2·d_ff) and down.
+pub fn hourglass(d: &Diffusion) -> Plan {
+    let m = &d.model;
+    let mw = m.mapping_width;
+    skeleton(d, "hourglass", &m.widths, |i, width, tokens| {
+        let (f, heads) = (m.d_ffs[i], width / m.d_heads[i]);
+        let params = 2 * mw * width + 4 * width * width + heads + 3 * width * f;
+        // Keys per query: the k×k neighbourhood, or every token.
+        let keys = match m.kernel_sizes[i] {
+            0 => tokens,
+            k => k * k,
+        };
+        let flops = 2 * tokens * (4 * width * width + 3 * width * f) + 4 * tokens * keys * width;
+        (params as u64, flops as u64)
+    })
+}
+
+/// Plan of LocalMamba (LocalVMamba's SS2D on the hourglass frame). A block at width d with
+/// E = ssm_ratio·d inner channels, rank R = ⌈d/16⌉, state N and K scan directions: AdaRMSNorm
+/// (M × d), in_proj (d × 2E), the depthwise 3×3 conv, per direction x_proj ((R + 2N) × E),
+/// dt_proj (E × R and E), A_log (E × N) and D (E), the output LayerNorm (2E), out_proj (E × d)
+/// and the BiAttn gate (LayerNorm, E → E/8 → E with biases).
+pub fn localmamba(d: &Diffusion) -> Plan {
+    let m = &d.model;
+    let (mw, n, k) = (m.mapping_width, m.d_state, m.scan_directions.len());
+    skeleton(d, "localmamba", &m.dims, |_, width, tokens| {
+        let e = (m.ssm_ratio * width as f64) as usize;
+        let r = width.div_ceil(16);
+        let gate = 2 * e + e * (e / 8) + e / 8 + (e / 8) * e + e;
+        let scans = k * ((r + 2 * n) * e + e * r + e + e * n + e);
+        let params = mw * width + width * 2 * e + 10 * e + scans + 2 * e + e * width + gate;
+        // Projections, the conv, and per direction and token the scan's ~6·E·N.
+        let flops = 2 * tokens * (3 * width * e + 9 * e + k * ((r + 2 * n) * e + e * r))
+            + 6 * k * tokens * e * n;
+        (params as u64, flops as u64)
+    })
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ pub(crate) fn check_support(ctx: &mut Ctx, kind: &Kind, target: Target) {
     }
 }
 
-/// What the DiT trainer cannot honour yet, each at its key.
+/// What the diffusion trainer cannot honour yet, each at its key.
 fn check_diffusion(
     ctx: &mut Ctx,
     d: &Diffusion,
@@ -51,13 +51,20 @@ fn check_diffusion(
     unsupported: impl Fn(&mut Ctx, &str, String, &str),
 ) {
     let m = &d.model;
-    if m.name != DiffusionModel::Dit {
-        let what = format!("the `{}` diffusion model (the trainer builds DiT)", m.name);
+    let skeleton = matches!(
+        m.name,
+        DiffusionModel::Hourglass | DiffusionModel::LocalMamba
+    );
+    if m.name != DiffusionModel::Dit && !skeleton {
+        let what = format!(
+            "the `{}` diffusion model (the trainer builds DiT, hourglass and LocalMamba)",
+            m.name
+        );
         unsupported(
             ctx,
             "model.name",
             what,
-            "use `name = \"dit\"`; `sigdiff validate` checks this config",
+            "use `name = \"dit\"`, \"hourglass\" or \"localmamba\"; `sigdiff validate` checks this config",
         );
         return;
     }
@@ -71,19 +78,19 @@ fn check_diffusion(
         (
             m.conditioning == Conditioning::Caption,
             "model.conditioning",
-            "caption conditioning for DiT (it needs text encoders)",
+            "caption conditioning (it needs text encoders)",
             "use `none`, `classes` or `gend_hlth_age`",
         ),
         (
             m.lora_enabled,
             "model.lora.enabled",
-            "LoRA for DiT",
+            "LoRA (it needs a pretrained model's adapters)",
             "set `enabled = false`",
         ),
         (
-            m.vae_tiling,
+            m.vae_tiling && !m.latent_space,
             "model.vae_tiling",
-            "VAE tiling (pixel-space DiT has no VAE)",
+            "VAE tiling (pixel-space models have no VAE)",
             "remove `vae_tiling`",
         ),
         (

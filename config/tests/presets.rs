@@ -54,7 +54,18 @@ fn diffusion_presets_build_or_stop_only_at_the_support_gate() {
             }
         }
     }
-    assert_eq!(built, ["baseline", "dit-timeseries", "quickstart"]);
+    assert_eq!(
+        built,
+        [
+            "baseline",
+            "dit-timeseries",
+            "hourglass-db-iq",
+            "hourglass-db-only",
+            "hourglass-db-polar",
+            "hourglass-timeseries",
+            "quickstart"
+        ]
+    );
 }
 
 fn params(p: &str) -> u64 {
@@ -103,6 +114,29 @@ fn dit_parameter_counts_equal_the_reference() {
     let bench =
         config::resolve(Path::new("benches/dit_cpu.toml"), &env(), Target::default()).unwrap();
     assert_eq!(bench.plan.unwrap().params, 20_050_572);
+}
+
+#[test]
+fn hourglass_parameter_counts_equal_the_reference() {
+    // spec/reference/hourglass-localmamba.md, counted from the reference's own model.
+    for db in ["db-only", "db-iq", "db-polar"] {
+        assert_eq!(
+            params(&format!("config/diffusion/hourglass-{db}.toml")),
+            5_967_706
+        );
+    }
+    assert_eq!(
+        params("config/diffusion/hourglass-timeseries.toml"),
+        21_107_142
+    );
+    // localmamba-db-only trains on latents (refused until the VAE lands); its plan is the
+    // reference's count all the same.
+    let lm = config::plan_unchecked(
+        Path::new("config/diffusion/localmamba-db-only.toml"),
+        &env(),
+    )
+    .unwrap();
+    assert_eq!(lm.plan.unwrap().params, 10_811_666);
 }
 
 #[test]

@@ -126,7 +126,7 @@ pub fn presets(_input: TokenStream) -> TokenStream {
                             quote! { ::signal_diffusion_runtime::count_classifier_parameters::<#ident::Model>(&#ident::MODEL, &#ident::TASKS) }
                         }
                         _ => {
-                            quote! { ::signal_diffusion_runtime::count_dit_parameters(&#ident::MODEL) }
+                            quote! { ::signal_diffusion_runtime::count_denoiser_parameters(&#ident::MODEL) }
                         }
                     };
                     let json = r.config.to_json();

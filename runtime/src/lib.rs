@@ -15,11 +15,16 @@ pub mod track;
 pub mod train;
 
 // The surface the generated trainers name.
+pub use diffusion::denoiser::{
+    count_parameters as count_denoiser_parameters, Denoiser, DenoiserShape, Frame,
+};
 pub use models::classifier::{
     count_parameters as count_classifier_parameters, Backbone, Cnn, Cnn1d, Cnn1dShape, CnnLight,
     CnnLightShape, CnnShape, Transformer, TransformerShape,
 };
-pub use models::dit::{count_parameters as count_dit_parameters, Conditioning, Dit, DitShape};
+pub use models::dit::{Conditioning, DitShape};
+pub use models::hourglass::{HourglassShape, LevelShape, SelfAttention};
+pub use models::localmamba::{LocalMambaShape, Scan};
 pub use models::nn::Activation;
 pub use ops::KernelSizes;
 /// The config crate: generated trainers state their resolved config in its types.

@@ -56,3 +56,30 @@ pub fn assert_every_gradient(
         assert!(norm.is_finite() && norm > 0.0, "{name}: |g|² = {norm}");
     }
 }
+
+/// Gradient checkpointing changes no gradient: `run(checkpoint)` gives (loss, gradients) of the
+/// same forward (the same dropout draws) recorded with and without it; every trainable
+/// parameter's gradient agrees within `tol` of its largest magnitude (the recompute sums in
+/// another order), and so do the losses.
+pub fn assert_checkpointing_keeps_gradients(
+    p: &signal_diffusion_runtime::models::nn::Params,
+    run: impl Fn(bool) -> candle_core::Result<(Tensor, candle_core::backprop::GradStore)>,
+    tol: f32,
+) {
+    let (plain_loss, plain) = run(false).unwrap();
+    let (loss, checkpointed) = run(true).unwrap();
+    let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+    assert!((scalar(&plain_loss) - scalar(&loss)).abs() <= tol * scalar(&plain_loss).abs());
+    for (name, var) in &p.trainable {
+        let a = plain.get(var.as_tensor()).unwrap();
+        let b = checkpointed
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no checkpointed gradient for {name}"));
+        let scale = scalar(&a.abs().unwrap().max_all().unwrap()).max(1e-12);
+        let diff = scalar(&(a - b).unwrap().abs().unwrap().max_all().unwrap());
+        assert!(
+            diff <= tol * scale,
+            "{name}: differs by {diff} (largest {scale})"
+        );
+    }
+}

@@ -8,8 +8,9 @@ use signal_diffusion_runtime::models::localmamba::{
     count_parameters, LocalMamba, LocalMambaShape, Scan,
 };
 use signal_diffusion_runtime::models::nn::{Mode, Params};
+use signal_diffusion_runtime::models::tape::Tape;
 
-use crate::common::{assert_every_gradient, perturb};
+use crate::common::{assert_checkpointing_keeps_gradients, assert_every_gradient, perturb};
 
 fn shape(
     channels: usize,
@@ -141,5 +142,24 @@ fn every_parameter_gets_a_finite_nonzero_gradient() -> Result<()> {
     let y = model.forward(&x, &sigma, Some(&class), Some(&cond), &mut Mode::train(5))?;
     let r = Tensor::randn(0f32, 1.0, y.shape(), &dev)?;
     assert_every_gradient(&p, &(y * r)?.sum_all()?.backward()?);
+    Ok(())
+}
+
+/// Gradient checkpointing (one tape segment per layer, recomputed in the backward) gives every
+/// parameter the plain backward's gradient, dropout on: within 1e-5 of its largest value.
+#[test]
+fn checkpointing_keeps_every_gradient() -> Result<()> {
+    let dev = Device::Cpu;
+    let mut p = Params::new(4, &dev);
+    let model = LocalMamba::new(&tiny(), &mut p)?;
+    perturb(&p);
+    let (x, sigma, class, cond) = inputs(&dev)?;
+    let r = Tensor::randn(0f32, 1.0, x.shape(), &dev)?;
+    let run = |checkpoint| {
+        let mut tape = Tape::new(Some(9), checkpoint);
+        let out = model.record(&mut tape, &x, (&sigma, Some(&class), Some(&cond)))?;
+        tape.backward(out, |y| (y * &r)?.sum_all())
+    };
+    assert_checkpointing_keeps_gradients(&p, run, 1e-5);
     Ok(())
 }

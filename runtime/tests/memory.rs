@@ -7,6 +7,9 @@
 //!   candle-core (vendor/README.md) stores the first gradient reaching a tensor instead of
 //!   adding it into a fresh zero tensor.
 //!
+//! - Gradient checkpointing's forward keeps only the segments' outputs: a recorded hourglass
+//!   holds a fraction of what the plain forward's graph holds.
+//!
 //! The tests take one lock, so nothing else in this binary allocates while one measures.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -15,7 +18,11 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use signal_diffusion_runtime::models::classifier::{Classifier, Transformer, TransformerShape};
+use signal_diffusion_runtime::models::hourglass::{
+    Hourglass, HourglassShape, LevelShape, SelfAttention,
+};
 use signal_diffusion_runtime::models::nn::{Activation, Mode, Params};
+use signal_diffusion_runtime::models::tape::Tape;
 use signal_diffusion_runtime::ops::precision::{matmul_add, Autocast};
 use signal_diffusion_runtime::tasks::{TaskKind, TaskSpec};
 
@@ -211,5 +218,61 @@ fn a_backward_allocates_only_the_gradients_it_computes() -> Result<()> {
     let expected = ((x.as_tensor() * 2.0)?.exp()? * 2.0)?;
     let worst = (grad - expected)?.abs()?.max(0)?.to_scalar::<f32>()?;
     assert!(worst < 1e-6, "gradient off by {worst}");
+    Ok(())
+}
+
+/// The hourglass forward recorded with checkpointing (models/tape.rs) holds less than a quarter
+/// of what the plain forward keeps for its backward: each layer's attention scores, norms and
+/// GEGLU halves are dropped, only the layers' outputs stay.
+#[test]
+fn a_checkpointed_forward_keeps_only_the_layer_outputs() -> Result<()> {
+    let _alone = ONE_TEST_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::Cpu;
+    let level = |width, attention| LevelShape {
+        depth: 2,
+        width,
+        d_ff: 2 * width,
+        attention,
+        dropout: 0.1,
+    };
+    let shape = HourglassShape {
+        in_channels: 3,
+        out_channels: 3,
+        patch: [2, 2],
+        levels: vec![
+            level(
+                32,
+                SelfAttention::Neighborhood {
+                    d_head: 16,
+                    kernel: 5,
+                },
+            ),
+            level(64, SelfAttention::Global { d_head: 16 }),
+        ],
+        mapping_width: 32,
+        mapping_depth: 1,
+        mapping_d_ff: 64,
+        class_rows: 0,
+        mapping_cond_dim: 0,
+        mapping_dropout: 0.0,
+    };
+    let mut p = Params::new(0, &dev);
+    let model = Hourglass::new(&shape, &mut p)?;
+    let x = Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &dev)?;
+    let sigma = Tensor::new(&[0.2f32, 0.4, 0.6, 0.8], &dev)?;
+    let held = |checkpoint| -> Result<isize> {
+        let (bytes, _tape) = least_of_three(&ALLOCATED, || {
+            let mut tape = Tape::new(Some(1), checkpoint);
+            model.record(&mut tape, &x, (&sigma, None, None))?;
+            Ok(tape)
+        })?;
+        Ok(bytes)
+    };
+    let (plain, checkpointed) = (held(false)?, held(true)?);
+    eprintln!("held by the hourglass forward: plain {plain}, checkpointed {checkpointed}");
+    assert!(
+        checkpointed * 4 < plain,
+        "checkpointed {checkpointed} bytes, plain {plain}"
+    );
     Ok(())
 }

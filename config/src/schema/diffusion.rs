@@ -77,9 +77,21 @@ literal! {
         pub dims: Vec<usize> = "model.extras.dims",
         pub d_state: usize = "model.extras.d_state",
         pub scan_directions: Vec<String> = "model.extras.scan_directions",
-        pub attention: Vec<String> = "model.extras.attention",
+        /// Hourglass: each level's attention, "neighborhood" or "global".
+        pub attention: Vec<String> = "model.extras.attention (or self_attns[i].type)",
+        pub d_heads: Vec<usize> = "model.extras.self_attns[i].d_head",
+        /// Each level's neighbourhood kernel (0: global attention).
+        pub kernel_sizes: Vec<usize> = "model.extras.self_attns[i].kernel_size",
+        pub d_ffs: Vec<usize> = "model.extras.d_ffs",
+        pub dropout_rates: Vec<f64> = "model.extras.dropout_rate",
         pub mapping_width: usize = "model.extras.mapping_width",
         pub mapping_depth: usize = "model.extras.mapping_depth",
+        pub mapping_d_ff: usize = "model.extras.mapping_d_ff",
+        pub mapping_dropout_rate: f64 = "model.extras.mapping_dropout_rate",
+        /// The age features' width for `gend_hlth_age` (`age_embedding_dim`), else 0.
+        pub mapping_cond_dim: usize = "model.extras.mapping_cond_dim",
+        pub ssm_ratio: f64 = "model.extras.ssm_ratio (or expand)",
+        pub drop_path_rate: f64 = "model.extras.drop_path_rate",
         pub dropout: f64 = "model.extras.dropout",
         pub attention_bias: bool = "model.extras.attention_bias",
         pub activation_fn: FeedForward = "model.extras.activation_fn",
@@ -322,6 +334,20 @@ fn read_dataset(root: &Section, ctx: &mut Ctx) -> (DiffDataset, Option<usize>) {
     (dataset, eval_batch_size_ds)
 }
 
+impl Diffusion {
+    /// The model's input height and width: EEG channels × samples for time series, else the
+    /// resolution (the latent sample size in latent space).
+    pub fn input_hw(&self) -> [usize; 2] {
+        if self.dataset_is_timeseries {
+            [self.dataset.n_eeg_channels, self.dataset.sequence_length]
+        } else if self.model.latent_space {
+            [self.model.sample_size, self.model.sample_size]
+        } else {
+            [self.dataset.resolution, self.dataset.resolution]
+        }
+    }
+}
+
 /// `[model]` and its `[model.lora]` and `[model.extras]`; also whether it is a Stable Diffusion
 /// model.
 fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) -> (DiffModel, bool) {
@@ -434,9 +460,22 @@ fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) ->
         .string_list(ctx, "scan_directions")
         .or(x.string_list(ctx, "scans"))
         .unwrap_or_else(|| ["h", "v", "w7"].map(String::from).to_vec());
-    let attention = x.string_list(ctx, "attention").unwrap_or_default();
     let mapping_width = x.count(ctx, "mapping_width", 256, 1);
     let mapping_depth = x.count(ctx, "mapping_depth", 2, 1);
+    let skeleton = match name_m {
+        DiffusionModel::Hourglass | DiffusionModel::LocalMamba => {
+            let levels = (widths.clone(), dims.clone(), depths.clone());
+            Some(super::skeleton::read(
+                &x,
+                ctx,
+                name_m,
+                conditioning,
+                mapping_width,
+                levels,
+            ))
+        }
+        _ => None,
+    };
     // DiT's diffusers keys.
     let dropout = x.float_in(ctx, "dropout", 0.0, 0.0, 0.999);
     let attention_bias = x.bool_or(ctx, "attention_bias", true);
@@ -460,6 +499,13 @@ fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) ->
     x.finish(ctx, &[]);
     m.finish(ctx, &[]);
     let num_classes = num_classes_x.unwrap_or(num_classes_ds);
+    let (mut widths, mut dims, mut depths) = (widths, dims, depths);
+    let s = skeleton.unwrap_or_default();
+    match name_m {
+        DiffusionModel::Hourglass => (widths, depths) = (s.widths, s.depths),
+        DiffusionModel::LocalMamba => (dims, depths) = (s.widths, s.depths),
+        _ => {}
+    }
     let model = DiffModel {
         name: name_m,
         conditioning,
@@ -489,9 +535,18 @@ fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) ->
         dims,
         d_state,
         scan_directions,
-        attention,
+        attention: s.attention,
+        d_heads: s.d_heads,
+        kernel_sizes: s.kernel_sizes,
+        d_ffs: s.d_ffs,
+        dropout_rates: s.dropout_rates,
         mapping_width,
         mapping_depth,
+        mapping_d_ff: s.mapping_d_ff,
+        mapping_dropout_rate: s.mapping_dropout_rate,
+        mapping_cond_dim: s.mapping_cond_dim,
+        ssm_ratio: s.ssm_ratio,
+        drop_path_rate: s.drop_path_rate,
         dropout,
         attention_bias,
         activation_fn,

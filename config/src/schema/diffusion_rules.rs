@@ -44,7 +44,6 @@ pub(super) fn check(
         sample_size,
         latent_space,
         ref depths,
-        ref attention,
         ref widths,
         in_channels,
         name: name_m,
@@ -296,22 +295,35 @@ pub(super) fn check(
             };
             ctx.error(key, format!("{} levels in `{key}` but {} in `model.extras.depths`: give one depth per level", levels.len(), depths.len()));
         }
-        // Attention heads of 64 channels each (the reference's d_head) must tile every width.
-        let head = 64;
-        if name_m == DiffusionModel::Hourglass {
-            if let Some(w) = widths.iter().find(|w| !w.is_multiple_of(head)) {
-                ctx.error("model.extras.widths", format!("width {w} in `model.extras.widths` is not divisible by the attention head size {head}"))
-                    .help = Some("use multiples of 64, e.g. [64, 128, 256]".into());
+        if name_m == DiffusionModel::LocalMamba {
+            for scan in &d.model.scan_directions {
+                let base = scan.strip_suffix("_flip").unwrap_or(scan);
+                let window = base.strip_prefix('w').and_then(|k| k.parse::<usize>().ok());
+                if !(base == "h" || base == "v" || window.is_some_and(|k| k >= 1)) {
+                    ctx.error("model.extras.scan_directions", format!("unknown scan direction `{scan}`: expected h, v or wK (K×K windows), each optionally with `_flip`"));
+                }
+            }
+            if d.model.scan_directions.is_empty() {
+                ctx.error(
+                    "model.extras.scan_directions",
+                    "LocalMamba needs at least one scan direction",
+                );
             }
         }
-        if name_m == DiffusionModel::Hourglass
-            && !attention.is_empty()
-            && attention.len() != widths.len()
-        {
-            ctx.error(
-                "model.extras.attention",
-                "`model.extras.attention` needs one entry per level",
-            );
+        // Patched, then halved by each merge: every level's grid must be whole.
+        let [h, w] = d.input_hw();
+        let merges = depths.len().max(1) - 1;
+        let step = [patch_size[0] << merges, patch_size[1] << merges];
+        if !h.is_multiple_of(step[0]) || !w.is_multiple_of(step[1]) {
+            ctx.error("model.extras.patch_size", format!("the {h}×{w} input in patches of {patch_size:?} does not halve {merges} times: every level but the last merges 2×2 tokens"))
+                .help = Some(format!("the input's sides must be multiples of {} × {}", step[0], step[1]));
+        }
+        for (i, &k) in d.model.kernel_sizes.iter().enumerate() {
+            let (gh, gw) = ((h / patch_size[0]) >> i, (w / patch_size[1]) >> i);
+            if k > 0 && (gh < k || gw < k) {
+                ctx.error("model.extras.self_attns", format!("level {i}'s {gh}×{gw} token grid is smaller than its {k}×{k} neighbourhood"))
+                    .help = Some("use a smaller kernel_size, or global attention at that level".into());
+            }
         }
     }
     if matches!(

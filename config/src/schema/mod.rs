@@ -13,6 +13,7 @@ mod classification;
 mod diffusion;
 mod diffusion_rules;
 mod extras;
+mod skeleton;
 
 pub use classification::*;
 pub use diffusion::*;

@@ -9,8 +9,9 @@ use rand_chacha::ChaCha8Rng;
 
 use signal_diffusion_config::choice::Objective;
 
-use super::path::{loss_weight, normals, per_sample, target, Path as NoisePath};
-use crate::models::dit::{Condition, Dit};
+use super::denoiser::Denoiser;
+use super::path::{loss_weight, normals, per_sample, target, Level, Path as NoisePath};
+use crate::models::dit::Condition;
 use crate::ops::loss::weighted_mse;
 use crate::ops::precision::Autocast;
 
@@ -18,7 +19,7 @@ use crate::ops::precision::Autocast;
 /// objective's target and the per-sample loss weights.
 struct Noised {
     xt: Tensor,
-    t: Vec<f32>,
+    levels: Vec<Level>,
     target: Tensor,
     weights: Tensor,
 }
@@ -43,9 +44,9 @@ impl Noised {
             .collect();
         Ok(Noised {
             xt: (x.broadcast_mul(&a)? + eps.broadcast_mul(&s)?)?,
-            t: levels.iter().map(|l| l.t).collect(),
             target: target(objective, x, &eps)?,
             weights: Tensor::from_vec(w, b, x.device())?,
+            levels,
         })
     }
 
@@ -64,28 +65,28 @@ pub struct StepSpec<'a> {
     pub snr_gamma: Option<f64>,
     /// Autocast's 16-bit type (`mixed_precision`); evaluation ignores it and runs in f32.
     pub amp: Option<DType>,
-    /// Gradient checkpointing (dit.rs).
+    /// Gradient checkpointing (`Denoiser::loss_and_grads`).
     pub checkpointing: bool,
 }
 
 /// The weighted diffusion loss of a clean batch `x` (noise levels and noise from `rng`), in f32.
 pub fn diffusion_loss(
-    model: &Dit,
+    model: &Denoiser,
     x: &Tensor,
     cond: &Condition,
     spec: &StepSpec,
     rng: &mut ChaCha8Rng,
 ) -> Result<Tensor> {
     let n = Noised::draw(x, spec.path, spec.objective, spec.snr_gamma, rng)?;
-    n.loss(&model.forward(&n.xt, &n.t, cond)?, 1.0)
+    n.loss(&model.forward(&n.xt, &n.levels, cond)?, 1.0)
 }
 
 /// The diffusion loss of `x` and the gradients of that loss times `share` (a micro-batch's part
 /// of the update) times `loss_scale` (fp16's), under the spec's autocast and checkpointing (the
-/// same numbers up to summation order; dit.rs). Returns the loss times `share`, without the fp16
+/// same numbers up to summation order; `Denoiser::loss_and_grads`). Returns the loss times `share`, without the fp16
 /// scale.
 pub fn diffusion_grads(
-    model: &Dit,
+    model: &Denoiser,
     x: &Tensor,
     cond: &Condition,
     spec: &StepSpec,
@@ -96,13 +97,10 @@ pub fn diffusion_grads(
     let n = Noised::draw(x, spec.path, spec.objective, spec.snr_gamma, rng)?;
     let scale = share * loss_scale;
     // Drawn only when the model drops out, so runs without dropout keep their noise draws.
-    let seed = (model.shape().dropout > 0.0).then(|| rng.random::<u64>());
-    let (loss, grads) = if spec.checkpointing {
-        model.checkpointed_backward(&n.xt, &n.t, cond, seed, |out| n.loss(out, scale))?
-    } else {
-        let loss = n.loss(&model.forward_with_dropout(&n.xt, &n.t, cond, seed)?, scale)?;
-        let grads = loss.backward()?;
-        (loss, grads)
-    };
+    let seed = model.shape().is_stochastic().then(|| rng.random::<u64>());
+    let (loss, grads) =
+        model.loss_and_grads(&n.xt, &n.levels, cond, (seed, spec.checkpointing), |out| {
+            n.loss(out, scale)
+        })?;
     Ok((loss.to_scalar::<f32>()? as f64 / loss_scale, grads))
 }

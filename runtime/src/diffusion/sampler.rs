@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use signal_diffusion_config::choice::{self, NoiseScheduler, Objective, OutputType};
 
+use super::denoiser::{Denoiser, DenoiserShape};
 use super::path::{normals, Level, Path as NoisePath};
-use crate::models::dit::{Condition, Conditioning, Dit, DitShape};
+use crate::models::dit::{Condition, Conditioning};
 
 /// The (clean estimate, noise estimate) implied by a model output at level `l`.
 pub fn split_prediction(
@@ -107,7 +108,7 @@ impl Sampler {
     /// against the null condition when the model is conditional). `rng` feeds DDPM's noise.
     pub fn sample(
         &self,
-        model: &Dit,
+        model: &Denoiser,
         x: Tensor,
         cond: &Condition,
         conditioning: Conditioning,
@@ -119,12 +120,11 @@ impl Sampler {
         let guided = conditioning.is_conditional();
         // One guided model evaluation at level l.
         let eval = |x: &Tensor, l: &Level| -> Result<Tensor> {
-            let t = vec![l.t; n];
+            let t = vec![*l; n];
             match (guided, self.guidance) {
                 (true, Guidance::Cfg(w)) if w != 1.0 => {
                     let both = Tensor::cat(&[x, x], 0)?;
-                    let mut tt = t.clone();
-                    tt.extend_from_slice(&t);
+                    let tt = vec![*l; 2 * n];
                     let cc = Condition {
                         labels: [null.labels.clone(), cond.labels.clone()].concat(),
                         ages: [null.ages.clone(), cond.ages.clone()].concat(),
@@ -225,8 +225,14 @@ impl Sampler {
         Ok(x)
     }
 
-    fn velocity(&self, model: &Dit, x: &Tensor, l: &Level, cond: &Condition) -> Result<Tensor> {
-        let out = model.forward(x, &vec![l.t; cond.len()], cond)?;
+    fn velocity(
+        &self,
+        model: &Denoiser,
+        x: &Tensor,
+        l: &Level,
+        cond: &Condition,
+    ) -> Result<Tensor> {
+        let out = model.forward(x, &vec![*l; cond.len()], cond)?;
         self.to_velocity(&out, x, l)
     }
 
@@ -318,7 +324,7 @@ impl DpmSolver2M {
 /// read by `sigdiff sample`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SampleSpec {
-    pub shape: DitShape,
+    pub shape: DenoiserShape,
     pub objective: Objective,
     /// The noise path (and η for DDIM sampling: 1 on `ddpm`).
     pub scheduler: NoiseScheduler,
@@ -385,7 +391,7 @@ impl SampleSpec {
             ),
         };
         if self.guidance == choice::Guidance::RectifiedCfgPp
-            && self.shape.conditioning.is_conditional()
+            && self.shape.conditioning().is_conditional()
             && sampler != choice::Sampler::Euler
         {
             anyhow::bail!(

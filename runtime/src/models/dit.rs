@@ -178,8 +178,9 @@ pub fn sincos_positions(dim: usize, gh: usize, gw: usize) -> Vec<f32> {
 }
 
 /// Fourier features of age/100: [cos(2π·a·w_k), sin(2π·a·w_k)] with a fixed N(0, 1) w (128
-/// frequencies); zeros for a null (NaN) age.
-fn age_features(ages: &[f32], freqs: &Tensor) -> Result<Tensor> {
+/// frequencies for a DiT, half the mapping condition's width for the hourglass-shaped models);
+/// zeros for a null (NaN) age.
+pub(crate) fn age_features(ages: &[f32], freqs: &Tensor) -> Result<Tensor> {
     let w = freqs.flatten_all()?.to_vec1::<f32>()?;
     let mut out = Vec::with_capacity(ages.len() * 2 * w.len());
     for &a in ages {

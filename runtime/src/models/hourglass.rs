@@ -18,10 +18,13 @@
 //! `patch_out` start at zero, so an untrained model outputs zeros. σ is the flow's noise level in
 //! (0, 1]; the 1e-9 is the reference's guard for σ = 0 (k-diffusion's EDM σ never is).
 
+use std::rc::Rc;
+
 use candle_core::{DType, Device, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::models::nn::{dropout, Linear, Mode, Params};
+use crate::models::tape::{Node, Tape};
 
 /// A level's self-attention.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -47,6 +50,8 @@ pub struct LevelShape {
     pub width: usize,
     pub d_ff: usize,
     pub attention: SelfAttention,
+    /// Dropout inside the level's attention and feed-forward blocks (`dropout_rate`).
+    pub dropout: f64,
 }
 
 /// The model's shape, as the config's `[model]` and `[model.extras]` give it.
@@ -65,7 +70,8 @@ pub struct HourglassShape {
     pub class_rows: usize,
     /// Width of the extra mapping input (`gend_hlth_age`'s age features, captions); 0: none.
     pub mapping_cond_dim: usize,
-    pub dropout: f64,
+    /// The mapping network's dropout (`mapping_dropout_rate`).
+    pub mapping_dropout: f64,
 }
 
 const EPS: f64 = 1e-6;
@@ -536,19 +542,31 @@ impl<L> Levels<L> {
         })
     }
 
-    /// x (B, H, W, C₀) through the hourglass; `run(layers, x, level)` runs a stack.
-    pub(crate) fn forward(
-        &self,
-        mut x: Tensor,
-        mut run: impl FnMut(&[L], Tensor, usize) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+    /// x (B, H, W, C₀) through the hourglass, one tape segment per layer, merge and split;
+    /// `layer` runs one layer of a level with the mapping's `cond`.
+    fn forward<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        mut x: Node,
+        cond: Node,
+        layer: &Rc<LayerFn<'a, L>>,
+    ) -> Result<Node> {
+        let run = |tape: &mut Tape<'a>, stack: &'a [L], mut x: Node, level: usize| {
+            for l in stack {
+                let layer = layer.clone();
+                x = tape.apply(&[x, cond], move |v, mode| {
+                    layer(l, &v[0], level, &v[1], mode)
+                })?;
+            }
+            Ok::<_, candle_core::Error>(x)
+        };
         let mut skips = vec![];
         for (i, (stack, merge)) in self.down.iter().zip(&self.merges).enumerate() {
-            x = run(stack, x, i)?;
-            skips.push(x.clone());
-            x = merge.forward(&x)?;
+            x = run(tape, stack, x, i)?;
+            skips.push(x);
+            x = tape.apply(&[x], move |v, _| merge.forward(&v[0]))?;
         }
-        x = run(&self.mid, x, self.down.len())?;
+        x = run(tape, &self.mid, x, self.down.len())?;
         for (i, ((stack, (proj, fac)), skip)) in self
             .up
             .iter()
@@ -558,13 +576,19 @@ impl<L> Levels<L> {
             .rev()
         {
             // lerp(skip, x, fac) = skip + fac·(x − skip).
-            let up = token_split(proj, &x, [2, 2])?;
-            x = (&skip + (up - &skip)?.broadcast_mul(fac)?)?;
-            x = run(stack, x, i)?;
+            x = tape.apply(&[x, skip], move |v, _| {
+                let up = token_split(proj, &v[0], [2, 2])?;
+                &v[1] + (up - &v[1])?.broadcast_mul(fac)?
+            })?;
+            x = run(tape, stack, x, i)?;
         }
         Ok(x)
     }
 }
+
+/// One layer of a level: (layer, x, level, cond, mode) → x.
+pub(crate) type LayerFn<'a, L> =
+    dyn Fn(&L, &Tensor, usize, &Tensor, &mut Mode) -> Result<Tensor> + 'a;
 
 /// Both models' frame around their levels: `patch_in` (TokenMerge of the input patch), the
 /// mapping network, the [`Levels`], `out_norm` (RMSNorm) and `patch_out` (a zero-initialised
@@ -604,23 +628,32 @@ impl<L> Skeleton<L> {
         })
     }
 
-    /// x (B, in, H, W) → (B, out, H, W): patched to (B, H/p_h, W/p_w, C₀) channels-last, through
-    /// the levels (`run(layers, x, level, cond)` runs a stack with the mapping's `cond`), then
-    /// normalised and unpatched.
-    pub(crate) fn forward(
-        &self,
+    /// x (B, in, H, W) → (B, out, H, W) recorded on `tape`: patched to (B, H/p_h, W/p_w, C₀)
+    /// channels-last, through the levels (`layer` runs one layer with the mapping's `cond`),
+    /// then normalised and unpatched.
+    pub(crate) fn record<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
         x: &Tensor,
         (sigma, class, mapping_cond): (&Tensor, Option<&Tensor>, Option<&Tensor>),
-        mode: &mut Mode,
-        mut run: impl FnMut(&[L], Tensor, usize, &Tensor, &mut Mode) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        let cond = self.mapping.forward(sigma, class, mapping_cond, mode)?;
-        let x = self.patch_in.forward(&x.permute((0, 2, 3, 1))?)?;
-        let x = self
-            .levels
-            .forward(x, |layers, x, level| run(layers, x, level, &cond, mode))?;
-        let x = rms_norm(&x, &self.out_norm)?;
-        token_split(&self.patch_out, &x, self.patch)?.permute((0, 3, 1, 2))
+        layer: Rc<LayerFn<'a, L>>,
+    ) -> Result<Node> {
+        let mut inputs = vec![tape.input(sigma)];
+        inputs.extend(class.map(|c| tape.input(c)));
+        inputs.extend(mapping_cond.map(|c| tape.input(c)));
+        let (has_class, has_cond) = (class.is_some(), mapping_cond.is_some());
+        let cond = tape.apply(&inputs, move |v, mode| {
+            let class = has_class.then(|| &v[1]);
+            let mapping_cond = has_cond.then(|| &v[v.len() - 1]);
+            self.mapping.forward(&v[0], class, mapping_cond, mode)
+        })?;
+        let x = tape.input(&x.permute((0, 2, 3, 1))?);
+        let x = tape.apply(&[x], |v, _| self.patch_in.forward(&v[0]))?;
+        let x = self.levels.forward(tape, x, cond, &layer)?;
+        tape.apply(&[x], |v, _| {
+            let x = rms_norm(&v[0], &self.out_norm)?;
+            token_split(&self.patch_out, &x, self.patch)?.permute((0, 3, 1, 2))
+        })
     }
 }
 
@@ -668,7 +701,7 @@ impl Hourglass {
             d_ff: shape.mapping_d_ff,
             class_rows: shape.class_rows,
             cond_dim: shape.mapping_cond_dim,
-            dropout: shape.dropout,
+            dropout: shape.mapping_dropout,
             sigma_eps: 1e-9,
         };
         let widths: Vec<usize> = shape.levels.iter().map(|l| l.width).collect();
@@ -695,7 +728,7 @@ impl Hourglass {
 
     /// The prediction (B, out, H, W) for x (B, in, H, W) at noise levels `sigma` (B,), with
     /// class rows `class` (B,) and extra mapping inputs `mapping_cond` (B, cond_dim) when the
-    /// shape has them.
+    /// shape has them; dropout when `mode` trains.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -704,7 +737,19 @@ impl Hourglass {
         mapping_cond: Option<&Tensor>,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let drop = self.shape.dropout;
+        Tape::forward(mode, |tape| {
+            self.record(tape, x, (sigma, class, mapping_cond))
+        })
+    }
+
+    /// The forward on `tape` (models/tape.rs: one segment per layer, which is what gradient
+    /// checkpointing recomputes).
+    pub fn record<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        x: &Tensor,
+        conditions: (&Tensor, Option<&Tensor>, Option<&Tensor>),
+    ) -> Result<Node> {
         let [ph, pw] = self.shape.patch;
         // Each level's positions: the patched grid's, mean-pooled 2×2 per merge.
         let mut positions = vec![axial_pos(x.dim(2)? / ph, x.dim(3)? / pw, x.device())?];
@@ -712,20 +757,15 @@ impl Hourglass {
             let last = positions.last().expect("the first level's");
             positions.push(downscale_pos(last)?);
         }
-        self.skeleton.forward(
-            x,
-            (sigma, class, mapping_cond),
-            mode,
-            |layers, mut x, level, cond, mode| {
-                for l in layers {
-                    x = l
-                        .self_attn
-                        .forward(&x, &positions[level], cond, drop, mode)?;
-                    x = l.ff.forward(&x, cond, drop, mode)?;
-                }
-                Ok(x)
-            },
-        )
+        let levels = &self.shape.levels;
+        let layer = move |l: &Layer, x: &Tensor, level: usize, cond: &Tensor, mode: &mut Mode| {
+            let drop = levels[level].dropout;
+            let x = l
+                .self_attn
+                .forward(x, &positions[level], cond, drop, mode)?;
+            l.ff.forward(&x, cond, drop, mode)
+        };
+        self.skeleton.record(tape, x, conditions, Rc::new(layer))
     }
 }
 

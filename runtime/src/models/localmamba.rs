@@ -23,11 +23,14 @@
 //! `op.out_proj`, `op.multi_scan.attn.*`) under the skeleton's level names; the counts equal the
 //! reference's for every preset (runtime/tests/localmamba.rs).
 
+use std::rc::Rc;
+
 use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::models::hourglass::{AdaRmsNorm, MappingShape, Skeleton};
 use crate::models::nn::{dropout, LayerNorm, Linear, Mode, Params};
+use crate::models::tape::{Node, Tape};
 
 /// One scan direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -398,7 +401,8 @@ impl LocalMamba {
     }
 
     /// The prediction (B, out, H, W) for x (B, in, H, W) at noise levels `sigma` (B,), with
-    /// class rows and extra mapping inputs when the shape has them.
+    /// class rows and extra mapping inputs when the shape has them; dropout and drop-path when
+    /// `mode` trains.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -407,28 +411,33 @@ impl LocalMamba {
         mapping_cond: Option<&Tensor>,
         mode: &mut Mode,
     ) -> Result<Tensor> {
+        Tape::forward(mode, |tape| {
+            self.record(tape, x, (sigma, class, mapping_cond))
+        })
+    }
+
+    /// The forward on `tape` (models/tape.rs: one segment per block, which is what gradient
+    /// checkpointing recomputes).
+    pub fn record<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        x: &Tensor,
+        conditions: (&Tensor, Option<&Tensor>, Option<&Tensor>),
+    ) -> Result<Node> {
         let drop_path = self.shape.drop_path;
-        let y = self.skeleton.forward(
-            x,
-            (sigma, class, mapping_cond),
-            mode,
-            |blocks, mut x, _, cond, mode| {
-                for block in blocks {
-                    let branch = block.op.forward(&block.norm.forward(&x, cond)?)?;
-                    // DropPath: one inverted-dropout draw per sample.
-                    let ones = Tensor::ones((x.dim(0)?, 1, 1, 1), x.dtype(), x.device())?;
-                    x = (&x + branch.broadcast_mul(&dropout(&ones, drop_path, mode)?)?)?;
-                }
-                Ok(x)
-            },
-        )?;
-        let smoothed = crate::ops::conv::conv(
-            &y.contiguous()?,
-            &self.smoother_weight,
-            Some(&self.smoother_bias),
-            1,
-        )?;
-        &y + smoothed
+        let block = move |block: &Block, x: &Tensor, _: usize, cond: &Tensor, mode: &mut Mode| {
+            let branch = block.op.forward(&block.norm.forward(x, cond)?)?;
+            // DropPath: one inverted-dropout draw per sample.
+            let ones = Tensor::ones((x.dim(0)?, 1, 1, 1), x.dtype(), x.device())?;
+            x + branch.broadcast_mul(&dropout(&ones, drop_path, mode)?)?
+        };
+        let y = self.skeleton.record(tape, x, conditions, Rc::new(block))?;
+        tape.apply(&[y], |v, _| {
+            let y = v[0].contiguous()?;
+            let smoothed =
+                crate::ops::conv::conv(&y, &self.smoother_weight, Some(&self.smoother_bias), 1)?;
+            &y + smoothed
+        })
     }
 }
 

@@ -11,3 +11,4 @@ pub mod dit;
 pub mod hourglass;
 pub mod localmamba;
 pub mod nn;
+pub mod tape;

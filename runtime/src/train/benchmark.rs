@@ -14,10 +14,11 @@ use super::classification::{self, train_step};
 use super::diffusion::update;
 use super::optim::Optimizer;
 use super::Compiled;
+use crate::diffusion::denoiser::{Denoiser, DenoiserShape};
 use crate::diffusion::loss::{diffusion_grads, StepSpec};
 use crate::diffusion::path::{normals, Path as NoisePath};
 use crate::models::classifier::{Backbone, Classifier};
-use crate::models::dit::{Condition, Dit, DitShape};
+use crate::models::dit::Condition;
 use crate::models::nn::{Mode, Params};
 use crate::ops::precision::{self, LossScaler};
 use crate::tasks::TaskKind;
@@ -115,7 +116,7 @@ pub(super) fn benchmark_classifier<B: Backbone>(
 /// random batch already on the device; benches/dit_step.py times the same step in diffusers.
 pub(super) fn benchmark_diffusion(
     compiled: &Compiled,
-    shape: &DitShape,
+    shape: &DenoiserShape,
     cfg: &Diffusion,
     device: &Device,
     steps: usize,
@@ -123,13 +124,13 @@ pub(super) fn benchmark_diffusion(
     let t = &cfg.training;
     let bs = compiled.batch_size;
     let mut params = Params::new(t.seed, device);
-    let model = Dit::new(shape, &mut params, device)?;
-    let mut opt = Optimizer::new(&cfg.optimizer, params.trainable.clone())?;
+    let model = Denoiser::new(shape, &mut params, device)?;
+    let mut opt = super::diffusion::optimizer(cfg, shape, &params)?;
     let mut rng = ChaCha8Rng::seed_from_u64(t.seed);
     let mut dims = vec![bs];
     dims.extend(compiled.input_shape);
     let x = Tensor::from_vec(normals(&mut rng, dims.iter().product()), dims, device)?;
-    let cond = Condition::null(shape.conditioning, bs);
+    let cond = Condition::null(shape.conditioning(), bs);
     let path = NoisePath::for_scheduler(cfg.objective.scheduler, cfg.objective.num_timesteps);
     let objective = cfg.objective.prediction_type;
     let amp = precision::dtype_of(t.mixed_precision);

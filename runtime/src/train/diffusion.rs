@@ -29,24 +29,25 @@ use signal_diffusion_config::{schema::Diffusion, Kind};
 use super::benchmark::benchmark_diffusion;
 use super::checkpoint::{self, State};
 use super::evaluate::{reference_features, Evaluator};
-use super::export::{load_pretrained, save_diffusers};
+use super::export::{load_pretrained, save_weights};
 use super::optim::{lr_factor, Optimizer};
 use super::{list_dirs, Compiled, RunOptions};
 use crate::data::image::Augment;
 use crate::data::io::fnv;
 use crate::data::loader::{read_split, Loader, Samples, Split};
+use crate::diffusion::denoiser::{Denoiser, DenoiserShape};
 use crate::diffusion::ema::Ema;
 use crate::diffusion::loss::{diffusion_grads, StepSpec};
 use crate::diffusion::path::{normals, Path as NoisePath};
 use crate::diffusion::sampler::{conditions, SampleSpec};
-use crate::models::dit::{Condition, Conditioning, Dit, DitShape};
+use crate::models::dit::{Condition, Conditioning};
 use crate::models::nn::Params;
 use crate::ops::precision::{self, LossScaler};
 use crate::track::{Logger, Tracking};
 use signal_diffusion_config::choice::{DatasetType, EvalStrategy, Objective, OutputType};
 
 /// Entry point of a generated diffusion trainer.
-pub fn main(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> ExitCode {
+pub fn main(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> ExitCode {
     match run(compiled, shape, options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -92,7 +93,7 @@ pub(super) fn update(
 /// Everything the loop, evaluation and checkpoints share.
 pub(super) struct Ctx<'a> {
     pub(super) cfg: &'a Diffusion,
-    pub(super) shape: &'a DitShape,
+    pub(super) shape: &'a DenoiserShape,
     pub(super) device: &'a Device,
     pub(super) input: Vec<usize>,
     pub(super) path: NoisePath,
@@ -118,7 +119,7 @@ impl Ctx<'_> {
     }
 }
 
-fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()> {
+fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Result<()> {
     let config = compiled.resolve(&options.sets)?;
     if super::answered(compiled, &config, &options) {
         return Ok(());
@@ -219,7 +220,7 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
 
     let objective = cfg.objective.prediction_type;
     let spec = SampleSpec {
-        shape: *shape,
+        shape: shape.clone(),
         objective: cfg.objective.prediction_type,
         scheduler: cfg.objective.scheduler,
         timesteps: cfg.objective.num_timesteps,
@@ -250,9 +251,9 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
 
     // Model, optimizer, EMA.
     let mut params = Params::new(t.seed, &device);
-    let model = Dit::new(shape, &mut params, &device)?;
+    let model = Denoiser::new(shape, &mut params, &device)?;
     if let Some(dir) = &cfg.model.pretrained {
-        load_pretrained(Path::new(dir), &params.trainable, &device)?;
+        load_pretrained(Path::new(dir), shape, &params, &device)?;
     }
     let all_vars: Vec<(String, Var)> = params
         .trainable
@@ -260,7 +261,7 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         .chain(&params.buffers)
         .cloned()
         .collect();
-    let mut opt = Optimizer::new(&cfg.optimizer, params.trainable.clone())?;
+    let mut opt = optimizer(cfg, shape, &params)?;
     println!("{}", opt.describe());
     let mut ema = (t.ema_decay > 0.0)
         .then(|| {
@@ -383,7 +384,7 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
     let mut last_eval = state.step;
     let mut acc = GradStore::default();
     let mut loss_sum = 0f64;
-    let cond_kind = shape.conditioning;
+    let cond_kind = shape.conditioning();
     let spec = StepSpec {
         path: &ctx.path,
         objective,
@@ -537,7 +538,7 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         false,
     )?;
     let final_dir = run_dir.join("final");
-    save_diffusers(&final_dir, &ctx, &all_vars, &tensors(&all_vars))?;
+    save_weights(&final_dir, &ctx, &all_vars, &tensors(&all_vars))?;
     if let Some(e) = &ema {
         // The EMA of the trainable tensors, then the buffers as they are.
         let values: Vec<Tensor> = e
@@ -546,7 +547,7 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
             .cloned()
             .chain(tensors(&params.buffers))
             .collect();
-        save_diffusers(&final_dir.join("ema"), &ctx, &all_vars, &values)?;
+        save_weights(&final_dir.join("ema"), &ctx, &all_vars, &values)?;
     }
     // The lowest KID of the run (the first kept evaluation), in W&B's summary.
     let best: Vec<(&str, f64)> = state
@@ -566,13 +567,30 @@ fn run(compiled: &Compiled, shape: &DitShape, options: RunOptions) -> Result<()>
         serde_json::to_string_pretty(&summary)?,
     )?;
     println!(
-        "done: {} updates in {:.1} s; weights in {} (diffusers layout), checkpoints in {}",
+        "done: {} updates in {:.1} s; weights in {}, checkpoints in {}",
         state.step,
         started.elapsed().as_secs_f64(),
         final_dir.display(),
         ckpt_dir.display()
     );
     Ok(())
+}
+
+/// The optimizer of `cfg` over the model's trainable tensors; the hourglass-shaped models get
+/// the reference's parameter groups (hourglass.rs `param_group`), rebuilt from the names on a
+/// resume.
+pub(super) fn optimizer(
+    cfg: &Diffusion,
+    shape: &DenoiserShape,
+    params: &Params,
+) -> Result<Optimizer> {
+    let opt = Optimizer::new(&cfg.optimizer, params.trainable.clone())?;
+    Ok(match shape {
+        DenoiserShape::Dit(_) => opt,
+        DenoiserShape::Hourglass { .. } | DenoiserShape::LocalMamba { .. } => {
+            opt.with_groups(|name| crate::models::hourglass::param_group(name).into())
+        }
+    })
 }
 
 pub(super) fn tensors(vars: &[(String, Var)]) -> Vec<Tensor> {

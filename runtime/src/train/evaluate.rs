@@ -14,12 +14,12 @@ use super::checkpoint::{self, State};
 use super::diffusion::{ema_tensors, tensors, Ctx};
 use crate::data::image::grid;
 use crate::data::loader::{Loader, Split};
+use crate::diffusion::denoiser::Denoiser;
 use crate::diffusion::ema::Ema;
 use crate::diffusion::fidelity::{signal_features, spectrogram_features, strips, Reference};
 use crate::diffusion::loss::{diffusion_loss, StepSpec};
 use crate::diffusion::path::normals;
 use crate::diffusion::sampler::conditions;
-use crate::models::dit::Dit;
 use crate::track::Logger;
 
 /// Features of the rows `rows` of `split` (of each image's dB channel at the model's resolution,
@@ -61,7 +61,7 @@ fn sample_features(ctx: &Ctx, sample: &[f32]) -> Vec<f32> {
 
 pub(super) struct Evaluator<'a> {
     pub(super) ctx: &'a Ctx<'a>,
-    pub(super) model: &'a Dit,
+    pub(super) model: &'a Denoiser,
     pub(super) trainable: &'a [(String, Var)],
     pub(super) all_vars: &'a [(String, Var)],
     pub(super) val: Option<&'a Arc<Split>>,
@@ -133,7 +133,7 @@ impl Evaluator<'_> {
                 let batch = batch?;
                 let idx: Vec<usize> = (start..start + batch.size).collect();
                 start += batch.size;
-                let cond = conditions(ctx.shape.conditioning, &val.targets, &idx);
+                let cond = conditions(ctx.shape.conditioning(), &val.targets, &idx);
                 let mut rng = ChaCha8Rng::seed_from_u64(t.seed ^ 0x7a1d_0000 ^ b as u64);
                 let x = ctx.tensor(&batch.inputs, batch.size)?;
                 let loss = diffusion_loss(self.model, &x, &cond, &spec, &mut rng)?;
@@ -204,7 +204,7 @@ impl Evaluator<'_> {
         while done < n {
             let b = t.eval_batch_size.min(n - done);
             let idx: Vec<usize> = (done..done + b).map(|i| i % src.len()).collect();
-            let cond = conditions(ctx.shape.conditioning, &src.targets, &idx);
+            let cond = conditions(ctx.shape.conditioning(), &src.targets, &idx);
             let mut dims = vec![b];
             dims.extend(&ctx.input);
             let noise =
@@ -213,7 +213,7 @@ impl Evaluator<'_> {
                 self.model,
                 noise,
                 &cond,
-                ctx.shape.conditioning,
+                ctx.shape.conditioning(),
                 &mut rng,
                 |_, _| {},
             )?;

@@ -1,6 +1,6 @@
-//! Weights in and out of diffusers' layout: a DiT initialised from a `save_pretrained`
-//! directory, and the trained weights written as one (`DiTTransformer2DModel.from_pretrained`
-//! reads them).
+//! Weights in and out: a model initialised from saved weights (a diffusers DiT, a reference
+//! hourglass or LocalMamba state dict), and the trained weights written where their users read
+//! them (diffusers' layout for a DiT, the reference's state-dict names for the others).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,30 +11,61 @@ use signal_diffusion_config::choice::Choice;
 
 use super::checkpoint;
 use super::diffusion::Ctx;
+use crate::diffusion::denoiser::DenoiserShape;
+use crate::models::nn::Params;
 
-/// Weights saved by diffusers (`save_pretrained` dir or a safetensors file), by name.
-pub(super) fn load_pretrained(path: &Path, vars: &[(String, Var)], device: &Device) -> Result<()> {
+/// Initial weights by name: a diffusers DiT (`save_pretrained` directory or file), or a
+/// reference hourglass / LocalMamba `state_dict` converted to safetensors (docs/config.md has
+/// the one-liner), or our own final weights. Every trainable tensor must be there; a buffer
+/// the file lacks (the age features, which the reference never saved) keeps its seeded value.
+pub(super) fn load_pretrained(
+    path: &Path,
+    shape: &DenoiserShape,
+    params: &Params,
+    device: &Device,
+) -> Result<()> {
     let file = if path.is_dir() {
-        ["diffusion_pytorch_model.safetensors", "model.safetensors"]
+        [shape.weights_file(), "model.safetensors"]
             .iter()
             .map(|f| path.join(f))
             .find(|p| p.exists())
-            .with_context(|| format!("{}: no diffusion_pytorch_model.safetensors or model.safetensors (set `model.pretrained` to a diffusers DiT directory)", path.display()))?
+            .with_context(|| {
+                format!(
+                    "{}: no {} or model.safetensors (set `model.pretrained` to the weights of a {})",
+                    path.display(),
+                    shape.weights_file(),
+                    shape.family()
+                )
+            })?
     } else {
         path.to_path_buf()
     };
     let saved = candle_core::safetensors::load(&file, device)
         .with_context(|| format!("cannot read {}", file.display()))?;
-    checkpoint::restore(vars, &saved)
-        .with_context(|| format!("{}: not weights of this DiT", file.display()))?;
+    let what = || format!("{}: not weights of this {}", file.display(), shape.family());
+    checkpoint::restore(&params.trainable, &saved).with_context(what)?;
+    let (present, kept): (Vec<_>, Vec<_>) = params
+        .buffers
+        .iter()
+        .cloned()
+        .partition(|(name, _)| saved.contains_key(name));
+    checkpoint::restore(&present, &saved).with_context(what)?;
     println!("initialised from {}", file.display());
+    for (name, _) in kept {
+        println!("  `{name}` is not in it: kept as drawn from the seed");
+    }
     Ok(())
 }
 
-/// Weights in diffusers' `save_pretrained` layout (`diffusion_pytorch_model.safetensors` and a
-/// `config.json` that `DiTTransformer2DModel.from_pretrained` reads), plus `sampling.json`.
-/// `values` are the tensors to write under the names of `vars` (all of them, buffers included).
-pub(super) fn save_diffusers(
+/// The final weights: for a DiT diffusers' `save_pretrained` layout
+/// (`diffusion_pytorch_model.safetensors` and the `config.json` that
+/// `DiTTransformer2DModel.from_pretrained` reads); for the hourglass and LocalMamba the
+/// reference's state-dict names in `hourglass_model.safetensors` / `localmamba_model.safetensors`
+/// (`model.load_state_dict(safetensors.torch.load_file(..), strict=False)` loads them; the one
+/// extra tensor is our saved `age_emb.weight`) and a `config.json` of the shape. Plus
+/// `sampling.json`. `values` are the tensors to write under the names of `vars` (all of them,
+/// buffers included).
+pub(super) fn save_weights(
     dir: &Path,
     ctx: &Ctx,
     vars: &[(String, Var)],
@@ -50,27 +81,36 @@ pub(super) fn save_diffusers(
         .map(|(n, _)| n.clone())
         .zip(values.iter().cloned())
         .collect();
-    candle_core::safetensors::save(&map, tmp.join("diffusion_pytorch_model.safetensors"))?;
-    let s = ctx.shape;
-    let config = serde_json::json!({
-        "_class_name": "DiTTransformer2DModel",
-        "num_attention_heads": s.heads,
-        "attention_head_dim": s.head_dim,
-        "in_channels": s.in_channels,
-        "out_channels": s.out_channels,
-        "num_layers": s.layers,
-        "dropout": s.dropout,
-        "norm_num_groups": 32,
-        "attention_bias": s.attention_bias,
-        "sample_size": s.height,
-        "patch_size": s.patch[0],
-        "activation_fn": s.feed_forward.toml(),
-        "num_embeds_ada_norm": s.num_embeds,
-        "upcast_attention": s.upcast_attention,
-        "norm_type": "ada_norm_zero",
-        "norm_elementwise_affine": s.norm_affine,
-        "norm_eps": s.norm_eps,
-    });
+    candle_core::safetensors::save(&map, tmp.join(ctx.shape.weights_file()))?;
+    let config = match ctx.shape {
+        DenoiserShape::Dit(s) => serde_json::json!({
+            "_class_name": "DiTTransformer2DModel",
+            "num_attention_heads": s.heads,
+            "attention_head_dim": s.head_dim,
+            "in_channels": s.in_channels,
+            "out_channels": s.out_channels,
+            "num_layers": s.layers,
+            "dropout": s.dropout,
+            "norm_num_groups": 32,
+            "attention_bias": s.attention_bias,
+            "sample_size": s.height,
+            "patch_size": s.patch[0],
+            "activation_fn": s.feed_forward.toml(),
+            "num_embeds_ada_norm": s.num_embeds,
+            "upcast_attention": s.upcast_attention,
+            "norm_type": "ada_norm_zero",
+            "norm_elementwise_affine": s.norm_affine,
+            "norm_eps": s.norm_eps,
+        }),
+        DenoiserShape::Hourglass { hourglass, .. } => serde_json::json!({
+            "_class_name": "Hourglass2DModel",
+            "shape": hourglass,
+        }),
+        DenoiserShape::LocalMamba { localmamba, .. } => serde_json::json!({
+            "_class_name": "LocalMamba2DModel",
+            "shape": localmamba,
+        }),
+    };
     std::fs::write(
         tmp.join("config.json"),
         serde_json::to_string_pretty(&config)?,

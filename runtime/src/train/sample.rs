@@ -20,9 +20,10 @@ use rand_chacha::ChaCha8Rng;
 use signal_diffusion_config::choice::{self, OutputType};
 
 use crate::data::image::to_pixels;
+use crate::diffusion::denoiser::Denoiser;
 use crate::diffusion::path::normals;
 use crate::diffusion::sampler::{conditions, SampleSpec};
-use crate::models::dit::{Condition, Conditioning, Dit};
+use crate::models::dit::{Condition, Conditioning};
 use crate::models::nn::Params;
 use crate::tasks::{encode, TaskKind, TaskSpec};
 use crate::train::checkpoint::restore;
@@ -165,10 +166,17 @@ fn condition_rows(
 }
 
 /// Load the weights of `dir` (raw or EMA) into `vars`.
-fn load_weights(dir: &Path, ema: bool, vars: &[(String, Var)], device: &Device) -> Result<()> {
-    let candidates: &[&str] = match ema {
-        true => &["ema.safetensors", "ema/diffusion_pytorch_model.safetensors"],
-        false => &["model.safetensors", "diffusion_pytorch_model.safetensors"],
+fn load_weights(
+    dir: &Path,
+    ema: bool,
+    weights_file: &str,
+    vars: &[(String, Var)],
+    device: &Device,
+) -> Result<()> {
+    // A checkpoint's files, or the final export's.
+    let candidates = match ema {
+        true => ["ema.safetensors".to_string(), format!("ema/{weights_file}")],
+        false => ["model.safetensors".to_string(), weights_file.to_string()],
     };
     let file = candidates
         .iter()
@@ -179,10 +187,7 @@ fn load_weights(dir: &Path, ema: bool, vars: &[(String, Var)], device: &Device) 
                 "{}: no EMA weights (was EMA off, `ema_decay = 0`?); drop `--ema`",
                 dir.display()
             ),
-            false => format!(
-                "{}: no model.safetensors or diffusion_pytorch_model.safetensors",
-                dir.display()
-            ),
+            false => format!("{}: no model.safetensors or {weights_file}", dir.display()),
         })?;
     let saved: HashMap<String, Tensor> = candle_core::safetensors::load(&file, device)
         .with_context(|| format!("cannot read {}", file.display()))?;
@@ -239,17 +244,23 @@ pub fn run(args: &SampleOptions) -> Result<()> {
         );
     }
     let device = Device::Cpu;
-    let shape = spec.shape;
-    let c = shape.conditioning;
+    let shape = &spec.shape;
+    let c = shape.conditioning();
     let mut params = Params::new(0, &device);
-    let model = Dit::new(&shape, &mut params, &device)?;
+    let model = Denoiser::new(shape, &mut params, &device)?;
     let vars: Vec<(String, Var)> = params
         .trainable
         .iter()
         .chain(&params.buffers)
         .cloned()
         .collect();
-    load_weights(&args.checkpoint, args.ema, &vars, &device)?;
+    load_weights(
+        &args.checkpoint,
+        args.ema,
+        shape.weights_file(),
+        &vars,
+        &device,
+    )?;
     let rows = condition_rows(args, &spec, c)?;
     let conds: Vec<(u32, f32)> = rows
         .iter()
@@ -272,7 +283,7 @@ pub fn run(args: &SampleOptions) -> Result<()> {
     std::fs::create_dir_all(&images)
         .with_context(|| format!("cannot create {}", images.display()))?;
     let grey = spec.output_type == OutputType::DbOnly;
-    let (ch, h, w) = (shape.in_channels, shape.height, shape.width);
+    let (ch, h, w) = shape.input();
     let bar = indicatif::ProgressBar::new(rows.len() as u64);
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let mut csv = csv::Writer::from_writer(vec![]);

@@ -1,0 +1,241 @@
+//! The network the diffusion loop trains and samples, whichever family it is: one forward
+//! (x_t, noise levels, condition) → prediction. Each family reads the loop's inputs its own way,
+//! and this is the one place that knows how:
+//!
+//! - DiT takes the scheduler's timestep t (σ·T on the flow path) and a label per sample; its
+//!   age features live inside it (dit.rs).
+//! - The hourglass and LocalMamba take the noise level σ: the path's noise coefficient s (the
+//!   flow's σ, as the reference feeds them; on a VP path √(1 − ᾱ_t)), a class row and the
+//!   mapping condition. For `gend_hlth_age` the row is gender·2 + health (4 = null) and the
+//!   mapping condition is the age's Fourier features: cos ‖ sin of 2π·(age/100)·w over a fixed
+//!   N(0, 1) buffer w (`age_emb.weight`, saved with the weights). A null age is the zero vector in
+//!   training and sampling alike: the reference fed FF(0) = [1…1, 0…0] in training but zeros at
+//!   sampling (spec/reference/diffusion.md §3), and kept w in neither checkpoint nor config, so a
+//!   reloaded model met different age features.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::path::Level;
+use crate::models::dit::{age_features, Condition, Conditioning, Dit, DitShape};
+use crate::models::hourglass::{Hourglass, HourglassShape};
+use crate::models::localmamba::{LocalMamba, LocalMambaShape};
+use crate::models::nn::Params;
+use crate::models::tape::{Node, Tape};
+
+/// A denoiser's shape: the model's own and what the loop needs around it (`sampling.json` keeps
+/// it; a DiT's is its bare shape, as files written before the other families had it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DenoiserShape {
+    Dit(DitShape),
+    Hourglass {
+        hourglass: HourglassShape,
+        #[serde(flatten)]
+        frame: Frame,
+    },
+    LocalMamba {
+        localmamba: LocalMambaShape,
+        #[serde(flatten)]
+        frame: Frame,
+    },
+}
+
+/// The input of a hourglass-shaped model and how it is conditioned.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Frame {
+    pub conditioning: Conditioning,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl DenoiserShape {
+    pub fn conditioning(&self) -> Conditioning {
+        match self {
+            DenoiserShape::Dit(s) => s.conditioning,
+            DenoiserShape::Hourglass { frame, .. } | DenoiserShape::LocalMamba { frame, .. } => {
+                frame.conditioning
+            }
+        }
+    }
+
+    /// (channels, height, width) of one sample.
+    pub fn input(&self) -> (usize, usize, usize) {
+        match self {
+            DenoiserShape::Dit(s) => (s.in_channels, s.height, s.width),
+            DenoiserShape::Hourglass { hourglass, frame } => {
+                (hourglass.in_channels, frame.height, frame.width)
+            }
+            DenoiserShape::LocalMamba { localmamba, frame } => {
+                (localmamba.in_channels, frame.height, frame.width)
+            }
+        }
+    }
+
+    /// Whether a training forward draws random numbers (dropout, drop-path).
+    pub fn is_stochastic(&self) -> bool {
+        match self {
+            DenoiserShape::Dit(s) => s.dropout > 0.0,
+            DenoiserShape::Hourglass { hourglass: h, .. } => {
+                h.mapping_dropout > 0.0 || h.levels.iter().any(|l| l.dropout > 0.0)
+            }
+            DenoiserShape::LocalMamba { localmamba: m, .. } => m.dropout > 0.0 || m.drop_path > 0.0,
+        }
+    }
+
+    /// The file the final weights are written to (the reference's name for its `state_dict`,
+    /// as safetensors; diffusers' for a DiT).
+    pub fn weights_file(&self) -> &'static str {
+        match self {
+            DenoiserShape::Dit(_) => "diffusion_pytorch_model.safetensors",
+            DenoiserShape::Hourglass { .. } => "hourglass_model.safetensors",
+            DenoiserShape::LocalMamba { .. } => "localmamba_model.safetensors",
+        }
+    }
+
+    /// The family's name (`sigdiff sample` and the logs say it).
+    pub fn family(&self) -> &'static str {
+        match self {
+            DenoiserShape::Dit(_) => "dit",
+            DenoiserShape::Hourglass { .. } => "hourglass",
+            DenoiserShape::LocalMamba { .. } => "localmamba",
+        }
+    }
+}
+
+enum Net {
+    Dit(Dit),
+    Hourglass(Hourglass),
+    LocalMamba(LocalMamba),
+}
+
+pub struct Denoiser {
+    shape: DenoiserShape,
+    net: Net,
+    /// The age Fourier frequencies of a hourglass-shaped `gend_hlth_age` model.
+    age_emb: Option<Tensor>,
+}
+
+impl Denoiser {
+    /// The model of `shape`, its tensors drawn and named by `p`.
+    pub fn new(shape: &DenoiserShape, p: &mut Params, device: &Device) -> Result<Self> {
+        let (net, mapping_cond) = match shape {
+            DenoiserShape::Dit(s) => (Net::Dit(Dit::new(s, p, device)?), 0),
+            DenoiserShape::Hourglass { hourglass, .. } => (
+                Net::Hourglass(Hourglass::new(hourglass, p)?),
+                hourglass.mapping_cond_dim,
+            ),
+            DenoiserShape::LocalMamba { localmamba, .. } => (
+                Net::LocalMamba(LocalMamba::new(localmamba, p)?),
+                localmamba.mapping_cond_dim,
+            ),
+        };
+        let age_emb = match (&net, shape.conditioning()) {
+            (Net::Dit(_), _) => None,
+            (_, Conditioning::GenderHealthAge) => {
+                if mapping_cond == 0 || !mapping_cond.is_multiple_of(2) {
+                    candle_core::bail!(
+                        "gend_hlth_age needs an even mapping condition width for the age features, not {mapping_cond}"
+                    );
+                }
+                Some(p.normal_buffer("age_emb.weight".into(), &[mapping_cond / 2, 1], 1.0)?)
+            }
+            _ => None,
+        };
+        Ok(Denoiser {
+            shape: shape.clone(),
+            net,
+            age_emb,
+        })
+    }
+
+    pub fn shape(&self) -> &DenoiserShape {
+        &self.shape
+    }
+
+    /// The prediction for `x` (B, C, H, W) at `levels` (one per sample) under `cond`, in
+    /// evaluation (no dropout).
+    pub fn forward(&self, x: &Tensor, levels: &[Level], cond: &Condition) -> Result<Tensor> {
+        self.forward_with_dropout(x, levels, cond, None)
+    }
+
+    /// `forward` in training: `seed` draws the dropout masks (`None`: none drawn).
+    pub fn forward_with_dropout(
+        &self,
+        x: &Tensor,
+        levels: &[Level],
+        cond: &Condition,
+        seed: Option<u64>,
+    ) -> Result<Tensor> {
+        if let Net::Dit(dit) = &self.net {
+            let t: Vec<f32> = levels.iter().map(|l| l.t).collect();
+            return dit.forward_with_dropout(x, &t, cond, seed);
+        }
+        // The same draws as `loss_and_grads` with this seed.
+        let mut tape = Tape::new(seed, false);
+        let out = self.record(&mut tape, x, levels, cond)?;
+        Ok(tape.value(out).clone())
+    }
+
+    /// `loss_of` the training forward and the gradients of every parameter. With
+    /// `checkpointing`, the forward keeps only each block's input and the backward recomputes
+    /// one block at a time (DiT: dit.rs; the hourglass-shaped models: models/tape.rs): the same
+    /// gradients up to summation order, for one more forward of the blocks.
+    pub fn loss_and_grads(
+        &self,
+        x: &Tensor,
+        levels: &[Level],
+        cond: &Condition,
+        (seed, checkpointing): (Option<u64>, bool),
+        loss_of: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore)> {
+        if let Net::Dit(dit) = &self.net {
+            if checkpointing {
+                let t: Vec<f32> = levels.iter().map(|l| l.t).collect();
+                return dit.checkpointed_backward(x, &t, cond, seed, loss_of);
+            }
+            let loss = loss_of(&self.forward_with_dropout(x, levels, cond, seed)?)?;
+            let grads = loss.backward()?;
+            return Ok((loss, grads));
+        }
+        let mut tape = Tape::new(seed, checkpointing);
+        let out = self.record(&mut tape, x, levels, cond)?;
+        tape.backward(out, loss_of)
+    }
+
+    /// A hourglass-shaped model's forward on `tape`: σ, class rows and age features from the
+    /// levels and the condition.
+    fn record<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        x: &Tensor,
+        levels: &[Level],
+        cond: &Condition,
+    ) -> Result<Node> {
+        let device = x.device();
+        let sigma: Vec<f32> = levels.iter().map(|l| l.s as f32).collect();
+        let sigma = Tensor::from_vec(sigma, levels.len(), device)?;
+        let class = match self.shape.conditioning() {
+            Conditioning::None => None,
+            _ => Some(Tensor::from_slice(&cond.labels, cond.len(), device)?),
+        };
+        let mapping_cond = match &self.age_emb {
+            Some(freqs) => Some(age_features(&cond.ages, freqs)?),
+            None => None,
+        };
+        let conditions = (&sigma, class.as_ref(), mapping_cond.as_ref());
+        match &self.net {
+            Net::Hourglass(h) => h.record(tape, x, conditions),
+            Net::LocalMamba(m) => m.record(tape, x, conditions),
+            Net::Dit(_) => candle_core::bail!("a DiT is not recorded on a tape"),
+        }
+    }
+}
+
+/// The trainable parameters of a denoiser of this shape, counted without drawing them.
+pub fn count_parameters(shape: &DenoiserShape) -> Result<usize> {
+    let mut p = Params::counting();
+    Denoiser::new(shape, &mut p, &Device::Cpu)?;
+    Ok(p.count())
+}
