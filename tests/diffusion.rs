@@ -335,10 +335,10 @@ fn hourglass_trains_resumes_exactly_and_samples() {
          print(d['mapping_cond_in_proj.weight'].shape, d['age_emb.weight'].shape, d['splits.0.fac'].shape, d['down_levels.0.0.self_attn.pos_emb.freqs'].shape, d['patch_out.proj.weight'].shape)",
         &[&run_a.join("final/ema")],
     );
-    // 41 state-dict entries of the reference's model (its buffers included) and our age features.
+    // 71 state-dict entries of the reference's model (its buffers included) and our age features.
     assert_eq!(
         st.trim(),
-        "Hourglass2DModel 42 (48, 16) (96, 32) (5, 16)\n(16, 16) (8, 1) (1,) (2, 1) (12, 16)",
+        "Hourglass2DModel 72 (48, 16) (96, 32) (5, 16)\n(16, 16) (8, 1) (1,) (2, 1) (12, 16)",
         "safetensors saw: {st}"
     );
     for (i, condition) in ["gender=F,health=PD,age=63", "gender=M,health=H,age="]

@@ -382,9 +382,13 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
             let levels = (0..m.widths.len()).map(|i| {
                 let (depth, width, d_ff, d_head, drop) =
                     (m.depths[i], m.widths[i], m.d_ffs[i], m.d_heads[i], m.dropout_rates[i]);
-                let attention = match m.kernel_sizes[i] {
-                    0 => quote! { #rt::SelfAttention::Global { d_head: #d_head } },
-                    kernel => quote! { #rt::SelfAttention::Neighborhood { d_head: #d_head, kernel: #kernel } },
+                let k = m.kernel_sizes[i];
+                // resolve() accepts only these four kinds.
+                let attention = match m.attention[i].as_str() {
+                    "neighborhood" => quote! { #rt::SelfAttention::Neighborhood { d_head: #d_head, kernel: #k } },
+                    "shifted-window" => quote! { #rt::SelfAttention::ShiftedWindow { d_head: #d_head, window: #k } },
+                    "none" => quote! { #rt::SelfAttention::None },
+                    _ => quote! { #rt::SelfAttention::Global { d_head: #d_head } },
                 };
                 quote! { #rt::LevelShape { depth: #depth, width: #width, d_ff: #d_ff, attention: #attention, dropout: #drop } }
             });

@@ -637,19 +637,26 @@ fn skeleton(
 
 /// Plan of the hourglass transformer (k-diffusion's `image_transformer_v2` as the reference
 /// builds it). A layer: AdaRMSNorm projections (M × width, twice), qkv, the per-head scale,
-/// the output projection, the GEGLU up (width × 2·d_ff) and down.
+/// the output projection, the GEGLU up (width × 2·d_ff) and down; without attention the
+/// feed-forward's alone.
 pub fn hourglass(d: &Diffusion) -> Plan {
     let m = &d.model;
     let mw = m.mapping_width;
     skeleton(d, "hourglass", &m.widths, |i, width, tokens| {
-        let (f, heads) = (m.d_ffs[i], width / m.d_heads[i]);
-        let params = 2 * mw * width + 4 * width * width + heads + 3 * width * f;
-        // Keys per query: the k×k neighbourhood, or every token.
+        let f = m.d_ffs[i];
+        let feed_forward = (mw * width + 3 * width * f, 2 * tokens * 3 * width * f);
+        // Keys per query: the k×k neighbourhood or window, or every token.
         let keys = match m.kernel_sizes[i] {
             0 => tokens,
             k => k * k,
         };
-        let flops = 2 * tokens * (4 * width * width + 3 * width * f) + 4 * tokens * keys * width;
+        let (params, flops) = match m.attention[i].as_str() {
+            "none" => feed_forward,
+            _ => (
+                feed_forward.0 + mw * width + 4 * width * width + width / m.d_heads[i],
+                feed_forward.1 + 2 * tokens * 4 * width * width + 4 * tokens * keys * width,
+            ),
+        };
         (params as u64, flops as u64)
     })
 }

@@ -184,49 +184,42 @@ fn every_parameter_gets_a_finite_nonzero_gradient() -> Result<()> {
     Ok(())
 }
 
-/// k-diffusion's own `ImageTransformerDenoiserModelV2` (fixtures/hourglass/generate.py: every
-/// weight random, a non-square 8×4 token grid, global attention on both levels) loaded by name
-/// into ours: the same state-dict names one to one, the same output and the same gradient for
-/// every parameter and for x, within 1e-4 of the largest value (measured: 1.8e-5 at worst, f32
-/// through a dozen layers summed in another order).
-#[test]
-fn equals_k_diffusion_on_the_same_weights() -> Result<()> {
-    let dev = Device::Cpu;
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/hourglass/hourglass.safetensors"
-    );
-    let fixture = candle_core::safetensors::load(path, &dev)?;
-    let global = SelfAttention::Global { d_head: 8 };
-    let shape = HourglassShape {
+/// The tiny two-level shape both k-diffusion fixtures are written for (generate.py).
+fn fixture_shape(attention: [(SelfAttention, usize); 2]) -> HourglassShape {
+    let level = |(attention, depth): (SelfAttention, usize), width, d_ff| LevelShape {
+        depth,
+        width,
+        d_ff,
+        attention,
+        dropout: 0.0,
+    };
+    HourglassShape {
         in_channels: 3,
         out_channels: 3,
         patch: [2, 2],
-        levels: vec![
-            LevelShape {
-                depth: 1,
-                width: 16,
-                d_ff: 32,
-                attention: global,
-                dropout: 0.0,
-            },
-            LevelShape {
-                depth: 2,
-                width: 32,
-                d_ff: 48,
-                attention: global,
-                dropout: 0.0,
-            },
-        ],
+        levels: vec![level(attention[0], 16, 32), level(attention[1], 32, 48)],
         mapping_width: 16,
         mapping_depth: 1,
         mapping_d_ff: 24,
         class_rows: 5,
         mapping_cond_dim: 16,
         mapping_dropout: 0.0,
-    };
+    }
+}
+
+/// k-diffusion's own `ImageTransformerDenoiserModelV2` in `file` (fixtures/hourglass/generate.py:
+/// every weight random) loaded by name into ours of `shape`: the same state-dict names one to
+/// one, the same output and the same gradient for every parameter and for x, within 1e-4 of the
+/// largest value.
+fn equals_k_diffusion(file: &str, shape: &HourglassShape) -> Result<()> {
+    let dev = Device::Cpu;
+    let path = format!(
+        "{}/tests/fixtures/hourglass/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let fixture = candle_core::safetensors::load(path, &dev)?;
     let mut p = Params::new(0, &dev);
-    let model = Hourglass::new(&shape, &mut p)?;
+    let model = Hourglass::new(shape, &mut p)?;
     let inputs = ["x", "sigma", "class_cond", "mapping_cond", "r", "output"];
     let state: Vec<&String> = fixture
         .keys()
@@ -255,7 +248,7 @@ fn equals_k_diffusion_on_the_same_weights() -> Result<()> {
     let close = |ours: &Tensor, theirs: &Tensor, what: &str| -> Result<()> {
         let scale = theirs.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
         let err = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
-        assert!(err < 1e-4, "{what}: relative error {err}");
+        assert!(err < 1e-4, "{file}, {what}: relative error {err}");
         Ok(())
     };
     close(&y, &fixture["output"], "output")?;
@@ -272,6 +265,31 @@ fn equals_k_diffusion_on_the_same_weights() -> Result<()> {
         close(g, &fixture[&format!("grad.{name}")], name)?;
     }
     Ok(())
+}
+
+/// Global attention on both levels, a non-square 8×4 token grid (measured: 1.8e-5 at worst, f32
+/// through a dozen layers summed in another order).
+#[test]
+fn equals_k_diffusion_on_the_same_weights() -> Result<()> {
+    let global = SelfAttention::Global { d_head: 8 };
+    equals_k_diffusion(
+        "hourglass.safetensors",
+        &fixture_shape([(global, 1), (global, 2)]),
+    )
+}
+
+/// Shifted windows of 4 on an 8×16 grid (layers 1 and 3 of the level rolled by 2, the wrap
+/// masked), then a level without attention.
+#[test]
+fn shifted_windows_and_no_attention_equal_k_diffusion() -> Result<()> {
+    let windows = SelfAttention::ShiftedWindow {
+        d_head: 8,
+        window: 4,
+    };
+    equals_k_diffusion(
+        "hourglass_windows.safetensors",
+        &fixture_shape([(windows, 2), (SelfAttention::None, 1)]),
+    )
 }
 
 /// Gradient checkpointing (one tape segment per layer, recomputed in the backward) gives every

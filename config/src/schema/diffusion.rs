@@ -77,11 +77,11 @@ literal! {
         pub dims: Vec<usize> = "model.extras.dims",
         pub d_state: usize = "model.extras.d_state",
         pub scan_directions: Vec<String> = "model.extras.scan_directions",
-        /// Hourglass: each level's attention, "neighborhood" or "global".
+        /// Hourglass: each level's attention: "neighborhood", "global", "shifted-window", "none".
         pub attention: Vec<String> = "model.extras.attention (or self_attns[i].type)",
         pub d_heads: Vec<usize> = "model.extras.self_attns[i].d_head",
-        /// Each level's neighbourhood kernel (0: global attention).
-        pub kernel_sizes: Vec<usize> = "model.extras.self_attns[i].kernel_size",
+        /// Each level's neighbourhood kernel or shifted window (0: global attention, none).
+        pub kernel_sizes: Vec<usize> = "model.extras.self_attns[i].kernel_size (or window_size)",
         pub d_ffs: Vec<usize> = "model.extras.d_ffs",
         pub dropout_rates: Vec<f64> = "model.extras.dropout_rate",
         pub mapping_width: usize = "model.extras.mapping_width",

@@ -318,9 +318,22 @@ pub(super) fn check(
             ctx.error("model.extras.patch_size", format!("the {h}×{w} input in patches of {patch_size:?} does not halve {merges} times: every level but the last merges 2×2 tokens"))
                 .help = Some(format!("the input's sides must be multiples of {} × {}", step[0], step[1]));
         }
-        for (i, &k) in d.model.kernel_sizes.iter().enumerate() {
+        for (i, (&k, kind)) in d
+            .model
+            .kernel_sizes
+            .iter()
+            .zip(&d.model.attention)
+            .enumerate()
+        {
             let (gh, gw) = ((h / patch_size[0]) >> i, (w / patch_size[1]) >> i);
-            if k > 0 && (gh < k || gw < k) {
+            if kind == "shifted-window" && (!gh.is_multiple_of(k) || !gw.is_multiple_of(k)) {
+                ctx.error(
+                    "model.extras.self_attns",
+                    format!("level {i}'s {gh}×{gw} token grid does not split into {k}×{k} windows"),
+                )
+                .help = Some("choose a window_size that divides the level's grid".into());
+            }
+            if kind == "neighborhood" && (gh < k || gw < k) {
                 ctx.error("model.extras.self_attns", format!("level {i}'s {gh}×{gw} token grid is smaller than its {k}×{k} neighbourhood"))
                     .help = Some("use a smaller kernel_size, or global attention at that level".into());
             }

@@ -19,7 +19,8 @@ pub(super) struct SkeletonKeys {
     /// Hourglass: `"neighborhood"` or `"global"` per level (`self_attns` / `attention`).
     pub attention: Vec<String>,
     pub d_heads: Vec<usize>,
-    /// The neighbourhood kernel per level (0 for global attention).
+    /// The neighbourhood kernel or the shifted window's size per level (0 for global attention
+    /// and none).
     pub kernel_sizes: Vec<usize>,
     /// `dropout_rate`, per level.
     pub dropout_rates: Vec<f64>,
@@ -34,6 +35,8 @@ pub(super) struct SkeletonKeys {
 
 const D_HEAD: usize = 64;
 const KERNEL: usize = 7;
+/// Shifted windows' size in the `attention` shorthand.
+const WINDOW: usize = 8;
 
 /// Read the keys of `model` (hourglass or LocalMamba) from `x`; `widths`, `dims` and `depths`
 /// are what `read_model` read with the reference's defaults.
@@ -171,6 +174,9 @@ pub(super) fn read(
         }
         (attention, d_heads, kernel_sizes) = self_attention(x, ctx, levels);
         for (i, (w, d)) in widths.iter().zip(&d_heads).enumerate() {
+            if attention.get(i).is_some_and(|k| k == "none") {
+                continue;
+            }
             if *d == 0 || !d.is_multiple_of(8) {
                 ctx.error("model.extras.self_attns", format!("level {i}'s head size {d} is not a multiple of 8 (axial RoPE turns a quarter of each head per axis, in pairs)"));
             } else if !w.is_multiple_of(*d) {
@@ -237,9 +243,10 @@ pub(super) fn read(
     }
 }
 
-/// Per level: the attention kind, head size and neighbourhood kernel, from `self_attns` (the
-/// reference's tables), or `attention` (our list of kinds, heads of 64 and kernel 7), or the
-/// reference's default (neighbourhood attention with kernel 7 but global on the last level).
+/// Per level: the attention kind, head size and neighbourhood kernel or window size, from
+/// `self_attns` (the reference's tables: a shifted window needs its `window_size`), or
+/// `attention` (our list of kinds: heads of 64, kernel 7, windows of 8), or the reference's
+/// default (neighbourhood attention with kernel 7 but global on the last level).
 fn self_attention(
     x: &Section,
     ctx: &mut Ctx,
@@ -252,6 +259,7 @@ fn self_attention(
     let mut kinds: Vec<String> = (0..levels).map(|i| default_kind(i).to_string()).collect();
     let mut d_heads = vec![D_HEAD; levels];
     let mut kernels = vec![KERNEL; levels];
+    let mut windows = vec![Some(WINDOW); levels];
     // Where each level's kind is written (a table's `type`), for the errors about it.
     let mut kind_locs = vec![None; levels];
     let tables = x.node(ctx, "self_attns");
@@ -291,6 +299,7 @@ fn self_attention(
             let Value::Table(t) = &item.value else {
                 continue;
             };
+            windows[i] = None;
             for e in &t.entries {
                 let bad = |ctx: &mut Ctx, what: &str| {
                     ctx.diags.push(Diagnostic::error(
@@ -305,8 +314,7 @@ fn self_attention(
                     }
                     ("d_head", Value::Int(d)) if *d > 0 => d_heads[i] = *d as usize,
                     ("kernel_size", Value::Int(k)) if *k > 0 => kernels[i] = *k as usize,
-                    // Shifted-window attention's (refused below by its type).
-                    ("window_size", Value::Int(w)) if *w > 0 => {}
+                    ("window_size", Value::Int(w)) if *w > 0 => windows[i] = Some(*w as usize),
                     ("type", _) => bad(ctx, "a string"),
                     ("window_size", _) => bad(ctx, "a positive integer"),
                     ("d_head" | "kernel_size", _) => bad(ctx, "a positive integer"),
@@ -334,10 +342,20 @@ fn self_attention(
                 format!("level {i}'s neighbourhood kernel {} must be odd (the query sits at its centre)", kernels[i]),
             )),
             "neighborhood" => None,
-            "shifted-window" | "none" => Some(
-                Diagnostic::error(loc, format!("not yet supported: `{kind}` attention (level {i})"))
-                    .help("use \"neighborhood\" or \"global\""),
-            ),
+            "shifted-window" => match windows[i] {
+                Some(w) => {
+                    kernels[i] = w;
+                    None
+                }
+                None => Some(Diagnostic::error(
+                    loc,
+                    format!("level {i}'s shifted-window attention needs its `window_size`"),
+                )),
+            },
+            "none" => {
+                kernels[i] = 0;
+                None
+            }
             other => Some(Diagnostic::error(
                 loc,
                 format!("unknown attention `{other}` at level {i}: expected \"neighborhood\", \"global\", \"shifted-window\" or \"none\""),

@@ -33,12 +33,20 @@ pub enum SelfAttention {
     Global { d_head: usize },
     /// Over each token's `kernel`×`kernel` neighbourhood (NATTEN's semantics).
     Neighborhood { d_head: usize, kernel: usize },
+    /// Within `window`×`window` windows, shifted by half a window on every other layer (Swin:
+    /// the grid rolled, the windows straddling the wrap masked, as k-diffusion does).
+    ShiftedWindow { d_head: usize, window: usize },
+    /// None: the layer is its feed-forward alone.
+    None,
 }
 
 impl SelfAttention {
-    fn d_head(&self) -> usize {
+    fn d_head(&self) -> Option<usize> {
         match *self {
-            SelfAttention::Global { d_head } | SelfAttention::Neighborhood { d_head, .. } => d_head,
+            SelfAttention::Global { d_head }
+            | SelfAttention::Neighborhood { d_head, .. }
+            | SelfAttention::ShiftedWindow { d_head, .. } => Some(d_head),
+            SelfAttention::None => None,
         }
     }
 }
@@ -197,10 +205,13 @@ fn rotate(x: &Tensor, theta: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[y1, y2, x.narrow(4, 2 * n, d - 2 * n)?], 4)
 }
 
-/// Cosine-similarity self-attention with axial RoPE, global or in neighbourhoods.
+/// Cosine-similarity self-attention with axial RoPE, global, in neighbourhoods or in shifted
+/// windows.
 struct Attention {
     kind: SelfAttention,
     heads: usize,
+    /// The shifted windows' roll on this layer: half a window on odd layers of a level, else 0.
+    shift: usize,
     norm: AdaRmsNorm,
     qkv_proj: Linear,
     /// Per head; q and k are scaled by its square root after L2 normalisation.
@@ -215,13 +226,20 @@ impl Attention {
         name: &str,
         width: usize,
         cond: usize,
-        kind: SelfAttention,
+        (kind, index): (SelfAttention, usize),
     ) -> Result<Self> {
-        let d_head = kind.d_head();
+        let Some(d_head) = kind.d_head() else {
+            candle_core::bail!("{name}: a layer without attention has no attention block");
+        };
         let heads = width / d_head;
+        let shift = match kind {
+            SelfAttention::ShiftedWindow { window, .. } if index % 2 == 1 => window / 2,
+            _ => 0,
+        };
         Ok(Attention {
             kind,
             heads,
+            shift,
             norm: AdaRmsNorm::new(p, &format!("{name}.norm"), width, cond)?,
             qkv_proj: Linear::with_bias(p, &format!("{name}.qkv_proj"), width, 3 * width, false)?,
             scale: p.constant(format!("{name}.scale"), &[heads], 10.0)?,
@@ -274,9 +292,78 @@ impl Attention {
                 )?
                 .reshape((b, h, w, width))?
             }
+            SelfAttention::ShiftedWindow { window, .. } => {
+                window_attention(&q, &k, &v, self.heads, window, self.shift)?
+            }
+            SelfAttention::None => unreachable!("no attention block is built for it"),
         };
         x + self.out_proj.forward(&dropout(&attended, drop, mode)?)?
     }
+}
+
+/// Attention within `window`×`window` windows of q, k, v (B, H, W, heads·d) after rolling the
+/// grid by `shift` along both axes (torch.roll's direction), rolled back after: k-diffusion's
+/// `apply_window_attention`. With a shift, the windows of the first row and column hold tokens
+/// from both sides of the wrap; a query attends only to keys from its own side there.
+fn window_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    window: usize,
+    shift: usize,
+) -> Result<Tensor> {
+    let (b, h, w, width) = q.dims4()?;
+    let (d, (nh, nw), n) = (width / heads, (h / window, w / window), window * window);
+    let roll = |t: &Tensor, by: i32| -> Result<Tensor> { t.roll(by, 1)?.roll(by, 2) };
+    // (B, H, W, heads·d) → (B·nh·nw·heads, window², d).
+    let windows = |t: &Tensor| -> Result<Tensor> {
+        roll(t, shift as i32)?
+            .reshape(vec![b, nh, window, nw, window, heads, d])?
+            .permute([0, 1, 3, 5, 2, 4, 6])?
+            .contiguous()?
+            .reshape((b * nh * nw * heads, n, d))
+    };
+    let (q, k, v) = (windows(q)?, windows(k)?, windows(v)?);
+    let mut scores = q.matmul(&k.t()?)?;
+    if shift > 0 {
+        let blocked = wrap_mask(nh, nw, window, shift, scores.device())?;
+        scores = scores
+            .reshape((b, nh, nw, heads, n, n))?
+            .broadcast_add(&blocked)?
+            .reshape((b * nh * nw * heads, n, n))?;
+    }
+    let out = crate::ops::attention::softmax_last(&scores)?.matmul(&v)?;
+    let out = out
+        .reshape(vec![b, nh, nw, heads, window, window, d])?
+        .permute([0, 1, 4, 2, 5, 3, 6])?
+        .contiguous()?
+        .reshape((b, h, w, width))?;
+    roll(&out, -(shift as i32))
+}
+
+/// (1, nh, nw, 1, n, n): 0 where a query may attend to a key, −1e9 where k-diffusion's
+/// `make_shifted_window_masks` forbids it (across the wrap, in the first window row and column).
+fn wrap_mask(nh: usize, nw: usize, window: usize, shift: usize, device: &Device) -> Result<Tensor> {
+    let n = window * window;
+    let mut bias = vec![0f32; nh * nw * n * n];
+    for (wi, wj) in (0..nh).flat_map(|i| (0..nw).map(move |j| (i, j))) {
+        for (qi, ki) in (0..n).flat_map(|q| (0..n).map(move |k| (q, k))) {
+            let (qh, qw, kh, kw) = (qi / window, qi % window, ki / window, ki % window);
+            let same_row_side = (qh < shift) == (kh < shift);
+            let same_column_side = (qw < shift) == (kw < shift);
+            let allowed = match (wi == 0, wj == 0) {
+                (true, true) => same_row_side && same_column_side,
+                (false, true) => same_column_side,
+                (true, false) => same_row_side,
+                (false, false) => true,
+            };
+            if !allowed {
+                bias[((wi * nw + wj) * n + qi) * n + ki] = -1e9;
+            }
+        }
+    }
+    Tensor::from_vec(bias, (1, nh, nw, 1, n, n), device)
 }
 
 /// AdaRMSNorm → GEGLU `up_proj` → dropout → `down_proj` (zero-initialised), residual.
@@ -302,7 +389,8 @@ impl FeedForward {
 }
 
 struct Layer {
-    self_attn: Attention,
+    /// `None` for a level without attention.
+    self_attn: Option<Attention>,
     ff: FeedForward,
 }
 
@@ -496,27 +584,30 @@ pub(crate) struct Levels<L> {
 }
 
 impl<L> Levels<L> {
-    /// `widths` and `depths` outermost first; `layer(p, name, level)` builds one layer. Built in
+    /// `widths` and `depths` outermost first; `layer(p, name, level, index)` builds one layer
+    /// (its index in the level: the down stack's 0..depth, the up stack's depth..2·depth, as
+    /// k-diffusion numbers them). Built in
     /// the reference's order (each outer level's down then up stack, then the middle, then the
     /// merges and splits), so a seeded model draws the same streams.
     pub(crate) fn new(
         p: &mut Params,
         widths: &[usize],
         depths: &[usize],
-        mut layer: impl FnMut(&mut Params, String, usize) -> Result<L>,
+        mut layer: impl FnMut(&mut Params, String, usize, usize) -> Result<L>,
     ) -> Result<Self> {
         let last = widths.len() - 1;
-        let mut stack = |p: &mut Params, name: &str, level: usize| -> Result<Vec<L>> {
-            (0..depths[level])
-                .map(|j| layer(p, format!("{name}.{j}"), level))
-                .collect()
-        };
+        let mut stack =
+            |p: &mut Params, name: &str, level: usize, first: usize| -> Result<Vec<L>> {
+                (0..depths[level])
+                    .map(|j| layer(p, format!("{name}.{j}"), level, first + j))
+                    .collect()
+            };
         let (mut down, mut up) = (vec![], vec![]);
-        for i in 0..last {
-            down.push(stack(p, &format!("down_levels.{i}"), i)?);
-            up.push(stack(p, &format!("up_levels.{i}"), i)?);
+        for (i, &depth) in depths.iter().enumerate().take(last) {
+            down.push(stack(p, &format!("down_levels.{i}"), i, 0)?);
+            up.push(stack(p, &format!("up_levels.{i}"), i, depth)?);
         }
-        let mid = stack(p, "mid_level", last)?;
+        let mid = stack(p, "mid_level", last, 0)?;
         let merges = (0..last)
             .map(|i| TokenMerge::new(p, &format!("merges.{i}"), widths[i], widths[i + 1], [2, 2]))
             .collect::<Result<_>>()?;
@@ -610,7 +701,7 @@ impl<L> Skeleton<L> {
         (in_channels, out_channels, patch): (usize, usize, [usize; 2]),
         mapping: &MappingShape,
         (widths, depths): (&[usize], &[usize]),
-        layer: impl FnMut(&mut Params, String, usize) -> Result<L>,
+        layer: impl FnMut(&mut Params, String, usize, usize) -> Result<L>,
     ) -> Result<Self> {
         let w0 = widths[0];
         let patch_in = TokenMerge::new(p, "patch_in", in_channels, w0, patch)?;
@@ -707,16 +798,20 @@ impl Hourglass {
         let widths: Vec<usize> = shape.levels.iter().map(|l| l.width).collect();
         let depths: Vec<usize> = shape.levels.iter().map(|l| l.depth).collect();
         let io = (shape.in_channels, shape.out_channels, shape.patch);
-        let skeleton = Skeleton::new(p, io, &mapping, (&widths, &depths), |p, name, i| {
+        let skeleton = Skeleton::new(p, io, &mapping, (&widths, &depths), |p, name, i, j| {
             let spec = &shape.levels[i];
-            Ok(Layer {
-                self_attn: Attention::new(
+            let self_attn = match spec.attention {
+                SelfAttention::None => None,
+                kind => Some(Attention::new(
                     p,
                     &format!("{name}.self_attn"),
                     spec.width,
                     m,
-                    spec.attention,
-                )?,
+                    (kind, j),
+                )?),
+            };
+            Ok(Layer {
+                self_attn,
                 ff: FeedForward::new(p, &format!("{name}.ff"), spec.width, spec.d_ff, m)?,
             })
         })?;
@@ -760,10 +855,13 @@ impl Hourglass {
         let levels = &self.shape.levels;
         let layer = move |l: &Layer, x: &Tensor, level: usize, cond: &Tensor, mode: &mut Mode| {
             let drop = levels[level].dropout;
-            let x = l
-                .self_attn
-                .forward(x, &positions[level], cond, drop, mode)?;
-            l.ff.forward(&x, cond, drop, mode)
+            match &l.self_attn {
+                Some(a) => {
+                    let x = a.forward(x, &positions[level], cond, drop, mode)?;
+                    l.ff.forward(&x, cond, drop, mode)
+                }
+                None => l.ff.forward(x, cond, drop, mode),
+            }
         };
         self.skeleton.record(tape, x, conditions, Rc::new(layer))
     }

@@ -381,7 +381,7 @@ impl LocalMamba {
             io,
             &mapping,
             (&shape.dims, &shape.depths),
-            |p, name, i| {
+            |p, name, i, _| {
                 let d = shape.dims[i];
                 Ok(Block {
                     norm: AdaRmsNorm::new(p, &format!("{name}.norm"), d, m)?,

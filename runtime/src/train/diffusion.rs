@@ -252,6 +252,15 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
     // Model, optimizer, EMA.
     let mut params = Params::new(t.seed, &device);
     let model = Denoiser::new(shape, &mut params, &device)?;
+    // The build computed the count from the config alone (config/src/plan.rs).
+    if params.count() as u64 != compiled.parameters {
+        bail!(
+            "the {} built has {} parameters where its shape plan counted {}: a bug in signal-diffusion, please report it",
+            shape.family(),
+            params.count(),
+            compiled.parameters
+        );
+    }
     if let Some(dir) = &cfg.model.pretrained {
         load_pretrained(Path::new(dir), shape, &params, &device)?;
     }
