@@ -84,6 +84,32 @@ def diffusers_child(steps, threads, dims, device="cpu", compiled=False, precisio
     print(json.dumps({"images_per_s": steps * batch / secs, "secs": secs, "rss_gib": peak, "params": params}))
 
 
+def alternate(ours, child_args, steps, threads, repeat, params):
+    """`repeat` alternating runs (ours, the peer, ours, ...), each in its own process on
+    `threads` threads: ours is `ours --benchmark steps` under /usr/bin/time, the peer this
+    script's caller run with `child_args` (it prints a JSON line with images_per_s, rss_gib and
+    params, which must equal ours). Returns each side's images/s and peak RSS (GiB) per run."""
+    env = {"RAYON_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin"}
+    ours_ips, ours_rss, theirs, theirs_rss = [], [], [], []
+    for _ in range(repeat):
+        out = subprocess.run(
+            ["/usr/bin/time", "-f", "maxrss_kib %M", ours, "--benchmark", str(steps)],
+            capture_output=True, text=True, env=env, check=True,
+        )
+        line = [l for l in out.stdout.splitlines() if l.startswith("benchmark")][0]
+        ours_ips.append(float(line.split(" images/s")[0].split()[-1]))
+        rss = [l for l in out.stderr.splitlines() if l.startswith("maxrss_kib")][0]
+        ours_rss.append(int(rss.split()[1]) / 1024 / 1024)
+        child = subprocess.run(
+            [sys.executable, sys.argv[0], *child_args], capture_output=True, text=True, check=True,
+        )
+        r = json.loads(child.stdout.strip().splitlines()[-1])
+        assert r["params"] == params, (r["params"], params)
+        theirs.append(r["images_per_s"])
+        theirs_rss.append(r["rss_gib"])
+    return ours_ips, ours_rss, theirs, theirs_rss
+
+
 def plan_numbers(ours):
     """(parameters, FLOPs per step) from our binary's `--plan`."""
     out = subprocess.run([ours, "--plan"], capture_output=True, text=True, check=True).stdout
@@ -144,26 +170,8 @@ def main():
     if args.device == "cuda":
         return gpu_main(args, dims)
     params, _ = plan_numbers(args.ours)
-    env = {"RAYON_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin"}
-    ours, ours_rss, theirs, theirs_rss = [], [], [], []
-    for _ in range(args.repeat):
-        out = subprocess.run(
-            ["/usr/bin/time", "-f", "maxrss_kib %M", args.ours, "--benchmark", str(args.steps)],
-            capture_output=True, text=True, env=env, check=True,
-        )
-        line = [l for l in out.stdout.splitlines() if l.startswith("benchmark")][0]
-        ours.append(float(line.split(" images/s")[0].split()[-1]))
-        rss = [l for l in out.stderr.splitlines() if l.startswith("maxrss_kib")][0]
-        ours_rss.append(int(rss.split()[1]) / 1024 / 1024)
-        child = subprocess.run(
-            [sys.executable, __file__, "--ours", args.ours, "--steps", str(args.steps), "--threads", str(args.threads),
-             "--dims", args.dims, "--child"],
-            capture_output=True, text=True, check=True,
-        )
-        r = json.loads(child.stdout.strip().splitlines()[-1])
-        assert r["params"] == params, (r["params"], params)
-        theirs.append(r["images_per_s"])
-        theirs_rss.append(r["rss_gib"])
+    child = ["--ours", args.ours, "--steps", str(args.steps), "--threads", str(args.threads), "--dims", args.dims, "--child"]
+    ours, ours_rss, theirs, theirs_rss = alternate(args.ours, child, args.steps, args.threads, args.repeat, params)
     med = lambda v: sorted(v)[len(v) // 2]
     print(f"ours      {med(ours):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in ours)})  peak RSS {max(ours_rss):.2f} GiB")
     print(f"diffusers {med(theirs):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in theirs)})  peak RSS {max(theirs_rss):.2f} GiB")
