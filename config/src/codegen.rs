@@ -407,6 +407,11 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
         DiffusionModel::LocalMamba => {
             let (dims, depths) = (&m.dims, &m.depths);
             let (d_state, ssm_ratio, drop_path) = (m.d_state, m.ssm_ratio, m.drop_path_rate);
+            let d_conv = m.d_conv;
+            let dt_rank = match m.ssm_dt_rank {
+                Some(r) => quote! { Some(#r) },
+                None => quote! { None },
+            };
             let scans = m.scan_directions.iter().map(|name| {
                 let (base, flip) = match name.strip_suffix("_flip") {
                     Some(b) => (b, true),
@@ -427,7 +432,8 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
                     localmamba: #rt::LocalMambaShape {
                         in_channels: #cin, out_channels: #cout, patch: [#ph, #pw],
                         dims: vec![#(#dims),*], depths: vec![#(#depths),*],
-                        d_state: #d_state, ssm_ratio: #ssm_ratio, scans: vec![#(#scans),*],
+                        d_state: #d_state, ssm_ratio: #ssm_ratio, d_conv: #d_conv, dt_rank: #dt_rank,
+                        scans: vec![#(#scans),*],
                         mapping_width: #mw, mapping_depth: #md, mapping_d_ff: #mf,
                         class_rows: #class_rows, mapping_cond_dim: #mcond, dropout: #mdrop,
                         drop_path: #drop_path,

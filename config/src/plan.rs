@@ -662,21 +662,23 @@ pub fn hourglass(d: &Diffusion) -> Plan {
 }
 
 /// Plan of LocalMamba (LocalVMamba's SS2D on the hourglass frame). A block at width d with
-/// E = ssm_ratio·d inner channels, rank R = ⌈d/16⌉, state N and K scan directions: AdaRMSNorm
-/// (M × d), in_proj (d × 2E), the depthwise 3×3 conv, per direction x_proj ((R + 2N) × E),
-/// dt_proj (E × R and E), A_log (E × N) and D (E), the output LayerNorm (2E), out_proj (E × d)
-/// and the BiAttn gate (LayerNorm, E → E/8 → E with biases).
+/// E = ssm_ratio·d inner channels, rank R (`ssm_dt_rank`, "auto" = ⌈d/16⌉), state N and K scan
+/// directions: AdaRMSNorm (M × d), in_proj (d × 2E), the depthwise `d_conv`² conv, per direction
+/// x_proj ((R + 2N) × E), dt_proj (E × R and E), A_log (E × N) and D (E), the output LayerNorm
+/// (2E), out_proj (E × d) and the BiAttn gate (LayerNorm, E → E/8 → E with biases).
 pub fn localmamba(d: &Diffusion) -> Plan {
     let m = &d.model;
     let (mw, n, k) = (m.mapping_width, m.d_state, m.scan_directions.len());
     skeleton(d, "localmamba", &m.dims, |_, width, tokens| {
         let e = (m.ssm_ratio * width as f64) as usize;
-        let r = width.div_ceil(16);
+        let r = m.ssm_dt_rank.unwrap_or(width.div_ceil(16));
+        let taps = m.d_conv * m.d_conv;
         let gate = 2 * e + e * (e / 8) + e / 8 + (e / 8) * e + e;
         let scans = k * ((r + 2 * n) * e + e * r + e + e * n + e);
-        let params = mw * width + width * 2 * e + 10 * e + scans + 2 * e + e * width + gate;
+        let conv = taps * e + e;
+        let params = mw * width + width * 2 * e + conv + scans + 2 * e + e * width + gate;
         // Projections, the conv, and per direction and token the scan's ~6·E·N.
-        let flops = 2 * tokens * (3 * width * e + 9 * e + k * ((r + 2 * n) * e + e * r))
+        let flops = 2 * tokens * (3 * width * e + taps * e + k * ((r + 2 * n) * e + e * r))
             + 6 * k * tokens * e * n;
         (params as u64, flops as u64)
     })

@@ -28,6 +28,8 @@ fn shape(
         depths: depths.to_vec(),
         d_state: 16,
         ssm_ratio: 2.0,
+        d_conv: 3,
+        dt_rank: None,
         scans: ["h", "v", "w7"]
             .iter()
             .map(|s| Scan::parse(s).unwrap())
@@ -105,6 +107,9 @@ fn tiny() -> LocalMambaShape {
             .collect(),
         drop_path: 0.1,
         dropout: 0.1,
+        // The contract's `d_conv` and an explicit `ssm_dt_rank`, off their defaults.
+        d_conv: 5,
+        dt_rank: Some(3),
         ..shape(3, [2, 2], &[16, 32], &[1, 1], 5, 16)
     }
 }

@@ -91,6 +91,9 @@ literal! {
         /// The age features' width for `gend_hlth_age` (`age_embedding_dim`), else 0.
         pub mapping_cond_dim: usize = "model.extras.mapping_cond_dim",
         pub ssm_ratio: f64 = "model.extras.ssm_ratio (or expand)",
+        pub d_conv: usize = "model.extras.d_conv",
+        /// Δ's projection rank (`None`: "auto", ⌈width / 16⌉).
+        pub ssm_dt_rank: Option<usize> = "model.extras.ssm_dt_rank",
         pub drop_path_rate: f64 = "model.extras.drop_path_rate",
         pub dropout: f64 = "model.extras.dropout",
         pub attention_bias: bool = "model.extras.attention_bias",
@@ -546,6 +549,8 @@ fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) ->
         mapping_dropout_rate: s.mapping_dropout_rate,
         mapping_cond_dim: s.mapping_cond_dim,
         ssm_ratio: s.ssm_ratio,
+        d_conv: s.d_conv,
+        ssm_dt_rank: s.ssm_dt_rank,
         drop_path_rate: s.drop_path_rate,
         dropout,
         attention_bias,

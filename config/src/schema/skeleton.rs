@@ -30,6 +30,10 @@ pub(super) struct SkeletonKeys {
     pub mapping_cond_dim: usize,
     /// LocalMamba: E / width (`ssm_ratio`, the contract's `expand`).
     pub ssm_ratio: f64,
+    /// LocalMamba: SS2D's depthwise kernel (`d_conv`).
+    pub d_conv: usize,
+    /// LocalMamba: Δ's projection rank; `None` = "auto" (⌈width / 16⌉).
+    pub ssm_dt_rank: Option<usize>,
     pub drop_path_rate: f64,
 }
 
@@ -160,7 +164,7 @@ pub(super) fn read(
 
     let (mut attention, mut d_heads, mut kernel_sizes, mut d_ffs) =
         (vec![], vec![], vec![], vec![]);
-    let (mut ssm_ratio, mut drop_path_rate) = (2.0, 0.0);
+    let (mut ssm_ratio, mut drop_path_rate, mut d_conv, mut ssm_dt_rank) = (2.0, 0.0, 3, None);
     if hourglass {
         d_ffs = x
             .int_list(ctx, "d_ffs")
@@ -199,17 +203,16 @@ pub(super) fn read(
             }
             ssm_ratio = expand as f64;
         }
-        if let Some(k) = x.count_opt(ctx, "d_conv", 1) {
-            if k != 3 {
-                ctx.error("model.extras.d_conv", format!("not yet supported: a {k}×{k} depthwise convolution in SS2D (LocalVMamba's is 3×3)"))
-                    .help = Some("use `d_conv = 3`, or remove it".into());
-            }
+        d_conv = x.count(ctx, "d_conv", 3, 1);
+        if d_conv.is_multiple_of(2) {
+            ctx.error(
+                "model.extras.d_conv",
+                format!("`d_conv` = {d_conv}: SS2D's depthwise kernel must be odd (padded by half of it, the grid keeps its size)"),
+            );
         }
-        if let Some(node) = x.node(ctx, "ssm_dt_rank") {
-            if !matches!(&node.value, Value::Str(s) if s == "auto") {
-                ctx.error("model.extras.ssm_dt_rank", "not yet supported: a fixed `ssm_dt_rank` (the rank is \"auto\", ⌈width / 16⌉, at every level)")
-                    .help = Some("remove it".into());
-            }
+        // "auto" (the type check admits only it among strings), or a rank for every level.
+        if let Some(Value::Int(r)) = x.node(ctx, "ssm_dt_rank").map(|n| &n.value) {
+            ssm_dt_rank = Some((*r).max(1) as usize);
         }
         drop_path_rate = x.float_in(ctx, "drop_path_rate", 0.0, 0.0, 0.999);
         if x.float(ctx, "mlp_ratio").is_some() {
@@ -239,6 +242,8 @@ pub(super) fn read(
         mapping_dropout_rate,
         mapping_cond_dim,
         ssm_ratio,
+        d_conv,
+        ssm_dt_rank,
         drop_path_rate,
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! layer:  x + DropPath(SS2D(AdaRMSNorm(x, cond)))          (no MLP)
-//! SS2D:   x, z = in_proj(x);  x = SiLU(depthwise 3×3 conv(x));  z = SiLU(z)
+//! SS2D:   x, z = in_proj(x);  x = SiLU(depthwise k×k conv(x));  z = SiLU(z)
 //!         per scan direction k: the tokens in k's order → x_proj → (dt, B, C) → dt_proj
 //!         → selective scan (ops/selective_scan.rs, Δ bias, softplus) → back to raster order
 //!         → the shared BiAttn channel gate;  y = Σ_k;  out_proj(LayerNorm(y) · z)
@@ -108,6 +108,12 @@ pub struct LocalMambaShape {
     pub d_state: usize,
     /// E / width (`ssm_ratio`, the contract's `expand`).
     pub ssm_ratio: f64,
+    /// The depthwise convolution's kernel (`d_conv`, odd; padded to keep the grid).
+    #[serde(default = "three")]
+    pub d_conv: usize,
+    /// The rank of Δ's projection (`ssm_dt_rank`); `None`: ⌈width / 16⌉ ("auto").
+    #[serde(default)]
+    pub dt_rank: Option<usize>,
     pub scans: Vec<Scan>,
     pub mapping_width: usize,
     pub mapping_depth: usize,
@@ -118,6 +124,10 @@ pub struct LocalMambaShape {
     pub dropout: f64,
     /// Stochastic depth of each layer's residual branch.
     pub drop_path: f64,
+}
+
+fn three() -> usize {
+    3
 }
 
 /// LocalVMamba's `BiAttn` channel gate: t · σ(channel_select(GELU(global_reduce(mean over
@@ -163,7 +173,7 @@ struct Ss2d {
     rank: usize,
     state: usize,
     in_proj: Linear,
-    /// Depthwise 3×3: (E, 1, 3, 3) and (E).
+    /// Depthwise k×k: (E, 1, k, k) and (E).
     conv_weight: Tensor,
     conv_bias: Tensor,
     x_proj_weight: Tensor,
@@ -179,9 +189,19 @@ struct Ss2d {
 impl Ss2d {
     fn new(p: &mut Params, name: &str, d: usize, s: &LocalMambaShape) -> Result<Self> {
         let e = (s.ssm_ratio * d as f64) as usize;
-        let (k, n, rank) = (s.scans.len(), s.d_state, d.div_ceil(16));
-        let conv_weight = p.uniform(format!("{name}.conv2d.weight"), &[e, 1, 3, 3], 1.0 / 3.0)?;
-        let conv_bias = p.uniform(format!("{name}.conv2d.bias"), &[e], 1.0 / 3.0)?;
+        let (k, n, rank) = (
+            s.scans.len(),
+            s.d_state,
+            s.dt_rank.unwrap_or(d.div_ceil(16)),
+        );
+        if s.d_conv.is_multiple_of(2) {
+            candle_core::bail!("{name}: the depthwise kernel {} must be odd", s.d_conv);
+        }
+        // PyTorch's Conv2d init: U(±1/√fan_in), fan_in = k² for a depthwise kernel.
+        let c = s.d_conv;
+        let bound = 1.0 / c as f64;
+        let conv_weight = p.uniform(format!("{name}.conv2d.weight"), &[e, 1, c, c], bound)?;
+        let conv_bias = p.uniform(format!("{name}.conv2d.bias"), &[e], bound)?;
         let x_proj_weight = p.uniform(
             format!("{name}.x_proj_weight"),
             &[k, rank + 2 * n, e],
@@ -229,18 +249,21 @@ impl Ss2d {
         })
     }
 
-    /// The depthwise 3×3 convolution (padding 1) of x (B, E, H, W) as nine shifted products,
+    /// The depthwise k×k convolution (padding k/2) of x (B, E, H, W) as k² shifted products,
     /// in ops with a backward.
     fn depthwise(&self, x: &Tensor) -> Result<Tensor> {
         let (_, e, h, w) = x.dims4()?;
-        let padded = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+        let k = self.conv_weight.dim(3)?;
+        let padded = x
+            .pad_with_zeros(2, k / 2, k / 2)?
+            .pad_with_zeros(3, k / 2, k / 2)?;
         let mut sum = self
             .conv_bias
             .reshape((1, e, 1, 1))?
             .broadcast_as(x.shape())?
             .contiguous()?;
-        for a in 0..3 {
-            for b in 0..3 {
+        for a in 0..k {
+            for b in 0..k {
                 let tap = self
                     .conv_weight
                     .narrow(2, a, 1)?
