@@ -310,3 +310,37 @@ fn checkpointing_keeps_every_gradient() -> Result<()> {
     assert_checkpointing_keeps_gradients(&p, run, 1e-5);
     Ok(())
 }
+
+/// The reference's checkpoint as it saves it (`torch.save` of the bf16 state dict, a PyTorch
+/// pickle) reads directly, widened to f32: every tensor of k-diffusion's state dict, each equal
+/// to the f32 weights within bf16's rounding (2⁻⁸ of its magnitude), so `model.pretrained`
+/// takes a `hourglass_model.pt` as it is.
+#[test]
+fn the_references_pickled_checkpoint_reads_as_its_state_dict() -> Result<()> {
+    let dev = Device::Cpu;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hourglass");
+    let pt = signal_diffusion_runtime::train::export::read_state_dict(
+        std::path::Path::new(&format!("{dir}/hourglass_model.pt")),
+        &dev,
+    )
+    .unwrap();
+    let f32 = candle_core::safetensors::load(format!("{dir}/hourglass.safetensors"), &dev)?;
+    let mut p = Params::new(0, &dev);
+    Hourglass::new(
+        &fixture_shape([
+            (SelfAttention::Global { d_head: 8 }, 1),
+            (SelfAttention::Global { d_head: 8 }, 2),
+        ]),
+        &mut p,
+    )?;
+    assert_eq!(pt.len(), p.trainable.len() + p.buffers.len());
+    for (name, var) in p.trainable.iter().chain(&p.buffers) {
+        let t = &pt[name];
+        assert_eq!((t.dtype(), t.dims()), (DType::F32, var.dims()), "{name}");
+        let want = &f32[name];
+        let err = (t - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err <= scale / 256.0, "{name}: {err} against {scale}");
+    }
+    Ok(())
+}

@@ -94,6 +94,15 @@ impl DenoiserShape {
         }
     }
 
+    /// The file the reference's training writes (a PyTorch pickle; diffusers' for a DiT).
+    pub fn reference_file(&self) -> &'static str {
+        match self {
+            DenoiserShape::Dit(_) => "diffusion_pytorch_model.bin",
+            DenoiserShape::Hourglass { .. } => "hourglass_model.pt",
+            DenoiserShape::LocalMamba { .. } => "localmamba_model.pt",
+        }
+    }
+
     /// The family's name (`sigdiff sample` and the logs say it).
     pub fn family(&self) -> &'static str {
         match self {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use signal_diffusion_config::choice::Choice;
 
 use super::checkpoint;
@@ -14,10 +14,46 @@ use super::diffusion::Ctx;
 use crate::diffusion::denoiser::DenoiserShape;
 use crate::models::nn::Params;
 
-/// Initial weights by name: a diffusers DiT (`save_pretrained` directory or file), or a
-/// reference hourglass / LocalMamba `state_dict` converted to safetensors (docs/config.md has
-/// the one-liner), or our own final weights. Every trainable tensor must be there; a buffer
-/// the file lacks (the age features, which the reference never saved) keeps its seeded value.
+/// A state dict by name, in f32: a safetensors file, or a PyTorch pickle (`torch.save` of a
+/// state dict, as the reference saves `hourglass_model.pt` / `localmamba_model.pt`, or of a
+/// checkpoint holding one under `state_dict` or `model`; bf16 and f16 weights are widened).
+pub fn read_state_dict(file: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let pickle = file
+        .extension()
+        .is_some_and(|e| ["pt", "pth", "bin", "ckpt"].iter().any(|x| e == *x));
+    let tensors: Vec<(String, Tensor)> = if pickle {
+        [None, Some("state_dict"), Some("model")]
+            .iter()
+            .find_map(|key| candle_core::pickle::read_all_with_key(file, *key).ok())
+            .filter(|t| !t.is_empty())
+            .with_context(|| {
+                format!(
+                    "{}: not a PyTorch state dict (a dict of tensors, or a checkpoint with one under `state_dict` or `model`)",
+                    file.display()
+                )
+            })?
+    } else {
+        candle_core::safetensors::load(file, device)
+            .with_context(|| format!("cannot read {}", file.display()))?
+            .into_iter()
+            .collect()
+    };
+    tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let t = match t.dtype() {
+                DType::BF16 | DType::F16 | DType::F64 => t.to_dtype(DType::F32)?,
+                _ => t,
+            };
+            Ok((name, t.to_device(device)?))
+        })
+        .collect()
+}
+
+/// Initial weights by name: a diffusers DiT (`save_pretrained` directory or file), a reference
+/// hourglass / LocalMamba checkpoint (`hourglass_model.pt`, read as it is), or our own final
+/// weights. Every trainable tensor must be there; a buffer the file lacks (the age features,
+/// which the reference never saved) keeps its seeded value.
 pub(super) fn load_pretrained(
     path: &Path,
     shape: &DenoiserShape,
@@ -25,23 +61,27 @@ pub(super) fn load_pretrained(
     device: &Device,
 ) -> Result<()> {
     let file = if path.is_dir() {
-        [shape.weights_file(), "model.safetensors"]
+        let names = [
+            shape.weights_file(),
+            "model.safetensors",
+            shape.reference_file(),
+        ];
+        names
             .iter()
             .map(|f| path.join(f))
             .find(|p| p.exists())
             .with_context(|| {
                 format!(
-                    "{}: no {} or model.safetensors (set `model.pretrained` to the weights of a {})",
+                    "{}: none of {} (set `model.pretrained` to the weights of a {})",
                     path.display(),
-                    shape.weights_file(),
+                    names.join(", "),
                     shape.family()
                 )
             })?
     } else {
         path.to_path_buf()
     };
-    let saved = candle_core::safetensors::load(&file, device)
-        .with_context(|| format!("cannot read {}", file.display()))?;
+    let saved = read_state_dict(&file, device)?;
     let what = || format!("{}: not weights of this {}", file.display(), shape.family());
     checkpoint::restore(&params.trainable, &saved).with_context(what)?;
     let (present, kept): (Vec<_>, Vec<_>) = params
