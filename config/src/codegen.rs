@@ -408,6 +408,7 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
             let (dims, depths) = (&m.dims, &m.depths);
             let (d_state, ssm_ratio, drop_path) = (m.d_state, m.ssm_ratio, m.drop_path_rate);
             let d_conv = m.d_conv;
+            let level_dropout = &m.dropout_rates;
             let dt_rank = match m.ssm_dt_rank {
                 Some(r) => quote! { Some(#r) },
                 None => quote! { None },
@@ -436,7 +437,7 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
                         scans: vec![#(#scans),*],
                         mapping_width: #mw, mapping_depth: #md, mapping_d_ff: #mf,
                         class_rows: #class_rows, mapping_cond_dim: #mcond, dropout: #mdrop,
-                        drop_path: #drop_path,
+                        level_dropout: vec![#(#level_dropout),*], drop_path: #drop_path,
                     },
                     frame: #frame,
                 }

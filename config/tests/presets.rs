@@ -63,6 +63,7 @@ fn diffusion_presets_build_or_stop_only_at_the_support_gate() {
             "hourglass-db-only",
             "hourglass-db-polar",
             "hourglass-timeseries",
+            "localmamba-timeseries",
             "quickstart"
         ]
     );
@@ -117,7 +118,7 @@ fn dit_parameter_counts_equal_the_reference() {
 }
 
 #[test]
-fn hourglass_parameter_counts_equal_the_reference() {
+fn hourglass_and_localmamba_parameter_counts_equal_the_reference() {
     // spec/reference/hourglass-localmamba.md, counted from the reference's own model.
     for db in ["db-only", "db-iq", "db-polar"] {
         assert_eq!(
@@ -137,6 +138,10 @@ fn hourglass_parameter_counts_equal_the_reference() {
     )
     .unwrap();
     assert_eq!(lm.plan.unwrap().params, 10_811_666);
+    assert_eq!(
+        params("config/diffusion/localmamba-timeseries.toml"),
+        10_795_020
+    );
 }
 
 #[test]

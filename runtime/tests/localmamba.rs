@@ -40,6 +40,7 @@ fn shape(
         class_rows: classes,
         mapping_cond_dim: cond,
         dropout: 0.0,
+        level_dropout: vec![],
         drop_path: 0.0,
     }
 }
@@ -107,6 +108,7 @@ fn tiny() -> LocalMambaShape {
             .collect(),
         drop_path: 0.1,
         dropout: 0.1,
+        level_dropout: vec![0.1, 0.2],
         // The contract's `d_conv` and an explicit `ssm_dt_rank`, off their defaults.
         d_conv: 5,
         dt_rank: Some(3),

@@ -219,9 +219,6 @@ pub(super) fn read(
             ctx.warn("model.extras.mlp_ratio", "`mlp_ratio` has no effect: the LocalMamba block has no MLP (the reference reads and ignores it)")
                 .help = Some("remove it".into());
         }
-        if dropout_rates.iter().any(|p| *p > 0.0) {
-            ctx.error("model.extras.dropout_rate", "not yet supported: dropout inside SS2D (use `drop_path_rate` for stochastic depth)");
-        }
         if x.node(ctx, "num_attention_heads").is_some() {
             ctx.error(
                 "model.extras.num_attention_heads",

@@ -80,7 +80,9 @@ impl DenoiserShape {
             DenoiserShape::Hourglass { hourglass: h, .. } => {
                 h.mapping_dropout > 0.0 || h.levels.iter().any(|l| l.dropout > 0.0)
             }
-            DenoiserShape::LocalMamba { localmamba: m, .. } => m.dropout > 0.0 || m.drop_path > 0.0,
+            DenoiserShape::LocalMamba { localmamba: m, .. } => {
+                m.dropout > 0.0 || m.drop_path > 0.0 || m.level_dropout.iter().any(|p| *p > 0.0)
+            }
         }
     }
 

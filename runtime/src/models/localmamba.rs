@@ -122,6 +122,9 @@ pub struct LocalMambaShape {
     pub mapping_cond_dim: usize,
     /// The mapping network's dropout.
     pub dropout: f64,
+    /// Per level, dropout on SS2D's output (LocalVMamba's after `out_proj`; `dropout_rate`).
+    #[serde(default)]
+    pub level_dropout: Vec<f64>,
     /// Stochastic depth of each layer's residual branch.
     pub drop_path: f64,
 }
@@ -447,13 +450,16 @@ impl LocalMamba {
         x: &Tensor,
         conditions: (&Tensor, Option<&Tensor>, Option<&Tensor>),
     ) -> Result<Node> {
-        let drop_path = self.shape.drop_path;
-        let block = move |block: &Block, x: &Tensor, _: usize, cond: &Tensor, mode: &mut Mode| {
-            let branch = block.op.forward(&block.norm.forward(x, cond)?)?;
-            // DropPath: one inverted-dropout draw per sample.
-            let ones = Tensor::ones((x.dim(0)?, 1, 1, 1), x.dtype(), x.device())?;
-            x + branch.broadcast_mul(&dropout(&ones, drop_path, mode)?)?
-        };
+        let (drop_path, level_dropout) = (self.shape.drop_path, &self.shape.level_dropout);
+        let block =
+            move |block: &Block, x: &Tensor, level: usize, cond: &Tensor, mode: &mut Mode| {
+                let branch = block.op.forward(&block.norm.forward(x, cond)?)?;
+                let p = level_dropout.get(level).copied().unwrap_or(0.0);
+                let branch = dropout(&branch, p, mode)?;
+                // DropPath: one inverted-dropout draw per sample.
+                let ones = Tensor::ones((x.dim(0)?, 1, 1, 1), x.dtype(), x.device())?;
+                x + branch.broadcast_mul(&dropout(&ones, drop_path, mode)?)?
+            };
         let y = self.skeleton.record(tape, x, conditions, Rc::new(block))?;
         tape.apply(&[y], |v, _| {
             let y = v[0].contiguous()?;
