@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::models::nn::{dropout, Linear, Mode, Params};
 use crate::models::tape::{Node, Tape};
+use crate::ops::norm::rms_normalize_last;
+use crate::ops::rope::rotate;
 
 /// A level's self-attention.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -84,12 +86,10 @@ pub struct HourglassShape {
 
 const EPS: f64 = 1e-6;
 
-/// x · rsqrt(mean(x²) + ε) · scale over the last axis (`scale` broadcast against x), in the
-/// differentiable ops Candle has (its fused `rms_norm` has no backward).
+/// x · rsqrt(mean(x²) + ε) · scale over the last axis (`scale` broadcast against x): our fused
+/// normalisation (ops/norm.rs; Candle's `rms_norm` has no backward) times the scale.
 pub(crate) fn rms_norm(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_mul(&(mean_sq + EPS)?.sqrt()?.recip()?)?
-        .broadcast_mul(scale)
+    rms_normalize_last(x, EPS)?.broadcast_mul(scale)
 }
 
 /// `nn.Linear(din, dout, bias=False)` initialised to zeros (k-diffusion's `zero_init`).
@@ -188,23 +188,6 @@ impl AxialRope {
     }
 }
 
-/// Rotates the first 2·n channels of x (B, H, W, heads, d) by θ (H, W, heads, n):
-/// (x₁ cos θ − x₂ sin θ, x₂ cos θ + x₁ sin θ), the rest passed through. In Candle ops, whose
-/// backward is the inverse rotation (Candle's `rope*` ops have none).
-fn rotate(x: &Tensor, theta: &Tensor) -> Result<Tensor> {
-    let n = theta.dim(D::Minus1)?;
-    let d = x.dim(D::Minus1)?;
-    let (cos, sin) = (theta.cos()?.unsqueeze(0)?, theta.sin()?.unsqueeze(0)?);
-    let x1 = x.narrow(4, 0, n)?;
-    let x2 = x.narrow(4, n, n)?;
-    let y1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-    let y2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-    if 2 * n == d {
-        return Tensor::cat(&[y1, y2], 4);
-    }
-    Tensor::cat(&[y1, y2, x.narrow(4, 2 * n, d - 2 * n)?], 4)
-}
-
 /// Cosine-similarity self-attention with axial RoPE, global, in neighbourhoods or in shifted
 /// windows.
 struct Attention {
@@ -265,11 +248,13 @@ impl Attention {
                 .reshape((b, h, w, self.heads, d))
         };
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        // q·√scale/‖q‖ and k·√scale/‖k‖ (ε = 1e-6 under the root, as k-diffusion).
-        let sqrt_scale = self.scale.sqrt()?.reshape((1, 1, 1, self.heads, 1))?;
+        // q·√scale/‖q‖ and k·√scale/‖k‖ (ε = 1e-6 under the root, as k-diffusion):
+        // x/√(Σx² + ε) = rms_normalize(x, ε/d)/√d.
+        let sqrt_scale = (&self.scale / d as f64)?
+            .sqrt()?
+            .reshape((1, 1, 1, self.heads, 1))?;
         let cosine = |t: &Tensor| -> Result<Tensor> {
-            let inv = (t.sqr()?.sum_keepdim(4)? + EPS)?.sqrt()?.recip()?;
-            t.broadcast_mul(&inv)?.broadcast_mul(&sqrt_scale)
+            rms_normalize_last(t, EPS / d as f64)?.broadcast_mul(&sqrt_scale)
         };
         let theta = self.pos_emb.angles(pos)?;
         let q = rotate(&cosine(&q)?, &theta)?.reshape((b, h, w, width))?;

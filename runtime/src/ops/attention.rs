@@ -101,19 +101,6 @@ fn row_len(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1).max(1)
 }
 
-/// `f(offset, rows)` over `data` cut into one run of whole rows of `n` per thread.
-fn on_row_chunks(data: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let rows = data.len() / n;
-    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
-    let chunk = rows.div_ceil(threads).max(1) * n;
-    rayon::scope(|scope| {
-        for (k, part) in data.chunks_mut(chunk).enumerate() {
-            let f = &f;
-            scope.spawn(move |_| f(k * chunk, part));
-        }
-    });
-}
-
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
         "softmax-last"
@@ -180,7 +167,7 @@ impl RowSoftmax for CpuStorage {
     fn softmax_rows(&self, l: &Layout) -> Result<Self> {
         let n = row_len(l);
         let mut p = crate::ops::cpu::contiguous::<f32>(self, l)?.to_vec();
-        on_row_chunks(&mut p, n, |_, rows| softmax_rows(rows, n));
+        crate::ops::cpu::on_row_chunks(&mut p, n, |_, rows| softmax_rows(rows, n));
         Ok(CpuStorage::F32(p))
     }
 
@@ -188,7 +175,7 @@ impl RowSoftmax for CpuStorage {
         let n = row_len(pl);
         let p = crate::ops::cpu::contiguous::<f32>(self, pl)?;
         let mut ds = crate::ops::cpu::contiguous::<f32>(g, gl)?.to_vec();
-        on_row_chunks(&mut ds, n, |start, rows| {
+        crate::ops::cpu::on_row_chunks(&mut ds, n, |start, rows| {
             softmax_backward_rows(&p[start..start + rows.len()], rows, n)
         });
         Ok(CpuStorage::F32(ds))

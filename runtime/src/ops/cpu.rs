@@ -207,6 +207,19 @@ pub(crate) fn par_map<T: Default + Clone + Send>(
     out
 }
 
+/// `f(offset, rows)` over `data` cut into one run of whole rows of `n` per thread.
+pub(crate) fn on_row_chunks(data: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = data.len() / n;
+    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+    let chunk = rows.div_ceil(threads).max(1) * n;
+    rayon::scope(|scope| {
+        for (k, part) in data.chunks_mut(chunk).enumerate() {
+            let f = &f;
+            scope.spawn(move |_| f(k * chunk, part));
+        }
+    });
+}
+
 /// a·b summed in 16 lanes, so it vectorises (a float sum in one chain cannot: its order is
 /// fixed). The lanes' order is fixed too, so the result is the same on every vector unit.
 #[inline(always)]

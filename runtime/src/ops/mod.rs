@@ -24,6 +24,7 @@ pub mod neighborhood;
 pub mod norm;
 pub mod pool;
 pub mod precision;
+pub mod rope;
 pub mod selective_scan;
 
 /// The sizes a trainer's CUDA kernels are specialised to (config::cuda::KernelSizes, as the

@@ -11,6 +11,11 @@
 //! `standardize_last` is the parameter-free normalisation over the last axis (LayerNorm without
 //! its affine) built from Candle ops that all have a backward: Candle's fused `layer_norm` and
 //! `rms_norm` have none.
+//!
+//! `rms_normalize_last` is x / √(mean(x²) + eps) over the last axis (RMSNorm without its scale:
+//! the hourglass's norms, and its cosine-similarity q and k), one pass each way on the CPU in
+//! f32: y = x·r with r = (mean(x²) + eps)^−½ per row, and ∂x = r·(g − y·mean(g·y)). Other
+//! devices and dtypes use the composite of Candle ops.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
@@ -280,6 +285,65 @@ pub fn standardize_last(x: &Tensor, eps: f64) -> Result<Tensor> {
     centered.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
+/// x / √(mean(x²) + eps) over the last axis, differentiable in x.
+pub fn rms_normalize_last(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        return x.broadcast_div(&(ms + eps)?.sqrt()?);
+    }
+    x.contiguous()?.apply_op1(RmsNormalize { eps })
+}
+
+struct RmsNormalize {
+    eps: f64,
+}
+
+/// 1 / √(mean(x²) + eps) of one row.
+#[inline(always)]
+fn inverse_rms(row: &[f32], eps: f64) -> f32 {
+    (1.0 / ((crate::ops::cpu::dot(row, row) / row.len() as f32) as f64 + eps).sqrt()) as f32
+}
+
+impl candle_core::CustomOp1 for RmsNormalize {
+    fn name(&self) -> &'static str {
+        "rms-normalize-last"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = l.dims().last().copied().unwrap_or(1).max(1);
+        let mut y = contiguous::<f32>(s, l)?.to_vec();
+        crate::ops::cpu::on_row_chunks(&mut y, n, |_, rows| {
+            for row in rows.chunks_exact_mut(n) {
+                let r = inverse_rms(row, self.eps);
+                row.iter_mut().for_each(|v| *v *= r);
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let n = x.dim(D::Minus1)?;
+        let eps = self.eps;
+        let dx = crate::ops::cpu::with_f32(&[x, y, &grad.contiguous()?], |t| {
+            let (x, y) = (t[0], t[1]);
+            let mut dx = t[2].to_vec();
+            crate::ops::cpu::on_row_chunks(&mut dx, n, |start, rows| {
+                for (i, g) in rows.chunks_exact_mut(n).enumerate() {
+                    let at = start + i * n;
+                    let (xr, yr) = (&x[at..at + n], &y[at..at + n]);
+                    let r = inverse_rms(xr, eps);
+                    let mean_gy = crate::ops::cpu::dot(g, yr) / n as f32;
+                    for (gv, yv) in g.iter_mut().zip(yr) {
+                        *gv = r * (*gv - yv * mean_gy);
+                    }
+                }
+            });
+            Ok(dx)
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,6 +383,33 @@ mod tests {
             let diff = max((a - t)?)?;
             let scale = max(t.clone())?;
             assert!(diff < 1e-10 * scale.max(1.0), "d{name} differs by {diff}");
+        }
+        Ok(())
+    }
+
+    /// The fused RMS normalisation equals its composite, values and gradient, in f32 within
+    /// 1e-5 of the largest (row lengths around the 16-lane blocks, eps 1e-6 as the hourglass's).
+    #[test]
+    fn rms_normalize_matches_the_composite_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        for n in [8, 17, 64] {
+            let x = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (6, 5, n), &dev)? * 2.0)?)?;
+            let r = Tensor::randn(0f32, 1.0, (6, 5, n), &dev)?;
+            let ours = rms_normalize_last(x.as_tensor(), 1e-6)?;
+            let ms = x.as_tensor().sqr()?.mean_keepdim(D::Minus1)?;
+            let theirs = x.as_tensor().broadcast_div(&(ms + 1e-6)?.sqrt()?)?;
+            let max = |t: Tensor| t.abs()?.max_all()?.to_scalar::<f32>();
+            assert!(max((&ours - &theirs)?)? < 1e-5);
+            let (a, b) = (
+                (ours * &r)?.sum_all()?.backward()?,
+                (theirs * &r)?.sum_all()?.backward()?,
+            );
+            let (a, b) = (a.get(&x).unwrap(), b.get(&x).unwrap());
+            let diff = max((a - b)?)?;
+            assert!(
+                diff < 1e-5 * max(b.clone())?,
+                "n = {n}: ∂x differs by {diff}"
+            );
         }
         Ok(())
     }
