@@ -68,6 +68,16 @@ fn check_diffusion(
         );
         return;
     }
+    if m.name == DiffusionModel::LocalMamba && target.cuda {
+        let loc = ctx.loc("model.name");
+        ctx.diags.push(
+            Diagnostic::warning(
+                loc,
+                "LocalMamba trains on the CPU in a `cuda` build: its selective scan has no GPU kernel yet",
+            )
+            .help("a CPU build trains it the same way"),
+        );
+    }
     let rules: [(bool, &str, &str, &str); 5] = [
         (
             m.latent_space,
