@@ -316,7 +316,7 @@ impl Mlp {
         match self.kind {
             FeedForward::GeluApproximate => self.proj.forward_gelu_tanh(x),
             FeedForward::Gelu => crate::ops::gelu::gelu(&self.proj.forward(x)?),
-            FeedForward::Geglu => gate(&self.proj.forward(x)?, crate::ops::gelu::gelu),
+            FeedForward::Geglu => crate::ops::gelu::geglu(&self.proj.forward(x)?),
             FeedForward::Swiglu => gate(&self.proj.forward(x)?, |g| g.silu()),
             FeedForward::GegluApproximate => {
                 let h = self.proj.forward(x)?;

@@ -102,9 +102,7 @@ pub(crate) fn zero_linear(p: &mut Params, name: &str, din: usize, dout: usize) -
 
 /// `x · GELU(gate)` of the two halves of a `Linear(d, 2·d_ff)` (k-diffusion's `LinearGEGLU`).
 fn geglu(up: &Linear, x: &Tensor) -> Result<Tensor> {
-    let h = up.forward(x)?;
-    let halves = h.chunk(2, D::Minus1)?;
-    &halves[0] * crate::ops::gelu::gelu(&halves[1].contiguous()?)?
+    crate::ops::gelu::geglu(&up.forward(x)?)
 }
 
 /// Random Fourier features: a fixed (out/2, in) N(0, 1) buffer W, then cos ‖ sin of 2π·x·Wᵀ.

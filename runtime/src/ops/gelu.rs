@@ -1,8 +1,8 @@
 //! GELU, its tanh approximation, and GELU-tanh with a linear layer's bias add folded in: one
 //! pass each way on the CPU (vectorised f32 loops) and on a GPU (runtime/kernels/gelu.cu,
-//! dit.cu).
+//! dit.cu). GEGLU (value·GELU(gate) of a projection's two halves): one pass each way on the CPU.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
 use super::cpu::{contiguous, exp_f32, fused_f32, par_map, vectorised};
 
@@ -234,6 +234,86 @@ pub(crate) fn gelu_f32(x: &[f32], g: Option<&[f32]>, tanh: bool) -> Vec<f32> {
         let end = start + out.len();
         gelu_loop_f32(&x[start..end], g.map(|g| &g[start..end]), out, tanh)
     })
+}
+
+/// GEGLU of h (..., 2f) = [value | gate]: value·GELU(gate) (erf form), (..., f), as diffusers'
+/// `GEGLU` and k-diffusion's `LinearGEGLU` split their projection. On the CPU in f32 one pass
+/// each way (∂value = g·GELU(gate), ∂gate = g·value·GELU'(gate)), no copy of either half;
+/// elsewhere the halves and [`gelu`].
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    if h.dtype() != DType::F32 || !h.device().is_cpu() {
+        let halves = h.chunk(2, D::Minus1)?;
+        return &halves[0] * gelu(&halves[1].contiguous()?)?;
+    }
+    h.contiguous()?.apply_op1(Geglu)
+}
+
+struct Geglu;
+
+vectorised! {
+    /// One row of GEGLU: `out` = value·GELU(gate); with `g`, its backward into `out`
+    /// ([∂value | ∂gate], twice as long).
+    fn geglu_row_f32(value: &[f32], gate: &[f32], g: Option<&[f32]>, out: &mut [f32]) {
+        match g {
+            None => {
+                for ((o, &a), &b) in out.iter_mut().zip(value).zip(gate) {
+                    *o = a * b * gelu_parts_f32(b).0;
+                }
+            }
+            Some(g) => {
+                let (d_value, d_gate) = out.split_at_mut(value.len());
+                for i in 0..value.len() {
+                    let (a, b) = (value[i], gate[i]);
+                    let (phi_cdf, phi_pdf) = gelu_parts_f32(b);
+                    d_value[i] = g[i] * b * phi_cdf;
+                    d_gate[i] = g[i] * a * (phi_cdf + b * phi_pdf);
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let two_f = l.dims().last().copied().unwrap_or(0);
+        if two_f % 2 != 0 {
+            candle_core::bail!("geglu: the last axis ({two_f}) must split in two halves");
+        }
+        let f = two_f / 2;
+        let h = contiguous::<f32>(s, l)?;
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().expect("a last axis") = f;
+        let mut out = vec![0f32; h.len() / 2];
+        crate::ops::cpu::on_row_chunks(&mut out, f, |start, rows| {
+            for (i, row) in rows.chunks_exact_mut(f).enumerate() {
+                let at = (start / f + i) * two_f;
+                geglu_row_f32(&h[at..at + f], &h[at + f..at + two_f], None, row);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(&self, h: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let two_f = h.dim(D::Minus1)?;
+        let f = two_f / 2;
+        let dh = crate::ops::cpu::with_f32(&[h, &grad.contiguous()?], |t| {
+            let (h, g) = (t[0], t[1]);
+            let mut dh = vec![0f32; h.len()];
+            crate::ops::cpu::on_row_chunks(&mut dh, two_f, |start, rows| {
+                for (i, row) in rows.chunks_exact_mut(two_f).enumerate() {
+                    let r = start / two_f + i;
+                    let (value, gate) = h[r * two_f..(r + 1) * two_f].split_at(f);
+                    geglu_row_f32(value, gate, Some(&g[r * f..(r + 1) * f]), row);
+                }
+            });
+            Ok(dh)
+        })?;
+        Ok(Some(Tensor::from_vec(dh, h.shape(), h.device())?))
+    }
 }
 
 /// GELU in its erf form or (`tanh`) its tanh approximation.
@@ -475,6 +555,31 @@ mod tests {
                 "gelu'({x}): {} vs {}",
                 g32[i],
                 g64[i]
+            );
+        }
+        Ok(())
+    }
+
+    /// GEGLU equals its halves-and-GELU composite, values and gradient, in f32 (1e-5 of the
+    /// largest; the composite's GELU is the same f32 erf).
+    #[test]
+    fn geglu_matches_the_composite_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        for f in [8, 21] {
+            let h = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (3, 5, 2 * f), &dev)? * 2.0)?)?;
+            let r = Tensor::randn(0f32, 1.0, (3, 5, f), &dev)?;
+            let ours = geglu(h.as_tensor())?;
+            let halves = h.as_tensor().chunk(2, D::Minus1)?;
+            let theirs = (&halves[0] * gelu(&halves[1].contiguous()?)?)?;
+            let max = |t: Tensor| t.abs()?.max_all()?.to_scalar::<f32>();
+            assert!(max((&ours - &theirs)?)? < 1e-5 * max(theirs.clone())?);
+            let a = (ours * &r)?.sum_all()?.backward()?;
+            let b = (theirs * &r)?.sum_all()?.backward()?;
+            let (a, b) = (a.get(&h).unwrap(), b.get(&h).unwrap());
+            let diff = max((a - b)?)?;
+            assert!(
+                diff < 1e-5 * max(b.clone())?,
+                "f = {f}: ∂h differs by {diff}"
             );
         }
         Ok(())
