@@ -250,16 +250,24 @@ pub(super) fn check(
     if in_channels != out_channels {
         ctx.error("model.extras.out_channels", format!("`out_channels` = {out_channels} must equal `in_channels` = {in_channels}: the model predicts a tensor shaped like its input"));
     }
+    let custom = matches!(
+        name_m,
+        DiffusionModel::Dit | DiffusionModel::Hourglass | DiffusionModel::LocalMamba
+    );
+    if custom && !ts && sample_size != resolution && !latent_space {
+        ctx.error("model.sample_size", format!("`model.sample_size` = {sample_size} must equal `dataset.resolution` = {resolution} for pixel-space {}", match name_m {
+            DiffusionModel::Dit => "DiT",
+            DiffusionModel::Hourglass => "hourglass",
+            _ => "LocalMamba",
+        }))
+            .help = Some(format!("set `sample_size = {resolution}` (the reference's baseline preset has this bug)"));
+    }
     if name_m == DiffusionModel::Dit {
         let hw = if ts {
             [n_eeg_channels, sequence_length]
         } else {
             [resolution, resolution]
         };
-        if !ts && sample_size != resolution && !latent_space {
-            ctx.error("model.sample_size", format!("`model.sample_size` = {sample_size} must equal `dataset.resolution` = {resolution} for pixel-space DiT"))
-                .help = Some(format!("set `sample_size = {resolution}` (the reference's baseline preset has this bug)"));
-        }
         let grid = if latent_space {
             [sample_size, sample_size]
         } else {

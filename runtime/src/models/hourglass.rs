@@ -229,10 +229,11 @@ impl Attention {
         })
     }
 
+    /// `wrap`: the level's shifted-window mask ([`wrap_mask`]), for a shifted layer.
     fn forward(
         &self,
         x: &Tensor,
-        pos: &Tensor,
+        (pos, wrap): (&Tensor, Option<&Tensor>),
         cond: &Tensor,
         drop: f64,
         mode: &mut Mode,
@@ -276,7 +277,11 @@ impl Attention {
                 .reshape((b, h, w, width))?
             }
             SelfAttention::ShiftedWindow { window, .. } => {
-                window_attention(&q, &k, &v, self.heads, window, self.shift)?
+                let wrap = match self.shift {
+                    0 => None,
+                    _ => Some(wrap.expect("a shifted level has its mask")),
+                };
+                window_attention(&q, &k, &v, self.heads, window, (self.shift, wrap))?
             }
             SelfAttention::None => unreachable!("no attention block is built for it"),
         };
@@ -287,14 +292,15 @@ impl Attention {
 /// Attention within `window`×`window` windows of q, k, v (B, H, W, heads·d) after rolling the
 /// grid by `shift` along both axes (torch.roll's direction), rolled back after: k-diffusion's
 /// `apply_window_attention`. With a shift, the windows of the first row and column hold tokens
-/// from both sides of the wrap; a query attends only to keys from its own side there.
+/// from both sides of the wrap; a query attends only to keys from its own side there (`wrap`,
+/// built once per forward for the level by [`wrap_mask`]).
 fn window_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     window: usize,
-    shift: usize,
+    (shift, wrap): (usize, Option<&Tensor>),
 ) -> Result<Tensor> {
     let (b, h, w, width) = q.dims4()?;
     let (d, (nh, nw), n) = (width / heads, (h / window, w / window), window * window);
@@ -309,11 +315,10 @@ fn window_attention(
     };
     let (q, k, v) = (windows(q)?, windows(k)?, windows(v)?);
     let mut scores = q.matmul(&k.t()?)?;
-    if shift > 0 {
-        let blocked = wrap_mask(nh, nw, window, shift, scores.device())?;
+    if let Some(blocked) = wrap {
         scores = scores
             .reshape((b, nh, nw, heads, n, n))?
-            .broadcast_add(&blocked)?
+            .broadcast_add(blocked)?
             .reshape((b * nh * nw * heads, n, n))?;
     }
     let out = crate::ops::attention::softmax_last(&scores)?.matmul(&v)?;
@@ -836,11 +841,24 @@ impl Hourglass {
             positions.push(downscale_pos(last)?);
         }
         let levels = &self.shape.levels;
+        // Each shifted-window level's mask of the wrap, once per forward (its odd layers use it).
+        let wraps = levels
+            .iter()
+            .zip(&positions)
+            .map(|(l, pos)| match l.attention {
+                SelfAttention::ShiftedWindow { window, .. } if window / 2 > 0 => {
+                    let (gh, gw) = (pos.dim(0)?, pos.dim(1)?);
+                    wrap_mask(gh / window, gw / window, window, window / 2, pos.device()).map(Some)
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let layer = move |l: &Layer, x: &Tensor, level: usize, cond: &Tensor, mode: &mut Mode| {
             let drop = levels[level].dropout;
             match &l.self_attn {
                 Some(a) => {
-                    let x = a.forward(x, &positions[level], cond, drop, mode)?;
+                    let context = (&positions[level], wraps[level].as_ref());
+                    let x = a.forward(x, context, cond, drop, mode)?;
                     l.ff.forward(&x, cond, drop, mode)
                 }
                 None => l.ff.forward(x, cond, drop, mode),
