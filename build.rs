@@ -19,6 +19,16 @@ fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
     println!("cargo::rerun-if-env-changed=SD_CONFIG");
     println!("cargo::rerun-if-env-changed=SIGNAL_DIFFUSION_CONFIG");
+    // Where pretrained models are found (config/src/pretrained.rs).
+    for var in [
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_HOME",
+        "XDG_CACHE_HOME",
+        "HOME",
+    ] {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
     println!("cargo::rerun-if-changed=build.rs");
 
     let chosen = std::env::var("SD_CONFIG").ok().filter(|s| !s.is_empty());

@@ -120,6 +120,13 @@ fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStr
     let relative = |p: &std::path::Path| relative_to(&r.project_root, p).display().to_string();
     let config_path = relative(&r.config.path);
     let project_root = r.project_root.display().to_string();
+    let hub_cache = match &r.hub_cache {
+        Some(p) => {
+            let p = p.display().to_string();
+            quote! { Some(#p) }
+        }
+        None => quote! { None },
+    };
     let embedded = r.sources.files.iter().filter_map(|f| {
         let path = relative(f.path.as_ref()?);
         let (n, t) = (&f.name, &f.text);
@@ -159,6 +166,8 @@ fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStr
         pub const PROJECT_ROOT: &str = #project_root;
         /// (display name, path, text) of every file in the config chain, as read at build time.
         pub const EMBEDDED: &[(&str, &str, &str)] = &[#(#embedded),*];
+        /// The Hugging Face cache of the build (pretrained models found there are embedded).
+        pub const HUB_CACHE: Option<&str> = #hub_cache;
         /// The shape plan, rendered (`--plan`).
         pub const PLAN: &str = #plan_text;
         pub const PARAMETERS: u64 = #params;
@@ -184,6 +193,7 @@ fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStr
                 config_path: CONFIG_PATH,
                 project_root: PROJECT_ROOT,
                 embedded: EMBEDDED,
+                hub_cache: HUB_CACHE,
                 plan: PLAN,
                 parameters: PARAMETERS,
                 flops_per_step: FLOPS_PER_STEP,

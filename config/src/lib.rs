@@ -14,6 +14,7 @@ pub mod cuda;
 pub mod diag;
 pub mod literal;
 pub mod plan;
+pub mod pretrained;
 pub mod schema;
 pub mod settings;
 mod support;
@@ -51,6 +52,8 @@ pub struct Resolved {
     pub warnings: Vec<String>,
     /// The root bare `[settings].config` paths were resolved against.
     pub project_root: PathBuf,
+    /// The Hugging Face cache pretrained models were looked up in.
+    pub hub_cache: Option<PathBuf>,
     /// The config file's stem: the trainer binary is `train-<stem>`.
     pub stem: String,
     pub config: Config,
@@ -349,7 +352,7 @@ fn resolve_inner(
             (Kind::Classification(c), data)
         }
         "diffusion" => {
-            let (c, data) = schema::read_diffusion(&root, ctx, &settings);
+            let (c, data) = schema::read_diffusion(&root, ctx, &settings, (env, sources));
             (Kind::Diffusion(c), data)
         }
         _ => return None,
@@ -366,6 +369,13 @@ fn resolve_inner(
         }
         Kind::Diffusion(_) => None,
     };
+    let plan = match (plan, &kind) {
+        (Some(mut p), Kind::Diffusion(d)) => {
+            p.latent = plan::latent_line(d);
+            Some(p)
+        }
+        (p, _) => p,
+    };
     if target_checks {
         support::check_support(ctx, &kind, target);
     }
@@ -377,6 +387,7 @@ fn resolve_inner(
         sources: Sources::default(),
         warnings: vec![],
         project_root: env.project_root.clone(),
+        hub_cache: env.hub_cache.clone(),
         stem,
         config: Config {
             path: path.to_path_buf(),

@@ -30,6 +30,8 @@ pub struct Plan {
     pub flops_per_step: u64,
     /// Parameters, gradients and two optimizer moments in f32, plus activations kept for backward.
     pub memory_bytes: u64,
+    /// Latent space: the VAE and the image → latent shapes it gives.
+    pub latent: Option<String>,
 }
 
 /// f32 weights, gradients and two optimizer moments, plus about two tensors of each saved
@@ -55,6 +57,7 @@ impl Plan {
             params,
             flops_per_step: 3 * fwd * batch as u64,
             memory_bytes,
+            latent: None,
         }
     }
 
@@ -63,6 +66,10 @@ impl Plan {
             "model {}  batch {}  input {:?}\n",
             self.model, self.batch, self.input
         );
+        if let Some(latent) = &self.latent {
+            s.push_str(latent);
+            s.push('\n');
+        }
         s.push_str(&format!(
             "{:<40} {:>18} {:>12} {:>13}\n",
             "layer", "output", "params", "MFLOP/sample"
@@ -639,6 +646,21 @@ fn skeleton(
 /// builds it). A layer: AdaRMSNorm projections (M × width, twice), qkv, the per-head scale,
 /// the output projection, the GEGLU up (width × 2·d_ff) and down; without attention the
 /// feed-forward's alone.
+/// The plan's latent-space line: the VAE used, its factors, and the shapes it maps between.
+pub fn latent_line(d: &Diffusion) -> Option<String> {
+    let v = d.model.vae_config.as_ref()?;
+    let (r, s) = (d.dataset.resolution, d.model.sample_size);
+    Some(format!(
+        "latent space: VAE {} ({} latent channels, downscale {}, scale {}, shift {}): images [3, {r}, {r}] -> latents [{}, {s}, {s}]",
+        v.dir.display(),
+        v.latent_channels,
+        v.downscale(),
+        v.scaling_factor,
+        v.shift_factor,
+        v.latent_channels
+    ))
+}
+
 pub fn hourglass(d: &Diffusion) -> Plan {
     let m = &d.model;
     let mw = m.mapping_width;

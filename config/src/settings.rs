@@ -61,6 +61,8 @@ pub struct Env {
     /// When set, files are read from here instead of the disk: a compiled trainer re-resolves
     /// its config (for `--set`) from the texts it embedded at build time.
     pub embedded: Option<Vec<(PathBuf, String)>>,
+    /// The Hugging Face hub cache pretrained models are looked up in (pretrained.rs).
+    pub hub_cache: Option<PathBuf>,
 }
 
 impl Env {
@@ -72,17 +74,31 @@ impl Env {
             home: None,
             project_root,
             embedded: None,
+            hub_cache: None,
         }
     }
 
     pub fn from_process(project_root: PathBuf) -> Self {
+        let home = std::env::var_os("HOME").map(PathBuf::from);
         Env {
             settings_override: std::env::var("SIGNAL_DIFFUSION_CONFIG")
                 .ok()
                 .filter(|s| !s.is_empty()),
-            home: std::env::var_os("HOME").map(PathBuf::from),
+            hub_cache: crate::pretrained::hub_cache_from(
+                |k| std::env::var(k).ok(),
+                home.as_deref(),
+            ),
+            home,
             project_root,
             embedded: None,
+        }
+    }
+
+    /// Whether `path` is a file (among the embedded ones, when re-resolving).
+    pub fn is_file(&self, path: &Path) -> bool {
+        match &self.embedded {
+            None => path.is_file(),
+            Some(files) => files.iter().any(|(p, _)| p == path),
         }
     }
 

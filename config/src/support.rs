@@ -80,12 +80,6 @@ fn check_diffusion(
     }
     let rules: [(bool, &str, &str, &str); 5] = [
         (
-            m.latent_space,
-            "model.extras.latent_space",
-            "latent-space training (it needs a VAE)",
-            "train in pixel space: `latent_space = false`",
-        ),
-        (
             m.conditioning == Conditioning::Caption,
             "model.conditioning",
             "caption conditioning (it needs text encoders)",
@@ -104,9 +98,18 @@ fn check_diffusion(
             "remove `vae_tiling`",
         ),
         (
-            m.revision.is_some(),
+            // diffusers tiles only images larger than the VAE's tile: below it, tiling is
+            // exactly a whole-image encode.
+            m.vae_tiling
+                && m.vae_config.as_ref().is_some_and(|v| d.dataset.resolution > v.sample_size),
+            "model.vae_tiling",
+            "VAE tiling of images larger than the VAE's tile (its `sample_size`)",
+            "remove `vae_tiling` (images are then encoded whole), or lower `dataset.resolution` to the VAE's sample_size",
+        ),
+        (
+            m.revision.is_some() && !m.latent_space,
             "model.revision",
-            "`revision` (a Hub revision; models load from local directories)",
+            "`revision` here (it selects the snapshot of a VAE found in the Hugging Face cache; `model.pretrained` is a local path)",
             "remove `revision`",
         ),
     ];

@@ -12,8 +12,11 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The project, with a Hugging Face cache holding the SD 3.5 VAE's published configuration.
 fn env() -> Env {
-    Env::isolated(root())
+    let mut env = Env::isolated(root());
+    env.hub_cache = Some(root().join("tests/fixtures/hub"));
+    env
 }
 
 fn presets(kind: &str) -> Vec<PathBuf> {
@@ -58,11 +61,15 @@ fn diffusion_presets_build_or_stop_only_at_the_support_gate() {
         built,
         [
             "baseline",
+            "dit-db-iq",
+            "dit-db-only",
+            "dit-db-polar",
             "dit-timeseries",
             "hourglass-db-iq",
             "hourglass-db-only",
             "hourglass-db-polar",
             "hourglass-timeseries",
+            "localmamba-db-only",
             "localmamba-timeseries",
             "quickstart"
         ]
@@ -130,14 +137,11 @@ fn hourglass_and_localmamba_parameter_counts_equal_the_reference() {
         params("config/diffusion/hourglass-timeseries.toml"),
         21_107_142
     );
-    // localmamba-db-only trains on latents (refused until the VAE lands); its plan is the
-    // reference's count all the same.
-    let lm = config::plan_unchecked(
-        Path::new("config/diffusion/localmamba-db-only.toml"),
-        &env(),
-    )
-    .unwrap();
-    assert_eq!(lm.plan.unwrap().params, 10_811_666);
+    // On the SD 3.5 VAE's 16 × 32 × 32 latents.
+    assert_eq!(
+        params("config/diffusion/localmamba-db-only.toml"),
+        10_811_666
+    );
     assert_eq!(
         params("config/diffusion/localmamba-timeseries.toml"),
         10_795_020
@@ -187,4 +191,77 @@ fn named_datasets_resolve_to_their_spectrograms_or_time_series() {
         assert_eq!(path, want, "{preset}");
         assert_eq!(named.as_deref(), Some("math"));
     }
+}
+
+/// The latent presets read the SD 3.5 VAE's config.json from the Hugging Face cache at build
+/// time: its 16 channels and ×8 downscale make the model's input, the plan names the VAE, and
+/// the file is one of the config's sources (rebuilt when it changes, embedded in the trainer).
+#[test]
+fn latent_presets_take_their_shapes_from_the_vae_in_the_hub_cache() {
+    let r = config::resolve(
+        Path::new("config/diffusion/dit-db-only.toml"),
+        &env(),
+        Target::default(),
+    )
+    .unwrap();
+    let plan = r.plan.unwrap();
+    assert_eq!(plan.input, [16, 32, 32]);
+    let line = plan.render();
+    assert!(
+        line.contains("16 latent channels, downscale 8, scale 1.5305, shift 0.0609): images [3, 256, 256] -> latents [16, 32, 32]"),
+        "{line}"
+    );
+    let config_json = "models--stabilityai--stable-diffusion-3.5-medium/snapshots/b940f670f0eda2d07fbb75229e779da1ad11eb80/vae/config.json";
+    assert!(
+        line.contains(config_json.trim_end_matches("/config.json")),
+        "{line}"
+    );
+    assert!(r.sources.paths().any(|p| p.ends_with(config_json)));
+    assert!(r.sources.paths().any(|p| p.ends_with("refs/main")));
+}
+
+#[test]
+fn a_vae_missing_from_the_machine_is_an_error_at_the_key_listing_the_paths_searched() {
+    let mut empty = env();
+    empty.hub_cache = Some(root().join("tests/fixtures/no-such-hub"));
+    let e = config::resolve(
+        Path::new("config/diffusion/dit-db-only.toml"),
+        &empty,
+        Target::default(),
+    )
+    .unwrap_err();
+    let text = config::render(&e);
+    let errors: Vec<_> = e.diagnostics.errors().collect();
+    assert_eq!(errors.len(), 1, "{text}");
+    for want in [
+        "dit-db-only.toml:25:7",
+        "no VAE `stabilityai/stable-diffusion-3.5-medium` on this machine",
+        "stabilityai/stable-diffusion-3.5-medium/vae/config.json",
+        "no-such-hub/models--stabilityai--stable-diffusion-3.5-medium/refs/main",
+        "huggingface-cli download stabilityai/stable-diffusion-3.5-medium --include \"vae/*\"",
+    ] {
+        assert!(text.contains(want), "missing `{want}` in:\n{text}");
+    }
+}
+
+#[test]
+fn latent_channels_and_sample_size_that_contradict_the_vae_are_errors_at_their_keys() {
+    // The preset with a 3-channel input and a pixel-sized sample (the reference's dit-db-iq).
+    let text = std::fs::read_to_string(root().join("config/diffusion/dit-db-only.toml"))
+        .unwrap()
+        .replace("in_channels = 16", "in_channels = 3")
+        .replace("sample_size = 32", "sample_size = 256");
+    let path = std::env::temp_dir().join(format!("dit-db-wrong-{}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    let e = config::resolve(&path, &env(), Target::default()).unwrap_err();
+    std::fs::remove_file(&path).unwrap();
+    let text = config::render(&e);
+    assert!(
+        text.contains("`in_channels` = 3, but the VAE's latents have 16 channels"),
+        "{text}"
+    );
+    assert!(
+        text.contains("`sample_size` = 256 is not the latent side: resolution 256 / the VAE's downscale 8 = 32"),
+        "{text}"
+    );
 }

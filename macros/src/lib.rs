@@ -94,7 +94,9 @@ pub fn trainer(input: TokenStream) -> TokenStream {
 #[proc_macro]
 pub fn presets(_input: TokenStream) -> TokenStream {
     let root = manifest_dir();
-    let env = Env::isolated(root.clone());
+    // The latent-space presets find the SD 3.5 VAE's configuration in this Hugging Face cache.
+    let mut env = Env::isolated(root.clone());
+    env.hub_cache = Some(root.join("tests/fixtures/hub"));
     let mut items = vec![];
     for kind in ["classification", "diffusion"] {
         let dir = root.join("config").join(kind);

@@ -26,3 +26,4 @@ mod sampler;
 mod selective_scan;
 mod spectrogram_parity;
 mod synth;
+mod vae;

@@ -7,8 +7,9 @@ use crate::choice::{
     FeedForward, Guidance, LoraBias, LrSchedule, MixedPrecision, NoiseScheduler, Objective,
     OptimizerName, Sampler,
 };
+use crate::diag::Sources;
 use crate::literal::literal;
-use crate::settings::Settings;
+use crate::settings::{Env, Settings};
 use crate::tree::{Ctx, Section};
 
 use super::{read_data_overrides, read_optimizer, read_scheduler, Optimizer, Scheduler};
@@ -64,6 +65,8 @@ literal! {
         pub lora_scaling: Option<f64> = "model.lora.scaling",
         pub latent_space: bool = "model.extras.latent_space",
         pub vae: Option<String> = "model.extras.vae",
+        /// The VAE latent-space training encodes with, as its config.json describes it.
+        pub vae_config: Option<crate::pretrained::Vae> = "model.extras.vae (its config.json)",
         pub in_channels: usize = "model.extras.in_channels",
         pub out_channels: usize = "model.extras.out_channels",
         pub cfg_dropout: f64 = "model.extras.cfg_dropout",
@@ -197,6 +200,7 @@ pub fn read_diffusion(
     root: &Section,
     ctx: &mut Ctx,
     settings: &Settings,
+    (env, sources): (&Env, &mut Sources),
 ) -> (Diffusion, super::Data) {
     let data = read_data_overrides(root, ctx, settings);
     let (output_type, data_type) = (data.output_type, data.data_type);
@@ -244,7 +248,7 @@ pub fn read_diffusion(
         Conditioning::GenderHealthAge => 4,
         Conditioning::None | Conditioning::Caption | Conditioning::Classes => model.num_classes,
     };
-    let diff = Diffusion {
+    let mut diff = Diffusion {
         dataset,
         model,
         objective,
@@ -255,8 +259,93 @@ pub fn read_diffusion(
         inference,
         dataset_is_timeseries: ts,
     };
+    if diff.model.latent_space && !is_sd {
+        read_latent_space(ctx, env, sources, settings, &mut diff);
+    }
     super::diffusion_rules::check(ctx, &diff, is_sd, settings, output_type);
     (diff, data)
+}
+
+/// The VAE of a latent-space model (`model.extras.vae`, else the settings' Stable Diffusion
+/// model's), and what it fixes: the input channels (the latent channels, as the contract's Note
+/// 2 says: written ones must agree) and the latent side (resolution / the VAE's downscale).
+fn read_latent_space(
+    ctx: &mut Ctx,
+    env: &Env,
+    sources: &mut Sources,
+    settings: &Settings,
+    d: &mut Diffusion,
+) {
+    if d.dataset_is_timeseries {
+        ctx.error(
+            "model.extras.latent_space",
+            "latent space needs images: a VAE encodes RGB spectrograms, not time series",
+        )
+        .help = Some("train time series in pixel space: `latent_space = false`".into());
+        return;
+    }
+    let m = &mut d.model;
+    let (spec, key) = match (&m.vae, settings.hf_models.get("stable_diffusion_model_id")) {
+        (Some(v), _) => (v.clone(), "model.extras.vae"),
+        (None, Some(id)) => (id.clone(), "model.extras.latent_space"),
+        (None, None) => return, // diffusion_rules.rs asks for a VAE.
+    };
+    let Some(vae) =
+        crate::pretrained::read_vae(ctx, env, sources, (&spec, key), m.revision.as_deref())
+    else {
+        return;
+    };
+    let config = vae.dir.join("config.json");
+    if vae.in_channels != 3 {
+        ctx.error(
+            key,
+            format!(
+                "{}: the VAE encodes {} channels; spectrograms are read as RGB (3)",
+                config.display(),
+                vae.in_channels
+            ),
+        );
+    }
+    for (k, value) in [
+        ("in_channels", m.in_channels),
+        ("out_channels", m.out_channels),
+    ] {
+        let key = format!("model.extras.{k}");
+        if ctx.loc(&key).is_some() && value != vae.latent_channels {
+            ctx.error(
+                &key,
+                format!(
+                    "`{k}` = {value}, but the VAE's latents have {} channels ({})",
+                    vae.latent_channels,
+                    config.display()
+                ),
+            )
+            .help = Some(format!(
+                "remove `{k}` (it is read from the VAE) or set it to {}",
+                vae.latent_channels
+            ));
+        }
+    }
+    (m.in_channels, m.out_channels) = (vae.latent_channels, vae.latent_channels);
+    let (resolution, down) = (d.dataset.resolution, vae.downscale());
+    if !resolution.is_multiple_of(down) {
+        ctx.error(
+            "dataset.resolution",
+            format!("`resolution` = {resolution} is not a multiple of the VAE's downscale {down}"),
+        )
+        .help = Some(format!(
+            "use a multiple of {down}, such as {}",
+            resolution.next_multiple_of(down)
+        ));
+        return;
+    }
+    let side = resolution / down;
+    if ctx.loc("model.sample_size").is_some() && m.sample_size != side {
+        ctx.error("model.sample_size", format!("`sample_size` = {} is not the latent side: resolution {resolution} / the VAE's downscale {down} = {side}", m.sample_size))
+            .help = Some(format!("set `sample_size = {side}`, or remove it (it is computed)"));
+    }
+    m.sample_size = side;
+    m.vae_config = Some(vae);
 }
 
 fn nonempty(s: Option<String>) -> Option<String> {
@@ -525,6 +614,7 @@ fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) ->
         lora_scaling,
         latent_space,
         vae,
+        vae_config: None,
         in_channels,
         out_channels,
         cfg_dropout,

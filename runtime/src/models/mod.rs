@@ -1,6 +1,7 @@
 //! The models, built from `ops` through the layers of `nn`: the classification backbones and
 //! their multi-task heads (`classifier`), the diffusion transformer (`dit`) and the hourglass
-//! transformer (`hourglass`, whose skeleton `localmamba` shares). New model families (the
+//! transformer (`hourglass`, whose skeleton `localmamba` shares), and the frozen VAE of latent
+//! space (`vae`). New model families (the
 //! Stable Diffusion UNet and MMDiT) go here, one file each,
 //! with their own ops in `ops/`. A model is its shape struct (compile-time constants from the
 //! generated trainer), a constructor taking `nn::Params` (which names every tensor as the
@@ -12,3 +13,4 @@ pub mod hourglass;
 pub mod localmamba;
 pub mod nn;
 pub mod tape;
+pub mod vae;

@@ -44,6 +44,7 @@ pub struct Compiled {
     /// The build's project root (absolute, on the build machine); see [`Compiled::root`].
     pub project_root: &'static str,
     pub embedded: &'static [(&'static str, &'static str, &'static str)],
+    pub hub_cache: Option<&'static str>,
     pub plan: &'static str,
     pub parameters: u64,
     pub flops_per_step: u64,
@@ -221,6 +222,7 @@ impl Compiled {
                     .collect(),
             ),
             project_root: root.dir,
+            hub_cache: self.hub_cache.map(PathBuf::from),
         };
         let r = config::resolve_with(
             std::path::Path::new(self.config_path),

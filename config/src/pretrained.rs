@@ -1,0 +1,431 @@
+//! Pretrained models from local files, never the network: a VAE named by `model.extras.vae` (or
+//! the settings' `hf_models.stable_diffusion_model_id`) is a directory, or a model in the local
+//! Hugging Face cache, found at build time; its `config.json` gives the latent shape the plan
+//! is computed with, and becomes one of the config's sources (rebuilt when it changes, embedded
+//! in the trainer). Nothing is downloaded: a model that is not on this machine is a build error
+//! that lists every place searched and how to fetch it on a connected one.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::diag::Sources;
+use crate::literal::literal;
+use crate::settings::{normalize, Env};
+use crate::tree::Ctx;
+
+literal! {
+    /// A diffusers `AutoencoderKL`, as its `config.json` describes it.
+    #[derive(Debug, Clone, Serialize, PartialEq)]
+    pub struct Vae {
+        /// The directory holding `config.json` and the weights.
+        pub dir: PathBuf,
+        pub in_channels: usize,
+        pub out_channels: usize,
+        pub latent_channels: usize,
+        pub block_out_channels: Vec<usize>,
+        pub layers_per_block: usize,
+        pub norm_num_groups: usize,
+        /// diffusers' tile size: with `enable_tiling`, images larger than this are encoded in
+        /// tiles (smaller ones whole).
+        pub sample_size: usize,
+        /// latent = (mean + σ·ε − shift) · scale, as diffusers' pipelines apply them.
+        pub scaling_factor: f64,
+        pub shift_factor: f64,
+        pub use_quant_conv: bool,
+        pub use_post_quant_conv: bool,
+        pub mid_block_add_attention: bool,
+    }
+}
+
+impl Vae {
+    /// Pixels per latent along each side: the encoder halves the image at every block but the
+    /// last.
+    pub fn downscale(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+}
+
+/// The Hugging Face hub cache of this process, by huggingface_hub's precedence: `HF_HUB_CACHE`,
+/// `HUGGINGFACE_HUB_CACHE`, `$HF_HOME/hub`, `$XDG_CACHE_HOME/huggingface/hub`,
+/// `~/.cache/huggingface/hub`.
+pub fn hub_cache_from(
+    var: impl Fn(&str) -> Option<String>,
+    home: Option<&Path>,
+) -> Option<PathBuf> {
+    let var = |k: &str| var(k).filter(|v| !v.is_empty());
+    var("HF_HUB_CACHE")
+        .or_else(|| var("HUGGINGFACE_HUB_CACHE"))
+        .map(PathBuf::from)
+        .or_else(|| var("HF_HOME").map(|h| Path::new(&h).join("hub")))
+        .or_else(|| var("XDG_CACHE_HOME").map(|x| Path::new(&x).join("huggingface/hub")))
+        .or_else(|| home.map(|h| h.join(".cache/huggingface/hub")))
+}
+
+/// Where a model was looked for, in order, when it was not found.
+#[derive(Debug, Default)]
+pub struct Searched(pub Vec<String>);
+
+/// The directory of a model `spec` names that holds `file` (e.g. `config.json`): `spec` as a
+/// directory (absolute, `~/`, or relative to the project root), or `subfolder` inside it; else,
+/// for an `owner/name` id, its snapshot in the hub cache at `revision` (a commit hash, or a ref
+/// such as `main`), the snapshot itself or its `subfolder`. Files read on the way (a ref) are
+/// added to `sources`.
+pub fn locate(
+    env: &Env,
+    sources: &mut Sources,
+    spec: &str,
+    revision: Option<&str>,
+    subfolder: &str,
+    file: &str,
+) -> Result<PathBuf, Searched> {
+    let mut searched = Searched::default();
+    let local = normalize(&env.project_root.join(env.expand_home(spec)));
+    for dir in [local.join(subfolder), local.clone()] {
+        if env.is_file(&dir.join(file)) {
+            return Ok(dir);
+        }
+        searched.0.push(dir.join(file).display().to_string());
+    }
+    if !is_hub_id(spec) {
+        return Err(searched);
+    }
+    let Some(cache) = &env.hub_cache else {
+        searched.0.push(
+            "the Hugging Face cache (none: HF_HUB_CACHE, HF_HOME and HOME are all unset)".into(),
+        );
+        return Err(searched);
+    };
+    let repo = cache.join(format!("models--{}", spec.replace('/', "--")));
+    let rev = revision.unwrap_or("main");
+    let snapshot = if rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit()) {
+        repo.join("snapshots").join(rev)
+    } else {
+        let ref_file = repo.join("refs").join(rev);
+        match env.read(&ref_file) {
+            Ok(text) => {
+                let sha = text.trim().to_string();
+                sources.add(ref_file.display().to_string(), Some(ref_file), text);
+                repo.join("snapshots").join(sha)
+            }
+            Err(_) => {
+                searched
+                    .0
+                    .push(format!("{} (the revision `{rev}`)", ref_file.display()));
+                return Err(searched);
+            }
+        }
+    };
+    for dir in [snapshot.join(subfolder), snapshot.clone()] {
+        if env.is_file(&dir.join(file)) {
+            return Ok(dir);
+        }
+        searched.0.push(dir.join(file).display().to_string());
+    }
+    Err(searched)
+}
+
+/// `owner/name`, as the Hub names models.
+fn is_hub_id(spec: &str) -> bool {
+    spec.split('/').count() == 2
+        && !spec.starts_with(['.', '/', '~'])
+        && spec.split('/').all(|s| !s.is_empty())
+}
+
+/// The weights of a diffusers model directory: the single safetensors file, its fp16 variant,
+/// or the shard index (`None` when there is none).
+pub fn weights_in(dir: &Path, is_file: impl Fn(&Path) -> bool) -> Option<PathBuf> {
+    ["", ".fp16"]
+        .iter()
+        .flat_map(|variant| {
+            [
+                format!("diffusion_pytorch_model{variant}.safetensors"),
+                format!("diffusion_pytorch_model{variant}.safetensors.index.json"),
+            ]
+        })
+        .map(|name| dir.join(name))
+        .find(|p| is_file(p))
+}
+
+/// The VAE a latent-space config trains in, found and read, or errors at the key that named it.
+/// `spec` is `model.extras.vae`, else the settings' `stable_diffusion_model_id`
+/// (`settings_key`), whose VAE is in its `vae/` subfolder as in every diffusers pipeline.
+pub fn read_vae(
+    ctx: &mut Ctx,
+    env: &Env,
+    sources: &mut Sources,
+    (spec, key): (&str, &str),
+    revision: Option<&str>,
+) -> Option<Vae> {
+    let dir = match locate(env, sources, spec, revision, "vae", "config.json") {
+        Ok(dir) => dir,
+        Err(Searched(paths)) => {
+            let id = if is_hub_id(spec) {
+                spec
+            } else {
+                "stabilityai/stable-diffusion-3.5-medium"
+            };
+            ctx.error(
+                key,
+                format!(
+                    "no VAE `{spec}` on this machine (models are read from local files only); searched:\n  {}",
+                    paths.join("\n  ")
+                ),
+            )
+            .help = Some(format!(
+                "download it on a connected machine with `huggingface-cli download {id} --include \"vae/*\"` and copy the cache (HF_HOME), or set `model.extras.vae` to a directory holding the VAE's config.json and diffusion_pytorch_model.safetensors"
+            ));
+            return None;
+        }
+    };
+    let path = dir.join("config.json");
+    let text = match env.read(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            ctx.error(key, format!("cannot read {}: {e}", path.display()));
+            return None;
+        }
+    };
+    sources.add(path.display().to_string(), Some(path.clone()), text.clone());
+    match parse_vae(&text, &dir) {
+        Ok(vae) => Some(vae),
+        Err(why) => {
+            ctx.error(key, format!("{}: {why}", path.display())).help =
+                Some("the VAE must be a diffusers AutoencoderKL (its `vae/config.json`)".into());
+            None
+        }
+    }
+}
+
+/// A diffusers `AutoencoderKL` config.json (`text`, in `dir`), checked to be one the runtime builds.
+pub fn parse_vae(text: &str, dir: &Path) -> Result<Vae, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let class = v["_class_name"].as_str().unwrap_or("AutoencoderKL");
+    if class != "AutoencoderKL" {
+        return Err(format!(
+            "`_class_name` is \"{class}\", not \"AutoencoderKL\""
+        ));
+    }
+    let count = |k: &str, default: Option<usize>| -> Result<usize, String> {
+        match v.get(k) {
+            Some(x) => x
+                .as_u64()
+                .filter(|&n| n >= 1)
+                .map(|n| n as usize)
+                .ok_or(format!("`{k}` must be a positive integer, not {x}")),
+            None => default.ok_or(format!("`{k}` is missing")),
+        }
+    };
+    let number = |k: &str, default: f64| -> Result<f64, String> {
+        match v.get(k) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(x) => x.as_f64().ok_or(format!("`{k}` must be a number, not {x}")),
+        }
+    };
+    let flag = |k: &str| v.get(k).and_then(|x| x.as_bool()).unwrap_or(true);
+    let block_out_channels: Vec<usize> = v["block_out_channels"]
+        .as_array()
+        .ok_or("`block_out_channels` is missing")?
+        .iter()
+        .map(|x| x.as_u64().map(|n| n as usize).filter(|&n| n >= 1))
+        .collect::<Option<_>>()
+        .ok_or("`block_out_channels` must list positive integers")?;
+    if block_out_channels.is_empty() {
+        return Err("`block_out_channels` is empty".into());
+    }
+    for (k, block) in [
+        ("down_block_types", "DownEncoderBlock2D"),
+        ("up_block_types", "UpDecoderBlock2D"),
+    ] {
+        if let Some(list) = v.get(k).and_then(|x| x.as_array()) {
+            if list.len() != block_out_channels.len() || list.iter().any(|b| b != block) {
+                return Err(format!(
+                    "`{k}` must be {} × \"{block}\" (one per block_out_channels)",
+                    block_out_channels.len()
+                ));
+            }
+        }
+    }
+    if let Some(act) = v.get("act_fn").and_then(|x| x.as_str()) {
+        if act != "silu" {
+            return Err(format!("`act_fn` is \"{act}\"; only \"silu\" is built"));
+        }
+    }
+    let norm_num_groups = count("norm_num_groups", Some(32))?;
+    if let Some(c) = block_out_channels
+        .iter()
+        .find(|&&c| c % norm_num_groups != 0)
+    {
+        return Err(format!(
+            "`norm_num_groups` = {norm_num_groups} does not divide the block width {c}"
+        ));
+    }
+    Ok(Vae {
+        dir: dir.to_path_buf(),
+        in_channels: count("in_channels", Some(3))?,
+        out_channels: count("out_channels", Some(3))?,
+        latent_channels: count("latent_channels", Some(4))?,
+        block_out_channels,
+        layers_per_block: count("layers_per_block", Some(1))?,
+        norm_num_groups,
+        sample_size: count("sample_size", Some(32))?,
+        scaling_factor: number("scaling_factor", 0.18215)?,
+        shift_factor: number("shift_factor", 0.0)?,
+        use_quant_conv: flag("use_quant_conv"),
+        use_post_quant_conv: flag("use_post_quant_conv"),
+        mid_block_add_attention: flag("mid_block_add_attention"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(files: &[&str]) -> (tempdir::Dir, Env) {
+        let dir = tempdir::Dir::new();
+        for f in files {
+            let (path, text) = f.split_once('=').unwrap_or((f, "{}"));
+            let p = dir.0.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        let mut env = Env::isolated(dir.0.join("project"));
+        env.hub_cache = Some(dir.0.join("hub"));
+        (dir, env)
+    }
+
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                use std::sync::atomic::{AtomicUsize, Ordering};
+                static N: AtomicUsize = AtomicUsize::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "sd-pretrained-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    #[test]
+    fn a_hub_id_resolves_through_its_ref_to_the_snapshot_subfolder() {
+        let (d, env) = tree(&[
+            &format!("hub/models--org--model/refs/main={SHA}\n"),
+            &format!("hub/models--org--model/snapshots/{SHA}/vae/config.json"),
+            "hub/models--org--model/refs/v2=ffffffffffffffffffffffffffffffffffffffff",
+            "hub/models--org--model/snapshots/ffffffffffffffffffffffffffffffffffffffff/config.json",
+        ]);
+        let mut sources = Sources::default();
+        let found = locate(&env, &mut sources, "org/model", None, "vae", "config.json");
+        let snap = d.0.join("hub/models--org--model/snapshots");
+        assert_eq!(found.unwrap(), snap.join(SHA).join("vae"));
+        assert_eq!(sources.files.len(), 1, "the ref is a source");
+        // A ref other than main, whose snapshot is the VAE itself (no subfolder).
+        let found = locate(
+            &env,
+            &mut sources,
+            "org/model",
+            Some("v2"),
+            "vae",
+            "config.json",
+        );
+        assert_eq!(found.unwrap(), snap.join("f".repeat(40)));
+        // A commit hash needs no ref.
+        let found = locate(
+            &env,
+            &mut sources,
+            "org/model",
+            Some(SHA),
+            "vae",
+            "config.json",
+        );
+        assert_eq!(found.unwrap(), snap.join(SHA).join("vae"));
+    }
+
+    #[test]
+    fn a_local_directory_wins_and_a_missing_model_lists_every_path_searched() {
+        let (d, env) = tree(&["project/models/vae/config.json"]);
+        let mut sources = Sources::default();
+        let found = locate(&env, &mut sources, "models/vae", None, "vae", "config.json");
+        assert_eq!(found.unwrap(), d.0.join("project/models/vae"));
+        let Err(Searched(paths)) = locate(
+            &env,
+            &mut sources,
+            "org/absent",
+            Some("dev"),
+            "vae",
+            "config.json",
+        ) else {
+            panic!("found a model that is not there")
+        };
+        assert_eq!(paths.len(), 3, "{paths:?}");
+        assert!(paths[0].ends_with("project/org/absent/vae/config.json"));
+        assert!(
+            paths[2].contains("models--org--absent/refs/dev"),
+            "{paths:?}"
+        );
+    }
+
+    #[test]
+    fn the_hub_cache_follows_huggingface_hubs_precedence() {
+        let vars = |set: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                set.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let home = Some(Path::new("/home/u"));
+        let all = [
+            ("HF_HUB_CACHE", "/a"),
+            ("HUGGINGFACE_HUB_CACHE", "/b"),
+            ("HF_HOME", "/c"),
+            ("XDG_CACHE_HOME", "/d"),
+        ];
+        for (i, expected) in ["/a", "/b", "/c/hub", "/d/huggingface/hub"]
+            .iter()
+            .enumerate()
+        {
+            let set: &'static [_] = Box::leak(all[i..].to_vec().into_boxed_slice());
+            assert_eq!(
+                hub_cache_from(vars(set), home),
+                Some(PathBuf::from(expected))
+            );
+        }
+        assert_eq!(
+            hub_cache_from(vars(&[("HF_HOME", "")]), home),
+            Some(PathBuf::from("/home/u/.cache/huggingface/hub"))
+        );
+        assert_eq!(hub_cache_from(vars(&[]), None), None);
+    }
+
+    #[test]
+    fn the_sd35_vae_config_gives_16_channels_at_an_eighth() {
+        let text = r#"{"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512],
+            "latent_channels": 16, "layers_per_block": 2, "norm_num_groups": 32,
+            "scaling_factor": 1.5305, "shift_factor": 0.0609, "use_quant_conv": false,
+            "use_post_quant_conv": false, "latents_mean": null}"#;
+        let vae = parse_vae(text, Path::new("/v")).unwrap();
+        assert_eq!((vae.latent_channels, vae.downscale()), (16, 8));
+        assert_eq!((vae.scaling_factor, vae.shift_factor), (1.5305, 0.0609));
+        assert!(!vae.use_quant_conv && vae.mid_block_add_attention);
+        let bad = parse_vae(r#"{"_class_name": "AutoencoderTiny"}"#, Path::new("/v"));
+        assert!(bad.unwrap_err().contains("AutoencoderTiny"));
+        let bad = parse_vae(
+            r#"{"block_out_channels": [48], "norm_num_groups": 32}"#,
+            Path::new("/v"),
+        );
+        assert!(bad.unwrap_err().contains("does not divide"));
+    }
+}
