@@ -3,8 +3,14 @@
 use std::process::Command;
 
 fn sigdiff(args: &[&str]) -> (bool, String, String) {
+    sigdiff_with(&[], args)
+}
+
+/// `sigdiff` with environment variables `vars` set.
+fn sigdiff_with(vars: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_sigdiff"))
         .args(args)
+        .envs(vars.iter().copied())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
@@ -34,13 +40,35 @@ fn validate_reports_mistakes_with_locations_and_exit_1() {
 
 #[test]
 fn validate_accepts_configs_whose_trainer_is_not_built_yet() {
-    let (ok, out, err) = sigdiff(&["validate", "config/diffusion/localmamba-db-only.toml"]);
+    let (ok, out, err) = sigdiff(&["validate", "config/diffusion/sd35-db-only.toml"]);
     assert!(ok, "{err}");
     assert!(
         out.contains(
-            "config/diffusion/localmamba-db-only.toml: valid; building a trainer from it stops with"
+            "config/diffusion/sd35-db-only.toml: valid; building a trainer from it stops with"
         ) && out.contains("not yet supported"),
         "{out}"
+    );
+}
+
+/// A latent preset validates against the VAE in the Hugging Face cache the environment names
+/// (here one holding the SD 3.5 VAE's config.json), and its plan shows the latent shapes; with
+/// the cache elsewhere the VAE is missing, said at the key with the paths searched.
+#[test]
+fn latent_presets_validate_against_the_hugging_face_cache_of_the_environment() {
+    let preset = "config/diffusion/dit-db-only.toml";
+    let hub = [("HF_HUB_CACHE", "tests/fixtures/hub")];
+    let (ok, out, err) = sigdiff_with(&hub, &["plan", preset]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("images [3, 256, 256] -> latents [16, 32, 32]"),
+        "{out}"
+    );
+    let (ok, _, err) = sigdiff_with(&[("HF_HUB_CACHE", "/nonexistent")], &["validate", preset]);
+    assert!(!ok);
+    assert!(
+        err.contains("dit-db-only.toml:25:7: error: no VAE `stabilityai/stable-diffusion-3.5-medium` on this machine")
+            && err.contains("/nonexistent/models--stabilityai--stable-diffusion-3.5-medium/refs/main"),
+        "{err}"
     );
 }
 

@@ -59,7 +59,7 @@ fn items(r: &Resolved, cuda: Option<&CudaBuild>) -> Result<Items, TokenStream> {
         imports: quote! {
             use ::signal_diffusion_runtime as rt;
             #[allow(unused_imports)]
-            use #rt::config::{choice::*, schema::*, settings::*, Config, Kind};
+            use #rt::config::{choice::*, pretrained::Vae, schema::*, settings::*, Config, Kind};
             #[allow(unused_imports)]
             use ::std::{collections::BTreeMap, path::{Path, PathBuf}};
         },

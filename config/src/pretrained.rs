@@ -11,12 +11,12 @@ use serde::Serialize;
 
 use crate::diag::Sources;
 use crate::literal::literal;
-use crate::settings::{normalize, Env};
+use crate::settings::{normalize, resolve_config_ref, Env};
 use crate::tree::Ctx;
 
 literal! {
     /// A diffusers `AutoencoderKL`, as its `config.json` describes it.
-    #[derive(Debug, Clone, Serialize, PartialEq)]
+    #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
     pub struct Vae {
         /// The directory holding `config.json` and the weights.
         pub dir: PathBuf,
@@ -66,22 +66,21 @@ pub fn hub_cache_from(
 #[derive(Debug, Default)]
 pub struct Searched(pub Vec<String>);
 
-/// The directory of a model `spec` names that holds `file` (e.g. `config.json`): `spec` as a
-/// directory (absolute, `~/`, or relative to the project root), or `subfolder` inside it; else,
+/// The directory of a model `spec` names that holds `file` (e.g. `config.json`): `spec` as the
+/// directory `local` (the path it names), or `subfolder` inside it; else,
 /// for an `owner/name` id, its snapshot in the hub cache at `revision` (a commit hash, or a ref
 /// such as `main`), the snapshot itself or its `subfolder`. Files read on the way (a ref) are
 /// added to `sources`.
 pub fn locate(
     env: &Env,
     sources: &mut Sources,
-    spec: &str,
+    (spec, local): (&str, &Path),
     revision: Option<&str>,
     subfolder: &str,
     file: &str,
 ) -> Result<PathBuf, Searched> {
     let mut searched = Searched::default();
-    let local = normalize(&env.project_root.join(env.expand_home(spec)));
-    for dir in [local.join(subfolder), local.clone()] {
+    for dir in [local.join(subfolder), local.to_path_buf()] {
         if env.is_file(&dir.join(file)) {
             return Ok(dir);
         }
@@ -157,7 +156,13 @@ pub fn read_vae(
     (spec, key): (&str, &str),
     revision: Option<&str>,
 ) -> Option<Vae> {
-    let dir = match locate(env, sources, spec, revision, "vae", "config.json") {
+    // As a path: absolute, `~/`, `./` or `../` from the file that wrote it, else from the
+    // project root (as `[settings].config`).
+    let local = match ctx.loc(key) {
+        Some(loc) => resolve_config_ref(env, sources, spec, &loc),
+        None => normalize(&env.project_root.join(env.expand_home(spec))),
+    };
+    let dir = match locate(env, sources, (spec, &local), revision, "vae", "config.json") {
         Ok(dir) => dir,
         Err(Searched(paths)) => {
             let id = if is_hub_id(spec) {
@@ -316,6 +321,17 @@ mod tests {
         }
     }
 
+    /// `locate` a VAE named by `spec`, a path relative to the project root or a hub id.
+    fn find(
+        env: &Env,
+        sources: &mut Sources,
+        spec: &str,
+        revision: Option<&str>,
+    ) -> Result<PathBuf, Searched> {
+        let local = env.project_root.join(spec);
+        locate(env, sources, (spec, &local), revision, "vae", "config.json")
+    }
+
     const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
 
     #[test]
@@ -327,29 +343,15 @@ mod tests {
             "hub/models--org--model/snapshots/ffffffffffffffffffffffffffffffffffffffff/config.json",
         ]);
         let mut sources = Sources::default();
-        let found = locate(&env, &mut sources, "org/model", None, "vae", "config.json");
+        let found = find(&env, &mut sources, "org/model", None);
         let snap = d.0.join("hub/models--org--model/snapshots");
         assert_eq!(found.unwrap(), snap.join(SHA).join("vae"));
         assert_eq!(sources.files.len(), 1, "the ref is a source");
         // A ref other than main, whose snapshot is the VAE itself (no subfolder).
-        let found = locate(
-            &env,
-            &mut sources,
-            "org/model",
-            Some("v2"),
-            "vae",
-            "config.json",
-        );
+        let found = find(&env, &mut sources, "org/model", Some("v2"));
         assert_eq!(found.unwrap(), snap.join("f".repeat(40)));
         // A commit hash needs no ref.
-        let found = locate(
-            &env,
-            &mut sources,
-            "org/model",
-            Some(SHA),
-            "vae",
-            "config.json",
-        );
+        let found = find(&env, &mut sources, "org/model", Some(SHA));
         assert_eq!(found.unwrap(), snap.join(SHA).join("vae"));
     }
 
@@ -357,16 +359,9 @@ mod tests {
     fn a_local_directory_wins_and_a_missing_model_lists_every_path_searched() {
         let (d, env) = tree(&["project/models/vae/config.json"]);
         let mut sources = Sources::default();
-        let found = locate(&env, &mut sources, "models/vae", None, "vae", "config.json");
+        let found = find(&env, &mut sources, "models/vae", None);
         assert_eq!(found.unwrap(), d.0.join("project/models/vae"));
-        let Err(Searched(paths)) = locate(
-            &env,
-            &mut sources,
-            "org/absent",
-            Some("dev"),
-            "vae",
-            "config.json",
-        ) else {
+        let Err(Searched(paths)) = find(&env, &mut sources, "org/absent", Some("dev")) else {
             panic!("found a model that is not there")
         };
         assert_eq!(paths.len(), 3, "{paths:?}");

@@ -16,6 +16,7 @@ mod fuzz_corpus;
 mod gradients;
 mod hourglass;
 mod image;
+mod latents;
 mod localmamba;
 mod meta_dataset;
 mod mit;

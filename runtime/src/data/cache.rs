@@ -68,12 +68,12 @@ impl Decoded {
 }
 
 #[cfg(unix)]
-fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
 }
 
 #[cfg(windows)]
-fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+pub(crate) fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
     while !buf.is_empty() {
         let n = std::os::windows::fs::FileExt::seek_read(file, buf, offset)?;
         if n == 0 {
@@ -86,13 +86,13 @@ fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<
 }
 
 /// What a split was read from: path, size and modification time of each source file.
-fn fingerprint(split: &Split, image_column: Option<&str>) -> Result<String> {
+pub(crate) fn fingerprint(split: &Split, image_column: Option<&str>) -> Result<String> {
     let files: Vec<&Path> = match &split.samples {
         Samples::Files(files) => std::iter::once(split.source.as_path())
             .chain(files.iter().map(PathBuf::as_path))
             .collect(),
         Samples::Encoded { table, .. } => vec![table.as_path()],
-        Samples::Signals { .. } | Samples::Decoded(_) => {
+        Samples::Signals { .. } | Samples::Decoded(_) | Samples::Latents(_) => {
             bail!("only image splits are cached")
         }
     };
@@ -122,8 +122,10 @@ pub fn cached(
     image_column: Option<&str>,
     workers: usize,
 ) -> Result<Split> {
-    if matches!(split.samples, Samples::Signals { .. } | Samples::Decoded(_))
-        || matches!(&split.samples, Samples::Files(f) if f.first().is_some_and(|p| p.extension().is_some_and(|e| e == "npy")))
+    if matches!(
+        split.samples,
+        Samples::Signals { .. } | Samples::Decoded(_) | Samples::Latents(_)
+    ) || matches!(&split.samples, Samples::Files(f) if f.first().is_some_and(|p| p.extension().is_some_and(|e| e == "npy")))
     {
         return Ok(split);
     }

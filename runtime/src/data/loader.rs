@@ -54,6 +54,9 @@ pub enum Samples {
     },
     /// Images decoded once into `dataset.cache_dir` (see `cache`).
     Decoded(crate::data::cache::Decoded),
+    /// Images encoded once by a VAE: each sample is its latent mean then log-variance (see
+    /// `latents`).
+    Latents(crate::data::latents::Latents),
 }
 
 impl Split {
@@ -63,6 +66,7 @@ impl Split {
             Samples::Encoded { images, .. } => images.len(),
             Samples::Signals { signals, .. } => signals.len(),
             Samples::Decoded(d) => d.len(),
+            Samples::Latents(l) => l.len(),
         }
     }
 
@@ -77,6 +81,7 @@ impl Split {
             Samples::Encoded { images, .. } => images.truncate(n),
             Samples::Signals { signals, .. } => signals.truncate(n),
             Samples::Decoded(d) => d.truncate(n),
+            Samples::Latents(l) => l.truncate(n),
         }
         for t in &mut self.targets {
             t.truncate(n);
@@ -96,6 +101,12 @@ impl Split {
                 out.clear();
                 out.extend_from_slice(&signals[i].values);
                 return Ok(());
+            }
+            // The mirror image half the time, by the same draw for the same (salt, i).
+            Samples::Latents(latents) => {
+                let draw =
+                    crate::ops::cpu::splitmix64(salt ^ crate::ops::cpu::splitmix64(i as u64));
+                return latents.get(i, draw >> 63 == 1, out);
             }
             _ => {}
         }
@@ -126,6 +137,7 @@ impl Split {
             }
             Samples::Decoded(d) => d.get(i),
             Samples::Signals { .. } => bail!("{} is a time series", self.describe(i)),
+            Samples::Latents(_) => bail!("{} is encoded into latents", self.describe(i)),
         }
     }
 

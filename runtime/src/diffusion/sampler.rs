@@ -348,6 +348,9 @@ pub struct SampleSpec {
     /// spectrogram images.
     #[serde(default)]
     pub timeseries: bool,
+    /// Latent space: the VAE that decodes samples into images (absent in pixel space).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<signal_diffusion_config::pretrained::Vae>,
 }
 
 impl SampleSpec {

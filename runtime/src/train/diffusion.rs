@@ -34,6 +34,7 @@ use super::optim::{lr_factor, Optimizer};
 use super::{list_dirs, Compiled, RunOptions};
 use crate::data::image::Augment;
 use crate::data::io::fnv;
+use crate::data::latents::{self, Encoder, Encoding};
 use crate::data::loader::{read_split, Loader, Samples, Split};
 use crate::diffusion::denoiser::{Denoiser, DenoiserShape};
 use crate::diffusion::ema::Ema;
@@ -42,6 +43,7 @@ use crate::diffusion::path::{normals, Path as NoisePath};
 use crate::diffusion::sampler::{conditions, SampleSpec};
 use crate::models::dit::{Condition, Conditioning};
 use crate::models::nn::Params;
+use crate::models::vae::Vae;
 use crate::ops::precision::{self, LossScaler};
 use crate::track::{Logger, Tracking};
 use signal_diffusion_config::choice::{DatasetType, EvalStrategy, Objective, OutputType};
@@ -95,7 +97,12 @@ pub(super) struct Ctx<'a> {
     pub(super) cfg: &'a Diffusion,
     pub(super) shape: &'a DenoiserShape,
     pub(super) device: &'a Device,
+    /// The model's per-sample input (latents in latent space).
     pub(super) input: Vec<usize>,
+    /// A sample as an image: `input` in pixel space, the VAE's decoding in latent space.
+    pub(super) image: Vec<usize>,
+    /// Latent space's frozen VAE.
+    pub(super) vae: Option<Arc<Vae>>,
     pub(super) path: NoisePath,
     pub(super) objective: Objective,
     pub(super) spec: SampleSpec,
@@ -103,10 +110,44 @@ pub(super) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    pub(super) fn tensor(&self, data: &[f32], n: usize) -> Result<Tensor> {
+    /// What the loader reads per sample: the input, or in latent space the cached mean and
+    /// log-variance stacked on the channels.
+    pub(super) fn loaded(&self) -> Vec<usize> {
+        let mut shape = self.input.clone();
+        if self.vae.is_some() {
+            shape[0] *= 2;
+        }
+        shape
+    }
+
+    /// The model's input for `n` loaded samples: as they are, or in latent space a draw from
+    /// each cached distribution, z = mean + exp(logvar / 2)·ε, scaled and shifted as the VAE's
+    /// config says.
+    pub(super) fn batch_input(
+        &self,
+        data: &[f32],
+        n: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Tensor> {
         let mut dims = vec![n];
-        dims.extend(&self.input);
-        Ok(Tensor::from_slice(data, dims, self.device)?)
+        dims.extend(self.loaded());
+        let x = Tensor::from_slice(data, dims, self.device)?;
+        let Some(vae) = &self.vae else {
+            return Ok(x);
+        };
+        let c = self.input[0];
+        let (mean, logvar) = (x.narrow(1, 0, c)?, x.narrow(1, c, c)?);
+        let eps = Tensor::from_vec(normals(rng, mean.elem_count()), mean.shape(), self.device)?;
+        let z = (mean + ((logvar * 0.5)?.exp()? * eps)?)?;
+        vae.to_model(&z)
+    }
+
+    /// Samples as images: decoded by the VAE in latent space (a batch at a time).
+    pub(super) fn to_images(&self, x: Tensor) -> Result<Tensor> {
+        match &self.vae {
+            Some(vae) => vae.decode(&vae.from_model(&x)?),
+            None => Ok(x),
+        }
     }
 
     /// A seeded RNG for (update, micro-batch): the same draws after a resume.
@@ -169,6 +210,49 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
     super::check_layout(&dir, &config)?;
     let tasks = compiled.tasks;
     let image_column = (ds.image_column != "image").then_some(ds.image_column.as_str());
+    let vae = match &cfg.model.vae_config {
+        Some(v) => {
+            let vae = Vae::load(v, &device)?;
+            println!(
+                "latent space: VAE {} ({} channels, downscale {}, scale {}, shift {})",
+                v.dir.display(),
+                v.latent_channels,
+                v.downscale(),
+                v.scaling_factor,
+                v.shift_factor
+            );
+            Some(Arc::new(vae))
+        }
+        None => None,
+    };
+    // Latent space: each split's images encoded once (data/latents.rs), in
+    // `dataset.cache_dir`, else beside the dataset.
+    let to_latents = |split: &Arc<Split>| -> Result<Arc<Split>> {
+        let Some(vae) = &vae else {
+            unreachable!("only latent space encodes")
+        };
+        let spec = Encoding {
+            root: ds.cache_dir.as_ref().map_or(dir.clone(), PathBuf::from),
+            dataset_dir: dir.clone(),
+            random_crop: !ds.center_crop,
+            random_flip: ds.random_flip,
+            resolution: ds.resolution,
+            image_column: image_column.map(String::from),
+            workers: ds.num_workers.max(1),
+            shard_size: latents::SHARD,
+        };
+        let encode = |x: &Tensor| vae.encode(x);
+        let encoder = Encoder {
+            hash: &vae.weights_hash,
+            latent: [
+                compiled.input_shape[0],
+                compiled.input_shape[1],
+                compiled.input_shape[2],
+            ],
+            encode: &encode,
+        };
+        Ok(Arc::new(latents::cached(split, &encoder, &spec, &device)?))
+    };
     let read = |split: &str, augment: Augment, max: Option<usize>| -> Result<Arc<Split>> {
         let mut s = read_split(&dir, split, tasks, image_column)?;
         let encoded = matches!(s.samples, Samples::Encoded { .. });
@@ -187,29 +271,42 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
         if let Some(n) = max {
             s.truncate(n);
         }
-        if let Some(cache) = &ds.cache_dir {
+        // Latent space caches the latents instead (data/latents.rs).
+        if let (Some(cache), None) = (&ds.cache_dir, &vae) {
             let workers = ds.num_workers.max(1);
             s = crate::data::cache::cached(s, &dir, Path::new(cache), image_column, workers)?;
         }
         Ok(Arc::new(s))
     };
-    let train = read(
-        &ds.train_split,
-        Augment {
-            resize: true,
-            random_crop: !ds.center_crop,
-            random_flip: ds.random_flip,
-        },
-        ds.max_train_samples,
-    )?;
     let eval_augment = Augment {
         resize: true,
         random_crop: false,
         random_flip: false,
     };
-    let val = match &ds.val_split {
+    // In latent space the images are encoded centre-cropped and unflipped (the mirror images
+    // are cached beside them).
+    let train_images = read(
+        &ds.train_split,
+        match vae {
+            None => Augment {
+                resize: true,
+                random_crop: !ds.center_crop,
+                random_flip: ds.random_flip,
+            },
+            Some(_) => eval_augment,
+        },
+        ds.max_train_samples,
+    )?;
+    let val_images = match &ds.val_split {
         Some(v) => Some(read(v, eval_augment, ds.max_eval_samples)?),
         None => None,
+    };
+    let (train, val) = match &vae {
+        None => (train_images.clone(), val_images.clone()),
+        Some(_) => (
+            to_latents(&train_images)?,
+            val_images.as_ref().map(to_latents).transpose()?,
+        ),
     };
     let bs = compiled.batch_size;
     let accum = t.gradient_accumulation_steps;
@@ -238,16 +335,23 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
         polar_layout: (config.output_type == OutputType::DbPolar).then_some(config.polar_layout),
         source_width: match cfg.dataset_is_timeseries {
             true => 0,
-            false => source_width(&train)?,
+            false => source_width(&train_images)?,
         },
         n_eeg_channels: ds.n_eeg_channels,
         timeseries: cfg.dataset_is_timeseries,
+        vae: cfg.model.vae_config.clone(),
     };
+    let input = compiled.input_shape.to_vec();
     let ctx = Ctx {
         cfg,
         shape,
         device: &device,
-        input: compiled.input_shape.to_vec(),
+        image: match &vae {
+            Some(v) => vec![v.config.out_channels, ds.resolution, ds.resolution],
+            None => input.clone(),
+        },
+        input,
+        vae: vae.clone(),
         path: spec.path(),
         objective,
         spec,
@@ -363,7 +467,7 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
     // sorted by subject is still covered) without its random augmentations.
     let reference = match (t.eval_mmd_samples >= 2, t.eval_strategy) {
         (true, EvalStrategy::Steps | EvalStrategy::Epoch) => {
-            let (split, rows) = match &val {
+            let (split, rows) = match &val_images {
                 Some(v) => (v.clone(), (0..v.len()).collect()),
                 None => {
                     let split = read(&ds.train_split, eval_augment, ds.max_train_samples)?;
@@ -417,7 +521,7 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
             train.clone(),
             order[skip.min(order.len())..].to_vec(),
             bs,
-            ctx.input.clone(),
+            ctx.loaded(),
             ds.num_workers,
             salt,
         );
@@ -430,7 +534,7 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
             let mut rng = ctx.rng(state.step, i % accum);
             let mut cond = conditions(cond_kind, &train.targets, &idx);
             drop_conditions(&mut cond, cond_kind, cfg.model.cfg_dropout, &mut rng);
-            let mut x = ctx.tensor(&batch.inputs, batch.size)?;
+            let mut x = ctx.batch_input(&batch.inputs, batch.size, &mut rng)?;
             if ds.gaussian_noise_std > 0.0 {
                 let noise = normals(&mut rng, x.elem_count());
                 let noise = Tensor::from_vec(noise, x.shape(), x.device())?;

@@ -23,7 +23,7 @@ use crate::diffusion::sampler::conditions;
 use crate::track::Logger;
 
 /// Features of the rows `rows` of `split` (of each image's dB channel at the model's resolution,
-/// or of each series).
+/// or of each series); `split` holds images also in latent space.
 pub(super) fn reference_features(
     ctx: &Ctx,
     split: &Arc<Split>,
@@ -34,13 +34,13 @@ pub(super) fn reference_features(
         split.clone(),
         rows,
         64,
-        ctx.input.clone(),
+        ctx.image.clone(),
         ctx.cfg.dataset.num_workers,
         0,
     );
     for batch in loader {
         let batch = batch?;
-        let per: usize = ctx.input.iter().product();
+        let per: usize = ctx.image.iter().product();
         for k in 0..batch.size {
             feats.push(sample_features(ctx, &batch.inputs[k * per..(k + 1) * per]));
         }
@@ -48,10 +48,10 @@ pub(super) fn reference_features(
     Ok(Reference::new(&feats))
 }
 
-/// The features of one model-shaped sample: of the signal for time series (1, C, T), else of
+/// The features of one image-shaped sample: of the signal for time series (1, C, T), else of
 /// the spectrogram's dB channel (channel 0).
 fn sample_features(ctx: &Ctx, sample: &[f32]) -> Vec<f32> {
-    let (h, w) = (ctx.input[1], ctx.input[2]);
+    let (h, w) = (ctx.image[1], ctx.image[2]);
     if ctx.spec.timeseries {
         return signal_features(sample, h, w);
     }
@@ -115,7 +115,7 @@ impl Evaluator<'_> {
                 (*val).clone(),
                 (0..val.len()).collect(),
                 t.eval_batch_size,
-                ctx.input.clone(),
+                ctx.loaded(),
                 ctx.cfg.dataset.num_workers,
                 0,
             );
@@ -135,7 +135,7 @@ impl Evaluator<'_> {
                 start += batch.size;
                 let cond = conditions(ctx.shape.conditioning(), &val.targets, &idx);
                 let mut rng = ChaCha8Rng::seed_from_u64(t.seed ^ 0x7a1d_0000 ^ b as u64);
-                let x = ctx.tensor(&batch.inputs, batch.size)?;
+                let x = ctx.batch_input(&batch.inputs, batch.size, &mut rng)?;
                 let loss = diffusion_loss(self.model, &x, &cond, &spec, &mut rng)?;
                 sum += loss.to_scalar::<f32>()? as f64 * batch.size as f64;
                 n += batch.size;
@@ -148,13 +148,13 @@ impl Evaluator<'_> {
         let mut kid = None;
         if n > 0 {
             let samples = self.generate(n)?;
-            let per: usize = ctx.input.iter().product();
+            let per: usize = ctx.image.iter().product();
             if t.eval_num_examples > 0 {
                 let shown = &samples[..t.eval_num_examples * per];
                 let (png, shape) = grid(
                     shown,
                     t.eval_num_examples,
-                    &ctx.input,
+                    &ctx.image,
                     ctx.spec.pixel_range(),
                 )?;
                 let dir = ctx.run_dir.join("samples");
@@ -164,7 +164,7 @@ impl Evaluator<'_> {
                 if ctx.spec.timeseries {
                     // The PNG is a heat map for the eye; the signals themselves, losslessly.
                     let mut dims = vec![t.eval_num_examples];
-                    dims.extend(&ctx.input);
+                    dims.extend(&ctx.image);
                     let npy = dir.join(format!("step-{step:06}.npy"));
                     crate::data::io::write_npy_f32(&npy, &dims, shown)?;
                 }
@@ -189,7 +189,8 @@ impl Evaluator<'_> {
         Ok(kid)
     }
 
-    /// `n` samples, conditioned on the reference rows in order (cycled), from a fixed seed.
+    /// `n` samples as images (decoded in latent space), conditioned on the reference rows in
+    /// order (cycled), from a fixed seed.
     fn generate(&self, n: usize) -> Result<Vec<f32>> {
         let (ctx, t) = (self.ctx, &self.ctx.cfg.training);
         let sampler = ctx.spec.sampler(
@@ -198,7 +199,7 @@ impl Evaluator<'_> {
             ctx.cfg.inference.cfg_scale,
         )?;
         let src = self.cond_source;
-        let mut out = Vec::with_capacity(n * ctx.input.iter().product::<usize>());
+        let mut out = Vec::with_capacity(n * ctx.image.iter().product::<usize>());
         let mut rng = ChaCha8Rng::seed_from_u64(t.seed ^ 0x5a3b_1e00);
         let mut done = 0;
         while done < n {
@@ -217,7 +218,7 @@ impl Evaluator<'_> {
                 &mut rng,
                 |_, _| {},
             )?;
-            out.extend(x.flatten_all()?.to_vec1::<f32>()?);
+            out.extend(ctx.to_images(x)?.flatten_all()?.to_vec1::<f32>()?);
             done += b;
         }
         Ok(out)

@@ -1,4 +1,5 @@
-//! `sigdiff sample`: a labelled synthetic dataset from a trained DiT, in the preprocessed-dataset
+//! `sigdiff sample`: a labelled synthetic dataset from a trained diffusion model (decoded by its
+//! VAE in latent space), in the preprocessed-dataset
 //! layout (`{split}/synthetic/sample-NNNNN.png`, or `.npy` of (EEG channels, samples) float32
 //! for a time-series model, and `{split}-metadata.csv`), so a classifier can train on real and
 //! synthetic data together.
@@ -283,7 +284,20 @@ pub fn run(args: &SampleOptions) -> Result<()> {
     std::fs::create_dir_all(&images)
         .with_context(|| format!("cannot create {}", images.display()))?;
     let grey = spec.output_type == OutputType::DbOnly;
-    let (ch, h, w) = shape.input();
+    // Latent space: samples are drawn at the latent shape and decoded by the training's VAE.
+    let vae = spec
+        .vae
+        .as_ref()
+        .map(|v| crate::models::vae::Vae::load(v, &device))
+        .transpose()?;
+    let (lc, lh, lw) = shape.input();
+    let (ch, h, w) = match &vae {
+        Some(v) => {
+            let down = v.config.downscale();
+            (v.config.out_channels, lh * down, lw * down)
+        }
+        None => (lc, lh, lw),
+    };
     let bar = indicatif::ProgressBar::new(rows.len() as u64);
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let mut csv = csv::Writer::from_writer(vec![]);
@@ -296,8 +310,15 @@ pub fn run(args: &SampleOptions) -> Result<()> {
             labels: conds[start..start + b].iter().map(|c| c.0).collect(),
             ages: conds[start..start + b].iter().map(|c| c.1).collect(),
         };
-        let noise = Tensor::from_vec(normals(&mut rng, b * ch * h * w), (b, ch, h, w), &device)?;
-        let x = sampler.sample(&model, noise, &cond, c, &mut rng, |_, _| {})?;
+        let noise = Tensor::from_vec(
+            normals(&mut rng, b * lc * lh * lw),
+            (b, lc, lh, lw),
+            &device,
+        )?;
+        let mut x = sampler.sample(&model, noise, &cond, c, &mut rng, |_, _| {})?;
+        if let Some(vae) = &vae {
+            x = vae.decode(&vae.from_model(&x)?)?;
+        }
         let values = x.flatten_all()?.to_vec1::<f32>()?;
         let px = match spec.timeseries {
             true => vec![],
