@@ -383,8 +383,49 @@ fn a_latent_dit_trains_on_cached_latents_resumes_exactly_and_samples_images() {
     let data = tmp.path().join("data");
     write_dataset(&data);
     let sets = [("dataset.name", data.display().to_string())];
+    // `sigdiff cache-latents` first: the trainer then finds every latent encoded.
+    let overrides = [("dataset.name".to_string(), data.display().to_string())];
+    let config = tiny_latent_dit::compiled().resolve(&overrides).unwrap();
+    let signal_diffusion_runtime::config::Kind::Diffusion(d) = &config.kind else {
+        panic!("a diffusion config")
+    };
+    signal_diffusion_runtime::train::diffusion::cache_latents(d).unwrap();
+    let cached_at = |data: &std::path::Path| {
+        let cache = std::fs::read_dir(data)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("latents-data-")
+            })
+            .unwrap();
+        let train = std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("train-")
+            })
+            .unwrap();
+        std::fs::metadata(train.join("shard-00000.f32"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let encoded = cached_at(&data);
     let out_a = tmp.path().join("a");
     train(tiny_latent_dit::run, &sets, &out_a, None);
+    assert_eq!(
+        cached_at(&data),
+        encoded,
+        "the trainer encoded the images again"
+    );
     let run_a = only_run_dir(&out_a);
     let losses = series(&run_a, "train/loss");
     assert_eq!(losses.len(), 24);

@@ -43,8 +43,12 @@ enum Command {
     /// Merge preprocessed spectrogram datasets into the weighted meta-dataset (Parquet, in the
     /// Hugging Face `datasets` layout).
     MetaDataset(MetaArgs),
-    /// Generate a labelled synthetic dataset (preprocessed layout) from a trained DiT checkpoint.
+    /// Generate a labelled synthetic dataset (preprocessed layout) from a trained diffusion
+    /// checkpoint.
     Sample(SampleArgs),
+    /// Encode a latent-space config's training and validation images once into its latent
+    /// cache (its trainer does the same on first use, and reuses the cache after).
+    CacheLatents { file: PathBuf },
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -358,6 +362,24 @@ fn main() -> ExitCode {
             &args.into(),
         )),
         Command::Sample(args) => report(signal_diffusion_runtime::train::sample::run(&args.into())),
+        Command::CacheLatents { file } => match config::plan_unchecked(&file, &env()) {
+            Err(e) => {
+                eprintln!("{}", config::render(&e));
+                ExitCode::FAILURE
+            }
+            Ok(r) => match &r.config.kind {
+                config::Kind::Diffusion(d) => {
+                    report(signal_diffusion_runtime::train::diffusion::cache_latents(d))
+                }
+                config::Kind::Classification(_) => {
+                    eprintln!(
+                        "error: {}: a classification config has no latents",
+                        file.display()
+                    );
+                    ExitCode::FAILURE
+                }
+            },
+        },
     }
 }
 

@@ -225,33 +225,9 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
         }
         None => None,
     };
-    // Latent space: each split's images encoded once (data/latents.rs), in
-    // `dataset.cache_dir`, else beside the dataset.
     let to_latents = |split: &Arc<Split>| -> Result<Arc<Split>> {
-        let Some(vae) = &vae else {
-            unreachable!("only latent space encodes")
-        };
-        let spec = Encoding {
-            root: ds.cache_dir.as_ref().map_or(dir.clone(), PathBuf::from),
-            dataset_dir: dir.clone(),
-            random_crop: !ds.center_crop,
-            random_flip: ds.random_flip,
-            resolution: ds.resolution,
-            image_column: image_column.map(String::from),
-            workers: ds.num_workers.max(1),
-            shard_size: latents::SHARD,
-        };
-        let encode = |x: &Tensor| vae.encode(x);
-        let encoder = Encoder {
-            hash: &vae.weights_hash,
-            latent: [
-                compiled.input_shape[0],
-                compiled.input_shape[1],
-                compiled.input_shape[2],
-            ],
-            encode: &encode,
-        };
-        Ok(Arc::new(latents::cached(split, &encoder, &spec, &device)?))
+        let vae = vae.as_ref().expect("only latent space encodes");
+        latents_of(cfg, vae, &dir, split, &device)
     };
     let read = |split: &str, augment: Augment, max: Option<usize>| -> Result<Arc<Split>> {
         let mut s = read_split(&dir, split, tasks, image_column)?;
@@ -691,6 +667,69 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
         final_dir.display(),
         ckpt_dir.display()
     );
+    Ok(())
+}
+
+/// `split` (images, resized and centre-cropped) as latents: encoded once by `vae` into
+/// `dataset.cache_dir`, else beside the dataset `dir`, then read from there (data/latents.rs).
+fn latents_of(
+    cfg: &Diffusion,
+    vae: &Vae,
+    dir: &Path,
+    split: &Arc<Split>,
+    device: &Device,
+) -> Result<Arc<Split>> {
+    let ds = &cfg.dataset;
+    let spec = Encoding {
+        root: ds
+            .cache_dir
+            .as_ref()
+            .map_or(dir.to_path_buf(), PathBuf::from),
+        dataset_dir: dir.to_path_buf(),
+        random_crop: !ds.center_crop,
+        random_flip: ds.random_flip,
+        resolution: ds.resolution,
+        image_column: (ds.image_column != "image").then(|| ds.image_column.clone()),
+        workers: ds.num_workers.max(1),
+        shard_size: latents::SHARD,
+    };
+    let side = ds.resolution / vae.config.downscale();
+    let encode = |x: &Tensor| vae.encode(x);
+    let encoder = Encoder {
+        hash: &vae.weights_hash,
+        latent: [vae.config.latent_channels, side, side],
+        encode: &encode,
+    };
+    Ok(Arc::new(latents::cached(split, &encoder, &spec, device)?))
+}
+
+/// `sigdiff cache-latents`: encode the training and validation splits of a latent-space config
+/// into its latent cache (what its trainer would do on first use), on the CPU.
+pub fn cache_latents(cfg: &Diffusion) -> Result<()> {
+    let Some(vae_config) = &cfg.model.vae_config else {
+        bail!("the config trains in pixel space (`model.extras.latent_space` is false): there are no latents to cache");
+    };
+    let device = Device::Cpu;
+    let vae = Vae::load(vae_config, &device)?;
+    let ds = &cfg.dataset;
+    let dir = &ds.path;
+    let image_column = (ds.image_column != "image").then_some(ds.image_column.as_str());
+    let splits = [
+        Some((&ds.train_split, ds.max_train_samples)),
+        ds.val_split.as_ref().map(|v| (v, ds.max_eval_samples)),
+    ];
+    for (name, max) in splits.into_iter().flatten() {
+        let mut split = read_split(dir, name, &[], image_column)?;
+        split.augment = Augment {
+            resize: true,
+            random_crop: false,
+            random_flip: false,
+        };
+        if let Some(n) = max {
+            split.truncate(n);
+        }
+        latents_of(cfg, &vae, dir, &Arc::new(split), &device)?;
+    }
     Ok(())
 }
 
