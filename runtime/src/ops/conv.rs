@@ -132,25 +132,29 @@ impl Conv {
 
 // ------------------------------------------------------------------------------------ CPU
 
-/// `col[(c·kh + i)·kw + j][oh·Wo + ow] = x[c][oh + i − ph][ow + j − pw]` (0 outside).
+/// `col[(c·kh + i)·kw + j][(oh − oh0)·Wo + ow] = x[c][oh + i − ph][ow + j − pw]` (0 outside),
+/// for the output rows `oh0..oh1`.
+#[allow(clippy::too_many_arguments)]
 fn im2col<T: Copy + Default>(
     x: &[T],
     [c, h, w]: [usize; 3],
     [kh, kw]: [usize; 2],
     [ph, pw]: [usize; 2],
-    [ho, wo]: [usize; 2],
+    wo: usize,
+    (oh0, oh1): (usize, usize),
     col: &mut [T],
 ) {
+    let n = (oh1 - oh0) * wo;
     for ci in 0..c {
         let plane = &x[ci * h * w..(ci + 1) * h * w];
         for i in 0..kh {
             for j in 0..kw {
-                let row = &mut col[((ci * kh + i) * kw + j) * ho * wo..][..ho * wo];
+                let row = &mut col[((ci * kh + i) * kw + j) * n..][..n];
                 // Output columns ow whose source ow + j − pw lies inside 0..w.
                 let lo = pw.saturating_sub(j).min(wo);
                 let hi = (w + pw).saturating_sub(j).min(wo).max(lo);
-                for oh in 0..ho {
-                    let out = &mut row[oh * wo..(oh + 1) * wo];
+                for oh in oh0..oh1 {
+                    let out = &mut row[(oh - oh0) * wo..(oh - oh0 + 1) * wo];
                     let src = (oh + i).checked_sub(ph).filter(|&r| r < h);
                     match src {
                         None => out.fill(T::default()),
@@ -168,15 +172,19 @@ fn im2col<T: Copy + Default>(
     }
 }
 
-/// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, row-major, or `rhs` read transposed (`rhs_t`:
-/// stored n×k). Single-threaded: the callers split work by sample across threads, which keeps
-/// both cores busy through im2col too (the GEMM's own threading left one idle during it).
+/// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, row-major (dst's rows `dst_rs` apart), or `rhs`
+/// read transposed (`rhs_t`: stored n×k). Single-threaded: the callers split work by sample
+/// across threads, which keeps both cores busy through im2col too (the GEMM's own threading
+/// left one idle during it).
 #[allow(clippy::too_many_arguments)]
-fn matmul<T: 'static + candle_core::WithDType>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [T],
+///
+/// # Safety
+/// `dst` must be valid for writes of m rows of n values, `dst_rs` apart, that no one else reads
+/// or writes meanwhile.
+unsafe fn matmul<T: 'static + candle_core::WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
     lhs: &[T],
     rhs: &[T],
     rhs_t: bool,
@@ -187,16 +195,17 @@ fn matmul<T: 'static + candle_core::WithDType>(
     } else {
         (1, n as isize)
     };
-    // SAFETY: the slices hold m×n, m×k and k×n values at these strides (callers size them so),
-    // and dst does not alias the inputs.
+    debug_assert!(lhs.len() >= m * k && rhs.len() >= k * n);
+    // SAFETY: lhs and rhs hold m×k and k×n values at these strides (checked above); dst is the
+    // caller's promise.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.as_ptr(),
             1,
@@ -241,7 +250,13 @@ fn per_sample<S: Send>(
         .collect()
 }
 
-/// The forward on the CPU: per sample, im2col then one GEMM; `bias` added per channel.
+/// Floats of one im2col tile: large images are convolved a band of output rows at a time, so
+/// the column matrix stays in the caches (a 3×3 convolution of 128 channels at 256² would
+/// otherwise expand to 300 MB per image, and the time go to page faults and memory traffic).
+const COL_TILE: usize = 1 << 21;
+
+/// The forward on the CPU: per sample and band of output rows, im2col then one GEMM; `bias`
+/// added per channel. The (sample, band) pairs are shared out to the threads.
 fn forward_cpu<T: 'static + candle_core::WithDType + Default>(
     x: &[T],
     x_dims: [usize; 4],
@@ -254,28 +269,47 @@ fn forward_cpu<T: 'static + candle_core::WithDType + Default>(
     let [o, _, kh, kw] = w_dims;
     let [_, _, ho, wo] = out_dims(x_dims, w_dims, pad);
     let ck = c * kh * kw;
+    let band = (COL_TILE / (ck * wo).max(1)).clamp(1, ho.max(1));
+    let bands = ho.div_ceil(band);
     let mut y = vec![T::default(); b * o * ho * wo];
     let out = SharedOut(y.as_mut_ptr());
     per_sample(
-        b,
-        || vec![T::default(); ck * ho * wo],
-        |bi, col| {
+        b * bands,
+        || vec![T::default(); ck * band * wo],
+        |item, col| {
+            let (bi, oh0) = (item / bands, (item % bands) * band);
+            let oh1 = (oh0 + band).min(ho);
+            let n = (oh1 - oh0) * wo;
             im2col(
                 &x[bi * c * h * wd..(bi + 1) * c * h * wd],
                 [c, h, wd],
                 [kh, kw],
                 pad,
-                [ho, wo],
+                wo,
+                (oh0, oh1),
                 col,
             );
-            // SAFETY: each sample's output block is written by exactly one thread.
-            let yb = unsafe { out.block(bi * o * ho * wo, o * ho * wo) };
+            // Each (sample, band) is written by exactly one thread: the rows oh0..oh1 of each
+            // output channel, n values every ho·wo.
+            let first = bi * o * ho * wo + oh0 * wo;
             if let Some(bias) = bias {
-                for (oc, plane) in yb.chunks_mut(ho * wo).enumerate() {
-                    plane.fill(bias[oc]);
+                for (oc, &value) in bias.iter().enumerate() {
+                    // SAFETY: channel oc's rows of this band, inside y, this thread's alone.
+                    unsafe { out.block(first + oc * ho * wo, n) }.fill(value);
                 }
             }
-            matmul(o, ho * wo, ck, yb, w, col, false, bias.is_some());
+            // SAFETY: as the bias rows: o rows of n values, ho·wo apart, inside y.
+            unsafe {
+                matmul(
+                    (o, n, ck),
+                    out.0.add(first),
+                    ho * wo,
+                    w,
+                    col,
+                    false,
+                    bias.is_some(),
+                )
+            };
         },
     );
     y
@@ -323,11 +357,13 @@ fn backward_filter_cpu<T: 'static + candle_core::WithDType + Default>(
                 [c, h, wd],
                 [kh, kw],
                 pad,
-                [ho, wo],
+                wo,
+                (0, ho),
                 col,
             );
             let dyb = &dy[bi * o * ho * wo..(bi + 1) * o * ho * wo];
-            matmul(o, ck, ho * wo, dw, dyb, col, true, *started);
+            // SAFETY: this thread's own o×ck sum.
+            unsafe { matmul((o, ck, ho * wo), dw.as_mut_ptr(), ck, dyb, col, true, *started) };
             *started = true;
         },
     );
@@ -767,6 +803,34 @@ mod tests {
                 )?;
             }
         }
+        Ok(())
+    }
+
+    /// An image whose column matrix exceeds `COL_TILE` is convolved in bands of output rows (here
+    /// 3: 56, 56 and 18 rows), forward and input gradient alike, with Candle's numbers (f64).
+    #[test]
+    fn a_large_image_is_convolved_in_bands_with_the_same_result() -> Result<()> {
+        let dev = Device::Cpu;
+        let (c, h, w) = (32, 130, 128);
+        assert_eq!(130usize.div_ceil(COL_TILE / (c * 9 * w)), 3);
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, c, h, w), &dev)?)?;
+        let wt = Tensor::randn(0f64, 1.0, (5, c, 3, 3), &dev)?;
+        let b = Tensor::randn(0f64, 1.0, 5, &dev)?;
+        let ours = conv(x.as_tensor(), &wt, Some(&b), 1)?;
+        let theirs = x
+            .as_tensor()
+            .conv2d(&wt, 1, 1, 1, 1)?
+            .broadcast_add(&b.reshape((1, 5, 1, 1))?)?;
+        let d = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(d < 1e-10, "forward differs by {d}");
+        let probe = Tensor::randn(0f64, 1.0, ours.shape(), &dev)?;
+        let g_ours = (ours * &probe)?.sum_all()?.backward()?;
+        let g_theirs = (theirs * &probe)?.sum_all()?.backward()?;
+        let d = (g_ours.get(x.as_tensor()).unwrap() - g_theirs.get(x.as_tensor()).unwrap())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(d < 1e-10, "dx differs by {d}");
         Ok(())
     }
 
