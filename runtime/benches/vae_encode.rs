@@ -10,7 +10,10 @@ use signal_diffusion_runtime::config::pretrained::parse_vae;
 use signal_diffusion_runtime::models::vae::Vae;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let [dir, resolution, batch, reps] = args.as_slice() else {
         anyhow::bail!("usage: vae_encode <vae dir> <resolution> <batch> <reps>");
     };

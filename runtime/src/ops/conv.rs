@@ -363,7 +363,17 @@ fn backward_filter_cpu<T: 'static + candle_core::WithDType + Default>(
             );
             let dyb = &dy[bi * o * ho * wo..(bi + 1) * o * ho * wo];
             // SAFETY: this thread's own o×ck sum.
-            unsafe { matmul((o, ck, ho * wo), dw.as_mut_ptr(), ck, dyb, col, true, *started) };
+            unsafe {
+                matmul(
+                    (o, ck, ho * wo),
+                    dw.as_mut_ptr(),
+                    ck,
+                    dyb,
+                    col,
+                    true,
+                    *started,
+                )
+            };
             *started = true;
         },
     );
