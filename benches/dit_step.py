@@ -14,6 +14,10 @@ Ours is `train-dit_cpu --benchmark N` (build with `SD_CONFIG=benches/dit_cpu.tom
 
 usage: python3 benches/dit_step.py --ours target/release/train-dit_cpu [--steps 3] [--threads 2]
 
+Latent space: `--channels 16` with ours from benches/dit_latent_cpu.toml (the same DiT on the SD 3.5
+VAE's 16 × 64 × 64 latents of 512² images; build with HF_HUB_CACHE=tests/fixtures/hub, which holds
+that VAE's config.json): `--ours target/release/train-dit_latent_cpu --channels 16`.
+
 GPU (`--device cuda`): ours built with `--features cuda` from the config whose numbers `--dims`
 repeats (config/diffusion/baseline.toml: `--dims 16,72,12,64,2,32`), then ours, diffusers eager
 and diffusers under `torch.compile`, each under `--precision` (bf16: our
@@ -31,7 +35,7 @@ import sys
 import time
 
 
-def diffusers_child(steps, threads, dims, device="cpu", compiled=False, precision="no"):
+def diffusers_child(steps, threads, dims, device="cpu", compiled=False, precision="no", channels=3):
     import torch
     from diffusers import DiTTransformer2DModel
 
@@ -40,12 +44,12 @@ def diffusers_child(steps, threads, dims, device="cpu", compiled=False, precisio
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     m = DiTTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=3, out_channels=3,
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels, out_channels=channels,
         num_layers=layers, patch_size=patch, sample_size=size, num_embeds_ada_norm=1000,
     ).to(device).train()
     params = sum(p.numel() for p in m.parameters())
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0)
-    x = torch.randn(batch, 3, size, size, device=device)
+    x = torch.randn(batch, channels, size, size, device=device)
     labels = torch.zeros(batch, dtype=torch.long, device=device)
     forward = torch.compile(m) if compiled else m
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -157,6 +161,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3, help="CPU: alternating runs of each side; medians reported")
     ap.add_argument("--dims", default="6,64,6,64,2,8", help="heads,head_dim,layers,size,patch,batch of --ours's config")
+    ap.add_argument("--channels", type=int, default=3, help="input channels: 16 for SD 3.5 VAE latents (benches/dit_latent_cpu.toml)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["no", "bf16"], default="bf16", help="GPU only; the CPU bench runs f32")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU: the dense bf16 peak MFU is measured against")
@@ -166,11 +171,12 @@ def main():
     dims = [int(v) for v in args.dims.split(",")]
     if args.child:
         precision = args.precision if args.device == "cuda" else "no"
-        return diffusers_child(args.steps, args.threads, dims, args.device, args.compiled, precision)
+        return diffusers_child(args.steps, args.threads, dims, args.device, args.compiled, precision, args.channels)
     if args.device == "cuda":
         return gpu_main(args, dims)
     params, _ = plan_numbers(args.ours)
-    child = ["--ours", args.ours, "--steps", str(args.steps), "--threads", str(args.threads), "--dims", args.dims, "--child"]
+    child = ["--ours", args.ours, "--steps", str(args.steps), "--threads", str(args.threads), "--dims", args.dims,
+             "--channels", str(args.channels), "--child"]
     ours, ours_rss, theirs, theirs_rss = alternate(args.ours, child, args.steps, args.threads, args.repeat, params)
     med = lambda v: sorted(v)[len(v) // 2]
     print(f"ours      {med(ours):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in ours)})  peak RSS {max(ours_rss):.2f} GiB")

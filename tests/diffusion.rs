@@ -50,6 +50,17 @@ mod classifier {
     signal_diffusion_macros::trainer!("train/tiny.toml");
 }
 
+/// Three samples of `checkpoint` into `out`, 3 denoising steps, in batches of 2, seed 1.
+fn three_samples(checkpoint: std::path::PathBuf, out: std::path::PathBuf) -> SampleOptions {
+    SampleOptions {
+        n: Some(3),
+        steps: Some(3),
+        batch_size: 2,
+        seed: 1,
+        ..SampleOptions::new(checkpoint, out)
+    }
+}
+
 /// Train a DiT on `data` into `out`; the mean loss of the last `window` updates must be below
 /// 0.7× that of the first. Returns the run directory.
 fn train_dit(trainer: Trainer, data: &Path, out: &Path, window: usize) -> std::path::PathBuf {
@@ -351,19 +362,9 @@ fn hourglass_trains_resumes_exactly_and_samples() {
     {
         let out = tmp.path().join(format!("synthetic-{i}"));
         signal_diffusion_runtime::train::sample::run(&SampleOptions {
-            checkpoint: run_a.join("final"),
             ema: true,
-            n: Some(3),
             condition: Some(condition.to_string()),
-            like: None,
-            out: out.clone(),
-            split: "train".into(),
-            steps: Some(3),
-            cfg_scale: None,
-            sampler: None,
-            batch_size: 2,
-            seed: 1,
-            overwrite: false,
+            ..three_samples(run_a.join("final"), out.clone())
         })
         .unwrap();
         let meta = std::fs::read_to_string(out.join("train-metadata.csv")).unwrap();
@@ -495,19 +496,8 @@ fn a_latent_dit_trains_on_cached_latents_resumes_exactly_and_samples_images() {
 
     let out = tmp.path().join("synthetic");
     signal_diffusion_runtime::train::sample::run(&SampleOptions {
-        checkpoint: run_a.join("final"),
-        ema: false,
-        n: Some(3),
         condition: Some("gender=F,health=PD,age=63".into()),
-        like: None,
-        out: out.clone(),
-        split: "train".into(),
-        steps: Some(3),
-        cfg_scale: None,
-        sampler: None,
-        batch_size: 2,
-        seed: 1,
-        overwrite: false,
+        ..three_samples(run_a.join("final"), out.clone())
     })
     .unwrap();
     let (_, channels, h, w) =

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::choice::DiffusionModel;
 use crate::diag::Sources;
 use crate::literal::literal;
 use crate::settings::{normalize, resolve_config_ref, Env};
@@ -66,25 +67,46 @@ pub fn hub_cache_from(
 #[derive(Debug, Default)]
 pub struct Searched(pub Vec<String>);
 
-/// The directory of a model `spec` names that holds `file` (e.g. `config.json`): `spec` as the
-/// directory `local` (the path it names), or `subfolder` inside it; else,
-/// for an `owner/name` id, its snapshot in the hub cache at `revision` (a commit hash, or a ref
-/// such as `main`), the snapshot itself or its `subfolder`. Files read on the way (a ref) are
-/// added to `sources`.
+/// What a model directory must hold: one of `files` (the first found counts), looked for in
+/// `subfolder` (a diffusers pipeline's `vae/` or `transformer/`), then in the directory itself.
+pub struct Wanted<'a> {
+    pub subfolder: &'a str,
+    pub files: &'a [&'a str],
+    /// Whether a file is there: the config's embedded copies for `config.json` when `--set`
+    /// re-resolves it, the disk for weights (never embedded).
+    pub exists: &'a dyn Fn(&Path) -> bool,
+}
+
+impl Wanted<'_> {
+    /// `dir/subfolder` or `dir` when one holds a wanted file; else notes what was looked for.
+    fn find_in(&self, dir: &Path, searched: &mut Searched) -> Option<PathBuf> {
+        for d in [dir.join(self.subfolder), dir.to_path_buf()] {
+            if self.files.iter().any(|f| (self.exists)(&d.join(f))) {
+                return Some(d);
+            }
+            searched.0.push(match self.files {
+                [one] => d.join(one).display().to_string(),
+                many => format!("{}/{{{}}}", d.display(), many.join(", ")),
+            });
+        }
+        None
+    }
+}
+
+/// The directory of a model `spec` names that holds a `wanted` file: `spec` as the directory
+/// `local` (the path it names); else, for an `owner/name` id, its snapshot in the hub cache at
+/// `revision` (a commit hash, or a ref such as `main`). Files read on the way (a ref) are added
+/// to `sources`.
 pub fn locate(
     env: &Env,
     sources: &mut Sources,
     (spec, local): (&str, &Path),
     revision: Option<&str>,
-    subfolder: &str,
-    file: &str,
+    wanted: &Wanted,
 ) -> Result<PathBuf, Searched> {
     let mut searched = Searched::default();
-    for dir in [local.join(subfolder), local.to_path_buf()] {
-        if env.is_file(&dir.join(file)) {
-            return Ok(dir);
-        }
-        searched.0.push(dir.join(file).display().to_string());
+    if let Some(dir) = wanted.find_in(local, &mut searched) {
+        return Ok(dir);
     }
     if !is_hub_id(spec) {
         return Err(searched);
@@ -115,13 +137,7 @@ pub fn locate(
             }
         }
     };
-    for dir in [snapshot.join(subfolder), snapshot.clone()] {
-        if env.is_file(&dir.join(file)) {
-            return Ok(dir);
-        }
-        searched.0.push(dir.join(file).display().to_string());
-    }
-    Err(searched)
+    wanted.find_in(&snapshot, &mut searched).ok_or(searched)
 }
 
 /// `owner/name`, as the Hub names models.
@@ -146,6 +162,80 @@ pub fn weights_in(dir: &Path, is_file: impl Fn(&Path) -> bool) -> Option<PathBuf
         .find(|p| is_file(p))
 }
 
+/// The weight files a model's directory may hold, in the order they are read: ours (a
+/// diffusers DiT's for DiT), a generic `model.safetensors`, and the file the reference's training
+/// writes (diffusers' PyTorch pickle for a DiT).
+pub fn weight_files(model: DiffusionModel) -> [&'static str; 3] {
+    match model {
+        DiffusionModel::Hourglass => [
+            "hourglass_model.safetensors",
+            "model.safetensors",
+            "hourglass_model.pt",
+        ],
+        DiffusionModel::LocalMamba => [
+            "localmamba_model.safetensors",
+            "model.safetensors",
+            "localmamba_model.pt",
+        ],
+        _ => [
+            "diffusion_pytorch_model.safetensors",
+            "model.safetensors",
+            "diffusion_pytorch_model.bin",
+        ],
+    }
+}
+
+/// `spec` as a path: absolute, `~/`, `./` or `../` from the file that wrote `key`, else from the
+/// project root (as `[settings].config`).
+fn as_path(ctx: &Ctx, env: &Env, sources: &Sources, spec: &str, key: &str) -> PathBuf {
+    match ctx.loc(key) {
+        Some(loc) => resolve_config_ref(env, sources, spec, &loc),
+        None => normalize(&env.project_root.join(env.expand_home(spec))),
+    }
+}
+
+/// The weights `model.pretrained` names, found at build time: a file; a directory (or its
+/// `transformer/` subfolder, as diffusers pipelines lay DiTs out) holding one of `files`; or
+/// the snapshot of a Hugging Face id in the local cache. Else an error at the key listing every
+/// place searched.
+pub fn read_pretrained(
+    ctx: &mut Ctx,
+    env: &Env,
+    sources: &mut Sources,
+    spec: &str,
+    revision: Option<&str>,
+    files: &[&str],
+) -> Option<PathBuf> {
+    let key = "model.pretrained";
+    let local = as_path(ctx, env, sources, spec, key);
+    if local.is_file() {
+        return Some(local);
+    }
+    let exists = |p: &Path| p.is_file();
+    let wanted = Wanted {
+        subfolder: "transformer",
+        files,
+        exists: &exists,
+    };
+    match locate(env, sources, (spec, &local), revision, &wanted) {
+        Ok(dir) => Some(dir),
+        Err(Searched(paths)) => {
+            ctx.error(
+                key,
+                format!(
+                    "no pretrained weights `{spec}` on this machine (models are read from local files only); searched:\n  {}",
+                    paths.join("\n  ")
+                ),
+            )
+            .help = Some(match is_hub_id(spec) {
+                true => format!("download them on a connected machine with `huggingface-cli download {spec}` and copy the cache (HF_HOME), or set `model.pretrained` to the weights file or their directory"),
+                false => "set `model.pretrained` to the weights file or their directory (absolute, `./` from this file, or from the project root)".into(),
+            });
+            None
+        }
+    }
+}
+
 /// The VAE a latent-space config trains in, found and read, or errors at the key that named it.
 /// `spec` is `model.extras.vae`, else the settings' `stable_diffusion_model_id`
 /// (`settings_key`), whose VAE is in its `vae/` subfolder as in every diffusers pipeline.
@@ -156,13 +246,14 @@ pub fn read_vae(
     (spec, key): (&str, &str),
     revision: Option<&str>,
 ) -> Option<Vae> {
-    // As a path: absolute, `~/`, `./` or `../` from the file that wrote it, else from the
-    // project root (as `[settings].config`).
-    let local = match ctx.loc(key) {
-        Some(loc) => resolve_config_ref(env, sources, spec, &loc),
-        None => normalize(&env.project_root.join(env.expand_home(spec))),
+    let local = as_path(ctx, env, sources, spec, key);
+    let exists = |p: &Path| env.is_file(p);
+    let wanted = Wanted {
+        subfolder: "vae",
+        files: &["config.json"],
+        exists: &exists,
     };
-    let dir = match locate(env, sources, (spec, &local), revision, "vae", "config.json") {
+    let dir = match locate(env, sources, (spec, &local), revision, &wanted) {
         Ok(dir) => dir,
         Err(Searched(paths)) => {
             let id = if is_hub_id(spec) {
@@ -329,7 +420,13 @@ mod tests {
         revision: Option<&str>,
     ) -> Result<PathBuf, Searched> {
         let local = env.project_root.join(spec);
-        locate(env, sources, (spec, &local), revision, "vae", "config.json")
+        let exists = |p: &Path| env.is_file(p);
+        let wanted = Wanted {
+            subfolder: "vae",
+            files: &["config.json"],
+            exists: &exists,
+        };
+        locate(env, sources, (spec, &local), revision, &wanted)
     }
 
     const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -368,6 +465,52 @@ mod tests {
         assert!(paths[0].ends_with("project/org/absent/vae/config.json"));
         assert!(
             paths[2].contains("models--org--absent/refs/dev"),
+            "{paths:?}"
+        );
+    }
+
+    /// Pretrained weights: a file as it is; a directory or its `transformer/` holding one of the
+    /// family's files; a hub id's snapshot; else the places searched, with the family's names.
+    #[test]
+    fn pretrained_weights_are_a_file_a_directory_or_a_snapshot() {
+        let (d, env) = tree(&[
+            "project/runs/final/hourglass_model.safetensors",
+            "project/ref/hourglass_model.pt",
+            "project/pipe/transformer/diffusion_pytorch_model.safetensors",
+            &format!("hub/models--org--dit/refs/main={SHA}"),
+            &format!(
+                "hub/models--org--dit/snapshots/{SHA}/transformer/diffusion_pytorch_model.bin"
+            ),
+        ]);
+        let hourglass = weight_files(DiffusionModel::Hourglass);
+        let dit = weight_files(DiffusionModel::Dit);
+        let find = |spec: &str, files: &[&str]| {
+            let local = env.project_root.join(spec);
+            let wanted = Wanted {
+                subfolder: "transformer",
+                files,
+                exists: &|p: &Path| p.is_file(),
+            };
+            locate(&env, &mut Sources::default(), (spec, &local), None, &wanted)
+        };
+        let project = d.0.join("project");
+        assert_eq!(
+            find("runs/final", &hourglass).unwrap(),
+            project.join("runs/final")
+        );
+        assert_eq!(find("ref", &hourglass).unwrap(), project.join("ref"));
+        assert_eq!(
+            find("pipe", &dit).unwrap(),
+            project.join("pipe/transformer")
+        );
+        let snap =
+            d.0.join(format!("hub/models--org--dit/snapshots/{SHA}/transformer"));
+        assert_eq!(find("org/dit", &dit).unwrap(), snap);
+        let Err(Searched(paths)) = find("pipe", &hourglass) else {
+            panic!("a DiT directory holds no hourglass weights")
+        };
+        assert!(
+            paths[0].ends_with("pipe/transformer/{hourglass_model.safetensors, model.safetensors, hourglass_model.pt}"),
             "{paths:?}"
         );
     }

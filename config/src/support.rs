@@ -78,7 +78,7 @@ fn check_diffusion(
             .help("a CPU build trains it the same way"),
         );
     }
-    let rules: [(bool, &str, &str, &str); 5] = [
+    let rules: [(bool, &str, &str, &str); 4] = [
         (
             m.conditioning == Conditioning::Caption,
             "model.conditioning",
@@ -105,12 +105,6 @@ fn check_diffusion(
             "model.vae_tiling",
             "VAE tiling of images larger than the VAE's tile (its `sample_size`)",
             "remove `vae_tiling` (images are then encoded whole), or lower `dataset.resolution` to the VAE's sample_size",
-        ),
-        (
-            m.revision.is_some() && !m.latent_space,
-            "model.revision",
-            "`revision` here (it selects the snapshot of a VAE found in the Hugging Face cache; `model.pretrained` is a local path)",
-            "remove `revision`",
         ),
     ];
     wandb_needs_project(

@@ -265,3 +265,40 @@ fn latent_channels_and_sample_size_that_contradict_the_vae_are_errors_at_their_k
         "{text}"
     );
 }
+
+/// `model.pretrained` is found at build time: a path that is not there is an error at the key
+/// listing where it looked; an existing file is kept as the path the trainer loads.
+#[test]
+fn pretrained_weights_are_found_at_build_time() {
+    let with = |pretrained: &str| {
+        let text = std::fs::read_to_string(root().join("config/diffusion/quickstart.toml"))
+            .unwrap()
+            .replacen(
+                "[model]\n",
+                &format!("[model]\npretrained = \"{pretrained}\"\n"),
+                1,
+            );
+        let path = std::env::temp_dir().join(format!(
+            "pretrained-{}-{}.toml",
+            std::process::id(),
+            pretrained.len()
+        ));
+        std::fs::write(&path, text).unwrap();
+        let r = config::resolve(&path, &env(), Target::default());
+        std::fs::remove_file(&path).unwrap();
+        r
+    };
+    let text = config::render(&with("runs/nowhere").unwrap_err());
+    assert!(
+        text.contains("error: no pretrained weights `runs/nowhere` on this machine")
+            && text.contains("runs/nowhere/transformer/{diffusion_pytorch_model.safetensors, model.safetensors, diffusion_pytorch_model.bin}"),
+        "{text}"
+    );
+    // Any file is taken as the weights (its contents are checked when the trainer loads it).
+    let file = root().join("config/default.toml");
+    let r = with(&file.display().to_string()).unwrap();
+    let Kind::Diffusion(d) = &r.config.kind else {
+        panic!()
+    };
+    assert_eq!(d.model.pretrained_path.as_deref(), Some(file.as_path()));
+}

@@ -10,23 +10,12 @@ use signal_diffusion_config::choice::Objective;
 use signal_diffusion_runtime::diffusion::path::Path as NoisePath;
 use signal_diffusion_runtime::diffusion::sampler::{split_prediction, DpmSolver2M};
 
+use crate::common::max_abs_diff;
+
 fn fixture() -> HashMap<String, Tensor> {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dpmpp_2m/diffusers.safetensors");
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// Runs our solver on the case's model outputs, checking the grid and every step's sample.

@@ -8,6 +8,8 @@ use candle_core::{Device, Tensor};
 use signal_diffusion_runtime::config::pretrained::Vae as VaeConfig;
 use signal_diffusion_runtime::models::vae::Vae;
 
+use crate::common::max_abs_diff;
+
 fn fixture(name: &str) -> (Vae, std::collections::HashMap<String, Tensor>) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vae");
     let cfg = vae_config(&dir.join(name));
@@ -26,20 +28,6 @@ pub fn vae_config(dir: &Path) -> VaeConfig {
     signal_diffusion_runtime::config::pretrained::parse_vae(&text, dir).unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn encode_and_decode_equal_diffusers() {
     for name in ["sd15-tiny", "sd35-tiny"] {
@@ -51,8 +39,8 @@ fn encode_and_decode_equal_diffusers() {
             ("logvar", &logvar, &e["logvar"]),
             ("decoded", &decoded, &e["decoded"]),
         ] {
-            let d = max_diff(ours, theirs);
-            let scale = max_diff(theirs, &theirs.zeros_like().unwrap());
+            let d = max_abs_diff(ours, theirs);
+            let scale = max_abs_diff(theirs, &theirs.zeros_like().unwrap());
             assert!(scale > 0.05, "{name} {what}: the fixture is degenerate");
             assert!(d < 1e-4, "{name} {what}: max |ours − diffusers| = {d}");
         }
@@ -66,6 +54,6 @@ fn the_scale_and_shift_round_trip_as_diffusers_pipelines_apply_them() {
     let x = vae.to_model(z).unwrap();
     // (z − 0.0609) · 1.5305, elementwise.
     let by_hand = ((z - 0.0609).unwrap() * 1.5305).unwrap();
-    assert!(max_diff(&x, &by_hand) < 1e-6);
-    assert!(max_diff(&vae.from_model(&x).unwrap(), z) < 1e-6);
+    assert!(max_abs_diff(&x, &by_hand) < 1e-6);
+    assert!(max_abs_diff(&vae.from_model(&x).unwrap(), z) < 1e-6);
 }

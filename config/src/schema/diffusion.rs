@@ -53,6 +53,9 @@ literal! {
         pub name: DiffusionModel,
         pub conditioning: Conditioning,
         pub pretrained: Option<String>,
+        /// The weights `pretrained` names, found at build time: a file, or the directory that
+        /// holds them.
+        pub pretrained_path: Option<std::path::PathBuf> = "model.pretrained (found)",
         pub revision: Option<String>,
         pub sample_size: usize,
         pub vae_tiling: bool,
@@ -261,6 +264,17 @@ pub fn read_diffusion(
     };
     if diff.model.latent_space && !is_sd {
         read_latent_space(ctx, env, sources, settings, &mut diff);
+    }
+    if let (Some(spec), false) = (diff.model.pretrained.clone(), is_sd) {
+        let files = crate::pretrained::weight_files(diff.model.name);
+        diff.model.pretrained_path = crate::pretrained::read_pretrained(
+            ctx,
+            env,
+            sources,
+            &spec,
+            diff.model.revision.as_deref(),
+            &files,
+        );
     }
     super::diffusion_rules::check(ctx, &diff, is_sd, settings, output_type);
     (diff, data)
@@ -602,6 +616,7 @@ fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) ->
         name: name_m,
         conditioning,
         pretrained,
+        pretrained_path: None,
         revision,
         sample_size,
         vae_tiling,

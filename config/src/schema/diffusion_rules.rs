@@ -146,6 +146,15 @@ pub(super) fn check(
             "latent-space training needs a VAE: set `model.extras.vae` (a local directory)",
         );
     }
+    if d.model.revision.is_some() && !latent_space && pretrained.is_none() && !is_sd {
+        ctx.warn(
+            "model.revision",
+            "`model.revision` has no effect: no model is looked up in the Hugging Face cache",
+        )
+        .help = Some(
+            "it selects the snapshot of `model.pretrained` or of a latent space's VAE when they name a Hugging Face id; remove it".into(),
+        );
+    }
     if vae.is_some() && !latent_space && !is_sd {
         ctx.warn(
             "model.extras.vae",

@@ -16,6 +16,8 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
+use signal_diffusion_config::choice::DiffusionModel;
+use signal_diffusion_config::pretrained::weight_files;
 
 use super::path::Level;
 use crate::models::dit::{age_features, Condition, Conditioning, Dit, DitShape};
@@ -89,19 +91,20 @@ impl DenoiserShape {
     /// The file the final weights are written to (the reference's name for its `state_dict`,
     /// as safetensors; diffusers' for a DiT).
     pub fn weights_file(&self) -> &'static str {
-        match self {
-            DenoiserShape::Dit(_) => "diffusion_pytorch_model.safetensors",
-            DenoiserShape::Hourglass { .. } => "hourglass_model.safetensors",
-            DenoiserShape::LocalMamba { .. } => "localmamba_model.safetensors",
-        }
+        weight_files(self.model())[0]
     }
 
     /// The file the reference's training writes (a PyTorch pickle; diffusers' for a DiT).
     pub fn reference_file(&self) -> &'static str {
+        weight_files(self.model())[2]
+    }
+
+    /// The config's name of this family.
+    pub fn model(&self) -> DiffusionModel {
         match self {
-            DenoiserShape::Dit(_) => "diffusion_pytorch_model.bin",
-            DenoiserShape::Hourglass { .. } => "hourglass_model.pt",
-            DenoiserShape::LocalMamba { .. } => "localmamba_model.pt",
+            DenoiserShape::Dit(_) => DiffusionModel::Dit,
+            DenoiserShape::Hourglass { .. } => DiffusionModel::Hourglass,
+            DenoiserShape::LocalMamba { .. } => DiffusionModel::LocalMamba,
         }
     }
 

@@ -346,8 +346,8 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
             compiled.parameters
         );
     }
-    if let Some(dir) = &cfg.model.pretrained {
-        load_pretrained(Path::new(dir), shape, &params, &device)?;
+    if let Some(path) = &cfg.model.pretrained_path {
+        load_pretrained(path, shape, &params, &device)?;
     }
     let all_vars: Vec<(String, Var)> = params
         .trainable

@@ -61,11 +61,7 @@ pub(super) fn load_pretrained(
     device: &Device,
 ) -> Result<()> {
     let file = if path.is_dir() {
-        let names = [
-            shape.weights_file(),
-            "model.safetensors",
-            shape.reference_file(),
-        ];
+        let names = signal_diffusion_config::pretrained::weight_files(shape.model());
         names
             .iter()
             .map(|f| path.join(f))

@@ -58,6 +58,29 @@ pub struct SampleOptions {
     pub overwrite: bool,
 }
 
+impl SampleOptions {
+    /// Samples of `checkpoint` into `out` as `sigdiff sample` draws them by default: one per
+    /// `--like` row (none given: set `n` and `condition` or `like`), the `train` split, the
+    /// trained config's steps, guidance and sampler, the live weights, batches of 16, seed 0.
+    pub fn new(checkpoint: PathBuf, out: PathBuf) -> Self {
+        SampleOptions {
+            checkpoint,
+            ema: false,
+            n: None,
+            condition: None,
+            like: None,
+            out,
+            split: "train".into(),
+            steps: None,
+            cfg_scale: None,
+            sampler: None,
+            batch_size: 16,
+            seed: 0,
+            overwrite: false,
+        }
+    }
+}
+
 /// How each conditioning column is encoded: (name, encoder).
 fn column_encoders(c: Conditioning) -> &'static [(&'static str, &'static str)] {
     match c {
