@@ -78,7 +78,7 @@ fn check_diffusion(
             .help("a CPU build trains it the same way"),
         );
     }
-    let rules: [(bool, &str, &str, &str); 4] = [
+    let rules: [(bool, &str, &str, &str); 3] = [
         (
             m.conditioning == Conditioning::Caption,
             "model.conditioning",
@@ -96,15 +96,6 @@ fn check_diffusion(
             "model.vae_tiling",
             "VAE tiling (pixel-space models have no VAE)",
             "remove `vae_tiling`",
-        ),
-        (
-            // diffusers tiles only images larger than the VAE's tile: below it, tiling is
-            // exactly a whole-image encode.
-            m.vae_tiling
-                && m.vae_config.as_ref().is_some_and(|v| d.dataset.resolution > v.sample_size),
-            "model.vae_tiling",
-            "VAE tiling of images larger than the VAE's tile (its `sample_size`)",
-            "remove `vae_tiling` (images are then encoded whole), or lower `dataset.resolution` to the VAE's sample_size",
         ),
     ];
     wandb_needs_project(

@@ -351,6 +351,9 @@ pub struct SampleSpec {
     /// Latent space: the VAE that decodes samples into images (absent in pixel space).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vae: Option<signal_diffusion_config::pretrained::Vae>,
+    /// Decode large latents in blended tiles (`model.vae_tiling`).
+    #[serde(default)]
+    pub vae_tiling: bool,
 }
 
 impl SampleSpec {

@@ -11,6 +11,11 @@
 //! decoder mirrors it with `layers_per_block + 1` ResNets per block and nearest 2× upsampling.
 //! Every GroupNorm has `norm_num_groups` groups and ε = 1e-6.
 //!
+//! With tiling on (`model.vae_tiling`), images larger than the VAE's `sample_size` (latents
+//! larger than its latent tile) are encoded (decoded) as diffusers' `enable_tiling()` does:
+//! tiles of that size every three quarters of it, each blended linearly into its upper and left
+//! neighbours over a quarter of a tile, then cropped and joined.
+//!
 //! Nothing here is trained, so the layers are plain tensor expressions (no backward needed);
 //! the stride-1 convolutions and the attention use the project's fused CPU ops all the same,
 //! since encoding a dataset is their hot loop.
@@ -278,6 +283,8 @@ pub struct Vae {
     dec_conv_out: Conv2d,
     /// Identifies the weights (their file's contents), for the latent cache's key.
     pub weights_hash: String,
+    /// Encode and decode large inputs in blended tiles (diffusers' `enable_tiling`).
+    pub tiling: bool,
 }
 
 impl Vae {
@@ -367,12 +374,27 @@ impl Vae {
             dec_norm_out: GroupNorm::new(w, "decoder.conv_norm_out", widths[0], g)?,
             dec_conv_out: Conv2d::new(w, "decoder.conv_out", widths[0], cfg.out_channels, 3)?,
             weights_hash,
+            tiling: false,
         })
     }
 
     /// The latent distribution of images `x` (B, 3, H, W) in [-1, 1]: its mean and log-variance
     /// (B, latent_channels, H / downscale, W / downscale).
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let tile = self.config.sample_size;
+        let (_, _, height, width) = x.dims4()?;
+        let h = match self.tiling && (height > tile || width > tile) {
+            true => tiled(x, tile, tile / self.config.downscale(), |t| self.moments(t))?,
+            false => self.moments(x)?,
+        };
+        let l = self.config.latent_channels;
+        let mean = h.narrow(1, 0, l)?.contiguous()?;
+        let logvar = h.narrow(1, l, l)?.clamp(-30f32, 20f32)?;
+        Ok((mean, logvar))
+    }
+
+    /// The encoder's output: the mean and log-variance stacked on the channels.
+    fn moments(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = self.conv_in.forward(x)?;
         for block in &self.down {
             for r in &block.resnets {
@@ -387,14 +409,20 @@ impl Vae {
         if let Some(q) = &self.quant {
             h = q.forward(&h)?;
         }
-        let l = self.config.latent_channels;
-        let mean = h.narrow(1, 0, l)?.contiguous()?;
-        let logvar = h.narrow(1, l, l)?.clamp(-30f32, 20f32)?;
-        Ok((mean, logvar))
+        Ok(h)
     }
 
     /// Images (B, 3, H, W) of VAE latents `z` (unscaled: what the encoder's distribution holds).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let tile = self.config.sample_size / self.config.downscale();
+        let (_, _, height, width) = z.dims4()?;
+        match self.tiling && (height > tile || width > tile) {
+            true => tiled(z, tile, self.config.sample_size, |t| self.decode_whole(t)),
+            false => self.decode_whole(z),
+        }
+    }
+
+    fn decode_whole(&self, z: &Tensor) -> Result<Tensor> {
         let mut h = match &self.post_quant {
             Some(p) => p.forward(z)?,
             None => z.clone(),
@@ -425,6 +453,71 @@ impl Vae {
     pub fn from_model(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.affine(1.0 / self.config.scaling_factor, self.config.shift_factor)?)
     }
+}
+
+/// `f` (an encoder or decoder mapping `tile_in`-sized tiles to `tile_out`-sized ones) over `x`
+/// in tiles as diffusers' `_tiled_encode` / `tiled_decode`: a tile every ¾ `tile_in` along each
+/// axis (the last ones cut short by the border), each tile's first ¼ `tile_out` rows and columns
+/// blended linearly with the already blended tiles above and to the left, each kept up to
+/// `tile_out` − ¼ `tile_out`, then joined.
+fn tiled(
+    x: &Tensor,
+    tile_in: usize,
+    tile_out: usize,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let step = (tile_in as f64 * 0.75) as usize;
+    let blend = (tile_out as f64 * 0.25) as usize;
+    let keep = tile_out - blend;
+    let (_, _, h, w) = x.dims4()?;
+    let mut rows: Vec<Vec<Tensor>> = vec![];
+    for i in (0..h).step_by(step) {
+        let mut row: Vec<Tensor> = vec![];
+        for j in (0..w).step_by(step) {
+            let piece = x
+                .narrow(2, i, tile_in.min(h - i))?
+                .narrow(3, j, tile_in.min(w - j))?;
+            let mut t = f(&piece)?;
+            if let Some(above) = rows.last() {
+                t = blend_into(&above[row.len()], &t, blend, 2)?;
+            }
+            if let Some(left) = row.last() {
+                t = blend_into(left, &t, blend, 3)?;
+            }
+            row.push(t);
+        }
+        rows.push(row);
+    }
+    let crop = |t: &Tensor, axis: usize| t.narrow(axis, 0, keep.min(t.dim(axis).unwrap_or(0)));
+    let joined = rows
+        .iter()
+        .map(|row| {
+            let cropped = row
+                .iter()
+                .map(|t| crop(&crop(t, 2)?, 3))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&cropped, 3)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&joined, 2)?)
+}
+
+/// `b` with its first `extent` slices along `axis` (2: rows, 3: columns) blended from `a`'s
+/// last ones: a·(1 − k/extent) + b·(k/extent) for slice k (diffusers' `blend_v` / `blend_h`).
+fn blend_into(a: &Tensor, b: &Tensor, extent: usize, axis: usize) -> Result<Tensor> {
+    let e = extent.min(a.dim(axis)?).min(b.dim(axis)?);
+    if e == 0 {
+        return Ok(b.clone());
+    }
+    let mut shape = [1usize; 4];
+    shape[axis] = e;
+    let ramp: Vec<f32> = (0..e).map(|k| (k as f64 / e as f64) as f32).collect();
+    let ramp = Tensor::from_vec(ramp, shape.as_slice(), b.device())?;
+    let tail = a.narrow(axis, a.dim(axis)? - e, e)?;
+    let head = b.narrow(axis, 0, e)?;
+    let blended = (tail.broadcast_mul(&ramp.affine(-1.0, 1.0)?)? + head.broadcast_mul(&ramp)?)?;
+    let rest = b.narrow(axis, e, b.dim(axis)? - e)?;
+    Ok(Tensor::cat(&[&blended, &rest], axis)?)
 }
 
 /// Every tensor of a safetensors file or a shard index, and a hash of the bytes read.

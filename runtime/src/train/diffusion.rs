@@ -212,7 +212,8 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
     let image_column = (ds.image_column != "image").then_some(ds.image_column.as_str());
     let vae = match &cfg.model.vae_config {
         Some(v) => {
-            let vae = Vae::load(v, &device)?;
+            let mut vae = Vae::load(v, &device)?;
+            vae.tiling = cfg.model.vae_tiling;
             println!(
                 "latent space: VAE {} ({} channels, downscale {}, scale {}, shift {})",
                 v.dir.display(),
@@ -316,6 +317,7 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
         n_eeg_channels: ds.n_eeg_channels,
         timeseries: cfg.dataset_is_timeseries,
         vae: cfg.model.vae_config.clone(),
+        vae_tiling: cfg.model.vae_tiling,
     };
     let input = compiled.input_shape.to_vec();
     let ctx = Ctx {
@@ -695,8 +697,13 @@ fn latents_of(
     };
     let side = ds.resolution / vae.config.downscale();
     let encode = |x: &Tensor| vae.encode(x);
+    // Tiled encoding gives other latents: another cache.
+    let hash = match vae.tiling {
+        true => format!("{}+tiling", vae.weights_hash),
+        false => vae.weights_hash.clone(),
+    };
     let encoder = Encoder {
-        hash: &vae.weights_hash,
+        hash: &hash,
         latent: [vae.config.latent_channels, side, side],
         encode: &encode,
     };
@@ -710,7 +717,8 @@ pub fn cache_latents(cfg: &Diffusion) -> Result<()> {
         bail!("the config trains in pixel space (`model.extras.latent_space` is false): there are no latents to cache");
     };
     let device = Device::Cpu;
-    let vae = Vae::load(vae_config, &device)?;
+    let mut vae = Vae::load(vae_config, &device)?;
+    vae.tiling = cfg.model.vae_tiling;
     let ds = &cfg.dataset;
     let dir = &ds.path;
     let image_column = (ds.image_column != "image").then_some(ds.image_column.as_str());
