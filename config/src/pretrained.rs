@@ -39,6 +39,83 @@ literal! {
     }
 }
 
+literal! {
+    /// A transformers CLIP text encoder (`CLIPTextModel`, or `CLIPTextModelWithProjection` when
+    /// it has a projection), as its `config.json` describes it, and its tokenizer's directory.
+    #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+    pub struct ClipText {
+        /// The directory holding `config.json` and `model.safetensors`.
+        pub dir: PathBuf,
+        /// The directory holding `vocab.json` and `merges.txt`.
+        pub tokenizer_dir: PathBuf,
+        pub vocab_size: usize,
+        pub hidden_size: usize,
+        pub intermediate_size: usize,
+        pub num_hidden_layers: usize,
+        pub num_attention_heads: usize,
+        pub max_position_embeddings: usize,
+        /// "quick_gelu" (CLIP-L) or "gelu" (CLIP-G).
+        pub hidden_act: String,
+        pub layer_norm_eps: f64,
+        /// The pooled embedding's projection (`text_projection`), when the model has one.
+        pub projection_dim: Option<usize>,
+        /// The pooled token: the first `eos_token_id`, or with the legacy id 2, the highest id.
+        pub eos_token_id: usize,
+    }
+}
+
+impl ClipText {
+    /// The width of the pooled embedding: the projection's, else the hidden size.
+    pub fn pooled_dim(&self) -> usize {
+        self.projection_dim.unwrap_or(self.hidden_size)
+    }
+}
+
+/// A transformers CLIP text encoder's config.json (`text`, in `dir`), with the tokenizer of
+/// `tokenizer_dir`; checked to be one the runtime builds.
+pub fn parse_clip_text(text: &str, dir: &Path, tokenizer_dir: &Path) -> Result<ClipText, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let count = |k: &str| -> Result<usize, String> {
+        v.get(k)
+            .and_then(|x| x.as_u64())
+            .filter(|&n| n >= 1)
+            .map(|n| n as usize)
+            .ok_or(format!("`{k}` must be a positive integer"))
+    };
+    let with_projection = v["architectures"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|x| x == "CLIPTextModelWithProjection"));
+    let hidden_act = v["hidden_act"].as_str().unwrap_or("quick_gelu").to_string();
+    if !["quick_gelu", "gelu"].contains(&hidden_act.as_str()) {
+        return Err(format!(
+            "`hidden_act` is \"{hidden_act}\"; quick_gelu and gelu are built"
+        ));
+    }
+    let (hidden, heads) = (count("hidden_size")?, count("num_attention_heads")?);
+    if hidden % heads != 0 {
+        return Err(format!(
+            "{heads} heads do not divide `hidden_size` = {hidden}"
+        ));
+    }
+    Ok(ClipText {
+        dir: dir.to_path_buf(),
+        tokenizer_dir: tokenizer_dir.to_path_buf(),
+        vocab_size: count("vocab_size")?,
+        hidden_size: hidden,
+        intermediate_size: count("intermediate_size")?,
+        num_hidden_layers: count("num_hidden_layers")?,
+        num_attention_heads: heads,
+        max_position_embeddings: count("max_position_embeddings")?,
+        hidden_act,
+        layer_norm_eps: v["layer_norm_eps"].as_f64().unwrap_or(1e-5),
+        projection_dim: match with_projection {
+            true => Some(count("projection_dim")?),
+            false => None,
+        },
+        eos_token_id: v["eos_token_id"].as_u64().unwrap_or(2) as usize,
+    })
+}
+
 impl Vae {
     /// Pixels per latent along each side: the encoder halves the image at every block but the
     /// last.

@@ -6,6 +6,7 @@ mod common;
 
 mod adapters;
 mod cache;
+mod clip;
 mod cuda;
 mod decimate_parity;
 mod dit;

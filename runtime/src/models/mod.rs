@@ -1,13 +1,14 @@
 //! The models, built from `ops` through the layers of `nn`: the classification backbones and
 //! their multi-task heads (`classifier`), the diffusion transformer (`dit`) and the hourglass
-//! transformer (`hourglass`, whose skeleton `localmamba` shares), and the frozen VAE of latent
-//! space (`vae`). New model families (the
+//! transformer (`hourglass`, whose skeleton `localmamba` shares), and the frozen pretrained
+//! models: the VAE of latent space (`vae`) and the CLIP text encoder of captions (`clip`). New model families (the
 //! Stable Diffusion UNet and MMDiT) go here, one file each,
 //! with their own ops in `ops/`. A model is its shape struct (compile-time constants from the
 //! generated trainer), a constructor taking `nn::Params` (which names every tensor as the
 //! reference's `state_dict` does) and a forward; it knows nothing of data, losses or loops.
 
 pub mod classifier;
+pub mod clip;
 pub mod dit;
 pub mod hourglass;
 pub mod localmamba;
