@@ -498,20 +498,30 @@ fn a_latent_dit_trains_on_cached_latents_resumes_exactly_and_samples_images() {
     let reused = std::fs::metadata(&shard).unwrap().modified().unwrap();
     assert_eq!(stamp, reused, "the resumed run encoded the images again");
 
-    let out = tmp.path().join("synthetic");
-    signal_diffusion_runtime::train::sample::run(&SampleOptions {
-        condition: Some("gender=F,health=PD,age=63".into()),
-        ..three_samples(run_a.join("final"), out.clone())
-    })
-    .unwrap();
-    let (_, channels, h, w) =
-        signal_diffusion_runtime::data::io::read_png(&out.join("train/synthetic/sample-00002.png"))
-            .unwrap();
+    let synthetic = tmp.path().join("synthetic");
+    let shape = sampled_image_shape(run_a.join("final"), synthetic, "gender=F,health=PD,age=63");
     assert_eq!(
-        (channels, h, w),
+        shape,
         (1, 16, 16),
         "decoded db-only images at the resolution"
     );
+}
+
+/// Three samples of `checkpoint` under `condition` by `sigdiff sample` into `out`: the
+/// (channels, height, width) of the last PNG.
+fn sampled_image_shape(
+    checkpoint: std::path::PathBuf,
+    out: std::path::PathBuf,
+    condition: &str,
+) -> (usize, usize, usize) {
+    signal_diffusion_runtime::train::sample::run(&SampleOptions {
+        condition: Some(condition.into()),
+        ..three_samples(checkpoint, out.clone())
+    })
+    .unwrap();
+    let png = out.join("train/synthetic/sample-00002.png");
+    let (_, channels, h, w) = signal_diffusion_runtime::data::io::read_png(&png).unwrap();
+    (channels, h, w)
 }
 
 /// LocalMamba in the same latent space (the shape of localmamba-db-only): trained from the
@@ -530,16 +540,8 @@ fn a_latent_localmamba_trains_and_samples_images() {
     assert_eq!(val.len(), 4);
     assert!(val.windows(2).all(|w| w[1].1 < w[0].1), "{val:?}");
     let synthetic = tmp.path().join("synthetic");
-    signal_diffusion_runtime::train::sample::run(&SampleOptions {
-        condition: Some("gender=M,health=H,age=40".into()),
-        ..three_samples(run.join("final"), synthetic.clone())
-    })
-    .unwrap();
-    let (_, channels, h, w) = signal_diffusion_runtime::data::io::read_png(
-        &synthetic.join("train/synthetic/sample-00000.png"),
-    )
-    .unwrap();
-    assert_eq!((channels, h, w), (1, 16, 16));
+    let shape = sampled_image_shape(run.join("final"), synthetic, "gender=M,health=H,age=40");
+    assert_eq!(shape, (1, 16, 16));
 }
 
 /// The same 8 updates in f32, under bf16 autocast and under fp16 autocast with its loss scale
