@@ -467,7 +467,17 @@ fn a_latent_dit_trains_on_cached_latents_resumes_exactly_and_samples_images() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(splits.len(), 2, "{splits:?}");
-    let train_dir = caches[0].join(splits.iter().find(|s| s.starts_with("train-")).unwrap());
+    let split_dir = |name: &str| {
+        let prefix = format!("{name}-");
+        caches[0].join(splits.iter().find(|s| s.starts_with(&prefix)).unwrap())
+    };
+    let train_dir = split_dir("train");
+    // Validation images are evaluated as they are: no mirror images.
+    let val_shard = split_dir("val").join("shard-00000.f32");
+    assert_eq!(
+        std::fs::metadata(val_shard).unwrap().len(),
+        16 * 2 * 16 * 8 * 8 * 4
+    );
     let shard = train_dir.join("shard-00000.f32");
     // 64 images and their mirror images, each a 16×8×8 mean and log-variance in f32.
     assert_eq!(

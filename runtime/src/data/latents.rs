@@ -8,10 +8,9 @@
 //! sample's variants back to back (the image, then, with `random_flip`, its mirror image), each
 //! variant its mean then its log-variance (f32, little-endian), and `index.json` once every
 //! shard is there. `<root>` is `dataset.cache_dir`, else the dataset's own directory. `<key>`
-//! hashes what the latents depend on (the VAE's weights, the resolution, the crop and flip
-//! settings) and `<source>` what the split was read from (paths, sizes, modification times), so
-//! a rerun reuses the cache and any change encodes into a new directory (old ones stay until
-//! deleted). Shards are written to a temporary name
+//! hashes the encoder (the VAE's weights, the resolution) and `<source>` the split (what it was
+//! read from: paths, sizes, modification times; its crop and flip settings), so a rerun reuses
+//! the cache and any change encodes into a new directory (old ones stay until deleted). Shards are written to a temporary name
 //! and renamed: an interrupted run leaves whole shards, and the next run encodes only the
 //! missing ones.
 //!
@@ -100,14 +99,19 @@ impl Latents {
     }
 }
 
-/// The cache of a dataset for this VAE and these settings: (the dataset's directory name, the
-/// split's directory name), each with a hash of what it depends on.
+/// The cache of a dataset for this VAE: (the dataset's directory name, with a hash of the VAE
+/// and the resolution; the split's, with a hash of its sources and its crop and flip).
 fn key(split: &Split, vae: &Encoder, spec: &Encoding) -> Result<(String, String)> {
-    let settings = format!(
-        "v{VERSION}\nvae={}\nresolution={}\ncenter_crop={}\nflip={}",
-        vae.hash, spec.resolution, !spec.random_crop, spec.random_flip,
+    let encoder = format!(
+        "v{VERSION}\nvae={}\nresolution={}",
+        vae.hash, spec.resolution
     );
-    let source = super::cache::fingerprint(split, spec.image_column.as_deref())?;
+    let source = format!(
+        "{}\ncenter_crop={}\nflip={}",
+        super::cache::fingerprint(split, spec.image_column.as_deref())?,
+        !spec.random_crop,
+        spec.random_flip
+    );
     let absolute =
         std::path::absolute(&spec.dataset_dir).unwrap_or_else(|_| spec.dataset_dir.clone());
     let name = absolute
@@ -117,7 +121,7 @@ fn key(split: &Split, vae: &Encoder, spec: &Encoding) -> Result<(String, String)
     Ok((
         format!(
             "latents-{name}-{:012x}",
-            super::io::fnv(settings.as_bytes()) >> 16
+            super::io::fnv(encoder.as_bytes()) >> 16
         ),
         format!(
             "{}-{:08x}",

@@ -226,9 +226,9 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
         }
         None => None,
     };
-    let to_latents = |split: &Arc<Split>| -> Result<Arc<Split>> {
+    let to_latents = |split: &Arc<Split>, training: bool| -> Result<Arc<Split>> {
         let vae = vae.as_ref().expect("only latent space encodes");
-        latents_of(cfg, vae, &dir, split, &device)
+        latents_of(cfg, vae, (&dir, split, training), &device)
     };
     let read = |split: &str, augment: Augment, max: Option<usize>| -> Result<Arc<Split>> {
         let mut s = read_split(&dir, split, tasks, image_column)?;
@@ -281,8 +281,11 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
     let (train, val) = match &vae {
         None => (train_images.clone(), val_images.clone()),
         Some(_) => (
-            to_latents(&train_images)?,
-            val_images.as_ref().map(to_latents).transpose()?,
+            to_latents(&train_images, true)?,
+            val_images
+                .as_ref()
+                .map(|v| to_latents(v, false))
+                .transpose()?,
         ),
     };
     let bs = compiled.batch_size;
@@ -674,11 +677,12 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
 
 /// `split` (images, resized and centre-cropped) as latents: encoded once by `vae` into
 /// `dataset.cache_dir`, else beside the dataset `dir`, then read from there (data/latents.rs).
+/// The training split gets its random flips (mirror images cached beside); the others are
+/// evaluated as they are.
 fn latents_of(
     cfg: &Diffusion,
     vae: &Vae,
-    dir: &Path,
-    split: &Arc<Split>,
+    (dir, split, training): (&Path, &Arc<Split>, bool),
     device: &Device,
 ) -> Result<Arc<Split>> {
     let ds = &cfg.dataset;
@@ -688,8 +692,8 @@ fn latents_of(
             .as_ref()
             .map_or(dir.to_path_buf(), PathBuf::from),
         dataset_dir: dir.to_path_buf(),
-        random_crop: !ds.center_crop,
-        random_flip: ds.random_flip,
+        random_crop: training && !ds.center_crop,
+        random_flip: training && ds.random_flip,
         resolution: ds.resolution,
         image_column: (ds.image_column != "image").then(|| ds.image_column.clone()),
         workers: ds.num_workers.max(1),
@@ -723,10 +727,12 @@ pub fn cache_latents(cfg: &Diffusion) -> Result<()> {
     let dir = &ds.path;
     let image_column = (ds.image_column != "image").then_some(ds.image_column.as_str());
     let splits = [
-        Some((&ds.train_split, ds.max_train_samples)),
-        ds.val_split.as_ref().map(|v| (v, ds.max_eval_samples)),
+        Some((&ds.train_split, ds.max_train_samples, true)),
+        ds.val_split
+            .as_ref()
+            .map(|v| (v, ds.max_eval_samples, false)),
     ];
-    for (name, max) in splits.into_iter().flatten() {
+    for (name, max, training) in splits.into_iter().flatten() {
         let mut split = read_split(dir, name, &[], image_column)?;
         split.augment = Augment {
             resize: true,
@@ -736,7 +742,7 @@ pub fn cache_latents(cfg: &Diffusion) -> Result<()> {
         if let Some(n) = max {
             split.truncate(n);
         }
-        latents_of(cfg, &vae, dir, &Arc::new(split), &device)?;
+        latents_of(cfg, &vae, (dir, &Arc::new(split), training), &device)?;
     }
     Ok(())
 }
