@@ -59,7 +59,7 @@ fn items(r: &Resolved, cuda: Option<&CudaBuild>) -> Result<Items, TokenStream> {
         imports: quote! {
             use ::signal_diffusion_runtime as rt;
             #[allow(unused_imports)]
-            use #rt::config::{choice::*, pretrained::Vae, schema::*, settings::*, Config, Kind};
+            use #rt::config::{choice::*, pretrained::{ClipText, Vae}, schema::*, settings::*, Config, Kind};
             #[allow(unused_imports)]
             use ::std::{collections::BTreeMap, path::{Path, PathBuf}};
         },
@@ -351,11 +351,17 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
         }
         Conditioning::GenderHealthAge => quote! { #rt::Conditioning::GenderHealthAge },
         Conditioning::None => quote! { #rt::Conditioning::None },
-        // resolve() refuses captions on every model that has a plan.
-        Conditioning::Caption => {
-            let msg = "signal-diffusion: caption conditioning has no trainer yet";
-            return quote! { compile_error!(#msg); };
-        }
+        // resolve() refuses captions without a text encoder, and on the hourglass and LocalMamba.
+        Conditioning::Caption => match &m.text_encoder_config {
+            Some(t) => {
+                let dim = t.pooled_dim();
+                quote! { #rt::Conditioning::Caption { dim: #dim } }
+            }
+            None => {
+                let msg = "signal-diffusion: caption conditioning without a text encoder";
+                return quote! { compile_error!(#msg); };
+            }
+        },
     };
     // The columns the conditioning reads, as tasks whose empty values mean "unknown" (null).
     let task = |name: &str, column: &str, encoder: &str, outputs: usize| {
@@ -374,7 +380,14 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
             task("health", &ds.health_column, "health?", 2),
             task("age", &ds.age_column, "float?", 1),
         ],
-        Conditioning::None | Conditioning::Caption => vec![],
+        // Each caption's index among the split's distinct captions (data/loader.rs).
+        Conditioning::Caption => vec![task(
+            "caption",
+            ds.caption_column.as_deref().unwrap_or("caption"),
+            "caption",
+            1,
+        )],
+        Conditioning::None => vec![],
     };
     let n_tasks = tasks.len();
     let frame =

@@ -459,6 +459,12 @@ pub fn dit(d: &Diffusion) -> Plan {
     } else {
         0
     };
+    // caption adds a per-block caption embedder: Linear(pooled width -> D).
+    let caption = match (&m.text_encoder_config, m.conditioning) {
+        (Some(t), Conditioning::Caption) => t.pooled_dim() * dim + dim,
+        _ => 0,
+    };
+    let age = age + caption;
     let cin = m.in_channels;
     let mut layers = vec![linear(
         "pos_embed.proj".into(),

@@ -313,6 +313,106 @@ pub fn read_pretrained(
     }
 }
 
+/// A model's `config.json`, found as `locate` finds it (in `subfolder` of a pipeline) and read:
+/// (its directory, its text), added to the config's sources. Not found, an error at `key` naming
+/// the `what` and every path searched, with `help`.
+fn read_config(
+    ctx: &mut Ctx,
+    env: &Env,
+    sources: &mut Sources,
+    (spec, key, revision): (&str, &str, Option<&str>),
+    (what, subfolder): (&str, &str),
+    help: String,
+) -> Option<(PathBuf, String)> {
+    let local = as_path(ctx, env, sources, spec, key);
+    let exists = |p: &Path| env.is_file(p);
+    let wanted = Wanted {
+        subfolder,
+        files: &["config.json"],
+        exists: &exists,
+    };
+    let dir = match locate(env, sources, (spec, &local), revision, &wanted) {
+        Ok(dir) => dir,
+        Err(Searched(paths)) => {
+            ctx.error(
+                key,
+                format!(
+                    "no {what} `{spec}` on this machine (models are read from local files only); searched:\n  {}",
+                    paths.join("\n  ")
+                ),
+            )
+            .help = Some(help);
+            return None;
+        }
+    };
+    let path = dir.join("config.json");
+    match env.read(&path) {
+        Ok(text) => {
+            sources.add(path.display().to_string(), Some(path), text.clone());
+            Some((dir, text))
+        }
+        Err(e) => {
+            ctx.error(key, format!("cannot read {}: {e}", path.display()));
+            None
+        }
+    }
+}
+
+/// The CLIP text encoder `spec` names (a directory holding its config.json, or a diffusers
+/// pipeline's `text_encoder/`, locally or in the hub cache) with its tokenizer (`tokenizer/`
+/// beside a pipeline's `text_encoder/`, else the same directory), or errors at `key`.
+pub fn read_clip_text(
+    ctx: &mut Ctx,
+    env: &Env,
+    sources: &mut Sources,
+    (spec, key): (&str, &str),
+    revision: Option<&str>,
+) -> Option<ClipText> {
+    let id = if is_hub_id(spec) {
+        spec
+    } else {
+        "openai/clip-vit-large-patch14"
+    };
+    let help = format!(
+        "download it on a connected machine (`huggingface-cli download {id} --include \"text_encoder/*\" \"tokenizer/*\"`) and copy the cache (HF_HOME), or set `model.extras.text_encoder` to a directory holding a CLIP text encoder's config.json, model.safetensors and its tokenizer"
+    );
+    let (dir, text) = read_config(
+        ctx,
+        env,
+        sources,
+        (spec, key, revision),
+        ("text encoder", "text_encoder"),
+        help,
+    )?;
+    let tokenizer = match dir.file_name().is_some_and(|n| n == "text_encoder") {
+        true => dir.with_file_name("tokenizer"),
+        false => dir.clone(),
+    };
+    // The tokenizer is read at run time (its vocabulary is not embedded): on the disk.
+    let missing: Vec<String> = ["vocab.json", "merges.txt"]
+        .iter()
+        .map(|f| tokenizer.join(f))
+        .filter(|p| !p.is_file())
+        .map(|p| p.display().to_string())
+        .collect();
+    if !missing.is_empty() && env.embedded.is_none() {
+        let missing = missing.join(", ");
+        ctx.error(
+            key,
+            format!("the text encoder's tokenizer is missing: {missing}"),
+        );
+        return None;
+    }
+    parse_clip_text(&text, &dir, &tokenizer)
+        .map_err(|why| {
+            ctx.error(key, format!("{}: {why}", dir.join("config.json").display()))
+                .help = Some(
+                "the text encoder must be a transformers CLIPTextModel(WithProjection)".into(),
+            );
+        })
+        .ok()
+}
+
 /// The VAE a latent-space config trains in, found and read, or errors at the key that named it.
 /// `spec` is `model.extras.vae`, else the settings' `stable_diffusion_model_id`
 /// (`settings_key`), whose VAE is in its `vae/` subfolder as in every diffusers pipeline.
@@ -323,51 +423,29 @@ pub fn read_vae(
     (spec, key): (&str, &str),
     revision: Option<&str>,
 ) -> Option<Vae> {
-    let local = as_path(ctx, env, sources, spec, key);
-    let exists = |p: &Path| env.is_file(p);
-    let wanted = Wanted {
-        subfolder: "vae",
-        files: &["config.json"],
-        exists: &exists,
+    let id = if is_hub_id(spec) {
+        spec
+    } else {
+        "stabilityai/stable-diffusion-3.5-medium"
     };
-    let dir = match locate(env, sources, (spec, &local), revision, &wanted) {
-        Ok(dir) => dir,
-        Err(Searched(paths)) => {
-            let id = if is_hub_id(spec) {
-                spec
-            } else {
-                "stabilityai/stable-diffusion-3.5-medium"
-            };
-            ctx.error(
-                key,
-                format!(
-                    "no VAE `{spec}` on this machine (models are read from local files only); searched:\n  {}",
-                    paths.join("\n  ")
-                ),
-            )
-            .help = Some(format!(
-                "download it on a connected machine with `huggingface-cli download {id} --include \"vae/*\"` and copy the cache (HF_HOME), or set `model.extras.vae` to a directory holding the VAE's config.json and diffusion_pytorch_model.safetensors"
-            ));
-            return None;
-        }
-    };
-    let path = dir.join("config.json");
-    let text = match env.read(&path) {
-        Ok(t) => t,
-        Err(e) => {
-            ctx.error(key, format!("cannot read {}: {e}", path.display()));
-            return None;
-        }
-    };
-    sources.add(path.display().to_string(), Some(path.clone()), text.clone());
-    match parse_vae(&text, &dir) {
-        Ok(vae) => Some(vae),
-        Err(why) => {
-            ctx.error(key, format!("{}: {why}", path.display())).help =
+    let help = format!(
+        "download it on a connected machine with `huggingface-cli download {id} --include \"vae/*\"` and copy the cache (HF_HOME), or set `model.extras.vae` to a directory holding the VAE's config.json and diffusion_pytorch_model.safetensors"
+    );
+    let (dir, text) = read_config(
+        ctx,
+        env,
+        sources,
+        (spec, key, revision),
+        ("VAE", "vae"),
+        help,
+    )?;
+    parse_vae(&text, &dir)
+        .map_err(|why| {
+            ctx.error(key, format!("{}: {why}", dir.join("config.json").display()))
+                .help =
                 Some("the VAE must be a diffusers AutoencoderKL (its `vae/config.json`)".into());
-            None
-        }
-    }
+        })
+        .ok()
 }
 
 /// A diffusers `AutoencoderKL` config.json (`text`, in `dir`), checked to be one the runtime builds.

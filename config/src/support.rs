@@ -80,9 +80,9 @@ fn check_diffusion(
     }
     let rules: [(bool, &str, &str, &str); 3] = [
         (
-            m.conditioning == Conditioning::Caption,
+            m.conditioning == Conditioning::Caption && m.name != DiffusionModel::Dit,
             "model.conditioning",
-            "caption conditioning (it needs text encoders)",
+            "caption conditioning of the hourglass and LocalMamba (DiT has it)",
             "use `none`, `classes` or `gend_hlth_age`",
         ),
         (

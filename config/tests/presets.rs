@@ -76,6 +76,20 @@ fn diffusion_presets_build_or_stop_only_at_the_support_gate() {
     );
 }
 
+/// `preset` with its text edited by `edit`, resolved from a temporary file (`tag` names it).
+fn resolve_edited(
+    preset: &str,
+    tag: &str,
+    edit: impl FnOnce(String) -> String,
+) -> Result<config::Resolved, config::diag::ConfigError> {
+    let text = edit(std::fs::read_to_string(root().join(preset)).unwrap());
+    let path = std::env::temp_dir().join(format!("{tag}-{}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    let r = config::resolve(&path, &env(), Target::default());
+    std::fs::remove_file(&path).unwrap();
+    r
+}
+
 fn params(p: &str) -> u64 {
     let e = env();
     // Resolution stops at the support gate for diffusion; read the plan from a resolution
@@ -247,14 +261,11 @@ fn a_vae_missing_from_the_machine_is_an_error_at_the_key_listing_the_paths_searc
 #[test]
 fn latent_channels_and_sample_size_that_contradict_the_vae_are_errors_at_their_keys() {
     // The preset with a 3-channel input and a pixel-sized sample (the reference's dit-db-iq).
-    let text = std::fs::read_to_string(root().join("config/diffusion/dit-db-only.toml"))
-        .unwrap()
-        .replace("in_channels = 16", "in_channels = 3")
-        .replace("sample_size = 32", "sample_size = 256");
-    let path = std::env::temp_dir().join(format!("dit-db-wrong-{}.toml", std::process::id()));
-    std::fs::write(&path, text).unwrap();
-    let e = config::resolve(&path, &env(), Target::default()).unwrap_err();
-    std::fs::remove_file(&path).unwrap();
+    let e = resolve_edited("config/diffusion/dit-db-only.toml", "dit-db-wrong", |t| {
+        t.replace("in_channels = 16", "in_channels = 3")
+            .replace("sample_size = 32", "sample_size = 256")
+    })
+    .unwrap_err();
     let text = config::render(&e);
     assert!(
         text.contains("`in_channels` = 3, but the VAE's latents have 16 channels"),
@@ -271,22 +282,11 @@ fn latent_channels_and_sample_size_that_contradict_the_vae_are_errors_at_their_k
 #[test]
 fn pretrained_weights_are_found_at_build_time() {
     let with = |pretrained: &str| {
-        let text = std::fs::read_to_string(root().join("config/diffusion/quickstart.toml"))
-            .unwrap()
-            .replacen(
-                "[model]\n",
-                &format!("[model]\npretrained = \"{pretrained}\"\n"),
-                1,
-            );
-        let path = std::env::temp_dir().join(format!(
-            "pretrained-{}-{}.toml",
-            std::process::id(),
-            pretrained.len()
-        ));
-        std::fs::write(&path, text).unwrap();
-        let r = config::resolve(&path, &env(), Target::default());
-        std::fs::remove_file(&path).unwrap();
-        r
+        let tag = format!("pretrained-{}", pretrained.len());
+        resolve_edited("config/diffusion/quickstart.toml", &tag, |t| {
+            let line = format!("[model]\npretrained = \"{pretrained}\"\n");
+            t.replacen("[model]\n", &line, 1)
+        })
     };
     let text = config::render(&with("runs/nowhere").unwrap_err());
     assert!(
@@ -301,4 +301,48 @@ fn pretrained_weights_are_found_at_build_time() {
         panic!()
     };
     assert_eq!(d.model.pretrained_path.as_deref(), Some(file.as_path()));
+}
+
+/// Caption conditioning reads its text encoder's config.json at build time (a directory holding
+/// `text_encoder/` and `tokenizer/`): the DiT gains a caption embedder per block sized by the
+/// pooled width; a text encoder that is not there is an error at the key listing where it looked.
+#[test]
+fn caption_conditioning_finds_its_text_encoder_at_build_time() {
+    let with = |encoder: &str| {
+        let tag = format!("caption-{}", encoder.len());
+        resolve_edited("config/diffusion/quickstart.toml", &tag, |t| {
+            let extras = format!("[model.extras]\ntext_encoder = \"{encoder}\"\n");
+            t.replace(
+                "conditioning = \"gend_hlth_age\"",
+                "conditioning = \"caption\"",
+            )
+            .replacen(
+                "[dataset]\n",
+                "[dataset]\ncaption_column = \"caption\"\n",
+                1,
+            )
+            .replacen("[model.extras]\n", &extras, 1)
+        })
+    };
+    let r = with("runtime/tests/fixtures/clip/tiny").unwrap();
+    let Kind::Diffusion(d) = &r.config.kind else {
+        panic!()
+    };
+    let t = d.model.text_encoder_config.as_ref().unwrap();
+    assert_eq!((t.pooled_dim(), t.hidden_size), (24, 32));
+    assert!(t.tokenizer_dir.ends_with("clip/tiny/tokenizer"));
+    let plan = r.plan.unwrap();
+    let emb = |name: &str| plan.layers.iter().find(|l| l.name == name).unwrap().params;
+    // The quickstart's 128-wide DiT: timestep MLP, label table of 1001 rows, caption 24 -> 128.
+    let dim = 128u64;
+    assert_eq!(
+        emb("transformer_blocks.0.norm1.emb"),
+        256 * dim + dim + dim * dim + dim + 1001 * dim + 24 * dim + dim
+    );
+    let text = config::render(&with("runtime/tests/fixtures/clip/none").unwrap_err());
+    assert!(
+        text.contains("error: no text encoder `runtime/tests/fixtures/clip/none` on this machine")
+            && text.contains("clip/none/text_encoder/config.json"),
+        "{text}"
+    );
 }

@@ -456,6 +456,7 @@ fn dit_losses(dev: &Device, amp: Option<DType>, updates: u64) -> Result<Vec<f64>
     let cond = Condition {
         labels: vec![0, 1, 2, 3],
         ages: vec![f32::NAN; 4],
+        texts: None,
     };
     let path = Path::flow(1000);
     let spec = StepSpec {
@@ -787,6 +788,7 @@ fn dit_on_the_gpu_matches_the_cpu_and_bf16_stays_close() -> Result<()> {
     let cond = Condition {
         labels: vec![0, 3, 4],
         ages: vec![f32::NAN; 3],
+        texts: None,
     };
     let r = Tensor::randn(0f32, 1.0, (3, 3, 16, 16), &Device::Cpu)?;
     let run = |d: &Device, amp: Option<DType>| -> Result<(Tensor, Vec<Tensor>)> {

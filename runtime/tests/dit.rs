@@ -60,6 +60,7 @@ fn parity(name: &str, s: DitShape) {
     let cond = Condition {
         ages: vec![f32::NAN; labels.len()],
         labels,
+        texts: None,
     };
     let got = model.forward(x, &t, &cond).unwrap();
     let want = &saved["output"];
@@ -135,6 +136,7 @@ fn output_and_gradients_of(s: DitShape, autocast: Option<DType>) -> (Params, Ten
     let cond = Condition {
         labels: vec![0, 3, 4],
         ages: vec![0.31, f32::NAN, 0.7],
+        texts: None,
     };
     let _amp = Autocast::enter(autocast);
     let out = model.forward(&x, &[5.0, 500.0, 999.0], &cond).unwrap();
@@ -251,6 +253,7 @@ fn checkpointed_backward_equals_the_plain_backward() {
     let cond = Condition {
         labels: vec![1, 2, 4],
         ages: vec![0.5, 0.25, f32::NAN],
+        texts: None,
     };
     let t = [10.0, 400.0, 900.0];
     let loss_of = |out: &Tensor| (out - &target)?.sqr()?.mean_all();
@@ -295,6 +298,7 @@ fn dit_dropout_is_seeded_and_survives_checkpointing() {
     let cond = Condition {
         labels: vec![1, 4],
         ages: vec![f32::NAN; 2],
+        texts: None,
     };
     let t = [50.0, 600.0];
     let run = |seed| model.forward_with_dropout(&x, &t, &cond, seed).unwrap();

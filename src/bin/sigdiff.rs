@@ -158,6 +158,10 @@ struct SampleArgs {
     /// Take the conditions from the rows of this metadata CSV, in order, cycled to `--n`.
     #[arg(long)]
     like: Option<PathBuf>,
+    /// One caption for every sample, for a caption-conditioned model (`--like` rows take the
+    /// caption column instead).
+    #[arg(long, conflicts_with_all = ["like", "condition"])]
+    caption: Option<String>,
     /// The dataset directory to write.
     #[arg(long)]
     out: PathBuf,
@@ -234,6 +238,7 @@ impl From<SampleArgs> for SampleOptions {
             n: a.n,
             condition: a.condition,
             like: a.like,
+            caption: a.caption,
             out: a.out,
             split: a.split,
             steps: a.steps,

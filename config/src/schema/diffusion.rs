@@ -70,6 +70,9 @@ literal! {
         pub vae: Option<String> = "model.extras.vae",
         /// The VAE latent-space training encodes with, as its config.json describes it.
         pub vae_config: Option<crate::pretrained::Vae> = "model.extras.vae (its config.json)",
+        pub text_encoder: Option<String> = "model.extras.text_encoder",
+        /// `caption` conditioning's text encoder, as its config.json describes it.
+        pub text_encoder_config: Option<crate::pretrained::ClipText> = "model.extras.text_encoder (its config.json)",
         pub in_channels: usize = "model.extras.in_channels",
         pub out_channels: usize = "model.extras.out_channels",
         pub cfg_dropout: f64 = "model.extras.cfg_dropout",
@@ -265,6 +268,13 @@ pub fn read_diffusion(
     if diff.model.latent_space && !is_sd {
         read_latent_space(ctx, env, sources, settings, &mut diff);
     }
+    // Without a caption column diffusion_rules.rs reports that first.
+    if diff.model.conditioning == Conditioning::Caption
+        && diff.model.name == DiffusionModel::Dit
+        && diff.dataset.caption_column.is_some()
+    {
+        read_text_encoder(ctx, env, sources, settings, &mut diff.model);
+    }
     if let (Some(spec), false) = (diff.model.pretrained.clone(), is_sd) {
         let files = crate::pretrained::weight_files(diff.model.name);
         diff.model.pretrained_path = crate::pretrained::read_pretrained(
@@ -278,6 +288,30 @@ pub fn read_diffusion(
     }
     super::diffusion_rules::check(ctx, &diff, is_sd, settings, output_type);
     (diff, data)
+}
+
+/// `caption` conditioning's text encoder: `model.extras.text_encoder`, else the text encoder of
+/// the settings' Stable Diffusion model (its `text_encoder/` and `tokenizer/`).
+fn read_text_encoder(
+    ctx: &mut Ctx,
+    env: &Env,
+    sources: &mut Sources,
+    settings: &Settings,
+    m: &mut DiffModel,
+) {
+    let (spec, key) = match (
+        &m.text_encoder,
+        settings.hf_models.get("stable_diffusion_model_id"),
+    ) {
+        (Some(t), _) => (t.clone(), "model.extras.text_encoder"),
+        (None, Some(id)) => (id.clone(), "model.conditioning"),
+        (None, None) => {
+            ctx.error("model.conditioning", "caption conditioning needs a text encoder: set `model.extras.text_encoder` (a CLIP text encoder's directory, or a Hugging Face id)");
+            return;
+        }
+    };
+    m.text_encoder_config =
+        crate::pretrained::read_clip_text(ctx, env, sources, (&spec, key), m.revision.as_deref());
 }
 
 /// The VAE of a latent-space model (`model.extras.vae`, else the settings' Stable Diffusion
@@ -511,6 +545,7 @@ fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) ->
         x.bool_or(ctx, "latent_space", false);
     }
     let vae = nonempty(x.string(ctx, "vae"));
+    let text_encoder = nonempty(x.string(ctx, "text_encoder"));
     let default_ch = if ts { 1 } else { 3 };
     let in_channels = x.count(ctx, "in_channels", default_ch, 1);
     let out_channels = x.count(ctx, "out_channels", in_channels, 1);
@@ -630,6 +665,8 @@ fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) ->
         latent_space,
         vae,
         vae_config: None,
+        text_encoder,
+        text_encoder_config: None,
         in_channels,
         out_channels,
         cfg_dropout,

@@ -220,6 +220,7 @@ pub fn cached(
         }),
         targets: split.targets.clone(),
         augment: Augment::default(),
+        texts: split.texts.clone(),
     })
 }
 

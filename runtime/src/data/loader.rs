@@ -37,6 +37,9 @@ pub struct Split {
     pub targets: Vec<Vec<f32>>,
     /// Resize, crop and flip applied to images as they load (none: they must fit exactly).
     pub augment: Augment,
+    /// The distinct texts of a `caption` task's column, in order of appearance: its target is
+    /// the text's index here, NaN for an empty one.
+    pub texts: Vec<String>,
 }
 
 pub enum Samples {
@@ -214,11 +217,12 @@ pub fn read_split(
         .collect::<Result<_>>()?;
     let mut files = vec![];
     let mut targets = vec![vec![]; tasks.len()];
+    let mut texts = vec![];
     for (i, row) in rdr.records().enumerate() {
         let row = row.with_context(|| format!("{}: row {}", csv_path.display(), i + 2))?;
         files.push(dir.join(&row[file_col]));
         for (t, (&c, spec)) in task_cols.iter().zip(tasks).enumerate() {
-            let v = encode(spec, &row[c]).map_err(|e| {
+            let v = encode_or_intern(spec, &row[c], &mut texts).map_err(|e| {
                 anyhow::anyhow!(
                     "{}:{}: column `{}`: {e}",
                     csv_path.display(),
@@ -236,6 +240,7 @@ pub fn read_split(
         name: split.to_string(),
         source: csv_path,
         samples: Samples::Files(files),
+        texts,
         targets,
         augment: Augment::default(),
     })
@@ -293,6 +298,7 @@ fn read_parquet_split(
         ),
     };
     let mut targets = vec![];
+    let mut texts = vec![];
     for spec in tasks {
         let column = table.column(spec.column).with_context(|| {
             format!(
@@ -305,9 +311,11 @@ fn read_parquet_split(
         })?;
         let values = (0..rows)
             .map(|i| {
-                encode(spec, &column.text(i).unwrap_or_default()).map_err(|e| {
-                    anyhow::anyhow!("{} row {i}: column `{}`: {e}", path.display(), spec.column)
-                })
+                encode_or_intern(spec, &column.text(i).unwrap_or_default(), &mut texts).map_err(
+                    |e| {
+                        anyhow::anyhow!("{} row {i}: column `{}`: {e}", path.display(), spec.column)
+                    },
+                )
             })
             .collect::<Result<Vec<f32>>>()?;
         targets.push(values);
@@ -321,7 +329,32 @@ fn read_parquet_split(
         samples,
         targets,
         augment: Augment::default(),
+        texts,
     })
+}
+
+/// A task's value of `raw`: its encoding, or for a `caption` task the index of the text in
+/// `texts` (added when new; NaN for an empty text, the null condition).
+fn encode_or_intern(
+    spec: &TaskSpec,
+    raw: &str,
+    texts: &mut Vec<String>,
+) -> std::result::Result<f32, String> {
+    if spec.encoder != "caption" {
+        return encode(spec, raw);
+    }
+    let text = raw.trim();
+    if text.is_empty() {
+        return Ok(f32::NAN);
+    }
+    let index = match texts.iter().position(|t| t == text) {
+        Some(i) => i,
+        None => {
+            texts.push(text.to_string());
+            texts.len() - 1
+        }
+    };
+    Ok(index as f32)
 }
 
 /// Decode one sample into `out` (length = product of `shape`), values in [-1, 1] for images.

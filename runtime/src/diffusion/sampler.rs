@@ -128,6 +128,7 @@ impl Sampler {
                     let cc = Condition {
                         labels: [null.labels.clone(), cond.labels.clone()].concat(),
                         ages: [null.ages.clone(), cond.ages.clone()].concat(),
+                        texts: cond.texts.clone(),
                     };
                     let out = model.forward(&both, &tt, &cc)?;
                     let (u, c) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
@@ -354,6 +355,9 @@ pub struct SampleSpec {
     /// Decode large latents in blended tiles (`model.vae_tiling`).
     #[serde(default)]
     pub vae_tiling: bool,
+    /// Caption conditioning: the text encoder that embeds the captions to sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoder: Option<signal_diffusion_config::pretrained::ClipText>,
 }
 
 impl SampleSpec {
@@ -418,7 +422,9 @@ impl SampleSpec {
     }
 }
 
-/// The conditions of samples `idx` of a split whose targets are the conditioning columns.
+/// The conditions of samples `idx` of a split whose targets are the conditioning columns (for
+/// `caption`, the index of each sample's text among the split's texts: the caller sets
+/// `texts` to their embeddings).
 pub fn conditions(c: Conditioning, targets: &[Vec<f32>], idx: &[usize]) -> Condition {
     let mut cond = Condition::null(c, idx.len());
     for (k, &i) in idx.iter().enumerate() {
@@ -431,6 +437,12 @@ pub fn conditions(c: Conditioning, targets: &[Vec<f32>], idx: &[usize]) -> Condi
                     cond.labels[k] = (g * 2.0 + h) as u32;
                 }
                 cond.ages[k] = age / 100.0;
+            }
+            Conditioning::Caption { .. } => {
+                let text = targets[0][i];
+                if !text.is_nan() {
+                    cond.labels[k] = text as u32 + 1;
+                }
             }
         }
     }

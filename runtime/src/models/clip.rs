@@ -408,3 +408,36 @@ impl ClipTextEncoder {
         }
     }
 }
+
+/// A text encoder with its tokenizer: captions to pooled embeddings, what caption conditioning
+/// feeds the denoiser.
+pub struct Captioner {
+    tokenizer: ClipTokenizer,
+    encoder: ClipTextEncoder,
+}
+
+impl Captioner {
+    pub fn load(cfg: &ClipText, device: &Device) -> Result<Self> {
+        Ok(Captioner {
+            tokenizer: ClipTokenizer::load(&cfg.tokenizer_dir, cfg.max_position_embeddings)?,
+            encoder: ClipTextEncoder::load(cfg, device)?,
+        })
+    }
+
+    /// The pooled embeddings of `texts`, row-major (one row of `pooled_dim` per text), encoded
+    /// 32 at a time.
+    pub fn pooled(&self, texts: &[String]) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(texts.len() * self.encoder.config.pooled_dim());
+        for chunk in texts.chunks(32) {
+            let ids: Vec<Vec<u32>> = chunk.iter().map(|t| self.tokenizer.encode(t)).collect();
+            out.extend(
+                self.encoder
+                    .forward(&ids)?
+                    .pooled
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        Ok(out)
+    }
+}

@@ -47,6 +47,9 @@ pub enum Conditioning {
     Classes { num_classes: usize },
     /// gender × health classes (0..4, null 4) and age.
     GenderHealthAge,
+    /// A caption's pooled text embedding of width `dim` (label k ≥ 1: row k − 1 of the batch's
+    /// `Condition::texts`; 0: the null caption, the model's `caption_null` buffer).
+    Caption { dim: usize },
 }
 
 impl Conditioning {
@@ -56,6 +59,7 @@ impl Conditioning {
             Conditioning::None => 0,
             Conditioning::Classes { num_classes } => *num_classes as u32,
             Conditioning::GenderHealthAge => 4,
+            Conditioning::Caption { .. } => 0,
         }
     }
 
@@ -116,12 +120,14 @@ impl DitShape {
     }
 }
 
-/// The conditioning of a batch: one label per sample, and ages (years / 100; NaN = null) for
-/// `gend_hlth_age`.
+/// The conditioning of a batch: one label per sample, ages (years / 100; NaN = null) for
+/// `gend_hlth_age`, and for `caption` the pooled embeddings of the captions the labels index
+/// (row-major, one row per distinct caption).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Condition {
     pub labels: Vec<u32>,
     pub ages: Vec<f32>,
+    pub texts: Option<std::sync::Arc<Vec<f32>>>,
 }
 
 impl Condition {
@@ -130,6 +136,7 @@ impl Condition {
         Condition {
             labels: vec![c.null_label(); n],
             ages: vec![f32::NAN; n],
+            texts: None,
         }
     }
 
@@ -195,19 +202,23 @@ pub(crate) fn age_features(ages: &[f32], freqs: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, (ages.len(), 2 * w.len()), freqs.device())
 }
 
-/// Timestep features (B, 256), labels (B), age features (B, 256) if the model reads ages.
+/// Timestep features (B, 256), labels (B), age features (B, 256) if the model reads ages,
+/// caption embeddings (B, dim) if it reads captions.
 struct BlockInputs {
     t_feat: Tensor,
     labels: Tensor,
     age_feat: Option<Tensor>,
+    caption: Option<Tensor>,
 }
 
-/// `CombinedTimestepLabelEmbeddings` (+ our age embedder): (t, labels, ages) -> (B, D).
+/// `CombinedTimestepLabelEmbeddings` (+ our age and caption embedders): (t, labels, ages,
+/// captions) -> (B, D).
 struct Embedder {
     time_1: Linear,
     time_2: Linear,
     table: Tensor,
     age: Option<Linear>,
+    caption: Option<Linear>,
 }
 
 impl Embedder {
@@ -230,6 +241,15 @@ impl Embedder {
                 )?),
                 _ => None,
             },
+            caption: match s.conditioning {
+                Conditioning::Caption { dim } => Some(Linear::new(
+                    p,
+                    &format!("{name}.caption_embedder.linear_1"),
+                    dim,
+                    d,
+                )?),
+                _ => None,
+            },
         })
     }
 
@@ -240,6 +260,9 @@ impl Embedder {
         let mut e = (t + self.table.embedding(&inputs.labels)?)?;
         if let (Some(lin), Some(a)) = (&self.age, &inputs.age_feat) {
             e = (e + lin.forward(a)?)?;
+        }
+        if let (Some(lin), Some(c)) = (&self.caption, &inputs.caption) {
+            e = (e + lin.forward(c)?)?;
         }
         Ok(e)
     }
@@ -384,6 +407,9 @@ pub struct Dit {
     patch_bias: Tensor,
     positions: Tensor,
     age_fourier: Option<Tensor>,
+    /// `caption`: the null caption's embedding (the empty caption's, set by the trainer from
+    /// its text encoder and saved with the weights, so sampling needs no text encoder for it).
+    caption_null: Option<Tensor>,
     blocks: Vec<Block>,
     out_1: Linear,
     out_2: Linear,
@@ -407,6 +433,14 @@ impl Dit {
             Conditioning::GenderHealthAge => {
                 Some(p.normal_buffer("age_fourier.weight".into(), &[128, 1], 1.0)?)
             }
+            _ => None,
+        };
+        let caption_null = match s.conditioning {
+            Conditioning::Caption { dim } => Some(
+                p.buffer("caption_null.weight".into(), &[dim], 0.0)?
+                    .as_tensor()
+                    .clone(),
+            ),
             _ => None,
         };
         let mut blocks = Vec::with_capacity(s.layers);
@@ -433,6 +467,7 @@ impl Dit {
             patch_bias,
             positions,
             age_fourier,
+            caption_null,
             blocks,
             out_1: Linear::new(p, "proj_out_1", d, 2 * d)?,
             out_2: Linear::new(p, "proj_out_2", d, ph * pw * s.out_channels)?,
@@ -533,13 +568,34 @@ impl Dit {
 
     /// The features every block's embedder reads (none of them trainable).
     fn block_inputs(&self, t: &[f32], cond: &Condition, device: &Device) -> Result<BlockInputs> {
+        let labels = Tensor::from_slice(&cond.labels, cond.len(), device)?;
+        let caption = match &self.caption_null {
+            // Rows of [null; the batch's captions], picked by label.
+            Some(null) => {
+                let dim = null.dim(0)?;
+                let rows = match &cond.texts {
+                    Some(texts) => {
+                        let table = Tensor::from_slice(texts, (texts.len() / dim, dim), device)?;
+                        Tensor::cat(&[&null.unsqueeze(0)?, &table], 0)?
+                    }
+                    None => null.unsqueeze(0)?,
+                };
+                Some(rows.index_select(&labels, 0)?)
+            }
+            None => None,
+        };
         Ok(BlockInputs {
             t_feat: timestep_features(t, device)?,
-            labels: Tensor::from_slice(&cond.labels, cond.len(), device)?,
+            // A caption model's label table reads the constant label 0, as an unconditional one.
+            labels: match caption {
+                Some(_) => labels.zeros_like()?,
+                None => labels,
+            },
             age_feat: match &self.age_fourier {
                 Some(f) => Some(age_features(&cond.ages, f)?),
                 None => None,
             },
+            caption,
         })
     }
 

@@ -869,6 +869,7 @@ mod tests {
             samples: Samples::Files(vec![PathBuf::new(); 8]),
             targets: vec![vec![0., 0., 0., 0., 0., 0., 1., 1.], vec![30.; 8]],
             augment: Augment::default(),
+            texts: vec![],
         };
         let w = class_weights(ClassWeights::Balanced, &tasks, &split);
         // n / (k · n_c) with k = 2 classes present: 8 / (2·6), 8 / (2·2), 0.

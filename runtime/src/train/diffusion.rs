@@ -41,6 +41,7 @@ use crate::diffusion::ema::Ema;
 use crate::diffusion::loss::{diffusion_grads, StepSpec};
 use crate::diffusion::path::{normals, Path as NoisePath};
 use crate::diffusion::sampler::{conditions, SampleSpec};
+use crate::models::clip::Captioner;
 use crate::models::dit::{Condition, Conditioning};
 use crate::models::nn::Params;
 use crate::models::vae::Vae;
@@ -321,6 +322,7 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
         timeseries: cfg.dataset_is_timeseries,
         vae: cfg.model.vae_config.clone(),
         vae_tiling: cfg.model.vae_tiling,
+        text_encoder: cfg.model.text_encoder_config.clone(),
     };
     let input = compiled.input_shape.to_vec();
     let ctx = Ctx {
@@ -354,6 +356,32 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
     if let Some(path) = &cfg.model.pretrained_path {
         load_pretrained(path, shape, &params, &device)?;
     }
+    // Captions: each split's distinct captions embedded once, and the null caption (the empty
+    // one's embedding) set into the model, where sampling finds it.
+    let (train_texts, val_texts) = match &cfg.model.text_encoder_config {
+        Some(text_encoder) => {
+            let captioner = Captioner::load(text_encoder, &device)?;
+            let null = captioner.pooled(&[String::new()])?;
+            let (_, var) = params
+                .buffers
+                .iter()
+                .find(|(n, _)| n == "caption_null.weight")
+                .context("a caption model has a `caption_null` buffer")?;
+            var.set(&Tensor::from_vec(null, var.dims(), &device)?)?;
+            let embed = |split: &Split| -> Result<Option<Arc<Vec<f32>>>> {
+                Ok(Some(Arc::new(captioner.pooled(&split.texts)?)))
+            };
+            let val_texts = val.as_deref().map(embed).transpose()?.flatten();
+            println!(
+                "captions: {} distinct in training, {} in validation, embedded by {}",
+                train.texts.len(),
+                val.as_ref().map_or(0, |v| v.texts.len()),
+                text_encoder.dir.display()
+            );
+            (embed(&train)?, val_texts)
+        }
+        None => (None, None),
+    };
     let all_vars: Vec<(String, Var)> = params
         .trainable
         .iter()
@@ -462,6 +490,10 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
         (false, _) | (true, EvalStrategy::None) => None,
     };
     let cond_source = val.clone().unwrap_or_else(|| train.clone());
+    let cond_texts = match &val {
+        Some(_) => val_texts.clone(),
+        None => train_texts.clone(),
+    };
     let mut eval = Evaluator {
         ctx: &ctx,
         model: &model,
@@ -470,6 +502,8 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
         val: val.as_ref(),
         cond_source: &cond_source,
         reference: reference.as_ref(),
+        val_texts: val_texts.clone(),
+        cond_texts,
     };
 
     if t.initial_eval && resume.is_none() && t.eval_strategy != EvalStrategy::None {
@@ -514,6 +548,7 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
             let idx: Vec<usize> = order[i * bs..i * bs + batch.size].to_vec();
             let mut rng = ctx.rng(state.step, i % accum);
             let mut cond = conditions(cond_kind, &train.targets, &idx);
+            cond.texts = train_texts.clone();
             drop_conditions(&mut cond, cond_kind, cfg.model.cfg_dropout, &mut rng);
             let mut x = ctx.batch_input(&batch.inputs, batch.size, &mut rng)?;
             if ds.gaussian_noise_std > 0.0 {

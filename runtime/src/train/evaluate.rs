@@ -68,6 +68,10 @@ pub(super) struct Evaluator<'a> {
     /// Where generation takes its conditions from (validation, else training rows).
     pub(super) cond_source: &'a Arc<Split>,
     pub(super) reference: Option<&'a Reference>,
+    /// Caption conditioning: the embeddings of the validation split's and the condition
+    /// source's distinct captions.
+    pub(super) val_texts: Option<Arc<Vec<f32>>>,
+    pub(super) cond_texts: Option<Arc<Vec<f32>>>,
 }
 
 impl Evaluator<'_> {
@@ -133,7 +137,8 @@ impl Evaluator<'_> {
                 let batch = batch?;
                 let idx: Vec<usize> = (start..start + batch.size).collect();
                 start += batch.size;
-                let cond = conditions(ctx.shape.conditioning(), &val.targets, &idx);
+                let mut cond = conditions(ctx.shape.conditioning(), &val.targets, &idx);
+                cond.texts = self.val_texts.clone();
                 let mut rng = ChaCha8Rng::seed_from_u64(t.seed ^ 0x7a1d_0000 ^ b as u64);
                 let x = ctx.batch_input(&batch.inputs, batch.size, &mut rng)?;
                 let loss = diffusion_loss(self.model, &x, &cond, &spec, &mut rng)?;
@@ -205,7 +210,8 @@ impl Evaluator<'_> {
         while done < n {
             let b = t.eval_batch_size.min(n - done);
             let idx: Vec<usize> = (done..done + b).map(|i| i % src.len()).collect();
-            let cond = conditions(ctx.shape.conditioning(), &src.targets, &idx);
+            let mut cond = conditions(ctx.shape.conditioning(), &src.targets, &idx);
+            cond.texts = self.cond_texts.clone();
             let mut dims = vec![b];
             dims.extend(&ctx.input);
             let noise =

@@ -42,6 +42,8 @@ pub struct SampleOptions {
     pub condition: Option<String>,
     /// Take the conditions from the rows of this metadata CSV, in order, cycled to `--n`.
     pub like: Option<PathBuf>,
+    /// One caption for every sample (a caption-conditioned model).
+    pub caption: Option<String>,
     /// The dataset directory to write.
     pub out: PathBuf,
     /// The split the samples belong to (file names and `{split}-metadata.csv`).
@@ -69,6 +71,7 @@ impl SampleOptions {
             n: None,
             condition: None,
             like: None,
+            caption: None,
             out,
             split: "train".into(),
             steps: None,
@@ -91,7 +94,39 @@ fn column_encoders(c: Conditioning) -> &'static [(&'static str, &'static str)] {
             ("health", "health?"),
             ("age", "float?"),
         ],
+        Conditioning::Caption { .. } => &[("caption", "caption")],
     }
+}
+
+/// Caption conditions of `rows` (each one caption): labels (k + 1 for the k-th distinct caption,
+/// 0 for an empty one: the null caption) and the distinct captions' pooled embeddings by the
+/// training's text encoder.
+fn caption_conditions(
+    rows: &[Vec<String>],
+    spec: &SampleSpec,
+    device: &Device,
+) -> Result<(Vec<u32>, std::sync::Arc<Vec<f32>>)> {
+    let cfg = spec
+        .text_encoder
+        .as_ref()
+        .context("sampling.json names no text encoder for this caption model")?;
+    let mut texts: Vec<String> = vec![];
+    let labels = rows
+        .iter()
+        .map(|r| {
+            let text = r[0].trim();
+            if text.is_empty() {
+                return 0;
+            }
+            let k = texts.iter().position(|t| t == text).unwrap_or_else(|| {
+                texts.push(text.to_string());
+                texts.len() - 1
+            });
+            k as u32 + 1
+        })
+        .collect();
+    let captioner = crate::models::clip::Captioner::load(cfg, device)?;
+    Ok((labels, std::sync::Arc::new(captioner.pooled(&texts)?)))
 }
 
 /// One sample's condition from the raw texts of its columns (in `column_encoders` order).
@@ -131,6 +166,21 @@ fn condition_rows(
     let cols = column_encoders(c);
     if args.like.is_some() && args.condition.is_some() {
         bail!("give the conditions either as `condition` or as `like` rows, not both");
+    }
+    let captioned = matches!(c, Conditioning::Caption { .. });
+    match (&args.caption, captioned) {
+        (Some(_), false) => bail!("this model is not conditioned on captions: drop `--caption`"),
+        (Some(_), true) if args.like.is_some() => {
+            bail!("give the captions either as `caption` or as `like` rows, not both")
+        }
+        (Some(caption), true) => {
+            let n = args.n.context("give `--n N` with `--caption`")?;
+            return Ok(vec![vec![caption.clone()]; n]);
+        }
+        (None, true) if args.condition.is_some() => {
+            bail!("this model is conditioned on captions: give `--caption TEXT` (or `--like` rows with the caption column)")
+        }
+        (None, _) => {}
     }
     if let Some(path) = &args.like {
         let mut rdr = csv::Reader::from_path(path)
@@ -286,13 +336,25 @@ pub fn run(args: &SampleOptions) -> Result<()> {
         &device,
     )?;
     let rows = condition_rows(args, &spec, c)?;
-    let conds: Vec<(u32, f32)> = rows
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            encode_condition(c, r).map_err(|e| anyhow::anyhow!("condition of sample {i}: {e}"))
-        })
-        .collect::<Result<_>>()?;
+    let (conds, texts): (Vec<(u32, f32)>, _) = match c {
+        Conditioning::Caption { .. } => {
+            let (labels, texts) = caption_conditions(&rows, &spec, &device)?;
+            (
+                labels.into_iter().map(|l| (l, f32::NAN)).collect(),
+                Some(texts),
+            )
+        }
+        _ => (
+            rows.iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    encode_condition(c, r)
+                        .map_err(|e| anyhow::anyhow!("condition of sample {i}: {e}"))
+                })
+                .collect::<Result<_>>()?,
+            None,
+        ),
+    };
     let sampler = spec.sampler(
         args.sampler.unwrap_or(spec.sampler),
         args.steps.unwrap_or(spec.denoising_steps),
@@ -336,6 +398,7 @@ pub fn run(args: &SampleOptions) -> Result<()> {
         let cond = Condition {
             labels: conds[start..start + b].iter().map(|c| c.0).collect(),
             ages: conds[start..start + b].iter().map(|c| c.1).collect(),
+            texts: texts.clone(),
         };
         let noise = Tensor::from_vec(
             normals(&mut rng, b * lc * lh * lw),
