@@ -609,6 +609,16 @@ fn a_caption_dit_draws_what_its_caption_says() {
             .sum::<f64>()
             / 8.0
     };
+    // Metadata without captions (the test split's) is captioned as the reference captions its
+    // subjects: one sample per row.
+    let from_subjects = tmp.path().join("synthetic-subjects");
+    signal_diffusion_runtime::train::sample::run(&SampleOptions {
+        like: Some(data.join("test-metadata.csv")),
+        ..SampleOptions::new(run.join("final/ema"), from_subjects.clone())
+    })
+    .unwrap();
+    let meta = std::fs::read_to_string(from_subjects.join("train-metadata.csv")).unwrap();
+    assert_eq!(meta.lines().count(), 17, "{meta}");
     let (female, male) = (contrast(true), contrast(false));
     println!("top − bottom contrast: female {female:.1}, male {male:.1}");
     // The real images' contrast is ±120 grey levels.

@@ -177,38 +177,34 @@ fn condition_rows(
             let n = args.n.context("give `--n N` with `--caption`")?;
             return Ok(vec![vec![caption.clone()]; n]);
         }
-        (None, true) if args.condition.is_some() => {
-            bail!("this model is conditioned on captions: give `--caption TEXT` (or `--like` rows with the caption column)")
-        }
         (None, _) => {}
     }
     if let Some(path) = &args.like {
-        let mut rdr = csv::Reader::from_path(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let headers = rdr.headers()?.clone();
-        let idx: Vec<usize> = spec
-            .columns
-            .iter()
-            .map(|name| {
-                headers.iter().position(|h| h == name).with_context(|| {
-                    format!(
-                        "{}: no `{name}` column (the model is conditioned on {})",
-                        path.display(),
-                        spec.columns.join(", ")
-                    )
-                })
-            })
-            .collect::<Result<_>>()?;
-        let rows: Vec<Vec<String>> = rdr
-            .records()
-            .map(|r| r.map(|r| idx.iter().map(|&i| r[i].to_string()).collect()))
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if rows.is_empty() {
-            bail!("{}: no rows to take conditions from", path.display());
-        }
+        let names: Vec<&str> = spec.columns.iter().map(String::as_str).collect();
+        let rows = match read_like(path, &names) {
+            // Metadata without captions: the reference's captions of its subjects.
+            Err(_) if captioned => read_like(path, &SUBJECT)?
+                .iter()
+                .map(|r| Ok(vec![reference_caption(r)?]))
+                .collect::<Result<_>>()?,
+            rows => rows?,
+        };
         let n = args.n.unwrap_or(rows.len());
         return Ok((0..n).map(|i| rows[i % rows.len()].clone()).collect());
+    }
+    if let (Some(text), true) = (&args.condition, captioned) {
+        let n = args.n.context("give `--n N` with `--condition`")?;
+        let mut subject = vec![String::new(); SUBJECT.len()];
+        for part in text.split(',').filter(|p| !p.trim().is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .with_context(|| format!("`--condition {text}`: `{part}` is not key=value"))?;
+            let pos = SUBJECT.iter().position(|c| *c == k.trim()).with_context(|| {
+                format!("`--condition`: unknown key `{}` (a caption model takes gender, health and age, written into the reference's caption, or `--caption TEXT`)", k.trim())
+            })?;
+            subject[pos] = v.trim().to_string();
+        }
+        return Ok(vec![vec![reference_caption(&subject)?]; n]);
     }
     let n = args
         .n
@@ -237,6 +233,64 @@ fn condition_rows(
         }
     }
     Ok(vec![one; n])
+}
+
+/// The metadata columns the reference builds its captions from.
+const SUBJECT: [&str; 3] = ["gender", "health", "age"];
+
+/// The rows of `path` (a metadata CSV), each the values of `columns` in order.
+fn read_like(path: &Path, columns: &[&str]) -> Result<Vec<Vec<String>>> {
+    let mut rdr =
+        csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let headers = rdr.headers()?.clone();
+    let idx: Vec<usize> = columns
+        .iter()
+        .map(|name| {
+            headers.iter().position(|h| h == *name).with_context(|| {
+                format!(
+                    "{}: no `{name}` column (the model is conditioned on {})",
+                    path.display(),
+                    columns.join(", ")
+                )
+            })
+        })
+        .collect::<Result<_>>()?;
+    let rows: Vec<Vec<String>> = rdr
+        .records()
+        .map(|r| r.map(|r| idx.iter().map(|&i| r[i].to_string()).collect()))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if rows.is_empty() {
+        bail!("{}: no rows to take conditions from", path.display());
+    }
+    Ok(rows)
+}
+
+/// The reference's caption of a subject (gender, health, age as the metadata writes them; an
+/// empty one left out), as the meta-dataset captions its images.
+fn reference_caption(subject: &[String]) -> Result<String> {
+    let gender = match subject[0].trim().to_uppercase().as_str() {
+        "" => None,
+        "F" | "FEMALE" | "W" | "WOMAN" => Some("F"),
+        "M" | "MALE" | "MAN" => Some("M"),
+        other => bail!("gender `{other}` is neither M/male nor F/female"),
+    };
+    let health = match subject[1].trim().to_uppercase().as_str() {
+        "" => "",
+        "H" | "HEALTHY" | "HC" | "CONTROL" => "H",
+        "PD" | "PARKINSONS" => "PD",
+        "EP" | "EPILEPSY" => "EP",
+        other => bail!("health `{other}` is not H, PD or EP"),
+    };
+    let age = match subject[2].trim() {
+        "" => None,
+        a => Some(
+            a.parse::<f64>()
+                .map_err(|_| anyhow::anyhow!("age `{a}` is not a number"))?
+                .round() as i64,
+        ),
+    };
+    Ok(crate::data::signal::meta::caption(age, health, gender))
 }
 
 /// Load the weights of `dir` (raw or EMA) into `vars`.
@@ -459,4 +513,25 @@ pub fn run(args: &SampleOptions) -> Result<()> {
         .with_context(|| format!("cannot move the samples into {}", args.out.display()))?;
     println!("wrote {} samples to {}", rows.len(), args.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reference_caption;
+
+    #[test]
+    fn subjects_are_captioned_as_the_reference_captions_them() {
+        let caption =
+            |g: &str, h: &str, a: &str| reference_caption(&[g.into(), h.into(), a.into()]).unwrap();
+        assert_eq!(
+            caption("F", "healthy", "63.4"),
+            "a spectrogram image of a 63 year old, healthy, female subject"
+        );
+        assert_eq!(
+            caption("male", "PD", ""),
+            "a spectrogram image of a male subject with Parkinson's disease"
+        );
+        assert_eq!(caption("", "", ""), "a spectrogram image of a subject");
+        assert!(reference_caption(&["X".into(), "".into(), "".into()]).is_err());
+    }
 }
