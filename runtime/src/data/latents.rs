@@ -269,7 +269,6 @@ fn encode(
     );
     let started = Instant::now();
     let image = [3, resolution, resolution];
-    let image_len: usize = image.iter().product();
     for s in todo {
         let rows: Vec<usize> = (s * size..n.min((s + 1) * size)).collect();
         if spec.random_crop {
@@ -315,7 +314,6 @@ fn encode(
                     }
                 }
             }
-            debug_assert_eq!(batch.inputs.len(), b * image_len);
         }
         let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
         super::io::write_atomic(&shard_path(dir, s), |w| Ok(w.write_all(&bytes)?))?;

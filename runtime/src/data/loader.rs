@@ -14,7 +14,7 @@
 //! Pixels map to [-1, 1] like the reference's `ToDtype(scale) + Normalize(0.5, 0.5)`. Every
 //! sample must have the compiled input shape; one that does not is an error naming it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -94,6 +94,7 @@ impl Split {
     /// Decode sample `i` into `out`. `salt` varies the random augmentations (by epoch); the same
     /// (salt, i) always gives the same crop and flip.
     pub fn load(&self, i: usize, shape: &[usize], salt: u64, out: &mut Vec<f32>) -> Result<()> {
+        let draw = crate::ops::cpu::splitmix64(salt ^ crate::ops::cpu::splitmix64(i as u64));
         match &self.samples {
             Samples::Files(files) if is_npy(&files[i]) => {
                 return load_sample(&files[i], shape, out)
@@ -105,12 +106,8 @@ impl Split {
                 out.extend_from_slice(&signals[i].values);
                 return Ok(());
             }
-            // The mirror image half the time, by the same draw for the same (salt, i).
-            Samples::Latents(latents) => {
-                let draw =
-                    crate::ops::cpu::splitmix64(salt ^ crate::ops::cpu::splitmix64(i as u64));
-                return latents.get(i, draw >> 63 == 1, out);
-            }
+            // The mirror image half the time, by the draw a flip of the image would use.
+            Samples::Latents(latents) => return latents.get(i, draw >> 63 == 1, out),
             _ => {}
         }
         let decoded = self.decode(i)?;
@@ -124,7 +121,6 @@ impl Split {
                 height,
                 width,
             };
-            let draw = crate::ops::cpu::splitmix64(salt ^ crate::ops::cpu::splitmix64(i as u64));
             let img = self.augment.apply(img, shape[1], draw);
             (img.pixels, img.channels, img.height, img.width)
         };
@@ -217,7 +213,7 @@ pub fn read_split(
         .collect::<Result<_>>()?;
     let mut files = vec![];
     let mut targets = vec![vec![]; tasks.len()];
-    let mut texts = vec![];
+    let mut texts = TextTable::default();
     for (i, row) in rdr.records().enumerate() {
         let row = row.with_context(|| format!("{}: row {}", csv_path.display(), i + 2))?;
         files.push(dir.join(&row[file_col]));
@@ -240,7 +236,7 @@ pub fn read_split(
         name: split.to_string(),
         source: csv_path,
         samples: Samples::Files(files),
-        texts,
+        texts: texts.texts,
         targets,
         augment: Augment::default(),
     })
@@ -298,7 +294,7 @@ fn read_parquet_split(
         ),
     };
     let mut targets = vec![];
-    let mut texts = vec![];
+    let mut texts = TextTable::default();
     for spec in tasks {
         let column = table.column(spec.column).with_context(|| {
             format!(
@@ -329,32 +325,44 @@ fn read_parquet_split(
         samples,
         targets,
         augment: Augment::default(),
-        texts,
+        texts: texts.texts,
     })
 }
 
-/// A task's value of `raw`: its encoding, or for a `caption` task the index of the text in
-/// `texts` (added when new; NaN for an empty text, the null condition).
+/// Distinct texts (captions) in order of first appearance, each with its index.
+#[derive(Default)]
+pub struct TextTable {
+    pub texts: Vec<String>,
+    index: HashMap<String, usize>,
+}
+
+impl TextTable {
+    /// The index of `raw` (trimmed), added when new; `None` for an empty text (the null).
+    pub fn id(&mut self, raw: &str) -> Option<usize> {
+        let text = raw.trim();
+        if text.is_empty() {
+            return None;
+        }
+        if let Some(&i) = self.index.get(text) {
+            return Some(i);
+        }
+        self.texts.push(text.to_string());
+        self.index.insert(text.to_string(), self.texts.len() - 1);
+        Some(self.texts.len() - 1)
+    }
+}
+
+/// A task's value of `raw`: its encoding, or for a `caption` task the index of the text among
+/// the split's distinct texts (NaN for an empty text, the null condition).
 fn encode_or_intern(
     spec: &TaskSpec,
     raw: &str,
-    texts: &mut Vec<String>,
+    texts: &mut TextTable,
 ) -> std::result::Result<f32, String> {
-    if spec.encoder != "caption" {
-        return encode(spec, raw);
+    match spec.encoder {
+        "caption" => Ok(texts.id(raw).map_or(f32::NAN, |i| i as f32)),
+        _ => encode(spec, raw),
     }
-    let text = raw.trim();
-    if text.is_empty() {
-        return Ok(f32::NAN);
-    }
-    let index = match texts.iter().position(|t| t == text) {
-        Some(i) => i,
-        None => {
-            texts.push(text.to_string());
-            texts.len() - 1
-        }
-    };
-    Ok(index as f32)
 }
 
 /// Decode one sample into `out` (length = product of `shape`), values in [-1, 1] for images.

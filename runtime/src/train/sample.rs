@@ -110,23 +110,13 @@ fn caption_conditions(
         .text_encoder
         .as_ref()
         .context("sampling.json names no text encoder for this caption model")?;
-    let mut texts: Vec<String> = vec![];
+    let mut texts = crate::data::loader::TextTable::default();
     let labels = rows
         .iter()
-        .map(|r| {
-            let text = r[0].trim();
-            if text.is_empty() {
-                return 0;
-            }
-            let k = texts.iter().position(|t| t == text).unwrap_or_else(|| {
-                texts.push(text.to_string());
-                texts.len() - 1
-            });
-            k as u32 + 1
-        })
+        .map(|r| texts.id(&r[0]).map_or(0, |k| k as u32 + 1))
         .collect();
     let captioner = crate::models::clip::Captioner::load(cfg, device)?;
-    Ok((labels, std::sync::Arc::new(captioner.pooled(&texts)?)))
+    Ok((labels, std::sync::Arc::new(captioner.pooled(&texts.texts)?)))
 }
 
 /// One sample's condition from the raw texts of its columns (in `column_encoders` order).
