@@ -371,7 +371,7 @@ fn resolve_inner(
     };
     let plan = match (plan, &kind) {
         (Some(mut p), Kind::Diffusion(d)) => {
-            p.latent = plan::latent_line(d);
+            p.pretrained = plan::pretrained_lines(d);
             Some(p)
         }
         (p, _) => p,

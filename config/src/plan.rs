@@ -30,8 +30,9 @@ pub struct Plan {
     pub flops_per_step: u64,
     /// Parameters, gradients and two optimizer moments in f32, plus activations kept for backward.
     pub memory_bytes: u64,
-    /// Latent space: the VAE and the image → latent shapes it gives.
-    pub latent: Option<String>,
+    /// The frozen pretrained models the run uses, one line each: the VAE and the image →
+    /// latent shapes it gives; the caption text encoder and its pooled width.
+    pub pretrained: Vec<String>,
 }
 
 /// f32 weights, gradients and two optimizer moments, plus about two tensors of each saved
@@ -57,7 +58,7 @@ impl Plan {
             params,
             flops_per_step: 3 * fwd * batch as u64,
             memory_bytes,
-            latent: None,
+            pretrained: vec![],
         }
     }
 
@@ -66,8 +67,8 @@ impl Plan {
             "model {}  batch {}  input {:?}\n",
             self.model, self.batch, self.input
         );
-        if let Some(latent) = &self.latent {
-            s.push_str(latent);
+        for line in &self.pretrained {
+            s.push_str(line);
             s.push('\n');
         }
         s.push_str(&format!(
@@ -652,11 +653,25 @@ fn skeleton(
 /// builds it). A layer: AdaRMSNorm projections (M × width, twice), qkv, the per-head scale,
 /// the output projection, the GEGLU up (width × 2·d_ff) and down; without attention the
 /// feed-forward's alone.
-/// The plan's latent-space line: the VAE used, its factors, and the shapes it maps between.
-pub fn latent_line(d: &Diffusion) -> Option<String> {
-    let v = d.model.vae_config.as_ref()?;
+/// The plan's lines for the frozen pretrained models: the VAE used, its factors and the shapes
+/// it maps between; the caption text encoder and the width of its pooled embedding.
+pub fn pretrained_lines(d: &Diffusion) -> Vec<String> {
+    let mut lines = vec![];
+    if let Some(t) = &d.model.text_encoder_config {
+        lines.push(format!(
+            "captions: text encoder {} (CLIP, {} layers, {} wide; pooled embedding {}), tokenizer {}",
+            t.dir.display(),
+            t.num_hidden_layers,
+            t.hidden_size,
+            t.pooled_dim(),
+            t.tokenizer_dir.display()
+        ));
+    }
+    let Some(v) = &d.model.vae_config else {
+        return lines;
+    };
     let (r, s) = (d.dataset.resolution, d.model.sample_size);
-    Some(format!(
+    lines.insert(0, format!(
         "latent space: VAE {} ({} latent channels, downscale {}, scale {}, shift {}): images [3, {r}, {r}] -> latents [{}, {s}, {s}]",
         v.dir.display(),
         v.latent_channels,
@@ -664,7 +679,8 @@ pub fn latent_line(d: &Diffusion) -> Option<String> {
         v.scaling_factor,
         v.shift_factor,
         v.latent_channels
-    ))
+    ));
+    lines
 }
 
 pub fn hourglass(d: &Diffusion) -> Plan {

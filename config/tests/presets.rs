@@ -61,6 +61,7 @@ fn diffusion_presets_build_or_stop_only_at_the_support_gate() {
         built,
         [
             "baseline",
+            "dit-caption",
             "dit-db-iq",
             "dit-db-only",
             "dit-db-polar",
@@ -343,6 +344,45 @@ fn caption_conditioning_finds_its_text_encoder_at_build_time() {
     assert!(
         text.contains("error: no text encoder `runtime/tests/fixtures/clip/none` on this machine")
             && text.contains("clip/none/text_encoder/config.json"),
+        "{text}"
+    );
+}
+
+/// The dit-caption preset takes the VAE and the CLIP-L text encoder of the settings' SD 3.5
+/// model from the hub cache: 768-wide pooled captions into each of its 8 blocks, both models
+/// named in the plan.
+#[test]
+fn dit_caption_reads_the_sd35_text_encoder_from_the_hub_cache() {
+    let r = config::resolve(
+        Path::new("config/diffusion/dit-caption.toml"),
+        &env(),
+        Target::default(),
+    )
+    .unwrap_or_else(|e| panic!("{}", config::render(&e)));
+    let Kind::Diffusion(d) = &r.config.kind else {
+        panic!()
+    };
+    let t = d.model.text_encoder_config.as_ref().unwrap();
+    assert!(t
+        .dir
+        .ends_with("b940f670f0eda2d07fbb75229e779da1ad11eb80/text_encoder"));
+    assert!(t
+        .tokenizer_dir
+        .ends_with("b940f670f0eda2d07fbb75229e779da1ad11eb80/tokenizer"));
+    assert_eq!(
+        (t.pooled_dim(), t.num_hidden_layers, t.vocab_size),
+        (768, 12, 49408)
+    );
+    let plan = r.plan.unwrap();
+    // dit-db-only's DiT plus one 768 -> 1152 caption linear per block.
+    assert_eq!(
+        plan.params,
+        params("config/diffusion/dit-db-only.toml") + 8 * (768 * 1152 + 1152)
+    );
+    let text = plan.render();
+    assert!(text.contains("latent space: VAE "), "{text}");
+    assert!(
+        text.contains("(CLIP, 12 layers, 768 wide; pooled embedding 768)"),
         "{text}"
     );
 }

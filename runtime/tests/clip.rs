@@ -54,3 +54,31 @@ fn tokens_and_embeddings_equal_transformers() {
     let p: Vec<Tensor> = (0..2).map(|k| out.pooled.get(k).unwrap()).collect();
     assert!(max_abs_diff(&p[0], &p[1]) > 1e-2);
 }
+
+/// CLIP ViT-L/14's own 49,408-token vocabulary (the fake hub's `tokenizer/`, written from
+/// OpenAI's published BPE file by tests/fixtures/hub/write_clip_tokenizer.py): the same ids as
+/// transformers' `CLIPTokenizer` for the meta-dataset's captions, punctuation, accents, CJK and
+/// a caption longer than the 77 positions.
+#[test]
+fn clip_l_vocabulary_tokenises_as_transformers() {
+    let hub = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hub");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hub.join("clip-l.expected.json")).unwrap())
+            .unwrap();
+    let snapshot = hub.join(
+        "models--stabilityai--stable-diffusion-3.5-medium/snapshots/b940f670f0eda2d07fbb75229e779da1ad11eb80",
+    );
+    let tokenizer = ClipTokenizer::load(&snapshot.join("tokenizer"), 77).unwrap();
+    let captions = expected["captions"].as_array().unwrap();
+    assert_eq!(captions.len(), 7);
+    for (caption, want) in captions.iter().zip(expected["ids"].as_array().unwrap()) {
+        let caption = caption.as_str().unwrap();
+        let want: Vec<u32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tokenizer.encode(caption), want, "{caption:?}");
+    }
+}
