@@ -4,7 +4,9 @@
 //! On the CPU each is a GEMM over an im2col matrix (the `gemm` crate Candle's matmul uses):
 //! forward `Y_b = W · col(X_b)`; the filter gradient `∂W = Σ_b ∂Y_b · col(X_b)ᵀ`; the input
 //! gradient is the forward of `∂Y` with the flipped, transposed kernel, and is only computed
-//! when something upstream needs it (never for the image). Candle's own CPU convolution runs
+//! when something upstream needs it (never for the image). Forward and filter gradient alike
+//! build the column matrix a band of output rows at a time (`COL_TILE`), so it stays in the
+//! caches between im2col and the GEMM that reads it. Candle's own CPU convolution runs
 //! its backward as a direct transposed convolution and always computes the input gradient; it
 //! made the training step 7–9× slower than PyTorch's (spec/candle-notes.md). On CUDA the same
 //! ops call cuDNN (cudnn.rs).
@@ -172,11 +174,38 @@ fn im2col<T: Copy + Default>(
     }
 }
 
-/// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, row-major (dst's rows `dst_rs` apart), or `rhs`
-/// read transposed (`rhs_t`: stored n×k). Single-threaded: the callers split work by sample
-/// across threads, which keeps both cores busy through im2col too (the GEMM's own threading
-/// left one idle during it).
-#[allow(clippy::too_many_arguments)]
+/// A matrix operand of `matmul`: element (r, c) at `data[r·rs + c·cs]`.
+#[derive(Clone, Copy)]
+struct Strided<'a, T> {
+    data: &'a [T],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T> Strided<'a, T> {
+    /// Row-major rows `rs` apart.
+    fn rows(data: &'a [T], rs: usize) -> Self {
+        Strided { data, rs, cs: 1 }
+    }
+
+    /// The transpose of a row-major matrix whose rows are `rs` apart.
+    fn transposed(data: &'a [T], rs: usize) -> Self {
+        Strided {
+            data,
+            rs: 1,
+            cs: rs,
+        }
+    }
+
+    /// Whether an r×c matrix at these strides lies inside `data`.
+    fn holds(&self, r: usize, c: usize) -> bool {
+        r == 0 || c == 0 || (r - 1) * self.rs + (c - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, dst row-major with its rows `dst_rs` apart.
+/// Single-threaded: the callers split work by sample across threads, which keeps both cores
+/// busy through im2col too (the GEMM's own threading left one idle during it).
 ///
 /// # Safety
 /// `dst` must be valid for writes of m rows of n values, `dst_rs` apart, that no one else reads
@@ -185,18 +214,12 @@ unsafe fn matmul<T: 'static + candle_core::WithDType>(
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
     dst_rs: usize,
-    lhs: &[T],
-    rhs: &[T],
-    rhs_t: bool,
+    lhs: Strided<T>,
+    rhs: Strided<T>,
     accumulate: bool,
 ) {
-    let (rhs_cs, rhs_rs) = if rhs_t {
-        (k as isize, 1)
-    } else {
-        (1, n as isize)
-    };
-    debug_assert!(lhs.len() >= m * k && rhs.len() >= k * n);
-    // SAFETY: lhs and rhs hold m×k and k×n values at these strides (checked above); dst is the
+    assert!(lhs.holds(m, k) && rhs.holds(k, n));
+    // SAFETY: lhs and rhs hold m×k and k×n values at their strides (checked above); dst is the
     // caller's promise.
     unsafe {
         gemm::gemm(
@@ -207,12 +230,12 @@ unsafe fn matmul<T: 'static + candle_core::WithDType>(
             1,
             dst_rs as isize,
             accumulate,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            rhs_cs,
-            rhs_rs,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
             T::one(),
             T::one(),
             false,
@@ -304,9 +327,8 @@ fn forward_cpu<T: 'static + candle_core::WithDType + Default>(
                     (o, n, ck),
                     out.0.add(first),
                     ho * wo,
-                    w,
-                    col,
-                    false,
+                    Strided::rows(w, ck),
+                    Strided::rows(col, n),
                     bias.is_some(),
                 )
             };
@@ -330,7 +352,9 @@ impl<T> SharedOut<T> {
     }
 }
 
-/// ∂L/∂w = Σ_b ∂Y_b · col(X_b)ᵀ, each thread summing its samples, then the threads' sums.
+/// ∂L/∂w = Σ_b ∂Y_b · col(X_b)ᵀ, a band of output rows at a time (as the forward: the band's
+/// column matrix stays in the caches), each thread summing its (sample, band) pairs, then the
+/// threads' sums.
 fn backward_filter_cpu<T: 'static + candle_core::WithDType + Default>(
     x: &[T],
     x_dims: [usize; 4],
@@ -342,35 +366,41 @@ fn backward_filter_cpu<T: 'static + candle_core::WithDType + Default>(
     let [o, _, kh, kw] = w_dims;
     let [_, _, ho, wo] = out_dims(x_dims, w_dims, pad);
     let ck = c * kh * kw;
+    let band = (COL_TILE / (ck * wo).max(1)).clamp(1, ho.max(1));
+    let bands = ho.div_ceil(band);
     let partial = per_sample(
-        b,
+        b * bands,
         || {
             (
-                vec![T::default(); ck * ho * wo],
+                vec![T::default(); ck * band * wo],
                 vec![T::default(); o * ck],
                 false,
             )
         },
-        |bi, (col, dw, started)| {
+        |item, (col, dw, started)| {
+            let (bi, oh0) = (item / bands, (item % bands) * band);
+            let oh1 = (oh0 + band).min(ho);
+            let n = (oh1 - oh0) * wo;
             im2col(
                 &x[bi * c * h * wd..(bi + 1) * c * h * wd],
                 [c, h, wd],
                 [kh, kw],
                 pad,
                 wo,
-                (0, ho),
+                (oh0, oh1),
                 col,
             );
-            let dyb = &dy[bi * o * ho * wo..(bi + 1) * o * ho * wo];
+            // The band's rows of each output channel's gradient: o rows of n values, ho·wo apart.
+            let dyb = &dy[bi * o * ho * wo + oh0 * wo..(bi + 1) * o * ho * wo];
+            let col = &col[..ck * n];
             // SAFETY: this thread's own o×ck sum.
             unsafe {
                 matmul(
-                    (o, ck, ho * wo),
+                    (o, ck, n),
                     dw.as_mut_ptr(),
                     ck,
-                    dyb,
-                    col,
-                    true,
+                    Strided::rows(dyb, ho * wo),
+                    Strided::transposed(col, n),
                     *started,
                 )
             };
@@ -824,7 +854,7 @@ mod tests {
         let (c, h, w) = (32, 130, 128);
         assert_eq!(130usize.div_ceil(COL_TILE / (c * 9 * w)), 3);
         let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, c, h, w), &dev)?)?;
-        let wt = Tensor::randn(0f64, 1.0, (5, c, 3, 3), &dev)?;
+        let wt = Var::from_tensor(&Tensor::randn(0f64, 1.0, (5, c, 3, 3), &dev)?)?;
         let b = Tensor::randn(0f64, 1.0, 5, &dev)?;
         let ours = conv(x.as_tensor(), &wt, Some(&b), 1)?;
         let theirs = x
@@ -836,11 +866,15 @@ mod tests {
         let probe = Tensor::randn(0f64, 1.0, ours.shape(), &dev)?;
         let g_ours = (ours * &probe)?.sum_all()?.backward()?;
         let g_theirs = (theirs * &probe)?.sum_all()?.backward()?;
-        let d = (g_ours.get(x.as_tensor()).unwrap() - g_theirs.get(x.as_tensor()).unwrap())?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f64>()?;
-        assert!(d < 1e-10, "dx differs by {d}");
+        // The input gradient (the forward's bands) and the filter gradient (its own bands, the
+        // last one short) both.
+        for (what, t) in [("dx", x.as_tensor()), ("dw", wt.as_tensor())] {
+            let d = (g_ours.get(t).unwrap() - g_theirs.get(t).unwrap())?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            assert!(d < 1e-9, "{what} differs by {d}");
+        }
         Ok(())
     }
 
