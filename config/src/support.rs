@@ -78,13 +78,7 @@ fn check_diffusion(
             .help("a CPU build trains it the same way"),
         );
     }
-    let rules: [(bool, &str, &str, &str); 3] = [
-        (
-            m.conditioning == Conditioning::Caption && m.name != DiffusionModel::Dit,
-            "model.conditioning",
-            "caption conditioning of the hourglass and LocalMamba (DiT has it)",
-            "use `none`, `classes` or `gend_hlth_age`",
-        ),
+    let rules: [(bool, &str, &str, &str); 2] = [
         (
             m.lora_enabled,
             "model.lora.enabled",

@@ -386,3 +386,34 @@ fn dit_caption_reads_the_sd35_text_encoder_from_the_hub_cache() {
         "{text}"
     );
 }
+
+/// The hourglass and LocalMamba take a caption's pooled embedding through the mapping network:
+/// its width is the text encoder's (24 for the tiny test encoder); the reference's
+/// `mapping_cond` may say so, and disagreeing is an error at the key.
+#[test]
+fn hourglass_captions_take_the_text_encoders_pooled_width() {
+    let preset = "tests/train/caption_hourglass.toml";
+    let absolute = |t: String| t.replace("\"../../", &format!("\"{}/", root().display()));
+    let r = resolve_edited(preset, "hg-caption", absolute)
+        .unwrap_or_else(|e| panic!("{}", config::render(&e)));
+    let Kind::Diffusion(d) = &r.config.kind else {
+        panic!()
+    };
+    assert_eq!(d.model.mapping_cond_dim, 24);
+    let with = |extra: &'static str| {
+        resolve_edited(preset, "hg-caption-width", move |t| {
+            absolute(t).replacen("[model.extras]\n", &format!("[model.extras]\n{extra}\n"), 1)
+        })
+    };
+    assert!(with("mapping_cond = 24").is_ok());
+    let text = config::render(&with("mapping_cond = 2048").unwrap_err());
+    assert!(
+        text.contains("the caption embedding is 2048 wide, but the text encoder's pooled embedding has 24 values"),
+        "{text}"
+    );
+    let text = config::render(&with("mapping_cond = 24\nmapping_cond_dim = 32").unwrap_err());
+    assert!(
+        text.contains("`mapping_cond_dim` = 32, but `mapping_cond` = 24"),
+        "{text}"
+    );
+}

@@ -344,3 +344,52 @@ fn the_references_pickled_checkpoint_reads_as_its_state_dict() -> Result<()> {
     }
     Ok(())
 }
+
+/// Captions reach the hourglass through `mapping_cond_in_proj`: two captions give two
+/// predictions, and the null caption (label 0) is the zero embedding.
+#[test]
+fn captions_condition_the_hourglass_through_its_mapping() -> Result<()> {
+    use signal_diffusion_runtime::diffusion::path::Level;
+    use signal_diffusion_runtime::models::dit::{Condition, Conditioning};
+    use signal_diffusion_runtime::{Denoiser, DenoiserShape, Frame};
+    let dev = Device::Cpu;
+    let shape = DenoiserShape::Hourglass {
+        hourglass: HourglassShape {
+            class_rows: 0,
+            mapping_cond_dim: 4,
+            ..tiny()
+        },
+        frame: Frame {
+            conditioning: Conditioning::Caption { dim: 4 },
+            height: 16,
+            width: 16,
+        },
+    };
+    let mut p = Params::new(1, &dev);
+    let model = Denoiser::new(&shape, &mut p, &dev)?;
+    crate::common::perturb(&p);
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 16, 16), &dev)?;
+    let levels = [Level {
+        t: 500.0,
+        a: 0.5,
+        s: 0.5,
+    }; 2];
+    let texts = std::sync::Arc::new(vec![1f32, 0., 0., 0., 0., 0., 0., 1.]);
+    let with = |labels: Vec<u32>, texts: Option<std::sync::Arc<Vec<f32>>>| {
+        let cond = Condition {
+            ages: vec![f32::NAN; 2],
+            labels,
+            texts,
+        };
+        model.forward(&x, &levels, &cond)
+    };
+    let a = with(vec![1, 2], Some(texts.clone()))?;
+    let b = with(vec![2, 1], Some(texts.clone()))?;
+    let null = with(vec![0, 0], Some(texts))?;
+    let zeros = with(vec![0, 0], None)?;
+    let diff =
+        |u: &Tensor, v: &Tensor| -> Result<f32> { (u - v)?.abs()?.max_all()?.to_scalar::<f32>() };
+    assert!(diff(&a, &b)? > 1e-3, "the captions change nothing");
+    assert_eq!(diff(&null, &zeros)?, 0.0);
+    Ok(())
+}

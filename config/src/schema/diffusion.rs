@@ -270,7 +270,7 @@ pub fn read_diffusion(
     }
     // Without a caption column diffusion_rules.rs reports that first.
     if diff.model.conditioning == Conditioning::Caption
-        && diff.model.name == DiffusionModel::Dit
+        && !is_sd
         && diff.dataset.caption_column.is_some()
     {
         read_text_encoder(ctx, env, sources, settings, &mut diff.model);
@@ -312,6 +312,29 @@ fn read_text_encoder(
     };
     m.text_encoder_config =
         crate::pretrained::read_clip_text(ctx, env, sources, (&spec, key), m.revision.as_deref());
+    // The hourglass-shaped models take the pooled embedding through `mapping_cond_in_proj`.
+    if let (Some(t), DiffusionModel::Hourglass | DiffusionModel::LocalMamba) =
+        (&m.text_encoder_config, m.name)
+    {
+        let pooled = t.pooled_dim();
+        if m.mapping_cond_dim != 0 && m.mapping_cond_dim != pooled {
+            let key = match ctx.loc("model.extras.mapping_cond") {
+                Some(_) => "model.extras.mapping_cond",
+                None => "model.extras.mapping_cond_dim",
+            };
+            let config = t.dir.join("config.json");
+            ctx.error(
+                key,
+                format!(
+                    "the caption embedding is {} wide, but the text encoder's pooled embedding has {pooled} values ({})",
+                    m.mapping_cond_dim,
+                    config.display()
+                ),
+            )
+            .help = Some("remove it: the text encoder's config.json decides it (the reference's 2048 is CLIP-L's pooled embedding followed by CLIP-G's; ours embeds captions with one CLIP text encoder)".into());
+        }
+        m.mapping_cond_dim = pooled;
+    }
 }
 
 /// The VAE of a latent-space model (`model.extras.vae`, else the settings' Stable Diffusion

@@ -40,8 +40,8 @@ const KEYS: &[(&str, Type, &[DiffusionModel])] = &[
     // them against the pretrained model's.
     ("latent_space", Type::Read, CUSTOM),
     ("vae", Type::Read, EVERY),
-    // The caption encoder of a DiT (Stable Diffusion models bring their own).
-    ("text_encoder", Type::Read, &[Dit]),
+    // The caption encoder (Stable Diffusion models bring their own).
+    ("text_encoder", Type::Read, CUSTOM),
     ("in_channels", Type::Read, EVERY),
     ("out_channels", Type::Read, EVERY),
     ("cfg_dropout", Type::Read, EVERY),

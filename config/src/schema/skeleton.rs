@@ -134,17 +134,37 @@ pub(super) fn read(
             "`age_embedding_dim` has no effect: only `gend_hlth_age` conditioning embeds ages",
         );
     }
-    let mapping_cond_dim = if gha { age_dim } else { 0 };
-    if let Some(n) = x.count_opt(ctx, "mapping_cond_dim", 0) {
+    let caption = conditioning == Conditioning::Caption;
+    // Captions: the width written here (the reference's `mapping_cond`), checked against the
+    // text encoder's pooled width once it is read (diffusion.rs), else 0.
+    let mapping_cond_dim = match (gha, caption) {
+        (true, _) => age_dim,
+        (false, true) => {
+            let (width, dim) = (
+                x.count_opt(ctx, "mapping_cond", 0),
+                x.count_opt(ctx, "mapping_cond_dim", 0),
+            );
+            if let Some((w, d)) = width.zip(dim).filter(|(w, d)| w != d) {
+                ctx.error(
+                    "model.extras.mapping_cond_dim",
+                    format!("`mapping_cond_dim` = {d}, but `mapping_cond` = {w}: both are the caption embedding's width"),
+                )
+                .help = Some("remove one (or both: the text encoder decides it)".into());
+            }
+            width.or(dim).unwrap_or(0)
+        }
+        (false, false) => 0,
+    };
+    if let Some(n) = x.count_opt(ctx, "mapping_cond_dim", 0).filter(|_| !caption) {
         if n != mapping_cond_dim {
             ctx.error("model.extras.mapping_cond_dim", format!("`mapping_cond_dim` = {n}, but the conditioning sets it to {mapping_cond_dim} (`gend_hlth_age`: `age_embedding_dim`; `classes` and `none`: 0)"))
                 .help = Some("remove it: the conditioning decides it".into());
         }
     }
-    if x.count_opt(ctx, "mapping_cond", 0).is_some() {
-        ctx.error(
+    if x.count_opt(ctx, "mapping_cond", 0).is_some() && !caption {
+        ctx.warn(
             "model.extras.mapping_cond",
-            "not yet supported: `mapping_cond` (the caption embedding's width: caption conditioning needs text encoders)",
+            "`mapping_cond` has no effect: it is the caption embedding's width, and the conditioning is not `caption`",
         )
         .help = Some("remove it".into());
     }

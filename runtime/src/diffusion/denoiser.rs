@@ -231,12 +231,13 @@ impl Denoiser {
         let sigma: Vec<f32> = levels.iter().map(|l| l.s as f32).collect();
         let sigma = Tensor::from_vec(sigma, levels.len(), device)?;
         let class = match self.shape.conditioning() {
-            Conditioning::None => None,
+            Conditioning::None | Conditioning::Caption { .. } => None,
             _ => Some(Tensor::from_slice(&cond.labels, cond.len(), device)?),
         };
-        let mapping_cond = match &self.age_emb {
-            Some(freqs) => Some(age_features(&cond.ages, freqs)?),
-            None => None,
+        let mapping_cond = match (&self.age_emb, self.shape.conditioning()) {
+            (Some(freqs), _) => Some(age_features(&cond.ages, freqs)?),
+            (None, Conditioning::Caption { dim }) => Some(caption_rows(cond, dim, device)?),
+            (None, _) => None,
         };
         let conditions = (&sigma, class.as_ref(), mapping_cond.as_ref());
         match &self.net {
@@ -245,6 +246,20 @@ impl Denoiser {
             Net::Dit(_) => candle_core::bail!("a DiT is not recorded on a tape"),
         }
     }
+}
+
+/// The pooled caption embeddings of a batch (B, dim) through `mapping_cond_in_proj`, as the
+/// reference feeds them: the label's row of `cond.texts`, zeros for the null caption (label 0),
+/// in training and sampling alike.
+fn caption_rows(cond: &Condition, dim: usize, device: &Device) -> Result<Tensor> {
+    let mut rows = vec![0f32; cond.len() * dim];
+    for (k, &label) in cond.labels.iter().enumerate() {
+        if let (Some(texts), 1..) = (&cond.texts, label) {
+            let row = (label as usize - 1) * dim;
+            rows[k * dim..(k + 1) * dim].copy_from_slice(&texts[row..row + dim]);
+        }
+    }
+    Tensor::from_vec(rows, (cond.len(), dim), device)
 }
 
 /// The trainable parameters of a denoiser of this shape, counted without drawing them.

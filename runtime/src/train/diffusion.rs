@@ -356,18 +356,20 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
     if let Some(path) = &cfg.model.pretrained_path {
         load_pretrained(path, shape, &params, &device)?;
     }
-    // Captions: each split's distinct captions embedded once, and the null caption (the empty
-    // one's embedding) set into the model, where sampling finds it.
+    // Captions: each split's distinct captions embedded once, and a DiT's null caption (the
+    // empty one's embedding) set into the model, where sampling finds it.
     let (train_texts, val_texts) = match &cfg.model.text_encoder_config {
         Some(text_encoder) => {
             let captioner = Captioner::load(text_encoder, &device)?;
-            let null = captioner.pooled(&[String::new()])?;
-            let (_, var) = params
+            // A DiT's null caption; the hourglass-shaped models feed zeros (models own it).
+            let null = params
                 .buffers
                 .iter()
-                .find(|(n, _)| n == "caption_null.weight")
-                .context("a caption model has a `caption_null` buffer")?;
-            var.set(&Tensor::from_vec(null, var.dims(), &device)?)?;
+                .find(|(n, _)| n == "caption_null.weight");
+            if let Some((_, var)) = null {
+                let empty = captioner.pooled(&[String::new()])?;
+                var.set(&Tensor::from_vec(empty, var.dims(), &device)?)?;
+            }
             let embed = |split: &Split| -> Result<Option<Arc<Vec<f32>>>> {
                 Ok(Some(Arc::new(captioner.pooled(&split.texts)?)))
             };
