@@ -578,17 +578,7 @@ fn a_caption_dit_draws_what_its_caption_says() {
     // while in the reference's long captions one differing word moves its pooled state little
     // (cosine 0.98), which a real CLIP separates and 200 updates of this DiT do not.
     let caption = |female: bool| if female { "female" } else { "male" }.to_string();
-    for split in ["train", "val"] {
-        let path = data.join(format!("{split}-metadata.csv"));
-        let text = std::fs::read_to_string(&path).unwrap();
-        let mut lines = text.lines();
-        let mut out = format!("{},caption\n", lines.next().unwrap());
-        for line in lines {
-            let female = line.split(',').nth(2) == Some("F");
-            out.push_str(&format!("{line},{}\n", caption(female)));
-        }
-        std::fs::write(&path, out).unwrap();
-    }
+    add_captions(&data, |row| caption(row.split(',').nth(2) == Some("F")));
     let run = train_dit(caption_dit::run, &data, &tmp.path().join("dit"), 30);
     // Mean of the top 8 rows minus the bottom 8 over 8 samples of each caption.
     let contrast = |female: bool| {
@@ -820,6 +810,20 @@ fn write_series(dir: &Path) {
     }
 }
 
+/// A `caption` column, `caption_of(row)`, appended to the train and val metadata in `dir`.
+fn add_captions(dir: &Path, caption_of: impl Fn(&str) -> String) {
+    for split in ["train", "val"] {
+        let path = dir.join(format!("{split}-metadata.csv"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines = text.lines();
+        let mut out = format!("{},caption\n", lines.next().unwrap());
+        for line in lines {
+            out.push_str(&format!("{line},{}\n", caption_of(line)));
+        }
+        std::fs::write(&path, out).unwrap();
+    }
+}
+
 /// DiT on time series: (1, 4, 128) with 1 × 8 patches, class-conditional. The loss falls, the
 /// evaluation writes the signals losslessly (`.npy`, read by numpy) and KID on signal features,
 /// and `sigdiff sample` writes `.npy` samples whose spectrum peaks in their class's band.
@@ -896,17 +900,10 @@ fn the_hourglass_and_localmamba_generate_the_tone_their_caption_names() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     write_series(&data);
-    for split in ["train", "val"] {
-        let path = data.join(format!("{split}-metadata.csv"));
-        let text = std::fs::read_to_string(&path).unwrap();
-        let mut lines = text.lines();
-        let mut out = format!("{},caption\n", lines.next().unwrap());
-        for line in lines {
-            let class: usize = line.rsplit(',').next().unwrap().parse().unwrap();
-            out.push_str(&format!("{line},{}\n", tone_caption(class).1.unwrap()));
-        }
-        std::fs::write(&path, out).unwrap();
-    }
+    add_captions(&data, |row| {
+        let class: usize = row.rsplit(',').next().unwrap().parse().unwrap();
+        tone_caption(class).1.unwrap()
+    });
     let trainers: [(&str, Trainer); 2] = [
         ("hourglass", caption_hourglass::run),
         ("localmamba", caption_localmamba::run),
