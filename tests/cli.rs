@@ -78,3 +78,20 @@ fn plan_prints_the_dit_baseline_with_the_reference_parameter_count() {
     assert!(ok, "{err}");
     assert!(out.contains("total parameters 322,876,812"), "{out}");
 }
+
+/// `SIGNAL_DIFFUSION_MAX_CPU_ISA` takes `avx2` or `avx512`; anything else stops the binary with
+/// an error naming the variable and its values, before any work.
+#[test]
+fn a_bad_cpu_isa_cap_is_an_error_naming_the_variable() {
+    let plan = ["plan", "config/diffusion/quickstart.toml"];
+    for ok in ["avx2", "AVX512"] {
+        let (success, _, err) = sigdiff_with(&[("SIGNAL_DIFFUSION_MAX_CPU_ISA", ok)], &plan);
+        assert!(success, "{ok}: {err}");
+    }
+    let (success, _, err) = sigdiff_with(&[("SIGNAL_DIFFUSION_MAX_CPU_ISA", "sse4")], &plan);
+    assert!(!success);
+    assert!(
+        err.contains("SIGNAL_DIFFUSION_MAX_CPU_ISA is \"sse4\": expected `avx2`"),
+        "{err}"
+    );
+}

@@ -270,6 +270,10 @@ fn settings(file: Option<&std::path::Path>) -> Option<config::settings::Settings
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = signal_diffusion_runtime::ops::cpu::check_max_cpu_isa() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     match cli.command {
         Command::Validate { files, cuda } => {
             let mut failed = 0;

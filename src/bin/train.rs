@@ -56,6 +56,10 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = signal_diffusion_runtime::ops::cpu::check_max_cpu_isa() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let mut sets = vec![];
     for s in &args.sets {
         match s.split_once('=') {

@@ -5,8 +5,25 @@
 
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 
+/// `SIGNAL_DIFFUSION_MAX_CPU_ISA`: `avx2` runs the AVX2 + FMA kernels (ours, and the GEMM's in
+/// the vendored gemm-common, which reads the same variable) on a CPU that has AVX-512, to
+/// measure that path; `avx512`, or unset, the widest the CPU has. Any other value is an error
+/// naming the variable (the binaries check it at start-up).
+pub fn check_max_cpu_isa() -> std::result::Result<(), String> {
+    const VAR: &str = "SIGNAL_DIFFUSION_MAX_CPU_ISA";
+    match std::env::var(VAR) {
+        Err(std::env::VarError::NotPresent) => Ok(()),
+        Ok(v) if ["avx2", "avx512"].iter().any(|isa| v.eq_ignore_ascii_case(isa)) => Ok(()),
+        Ok(v) => Err(format!(
+            "{VAR} is {v:?}: expected `avx2` (cap the CPU kernels at AVX2 + FMA) or `avx512` (the widest the CPU has, as when unset)"
+        )),
+        Err(e) => Err(format!("{VAR}: {e}")),
+    }
+}
+
 /// Defines `fn $name(args)` that runs `$body` compiled for the widest vector unit the CPU has:
-/// AVX-512, else AVX2 + FMA (checked at run time), else the baseline. The loops inside
+/// AVX-512 (unless `SIGNAL_DIFFUSION_MAX_CPU_ISA=avx2`), else AVX2 + FMA (checked at run time),
+/// else the baseline. The loops inside
 /// auto-vectorise to it; the arithmetic and its order are the same on every path (no fast-math),
 /// so the results are too.
 macro_rules! vectorised {
@@ -31,6 +48,7 @@ macro_rules! vectorised {
                 }
                 if std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512vl")
+                    && !gemm_common::avx512_capped()
                 {
                     // SAFETY: the CPU has these features (checked above).
                     return unsafe { avx512($($arg),*) };
