@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
     let (r, b, reps): (usize, usize, usize) = (resolution.parse()?, batch.parse()?, reps.parse()?);
     let cfg = parse_vae(&std::fs::read_to_string(dir.join("config.json"))?, dir)
         .map_err(anyhow::Error::msg)?;
-    let vae = Vae::load(&cfg, &Device::Cpu)?;
+    let vae = Vae::load(&cfg, false, &Device::Cpu)?;
     let x = Tensor::randn(0f32, 0.5, (b, 3, r, r), &Device::Cpu)?;
     vae.encode(&x)?; // warm-up
     let started = Instant::now();

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use crate::common::max_abs;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use signal_diffusion_runtime::config::choice::FeedForward;
@@ -143,17 +144,6 @@ fn output_and_gradients_of(s: DitShape, autocast: Option<DType>) -> (Params, Ten
     let r = rng.normal_buffer("r".into(), out.dims(), 1.0).unwrap();
     let grads = (&out * r).unwrap().sum_all().unwrap().backward().unwrap();
     (p, out, grads)
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Every trainable tensor gets a finite, non-zero gradient from one loss, in f32 and under

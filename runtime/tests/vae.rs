@@ -13,7 +13,7 @@ use crate::common::max_abs_diff;
 fn fixture(name: &str) -> (Vae, std::collections::HashMap<String, Tensor>) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vae");
     let cfg = vae_config(&dir.join(name));
-    let vae = Vae::load(&cfg, &Device::Cpu).unwrap();
+    let vae = Vae::load(&cfg, false, &Device::Cpu).unwrap();
     let expected = candle_core::safetensors::load(
         dir.join(format!("{name}.expected.safetensors")),
         &Device::Cpu,

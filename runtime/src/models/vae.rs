@@ -288,8 +288,9 @@ pub struct Vae {
 }
 
 impl Vae {
-    /// The VAE `cfg` describes, from the weights beside its config.json.
-    pub fn load(cfg: &VaeConfig, device: &Device) -> Result<Self> {
+    /// The VAE `cfg` describes, from the weights beside its config.json, encoding and decoding
+    /// in tiles when `tiling` (`model.vae_tiling`).
+    pub fn load(cfg: &VaeConfig, tiling: bool, device: &Device) -> Result<Self> {
         let file = weights_in(&cfg.dir, Path::is_file).with_context(|| {
             format!(
                 "{}: no diffusion_pytorch_model.safetensors (or .fp16 / sharded) beside the VAE's config.json; download the weights (`huggingface-cli download <model> --include \"vae/*\"`)",
@@ -297,7 +298,17 @@ impl Vae {
             )
         })?;
         let (map, weights_hash) = read_weights(&file, device)?;
-        Self::from_weights(cfg, &Weights { map, file }, weights_hash)
+        let vae = Self::from_weights(cfg, &Weights { map, file }, weights_hash)?;
+        Ok(Self { tiling, ..vae })
+    }
+
+    /// What the latents it encodes depend on, for the latent cache's key: the weights, and
+    /// tiling (tiles blended at their seams give other latents).
+    pub fn encoding_key(&self) -> String {
+        match self.tiling {
+            true => format!("{}+tiling", self.weights_hash),
+            false => self.weights_hash.clone(),
+        }
     }
 
     fn from_weights(cfg: &VaeConfig, w: &Weights, weights_hash: String) -> Result<Self> {

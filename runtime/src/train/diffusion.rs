@@ -213,8 +213,7 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
     let image_column = (ds.image_column != "image").then_some(ds.image_column.as_str());
     let vae = match &cfg.model.vae_config {
         Some(v) => {
-            let mut vae = Vae::load(v, &device)?;
-            vae.tiling = cfg.model.vae_tiling;
+            let vae = Vae::load(v, cfg.model.vae_tiling, &device)?;
             println!(
                 "latent space: VAE {} ({} channels, downscale {}, scale {}, shift {})",
                 v.dir.display(),
@@ -361,7 +360,7 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
     let (train_texts, val_texts) = match &cfg.model.text_encoder_config {
         Some(text_encoder) => {
             let captioner = Captioner::load(text_encoder, &device)?;
-            // A DiT's null caption; the hourglass-shaped models feed zeros (models own it).
+            // The hourglass-shaped models have none: their null caption is zeros.
             let null = params
                 .buffers
                 .iter()
@@ -738,11 +737,7 @@ fn latents_of(
     };
     let side = ds.resolution / vae.config.downscale();
     let encode = |x: &Tensor| vae.encode(x);
-    // Tiled encoding gives other latents: another cache.
-    let hash = match vae.tiling {
-        true => format!("{}+tiling", vae.weights_hash),
-        false => vae.weights_hash.clone(),
-    };
+    let hash = vae.encoding_key();
     let encoder = Encoder {
         hash: &hash,
         latent: [vae.config.latent_channels, side, side],
@@ -758,8 +753,7 @@ pub fn cache_latents(cfg: &Diffusion) -> Result<()> {
         bail!("the config trains in pixel space (`model.extras.latent_space` is false): there are no latents to cache");
     };
     let device = Device::Cpu;
-    let mut vae = Vae::load(vae_config, &device)?;
-    vae.tiling = cfg.model.vae_tiling;
+    let vae = Vae::load(vae_config, cfg.model.vae_tiling, &device)?;
     let ds = &cfg.dataset;
     let dir = &ds.path;
     let image_column = (ds.image_column != "image").then_some(ds.image_column.as_str());

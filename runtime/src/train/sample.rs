@@ -417,11 +417,7 @@ pub fn run(args: &SampleOptions) -> Result<()> {
     let vae = spec
         .vae
         .as_ref()
-        .map(|v| {
-            let mut vae = crate::models::vae::Vae::load(v, &device)?;
-            vae.tiling = spec.vae_tiling;
-            anyhow::Ok(vae)
-        })
+        .map(|v| crate::models::vae::Vae::load(v, spec.vae_tiling, &device))
         .transpose()?;
     let (lc, lh, lw) = shape.input();
     let (ch, h, w) = match &vae {
