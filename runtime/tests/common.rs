@@ -101,3 +101,69 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     max_abs(&(a - b).unwrap())
 }
+
+/// A PyTorch model's fixture (`fixtures/<path>`, as fixtures/hourglass/generate.py writes one:
+/// its state dict under its own names, the inputs x, sigma, class_cond, mapping_cond and r, the
+/// output, and `grad.<name>` of sum(output · r) for every parameter and for x) against ours,
+/// built into `p` and run by `forward(x, sigma, class, mapping_cond)`: the same state-dict names
+/// one to one, loaded by name, then the same output, ∂x and gradient of every parameter, each
+/// within `tol` of the fixture's largest |value|, on the device `p` holds its tensors on. Returns
+/// the worst of those relative errors.
+pub fn assert_equals_fixture(
+    path: &str,
+    p: &signal_diffusion_runtime::models::nn::Params,
+    forward: impl Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    tol: f32,
+) -> candle_core::Result<f32> {
+    let full = format!("{}/tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR"));
+    let device = match p.trainable.first() {
+        Some((_, v)) => v.device().clone(),
+        None => Device::Cpu,
+    };
+    let fixture = candle_core::safetensors::load(full, &device)?;
+    let inputs = ["x", "sigma", "class_cond", "mapping_cond", "r", "output"];
+    let state = fixture
+        .keys()
+        .filter(|k| !k.starts_with("grad.") && !inputs.contains(&k.as_str()))
+        .count();
+    assert_eq!(
+        state,
+        p.trainable.len() + p.buffers.len(),
+        "{path}: state-dict sizes differ"
+    );
+    for (name, var) in p.trainable.iter().chain(&p.buffers) {
+        let t = fixture
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is not in {path}'s state dict"));
+        var.set(t)?;
+    }
+    let x = candle_core::Var::from_tensor(&fixture["x"])?;
+    let class = fixture["class_cond"].to_dtype(candle_core::DType::U32)?;
+    let y = forward(
+        x.as_tensor(),
+        &fixture["sigma"],
+        &class,
+        &fixture["mapping_cond"],
+    )?;
+    let mut worst = 0f32;
+    let mut close = |ours: &Tensor, theirs: &Tensor, what: &str| {
+        let err = max_abs_diff(ours, theirs) / max_abs(theirs).max(1e-6);
+        assert!(err < tol, "{path}, {what}: relative error {err}");
+        worst = worst.max(err);
+    };
+    close(&y, &fixture["output"], "output");
+    let grads = (y * &fixture["r"])?.sum_all()?.backward()?;
+    close(
+        grads.get(x.as_tensor()).expect("∂x"),
+        &fixture["grad.x"],
+        "∂x",
+    );
+    for (name, var) in &p.trainable {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        close(g, &fixture[&format!("grad.{name}")], name);
+    }
+    eprintln!("{path}: worst relative error {worst:e}");
+    Ok(worst)
+}

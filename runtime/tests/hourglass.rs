@@ -10,7 +10,9 @@ use signal_diffusion_runtime::models::hourglass::{
 use signal_diffusion_runtime::models::nn::{Mode, Params};
 use signal_diffusion_runtime::models::tape::Tape;
 
-use crate::common::{assert_checkpointing_keeps_gradients, assert_every_gradient, perturb};
+use crate::common::{
+    assert_checkpointing_keeps_gradients, assert_equals_fixture, assert_every_gradient, perturb,
+};
 
 fn level(depth: usize, width: usize, d_ff: usize, global: bool) -> LevelShape {
     LevelShape {
@@ -210,60 +212,14 @@ fn fixture_shape(attention: [(SelfAttention, usize); 2]) -> HourglassShape {
 /// k-diffusion's own `ImageTransformerDenoiserModelV2` in `file` (fixtures/hourglass/generate.py:
 /// every weight random) loaded by name into ours of `shape`: the same state-dict names one to
 /// one, the same output and the same gradient for every parameter and for x, within 1e-4 of the
-/// largest value.
+/// largest value (common.rs).
 fn equals_k_diffusion(file: &str, shape: &HourglassShape) -> Result<()> {
-    let dev = Device::Cpu;
-    let path = format!(
-        "{}/tests/fixtures/hourglass/{file}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let fixture = candle_core::safetensors::load(path, &dev)?;
-    let mut p = Params::new(0, &dev);
+    let mut p = Params::new(0, &Device::Cpu);
     let model = Hourglass::new(shape, &mut p)?;
-    let inputs = ["x", "sigma", "class_cond", "mapping_cond", "r", "output"];
-    let state: Vec<&String> = fixture
-        .keys()
-        .filter(|k| !k.starts_with("grad.") && !inputs.contains(&k.as_str()))
-        .collect();
-    assert_eq!(
-        state.len(),
-        p.trainable.len() + p.buffers.len(),
-        "state-dict sizes differ"
-    );
-    for (name, var) in p.trainable.iter().chain(&p.buffers) {
-        let t = fixture
-            .get(name)
-            .unwrap_or_else(|| panic!("{name} is not in k-diffusion's state dict"));
-        var.set(t)?;
-    }
-    let x = candle_core::Var::from_tensor(&fixture["x"])?;
-    let class = fixture["class_cond"].to_dtype(DType::U32)?;
-    let y = model.forward(
-        x.as_tensor(),
-        &fixture["sigma"],
-        Some(&class),
-        Some(&fixture["mapping_cond"]),
-        &mut Mode::eval(),
-    )?;
-    let close = |ours: &Tensor, theirs: &Tensor, what: &str| -> Result<()> {
-        let scale = theirs.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
-        let err = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
-        assert!(err < 1e-4, "{file}, {what}: relative error {err}");
-        Ok(())
+    let forward = |x: &Tensor, sigma: &Tensor, class: &Tensor, cond: &Tensor| {
+        model.forward(x, sigma, Some(class), Some(cond), &mut Mode::eval())
     };
-    close(&y, &fixture["output"], "output")?;
-    let grads = (y * &fixture["r"])?.sum_all()?.backward()?;
-    close(
-        grads.get(x.as_tensor()).expect("∂x"),
-        &fixture["grad.x"],
-        "∂x",
-    )?;
-    for (name, var) in &p.trainable {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        close(g, &fixture[&format!("grad.{name}")], name)?;
-    }
+    assert_equals_fixture(&format!("hourglass/{file}"), &p, forward, 1e-4)?;
     Ok(())
 }
 
