@@ -137,6 +137,7 @@ fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStr
         norm,
         widths,
         tokens,
+        scan_states,
     } = crate::cuda::KernelSizes::of(plan);
     let no_ptx = vec![];
     let ptx = cuda.map_or(&no_ptx, |c| &c.ptx).iter().map(|(arch, path)| {
@@ -180,6 +181,7 @@ fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStr
             norm: &[#(#norm),*],
             widths: &[#(#widths),*],
             tokens: &[#(#tokens),*],
+            scan_states: &[#(#scan_states),*],
         };
         pub const CUDA_PTX: &[(u32, &str)] = &[#(#ptx),*];
         /// The kernels' translation unit (empty in a CPU build), for NVRTC when CUDA_PTX is empty.

@@ -16,11 +16,14 @@ pub struct KernelSizes {
     pub widths: Vec<usize>,
     /// A DiT's tokens per sample (its attention softmax rows).
     pub tokens: Vec<usize>,
+    /// LocalMamba's selective-scan state size.
+    pub scan_states: Vec<usize>,
 }
 
 impl KernelSizes {
     /// From the plan: GroupNorm layers give `norm`; DiT attention layers (output
-    /// [tokens, width]) give `widths` and `tokens`. Each list deduplicated, ascending.
+    /// [tokens, width]) give `widths` and `tokens`; LocalMamba its scans' state size. Each list
+    /// deduplicated, ascending.
     pub fn of(plan: &Plan) -> Self {
         let mut sizes = KernelSizes::default();
         for l in &plan.layers {
@@ -32,6 +35,7 @@ impl KernelSizes {
                 sizes.tokens.push(tokens);
             }
         }
+        sizes.scan_states.extend(plan.scan_state);
         for list in [&mut sizes.norm, &mut sizes.widths, &mut sizes.tokens] {
             list.sort_unstable();
             list.dedup();
@@ -43,10 +47,11 @@ impl KernelSizes {
     pub fn header(&self) -> String {
         let list = |v: &[usize]| -> String { v.iter().map(|n| format!(" X({n})")).collect() };
         format!(
-            "// Generated from the config's shape plan.\n#define SD_NORM_SIZES(X){}\n#define SD_DIT_WIDTHS(X){}\n#define SD_DIT_TOKENS(X){}\n",
+            "// Generated from the config's shape plan.\n#define SD_NORM_SIZES(X){}\n#define SD_DIT_WIDTHS(X){}\n#define SD_DIT_TOKENS(X){}\n#define SD_SCAN_STATES(X){}\n",
             list(&self.norm),
             list(&self.widths),
-            list(&self.tokens)
+            list(&self.tokens),
+            list(&self.scan_states)
         )
     }
 }
@@ -141,11 +146,12 @@ mod tests {
             norm: vec![8, 4096],
             widths: vec![384],
             tokens: vec![],
+            scan_states: vec![16],
         };
         assert_eq!(
             sizes.header(),
             "// Generated from the config's shape plan.\n#define SD_NORM_SIZES(X) X(8) X(4096)\n\
-             #define SD_DIT_WIDTHS(X) X(384)\n#define SD_DIT_TOKENS(X)\n"
+             #define SD_DIT_WIDTHS(X) X(384)\n#define SD_DIT_TOKENS(X)\n#define SD_SCAN_STATES(X) X(16)\n"
         );
     }
 }

@@ -33,6 +33,8 @@ pub struct Plan {
     /// The frozen pretrained models the run uses, one line each: the VAE and the image →
     /// latent shapes it gives; the caption text encoder and its pooled width.
     pub pretrained: Vec<String>,
+    /// LocalMamba's selective-scan state size N (its CUDA kernels are specialised to it).
+    pub scan_state: Option<usize>,
 }
 
 /// f32 weights, gradients and two optimizer moments, plus about two tensors of each saved
@@ -59,6 +61,7 @@ impl Plan {
             flops_per_step: 3 * fwd * batch as u64,
             memory_bytes,
             pretrained: vec![],
+            scan_state: None,
         }
     }
 
@@ -713,7 +716,7 @@ pub fn hourglass(d: &Diffusion) -> Plan {
 pub fn localmamba(d: &Diffusion) -> Plan {
     let m = &d.model;
     let (mw, n, k) = (m.mapping_width, m.d_state, m.scan_directions.len());
-    skeleton(d, "localmamba", &m.dims, |_, width, tokens| {
+    let plan = skeleton(d, "localmamba", &m.dims, |_, width, tokens| {
         let e = (m.ssm_ratio * width as f64) as usize;
         let r = m.ssm_dt_rank.unwrap_or(width.div_ceil(16));
         let taps = m.d_conv * m.d_conv;
@@ -725,7 +728,11 @@ pub fn localmamba(d: &Diffusion) -> Plan {
         let flops = 2 * tokens * (3 * width * e + taps * e + k * ((r + 2 * n) * e + e * r))
             + 6 * k * tokens * e * n;
         (params as u64, flops as u64)
-    })
+    });
+    Plan {
+        scan_state: Some(n),
+        ..plan
+    }
 }
 
 #[cfg(test)]

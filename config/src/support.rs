@@ -68,16 +68,6 @@ fn check_diffusion(
         );
         return;
     }
-    if m.name == DiffusionModel::LocalMamba && target.cuda {
-        let loc = ctx.loc("model.name");
-        ctx.diags.push(
-            Diagnostic::warning(
-                loc,
-                "LocalMamba trains on the CPU in a `cuda` build: its selective scan has no GPU kernel yet",
-            )
-            .help("a CPU build trains it the same way"),
-        );
-    }
     let rules: [(bool, &str, &str, &str); 2] = [
         (
             m.lora_enabled,

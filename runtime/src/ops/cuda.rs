@@ -804,3 +804,165 @@ fn device_address(t: &candle_core::Tensor) -> Result<u64> {
 pub fn read_scalar(device: &CudaDevice, s: &CudaSlice<f64>) -> Result<f64> {
     Ok(device.cuda_stream().clone_dtoh(s).w()?[0])
 }
+
+/// One warp per selective-scan block, a channel per lane (scan.cu).
+const SCAN_THREADS: u32 = 32;
+/// Steps per tile of scan.cu: the backward saves one state per tile and channel.
+const SCAN_CHUNK: usize = 32;
+/// The largest state size scan.cu's `_any` kernels take (their registers are sized for it).
+pub const MAX_SCAN_STATE: usize = 64;
+
+/// A selective scan's sizes (ops/selective_scan.rs packs its inputs for these).
+#[derive(Debug, Clone, Copy)]
+pub struct ScanDims {
+    pub batch: usize,
+    pub channels: usize,
+    pub groups: usize,
+    pub state: usize,
+    pub len: usize,
+    pub softplus: bool,
+}
+
+impl ScanDims {
+    /// Blocks per group: each takes 32 of its channels.
+    fn parts(&self) -> usize {
+        (self.channels / self.groups).div_ceil(SCAN_THREADS as usize)
+    }
+
+    /// The kernels' int arguments after the buffers: batch, channels, groups, N, L, softplus.
+    fn ints(&self) -> Result<[i32; 6]> {
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| {
+                candle_core::Error::Msg(format!("selective scan: {v} does not fit a kernel's int"))
+            })
+        };
+        Ok([
+            int(self.batch)?,
+            int(self.channels)?,
+            int(self.groups)?,
+            int(self.state)?,
+            int(self.len)?,
+            self.softplus as i32,
+        ])
+    }
+
+    fn launch(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: ((self.groups * self.parts()) as u32, self.batch as u32, 1),
+            block_dim: (SCAN_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// `name_N` for a state size the build lists, else `name_any` (N ≤ [`MAX_SCAN_STATE`]).
+    fn kernel(&self, name: &str) -> Result<String> {
+        if self.state > MAX_SCAN_STATE && !kernels()?.sizes.scan_states.contains(&self.state) {
+            candle_core::bail!(
+                "selective scan: state size {} is above the GPU kernel's run-time limit of {MAX_SCAN_STATE} and this build was not specialised to it",
+                self.state
+            );
+        }
+        Ok(specialised(name, self.state, kernels()?.sizes.scan_states))
+    }
+}
+
+/// y (B, D, L) of the selective scan of the packed [u | Δ | A | B | C | D | Δ bias] (scan.cu).
+pub fn selective_scan_forward(
+    (xs, xl): (&CudaStorage, &Layout),
+    dims: ScanDims,
+) -> Result<CudaStorage> {
+    let dev = xs.device();
+    let x = f32_view(xs, xl)?;
+    // SAFETY: every output element is written by the kernel (each channel by its lane).
+    let y = unsafe { dev.alloc::<f32>(dims.batch * dims.channels * dims.len)? };
+    let f =
+        dev.get_or_load_custom_func(&dims.kernel("selective_scan_fwd")?, MODULE, &kernels()?.ptx)?;
+    let ints = dims.ints()?;
+    let mut b = f.builder();
+    b.arg(&x).arg(&y);
+    for i in &ints {
+        b.arg(i);
+    }
+    // SAFETY: (x, y, batch, channels, groups, n, len, softplus), as scan.cu's kernel takes them.
+    unsafe { b.launch(dims.launch()) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+/// The packed gradient [∂u | ∂Δ | ∂A | ∂B | ∂C | ∂D | ∂bias] of the selective scan from its packed
+/// input and ∂L/∂y: the backward kernel, then the partial sums added in order (scan.cu).
+pub fn selective_scan_backward(
+    (xs, xl): (&CudaStorage, &Layout),
+    (gs, gl): (&CudaStorage, &Layout),
+    dims: ScanDims,
+) -> Result<CudaStorage> {
+    let dev = xs.device();
+    let (x, dy) = (f32_view(xs, xl)?, f32_view(gs, gl)?);
+    let ScanDims {
+        batch: b,
+        channels: d,
+        groups: g,
+        state: n,
+        len: l,
+        ..
+    } = dims;
+    let (bdl, bgnl) = (b * d * l, b * g * n * l);
+    let (off_a, off_b, off_d) = (2 * bdl, 2 * bdl + d * n, 2 * bdl + d * n + 2 * bgnl);
+    let packed_len = off_d + 2 * d;
+    let parts = dims.parts();
+    let adb_row = d * n + 2 * d;
+    // SAFETY: each is written in full before it is read: ∂u and ∂Δ and the partials by the
+    // backward kernel (every channel, step and block row), the rest of `out` by the sums below;
+    // `saved` is the kernel's own scratch, written before read.
+    let (mut out, bc, adb, saved) = unsafe {
+        (
+            dev.alloc::<f32>(packed_len)?,
+            dev.alloc::<f32>(2 * b * g * parts * n * l)?,
+            dev.alloc::<f32>(b * adb_row)?,
+            dev.alloc::<f32>(b * d * l.div_ceil(SCAN_CHUNK) * n)?,
+        )
+    };
+    let k = kernels()?;
+    let f = dev.get_or_load_custom_func(&dims.kernel("selective_scan_bwd")?, MODULE, &k.ptx)?;
+    let ints = dims.ints()?;
+    {
+        let mut launch = f.builder();
+        launch
+            .arg(&x)
+            .arg(&dy)
+            .arg(&out)
+            .arg(&bc)
+            .arg(&adb)
+            .arg(&saved);
+        for i in &ints {
+            launch.arg(i);
+        }
+        // SAFETY: (x, dy, out, bc, adb, saved, batch, channels, groups, n, len, softplus), as
+        // scan.cu's kernel takes them, the buffers of the sizes above.
+        unsafe { launch.launch(dims.launch()) }.w()?;
+    }
+    // (input, output offset, outer, K, inner, input row): ∂B and ∂C over each group's blocks;
+    // ∂A, then ∂D and ∂bias, over the batch.
+    let sums = [
+        (bc.slice(..), off_b, 2 * b * g, parts, n * l, n * l),
+        (adb.slice(..), off_a, 1, b, d * n, adb_row),
+        (adb.slice(d * n..), off_d, 1, b, 2 * d, adb_row),
+    ];
+    let f = dev.get_or_load_custom_func("scan_sum_partials", MODULE, &k.ptx)?;
+    for (input, at, outer, count, inner, row) in sums {
+        let blocks = (outer * inner).div_ceil(256).clamp(1, 4 * k.sms);
+        let mut dst = out.slice_mut(at..at + outer * inner);
+        let (outer, count, inner, row) = (outer as i64, count as i32, inner as i64, row as i64);
+        let mut launch = f.builder();
+        launch
+            .arg(&input)
+            .arg(&mut dst)
+            .arg(&outer)
+            .arg(&count)
+            .arg(&inner)
+            .arg(&row);
+        // SAFETY: (in, out, outer, k_count, inner, row): `input` holds outer·K rows of `row`
+        // values, `dst` outer·inner.
+        unsafe { launch.launch(launch_config(blocks, 256)) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}

@@ -37,4 +37,6 @@ pub struct KernelSizes {
     pub widths: &'static [usize],
     /// A DiT's tokens per sample (attention softmax rows).
     pub tokens: &'static [usize],
+    /// LocalMamba's selective-scan state size.
+    pub scan_states: &'static [usize],
 }

@@ -16,11 +16,12 @@
 //!
 //! Candle's custom ops take at most three inputs, so the seven are packed into one vector (a
 //! copy of the inputs, small next to the scan) and the packed gradient is split by Candle's
-//! `cat` backward.
+//! `cat` backward. On a GPU the same packed vectors go through runtime/kernels/scan.cu (one warp
+//! per 32 channels of a group, the state in registers, the backward's states saved per tile).
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use crate::ops::cpu::{dot, exp_f32, on_threads, vectorised, with_f32, Blocks};
+use crate::ops::cpu::{dot, exp_f32, on_threads, vectorised, Blocks};
 
 /// Steps between the states the backward keeps.
 const CHUNK: usize = 64;
@@ -111,20 +112,34 @@ pub fn selective_scan(
         ],
         0,
     )?;
-    if !packed.device().is_cpu() {
-        candle_core::bail!(
-            "selective scan: runs on the CPU only (its CUDA kernel is not written yet)"
-        );
-    }
     packed.apply_op1(SelectiveScan {
         dims,
         softplus: delta_softplus,
     })
 }
 
+#[derive(Clone, Copy)]
 struct SelectiveScan {
     dims: Dims,
     softplus: bool,
+}
+
+/// The backward: the packed gradient from the packed inputs and ∂L/∂y.
+struct SelectiveScanBackward(SelectiveScan);
+
+#[cfg(feature = "cuda")]
+impl SelectiveScan {
+    fn cuda_dims(&self) -> crate::ops::cuda::ScanDims {
+        let d = self.dims;
+        crate::ops::cuda::ScanDims {
+            batch: d.batch,
+            channels: d.channels,
+            groups: d.groups,
+            state: d.state,
+            len: d.len,
+            softplus: self.softplus,
+        }
+    }
 }
 
 /// The inputs of one (batch, group) unit, read from the packed vector.
@@ -340,8 +355,57 @@ impl CustomOp1 for SelectiveScan {
         Ok((CpuStorage::F32(out), Shape::from((batch, channels, len))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let Dims {
+            batch,
+            channels,
+            len,
+            ..
+        } = self.dims;
+        let y = crate::ops::cuda::selective_scan_forward((s, l), self.cuda_dims())?;
+        Ok((y, Shape::from((batch, channels, len))))
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dims = self.dims;
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad, &SelectiveScanBackward(*self))?,
+        ))
+    }
+}
+
+impl CustomOp2 for SelectiveScanBackward {
+    fn name(&self) -> &'static str {
+        "selective-scan-backward"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let packed =
+            crate::ops::cuda::selective_scan_backward((xs, xl), (gs, gl), self.0.cuda_dims())?;
+        Ok((packed, Shape::from(self.0.dims.offsets()[7])))
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let this = &self.0;
+        let dims = this.dims;
         let Dims {
             batch,
             channels,
@@ -356,13 +420,14 @@ impl CustomOp1 for SelectiveScan {
         let per_sample = channels * n + 2 * channels;
         let mut partial = vec![0f32; batch * per_sample];
         let chunks = len.div_ceil(CHUNK);
-        with_f32(&[arg, grad], |t| {
-            let (x, dy) = (t[0], t[1]);
+        {
+            let x = crate::ops::cpu::contiguous::<f32>(xs, xl)?;
+            let dy = crate::ops::cpu::contiguous::<f32>(gs, gl)?;
             let pk = Blocks::new(&mut packed);
             let pa = Blocks::new(&mut partial);
             let scratch = 4 * len * n + 4 * len + (chunks + 5) * n + CHUNK * n;
             on_threads(batch * groups, scratch, |unit, buf| {
-                let u = self.unit(x, unit);
+                let u = this.unit(x, unit);
                 let (bt, rest) = buf.split_at_mut(len * n);
                 let (ct, rest) = rest.split_at_mut(len * n);
                 let (dbt, rest) = rest.split_at_mut(len * n);
@@ -480,8 +545,7 @@ impl CustomOp1 for SelectiveScan {
                     }
                 }
             });
-            Ok(())
-        })?;
+        }
         for sample in partial.chunks(per_sample) {
             let (da, rest) = sample.split_at(channels * n);
             let (dd, db) = rest.split_at(channels);
@@ -491,6 +555,6 @@ impl CustomOp1 for SelectiveScan {
                 }
             }
         }
-        Ok(Some(Tensor::from_vec(packed, off[7], arg.device())?))
+        Ok((CpuStorage::F32(packed), Shape::from(off[7])))
     }
 }

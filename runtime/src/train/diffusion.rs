@@ -171,13 +171,8 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
     };
     let t = &cfg.training;
     let amp = precision::dtype_of(t.mixed_precision);
-    // Diffusion configs have no `device` key: the GPU when there is one (as the reference);
-    // LocalMamba's selective scan runs on the CPU only (the build warns at `model.name`).
-    let choice = match shape {
-        DenoiserShape::LocalMamba { .. } => signal_diffusion_config::choice::Device::Cpu,
-        _ => signal_diffusion_config::choice::Device::Auto,
-    };
-    let device = super::select_device(choice, compiled)?;
+    // Diffusion configs have no `device` key: the GPU when there is one (as the reference).
+    let device = super::select_device(signal_diffusion_config::choice::Device::Auto, compiled)?;
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         candle_core::cuda_backend::set_gemm_reduced_precision_f32(t.allow_tf32);

@@ -166,9 +166,10 @@ impl Compiled {
             norm,
             widths,
             tokens,
+            scan_states,
         } = self.cuda_sizes;
         format!(
-            "CUDA kernels: {how}; specialised to GroupNorms of {norm:?} values per sample, DiT rows of {widths:?} and attention rows of {tokens:?}; {here}"
+            "CUDA kernels: {how}; specialised to GroupNorms of {norm:?} values per sample, DiT rows of {widths:?}, attention rows of {tokens:?} and selective scans of state {scan_states:?}; {here}"
         )
     }
 

@@ -115,4 +115,38 @@ void emu_ema_update(const unsigned long long* table, const int* chunks, unsigned
                    one_minus);
     });
 }
+// The selective scan as cuda.rs's selective_scan_forward / _backward launch it: the forward into
+// y, or the backward into the packed gradient `out` (the kernel, then the three partial sums).
+void emu_selective_scan(int backward, int specialised, const float* x, const float* dy, float* out,
+                        int batch, int channels, int groups, int n, int len, int softplus) {
+    const unsigned parts = (unsigned)((channels / groups + SCAN_THREADS - 1) / SCAN_THREADS);
+    const dim3 grid{(unsigned)groups * parts, (unsigned)batch};
+    if (!backward) {
+        emu::launch(grid, {SCAN_THREADS}, [=] {
+            if (specialised) selective_scan_fwd_16(x, out, batch, channels, groups, n, len, softplus);
+            else selective_scan_fwd_any(x, out, batch, channels, groups, n, len, softplus);
+        });
+        return;
+    }
+    const size_t bdl = (size_t)batch * channels * len, bgnl = (size_t)batch * groups * n * len;
+    const size_t off_a = 2 * bdl, off_b = off_a + (size_t)channels * n, off_d = off_b + 2 * bgnl;
+    const size_t tiles = (len + SCAN_CHUNK - 1) / SCAN_CHUNK, adb_row = (size_t)channels * n + 2 * channels;
+    std::vector<float> bc(2 * (size_t)batch * groups * parts * n * len), adb(batch * adb_row),
+        saved((size_t)batch * channels * tiles * n);
+    float *pbc = bc.data(), *padb = adb.data(), *psaved = saved.data();
+    emu::launch(grid, {SCAN_THREADS}, [=] {
+        if (specialised)
+            selective_scan_bwd_16(x, dy, out, pbc, padb, psaved, batch, channels, groups, n, len, softplus);
+        else
+            selective_scan_bwd_any(x, dy, out, pbc, padb, psaved, batch, channels, groups, n, len, softplus);
+    });
+    const long long nl = (long long)n * len, dn = (long long)channels * n;
+    emu::launch({4}, {256}, [=] {
+        scan_sum_partials(pbc, out + off_b, 2LL * batch * groups, (int)parts, nl, nl);
+    });
+    emu::launch({4}, {256}, [=] { scan_sum_partials(padb, out + off_a, 1, batch, dn, adb_row); });
+    emu::launch({4}, {256}, [=] {
+        scan_sum_partials(padb + dn, out + off_d, 1, batch, 2LL * channels, adb_row);
+    });
+}
 }
