@@ -138,7 +138,9 @@ fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStr
         widths,
         tokens,
         scan_states,
+        neighborhoods,
     } = crate::cuda::KernelSizes::of(plan);
+    let (na_heads, na_kernels): (Vec<usize>, Vec<usize>) = neighborhoods.into_iter().unzip();
     let no_ptx = vec![];
     let ptx = cuda.map_or(&no_ptx, |c| &c.ptx).iter().map(|(arch, path)| {
         let path = path.display().to_string();
@@ -182,6 +184,7 @@ fn common_items(r: &Resolved, plan: &Plan, cuda: Option<&CudaBuild>) -> TokenStr
             widths: &[#(#widths),*],
             tokens: &[#(#tokens),*],
             scan_states: &[#(#scan_states),*],
+            neighborhoods: &[#((#na_heads, #na_kernels)),*],
         };
         pub const CUDA_PTX: &[(u32, &str)] = &[#(#ptx),*];
         /// The kernels' translation unit (empty in a CPU build), for NVRTC when CUDA_PTX is empty.

@@ -18,12 +18,14 @@ pub struct KernelSizes {
     pub tokens: Vec<usize>,
     /// LocalMamba's selective-scan state size.
     pub scan_states: Vec<usize>,
+    /// The hourglass's neighbourhood-attention (head size, kernel) pairs.
+    pub neighborhoods: Vec<(usize, usize)>,
 }
 
 impl KernelSizes {
     /// From the plan: GroupNorm layers give `norm`; DiT attention layers (output
-    /// [tokens, width]) give `widths` and `tokens`; LocalMamba its scans' state size. Each list
-    /// deduplicated, ascending.
+    /// [tokens, width]) give `widths` and `tokens`; LocalMamba its scans' state size; the
+    /// hourglass its neighbourhood levels. Each list deduplicated, ascending.
     pub fn of(plan: &Plan) -> Self {
         let mut sizes = KernelSizes::default();
         for l in &plan.layers {
@@ -36,6 +38,7 @@ impl KernelSizes {
             }
         }
         sizes.scan_states.extend(plan.scan_state);
+        sizes.neighborhoods = plan.neighborhoods.clone();
         for list in [&mut sizes.norm, &mut sizes.widths, &mut sizes.tokens] {
             list.sort_unstable();
             list.dedup();
@@ -46,8 +49,13 @@ impl KernelSizes {
     /// The generated header: one X-macro per list.
     pub fn header(&self) -> String {
         let list = |v: &[usize]| -> String { v.iter().map(|n| format!(" X({n})")).collect() };
+        let pairs: String = self
+            .neighborhoods
+            .iter()
+            .map(|(d, k)| format!(" X({d}, {k})"))
+            .collect();
         format!(
-            "// Generated from the config's shape plan.\n#define SD_NORM_SIZES(X){}\n#define SD_DIT_WIDTHS(X){}\n#define SD_DIT_TOKENS(X){}\n#define SD_SCAN_STATES(X){}\n",
+            "// Generated from the config's shape plan.\n#define SD_NORM_SIZES(X){}\n#define SD_DIT_WIDTHS(X){}\n#define SD_DIT_TOKENS(X){}\n#define SD_SCAN_STATES(X){}\n#define SD_NA_SIZES(X){pairs}\n",
             list(&self.norm),
             list(&self.widths),
             list(&self.tokens),
@@ -147,11 +155,12 @@ mod tests {
             widths: vec![384],
             tokens: vec![],
             scan_states: vec![16],
+            neighborhoods: vec![(64, 7)],
         };
         assert_eq!(
             sizes.header(),
             "// Generated from the config's shape plan.\n#define SD_NORM_SIZES(X) X(8) X(4096)\n\
-             #define SD_DIT_WIDTHS(X) X(384)\n#define SD_DIT_TOKENS(X)\n#define SD_SCAN_STATES(X) X(16)\n"
+             #define SD_DIT_WIDTHS(X) X(384)\n#define SD_DIT_TOKENS(X)\n#define SD_SCAN_STATES(X) X(16)\n#define SD_NA_SIZES(X) X(64, 7)\n"
         );
     }
 }

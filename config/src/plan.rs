@@ -35,6 +35,9 @@ pub struct Plan {
     pub pretrained: Vec<String>,
     /// LocalMamba's selective-scan state size N (its CUDA kernels are specialised to it).
     pub scan_state: Option<usize>,
+    /// The hourglass's neighbourhood-attention levels as (head size, kernel) pairs (its CUDA
+    /// kernels are specialised to them).
+    pub neighborhoods: Vec<(usize, usize)>,
 }
 
 /// f32 weights, gradients and two optimizer moments, plus about two tensors of each saved
@@ -62,6 +65,7 @@ impl Plan {
             memory_bytes,
             pretrained: vec![],
             scan_state: None,
+            neighborhoods: vec![],
         }
     }
 
@@ -652,10 +656,6 @@ fn skeleton(
     plan
 }
 
-/// Plan of the hourglass transformer (k-diffusion's `image_transformer_v2` as the reference
-/// builds it). A layer: AdaRMSNorm projections (M × width, twice), qkv, the per-head scale,
-/// the output projection, the GEGLU up (width × 2·d_ff) and down; without attention the
-/// feed-forward's alone.
 /// The plan's lines for the frozen pretrained models: the VAE used, its factors and the shapes
 /// it maps between; the caption text encoder and the width of its pooled embedding.
 pub fn pretrained_lines(d: &Diffusion) -> Vec<String> {
@@ -686,10 +686,14 @@ pub fn pretrained_lines(d: &Diffusion) -> Vec<String> {
     lines
 }
 
+/// Plan of the hourglass transformer (k-diffusion's `image_transformer_v2` as the reference
+/// builds it). A layer: AdaRMSNorm projections (M × width, twice), qkv, the per-head scale,
+/// the output projection, the GEGLU up (width × 2·d_ff) and down; without attention the
+/// feed-forward's alone.
 pub fn hourglass(d: &Diffusion) -> Plan {
     let m = &d.model;
     let mw = m.mapping_width;
-    skeleton(d, "hourglass", &m.widths, |i, width, tokens| {
+    let plan = skeleton(d, "hourglass", &m.widths, |i, width, tokens| {
         let f = m.d_ffs[i];
         let feed_forward = (mw * width + 3 * width * f, 2 * tokens * 3 * width * f);
         // Keys per query: the k×k neighbourhood or window, or every token.
@@ -705,7 +709,17 @@ pub fn hourglass(d: &Diffusion) -> Plan {
             ),
         };
         (params as u64, flops as u64)
-    })
+    });
+    let mut neighborhoods: Vec<(usize, usize)> = (0..m.widths.len())
+        .filter(|&i| m.attention[i] == "neighborhood")
+        .map(|i| (m.d_heads[i], m.kernel_sizes[i]))
+        .collect();
+    neighborhoods.sort_unstable();
+    neighborhoods.dedup();
+    Plan {
+        neighborhoods,
+        ..plan
+    }
 }
 
 /// Plan of LocalMamba (LocalVMamba's SS2D on the hourglass frame). A block at width d with

@@ -24,6 +24,7 @@ fn library() -> &'static Library {
             widths: vec![384],
             tokens: vec![1024],
             scan_states: vec![16],
+            neighborhoods: vec![(8, 3)],
         };
         let tu = translation_unit(&root.join("kernels"), &sizes).unwrap();
         let emulate = root.join("tests/emulate");
@@ -918,6 +919,127 @@ fn selective_scan_kernels_match_the_cpu_op() {
         assert!(
             errs.iter().all(|(_, e)| *e < TOL),
             "N {n}, softplus {softplus}: {errs:?}"
+        );
+    }
+}
+
+/// The neighbourhood-attention kernels (neighborhood.cu: heads of 8 with kernel 3 as the header
+/// lists, and 6 with kernel 5 through `_any`) against the CPU op, which equals a naive gather
+/// (tests/neighborhood.rs): the output and ∂q, ∂k, ∂v on a 9×11 grid (windows shifted at every
+/// border), in f32 (within 1e-5 relative, measured ≤ 1.9e-7) and under bf16 autocast (operands
+/// and results rounded as the CPU op rounds: measured equal, 1e-2 allowed for an f32 sum that
+/// lands across a bf16 step).
+#[test]
+fn neighborhood_kernels_match_the_cpu_op() {
+    use candle_core::DType;
+    use signal_diffusion_runtime::ops::neighborhood::neighborhood_attention;
+    use signal_diffusion_runtime::ops::precision::Autocast;
+    let lib = library();
+    type Na = unsafe extern "C" fn(
+        i32,
+        i32,
+        *const f32,
+        *const f32,
+        *const f32,
+        *const f32,
+        *mut f32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        f32,
+        i32,
+    );
+    // SAFETY: the signature of tests/emulate/exports.h.
+    let na: Symbol<Na> = unsafe { lib.get(b"emu_neighborhood").unwrap() };
+    let (b, h, w, heads) = (2usize, 9usize, 11usize, 2usize);
+    for (d, kernel, specialised, round) in [
+        (8usize, 3usize, 1, None),
+        (6, 5, 0, None),
+        (8, 3, 1, Some(DType::BF16)),
+    ] {
+        let shape = [b, h, w, heads * d];
+        let (q, k, v, r) = (
+            randn(&shape, 1.0),
+            randn(&shape, 1.0),
+            randn(&shape, 1.0),
+            randn(&shape, 1.0),
+        );
+        let scale = 0.4f32;
+        let (want, grads) = cpu_reference(&[q.clone(), k.clone(), v.clone()], &r, |t| {
+            let _amp = Autocast::enter(round);
+            neighborhood_attention(&t[0], &t[1], &t[2], heads, kernel, scale as f64)
+        });
+        let (qv, kv, vv, rv) = (host(&q), host(&k), host(&v), host(&r));
+        let len = qv.len();
+        let mut o = vec![f32::NAN; len];
+        let mut grad = vec![f32::NAN; 3 * len];
+        let mode = match round {
+            None => 0,
+            _ => 1,
+        };
+        {
+            let _one = launching();
+            let dims = [b, h, w, heads, d, kernel].map(|x| x as i32);
+            let [bi, hi, wi, ni, di, ki] = dims;
+            let (qp, kp, vp) = (qv.as_ptr(), kv.as_ptr(), vv.as_ptr());
+            // SAFETY: the buffers have the sizes cuda.rs's neighbourhood launches give them.
+            unsafe {
+                let nul = std::ptr::null();
+                let s = specialised;
+                na(
+                    0,
+                    s,
+                    qp,
+                    kp,
+                    vp,
+                    nul,
+                    o.as_mut_ptr(),
+                    bi,
+                    hi,
+                    wi,
+                    ni,
+                    di,
+                    ki,
+                    scale,
+                    mode,
+                );
+                let g = grad.as_mut_ptr();
+                na(
+                    1,
+                    s,
+                    qp,
+                    kp,
+                    vp,
+                    rv.as_ptr(),
+                    g,
+                    bi,
+                    hi,
+                    wi,
+                    ni,
+                    di,
+                    ki,
+                    scale,
+                    mode,
+                );
+            }
+        }
+        assert!(
+            o.iter().chain(&grad).all(|x| x.is_finite()),
+            "d {d}, kernel {kernel}: a value left unwritten"
+        );
+        let errs = [
+            rel(&o, &want),
+            rel(&grad[..len], &grads[0]),
+            rel(&grad[len..2 * len], &grads[1]),
+            rel(&grad[2 * len..], &grads[2]),
+        ];
+        let tol = if round.is_some() { 1e-2 } else { TOL };
+        assert!(
+            errs.iter().all(|e| *e < tol),
+            "d {d}, kernel {kernel}, {round:?}: o, dq, dk, dv {errs:?}"
         );
     }
 }

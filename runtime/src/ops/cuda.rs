@@ -567,13 +567,10 @@ pub fn gelu_tanh(
     round: Option<candle_core::DType>,
 ) -> Result<CudaStorage> {
     let (x, bias) = (f32_view(xs, xl)?, f32_view(bs, bl)?);
-    let mode = match round {
-        None => 0,
-        Some(candle_core::DType::BF16) => 1,
-        Some(candle_core::DType::F16) => 2,
-        Some(d) => candle_core::bail!("autocast to {d:?}: bf16 or f16 only"),
-    };
-    let extra = [Scalar::I32(bias.len() as i32), Scalar::I32(mode)];
+    let extra = [
+        Scalar::I32(bias.len() as i32),
+        Scalar::I32(round_mode(round)?),
+    ];
     let n = xl.shape().elem_count();
     match dy {
         None => elementwise(xs.device(), "gelu_tanh_fwd", &[&x, &bias], n, &extra),
@@ -582,6 +579,16 @@ pub fn gelu_tanh(
             elementwise(xs.device(), "gelu_tanh_bwd", &[&x, &bias, &g], n, &extra)
         }
     }
+}
+
+/// The kernels' `round` argument (round.cuh): 0 none, 1 bf16, 2 fp16.
+fn round_mode(round: Option<candle_core::DType>) -> Result<i32> {
+    Ok(match round {
+        None => 0,
+        Some(candle_core::DType::BF16) => 1,
+        Some(candle_core::DType::F16) => 2,
+        Some(d) => candle_core::bail!("autocast to {d:?}: bf16 or f16 only"),
+    })
 }
 
 /// y[b, c, ...] += bias[c], in place (runtime/kernels/bias.cu).
@@ -963,6 +970,170 @@ pub fn selective_scan_backward(
         // SAFETY: (in, out, outer, k_count, inner, row): `input` holds outer·K rows of `row`
         // values, `dst` outer·inner.
         unsafe { launch.launch(launch_config(blocks, 256)) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// Threads per block of the neighbourhood-attention kernels (neighborhood.cu).
+const NA_THREADS: u32 = 128;
+/// The largest head size and kernel neighborhood.cu's `_any` kernels take.
+pub const MAX_NA_HEAD: usize = 128;
+pub const MAX_NA_KERNEL: usize = 13;
+
+/// neighborhood.cu's `NaGeometry`, passed by value: (B, H, W, heads·d) tensors, a k×k window,
+/// the scores' scale and the autocast rounding.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct NaGeometry {
+    pub b: i32,
+    pub h: i32,
+    pub w: i32,
+    pub heads: i32,
+    pub d: i32,
+    pub k: i32,
+    pub scale: f32,
+    pub round: i32,
+}
+
+// SAFETY: a #[repr(C)] struct of 4-byte scalars, laid out as the kernel's struct.
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for NaGeometry {}
+
+impl NaGeometry {
+    /// For a (b, h, w, heads·d) op with a `kernel`×`kernel` window.
+    pub fn new(
+        (b, h, w, heads, d, kernel): (usize, usize, usize, usize, usize, usize),
+        scale: f64,
+        round: Option<candle_core::DType>,
+    ) -> Result<Self> {
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| {
+                candle_core::Error::Msg(format!(
+                    "neighborhood attention: {v} does not fit a kernel's int"
+                ))
+            })
+        };
+        Ok(NaGeometry {
+            b: int(b)?,
+            h: int(h)?,
+            w: int(w)?,
+            heads: int(heads)?,
+            d: int(d)?,
+            k: int(kernel)?,
+            scale: scale as f32,
+            round: round_mode(round)?,
+        })
+    }
+
+    /// Whether the kernels take a head size `d` and kernel `k`: the build's pairs, or what the
+    /// `_any` kernels hold in registers.
+    pub fn supported(d: usize, k: usize) -> bool {
+        let listed = KERNELS
+            .get()
+            .is_some_and(|kernels| kernels.sizes.neighborhoods.contains(&(d, k)));
+        listed || (d <= MAX_NA_HEAD && k <= MAX_NA_KERNEL)
+    }
+
+    /// (sample, query, head) items: a thread each.
+    fn items(&self) -> usize {
+        [self.b, self.h, self.w, self.heads]
+            .iter()
+            .map(|&v| v as usize)
+            .product()
+    }
+
+    /// `name_D_K` for a pair the build lists, else `name_any`.
+    fn kernel(&self, name: &str) -> Result<String> {
+        let (d, k) = (self.d as usize, self.k as usize);
+        Ok(match kernels()?.sizes.neighborhoods.contains(&(d, k)) {
+            true => format!("{name}_{d}_{k}"),
+            false => format!("{name}_any"),
+        })
+    }
+
+    /// A grid-stride launch over the items.
+    fn launch(&self) -> Result<LaunchConfig> {
+        let blocks = self
+            .items()
+            .div_ceil(NA_THREADS as usize)
+            .clamp(1, 32 * kernels()?.sms);
+        Ok(launch_config(blocks, NA_THREADS))
+    }
+}
+
+/// Neighbourhood attention's output (neighborhood.cu `na_fwd`).
+pub fn neighborhood_forward(
+    (qs, ql): (&CudaStorage, &Layout),
+    (ks, kl): (&CudaStorage, &Layout),
+    (vs, vl): (&CudaStorage, &Layout),
+    g: NaGeometry,
+) -> Result<CudaStorage> {
+    let dev = qs.device();
+    let (q, k, v) = (f32_view(qs, ql)?, f32_view(ks, kl)?, f32_view(vs, vl)?);
+    // SAFETY: every element is written (a thread per query and head, all d values).
+    let out = unsafe { dev.alloc::<f32>(q.len())? };
+    let f = dev.get_or_load_custom_func(&g.kernel("na_fwd")?, MODULE, &kernels()?.ptx)?;
+    let mut b = f.builder();
+    b.arg(&q).arg(&k).arg(&v).arg(&out).arg(&g);
+    // SAFETY: (q, k, v, o, geometry), as neighborhood.cu's kernel takes them.
+    unsafe { b.launch(g.launch()?) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// [∂q | ∂k | ∂v] of neighbourhood attention from the packed [q | k | v] and ∂L/∂o: by query
+/// (∂q and each query's statistics), then by key (neighborhood.cu).
+pub fn neighborhood_backward(
+    (xs, xl): (&CudaStorage, &Layout),
+    (gs, gl): (&CudaStorage, &Layout),
+    g: NaGeometry,
+) -> Result<CudaStorage> {
+    let dev = xs.device();
+    let (qkv, go) = (f32_view(xs, xl)?, f32_view(gs, gl)?);
+    let len = go.len();
+    let (q, k, v) = (
+        qkv.slice(..len),
+        qkv.slice(len..2 * len),
+        qkv.slice(2 * len..),
+    );
+    // SAFETY: the query kernel writes ∂q and every statistic, the key kernel ∂k and ∂v.
+    let (out, lse, big_d) = unsafe {
+        (
+            dev.alloc::<f32>(3 * len)?,
+            dev.alloc::<f32>(g.items())?,
+            dev.alloc::<f32>(g.items())?,
+        )
+    };
+    let ptx = &kernels()?.ptx;
+    {
+        let (dq, dk, dv) = (
+            out.slice(..len),
+            out.slice(len..2 * len),
+            out.slice(2 * len..),
+        );
+        let f = dev.get_or_load_custom_func(&g.kernel("na_bwd_query")?, MODULE, ptx)?;
+        let mut b = f.builder();
+        b.arg(&q)
+            .arg(&k)
+            .arg(&v)
+            .arg(&go)
+            .arg(&dq)
+            .arg(&lse)
+            .arg(&big_d)
+            .arg(&g);
+        // SAFETY: (q, k, v, go, dq, lse, big_d, geometry), as neighborhood.cu's kernel takes them.
+        unsafe { b.launch(g.launch()?) }.w()?;
+        let f = dev.get_or_load_custom_func(&g.kernel("na_bwd_key")?, MODULE, ptx)?;
+        let mut b = f.builder();
+        b.arg(&q)
+            .arg(&k)
+            .arg(&v)
+            .arg(&go)
+            .arg(&lse)
+            .arg(&big_d)
+            .arg(&dk)
+            .arg(&dv)
+            .arg(&g);
+        // SAFETY: (q, k, v, go, lse, big_d, dk, dv, geometry), as the kernel takes them.
+        unsafe { b.launch(g.launch()?) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }

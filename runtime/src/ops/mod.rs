@@ -39,4 +39,6 @@ pub struct KernelSizes {
     pub tokens: &'static [usize],
     /// LocalMamba's selective-scan state size.
     pub scan_states: &'static [usize],
+    /// The hourglass's neighbourhood-attention (head size, kernel) pairs.
+    pub neighborhoods: &'static [(usize, usize)],
 }

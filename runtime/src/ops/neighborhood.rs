@@ -18,8 +18,10 @@
 //! are a contiguous range, since start(i) is monotone), so every thread owns the rows it
 //! writes. Threads take rows of (batch, row); the dot products over the head dimension run in
 //! 16 lanes on the widest vector unit. Under autocast the operands, output and gradients are
-//! rounded to the 16-bit type as the other ops do (precision.rs). Other devices and dtypes use
-//! the same semantics written in Candle ops (gathered windows, k²× the memory).
+//! rounded to the 16-bit type as the other ops do (precision.rs). On a GPU the same two-pass
+//! algorithm runs as runtime/kernels/neighborhood.cu (a thread per query and head), for head
+//! sizes and kernels the build lists or within its `_any` limits; other shapes and dtypes use the
+//! same semantics written in Candle ops (gathered windows, k²× the memory).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -46,7 +48,7 @@ pub fn neighborhood_attention(
             v.dims()
         );
     }
-    if q.device().is_cpu() && q.dtype() == DType::F32 {
+    if q.dtype() == DType::F32 && (q.device().is_cpu() || on_gpu_kernels(&g)) {
         let round = crate::ops::precision::autocast_dtype();
         return q.contiguous()?.apply_op3(
             &k.contiguous()?,
@@ -55,6 +57,17 @@ pub fn neighborhood_attention(
         );
     }
     by_gathering(q, k, v, g, scale)
+}
+
+/// Whether a GPU op of this shape runs neighborhood.cu's kernels (never in a CPU build).
+fn on_gpu_kernels(g: &Geometry) -> bool {
+    #[cfg(feature = "cuda")]
+    return crate::ops::cuda::NaGeometry::supported(g.d, g.kernel);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = g;
+        false
+    }
 }
 
 /// The op's shape: batch, grid, heads, head size and kernel.
@@ -280,11 +293,58 @@ vectorised! {
     }
 }
 
+#[derive(Clone, Copy)]
 struct Neighborhood {
     g: Geometry,
     scale: f64,
     /// Autocast's 16-bit type, to which operands, gradients and the output are rounded.
     round: Option<DType>,
+}
+
+#[cfg(feature = "cuda")]
+impl Neighborhood {
+    fn cuda_geometry(&self) -> Result<crate::ops::cuda::NaGeometry> {
+        let g = self.g;
+        crate::ops::cuda::NaGeometry::new(
+            (g.b, g.h, g.w, g.heads, g.d, g.kernel),
+            self.scale,
+            self.round,
+        )
+    }
+}
+
+/// The GPU backward: [∂q | ∂k | ∂v] from the packed [q | k | v] (a custom op takes at most
+/// three inputs) and ∂L/∂o.
+#[cfg(feature = "cuda")]
+struct NeighborhoodBackward(Neighborhood);
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp2 for NeighborhoodBackward {
+    fn name(&self) -> &'static str {
+        "neighborhood-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the packed neighbourhood backward runs on the GPU only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let packed =
+            crate::ops::cuda::neighborhood_backward((xs, xl), (gs, gl), self.0.cuda_geometry()?)?;
+        Ok((packed, xl.shape().clone()))
+    }
 }
 
 impl CustomOp3 for Neighborhood {
@@ -322,6 +382,25 @@ impl CustomOp3 for Neighborhood {
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let o = crate::ops::cuda::neighborhood_forward(
+            (qs, ql),
+            (ks, kl),
+            (vs, vl),
+            self.cuda_geometry()?,
+        )?;
+        Ok((o, ql.shape().clone()))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -330,6 +409,16 @@ impl CustomOp3 for Neighborhood {
         _o: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let qkv = Tensor::cat(&[q.flatten_all()?, k.flatten_all()?, v.flatten_all()?], 0)?;
+            let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+            let packed =
+                qkv.apply_op2_no_bwd(&grad.flatten_all()?, &NeighborhoodBackward(*self))?;
+            let len = q.elem_count();
+            let part = |i: usize| packed.narrow(0, i * len, len)?.reshape(q.shape());
+            return Ok((Some(part(0)?), Some(part(1)?), Some(part(2)?)));
+        }
         let g = self.g;
         let shape = q.shape().clone();
         let len = shape.elem_count();

@@ -167,9 +167,10 @@ impl Compiled {
             widths,
             tokens,
             scan_states,
+            neighborhoods,
         } = self.cuda_sizes;
         format!(
-            "CUDA kernels: {how}; specialised to GroupNorms of {norm:?} values per sample, DiT rows of {widths:?}, attention rows of {tokens:?} and selective scans of state {scan_states:?}; {here}"
+            "CUDA kernels: {how}; specialised to GroupNorms of {norm:?} values per sample, DiT rows of {widths:?}, attention rows of {tokens:?}, selective scans of state {scan_states:?} and neighbourhood attention of (head size, kernel) {neighborhoods:?}; {here}"
         )
     }
 

@@ -149,4 +149,29 @@ void emu_selective_scan(int backward, int specialised, const float* x, const flo
         scan_sum_partials(padb + dn, out + off_d, 1, batch, 2LL * channels, adb_row);
     });
 }
+// Neighbourhood attention as cuda.rs's neighborhood_forward / _backward launch it (3 blocks, so
+// the grid-stride loops wrap): the output into `out`, or [∂q | ∂k | ∂v] with ∂L/∂o `go`.
+void emu_neighborhood(int backward, int specialised, const float* q, const float* k, const float* v,
+                      const float* go, float* out, int b, int h, int w, int heads, int d, int kernel,
+                      float scale, int round) {
+    const NaGeometry g{b, h, w, heads, d, kernel, scale, round};
+    const size_t items = (size_t)b * h * w * heads, len = items * d;
+    if (!backward) {
+        emu::launch({3}, {NA_THREADS}, [=] {
+            if (specialised) na_fwd_8_3(q, k, v, out, g);
+            else na_fwd_any(q, k, v, out, g);
+        });
+        return;
+    }
+    std::vector<float> lse(items), big_d(items);
+    float *pl = lse.data(), *pd = big_d.data();
+    emu::launch({3}, {NA_THREADS}, [=] {
+        if (specialised) na_bwd_query_8_3(q, k, v, go, out, pl, pd, g);
+        else na_bwd_query_any(q, k, v, go, out, pl, pd, g);
+    });
+    emu::launch({3}, {NA_THREADS}, [=] {
+        if (specialised) na_bwd_key_8_3(q, k, v, go, pl, pd, out + len, out + 2 * len, g);
+        else na_bwd_key_any(q, k, v, go, pl, pd, out + len, out + 2 * len, g);
+    });
+}
 }
