@@ -12,6 +12,11 @@ alternating (ours, k-diffusion, ours, ...); medians and every run are printed.
     python3 benches/hourglass_step.py --ours target/release/train-hourglass_cpu \
         --k-diffusion /path/to/k-diffusion [--steps 3] [--threads 2] [--repeat 3]
 
+`--preset db-only` runs the reference's hourglass-db-only model instead (benches/hourglass_db_cpu.toml,
+batch 2 of 3x256x256): its neighbourhood levels go through a stand-in for NATTEN (no CPU build),
+the naive unfold-based version of benches/ops_side_by_side.py, with NATTEN's semantics (each
+query's 7x7 window clamped inside the grid).
+
 k-diffusion's layers import dctorch: `pip install --no-deps dctorch`.
 """
 
@@ -24,7 +29,20 @@ import time
 import types
 
 
-def k_diffusion_child(root, steps, threads):
+def install_naive_natten():
+    """A `natten` module whose fused na2d is the naive unfold-based neighbourhood attention."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from ops_side_by_side import naive_neighborhood
+
+    natten = types.ModuleType("natten")
+    natten.has_fused_na = lambda: True
+    natten.functional = types.SimpleNamespace(
+        na2d=lambda q, k, v, kernel_size, scale=1.0: naive_neighborhood(q, k, v, kernel_size, scale)
+    )
+    sys.modules["natten"] = natten
+
+
+def k_diffusion_child(root, steps, threads, preset):
     import torch
 
     pkg = types.ModuleType("k_diffusion")
@@ -36,16 +54,25 @@ def k_diffusion_child(root, steps, threads):
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    levels = [
-        it.LevelSpec(depth=2, width=128, d_ff=384, self_attn=it.GlobalAttentionSpec(d_head=64), dropout=0.0),
-        it.LevelSpec(depth=2, width=256, d_ff=768, self_attn=it.GlobalAttentionSpec(d_head=64), dropout=0.0),
-    ]
+    if preset == "db-only":
+        na = it.NeighborhoodAttentionSpec(d_head=64, kernel_size=7)
+        levels = [
+            it.LevelSpec(depth=2, width=64, d_ff=512, self_attn=na, dropout=0.05),
+            it.LevelSpec(depth=2, width=128, d_ff=512, self_attn=na, dropout=0.05),
+            it.LevelSpec(depth=3, width=256, d_ff=512, self_attn=it.GlobalAttentionSpec(d_head=64), dropout=0.05),
+        ]
+        batch, size = 2, 256
+    else:
+        levels = [
+            it.LevelSpec(depth=2, width=128, d_ff=384, self_attn=it.GlobalAttentionSpec(d_head=64), dropout=0.0),
+            it.LevelSpec(depth=2, width=256, d_ff=768, self_attn=it.GlobalAttentionSpec(d_head=64), dropout=0.0),
+        ]
+        batch, size = 8, 64
     mapping = it.MappingSpec(depth=2, width=256, d_ff=768, dropout=0.0)
     m = it.ImageTransformerDenoiserModelV2(levels, mapping, in_channels=3, out_channels=3, patch_size=[2, 2]).train()
     params = sum(p.numel() for p in m.parameters())
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0)
-    batch = 8
-    x = torch.randn(batch, 3, 64, 64)
+    x = torch.randn(batch, 3, size, size)
 
     def step():
         sigma = torch.ceil(1000 * torch.sigmoid(torch.randn(batch))).clamp(1, 1000) / 1000
@@ -77,16 +104,19 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--preset", choices=["small", "db-only"], default="small")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return k_diffusion_child(args.k_diffusion, args.steps, args.threads)
+        if args.preset == "db-only":
+            install_naive_natten()
+        return k_diffusion_child(args.k_diffusion, args.steps, args.threads, args.preset)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from dit_step import alternate, plan_numbers
 
     params, _ = plan_numbers(args.ours)
     child = ["--ours", args.ours, "--k-diffusion", args.k_diffusion, "--steps", str(args.steps),
-             "--threads", str(args.threads), "--child"]
+             "--threads", str(args.threads), "--preset", args.preset, "--child"]
     ours, ours_rss, theirs, theirs_rss = alternate(args.ours, child, args.steps, args.threads, args.repeat, params)
     med = lambda v: sorted(v)[len(v) // 2]
     ratios = [a / b for a, b in zip(ours, theirs)]

@@ -29,6 +29,9 @@ fn main() -> candle_core::Result<()> {
         ),
     ];
     for (label, b, ch, g, n, l) in cases {
+        if !common::selected(label) {
+            continue;
+        }
         let r =
             |dims: &[usize], s: f64| Tensor::randn(0f32, 1.0, dims, &dev).map(|t| (t * s).unwrap());
         let vars: Vec<Var> = [
