@@ -1,0 +1,99 @@
+"""Side-by-side benchmark of one LocalMamba training step on the CPU: ours vs the PyTorch port of
+the reference's LocalMamba2DModel (runtime/tests/fixtures/localmamba/port.py: k-diffusion's
+skeleton, LocalVMamba's SS2D, mamba-ssm's own `selective_scan_ref`, which is what runs where the
+reference's CUDA-only `selective_scan_fn` cannot), both built from benches/localmamba_db_cpu.toml's
+numbers (the reference's localmamba-db-only at batch 4); the parameter counts are checked equal.
+
+Each step does what ours does (as benches/hourglass_step.py): the rectified-flow loss with
+soft-min-SNR (gamma 5), backward, clip 1.0, AdamW (lr 1e-4, wd 0), one read of the loss. Both
+sides run on `--threads` threads in their own processes, alternating (ours, PyTorch, ours, ...);
+medians and every run are printed, with each side's peak RSS.
+
+    SD_CONFIG=benches/localmamba_db_cpu.toml HF_HUB_CACHE=tests/fixtures/hub cargo build --release
+    python3 benches/localmamba_step.py --ours target/release/train-localmamba_db_cpu \\
+        --k-diffusion /path/to/k-diffusion --mamba /path/to/mamba [--steps 2] [--repeat 3]
+
+k-diffusion's layers import dctorch: `pip install --no-deps dctorch`.
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def port_child(kd_root, mamba_root, steps, threads):
+    import torch
+
+    sys.path.insert(0, os.path.join(HERE, "..", "runtime", "tests", "fixtures", "localmamba"))
+    import port
+
+    port.setup(kd_root, mamba_root)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    m = port.LocalMamba2DModel(
+        dims=[128, 256, 512], depths=[2, 2, 2],
+        mapping=port.it.MappingSpec(depth=2, width=256, d_ff=768, dropout=0.0),
+        in_channels=16, out_channels=16, patch_size=[2, 2], num_classes=0, mapping_cond_dim=0,
+        d_state=16, ssm_ratio=2.0, dt_rank="auto", d_conv=3, directions=["h", "v", "w7"],
+    ).train()
+    params = sum(p.numel() for p in m.parameters())
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0)
+    batch = 4
+    x = torch.randn(batch, 16, 32, 32)
+
+    def step():
+        sigma = torch.ceil(1000 * torch.sigmoid(torch.randn(batch))).clamp(1, 1000) / 1000
+        eps = torch.randn_like(x)
+        s = sigma.view(-1, 1, 1, 1)
+        out = m((1 - s) * x + s * eps, sigma, None, None)
+        snr = (1 - sigma) ** 2 / sigma**2
+        w = (1 - sigma) ** 2 * 5.0 / (snr + 5.0)
+        loss = (((out - (eps - x)) ** 2).mean(dim=(1, 2, 3)) * w).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    secs = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+    print(json.dumps({"images_per_s": steps * batch / secs, "rss_gib": rss, "params": params}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ours", required=True)
+    ap.add_argument("--k-diffusion", required=True, help="a checkout of github.com/crowsonkb/k-diffusion")
+    ap.add_argument("--mamba", required=True, help="a checkout of github.com/state-spaces/mamba")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return port_child(args.k_diffusion, args.mamba, args.steps, args.threads)
+    sys.path.insert(0, HERE)
+    from dit_step import alternate, plan_numbers
+
+    params, _ = plan_numbers(args.ours)
+    child = ["--ours", args.ours, "--k-diffusion", args.k_diffusion, "--mamba", args.mamba,
+             "--steps", str(args.steps), "--threads", str(args.threads), "--child"]
+    ours, ours_rss, theirs, theirs_rss = alternate(args.ours, child, args.steps, args.threads, args.repeat, params)
+    med = lambda v: sorted(v)[len(v) // 2]
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    print(f"ours    {med(ours):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in ours)})  peak RSS {max(ours_rss):.2f} GiB")
+    print(f"PyTorch {med(theirs):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in theirs)})  peak RSS {max(theirs_rss):.2f} GiB")
+    print(f"ratio (ours / PyTorch port): median of pairs {med(ratios):.2f}x (pairs {', '.join(f'{v:.2f}' for v in ratios)}), memory {max(ours_rss) / max(theirs_rss):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
