@@ -70,15 +70,25 @@ def k_diffusion_child(root, steps, threads, preset):
         batch, size = 8, 64
     mapping = it.MappingSpec(depth=2, width=256, d_ff=768, dropout=0.0)
     m = it.ImageTransformerDenoiserModelV2(levels, mapping, in_channels=3, out_channels=3, patch_size=[2, 2]).train()
+    flow_steps(lambda x, sigma: m(x, sigma), m, torch.randn(batch, 3, size, size), steps)
+
+
+def flow_steps(forward, m, x, steps):
+    """Times `steps` training steps of `m` (called as `forward(x_t, sigma)`) on the batch `x` after
+    a warm-up, as our trainer's step: the rectified-flow loss with soft-min-SNR (gamma 5),
+    backward, clip 1.0, AdamW (lr 1e-4, wd 0), one read of the loss. Prints the JSON line
+    `alternate` reads."""
+    import torch
+
     params = sum(p.numel() for p in m.parameters())
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0)
-    x = torch.randn(batch, 3, size, size)
+    batch = x.shape[0]
 
     def step():
         sigma = torch.ceil(1000 * torch.sigmoid(torch.randn(batch))).clamp(1, 1000) / 1000
         eps = torch.randn_like(x)
         s = sigma.view(-1, 1, 1, 1)
-        out = m((1 - s) * x + s * eps, sigma)
+        out = forward((1 - s) * x + s * eps, sigma)
         snr = (1 - sigma) ** 2 / sigma**2
         w = (1 - sigma) ** 2 * 5.0 / (snr + 5.0)
         loss = (((out - (eps - x)) ** 2).mean(dim=(1, 2, 3)) * w).mean()

@@ -4,7 +4,7 @@ skeleton, LocalVMamba's SS2D, mamba-ssm's own `selective_scan_ref`, which is wha
 reference's CUDA-only `selective_scan_fn` cannot), both built from benches/localmamba_db_cpu.toml's
 numbers (the reference's localmamba-db-only at batch 4); the parameter counts are checked equal.
 
-Each step does what ours does (as benches/hourglass_step.py): the rectified-flow loss with
+Each step does what ours does (hourglass_step.py's `flow_steps`): the rectified-flow loss with
 soft-min-SNR (gamma 5), backward, clip 1.0, AdamW (lr 1e-4, wd 0), one read of the loss. Both
 sides run on `--threads` threads in their own processes, alternating (ours, PyTorch, ours, ...);
 medians and every run are printed, with each side's peak RSS.
@@ -17,11 +17,8 @@ k-diffusion's layers import dctorch: `pip install --no-deps dctorch`.
 """
 
 import argparse
-import json
 import os
-import resource
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,32 +38,10 @@ def port_child(kd_root, mamba_root, steps, threads):
         in_channels=16, out_channels=16, patch_size=[2, 2], num_classes=0, mapping_cond_dim=0,
         d_state=16, ssm_ratio=2.0, dt_rank="auto", d_conv=3, directions=["h", "v", "w7"],
     ).train()
-    params = sum(p.numel() for p in m.parameters())
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0)
-    batch = 4
-    x = torch.randn(batch, 16, 32, 32)
+    sys.path.insert(0, HERE)
+    from hourglass_step import flow_steps
 
-    def step():
-        sigma = torch.ceil(1000 * torch.sigmoid(torch.randn(batch))).clamp(1, 1000) / 1000
-        eps = torch.randn_like(x)
-        s = sigma.view(-1, 1, 1, 1)
-        out = m((1 - s) * x + s * eps, sigma, None, None)
-        snr = (1 - sigma) ** 2 / sigma**2
-        w = (1 - sigma) ** 2 * 5.0 / (snr + 5.0)
-        loss = (((out - (eps - x)) ** 2).mean(dim=(1, 2, 3)) * w).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-        return loss.item()
-
-    step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    secs = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
-    print(json.dumps({"images_per_s": steps * batch / secs, "rss_gib": rss, "params": params}))
+    flow_steps(lambda x, sigma: m(x, sigma, None, None), m, torch.randn(4, 16, 32, 32), steps)
 
 
 def main():
