@@ -127,12 +127,16 @@ def main():
     params, _ = plan_numbers(args.ours)
     child = ["--ours", args.ours, "--k-diffusion", args.k_diffusion, "--steps", str(args.steps),
              "--threads", str(args.threads), "--preset", args.preset, "--child"]
-    ours, ours_rss, theirs, theirs_rss = alternate(args.ours, child, args.steps, args.threads, args.repeat, params)
+    print_pairs("k-diffusion", *alternate(args.ours, child, args.steps, args.threads, args.repeat, params))
+
+
+def print_pairs(peer, ours, ours_rss, theirs, theirs_rss):
+    """Each side's median images/s and runs, and the median of the pairs' ratios."""
     med = lambda v: sorted(v)[len(v) // 2]
     ratios = [a / b for a, b in zip(ours, theirs)]
-    print(f"ours        {med(ours):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in ours)})  peak RSS {max(ours_rss):.2f} GiB")
-    print(f"k-diffusion {med(theirs):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in theirs)})  peak RSS {max(theirs_rss):.2f} GiB")
-    print(f"ratio (ours / k-diffusion): median of pairs {med(ratios):.2f}x (pairs {', '.join(f'{v:.2f}' for v in ratios)}), memory {max(ours_rss) / max(theirs_rss):.2f}x")
+    print(f"{'ours':13}{med(ours):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in ours)})  peak RSS {max(ours_rss):.2f} GiB")
+    print(f"{peer:13}{med(theirs):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in theirs)})  peak RSS {max(theirs_rss):.2f} GiB")
+    print(f"ratio (ours / {peer}): median of pairs {med(ratios):.2f}x (pairs {', '.join(f'{v:.2f}' for v in ratios)}), memory {max(ours_rss) / max(theirs_rss):.2f}x")
 
 
 if __name__ == "__main__":

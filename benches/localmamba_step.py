@@ -58,16 +58,12 @@ def main():
         return port_child(args.k_diffusion, args.mamba, args.steps, args.threads)
     sys.path.insert(0, HERE)
     from dit_step import alternate, plan_numbers
+    from hourglass_step import print_pairs
 
     params, _ = plan_numbers(args.ours)
     child = ["--ours", args.ours, "--k-diffusion", args.k_diffusion, "--mamba", args.mamba,
              "--steps", str(args.steps), "--threads", str(args.threads), "--child"]
-    ours, ours_rss, theirs, theirs_rss = alternate(args.ours, child, args.steps, args.threads, args.repeat, params)
-    med = lambda v: sorted(v)[len(v) // 2]
-    ratios = [a / b for a, b in zip(ours, theirs)]
-    print(f"ours    {med(ours):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in ours)})  peak RSS {max(ours_rss):.2f} GiB")
-    print(f"PyTorch {med(theirs):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in theirs)})  peak RSS {max(theirs_rss):.2f} GiB")
-    print(f"ratio (ours / PyTorch port): median of pairs {med(ratios):.2f}x (pairs {', '.join(f'{v:.2f}' for v in ratios)}), memory {max(ours_rss) / max(theirs_rss):.2f}x")
+    print_pairs("PyTorch port", *alternate(args.ours, child, args.steps, args.threads, args.repeat, params))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ impl KernelSizes {
         }
         sizes.scan_states.extend(plan.scan_state);
         sizes.neighborhoods = plan.neighborhoods.clone();
+        sizes.neighborhoods.sort_unstable();
+        sizes.neighborhoods.dedup();
         for list in [&mut sizes.norm, &mut sizes.widths, &mut sizes.tokens] {
             list.sort_unstable();
             list.dedup();

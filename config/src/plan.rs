@@ -35,8 +35,8 @@ pub struct Plan {
     pub pretrained: Vec<String>,
     /// LocalMamba's selective-scan state size N (its CUDA kernels are specialised to it).
     pub scan_state: Option<usize>,
-    /// The hourglass's neighbourhood-attention levels as (head size, kernel) pairs (its CUDA
-    /// kernels are specialised to them).
+    /// The hourglass's neighbourhood-attention levels as (head size, kernel) pairs, one per
+    /// level (its CUDA kernels are specialised to them).
     pub neighborhoods: Vec<(usize, usize)>,
 }
 
@@ -710,12 +710,10 @@ pub fn hourglass(d: &Diffusion) -> Plan {
         };
         (params as u64, flops as u64)
     });
-    let mut neighborhoods: Vec<(usize, usize)> = (0..m.widths.len())
+    let neighborhoods = (0..m.widths.len())
         .filter(|&i| m.attention[i] == "neighborhood")
         .map(|i| (m.d_heads[i], m.kernel_sizes[i]))
         .collect();
-    neighborhoods.sort_unstable();
-    neighborhoods.dedup();
     Plan {
         neighborhoods,
         ..plan

@@ -301,8 +301,12 @@ pub fn chunks(tokens: usize) -> usize {
 }
 
 fn i32_arg(v: usize) -> Result<Scalar> {
+    kernel_int(v).map(Scalar::I32)
+}
+
+/// A size as a kernel's `int`.
+fn kernel_int(v: usize) -> Result<i32> {
     i32::try_from(v)
-        .map(Scalar::I32)
         .map_err(|_| candle_core::Error::Msg(format!("{v} does not fit a kernel's int")))
 }
 
@@ -838,17 +842,12 @@ impl ScanDims {
 
     /// The kernels' int arguments after the buffers: batch, channels, groups, N, L, softplus.
     fn ints(&self) -> Result<[i32; 6]> {
-        let int = |v: usize| {
-            i32::try_from(v).map_err(|_| {
-                candle_core::Error::Msg(format!("selective scan: {v} does not fit a kernel's int"))
-            })
-        };
         Ok([
-            int(self.batch)?,
-            int(self.channels)?,
-            int(self.groups)?,
-            int(self.state)?,
-            int(self.len)?,
+            kernel_int(self.batch)?,
+            kernel_int(self.channels)?,
+            kernel_int(self.groups)?,
+            kernel_int(self.state)?,
+            kernel_int(self.len)?,
             self.softplus as i32,
         ])
     }
@@ -1005,20 +1004,13 @@ impl NaGeometry {
         scale: f64,
         round: Option<candle_core::DType>,
     ) -> Result<Self> {
-        let int = |v: usize| {
-            i32::try_from(v).map_err(|_| {
-                candle_core::Error::Msg(format!(
-                    "neighborhood attention: {v} does not fit a kernel's int"
-                ))
-            })
-        };
         Ok(NaGeometry {
-            b: int(b)?,
-            h: int(h)?,
-            w: int(w)?,
-            heads: int(heads)?,
-            d: int(d)?,
-            k: int(kernel)?,
+            b: kernel_int(b)?,
+            h: kernel_int(h)?,
+            w: kernel_int(w)?,
+            heads: kernel_int(heads)?,
+            d: kernel_int(d)?,
+            k: kernel_int(kernel)?,
             scale: scale as f32,
             round: round_mode(round)?,
         })
