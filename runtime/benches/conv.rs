@@ -24,9 +24,20 @@ fn main() -> candle_core::Result<()> {
         (192, 384, 32, 3),
         (384, 384, 32, 3),
     ];
+    // Each rate also as a share of the f32 FMA peak on Candle's threads, at the widest unit
+    // the kernels may use (runtime/benches/fma_peak.rs measures them all).
+    let peak = common::Isa::of_kernels().map(|isa| {
+        let threads = candle_core::utils::get_num_threads();
+        let peak = common::fma_peak(isa, false, threads);
+        println!(
+            "f32 FMA peak ({}, {threads} threads, measured): {peak:.1} GFLOP/s",
+            isa.name()
+        );
+        peak
+    });
     println!(
-        "{:<22} {:>10} {:>10} {:>10}",
-        "conv (batch 8)", "forward", "∂W", "∂X"
+        "{:<22} {:>16} {:>16} {:>16}",
+        "conv (batch 8), GFLOP/s", "forward", "∂W", "∂X"
     );
     let mut total = [0f64; 3];
     for (c, o, side, k) in cases {
@@ -61,9 +72,12 @@ fn main() -> candle_core::Result<()> {
         let filter = common::median_seconds(|| backward(&x)) - forward - loss;
         let data = common::median_seconds(|| backward(xv.as_tensor())) - forward - loss - filter;
         let gflop = 2.0 * (batch * o * c * k * k * side * side) as f64 / 1e9;
-        let rate = |s: f64| gflop / s;
+        let rate = |s: f64| match peak {
+            Some(p) => format!("{:.1} ({:.0} %)", gflop / s, 100.0 * gflop / s / p),
+            None => format!("{:.1}", gflop / s),
+        };
         println!(
-            "{:<22} {:>10.1} {:>10.1} {:>10.1}",
+            "{:<22} {:>16} {:>16} {:>16}",
             format!("{c}->{o} {k}x{k} @{side}²"),
             rate(forward),
             rate(filter),

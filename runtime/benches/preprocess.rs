@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::Path;
-use std::time::Instant;
 
 use signal_diffusion_config::choice::{OutputType, PolarLayout};
 use signal_diffusion_runtime::data::io::{read_npy_f64, write_png};
@@ -74,15 +73,10 @@ fn main() {
     println!("{{\"impl\": \"rust\", \"what\": \"DFT GFLOP/s done (f64, 1 thread)\", \"threads\": 1, \"png\": false, \"value\": {:.2}}}", done / secs / 1e9);
     println!("{{\"impl\": \"rust\", \"what\": \"DFT GFLOP/s direct-DFT equivalent (f64, 1 thread)\", \"threads\": 1, \"png\": false, \"value\": {:.2}}}", direct / secs / 1e9);
 
-    // The core's f64 FMA peak, measured: 12 independent chains of 4-wide fused multiply-adds.
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        let iters = 200_000_000 / 48;
-        let start = Instant::now();
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        std::hint::black_box(unsafe { fma_peak(iters) });
-        let peak = iters as f64 * 12.0 * 4.0 * 2.0 / start.elapsed().as_secs_f64() / 1e9;
-        println!("{{\"impl\": \"rust\", \"what\": \"f64 FMA peak GFLOP/s (1 thread, measured)\", \"threads\": 1, \"png\": false, \"value\": {peak:.2}}}");
+    // The DFT's GEMMs run at the widest unit the kernels may use: its share of that f64 peak.
+    if let Some(isa) = common::Isa::of_kernels() {
+        let peak = common::fma_peak(isa, true, 1);
+        println!("{{\"impl\": \"rust\", \"what\": \"f64 FMA peak GFLOP/s ({}, 1 thread, measured)\", \"threads\": 1, \"png\": false, \"value\": {peak:.2}}}", isa.name());
         println!("{{\"impl\": \"rust\", \"what\": \"DFT share of the FMA peak\", \"threads\": 1, \"png\": false, \"value\": {:.2}}}", done / secs / 1e9 / peak);
     }
 
@@ -111,24 +105,4 @@ fn main() {
         std::hint::black_box(decimate_channels(&channels, 4).unwrap());
     });
     println!("{{\"impl\": \"rust\", \"what\": \"decimation of 20 channels M input samples/s\", \"threads\": 1, \"png\": false, \"value\": {:.1}}}", 20.0 * 150_000.0 / secs / 1e6);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn fma_peak(iters: usize) -> f64 {
-    use std::arch::x86_64::*;
-    let (a, b) = (_mm256_set1_pd(0.999_999_9), _mm256_set1_pd(1e-9));
-    let mut acc = [_mm256_set1_pd(1.0); 12];
-    for _ in 0..iters {
-        for r in acc.iter_mut() {
-            *r = _mm256_fmadd_pd(a, *r, b);
-        }
-    }
-    let mut out = [0.0; 4];
-    let mut sum = _mm256_setzero_pd();
-    for r in acc {
-        sum = _mm256_add_pd(sum, r);
-    }
-    _mm256_storeu_pd(out.as_mut_ptr(), sum);
-    out.iter().sum()
 }
