@@ -41,8 +41,8 @@ impl Isa {
     pub fn of_kernels() -> Option<Isa> {
         Isa::available()
             .into_iter()
-            .filter(|&isa| isa == Isa::Avx2 || !gemm_common::avx512_capped())
-            .last()
+            .rev()
+            .find(|&isa| isa == Isa::Avx2 || !gemm_common::avx512_capped())
     }
 
     /// The units this CPU has with FMA, narrowest first.
