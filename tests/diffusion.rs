@@ -65,6 +65,9 @@ mod series_localmamba {
 mod classifier {
     signal_diffusion_macros::trainer!("train/tiny.toml");
 }
+mod lora_dit {
+    signal_diffusion_macros::trainer!("train/lora_dit.toml");
+}
 
 /// Three samples of `checkpoint` into `out`, 3 denoising steps, in batches of 2, seed 1.
 fn three_samples(checkpoint: std::path::PathBuf, out: std::path::PathBuf) -> SampleOptions {
@@ -386,6 +389,111 @@ fn hourglass_trains_resumes_exactly_and_samples() {
         let meta = std::fs::read_to_string(out.join("train-metadata.csv")).unwrap();
         assert_eq!(meta.lines().count(), 4, "{meta}");
         assert!(out.join("train/synthetic/sample-00002.png").exists());
+    }
+}
+
+/// LoRA on a DiT (tests/train/lora_dit.toml, over the random weights of tests/fixtures/lora_base):
+/// the loss falls while only the adapters and the targeted layers' biases train. The final
+/// weights are the pretrained ones with the adapters merged (every other tensor bit for bit the
+/// pretrained one), PEFT's adapter files beside them; a checkpoint holds only what trains; and
+/// sampling from a checkpoint (pretrained weights + adapters) and from the merged weights gives
+/// the same images.
+#[test]
+fn a_lora_dit_trains_only_its_adapters_and_samples_merged_or_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_dataset(&data);
+    let out = tmp.path().join("out");
+    train(
+        lora_dit::run,
+        &[("dataset.name", data.display().to_string())],
+        &out,
+        None,
+    );
+    let run = only_run_dir(&out);
+    let losses: Vec<f64> = series(&run, "train/loss").iter().map(|(_, v)| *v).collect();
+    assert_eq!(losses.len(), 40);
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    let (first, last) = (mean(&losses[..5]), mean(&losses[35..]));
+    assert!(
+        last < 0.85 * first,
+        "the loss went from {first:.4} to {last:.4}: {losses:?}"
+    );
+
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let base = load(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/lora_base/diffusion_pytorch_model.safetensors"),
+    );
+    let merged = load(&run.join("final/diffusion_pytorch_model.safetensors"));
+    let mut keys: Vec<&String> = base.keys().collect();
+    keys.sort();
+    assert_eq!(keys, {
+        let mut k: Vec<&String> = merged.keys().collect();
+        k.sort();
+        k
+    });
+    let targeted = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"];
+    for key in keys {
+        let module = key.rsplit_once('.').unwrap().0;
+        let trains = targeted.iter().any(|t| module.ends_with(&format!(".{t}")));
+        let same = (&base[key] - &merged[key])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            == 0.0;
+        assert_eq!(same, !trains, "{key}: changed {}, targeted {trains}", !same);
+    }
+    let adapters = load(&run.join("final/lora/adapter_model.safetensors"));
+    // 2 blocks × 5 layers × (A, B) and the 2 × 2 biases (to_out.0, ff.net.2; no q/k/v biases).
+    assert_eq!(adapters.len(), 24);
+    assert!(adapters
+        .keys()
+        .all(|k| k.starts_with("base_model.model.transformer_blocks.")));
+    assert!(adapters.contains_key("base_model.model.transformer_blocks.1.ff.net.2.base_layer.bias"));
+    let peft: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("final/lora/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (peft["r"].as_u64(), peft["lora_alpha"].as_f64()),
+        (Some(4), Some(8.0))
+    );
+    let checkpoint = load(&run.join("checkpoints/last/model.safetensors"));
+    assert!(!checkpoint.contains_key("transformer_blocks.0.attn1.to_q.weight"));
+    assert!(checkpoint.contains_key("transformer_blocks.0.attn1.to_q.lora_B.weight"));
+
+    let images = |dir: &Path, name: &str| {
+        let out = tmp.path().join(name);
+        signal_diffusion_runtime::train::sample::run(&three_samples(
+            dir.to_path_buf(),
+            out.clone(),
+        ))
+        .unwrap();
+        (0..3)
+            .map(|i| {
+                let png = out.join(format!("train/synthetic/sample-{i:05}.png"));
+                signal_diffusion_runtime::data::io::read_png(&png)
+                    .unwrap()
+                    .0
+            })
+            .collect::<Vec<_>>()
+    };
+    let (adapted, plain) = (
+        images(&run.join("checkpoints/last"), "adapted"),
+        images(&run.join("final"), "merged"),
+    );
+    for (a, p) in adapted.iter().zip(&plain) {
+        // The same numbers up to f32 summation order: a pixel may round the other way.
+        let worst = a.iter().zip(p).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+        assert!(
+            worst <= 1,
+            "merged and adapted samples differ by {worst} levels"
+        );
     }
 }
 

@@ -18,6 +18,7 @@ pub mod pretrained;
 pub mod schema;
 pub mod settings;
 mod support;
+pub use support::dit_linear_layers;
 pub mod tree;
 
 use std::path::{Path, PathBuf};

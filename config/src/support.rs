@@ -70,10 +70,10 @@ fn check_diffusion(
     }
     let rules: [(bool, &str, &str, &str); 2] = [
         (
-            m.lora_enabled,
+            m.lora_enabled && m.name != DiffusionModel::Dit,
             "model.lora.enabled",
-            "LoRA (it needs a pretrained model's adapters)",
-            "set `enabled = false`",
+            "LoRA on the hourglass-shaped models (the trainer adapts a DiT's linear layers)",
+            "set `enabled = false` to fine-tune the whole model from `model.pretrained`",
         ),
         (
             m.vae_tiling && !m.latent_space,
@@ -82,6 +82,9 @@ fn check_diffusion(
             "remove `vae_tiling`",
         ),
     ];
+    if m.lora_enabled && m.name == DiffusionModel::Dit {
+        check_lora_targets(ctx, m.conditioning, &m.lora_target_modules);
+    }
     wandb_needs_project(
         ctx,
         "logging",
@@ -120,6 +123,74 @@ fn check_diffusion(
     if d.training.mixed_precision != MixedPrecision::No {
         let precision = d.training.mixed_precision.toml();
         warn_cpu_mixed_precision(ctx, "training.mixed_precision", precision, target);
+    }
+}
+
+/// The linear layers of a DiT as diffusers names them, for one block and the head (block `i`
+/// repeats block 0's under `transformer_blocks.i`): what LoRA can target. The runtime's DiT
+/// builds exactly these (runtime/tests/lora.rs checks it).
+pub fn dit_linear_layers(conditioning: Conditioning) -> Vec<String> {
+    let emb = "transformer_blocks.0.norm1.emb";
+    let mut layers: Vec<String> = ["timestep_embedder.linear_1", "timestep_embedder.linear_2"]
+        .iter()
+        .map(|l| format!("{emb}.{l}"))
+        .collect();
+    match conditioning {
+        Conditioning::GenderHealthAge => layers.push(format!("{emb}.age_embedder.linear_1")),
+        Conditioning::Caption => layers.push(format!("{emb}.caption_embedder.linear_1")),
+        Conditioning::None | Conditioning::Classes => {}
+    }
+    let block = [
+        "norm1.linear",
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+    ];
+    layers.extend(block.iter().map(|l| format!("transformer_blocks.0.{l}")));
+    layers.extend(["proj_out_1".to_string(), "proj_out_2".to_string()]);
+    layers
+}
+
+/// Every LoRA target names a linear layer of the DiT as PEFT matches names (the layer's path
+/// or a `.`-suffix of it, with any block index), and none the patch embedding's convolution
+/// (PEFT would adapt it; our adapters are on linear layers).
+fn check_lora_targets(ctx: &mut Ctx, conditioning: Conditioning, targets: &[String]) {
+    let layers = dit_linear_layers(conditioning);
+    // A block index in a target (`transformer_blocks.3.attn1.to_q`) matches block 0's layer.
+    let in_block_0 = |t: &str| {
+        let mut parts: Vec<&str> = t.split('.').collect();
+        if let Some(i) = parts.iter().position(|p| *p == "transformer_blocks") {
+            if parts.get(i + 1).is_some_and(|n| n.parse::<usize>().is_ok()) {
+                parts[i + 1] = "0";
+            }
+        }
+        parts.join(".")
+    };
+    let matches = |layer: &str, t: &str| layer == t || layer.ends_with(&format!(".{t}"));
+    for target in targets {
+        let t = in_block_0(target);
+        let loc = ctx.loc("model.lora.target_modules");
+        if matches("pos_embed.proj", &t) {
+            ctx.diags.push(
+                Diagnostic::error(
+                    loc,
+                    format!("LoRA target `{target}` names the patch embedding's convolution (`pos_embed.proj`): the adapters here are on linear layers"),
+                )
+                .help("name the linear layer (`ff.net.0.proj` rather than `proj`)".to_string()),
+            );
+        } else if !layers.iter().any(|l| matches(l, &t)) {
+            let names: Vec<&str> = layers
+                .iter()
+                .map(|l| l.strip_prefix("transformer_blocks.0.").unwrap_or(l))
+                .collect();
+            ctx.diags.push(
+                Diagnostic::error(loc, format!("LoRA target `{target}` matches no linear layer of this DiT"))
+                    .help(format!("a target is a layer's name or its ending after a `.`; this DiT's linear layers (per block, then the head): {}", names.join(", "))),
+            );
+        }
     }
 }
 

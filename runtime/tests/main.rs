@@ -19,6 +19,7 @@ mod hourglass;
 mod image;
 mod latents;
 mod localmamba;
+mod lora;
 mod meta_dataset;
 mod mit;
 mod neighborhood;

@@ -129,6 +129,8 @@ pub struct Denoiser {
     net: Net,
     /// The age Fourier frequencies of a hourglass-shaped `gend_hlth_age` model.
     age_emb: Option<Tensor>,
+    /// LoRA adapters with dropout on their inputs.
+    lora_dropout: bool,
 }
 
 impl Denoiser {
@@ -161,7 +163,14 @@ impl Denoiser {
             shape: shape.clone(),
             net,
             age_emb,
+            lora_dropout: p.lora().is_some_and(|l| l.dropout > 0.0),
         })
+    }
+
+    /// Whether a training forward draws random masks (dropout in the model or in its LoRA
+    /// adapters), so a step needs a seed for them.
+    pub fn is_stochastic(&self) -> bool {
+        self.shape.is_stochastic() || self.lora_dropout
     }
 
     pub fn shape(&self) -> &DenoiserShape {

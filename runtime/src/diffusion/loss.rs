@@ -97,7 +97,7 @@ pub fn diffusion_grads(
     let n = Noised::draw(x, spec.path, spec.objective, spec.snr_gamma, rng)?;
     let scale = share * loss_scale;
     // Drawn only when the model drops out, so runs without dropout keep their noise draws.
-    let seed = model.shape().is_stochastic().then(|| rng.random::<u64>());
+    let seed = model.is_stochastic().then(|| rng.random::<u64>());
     let (loss, grads) =
         model.loss_and_grads(&n.xt, &n.levels, cond, (seed, spec.checkpointing), |out| {
             n.loss(out, scale)

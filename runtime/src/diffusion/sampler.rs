@@ -358,6 +358,9 @@ pub struct SampleSpec {
     /// Caption conditioning: the text encoder that embeds the captions to sample.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_encoder: Option<signal_diffusion_config::pretrained::ClipText>,
+    /// A LoRA run's checkpoint: the adapters' spec and the weights they adapt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::models::lora::LoraBase>,
 }
 
 impl SampleSpec {

@@ -32,6 +32,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Result, Tensor, Var, D};
 use signal_diffusion_config::choice::FeedForward;
 
+use crate::models::lora::LoraDropout;
 use crate::models::nn::{Linear, Params};
 use crate::ops::adaln::{gated_residual, modulate};
 use crate::ops::cpu::splitmix64;
@@ -492,6 +493,7 @@ impl Dit {
         cond: &Condition,
         dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
+        let _lora = LoraDropout::enter(dropout_seed);
         let inputs = self.block_inputs(t, cond, x.device())?;
         let mut h = self.tokens(x)?;
         let mut first_emb = None;
@@ -516,6 +518,8 @@ impl Dit {
         dropout_seed: Option<u64>,
         loss_of: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, GradStore)> {
+        // LoRA's masks depend on the seed and the layer only: the recompute draws the same.
+        let _lora = LoraDropout::enter(dropout_seed);
         let inputs = self.block_inputs(t, cond, x.device())?;
         let tokens = self.tokens(x)?;
         // Forward without graphs: detaching drops each block's activations at once.

@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
+use super::lora::{LoraBranch, LoraSpec};
 use crate::ops::norm::standardize_last;
 use crate::ops::precision::matmul;
 use rand::{Rng, SeedableRng};
@@ -18,6 +19,10 @@ use rand_chacha::ChaCha8Rng;
 pub struct Params {
     pub trainable: Vec<(String, Var)>,
     pub buffers: Vec<(String, Var)>,
+    /// Under LoRA, the model's own parameters that do not train (loaded from the pretrained
+    /// weights): their layers hold detached tensors, so no gradient is computed for them.
+    pub frozen: Vec<(String, Var)>,
+    lora: Option<LoraSpec>,
     rng: ChaCha8Rng,
     device: Device,
     /// Zeros instead of random draws: for counting the parameters of a large model quickly.
@@ -29,9 +34,20 @@ impl Params {
         Params {
             trainable: vec![],
             buffers: vec![],
+            frozen: vec![],
+            lora: None,
             rng: ChaCha8Rng::seed_from_u64(seed),
             device: device.clone(),
             counting: false,
+        }
+    }
+
+    /// Parameters for a model adapted by LoRA: the layers `spec` targets get adapters, which
+    /// train with the biases it names; every other parameter is frozen.
+    pub fn with_lora(seed: u64, device: &Device, spec: LoraSpec) -> Self {
+        Params {
+            lora: Some(spec),
+            ..Params::new(seed, device)
         }
     }
 
@@ -61,19 +77,52 @@ impl Params {
         Tensor::from_vec(data, shape, &self.device)
     }
 
-    /// A trainable parameter starting at `value`.
+    /// A model parameter starting at `value`: trainable, or frozen under LoRA unless the
+    /// LoRA spec trains it (a bias it names).
     pub fn trainable(&mut self, name: String, value: &Tensor) -> Result<Tensor> {
         let var = Var::from_tensor(value)?;
-        self.trainable.push((name, var.clone()));
-        Ok(var.as_tensor().clone())
+        match &self.lora {
+            Some(spec) if !spec.trains(&name) => {
+                self.frozen.push((name, var.clone()));
+                Ok(var.as_tensor().detach())
+            }
+            _ => {
+                self.trainable.push((name, var.clone()));
+                Ok(var.as_tensor().clone())
+            }
+        }
+    }
+
+    /// The LoRA adapter of the linear layer `module` (din -> dout), if the spec targets it: A
+    /// drawn U(±1/√din) as PEFT does, B zeros; both trainable, named as PEFT names them.
+    pub fn lora_branch(
+        &mut self,
+        module: &str,
+        din: usize,
+        dout: usize,
+    ) -> Result<Option<LoraBranch>> {
+        let Some(spec) = self.lora.clone().filter(|s| s.targets(module)) else {
+            return Ok(None);
+        };
+        let a = self.draw_uniform(&[spec.rank, din], 1.0 / (din as f64).sqrt())?;
+        let a = Var::from_tensor(&a)?;
+        let b = Var::from_tensor(&Tensor::zeros((dout, spec.rank), DType::F32, &self.device)?)?;
+        self.trainable
+            .push((format!("{module}.lora_A.weight"), a.clone()));
+        self.trainable
+            .push((format!("{module}.lora_B.weight"), b.clone()));
+        Ok(Some(LoraBranch::new(
+            a.as_tensor().clone(),
+            b.as_tensor().clone(),
+            &spec,
+            module,
+        )))
     }
 
     /// N(0, std²) entries (PyTorch's `nn.Embedding` init with std 1).
     pub fn normal(&mut self, name: String, shape: &[usize], std: f64) -> Result<Tensor> {
         let t = self.normal_tensor(shape, std)?;
-        let var = Var::from_tensor(&t)?;
-        self.trainable.push((name, var.clone()));
-        Ok(var.as_tensor().clone())
+        self.trainable(name, &t)
     }
 
     /// A fixed N(0, std²) buffer (saved with the model, never trained).
@@ -100,10 +149,8 @@ impl Params {
     }
 
     pub fn constant(&mut self, name: String, shape: &[usize], value: f32) -> Result<Tensor> {
-        let var =
-            Var::from_tensor(&(Tensor::ones(shape, DType::F32, &self.device)? * value as f64)?)?;
-        self.trainable.push((name, var.clone()));
-        Ok(var.as_tensor().clone())
+        let t = (Tensor::ones(shape, DType::F32, &self.device)? * value as f64)?;
+        self.trainable(name, &t)
     }
 
     pub fn buffer(&mut self, name: String, shape: &[usize], value: f32) -> Result<Var> {
@@ -113,7 +160,24 @@ impl Params {
         Ok(var)
     }
 
+    /// The model's parameters, trained or frozen, without LoRA's adapters: what the shape plan
+    /// counts.
     pub fn count(&self) -> usize {
+        self.trainable
+            .iter()
+            .chain(&self.frozen)
+            .filter(|(n, _)| !n.ends_with(".lora_A.weight") && !n.ends_with(".lora_B.weight"))
+            .map(|(_, v)| v.elem_count())
+            .sum()
+    }
+
+    /// The LoRA spec the layers are built under.
+    pub fn lora(&self) -> Option<&LoraSpec> {
+        self.lora.as_ref()
+    }
+
+    /// The parameters the optimizer updates.
+    pub fn trainable_count(&self) -> usize {
         self.trainable.iter().map(|(_, v)| v.elem_count()).sum()
     }
 }
@@ -271,6 +335,8 @@ impl Conv {
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// LoRA's update, where `model.lora.target_modules` names this layer.
+    lora: Option<LoraBranch>,
 }
 
 impl Linear {
@@ -293,21 +359,32 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        let lora = p.lora_branch(name, din, dout)?;
+        Ok(Linear { weight, bias, lora })
     }
 
     /// A linear of a given (dout, din) weight and (dout) bias, for layers initialised otherwise
     /// than PyTorch's default (zeros, a small normal).
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         weight.dims2()?;
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            lora: None,
+        })
     }
 
     /// (..., din) -> (..., dout), as one GEMM over all leading positions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.over_rows(x, |x| match &self.bias {
-            Some(b) => crate::ops::linear::linear(x, &self.weight, b),
-            None => crate::ops::precision::matmul(x, &self.weight.t()?),
+        self.over_rows(x, |x| {
+            let y = match &self.bias {
+                Some(b) => crate::ops::linear::linear(x, &self.weight, b)?,
+                None => crate::ops::precision::matmul(x, &self.weight.t()?)?,
+            };
+            match &self.lora {
+                Some(lora) => y + lora.forward(x)?,
+                None => Ok(y),
+            }
         })
     }
 
@@ -316,7 +393,7 @@ impl Linear {
     /// the fused linear op starts its GEMM from the bias, so the add is free there already.
     pub fn forward_gelu_tanh(&self, x: &Tensor) -> Result<Tensor> {
         match &self.bias {
-            Some(b) if x.device().is_cuda() => self.over_rows(x, |x| {
+            Some(b) if x.device().is_cuda() && self.lora.is_none() => self.over_rows(x, |x| {
                 let h = crate::ops::precision::matmul(x, &self.weight.t()?)?;
                 crate::ops::gelu::bias_gelu_tanh(&h, b)
             }),

@@ -170,53 +170,68 @@ impl CustomOp3 for Linear {
         Ok((CpuStorage::F32(y), Shape::from((rows, dout))))
     }
 
+    /// Each gradient only when something upstream needs it: a frozen weight (LoRA's base, a
+    /// detached tensor) costs no GEMM, and neither does the input of a first layer.
     fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (rows, din) = x.dims2()?;
         let dout = w.dim(0)?;
+        let [want_x, want_w, want_b] = [x, w, b].map(Tensor::track_op);
         let (dx, dw, db) = crate::ops::cpu::with_f32(&[x, w, grad], |v| {
             let [xv, wv, g] = operands([v[0], v[1], v[2]], self.round);
             let (xv, wv, g) = (&*xv, &*wv, &*g);
-            let mut dx = vec![0f32; rows * din];
-            gemm(
-                (rows, din, dout),
-                &mut dx,
-                false,
-                (g, dout, 1),
-                (wv, din, 1),
-                1.0,
-                threads(),
-            );
-            let mut dw = vec![0f32; dout * din];
-            gemm(
-                (dout, din, rows),
-                &mut dw,
-                false,
-                (g, 1, dout),
-                (xv, din, 1),
-                1.0,
-                threads(),
-            );
-            let mut db = vec![0f32; dout];
-            for row in g.chunks(dout) {
-                db.iter_mut().zip(row).for_each(|(s, v)| *s += v);
-            }
-            for grad in [&mut dx, &mut dw, &mut db] {
-                round_in_place(grad, self.round);
-            }
+            let rounded = |mut grad: Vec<f32>| {
+                round_in_place(&mut grad, self.round);
+                grad
+            };
+            let dx = want_x.then(|| {
+                let mut dx = vec![0f32; rows * din];
+                gemm(
+                    (rows, din, dout),
+                    &mut dx,
+                    false,
+                    (g, dout, 1),
+                    (wv, din, 1),
+                    1.0,
+                    threads(),
+                );
+                rounded(dx)
+            });
+            let dw = want_w.then(|| {
+                let mut dw = vec![0f32; dout * din];
+                gemm(
+                    (dout, din, rows),
+                    &mut dw,
+                    false,
+                    (g, 1, dout),
+                    (xv, din, 1),
+                    1.0,
+                    threads(),
+                );
+                rounded(dw)
+            });
+            let db = want_b.then(|| {
+                let mut db = vec![0f32; dout];
+                for row in g.chunks(dout) {
+                    db.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+                }
+                rounded(db)
+            });
             Ok((dx, dw, db))
         })?;
         let dev = grad.device();
         Ok((
-            Some(Tensor::from_vec(dx, (rows, din), dev)?),
-            Some(Tensor::from_vec(dw, (dout, din), dev)?),
-            Some(Tensor::from_vec(db, dout, dev)?),
+            dx.map(|v| Tensor::from_vec(v, (rows, din), dev))
+                .transpose()?,
+            dw.map(|v| Tensor::from_vec(v, (dout, din), dev))
+                .transpose()?,
+            db.map(|v| Tensor::from_vec(v, dout, dev)).transpose()?,
         ))
     }
 }

@@ -43,6 +43,7 @@ use crate::diffusion::path::{normals, Path as NoisePath};
 use crate::diffusion::sampler::{conditions, SampleSpec};
 use crate::models::clip::Captioner;
 use crate::models::dit::{Condition, Conditioning};
+use crate::models::lora::{LoraBase, LoraSpec};
 use crate::models::nn::Params;
 use crate::models::vae::Vae;
 use crate::ops::precision::{self, LossScaler};
@@ -317,6 +318,9 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
         vae: cfg.model.vae_config.clone(),
         vae_tiling: cfg.model.vae_tiling,
         text_encoder: cfg.model.text_encoder_config.clone(),
+        lora: LoraSpec::of(&cfg.model)
+            .zip(cfg.model.pretrained_path.clone())
+            .map(|(spec, pretrained)| LoraBase { spec, pretrained }),
     };
     let input = compiled.input_shape.to_vec();
     let ctx = Ctx {
@@ -336,7 +340,10 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
     };
 
     // Model, optimizer, EMA.
-    let mut params = Params::new(t.seed, &device);
+    let mut params = match LoraSpec::of(&cfg.model) {
+        Some(lora) => Params::with_lora(t.seed, &device, lora),
+        None => Params::new(t.seed, &device),
+    };
     let model = Denoiser::new(shape, &mut params, &device)?;
     // The build computed the count from the config alone (config/src/plan.rs).
     if params.count() as u64 != compiled.parameters {
@@ -349,6 +356,23 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
     }
     if let Some(path) = &cfg.model.pretrained_path {
         load_pretrained(path, shape, &params, &device)?;
+    }
+    if let Some(lora) = params.lora() {
+        let adapters: Vec<usize> = params
+            .trainable
+            .iter()
+            .filter(|(n, _)| n.contains(".lora_"))
+            .map(|(_, v)| v.elem_count())
+            .collect();
+        let adapter_count: usize = adapters.iter().sum();
+        println!(
+            "LoRA rank {} (scale {}) on {} linear layers: {adapter_count} adapter parameters and {} of biases train; the model's other {} are frozen",
+            lora.rank,
+            lora.scale,
+            adapters.len() / 2,
+            params.trainable_count() - adapter_count,
+            params.count() + adapter_count - params.trainable_count(),
+        );
     }
     // Captions: each split's distinct captions embedded once, and a DiT's null caption (the
     // empty one's embedding) set into the model, where sampling finds it.
@@ -668,16 +692,9 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
         false,
     )?;
     let final_dir = run_dir.join("final");
-    save_weights(&final_dir, &ctx, &all_vars, &tensors(&all_vars))?;
+    save_weights(&final_dir, &ctx, &params, &tensors(&params.trainable))?;
     if let Some(e) = &ema {
-        // The EMA of the trainable tensors, then the buffers as they are.
-        let values: Vec<Tensor> = e
-            .tensors
-            .iter()
-            .cloned()
-            .chain(tensors(&params.buffers))
-            .collect();
-        save_weights(&final_dir.join("ema"), &ctx, &all_vars, &values)?;
+        save_weights(&final_dir.join("ema"), &ctx, &params, &e.tensors)?;
     }
     // The lowest KID of the run (the first kept evaluation), in W&B's summary.
     let best: Vec<(&str, f64)> = state

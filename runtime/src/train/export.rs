@@ -12,6 +12,8 @@ use signal_diffusion_config::choice::Choice;
 use super::checkpoint;
 use super::diffusion::Ctx;
 use crate::diffusion::denoiser::DenoiserShape;
+use crate::diffusion::sampler::SampleSpec;
+use crate::models::lora::{merge, peft_state};
 use crate::models::nn::Params;
 
 /// A state dict by name, in f32: a safetensors file, or a PyTorch pickle (`torch.save` of a
@@ -79,7 +81,15 @@ pub(super) fn load_pretrained(
     };
     let saved = read_state_dict(&file, device)?;
     let what = || format!("{}: not weights of this {}", file.display(), shape.family());
-    checkpoint::restore(&params.trainable, &saved).with_context(what)?;
+    // Under LoRA the model's own parameters, frozen or trained; the adapters start fresh.
+    let model: Vec<(String, Var)> = params
+        .trainable
+        .iter()
+        .chain(&params.frozen)
+        .filter(|(n, _)| !n.contains(".lora_"))
+        .cloned()
+        .collect();
+    checkpoint::restore(&model, &saved).with_context(what)?;
     let (present, kept): (Vec<_>, Vec<_>) = params
         .buffers
         .iter()
@@ -99,24 +109,54 @@ pub(super) fn load_pretrained(
 /// reference's state-dict names in `hourglass_model.safetensors` / `localmamba_model.safetensors`
 /// (`model.load_state_dict(safetensors.torch.load_file(..), strict=False)` loads them; the one
 /// extra tensor is our saved `age_emb.weight`) and a `config.json` of the shape. Plus
-/// `sampling.json`. `values` are the tensors to write under the names of `vars` (all of them,
-/// buffers included).
+/// `sampling.json`. `trained` are the values of the trainable parameters (live, or their EMA).
+/// A LoRA run's adapters are merged into the weights (a plain model loads them), and saved as
+/// they are in `lora/`, PEFT's layout (`adapter_model.safetensors`, `adapter_config.json`:
+/// `PeftModel.from_pretrained(base, "lora")`).
 pub(super) fn save_weights(
     dir: &Path,
     ctx: &Ctx,
-    vars: &[(String, Var)],
-    values: &[Tensor],
+    params: &Params,
+    trained: &[Tensor],
 ) -> Result<()> {
     let tmp = crate::data::io::temp_path_for(dir)?;
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    let map: HashMap<String, Tensor> = vars
+    let trained: Vec<(String, Tensor)> = params
+        .trainable
         .iter()
         .map(|(n, _)| n.clone())
-        .zip(values.iter().cloned())
+        .zip(trained.iter().cloned())
         .collect();
+    let mut weights = match params.lora() {
+        Some(lora) => {
+            std::fs::create_dir(tmp.join("lora"))?;
+            let adapters: HashMap<String, Tensor> =
+                peft_state(lora, &trained).into_iter().collect();
+            candle_core::safetensors::save(&adapters, tmp.join("lora/adapter_model.safetensors"))?;
+            let base = ctx
+                .cfg
+                .model
+                .pretrained_path
+                .as_deref()
+                .unwrap_or(Path::new(""));
+            std::fs::write(
+                tmp.join("lora/adapter_config.json"),
+                serde_json::to_string_pretty(&lora.peft_config(&base.display().to_string()))?,
+            )?;
+            merge(lora, &trained, &params.frozen)?
+        }
+        None => trained,
+    };
+    weights.extend(
+        params
+            .buffers
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone())),
+    );
+    let map: HashMap<String, Tensor> = weights.into_iter().collect();
     candle_core::safetensors::save(&map, tmp.join(ctx.shape.weights_file()))?;
     let config = match ctx.shape {
         DenoiserShape::Dit(s) => serde_json::json!({
@@ -151,9 +191,14 @@ pub(super) fn save_weights(
         tmp.join("config.json"),
         serde_json::to_string_pretty(&config)?,
     )?;
+    // Merged: sampling needs neither the adapters nor the weights they adapted.
+    let spec = SampleSpec {
+        lora: None,
+        ..ctx.spec.clone()
+    };
     std::fs::write(
         tmp.join("sampling.json"),
-        serde_json::to_string_pretty(&ctx.spec)?,
+        serde_json::to_string_pretty(&spec)?,
     )?;
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;

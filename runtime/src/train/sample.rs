@@ -364,8 +364,15 @@ pub fn run(args: &SampleOptions) -> Result<()> {
     let device = Device::Cpu;
     let shape = &spec.shape;
     let c = shape.conditioning();
-    let mut params = Params::new(0, &device);
+    // A LoRA run's checkpoint holds what trained: the weights it adapted come first.
+    let mut params = match &spec.lora {
+        Some(lora) => Params::with_lora(0, &device, lora.spec.clone()),
+        None => Params::new(0, &device),
+    };
     let model = Denoiser::new(shape, &mut params, &device)?;
+    if let Some(lora) = &spec.lora {
+        super::export::load_pretrained(&lora.pretrained, shape, &params, &device)?;
+    }
     let vars: Vec<(String, Var)> = params
         .trainable
         .iter()
