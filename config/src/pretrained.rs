@@ -64,6 +64,163 @@ literal! {
     }
 }
 
+literal! {
+    /// A Stable Diffusion 1.5-style UNet (diffusers' `UNet2DConditionModel`), as its
+    /// `unet/config.json` describes it: the numbers that shape the model.
+    #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+    pub struct Unet {
+        /// The directory holding `config.json` and the weights.
+        pub dir: PathBuf,
+        pub in_channels: usize,
+        pub out_channels: usize,
+        pub block_out_channels: Vec<usize>,
+        /// Per down block: `CrossAttnDownBlock2D` (true) or `DownBlock2D`.
+        pub down_attention: Vec<bool>,
+        /// Per up block, from the bottom: `CrossAttnUpBlock2D` (true) or `UpBlock2D`.
+        pub up_attention: Vec<bool>,
+        pub layers_per_block: usize,
+        pub cross_attention_dim: usize,
+        /// Attention heads per down block (SD 1.5's config names them `attention_head_dim`).
+        pub heads: Vec<usize>,
+        pub norm_num_groups: usize,
+        pub norm_eps: f64,
+        /// The timestep sinusoid's `freq_shift` (`flip_sin_to_cos` must be true).
+        pub freq_shift: f64,
+        /// Linear `proj_in` / `proj_out` (SD 2's) rather than 1×1 convolutions (SD 1.5's).
+        pub use_linear_projection: bool,
+        /// The latent side the model was trained at.
+        pub sample_size: usize,
+    }
+}
+
+/// A diffusers `UNet2DConditionModel` config.json (`text`, in `dir`), checked to be one the
+/// runtime builds: SD 1.5's blocks, one transformer layer per block, default attention.
+pub fn parse_unet(text: &str, dir: &Path) -> Result<Unet, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let count = |x: &serde_json::Value, k: &str| -> Result<usize, String> {
+        x.as_u64()
+            .filter(|&n| n >= 1)
+            .map(|n| n as usize)
+            .ok_or(format!("`{k}` must be a positive integer, not {x}"))
+    };
+    let counts = |k: &str| -> Result<Vec<usize>, String> {
+        v[k].as_array()
+            .ok_or(format!("`{k}` must be a list"))?
+            .iter()
+            .map(|x| count(x, k))
+            .collect()
+    };
+    let types = |k: &str, plain: &str, attn: &str| -> Result<Vec<bool>, String> {
+        v[k].as_array()
+            .ok_or(format!("`{k}` must be a list"))?
+            .iter()
+            .map(|t| match t.as_str() {
+                Some(t) if t == plain => Ok(false),
+                Some(t) if t == attn => Ok(true),
+                _ => Err(format!(
+                    "`{k}` holds {t}; the blocks built are {plain} and {attn}"
+                )),
+            })
+            .collect()
+    };
+    let channels = counts("block_out_channels")?;
+    let down = types("down_block_types", "DownBlock2D", "CrossAttnDownBlock2D")?;
+    let up = types("up_block_types", "UpBlock2D", "CrossAttnUpBlock2D")?;
+    if down.len() != channels.len() || up.len() != channels.len() {
+        return Err("`down_block_types`, `up_block_types` and `block_out_channels` must have one entry per level".into());
+    }
+    // diffusers reads `num_attention_heads`, else (SD 1.5's naming) `attention_head_dim`, as the
+    // head count: one for every block or one per block.
+    let heads_value = match &v["num_attention_heads"] {
+        serde_json::Value::Null => &v["attention_head_dim"],
+        h => h,
+    };
+    let heads = match heads_value {
+        serde_json::Value::Array(_) => counts(if v["num_attention_heads"].is_null() {
+            "attention_head_dim"
+        } else {
+            "num_attention_heads"
+        })?,
+        h => vec![count(h, "attention_head_dim")?; channels.len()],
+    };
+    let groups = count(&v["norm_num_groups"], "norm_num_groups")?;
+    for (&c, &h) in channels.iter().zip(&heads) {
+        if c % groups != 0 || c % h != 0 {
+            return Err(format!("a level of {c} channels needs them divisible by `norm_num_groups` ({groups}) and its {h} heads"));
+        }
+    }
+    let is = |k: &str, want: serde_json::Value| v.get(k).is_none_or(|x| x.is_null() || *x == want);
+    let unsupported = [
+        (
+            "mid_block_type",
+            is("mid_block_type", "UNetMidBlock2DCrossAttn".into()),
+        ),
+        (
+            "transformer_layers_per_block",
+            is("transformer_layers_per_block", 1.into()),
+        ),
+        ("flip_sin_to_cos", is("flip_sin_to_cos", true.into())),
+        ("act_fn", is("act_fn", "silu".into())),
+        ("attention_type", is("attention_type", "default".into())),
+        (
+            "class_embed_type",
+            is("class_embed_type", serde_json::Value::Null),
+        ),
+        (
+            "addition_embed_type",
+            is("addition_embed_type", serde_json::Value::Null),
+        ),
+        (
+            "encoder_hid_dim",
+            is("encoder_hid_dim", serde_json::Value::Null),
+        ),
+        (
+            "only_cross_attention",
+            is("only_cross_attention", false.into()),
+        ),
+        (
+            "dual_cross_attention",
+            is("dual_cross_attention", false.into()),
+        ),
+        (
+            "resnet_time_scale_shift",
+            is("resnet_time_scale_shift", "default".into()),
+        ),
+        (
+            "time_embedding_type",
+            is("time_embedding_type", "positional".into()),
+        ),
+        ("conv_in_kernel", is("conv_in_kernel", 3.into())),
+        ("conv_out_kernel", is("conv_out_kernel", 3.into())),
+        (
+            "center_input_sample",
+            is("center_input_sample", false.into()),
+        ),
+    ];
+    if let Some((key, _)) = unsupported.iter().find(|(_, ok)| !ok) {
+        return Err(format!(
+            "`{key}` is {}; the UNet built is Stable Diffusion 1.5's (see docs/config.md)",
+            v[key]
+        ));
+    }
+    Ok(Unet {
+        dir: dir.to_path_buf(),
+        in_channels: count(&v["in_channels"], "in_channels")?,
+        out_channels: count(&v["out_channels"], "out_channels")?,
+        block_out_channels: channels,
+        down_attention: down,
+        up_attention: up,
+        layers_per_block: count(&v["layers_per_block"], "layers_per_block")?,
+        cross_attention_dim: count(&v["cross_attention_dim"], "cross_attention_dim")?,
+        heads,
+        norm_num_groups: groups,
+        norm_eps: v["norm_eps"].as_f64().unwrap_or(1e-5),
+        freq_shift: v["freq_shift"].as_f64().unwrap_or(0.0),
+        use_linear_projection: v["use_linear_projection"].as_bool().unwrap_or(false),
+        sample_size: count(&v["sample_size"], "sample_size")?,
+    })
+}
+
 impl ClipText {
     /// The width of the pooled embedding: the projection's, else the hidden size.
     pub fn pooled_dim(&self) -> usize {
@@ -720,5 +877,39 @@ mod tests {
             Path::new("/v"),
         );
         assert!(bad.unwrap_err().contains("does not divide"));
+    }
+
+    /// SD 1.5's published unet/config.json reads as its shape (heads from `attention_head_dim`,
+    /// SD 1.5's naming); a block or option the runtime does not build is refused by name.
+    #[test]
+    fn the_sd15_unet_config_reads_and_others_are_refused() {
+        let sd15 = r#"{"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+            "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": false,
+            "cross_attention_dim": 768, "down_block_types": ["CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"], "downsample_padding": 1,
+            "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+            "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+            "out_channels": 4, "sample_size": 64, "up_block_types": ["UpBlock2D",
+            "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}"#;
+        let u = parse_unet(sd15, Path::new("/u")).unwrap();
+        assert_eq!(u.heads, vec![8; 4]);
+        assert_eq!(
+            (u.down_attention, u.up_attention),
+            (vec![true, true, true, false], vec![false, true, true, true])
+        );
+        assert_eq!(
+            (u.cross_attention_dim, u.sample_size, u.freq_shift),
+            (768, 64, 0.0)
+        );
+        let sdxl = sd15.replace(
+            r#""act_fn": "silu""#,
+            r#""addition_embed_type": "text_time", "act_fn": "silu""#,
+        );
+        let err = parse_unet(&sdxl, Path::new("/u")).unwrap_err();
+        assert!(err.contains("`addition_embed_type`"), "{err}");
+        let other = sd15.replace(r#""DownBlock2D"]"#, r#""SimpleCrossAttnDownBlock2D"]"#);
+        assert!(parse_unet(&other, Path::new("/u"))
+            .unwrap_err()
+            .contains("SimpleCrossAttnDownBlock2D"));
     }
 }

@@ -29,4 +29,5 @@ mod sampler;
 mod selective_scan;
 mod spectrogram_parity;
 mod synth;
+mod unet;
 mod vae;

@@ -153,16 +153,22 @@ impl Condition {
 /// Sinusoidal timestep features as diffusers' `Timesteps(256, flip_sin_to_cos=True,
 /// downscale_freq_shift=1)`: [cos(t·f_k), sin(t·f_k)], f_k = 10000^(−k/127), in f32 like PyTorch.
 pub fn timestep_features(t: &[f32], device: &Device) -> Result<Tensor> {
-    const HALF: usize = 128;
-    let freqs: Vec<f32> = (0..HALF)
-        .map(|k| (-(10000f32.ln()) * k as f32 / (HALF as f32 - 1.0)).exp())
+    sinusoid(t, 256, 1.0, device)
+}
+
+/// diffusers' `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=shift)`: per timestep
+/// [cos(t·f_k), sin(t·f_k)], f_k = 10000^(−k/(dim/2 − shift)), in f32 like PyTorch.
+pub fn sinusoid(t: &[f32], dim: usize, shift: f64, device: &Device) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|k| (-(10000f32.ln()) * k as f32 / (half as f32 - shift as f32)).exp())
         .collect();
-    let mut out = Vec::with_capacity(t.len() * 2 * HALF);
+    let mut out = Vec::with_capacity(t.len() * 2 * half);
     for &ti in t {
         out.extend(freqs.iter().map(|f| (ti * f).cos()));
         out.extend(freqs.iter().map(|f| (ti * f).sin()));
     }
-    Tensor::from_vec(out, (t.len(), 2 * HALF), device)
+    Tensor::from_vec(out, (t.len(), 2 * half), device)
 }
 
 /// diffusers' `get_2d_sincos_pos_embed` for a `gh × gw` grid of integer positions (the grid the

@@ -16,4 +16,5 @@ pub mod localmamba;
 pub mod lora;
 pub mod nn;
 pub mod tape;
+pub mod unet;
 pub mod vae;

@@ -330,6 +330,11 @@ impl Conv {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::ops::conv::conv(x, &self.weight, self.bias.as_ref(), self.padding)
     }
+
+    /// The weight and bias, for the same layer applied otherwise (with a stride).
+    pub fn parts(&self) -> (&Tensor, Option<&Tensor>) {
+        (&self.weight, self.bias.as_ref())
+    }
 }
 
 pub struct Linear {
