@@ -18,6 +18,12 @@ Latent space: `--channels 16` with ours from benches/dit_latent_cpu.toml (the sa
 VAE's 16 × 64 × 64 latents of 512² images; build with HF_HUB_CACHE=tests/fixtures/hub, which holds
 that VAE's config.json): `--ours target/release/train-dit_latent_cpu --channels 16`.
 
+LoRA (`--lora R`): the same DiT fine-tuned through rank-R adapters on to_q, to_k, to_v and to_out.0
+(alpha = R), diffusers + PEFT's `get_peft_model` against ours from benches/dit_lora_cpu.toml, whose
+`model.pretrained` is random weights this script writes first (`--write-base target/dit_lora_base`,
+diffusers' `save_pretrained`; then `SD_CONFIG=benches/dit_lora_cpu.toml cargo build --release`):
+`--ours target/release/train-dit_lora_cpu --lora 16`. Only the adapters are in either optimizer.
+
 GPU (`--device cuda`): ours built with `--features cuda` from the config whose numbers `--dims`
 repeats (config/diffusion/baseline.toml: `--dims 16,72,12,64,2,32`), then ours, diffusers eager
 and diffusers under `torch.compile`, each under `--precision` (bf16: our
@@ -35,20 +41,31 @@ import sys
 import time
 
 
-def diffusers_child(steps, threads, dims, device="cpu", compiled=False, precision="no", channels=3):
-    import torch
+def dit(dims, channels):
     from diffusers import DiTTransformer2DModel
+
+    heads, head_dim, layers, size, patch, _ = dims
+    return DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels, out_channels=channels,
+        num_layers=layers, patch_size=patch, sample_size=size, num_embeds_ada_norm=1000,
+    )
+
+
+def diffusers_child(steps, threads, dims, device="cpu", compiled=False, precision="no", channels=3, lora=0):
+    import torch
 
     heads, head_dim, layers, size, patch, batch = dims
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
-    m = DiTTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels, out_channels=channels,
-        num_layers=layers, patch_size=patch, sample_size=size, num_embeds_ada_norm=1000,
-    ).to(device).train()
+    m = dit(dims, channels).to(device).train()
     params = sum(p.numel() for p in m.parameters())
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        m = get_peft_model(m, LoraConfig(r=lora, lora_alpha=lora, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    trained = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.0)
     x = torch.randn(batch, channels, size, size, device=device)
     labels = torch.zeros(batch, dtype=torch.long, device=device)
     forward = torch.compile(m) if compiled else m
@@ -66,7 +83,7 @@ def diffusers_child(steps, threads, dims, device="cpu", compiled=False, precisio
         loss = (((out.float() - (eps - x)) ** 2).mean(dim=(1, 2, 3)) * w).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         return loss.item()
 
@@ -165,22 +182,30 @@ def main():
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["no", "bf16"], default="bf16", help="GPU only; the CPU bench runs f32")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU: the dense bf16 peak MFU is measured against")
+    ap.add_argument("--lora", type=int, default=0, help="CPU: rank of LoRA adapters on the attention projections (ours: benches/dit_lora_cpu.toml)")
+    ap.add_argument("--write-base", help="write random weights of --dims in diffusers' layout to this directory and exit")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     dims = [int(v) for v in args.dims.split(",")]
+    if args.write_base:
+        import torch
+
+        torch.manual_seed(0)
+        return dit(dims, args.channels).save_pretrained(args.write_base)
     if args.child:
         precision = args.precision if args.device == "cuda" else "no"
-        return diffusers_child(args.steps, args.threads, dims, args.device, args.compiled, precision, args.channels)
+        return diffusers_child(args.steps, args.threads, dims, args.device, args.compiled, precision, args.channels, args.lora)
     if args.device == "cuda":
         return gpu_main(args, dims)
     params, _ = plan_numbers(args.ours)
     child = ["--ours", args.ours, "--steps", str(args.steps), "--threads", str(args.threads), "--dims", args.dims,
-             "--channels", str(args.channels), "--child"]
+             "--channels", str(args.channels), "--lora", str(args.lora), "--child"]
     ours, ours_rss, theirs, theirs_rss = alternate(args.ours, child, args.steps, args.threads, args.repeat, params)
     med = lambda v: sorted(v)[len(v) // 2]
     print(f"ours      {med(ours):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in ours)})  peak RSS {max(ours_rss):.2f} GiB")
-    print(f"diffusers {med(theirs):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in theirs)})  peak RSS {max(theirs_rss):.2f} GiB")
+    peer = "diffusers + PEFT" if args.lora else "diffusers"
+    print(f"{peer} {med(theirs):.3f} images/s (runs {', '.join(f'{v:.3f}' for v in theirs)})  peak RSS {max(theirs_rss):.2f} GiB")
     print(f"ratio (ours / diffusers, medians): speed {med(ours) / med(theirs):.2f}x, memory {max(ours_rss) / max(theirs_rss):.2f}x")
 
 

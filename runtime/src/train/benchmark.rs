@@ -123,8 +123,12 @@ pub(super) fn benchmark_diffusion(
 ) -> Result<()> {
     let t = &cfg.training;
     let bs = compiled.batch_size;
-    let mut params = Params::new(t.seed, device);
+    // As the trainer builds it: a LoRA config's pretrained weights frozen under adapters.
+    let mut params = super::diffusion::model_params(cfg, device);
     let model = Denoiser::new(shape, &mut params, device)?;
+    if let Some(path) = &cfg.model.pretrained_path {
+        super::export::load_pretrained(path, shape, &params, device)?;
+    }
     let mut opt = super::diffusion::optimizer(cfg, shape, &params)?;
     let mut rng = ChaCha8Rng::seed_from_u64(t.seed);
     let mut dims = vec![bs];

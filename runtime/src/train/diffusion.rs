@@ -340,10 +340,7 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
     };
 
     // Model, optimizer, EMA.
-    let mut params = match LoraSpec::of(&cfg.model) {
-        Some(lora) => Params::with_lora(t.seed, &device, lora),
-        None => Params::new(t.seed, &device),
-    };
+    let mut params = model_params(cfg, &device);
     let model = Denoiser::new(shape, &mut params, &device)?;
     // The build computed the count from the config alone (config/src/plan.rs).
     if params.count() as u64 != compiled.parameters {
@@ -793,6 +790,15 @@ pub fn cache_latents(cfg: &Diffusion) -> Result<()> {
 /// The optimizer of `cfg` over the model's trainable tensors; the hourglass-shaped models get
 /// the reference's parameter groups (hourglass.rs `param_group`), rebuilt from the names on a
 /// resume.
+/// The parameters a model of this config is built with: seeded by `training.seed`, under its
+/// LoRA spec when `[model.lora]` is enabled.
+pub(super) fn model_params(cfg: &Diffusion, device: &Device) -> Params {
+    match LoraSpec::of(&cfg.model) {
+        Some(lora) => Params::with_lora(cfg.training.seed, device, lora),
+        None => Params::new(cfg.training.seed, device),
+    }
+}
+
 pub(super) fn optimizer(
     cfg: &Diffusion,
     shape: &DenoiserShape,
