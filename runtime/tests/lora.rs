@@ -4,15 +4,17 @@
 //! plain DiT the adapted model's output; and the layers LoRA can target are the ones the build
 //! checks targets against.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use crate::common::{max_abs, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
 use signal_diffusion_runtime::config::choice::{FeedForward, LoraBias};
+use signal_diffusion_runtime::config::pretrained::parse_unet;
 use signal_diffusion_runtime::models::dit::{Condition, Conditioning, Dit, DitShape};
 use signal_diffusion_runtime::models::lora::{merge, peft_state, LoraDropout, LoraSpec};
 use signal_diffusion_runtime::models::nn::Params;
+use signal_diffusion_runtime::models::unet::Unet;
 use signal_diffusion_runtime::train::checkpoint::restore;
 
 fn shape(conditioning: Conditioning) -> DitShape {
@@ -49,8 +51,7 @@ fn spec(targets: &[&str], bias: LoraBias, dropout: f64) -> LoraSpec {
 
 const FIXTURE_TARGETS: [&str; 6] = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "linear_1"];
 
-/// Output within 2e-5 and every trained tensor's gradient within 1e-4 relative of PEFT's (f32,
-/// different summation orders; relative to at least 1e-2); the frozen weights get no gradient at all.
+/// Output within 2e-5 of PEFT's, and its gradients (f32, different summation orders).
 #[test]
 fn lora_dit_equals_peft() {
     let dev = Device::Cpu;
@@ -66,14 +67,7 @@ fn lora_dit_equals_peft() {
     .unwrap();
     restore(&p.frozen, &saved).unwrap();
     restore(&p.trainable, &saved).unwrap();
-    // PEFT trains exactly what we train.
-    let ours: BTreeSet<String> = p.trainable.iter().map(|(n, _)| n.clone()).collect();
-    let theirs: BTreeSet<String> = saved
-        .keys()
-        .filter_map(|k| k.strip_prefix("grad."))
-        .map(String::from)
-        .collect();
-    assert_eq!(ours, theirs);
+    assert_same_trained(&p, &saved);
     let x = &saved["input"];
     let t: Vec<f32> = saved["timestep"].to_vec1().unwrap();
     let labels: Vec<u32> = saved["labels"]
@@ -89,42 +83,8 @@ fn lora_dit_equals_peft() {
     let out = model.forward_with_dropout(x, &t, &cond, Some(7)).unwrap();
     let err = max_abs_diff(&out, &saved["output"]);
     assert!(err < 2e-5, "output: max |ours - PEFT| = {err}");
-    let grads = (&out * &saved["upstream"])
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for (name, var) in &p.trainable {
-        let want = &saved[&format!("grad.{name}")];
-        let got = grads
-            .get(var)
-            .unwrap_or_else(|| panic!("{name}: no gradient"));
-        // The key bias's true gradient is zero (softmax ignores a shift common to all keys):
-        // both sides hold rounding noise there, so the scale has a floor of 1e-2.
-        let rel = max_abs_diff(got, want) / max_abs(want).max(1e-2);
-        assert!(rel < 1e-4, "{name}: gradient off by {rel} relative");
-    }
-    for (name, var) in &p.frozen {
-        assert!(grads.get(var).is_none(), "frozen {name} got a gradient");
-    }
-    // The adapters save under the keys PEFT writes.
-    let trained: Vec<(String, Tensor)> = p
-        .trainable
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    let keys: BTreeSet<String> = peft_state(p.lora().unwrap(), &trained)
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
-    let bytes: Vec<u8> = saved["peft_keys"].to_vec1().unwrap();
-    let want: BTreeSet<String> = String::from_utf8(bytes)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
-    assert_eq!(keys, want);
+    assert_trains_as_peft(&p, &out, &saved);
+    let trained = trained_values(&p);
 
     // Merged into the weights, a plain DiT gives the adapted output.
     let merged = merge(p.lora().unwrap(), &trained, &p.frozen).unwrap();
@@ -138,6 +98,89 @@ fn lora_dit_equals_peft() {
     restore(&plain.trainable, &merged.into_iter().collect()).unwrap();
     let err = max_abs_diff(&plain_model.forward(x, &t, &cond).unwrap(), &out);
     assert!(err < 1e-5, "merged: max |plain - adapted| = {err}");
+}
+
+/// One backward of sum(out · upstream) gives every trained tensor PEFT's gradient within 1e-4
+/// relative (to at least 1e-2: the key bias's true gradient is zero, softmax ignoring a shift
+/// common to all keys, so both sides hold rounding noise there); the frozen weights get no
+/// gradient at all; and the adapters save under the keys PEFT writes.
+fn assert_trains_as_peft(p: &Params, out: &Tensor, saved: &HashMap<String, Tensor>) {
+    let grads = (out * &saved["upstream"])
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (name, var) in &p.trainable {
+        let want = &saved[&format!("grad.{name}")];
+        let got = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let rel = max_abs_diff(got, want) / max_abs(want).max(1e-2);
+        assert!(rel < 1e-4, "{name}: gradient off by {rel} relative");
+    }
+    for (name, var) in &p.frozen {
+        assert!(grads.get(var).is_none(), "frozen {name} got a gradient");
+    }
+    let trained = trained_values(p);
+    let keys: BTreeSet<String> = peft_state(p.lora().unwrap(), &trained)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let bytes: Vec<u8> = saved["peft_keys"].to_vec1().unwrap();
+    let want: BTreeSet<String> = String::from_utf8(bytes)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(keys, want);
+}
+
+/// The trainable tensors by name, as they are now.
+fn trained_values(p: &Params) -> Vec<(String, Tensor)> {
+    p.trainable
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+/// PEFT trains exactly what we train: the fixture's `grad.*` names.
+fn assert_same_trained(p: &Params, saved: &HashMap<String, Tensor>) {
+    let ours: BTreeSet<String> = p.trainable.iter().map(|(n, _)| n.clone()).collect();
+    let theirs: BTreeSet<String> = saved
+        .keys()
+        .filter_map(|k| k.strip_prefix("grad."))
+        .map(String::from)
+        .collect();
+    assert_eq!(ours, theirs);
+}
+
+/// The SD 1.5 UNet (the tiny one of fixtures/unet) adapted on every attention projection, self
+/// and cross: PEFT's output within 1e-5 of its largest value, and its gradients.
+#[test]
+fn lora_unet_equals_peft() {
+    let dev = Device::Cpu;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let config = std::fs::read_to_string(root.join("unet/config.json")).unwrap();
+    let shape = parse_unet(&config, &root.join("unet")).unwrap();
+    let saved =
+        candle_core::safetensors::load(root.join("lora/unet_lora.safetensors"), &dev).unwrap();
+    let targets = ["to_q", "to_k", "to_v", "to_out.0"];
+    let mut p = Params::with_lora(0, &dev, spec(&targets, LoraBias::None, 0.0));
+    let model = Unet::new(&shape, &mut p).unwrap();
+    restore(&p.frozen, &saved).unwrap();
+    restore(&p.trainable, &saved).unwrap();
+    assert_same_trained(&p, &saved);
+    let t: Vec<f32> = saved["timestep"].to_vec1().unwrap();
+    let out = model
+        .forward(&saved["input"], &t, &saved["encoder_hidden_states"])
+        .unwrap();
+    let err = max_abs_diff(&out, &saved["output"]) / max_abs(&saved["output"]);
+    assert!(
+        err < 1e-5,
+        "output: max |ours - PEFT| = {err} of the largest"
+    );
+    assert_trains_as_peft(&p, &out, &saved);
 }
 
 /// Dropout on the adapters' inputs: seeded (the same masks for the same seed, including in a

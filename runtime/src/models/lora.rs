@@ -118,16 +118,17 @@ impl LoraBranch {
         }
     }
 
-    /// x (rows, din) -> the update (rows, dout).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = match DROPOUT_SEED.with(Cell::get) {
+    /// x (rows, din) through the adapted layer of `weight` and `bias`: one op with the base
+    /// product (ops::linear::lora_linear), the rank-r factor `s·drop(x)·Aᵀ` computed before it.
+    pub fn forward(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let dropped = match DROPOUT_SEED.with(Cell::get) {
             Some(seed) if self.dropout > 0.0 => {
                 crate::ops::dropout::dropout(x, self.dropout, splitmix64(seed ^ self.site))?
             }
             _ => x.clone(),
         };
-        let low = crate::ops::precision::matmul(&x, &self.a.t()?)?;
-        crate::ops::precision::matmul(&low, &self.b.t()?)? * self.scale
+        let low = (crate::ops::precision::matmul(&dropped, &self.a.t()?)? * self.scale)?;
+        crate::ops::linear::lora_linear(x, weight, bias, &low, &self.b)
     }
 }
 

@@ -381,15 +381,10 @@ impl Linear {
 
     /// (..., din) -> (..., dout), as one GEMM over all leading positions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.over_rows(x, |x| {
-            let y = match &self.bias {
-                Some(b) => crate::ops::linear::linear(x, &self.weight, b)?,
-                None => crate::ops::precision::matmul(x, &self.weight.t()?)?,
-            };
-            match &self.lora {
-                Some(lora) => y + lora.forward(x)?,
-                None => Ok(y),
-            }
+        self.over_rows(x, |x| match (&self.lora, &self.bias) {
+            (Some(lora), bias) => lora.forward(x, &self.weight, bias.as_ref()),
+            (None, Some(b)) => crate::ops::linear::linear(x, &self.weight, b),
+            (None, None) => crate::ops::precision::matmul(x, &self.weight.t()?),
         })
     }
 

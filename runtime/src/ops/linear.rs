@@ -236,6 +236,159 @@ impl CustomOp3 for Linear {
     }
 }
 
+/// A LoRA-adapted linear layer, `y = x·Wᵀ + b + low·Bᵀ` with `low = s·drop(x)·Aᵀ` (rows, r)
+/// computed before, as one op: the frozen `weight` (and `bias`, when frozen too) are held by the
+/// op, not its inputs, so the backward computes no gradient for them, and the output is the only
+/// full-size tensor made (as ops, the update, its scale and the sum were three more, each kept
+/// for the backward). ∂x = ∂y·W, ∂low = ∂y·B, ∂B = ∂yᵀ·low. Other devices and dtypes use ops.
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    low: &Tensor,
+    b: &Tensor,
+) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let round = crate::ops::precision::autocast_dtype();
+        let frozen_bias = bias.filter(|b| !b.track_op()).cloned();
+        let op = LoraLinear {
+            weight: weight.clone(),
+            bias: frozen_bias.clone(),
+            round,
+        };
+        let y = x
+            .contiguous()?
+            .apply_op3(&low.contiguous()?, &b.contiguous()?, op)?;
+        return match bias.filter(|_| frozen_bias.is_none()) {
+            Some(trained) => y.broadcast_add(trained),
+            None => Ok(y),
+        };
+    }
+    let y = match bias {
+        Some(bias) => crate::ops::precision::matmul_add(x, &weight.t()?, bias)?,
+        None => crate::ops::precision::matmul(x, &weight.t()?)?,
+    };
+    y + crate::ops::precision::matmul(low, &b.t()?)?
+}
+
+struct LoraLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    round: Option<DType>,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ls: &CpuStorage,
+        ll: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, din) = xl.shape().dims2()?;
+        let (dout, rank) = bl.shape().dims2()?;
+        if self.weight.dims() != [dout, din] || ll.dims() != [rows, rank] {
+            candle_core::bail!(
+                "lora_linear: x {:?}, weight {:?}, low {:?}, B {:?}",
+                xl.dims(),
+                self.weight.dims(),
+                ll.dims(),
+                bl.dims()
+            );
+        }
+        let mut held = vec![self.weight.contiguous()?];
+        held.extend(
+            self.bias
+                .iter()
+                .map(Tensor::contiguous)
+                .collect::<Result<Vec<_>>>()?,
+        );
+        crate::ops::cpu::with_f32(&held.iter().collect::<Vec<_>>(), |frozen| {
+            let [x, low, b, w] = operands(
+                [
+                    crate::ops::cpu::contiguous::<f32>(xs, xl)?,
+                    crate::ops::cpu::contiguous::<f32>(ls, ll)?,
+                    crate::ops::cpu::contiguous::<f32>(bs, bl)?,
+                    frozen[0],
+                ],
+                self.round,
+            );
+            let mut y = match frozen.get(1) {
+                Some(bias) => {
+                    let [bias] = operands([*bias], self.round);
+                    let mut y = Vec::with_capacity(rows * dout);
+                    for _ in 0..rows {
+                        y.extend_from_slice(&bias);
+                    }
+                    y
+                }
+                None => vec![0f32; rows * dout],
+            };
+            gemm(
+                (rows, dout, din),
+                &mut y,
+                true,
+                (&x, din, 1),
+                (&w, 1, din),
+                1.0,
+                threads(),
+            );
+            gemm(
+                (rows, dout, rank),
+                &mut y,
+                true,
+                (&low, rank, 1),
+                (&b, 1, rank),
+                1.0,
+                threads(),
+            );
+            round_in_place(&mut y, self.round);
+            Ok((CpuStorage::F32(y), Shape::from((rows, dout))))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        low: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, din) = x.dims2()?;
+        let (dout, rank) = b.dims2()?;
+        let want_x = x.track_op();
+        let weight = self.weight.contiguous()?;
+        let (dx, dlow, db) = crate::ops::cpu::with_f32(&[low, b, grad, &weight], |v| {
+            let [low, b, g, w] = operands([v[0], v[1], v[2], v[3]], self.round);
+            let (low, b, g, w) = (&*low, &*b, &*g, &*w);
+            let product = |(m, n, k), a, bm| {
+                let mut out = vec![0f32; m * n];
+                gemm((m, n, k), &mut out, false, a, bm, 1.0, threads());
+                round_in_place(&mut out, self.round);
+                out
+            };
+            let dx = want_x.then(|| product((rows, din, dout), (g, dout, 1), (w, din, 1)));
+            let dlow = product((rows, rank, dout), (g, dout, 1), (b, rank, 1));
+            let db = product((dout, rank, rows), (g, 1, dout), (low, rank, 1));
+            Ok((dx, dlow, db))
+        })?;
+        let dev = grad.device();
+        Ok((
+            dx.map(|v| Tensor::from_vec(v, (rows, din), dev))
+                .transpose()?,
+            Some(Tensor::from_vec(dlow, (rows, rank), dev)?),
+            Some(Tensor::from_vec(db, (dout, rank), dev)?),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +456,46 @@ mod tests {
         for (name, var) in [("x", &x), ("w", &w), ("b", &b)] {
             let e = diff(gf.get(var).unwrap(), gp.get(var).unwrap())?;
             assert!(e < 1e-4, "d{name}: {e}");
+        }
+        Ok(())
+    }
+
+    /// The fused LoRA linear equals x·Wᵀ + b + low·Bᵀ in Candle's ops, forward and backward
+    /// (∂x, ∂low, ∂B), with a frozen bias (held by the op), a trained one (added after it) and
+    /// none; the frozen weight gets no gradient.
+    #[test]
+    fn lora_linear_equals_candles_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (37, 19), &dev)?)?;
+        let low = Var::from_tensor(&Tensor::randn(0f32, 1.0, (37, 3), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (23, 3), &dev)?)?;
+        let w = Tensor::randn(0f32, 1.0, (23, 19), &dev)?;
+        let bias_var = Var::from_tensor(&Tensor::randn(0f32, 1.0, 23, &dev)?)?;
+        let frozen_bias = bias_var.as_tensor().detach();
+        let r = Tensor::randn(0f32, 1.0, (37, 23), &dev)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        for bias in [None, Some(&frozen_bias), Some(bias_var.as_tensor())] {
+            let fused = lora_linear(x.as_tensor(), &w, bias, low.as_tensor(), b.as_tensor())?;
+            let mut plain =
+                (x.as_tensor().matmul(&w.t()?)? + low.as_tensor().matmul(&b.as_tensor().t()?)?)?;
+            if let Some(bias) = bias {
+                plain = plain.broadcast_add(bias)?;
+            }
+            assert!(diff(&fused, &plain)? < 1e-5);
+            let gf = (&fused * &r)?.sum_all()?.backward()?;
+            let gp = (&plain * &r)?.sum_all()?.backward()?;
+            for (name, var) in [("x", &x), ("low", &low), ("B", &b)] {
+                let e = diff(gf.get(var).unwrap(), gp.get(var).unwrap())?;
+                assert!(e < 1e-4, "d{name}: {e}");
+            }
+            let trained_bias = bias.is_some_and(|t| t.is_variable());
+            assert_eq!(gf.get(bias_var.as_tensor()).is_some(), trained_bias);
+            if trained_bias {
+                let e = diff(gf.get(&bias_var).unwrap(), gp.get(&bias_var).unwrap())?;
+                assert!(e < 1e-4, "dbias: {e}");
+            }
         }
         Ok(())
     }
