@@ -221,6 +221,104 @@ pub fn parse_unet(text: &str, dir: &Path) -> Result<Unet, String> {
     })
 }
 
+literal! {
+    /// A Stable Diffusion 3 / 3.5 MMDiT (diffusers' `SD3Transformer2DModel`), as its
+    /// `transformer/config.json` describes it.
+    #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+    pub struct Mmdit {
+        /// The directory holding `config.json` and the weights.
+        pub dir: PathBuf,
+        pub sample_size: usize,
+        pub patch_size: usize,
+        pub in_channels: usize,
+        pub out_channels: usize,
+        pub num_layers: usize,
+        pub attention_head_dim: usize,
+        pub num_attention_heads: usize,
+        /// The text tokens' width (CLIP-L ‖ CLIP-G padded to T5's 4096).
+        pub joint_attention_dim: usize,
+        /// The pooled text vector's width (CLIP-L's 768 ‖ CLIP-G's 1280).
+        pub pooled_projection_dim: usize,
+        /// The side of the position table the image's grid is cropped from (its centre).
+        pub pos_embed_max_size: usize,
+        /// The blocks with SD 3.5's second, image-only attention.
+        pub dual_attention_layers: Vec<usize>,
+        /// RMSNorm on each head's queries and keys (SD 3.5's `qk_norm = "rms_norm"`).
+        pub qk_norm: bool,
+    }
+}
+
+impl Mmdit {
+    pub fn dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+}
+
+/// A diffusers `SD3Transformer2DModel` config.json (`text`, in `dir`), checked to be one the
+/// runtime builds.
+pub fn parse_mmdit(text: &str, dir: &Path) -> Result<Mmdit, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let count = |k: &str| -> Result<usize, String> {
+        v[k].as_u64()
+            .filter(|&n| n >= 1)
+            .map(|n| n as usize)
+            .ok_or(format!("`{k}` must be a positive integer, not {}", v[k]))
+    };
+    let (heads, head_dim) = (count("num_attention_heads")?, count("attention_head_dim")?);
+    let caption = count("caption_projection_dim")?;
+    if caption != heads * head_dim {
+        return Err(format!(
+            "`caption_projection_dim` is {caption}; the model's width, heads × head size, is {}",
+            heads * head_dim
+        ));
+    }
+    let layers = count("num_layers")?;
+    let dual: Vec<usize> = match &v["dual_attention_layers"] {
+        serde_json::Value::Null => vec![],
+        serde_json::Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_u64().map(|n| n as usize).filter(|&n| n < layers))
+            .collect::<Option<_>>()
+            .ok_or(format!(
+                "`dual_attention_layers` must list blocks below `num_layers` ({layers})"
+            ))?,
+        other => {
+            return Err(format!(
+                "`dual_attention_layers` must be a list, not {other}"
+            ))
+        }
+    };
+    let qk_norm = match v["qk_norm"].as_str() {
+        None if v["qk_norm"].is_null() => false,
+        Some("rms_norm") => true,
+        _ => {
+            return Err(format!(
+                "`qk_norm` is {}; none and \"rms_norm\" are built",
+                v["qk_norm"]
+            ))
+        }
+    };
+    let pos = count("pos_embed_max_size")?;
+    let (sample, patch) = (count("sample_size")?, count("patch_size")?);
+    Ok(Mmdit {
+        dir: dir.to_path_buf(),
+        sample_size: sample,
+        patch_size: patch,
+        in_channels: count("in_channels")?,
+        out_channels: v["out_channels"]
+            .as_u64()
+            .map_or(count("in_channels")?, |n| n as usize),
+        num_layers: layers,
+        attention_head_dim: head_dim,
+        num_attention_heads: heads,
+        joint_attention_dim: count("joint_attention_dim")?,
+        pooled_projection_dim: count("pooled_projection_dim")?,
+        pos_embed_max_size: pos,
+        dual_attention_layers: dual,
+        qk_norm,
+    })
+}
+
 impl ClipText {
     /// The width of the pooled embedding: the projection's, else the hidden size.
     pub fn pooled_dim(&self) -> usize {

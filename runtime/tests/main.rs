@@ -22,6 +22,7 @@ mod localmamba;
 mod lora;
 mod meta_dataset;
 mod mit;
+mod mmdit;
 mod neighborhood;
 mod optim;
 mod preprocess;

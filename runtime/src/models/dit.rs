@@ -175,6 +175,12 @@ pub fn sinusoid(t: &[f32], dim: usize, shift: f64, device: &Device) -> Result<Te
 /// model sees, so no interpolation): per token, [sin, cos](w·ω) ‖ [sin, cos](h·ω), ω_k =
 /// 10000^(−k/(D/4)). Tokens are row-major over (h, w).
 pub fn sincos_positions(dim: usize, gh: usize, gw: usize) -> Vec<f32> {
+    sincos_positions_spread(dim, gh, gw, 1.0)
+}
+
+/// [`sincos_positions`] at positions i / `spread` (diffusers' `arange(grid) / (grid /
+/// base_size)`, divided in f32 as PyTorch does; the sines in f64).
+pub fn sincos_positions_spread(dim: usize, gh: usize, gw: usize, spread: f32) -> Vec<f32> {
     let quarter = dim / 4;
     let omega: Vec<f64> = (0..quarter)
         .map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64))
@@ -182,7 +188,8 @@ pub fn sincos_positions(dim: usize, gh: usize, gw: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(gh * gw * dim);
     for h in 0..gh {
         for w in 0..gw {
-            for pos in [w as f64, h as f64] {
+            for i in [w, h] {
+                let pos = (i as f32 / spread) as f64;
                 out.extend(omega.iter().map(|o| (pos * o).sin() as f32));
                 out.extend(omega.iter().map(|o| (pos * o).cos() as f32));
             }
@@ -563,16 +570,10 @@ impl Dit {
     fn tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let [ph, pw] = self.shape.patch;
-        let (gh, gw) = (h / ph, w / pw);
         let d = self.shape.dim();
-        // (B, C, gh, ph, gw, pw) -> (B·N, C·ph·pw) rows, one GEMM with the conv kernel.
-        let patches = x
-            .reshape((b, c, gh, ph, gw, pw))?
-            .permute([0, 2, 4, 1, 3, 5])?
-            .reshape((b * gh * gw, c * ph * pw))?;
         let kernel = self.patch.reshape((d, c * ph * pw))?;
-        crate::ops::linear::linear(&patches, &kernel, &self.patch_bias)?
-            .reshape((b, gh * gw, d))?
+        crate::ops::linear::linear(&patches(x, [ph, pw])?, &kernel, &self.patch_bias)?
+            .reshape((b, (h / ph) * (w / pw), d))?
             .broadcast_add(&self.positions)
     }
 
@@ -617,17 +618,39 @@ impl Dit {
         first_emb: &Tensor,
         dims: (usize, usize, usize, usize),
     ) -> Result<Tensor> {
-        let (b, _, height, width) = dims;
-        let [ph, pw] = self.shape.patch;
-        let (gh, gw) = (height / ph, width / pw);
         let m = self.out_1.forward(&first_emb.silu()?)?.chunk(2, 1)?;
         let y = self.out_2.forward(&modulate(h, 1e-6, &m[0], &m[1])?)?;
-        // (B, gh, gw, ph, pw, C) -> (B, C, gh·ph, gw·pw).
-        let co = self.shape.out_channels;
-        y.reshape((b, gh, gw, ph, pw, co))?
-            .permute([0, 5, 1, 3, 2, 4])?
-            .reshape((b, co, height, width))
+        let (b, _, height, width) = dims;
+        unpatchify(
+            &y,
+            (b, self.shape.out_channels, height, width),
+            self.shape.patch,
+        )
     }
+}
+
+/// A patch embedding's input: (B, C, H, W) -> (B·N, C·ph·pw) rows, one per patch (row-major over
+/// the patch grid), each the patch's values in the conv kernel's (C, ph, pw) order, so the
+/// embedding is one GEMM with the kernel.
+pub(crate) fn patches(x: &Tensor, [ph, pw]: [usize; 2]) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (gh, gw) = (h / ph, w / pw);
+    x.reshape((b, c, gh, ph, gw, pw))?
+        .permute([0, 2, 4, 1, 3, 5])?
+        .reshape((b * gh * gw, c * ph * pw))
+}
+
+/// The output head's tokens (B, N, ph·pw·C) back to an image `dims` (B, C, H, W):
+/// diffusers' "nhwpqc->nchpwq".
+pub(crate) fn unpatchify(
+    y: &Tensor,
+    (b, co, height, width): (usize, usize, usize, usize),
+    [ph, pw]: [usize; 2],
+) -> Result<Tensor> {
+    let (gh, gw) = (height / ph, width / pw);
+    y.reshape((b, gh, gw, ph, pw, co))?
+        .permute([0, 5, 1, 3, 2, 4])?
+        .reshape((b, co, height, width))
 }
 
 /// Block `i`'s dropout seed from the forward's (the same in a checkpointed recompute).

@@ -14,6 +14,7 @@ pub mod dit;
 pub mod hourglass;
 pub mod localmamba;
 pub mod lora;
+pub mod mmdit;
 pub mod nn;
 pub mod tape;
 pub mod unet;
