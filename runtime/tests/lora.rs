@@ -1,5 +1,5 @@
-//! LoRA on a DiT against PEFT's (fixtures/lora/generate.py): the same base weights and adapters
-//! give diffusers + PEFT's output and the gradients of every tensor PEFT trains; nothing else
+//! LoRA on a DiT, the SD 1.5 UNet and the SD 3.5 MMDiT against PEFT's
+//! (fixtures/lora/generate.py): the same base weights and adapters give diffusers + PEFT's output and the gradients of every tensor PEFT trains; nothing else
 //! gets a gradient; the adapters save under PEFT's keys; merging them into the weights gives a
 //! plain DiT the adapted model's output; and the layers LoRA can target are the ones the build
 //! checks targets against.
@@ -10,9 +10,10 @@ use std::path::Path;
 use crate::common::{max_abs, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
 use signal_diffusion_runtime::config::choice::{FeedForward, LoraBias};
-use signal_diffusion_runtime::config::pretrained::parse_unet;
+use signal_diffusion_runtime::config::pretrained::{parse_mmdit, parse_unet};
 use signal_diffusion_runtime::models::dit::{Condition, Conditioning, Dit, DitShape};
 use signal_diffusion_runtime::models::lora::{merge, peft_state, LoraDropout, LoraSpec};
+use signal_diffusion_runtime::models::mmdit::Mmdit;
 use signal_diffusion_runtime::models::nn::Params;
 use signal_diffusion_runtime::models::unet::Unet;
 use signal_diffusion_runtime::train::checkpoint::restore;
@@ -174,6 +175,49 @@ fn lora_unet_equals_peft() {
     let t: Vec<f32> = saved["timestep"].to_vec1().unwrap();
     let out = model
         .forward(&saved["input"], &t, &saved["encoder_hidden_states"])
+        .unwrap();
+    let err = max_abs_diff(&out, &saved["output"]) / max_abs(&saved["output"]);
+    assert!(
+        err < 1e-5,
+        "output: max |ours - PEFT| = {err} of the largest"
+    );
+    assert_trains_as_peft(&p, &out, &saved);
+}
+
+/// The SD 3.5 MMDiT (the tiny one of fixtures/mmdit) adapted on its image and text attention
+/// projections, as diffusers' SD3 LoRA script targets them: PEFT's output and gradients.
+#[test]
+fn lora_mmdit_equals_peft() {
+    let dev = Device::Cpu;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let config = std::fs::read_to_string(root.join("mmdit/config.json")).unwrap();
+    let shape = parse_mmdit(&config, &root.join("mmdit")).unwrap();
+    let saved =
+        candle_core::safetensors::load(root.join("lora/mmdit_lora.safetensors"), &dev).unwrap();
+    let targets = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+    ];
+    let mut p = Params::with_lora(0, &dev, spec(&targets, LoraBias::None, 0.0));
+    let model = Mmdit::new(&shape, &mut p, &dev).unwrap();
+    for vars in [&p.frozen, &p.trainable, &p.buffers] {
+        restore(vars, &saved).unwrap();
+    }
+    assert_same_trained(&p, &saved);
+    let t: Vec<f32> = saved["timestep"].to_vec1().unwrap();
+    let out = model
+        .forward(
+            &saved["input"],
+            &t,
+            &saved["encoder_hidden_states"],
+            &saved["pooled_projections"],
+        )
         .unwrap();
     let err = max_abs_diff(&out, &saved["output"]) / max_abs(&saved["output"]);
     assert!(
