@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use signal_diffusion_runtime::config::pretrained::parse_clip_text;
-use signal_diffusion_runtime::models::clip::{ClipTextEncoder, ClipTokenizer};
+use signal_diffusion_runtime::models::clip::{ClipTextEncoder, ClipTokenizer, Sd3Text};
 
 use crate::common::max_abs_diff;
 
@@ -80,5 +80,45 @@ fn clip_l_vocabulary_tokenises_as_transformers() {
             .map(|i| i.as_u64().unwrap() as u32)
             .collect();
         assert_eq!(tokenizer.encode(caption), want, "{caption:?}");
+    }
+}
+
+/// Stable Diffusion 3's text conditioning without T5 (fixtures/sd3_text/generate.py): the tiny
+/// CLIP above in CLIP-L's place and a second one (3 layers, gelu, padded with "!") in CLIP-G's
+/// give what diffusers' `StableDiffusion3Pipeline.encode_prompt` gives with `text_encoder_3 =
+/// None`: both encoders' penultimate states side by side, zero-padded to the joint width, then
+/// zero T5 tokens; the pooled embeddings side by side. Within 1e-5 (f32). One caption ends in
+/// "!", which the second tokenizer (pad token "!") splits out as a special token, as
+/// transformers does.
+#[test]
+fn sd3_text_conditioning_equals_diffusers_without_t5() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let clip = |encoder: std::path::PathBuf, tokenizer: std::path::PathBuf| {
+        let text = std::fs::read_to_string(encoder.join("config.json")).unwrap();
+        parse_clip_text(&text, &encoder, &tokenizer).unwrap()
+    };
+    let l = clip(
+        root.join("clip/tiny/text_encoder"),
+        root.join("clip/tiny/tokenizer"),
+    );
+    let g = clip(
+        root.join("sd3_text/text_encoder_2"),
+        root.join("sd3_text/tokenizer_2"),
+    );
+    let text = Sd3Text::load((&l, &g), 96, 8, &Device::Cpu).unwrap();
+    let captions: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(root.join("clip/captions.json")).unwrap())
+            .unwrap();
+    let expected =
+        candle_core::safetensors::load(root.join("sd3_text/expected.safetensors"), &Device::Cpu)
+            .unwrap();
+    let ours = text.embed(&captions).unwrap();
+    for (what, ours, theirs) in [
+        ("tokens", &ours.tokens, &expected["prompt_embeds"]),
+        ("pooled", &ours.pooled, &expected["pooled_prompt_embeds"]),
+    ] {
+        assert_eq!(ours.dims(), theirs.dims(), "{what}");
+        let d = max_abs_diff(ours, theirs);
+        assert!(d < 1e-5, "{what}: max |ours − diffusers| = {d}");
     }
 }

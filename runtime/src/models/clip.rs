@@ -35,6 +35,9 @@ pub struct ClipTokenizer {
     start: u32,
     end: u32,
     pad: u32,
+    /// The pad token's text when it is a token of its own (SD 3's second tokenizer pads with
+    /// "!"): transformers splits every occurrence out of a caption before BPE, as a special token.
+    pad_text: Option<String>,
     /// Ids per caption, padded (the model's positions).
     context: usize,
 }
@@ -87,6 +90,7 @@ impl ClipTokenizer {
             start: id(START)?,
             end: id(END)?,
             pad: id(&pad_name)?,
+            pad_text: (pad_name != START && pad_name != END).then_some(pad_name),
             vocab,
             ranks,
             byte_chars: byte_chars(),
@@ -102,17 +106,27 @@ impl ClipTokenizer {
             .join(" ")
             .to_lowercase();
         let mut ids = vec![self.start];
-        for piece in pieces(&normalised) {
-            match piece {
-                START => ids.push(self.start),
-                END => ids.push(self.end),
-                word => {
-                    let chars: String = word.bytes().map(|b| self.byte_chars[b as usize]).collect();
-                    ids.extend(
-                        self.bpe(&chars)
-                            .iter()
-                            .map(|s| self.vocab.get(s).copied().unwrap_or(self.end)),
-                    );
+        let segments: Vec<&str> = match &self.pad_text {
+            Some(pad) => normalised.split(pad.as_str()).collect(),
+            None => vec![&normalised],
+        };
+        for (i, segment) in segments.iter().enumerate() {
+            if i > 0 {
+                ids.push(self.pad);
+            }
+            for piece in pieces(segment) {
+                match piece {
+                    START => ids.push(self.start),
+                    END => ids.push(self.end),
+                    word => {
+                        let chars: String =
+                            word.bytes().map(|b| self.byte_chars[b as usize]).collect();
+                        ids.extend(
+                            self.bpe(&chars)
+                                .iter()
+                                .map(|s| self.vocab.get(s).copied().unwrap_or(self.end)),
+                        );
+                    }
                 }
             }
         }
@@ -262,6 +276,9 @@ pub struct TextEmbedding {
     pub sequence: Tensor,
     /// (B, pooled_dim): the end-of-text token's state, projected when the model projects.
     pub pooled: Tensor,
+    /// (B, context, hidden): the states entering the last layer (transformers'
+    /// `hidden_states[-2]`, what Stable Diffusion 3 reads).
+    pub penultimate: Tensor,
 }
 
 impl ClipTextEncoder {
@@ -366,7 +383,11 @@ impl ClipTextEncoder {
         let split = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?)
         };
-        for layer in &self.layers {
+        let mut penultimate = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if i + 1 == self.layers.len() {
+                penultimate = x.clone();
+            }
             let n = layer.norm1.forward(&x)?;
             let q = split((layer.q.forward(&n)? * (d as f64).powf(-0.5))?)?;
             let (k, v) = (split(layer.k.forward(&n)?)?, split(layer.v.forward(&n)?)?);
@@ -392,7 +413,11 @@ impl ClipTextEncoder {
         if let Some(p) = &self.projection {
             pooled = p.forward(&pooled)?;
         }
-        Ok(TextEmbedding { sequence, pooled })
+        Ok(TextEmbedding {
+            sequence,
+            pooled,
+            penultimate,
+        })
     }
 
     /// The end-of-text token's position: its first occurrence; with the legacy id 2 (the
@@ -424,20 +449,75 @@ impl Captioner {
         })
     }
 
+    /// The embeddings of a batch of `texts`.
+    pub fn encode(&self, texts: &[String]) -> Result<TextEmbedding> {
+        let ids: Vec<Vec<u32>> = texts.iter().map(|t| self.tokenizer.encode(t)).collect();
+        self.encoder.forward(&ids)
+    }
+
     /// The pooled embeddings of `texts`, row-major (one row of `pooled_dim` per text), encoded
     /// 32 at a time.
     pub fn pooled(&self, texts: &[String]) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(texts.len() * self.encoder.config.pooled_dim());
         for chunk in texts.chunks(32) {
-            let ids: Vec<Vec<u32>> = chunk.iter().map(|t| self.tokenizer.encode(t)).collect();
-            out.extend(
-                self.encoder
-                    .forward(&ids)?
-                    .pooled
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            );
+            out.extend(self.encode(chunk)?.pooled.flatten_all()?.to_vec1::<f32>()?);
         }
         Ok(out)
+    }
+}
+
+/// Stable Diffusion 3's text conditioning without T5, as diffusers' `StableDiffusion3Pipeline`
+/// builds it when `text_encoder_3` is absent: the two CLIP encoders' states entering their last
+/// layers side by side (CLIP-L's 768 ‖ CLIP-G's 1280), zero-padded to the transformer's joint
+/// width, then `t5_tokens` zero tokens where T5's would be; and their pooled embeddings side by
+/// side (768 ‖ 1280 = 2048). The reference feeds an all-zero sequence instead: fixed here.
+pub struct Sd3Text {
+    l: Captioner,
+    g: Captioner,
+    joint: usize,
+    t5_tokens: usize,
+}
+
+/// SD 3's token sequence and pooled vector for a batch of captions.
+pub struct Sd3Embedding {
+    /// (B, context + t5_tokens, joint).
+    pub tokens: Tensor,
+    /// (B, pooled L + pooled G).
+    pub pooled: Tensor,
+}
+
+impl Sd3Text {
+    pub fn load(
+        (l, g): (&ClipText, &ClipText),
+        joint: usize,
+        t5_tokens: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let width = l.hidden_size + g.hidden_size;
+        if width > joint {
+            bail!(
+                "the two text encoders' states are {} + {} = {width} wide, more than the transformer's joint_attention_dim ({joint})",
+                l.hidden_size,
+                g.hidden_size
+            );
+        }
+        Ok(Sd3Text {
+            l: Captioner::load(l, device)?,
+            g: Captioner::load(g, device)?,
+            joint,
+            t5_tokens,
+        })
+    }
+
+    pub fn embed(&self, texts: &[String]) -> Result<Sd3Embedding> {
+        let (l, g) = (self.l.encode(texts)?, self.g.encode(texts)?);
+        let clip = Tensor::cat(&[&l.penultimate, &g.penultimate], 2)?;
+        let (b, _, width) = clip.dims3()?;
+        let clip = clip.pad_with_zeros(2, 0, self.joint - width)?;
+        let t5 = Tensor::zeros((b, self.t5_tokens, self.joint), clip.dtype(), clip.device())?;
+        Ok(Sd3Embedding {
+            tokens: Tensor::cat(&[&clip, &t5], 1)?,
+            pooled: Tensor::cat(&[&l.pooled, &g.pooled], 1)?,
+        })
     }
 }
