@@ -167,3 +167,90 @@ pub fn assert_equals_fixture(
     eprintln!("{path}: worst relative error {worst:e}");
     Ok(worst)
 }
+
+/// One backward of sum(out · fixture["upstream"]) against the fixture's `grad.<name>`: exactly
+/// the tensors of `trained` have one there (no more, no fewer), and each gradient is within `tol`
+/// of the larger of the fixture's largest |value| and `floor` (a parameter whose true gradient is
+/// zero, as a key bias's, holds rounding noise on both sides); a tensor without a gradient passes
+/// only where the fixture's is zero (a query no output reads). Returns the gradients.
+pub fn assert_gradients_equal_fixture(
+    out: &Tensor,
+    fixture: &std::collections::HashMap<String, Tensor>,
+    trained: &[(String, candle_core::Var)],
+    (tol, floor): (f32, f32),
+) -> candle_core::backprop::GradStore {
+    let ours: std::collections::BTreeSet<&str> = trained.iter().map(|(n, _)| n.as_str()).collect();
+    let theirs: std::collections::BTreeSet<&str> = fixture
+        .keys()
+        .filter_map(|k| k.strip_prefix("grad."))
+        .collect();
+    assert_eq!(ours, theirs, "the trained tensors differ");
+    let grads = (out * &fixture["upstream"])
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (name, var) in trained {
+        let want = &fixture[&format!("grad.{name}")];
+        let Some(got) = grads.get(var) else {
+            assert_eq!(max_abs(want), 0.0, "{name}: no gradient");
+            continue;
+        };
+        let rel = max_abs_diff(got, want) / max_abs(want).max(floor);
+        assert!(rel < tol, "{name}: gradient off by {rel} relative");
+    }
+    grads
+}
+
+/// A `[model.lora]` of rank 2, α 3 (scale 1.5), as the PEFT fixtures are written.
+pub fn lora_spec(
+    targets: &[&str],
+    bias: signal_diffusion_runtime::config::choice::LoraBias,
+    dropout: f64,
+) -> signal_diffusion_runtime::models::lora::LoraSpec {
+    signal_diffusion_runtime::models::lora::LoraSpec {
+        rank: 2,
+        alpha: 3.0,
+        scale: 1.5,
+        dropout,
+        target_modules: targets.iter().map(|t| t.to_string()).collect(),
+        bias,
+    }
+}
+
+/// PEFT trains exactly what we train, and one backward of sum(out · upstream) gives every trained
+/// tensor PEFT's gradient within 1e-4 relative (to at least 1e-2: the key bias's true gradient is
+/// zero, softmax ignoring a shift common to all keys, so both sides hold rounding noise there);
+/// the frozen weights get no gradient at all; and the adapters save under the keys PEFT writes.
+pub fn assert_trains_as_peft(
+    p: &signal_diffusion_runtime::models::nn::Params,
+    out: &Tensor,
+    saved: &std::collections::HashMap<String, Tensor>,
+) {
+    let grads = assert_gradients_equal_fixture(out, saved, &p.trainable, (1e-4, 1e-2));
+    for (name, var) in &p.frozen {
+        assert!(grads.get(var).is_none(), "frozen {name} got a gradient");
+    }
+    let trained = trained_values(p);
+    let keys: std::collections::BTreeSet<String> =
+        signal_diffusion_runtime::models::lora::peft_state(p.lora().unwrap(), &trained)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+    let bytes: Vec<u8> = saved["peft_keys"].to_vec1().unwrap();
+    let want: std::collections::BTreeSet<String> = String::from_utf8(bytes)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(keys, want);
+}
+
+/// The trainable tensors by name, as they are now.
+pub fn trained_values(p: &signal_diffusion_runtime::models::nn::Params) -> Vec<(String, Tensor)> {
+    p.trainable
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect()
+}

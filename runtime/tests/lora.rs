@@ -1,21 +1,19 @@
-//! LoRA on a DiT, the SD 1.5 UNet and the SD 3.5 MMDiT against PEFT's
-//! (fixtures/lora/generate.py): the same base weights and adapters give diffusers + PEFT's output and the gradients of every tensor PEFT trains; nothing else
-//! gets a gradient; the adapters save under PEFT's keys; merging them into the weights gives a
-//! plain DiT the adapted model's output; and the layers LoRA can target are the ones the build
-//! checks targets against.
+//! LoRA on a DiT against PEFT's (fixtures/lora/generate.py; the UNet's and MMDiT's are in
+//! unet.rs and mmdit.rs): the same base weights and adapters give diffusers + PEFT's output and
+//! the gradients of every tensor PEFT trains; nothing else gets a gradient; the adapters save
+//! under PEFT's keys; merging them into the weights gives a plain DiT the adapted model's output;
+//! dropout is seeded; and the layers LoRA can target are the ones the build checks targets
+//! against.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::Path;
 
-use crate::common::{max_abs, max_abs_diff};
-use candle_core::{DType, Device, Tensor};
+use crate::common::{assert_trains_as_peft, lora_spec, max_abs, max_abs_diff, trained_values};
+use candle_core::{DType, Device};
 use signal_diffusion_runtime::config::choice::{FeedForward, LoraBias};
-use signal_diffusion_runtime::config::pretrained::{parse_mmdit, parse_unet};
 use signal_diffusion_runtime::models::dit::{Condition, Conditioning, Dit, DitShape};
-use signal_diffusion_runtime::models::lora::{merge, peft_state, LoraDropout, LoraSpec};
-use signal_diffusion_runtime::models::mmdit::Mmdit;
+use signal_diffusion_runtime::models::lora::{merge, LoraDropout};
 use signal_diffusion_runtime::models::nn::Params;
-use signal_diffusion_runtime::models::unet::Unet;
 use signal_diffusion_runtime::train::checkpoint::restore;
 
 fn shape(conditioning: Conditioning) -> DitShape {
@@ -39,17 +37,6 @@ fn shape(conditioning: Conditioning) -> DitShape {
     }
 }
 
-fn spec(targets: &[&str], bias: LoraBias, dropout: f64) -> LoraSpec {
-    LoraSpec {
-        rank: 2,
-        alpha: 3.0,
-        scale: 1.5,
-        dropout,
-        target_modules: targets.iter().map(|t| t.to_string()).collect(),
-        bias,
-    }
-}
-
 const FIXTURE_TARGETS: [&str; 6] = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "linear_1"];
 
 /// Output within 2e-5 of PEFT's, and its gradients (f32, different summation orders).
@@ -59,7 +46,11 @@ fn lora_dit_equals_peft() {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora/dit_lora.safetensors");
     let saved = candle_core::safetensors::load(&path, &dev).unwrap();
-    let mut p = Params::with_lora(0, &dev, spec(&FIXTURE_TARGETS, LoraBias::LoraOnly, 0.0));
+    let mut p = Params::with_lora(
+        0,
+        &dev,
+        lora_spec(&FIXTURE_TARGETS, LoraBias::LoraOnly, 0.0),
+    );
     let model = Dit::new(
         &shape(Conditioning::Classes { num_classes: 4 }),
         &mut p,
@@ -68,7 +59,6 @@ fn lora_dit_equals_peft() {
     .unwrap();
     restore(&p.frozen, &saved).unwrap();
     restore(&p.trainable, &saved).unwrap();
-    assert_same_trained(&p, &saved);
     let x = &saved["input"];
     let t: Vec<f32> = saved["timestep"].to_vec1().unwrap();
     let labels: Vec<u32> = saved["labels"]
@@ -101,132 +91,6 @@ fn lora_dit_equals_peft() {
     assert!(err < 1e-5, "merged: max |plain - adapted| = {err}");
 }
 
-/// One backward of sum(out · upstream) gives every trained tensor PEFT's gradient within 1e-4
-/// relative (to at least 1e-2: the key bias's true gradient is zero, softmax ignoring a shift
-/// common to all keys, so both sides hold rounding noise there); the frozen weights get no
-/// gradient at all; and the adapters save under the keys PEFT writes.
-fn assert_trains_as_peft(p: &Params, out: &Tensor, saved: &HashMap<String, Tensor>) {
-    let grads = (out * &saved["upstream"])
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for (name, var) in &p.trainable {
-        let want = &saved[&format!("grad.{name}")];
-        let got = grads
-            .get(var)
-            .unwrap_or_else(|| panic!("{name}: no gradient"));
-        let rel = max_abs_diff(got, want) / max_abs(want).max(1e-2);
-        assert!(rel < 1e-4, "{name}: gradient off by {rel} relative");
-    }
-    for (name, var) in &p.frozen {
-        assert!(grads.get(var).is_none(), "frozen {name} got a gradient");
-    }
-    let trained = trained_values(p);
-    let keys: BTreeSet<String> = peft_state(p.lora().unwrap(), &trained)
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
-    let bytes: Vec<u8> = saved["peft_keys"].to_vec1().unwrap();
-    let want: BTreeSet<String> = String::from_utf8(bytes)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
-    assert_eq!(keys, want);
-}
-
-/// The trainable tensors by name, as they are now.
-fn trained_values(p: &Params) -> Vec<(String, Tensor)> {
-    p.trainable
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect()
-}
-
-/// PEFT trains exactly what we train: the fixture's `grad.*` names.
-fn assert_same_trained(p: &Params, saved: &HashMap<String, Tensor>) {
-    let ours: BTreeSet<String> = p.trainable.iter().map(|(n, _)| n.clone()).collect();
-    let theirs: BTreeSet<String> = saved
-        .keys()
-        .filter_map(|k| k.strip_prefix("grad."))
-        .map(String::from)
-        .collect();
-    assert_eq!(ours, theirs);
-}
-
-/// The SD 1.5 UNet (the tiny one of fixtures/unet) adapted on every attention projection, self
-/// and cross: PEFT's output within 1e-5 of its largest value, and its gradients.
-#[test]
-fn lora_unet_equals_peft() {
-    let dev = Device::Cpu;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let config = std::fs::read_to_string(root.join("unet/config.json")).unwrap();
-    let shape = parse_unet(&config, &root.join("unet")).unwrap();
-    let saved =
-        candle_core::safetensors::load(root.join("lora/unet_lora.safetensors"), &dev).unwrap();
-    let targets = ["to_q", "to_k", "to_v", "to_out.0"];
-    let mut p = Params::with_lora(0, &dev, spec(&targets, LoraBias::None, 0.0));
-    let model = Unet::new(&shape, &mut p).unwrap();
-    restore(&p.frozen, &saved).unwrap();
-    restore(&p.trainable, &saved).unwrap();
-    assert_same_trained(&p, &saved);
-    let t: Vec<f32> = saved["timestep"].to_vec1().unwrap();
-    let out = model
-        .forward(&saved["input"], &t, &saved["encoder_hidden_states"])
-        .unwrap();
-    let err = max_abs_diff(&out, &saved["output"]) / max_abs(&saved["output"]);
-    assert!(
-        err < 1e-5,
-        "output: max |ours - PEFT| = {err} of the largest"
-    );
-    assert_trains_as_peft(&p, &out, &saved);
-}
-
-/// The SD 3.5 MMDiT (the tiny one of fixtures/mmdit) adapted on its image and text attention
-/// projections, as diffusers' SD3 LoRA script targets them: PEFT's output and gradients.
-#[test]
-fn lora_mmdit_equals_peft() {
-    let dev = Device::Cpu;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let config = std::fs::read_to_string(root.join("mmdit/config.json")).unwrap();
-    let shape = parse_mmdit(&config, &root.join("mmdit")).unwrap();
-    let saved =
-        candle_core::safetensors::load(root.join("lora/mmdit_lora.safetensors"), &dev).unwrap();
-    let targets = [
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-    ];
-    let mut p = Params::with_lora(0, &dev, spec(&targets, LoraBias::None, 0.0));
-    let model = Mmdit::new(&shape, &mut p, &dev).unwrap();
-    for vars in [&p.frozen, &p.trainable, &p.buffers] {
-        restore(vars, &saved).unwrap();
-    }
-    assert_same_trained(&p, &saved);
-    let t: Vec<f32> = saved["timestep"].to_vec1().unwrap();
-    let out = model
-        .forward(
-            &saved["input"],
-            &t,
-            &saved["encoder_hidden_states"],
-            &saved["pooled_projections"],
-        )
-        .unwrap();
-    let err = max_abs_diff(&out, &saved["output"]) / max_abs(&saved["output"]);
-    assert!(
-        err < 1e-5,
-        "output: max |ours - PEFT| = {err} of the largest"
-    );
-    assert_trains_as_peft(&p, &out, &saved);
-}
-
 /// Dropout on the adapters' inputs: seeded (the same masks for the same seed, including in a
 /// checkpointed recompute), off in evaluation, and it changes the output in training.
 #[test]
@@ -235,7 +99,7 @@ fn lora_dropout_is_seeded_and_off_in_evaluation() {
     let mut p = Params::with_lora(
         0,
         &dev,
-        spec(&["to_q", "to_v", "ff.net.2"], LoraBias::None, 0.5),
+        lora_spec(&["to_q", "to_v", "ff.net.2"], LoraBias::None, 0.5),
     );
     let model = Dit::new(
         &shape(Conditioning::Classes { num_classes: 4 }),
@@ -308,7 +172,7 @@ fn the_builds_linear_layers_are_the_dits() {
     ] {
         let layers = signal_diffusion_runtime::config::dit_linear_layers(conditioning);
         let targets: Vec<&str> = layers.iter().map(String::as_str).collect();
-        let mut p = Params::with_lora(0, &dev, spec(&targets, LoraBias::None, 0.0));
+        let mut p = Params::with_lora(0, &dev, lora_spec(&targets, LoraBias::None, 0.0));
         Dit::new(&shape(c), &mut p, &dev).unwrap();
         let adapted: BTreeSet<String> = p
             .trainable
@@ -326,7 +190,7 @@ fn the_builds_linear_layers_are_the_dits() {
             })
             .collect();
         let targets: Vec<&str> = endings.iter().map(String::as_str).collect();
-        let mut p = Params::with_lora(0, &dev, spec(&targets, LoraBias::None, 0.0));
+        let mut p = Params::with_lora(0, &dev, lora_spec(&targets, LoraBias::None, 0.0));
         Dit::new(&shape(c), &mut p, &dev).unwrap();
         let per_block = layers.len() - 2;
         assert_eq!(p.trainable.len(), 2 * (2 * per_block + 2), "{c:?}");
