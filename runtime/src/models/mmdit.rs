@@ -19,6 +19,7 @@ use super::dit::{patches, sincos_positions_spread, sinusoid, unpatchify};
 use super::nn::{Linear, Params};
 use crate::ops::adaln::{gated_residual, modulate};
 use crate::ops::attention::attention;
+use crate::ops::gelu::silu;
 use crate::ops::norm::rms_normalize_last;
 
 /// The numbers of a `transformer/config.json` (read and checked at build time).
@@ -330,14 +331,10 @@ impl Mmdit {
             .narrow(1, left, gw)?
             .reshape((1, gh * gw, dim))?;
         let mut x_tokens = tokens.broadcast_add(&positions)?;
-        let time = self.time_2.forward(
-            &self
-                .time_1
-                .forward(&sinusoid(t, 256, 0.0, x.device())?)?
-                .silu()?,
-        )?;
-        let temb = (time + self.text_2.forward(&self.text_1.forward(pooled)?.silu()?)?)?;
-        let temb_act = temb.silu()?;
+        let time_features = self.time_1.forward(&sinusoid(t, 256, 0.0, x.device())?)?;
+        let time = self.time_2.forward(&silu(&time_features)?)?;
+        let temb = (time + self.text_2.forward(&silu(&self.text_1.forward(pooled)?)?)?)?;
+        let temb_act = silu(&temb)?;
         let mut c = self.context.forward(text)?;
         for block in &self.blocks {
             let (nx, nc) = block.forward(&x_tokens, &c, &temb_act, s.num_attention_heads)?;

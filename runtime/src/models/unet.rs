@@ -1,8 +1,8 @@
 //! The Stable Diffusion 1.5 UNet: diffusers' `UNet2DConditionModel` with the blocks SD 1.5 uses
 //! (`CrossAttnDownBlock2D` / `DownBlock2D`, `UNetMidBlock2DCrossAttn`, `UpBlock2D` /
 //! `CrossAttnUpBlock2D`), under diffusers' parameter names, built from the numbers of its
-//! `unet/config.json` and trainable: every layer here has a backward (GroupNorm and LayerNorm as
-//! composites of differentiable ops, self-attention through the project's attention op, the
+//! `unet/config.json` and trainable: every layer here has a backward (GroupNorm as our grouped
+//! norm op, LayerNorm as differentiable ops, self-attention through the project's attention op, the
 //! cross-attention's softmax through ops::attention::softmax_last), and timesteps are one per
 //! sample (candle-transformers' UNet takes one per batch and drops q/k gradients in its fused
 //! softmax and norms: spec/pretrained-models.md §2).
@@ -20,7 +20,8 @@ use candle_core::{Result, Tensor};
 
 use super::nn::{Conv, LayerNorm, Linear, Params};
 use crate::ops::attention::{attention, softmax_last};
-use crate::ops::norm::standardize_last;
+use crate::ops::gelu::silu;
+use crate::ops::norm::group_norm_grouped;
 use crate::ops::precision::matmul;
 
 /// The numbers of a `unet/config.json` that shape the model (read and checked at build time).
@@ -30,8 +31,7 @@ fn time_dim(s: &UnetShape) -> usize {
     4 * s.block_out_channels[0]
 }
 
-/// GroupNorm over (B, C, H, W) with `groups` groups and a per-channel affine, from
-/// differentiable ops.
+/// GroupNorm over (B, C, H, W) with `groups` groups and a per-channel affine (one op).
 struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
@@ -50,12 +50,7 @@ impl GroupNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let grouped = x.reshape((b, self.groups, c / self.groups * h * w))?;
-        standardize_last(&grouped, self.eps)?
-            .reshape((b, c, h, w))?
-            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
+        group_norm_grouped(x, &self.weight, &self.bias, self.groups, self.eps)
     }
 }
 
@@ -95,10 +90,10 @@ impl Resnet {
 
     /// `temb_act`: SiLU of the time embedding (the same for every ResNet).
     fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
         let t = self.time.forward(temb_act)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
         match &self.shortcut {
             Some(conv) => conv.forward(x)? + h,
             None => x + h,
@@ -264,18 +259,55 @@ impl Resample {
         })
     }
 
+    /// The 3×3 stride-2 convolution (padding 1) as one GEMM of our linear op over the nine
+    /// strided views of the padded input (Candle's strided convolution's backward is a direct
+    /// transposed convolution).
     fn down(&self, x: &Tensor) -> Result<Tensor> {
-        let (weight, bias) = self.conv.parts();
-        let y = x.conv2d(weight, 1, 2, 1, 1)?;
-        match bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-            None => Ok(y),
+        let (b, c, h, w) = x.dims4()?;
+        let (ho, wo) = (h.div_ceil(2), w.div_ceil(2));
+        // Padded to 2·ho + 2 rows and 2·wo + 2 columns, so each tap's view is a reshape.
+        let padded =
+            x.pad_with_zeros(2, 1, 2 * ho + 1 - h)?
+                .pad_with_zeros(3, 1, 2 * wo + 1 - w)?;
+        let mut taps = Vec::with_capacity(9);
+        for ky in 0..3 {
+            let rows = padded
+                .narrow(2, ky, 2 * ho)?
+                .reshape((b, c, ho, 2, 2 * wo + 2))?
+                .narrow(3, 0, 1)?;
+            for kx in 0..3 {
+                let tap = rows
+                    .narrow(4, kx, 2 * wo)?
+                    .reshape((b, c, ho, 1, wo, 2))?
+                    .narrow(5, 0, 1)?;
+                taps.push(tap.reshape((b, c, 1, ho, wo))?);
+            }
         }
+        // (B, C, 9, ho, wo) -> rows (B·ho·wo, C·9) in the kernel's (C, ky, kx) order.
+        let cols = Tensor::cat(&taps, 2)?
+            .permute([0, 3, 4, 1, 2])?
+            .reshape((b * ho * wo, c * 9))?;
+        let (weight, bias) = self.conv.parts();
+        let o = weight.dim(0)?;
+        let kernel = weight.reshape((o, c * 9))?;
+        let y = match bias {
+            Some(bias) => crate::ops::linear::linear(&cols, &kernel, bias)?,
+            None => matmul(&cols, &kernel.t()?)?,
+        };
+        y.reshape((b, ho, wo, o))?
+            .permute([0, 3, 1, 2])?
+            .contiguous()
     }
 
+    /// Nearest-neighbour 2× as a broadcast (Candle's `upsample_nearest2d` backward is a grouped
+    /// convolution, one per channel), then the convolution.
     fn up(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+        let (b, c, h, w) = x.dims4()?;
+        let doubled = x
+            .reshape((b, c, h, 1, w, 1))?
+            .broadcast_as((b, c, h, 2, w, 2))?
+            .reshape((b, c, 2 * h, 2 * w))?;
+        self.conv.forward(&doubled)
     }
 }
 
@@ -407,8 +439,8 @@ impl Unet {
         let features = super::dit::sinusoid(t, c0, self.shape.freq_shift, x.device())?;
         let temb = self
             .time_2
-            .forward(&self.time_1.forward(&features)?.silu()?)?;
-        let temb_act = temb.silu()?;
+            .forward(&silu(&self.time_1.forward(&features)?)?)?;
+        let temb_act = silu(&temb)?;
         let mut h = self.conv_in.forward(x)?;
         let mut skips = vec![h.clone()];
         for level in &self.down {
@@ -441,6 +473,6 @@ impl Unet {
                 h = up.up(&h)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&silu(&self.norm_out.forward(&h)?)?)
     }
 }

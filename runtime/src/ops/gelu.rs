@@ -1,4 +1,4 @@
-//! GELU, its tanh approximation, and GELU-tanh with a linear layer's bias add folded in: one
+//! GELU, its tanh approximation, SiLU (the same x·gate(x) form), and GELU-tanh with a linear layer's bias add folded in: one
 //! pass each way on the CPU (vectorised f32 loops) and on a GPU (runtime/kernels/gelu.cu,
 //! dit.cu). GEGLU (value·GELU(gate) of a projection's two halves): one pass each way on the CPU.
 
@@ -11,8 +11,19 @@ use super::cpu::{contiguous, exp_f32, fused_f32, par_map, vectorised};
 /// `gelu_erf` backward is ten elementwise ops, each a full-size tensor).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     match x.dtype() {
-        DType::F32 | DType::F64 => x.contiguous()?.apply_op1(Gelu { tanh: false }),
+        DType::F32 | DType::F64 => x.contiguous()?.apply_op1(SelfGated { gate: Gate::Erf }),
         _ => x.gelu_erf(),
+    }
+}
+
+/// SiLU, x·σ(x), one pass each way on the CPU (Candle's forward is a serial map and its backward
+/// a chain of full-size tensors); Candle's elsewhere.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    match (x.device().is_cpu(), x.dtype()) {
+        (true, DType::F32 | DType::F64) => x.contiguous()?.apply_op1(SelfGated {
+            gate: Gate::Sigmoid,
+        }),
+        _ => x.silu(),
     }
 }
 
@@ -21,7 +32,9 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 /// chain of library `tanh`/`powf` calls and its backward a dozen tensors).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     match (x.device().is_cpu(), x.dtype()) {
-        (true, DType::F32 | DType::F64) => x.contiguous()?.apply_op1(Gelu { tanh: true }),
+        (true, DType::F32 | DType::F64) => {
+            x.contiguous()?.apply_op1(SelfGated { gate: Gate::Tanh })
+        }
         // The GPU's kernel takes a bias: zero here, and no rounding.
         (false, DType::F32) => {
             let zero = Tensor::zeros(1, DType::F32, x.device())?;
@@ -86,7 +99,7 @@ impl CustomOp2 for BiasGeluTanh {
     ) -> Result<(CpuStorage, Shape)> {
         let z = self.z(xs, xl, bs, bl)?;
         Ok((
-            CpuStorage::F32(gelu_f32(&z, None, true)),
+            CpuStorage::F32(gelu_f32(&z, None, Gate::Tanh)),
             xl.shape().clone(),
         ))
     }
@@ -133,7 +146,7 @@ impl candle_core::CustomOp3 for BiasGeluTanhBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let z = BiasGeluTanh { round: self.round }.z(xs, xl, bs, bl)?;
         let g = contiguous::<f32>(gs, gl)?;
-        let dz = gelu_f32(&z, Some(g), true);
+        let dz = gelu_f32(&z, Some(g), Gate::Tanh);
         Ok((CpuStorage::F32(dz), xl.shape().clone()))
     }
 
@@ -152,10 +165,15 @@ impl candle_core::CustomOp3 for BiasGeluTanhBackward {
     }
 }
 
-/// (a, b) with GELU(x) = x·a and GELU'(x) = a + x·b: (Φ(x), φ(x)) for the erf form, and for the
-/// tanh form a = (1 + t)/2, b = (1 − t²)/2·c·(1 + 3k·x²), t = tanh(c·(x + k·x³)).
-fn gelu_parts(x: f64, tanh: bool) -> (f64, f64) {
-    if tanh {
+/// (a, b) with f(x) = x·a and f'(x) = a + x·b: (Φ(x), φ(x)) for GELU's erf form; for the tanh
+/// form a = (1 + t)/2, b = (1 − t²)/2·c·(1 + 3k·x²), t = tanh(c·(x + k·x³)); (σ, σ(1 − σ)) for
+/// SiLU.
+fn gelu_parts(x: f64, gate: Gate) -> (f64, f64) {
+    if gate == Gate::Sigmoid {
+        let sigma = 1.0 / (1.0 + (-x).exp());
+        return (sigma, sigma * (1.0 - sigma));
+    }
+    if gate == Gate::Tanh {
         let (c, k) = ((2.0 / std::f64::consts::PI).sqrt(), 0.044715);
         let t = (c * (x + k * x * x * x)).tanh();
         return (
@@ -200,27 +218,34 @@ fn gelu_tanh_parts_f32(x: f32) -> (f32, f32) {
     )
 }
 
+/// SiLU's (a, b): x·σ(x), σ(x) + x·σ(x)(1 − σ(x)).
 #[inline(always)]
-fn parts_f32(x: f32, tanh: bool) -> (f32, f32) {
-    if tanh {
-        gelu_tanh_parts_f32(x)
-    } else {
-        gelu_parts_f32(x)
+fn silu_parts_f32(x: f32) -> (f32, f32) {
+    let sigma = 1.0 / (1.0 + exp_f32(-x));
+    (sigma, sigma * (1.0 - sigma))
+}
+
+#[inline(always)]
+fn parts_f32(x: f32, gate: Gate) -> (f32, f32) {
+    match gate {
+        Gate::Erf => gelu_parts_f32(x),
+        Gate::Tanh => gelu_tanh_parts_f32(x),
+        Gate::Sigmoid => silu_parts_f32(x),
     }
 }
 
 vectorised! {
     /// The f32 GELU loops (forward without `g`, backward with it).
-    fn gelu_loop_f32(x: &[f32], g: Option<&[f32]>, out: &mut [f32], tanh: bool) {
+    fn gelu_loop_f32(x: &[f32], g: Option<&[f32]>, out: &mut [f32], gate: Gate) {
         match g {
             None => {
                 for (o, &v) in out.iter_mut().zip(x) {
-                    *o = v * parts_f32(v, tanh).0;
+                    *o = v * parts_f32(v, gate).0;
                 }
             }
             Some(g) => {
                 for ((o, &v), &d) in out.iter_mut().zip(x).zip(g) {
-                    let (a, b) = parts_f32(v, tanh);
+                    let (a, b) = parts_f32(v, gate);
                     *o = d * (a + v * b);
                 }
             }
@@ -228,11 +253,12 @@ vectorised! {
     }
 }
 
-/// GELU of `x` in f32 on the CPU's threads, or with `g` = ∂L/∂y its backward ∂L/∂x.
-pub(crate) fn gelu_f32(x: &[f32], g: Option<&[f32]>, tanh: bool) -> Vec<f32> {
+/// GELU (or SiLU, by `gate`) of `x` in f32 on the CPU's threads, or with `g` = ∂L/∂y its
+/// backward ∂L/∂x.
+pub(crate) fn gelu_f32(x: &[f32], g: Option<&[f32]>, gate: Gate) -> Vec<f32> {
     par_map(x.len(), |start, out: &mut [f32]| {
         let end = start + out.len();
-        gelu_loop_f32(&x[start..end], g.map(|g| &g[start..end]), out, tanh)
+        gelu_loop_f32(&x[start..end], g.map(|g| &g[start..end]), out, gate)
     })
 }
 
@@ -317,16 +343,27 @@ impl CustomOp1 for Geglu {
 }
 
 /// GELU in its erf form or (`tanh`) its tanh approximation.
-pub(crate) struct Gelu {
-    pub(crate) tanh: bool,
+/// x·a(x): GELU (erf or tanh form) or SiLU, one pass each way.
+pub(crate) struct SelfGated {
+    pub(crate) gate: Gate,
 }
 
-/// (x, ∂L/∂y) → ∂L/∂x.
+/// Which gate multiplies x.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Gate {
+    /// Φ(x): GELU.
+    Erf,
+    /// GELU's tanh approximation.
+    Tanh,
+    /// σ(x): SiLU.
+    Sigmoid,
+}
+
 pub(crate) struct GeluBackward {
-    pub(crate) tanh: bool,
+    pub(crate) gate: Gate,
 }
 
-impl CustomOp1 for Gelu {
+impl CustomOp1 for SelfGated {
     fn name(&self) -> &'static str {
         "gelu"
     }
@@ -334,13 +371,13 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let y = match s {
             CpuStorage::F32(_) => {
-                CpuStorage::F32(gelu_f32(contiguous::<f32>(s, l)?, None, self.tanh))
+                CpuStorage::F32(gelu_f32(contiguous::<f32>(s, l)?, None, self.gate))
             }
             CpuStorage::F64(_) => {
                 let x = contiguous::<f64>(s, l)?;
                 CpuStorage::F64(par_map(x.len(), |start, out: &mut [f64]| {
                     for (o, &v) in out.iter_mut().zip(&x[start..]) {
-                        *o = v * gelu_parts(v, self.tanh).0;
+                        *o = v * gelu_parts(v, self.gate).0;
                     }
                 }))
             }
@@ -355,8 +392,8 @@ impl CustomOp1 for Gelu {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if self.tanh {
-            candle_core::bail!("on a GPU GELU-tanh runs as bias_gelu_tanh's kernel");
+        if self.gate != Gate::Erf {
+            candle_core::bail!("on a GPU only GELU's erf form has a kernel of its own here");
         }
         Ok((crate::ops::cuda::gelu_forward(s, l)?, l.shape().clone()))
     }
@@ -364,7 +401,7 @@ impl CustomOp1 for Gelu {
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(
             &grad.contiguous()?,
-            &GeluBackward { tanh: self.tanh },
+            &GeluBackward { gate: self.gate },
         )?))
     }
 }
@@ -384,13 +421,13 @@ impl CustomOp2 for GeluBackward {
         let dx = match (xs, gs) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
                 let (x, g) = (contiguous::<f32>(xs, xl)?, contiguous::<f32>(gs, gl)?);
-                CpuStorage::F32(gelu_f32(x, Some(g), self.tanh))
+                CpuStorage::F32(gelu_f32(x, Some(g), self.gate))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => {
                 let (x, g) = (contiguous::<f64>(xs, xl)?, contiguous::<f64>(gs, gl)?);
                 CpuStorage::F64(par_map(x.len(), |start, out: &mut [f64]| {
                     for ((o, &v), &d) in out.iter_mut().zip(&x[start..]).zip(&g[start..]) {
-                        let (a, b) = gelu_parts(v, self.tanh);
+                        let (a, b) = gelu_parts(v, self.gate);
                         *o = d * (a + v * b);
                     }
                 }))
@@ -408,8 +445,8 @@ impl CustomOp2 for GeluBackward {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if self.tanh {
-            candle_core::bail!("on a GPU GELU-tanh runs as bias_gelu_tanh's kernel");
+        if self.gate != Gate::Erf {
+            candle_core::bail!("on a GPU only GELU's erf form has a kernel of its own here");
         }
         Ok((
             crate::ops::cuda::gelu_backward(xs, xl, gs, gl)?,
@@ -439,6 +476,29 @@ mod tests {
             ((x.as_tensor() + h)?.gelu_erf()? - (x.as_tensor() - h)?.gelu_erf()?)? / (2.0 * h);
         let d = max((grad.get(&x).unwrap() - central?)?)?;
         assert!(d < 1e-8, "gradient differs from the derivative by {d}");
+        Ok(())
+    }
+
+    /// SiLU equals Candle's `silu` in f64 (1e-12) and f32 (1e-5, our vectorised exp), and its
+    /// one-pass gradient the central difference of Candle's forward (f64, tolerance 1e-8).
+    #[test]
+    fn silu_matches_candles_and_its_gradient_the_derivative() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 4.0, 100_001, &dev)?)?;
+        let ours = silu(x.as_tensor())?;
+        let max = |t: Tensor| t.abs()?.max_all()?.to_scalar::<f64>();
+        assert!(max((&ours - x.as_tensor().silu()?)?)? < 1e-12);
+        let grad = ours.sum_all()?.backward()?;
+        let h = 1e-5;
+        let central = ((x.as_tensor() + h)?.silu()? - (x.as_tensor() - h)?.silu()?)? / (2.0 * h);
+        let d = max((grad.get(&x).unwrap() - central?)?)?;
+        assert!(d < 1e-8, "gradient differs from the derivative by {d}");
+        let x32 = x.as_tensor().to_dtype(DType::F32)?;
+        let d32 = (silu(&x32)? - x32.silu()?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(d32 < 1e-5, "f32 differs by {d32}");
         Ok(())
     }
 

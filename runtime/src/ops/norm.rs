@@ -6,7 +6,10 @@
 //! and the affine's gradients are reductions with one GPU block per channel; here it is one pass
 //! to gather the statistics and one to write, forward and backward (which also yields the
 //! affine's gradients), on the CPU (below) and on CUDA (runtime/kernels/norm.cu, specialised to
-//! the model's shapes). Statistics accumulate in f64.
+//! the model's shapes). Statistics accumulate in f64. `group_norm_grouped` is the same op with
+//! any number of groups (consecutive channels, each group's own statistics) and any eps, the SD
+//! UNet's norms; the GPU kernel has one group and eps 1e-5, so other settings use Candle's ops
+//! there.
 //!
 //! `standardize_last` is the parameter-free normalisation over the last axis (LayerNorm without
 //! its affine) built from Candle ops that all have a backward: Candle's fused `layer_norm` and
@@ -27,14 +30,58 @@ pub const NORM_EPS: f64 = 1e-5;
 /// GroupNorm(1, C) of `x` (B, C, ...) with weight and bias (C); differentiable in all three.
 pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, GroupNorm)
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, GroupNorm::ONE)
 }
 
-pub(crate) struct GroupNorm;
+/// GroupNorm(`groups`, C) of `x` (B, C, ...) with weight and bias (C) and `eps`: each sample's
+/// channels normalised in `groups` consecutive groups, then the per-channel affine. One op on
+/// the CPU; on a GPU the kernel is the one-group, eps-1e-5 one, so other settings use Candle's
+/// ops there.
+pub fn group_norm_grouped(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    let op = GroupNorm { groups, eps };
+    if x.device().is_cpu() || op.is_one() {
+        return x
+            .contiguous()?
+            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op);
+    }
+    let dims = x.dims();
+    let affine: Vec<usize> = (0..dims.len())
+        .map(|i| if i == 1 { dims[1] } else { 1 })
+        .collect();
+    standardize_last(&x.reshape((dims[0], groups, ()))?, eps)?
+        .reshape(dims)?
+        .broadcast_mul(&weight.reshape(affine.as_slice())?)?
+        .broadcast_add(&bias.reshape(affine.as_slice())?)
+}
+
+/// `groups` consecutive groups of channels per sample, each normalised with `eps`.
+#[derive(Clone, Copy)]
+pub(crate) struct GroupNorm {
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// One group, eps 1e-5: what the GPU kernels compute.
+    pub(crate) const ONE: GroupNorm = GroupNorm {
+        groups: 1,
+        eps: NORM_EPS,
+    };
+
+    fn is_one(self) -> bool {
+        self.groups == 1 && self.eps == NORM_EPS
+    }
+}
 
 /// The backward of `GroupNorm`: (x, w, ∂L/∂y) → [∂L/∂x | per-(sample, channel) Σ g·x̂ | Σ g],
 /// packed in one tensor so one kernel writes all three.
-struct GroupNormBackward;
+struct GroupNormBackward(GroupNorm);
 
 /// (batch, values per sample) of a contiguous tensor.
 fn rows(shape: &Shape) -> Result<(usize, usize)> {
@@ -45,8 +92,8 @@ fn rows(shape: &Shape) -> Result<(usize, usize)> {
     Ok((dims[0], shape.elem_count() / dims[0]))
 }
 
-/// Mean and 1/√(var + eps) of one sample, accumulated in f64.
-fn moments<T: Copy + Into<f64>>(x: &[T]) -> (f64, f64) {
+/// Mean and 1/√(var + eps) of one group of a sample, accumulated in f64.
+fn moments<T: Copy + Into<f64>>(x: &[T], eps: f64) -> (f64, f64) {
     let (mut s, mut ss) = (0f64, 0f64);
     for &v in x {
         let v: f64 = v.into();
@@ -55,23 +102,35 @@ fn moments<T: Copy + Into<f64>>(x: &[T]) -> (f64, f64) {
     }
     let n = x.len() as f64;
     let mean = s / n;
-    (
-        mean,
-        1.0 / ((ss / n - mean * mean).max(0.0) + NORM_EPS).sqrt(),
-    )
+    (mean, 1.0 / ((ss / n - mean * mean).max(0.0) + eps).sqrt())
 }
 
-fn forward_cpu<T: Real>(x: &[T], w: &[T], b: &[T], batch: usize, n: usize) -> Vec<T> {
+fn forward_cpu<T: Real>(
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    batch: usize,
+    n: usize,
+    op: GroupNorm,
+) -> Vec<T> {
     let hw = n / w.len();
+    let per_group = w.len() / op.groups;
     per_sample(batch, n, |s, y| {
         let xs = &x[s * n..(s + 1) * n];
-        let (mean, rstd) = moments(xs);
-        // Per channel: y = x·scale + shift.
-        for (c, (yc, xc)) in y.chunks_mut(hw).zip(xs.chunks(hw)).enumerate() {
-            let scale = rstd * w[c].into();
-            let shift = b[c].into() - mean * scale;
-            for (y, &v) in yc.iter_mut().zip(xc) {
-                *y = T::of(v.into() * scale + shift);
+        for (g, (yg, xg)) in y
+            .chunks_mut(per_group * hw)
+            .zip(xs.chunks(per_group * hw))
+            .enumerate()
+        {
+            let (mean, rstd) = moments(xg, op.eps);
+            // Per channel: y = x·scale + shift.
+            for (k, (yc, xc)) in yg.chunks_mut(hw).zip(xg.chunks(hw)).enumerate() {
+                let c = g * per_group + k;
+                let scale = rstd * w[c].into();
+                let shift = b[c].into() - mean * scale;
+                for (y, &v) in yc.iter_mut().zip(xc) {
+                    *y = T::of(v.into() * scale + shift);
+                }
             }
         }
     })
@@ -80,9 +139,17 @@ fn forward_cpu<T: Real>(x: &[T], w: &[T], b: &[T], batch: usize, n: usize) -> Ve
 /// With g' = g·w[c]: dx = rstd · (g' − mean(g') − x̂ · mean(g'·x̂)); per channel Σ g·x̂ and Σ g.
 /// Returns the packed [dx | Σ g·x̂ (B·C) | Σ g (B·C)] the GPU kernel writes. Loops run per
 /// channel (no index division per element); samples are split across threads.
-fn backward_cpu<T: Real>(x: &[T], w: &[T], g: &[T], batch: usize, n: usize) -> Vec<T> {
+fn backward_cpu<T: Real>(
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    batch: usize,
+    n: usize,
+    op: GroupNorm,
+) -> Vec<T> {
     let c = w.len();
     let hw = n / c;
+    let per_group = c / op.groups;
     let mut packed = vec![T::default(); batch * (n + 2 * c)];
     let (dx_all, sums_all) = packed.split_at_mut(batch * n);
     // Per sample: its C values of Σ g·x̂, then its C values of Σ g.
@@ -100,38 +167,45 @@ fn backward_cpu<T: Real>(x: &[T], w: &[T], g: &[T], batch: usize, n: usize) -> V
                 for (i, (dx, sum)) in dxs.chunks_mut(n).zip(ss.chunks_mut(2 * c)).enumerate() {
                     let s = k * per + i;
                     let (xs, gs) = (&x[s * n..(s + 1) * n], &g[s * n..(s + 1) * n]);
-                    let (mean, rstd) = moments(xs);
-                    // Per channel Σ g and Σ g·x: everything else follows from them.
-                    for ch in 0..c {
-                        let (mut sg, mut sgx) = (0f64, 0f64);
-                        for (&xv, &gv) in xs[ch * hw..(ch + 1) * hw]
-                            .iter()
-                            .zip(&gs[ch * hw..(ch + 1) * hw])
-                        {
-                            let gv: f64 = gv.into();
-                            sg += gv;
-                            sgx += gv * xv.into();
+                    for group in 0..op.groups {
+                        let channels = group * per_group..(group + 1) * per_group;
+                        let span = channels.start * hw..channels.end * hw;
+                        let (mean, rstd) = moments(&xs[span], op.eps);
+                        // Per channel Σ g and Σ g·x: everything else follows from them.
+                        for ch in channels.clone() {
+                            let (mut sg, mut sgx) = (0f64, 0f64);
+                            for (&xv, &gv) in xs[ch * hw..(ch + 1) * hw]
+                                .iter()
+                                .zip(&gs[ch * hw..(ch + 1) * hw])
+                            {
+                                let gv: f64 = gv.into();
+                                sg += gv;
+                                sgx += gv * xv.into();
+                            }
+                            // Σ g·x̂ = rstd·(Σ g·x − mean·Σ g)
+                            sum[ch] = T::of(rstd * (sgx - mean * sg));
+                            sum[c + ch] = T::of(sg);
                         }
-                        // Σ g·x̂ = rstd·(Σ g·x − mean·Σ g)
-                        sum[ch] = T::of(rstd * (sgx - mean * sg));
-                        sum[c + ch] = T::of(sg);
-                    }
-                    let (mut gm, mut gxm) = (0f64, 0f64);
-                    for ch in 0..c {
-                        let wc: f64 = w[ch].into();
-                        gm += wc * sum[c + ch].into();
-                        gxm += wc * sum[ch].into();
-                    }
-                    let (gm, gxm) = (gm / n as f64, gxm / n as f64);
-                    for ch in 0..c {
-                        // dx = rstd·(g·w − gm − x̂·gxm) = g·a + x·b + d per channel.
-                        let a = rstd * w[ch].into();
-                        let bx = -rstd * gxm * rstd;
-                        let d = -rstd * gm + rstd * gxm * rstd * mean;
-                        let (xc, gc) = (&xs[ch * hw..(ch + 1) * hw], &gs[ch * hw..(ch + 1) * hw]);
-                        for ((o, &xv), &gv) in dx[ch * hw..(ch + 1) * hw].iter_mut().zip(xc).zip(gc)
-                        {
-                            *o = T::of(gv.into() * a + xv.into() * bx + d);
+                        let (mut gm, mut gxm) = (0f64, 0f64);
+                        for ch in channels.clone() {
+                            let wc: f64 = w[ch].into();
+                            gm += wc * sum[c + ch].into();
+                            gxm += wc * sum[ch].into();
+                        }
+                        let count = (per_group * hw) as f64;
+                        let (gm, gxm) = (gm / count, gxm / count);
+                        for ch in channels {
+                            // dx = rstd·(g·w − gm − x̂·gxm) = g·a + x·b + d per channel.
+                            let a = rstd * w[ch].into();
+                            let bx = -rstd * gxm * rstd;
+                            let d = -rstd * gm + rstd * gxm * rstd * mean;
+                            let (xc, gc) =
+                                (&xs[ch * hw..(ch + 1) * hw], &gs[ch * hw..(ch + 1) * hw]);
+                            for ((o, &xv), &gv) in
+                                dx[ch * hw..(ch + 1) * hw].iter_mut().zip(xc).zip(gc)
+                            {
+                                *o = T::of(gv.into() * a + xv.into() * bx + d);
+                            }
                         }
                     }
                 }
@@ -146,16 +220,15 @@ fn backward_cpu<T: Real>(x: &[T], w: &[T], g: &[T], batch: usize, n: usize) -> V
     packed
 }
 
-/// The GroupNorm CPU kernels take (x, w, b or g, batch, n) in f32 or f64.
-type CpuKernel<T> = fn(&[T], &[T], &[T], usize, usize) -> Vec<T>;
+/// The GroupNorm CPU kernels take (x, w, b or g, batch, n, the op) in f32 or f64.
+type CpuKernel<T> = fn(&[T], &[T], &[T], usize, usize, GroupNorm) -> Vec<T>;
 
 /// Run the CPU kernel of the inputs' dtype.
 fn on_cpu(
     args: [(&CpuStorage, &Layout); 3],
     f32_kernel: CpuKernel<f32>,
     f64_kernel: CpuKernel<f64>,
-    batch: usize,
-    n: usize,
+    (batch, n, op): (usize, usize, GroupNorm),
 ) -> Result<CpuStorage> {
     let [(a, al), (b, bl), (c, cl)] = args;
     Ok(match a.dtype() {
@@ -165,6 +238,7 @@ fn on_cpu(
             contiguous(c, cl)?,
             batch,
             n,
+            op,
         )),
         DType::F64 => CpuStorage::F64(f64_kernel(
             contiguous(a, al)?,
@@ -172,6 +246,7 @@ fn on_cpu(
             contiguous(c, cl)?,
             batch,
             n,
+            op,
         )),
         d => candle_core::bail!("group_norm: unsupported dtype {d:?}"),
     })
@@ -203,7 +278,12 @@ impl candle_core::CustomOp3 for GroupNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let (batch, _, n) = norm_dims(xl, wl)?;
         let args = [(xs, xl), (ws, wl), (bs, bl)];
-        let out = on_cpu(args, forward_cpu::<f32>, forward_cpu::<f64>, batch, n)?;
+        let out = on_cpu(
+            args,
+            forward_cpu::<f32>,
+            forward_cpu::<f64>,
+            (batch, n, *self),
+        )?;
         Ok((out, xl.shape().clone()))
     }
 
@@ -217,6 +297,9 @@ impl candle_core::CustomOp3 for GroupNorm {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if !self.is_one() {
+            candle_core::bail!("group_norm: the GPU kernel has one group and eps 1e-5");
+        }
         let (batch, c, n) = norm_dims(xl, wl)?;
         let y = crate::ops::cuda::group_norm((xs, xl), (ws, wl), (bs, bl), (batch, c, n), false)?;
         Ok((y, xl.shape().clone()))
@@ -232,7 +315,7 @@ impl candle_core::CustomOp3 for GroupNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (batch, c) = (x.dim(0)?, x.dim(1)?);
         let n = x.elem_count() / batch;
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &GroupNormBackward)?;
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &GroupNormBackward(*self))?;
         let dx = packed.narrow(0, 0, batch * n)?.reshape(x.shape())?;
         let sums = |at: usize| packed.narrow(0, at, batch * c)?.reshape((batch, c))?.sum(0);
         let dw = sums(batch * n)?;
@@ -257,7 +340,12 @@ impl candle_core::CustomOp3 for GroupNormBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let (batch, c, n) = norm_dims(xl, wl)?;
         let args = [(xs, xl), (ws, wl), (gs, gl)];
-        let out = on_cpu(args, backward_cpu::<f32>, backward_cpu::<f64>, batch, n)?;
+        let out = on_cpu(
+            args,
+            backward_cpu::<f32>,
+            backward_cpu::<f64>,
+            (batch, n, self.0),
+        )?;
         Ok((out, Shape::from(batch * n + 2 * batch * c)))
     }
 
@@ -271,6 +359,9 @@ impl candle_core::CustomOp3 for GroupNormBackward {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if !self.0.is_one() {
+            candle_core::bail!("group_norm: the GPU kernel has one group and eps 1e-5");
+        }
         let (batch, c, n) = norm_dims(xl, wl)?;
         let out = crate::ops::cuda::group_norm((xs, xl), (ws, wl), (gs, gl), (batch, c, n), true)?;
         Ok((out, Shape::from(batch * n + 2 * batch * c)))
@@ -349,40 +440,42 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
 
-    /// The composite this op replaces (what nn::GroupNorm1 was built from before).
-    fn composite(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let flat = x.flatten_from(1)?;
-        let centered = flat.broadcast_sub(&flat.mean_keepdim(D::Minus1)?)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered
-            .broadcast_div(&(var + NORM_EPS)?.sqrt()?)?
-            .reshape(dims)?;
-        normed
-            .broadcast_mul(&w.reshape((1, (), 1, 1))?)?
-            .broadcast_add(&b.reshape((1, (), 1, 1))?)
-    }
-
-    /// Forward and all three gradients equal the Candle composite's, in f64 to 1e-10.
+    /// The op equals the composite (per group: standardise, then the per-channel affine) in
+    /// f64 within 1e-10, values and the gradients of x, w and b: one group at eps 1e-5 (the
+    /// classifier's and the GPU's) and three groups at eps 1e-6 (the SD UNet's kind).
     #[test]
     fn group_norm_matches_the_composite_and_its_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&((Tensor::randn(0f64, 1.0, (5, 3, 7, 4), &dev)? * 3.0)? + 2.0)?)?;
-        let w = Var::from_tensor(&(Tensor::randn(0f64, 0.5, 3, &dev)? + 1.0)?)?;
-        let b = Var::from_tensor(&Tensor::randn(0f64, 0.5, 3, &dev)?)?;
-        let r = Tensor::randn(0f64, 1.0, (5, 3, 7, 4), &dev)?;
-        let ours = group_norm(x.as_tensor(), w.as_tensor(), b.as_tensor())?;
-        let theirs = composite(x.as_tensor(), w.as_tensor(), b.as_tensor())?;
-        let max = |t: Tensor| t.abs()?.max_all()?.to_scalar::<f64>();
-        let diff = max((&ours - &theirs)?)?;
-        assert!(diff < 1e-10, "forward differs by {diff}");
-        let g_ours = (ours * &r)?.sum_all()?.backward()?;
-        let g_theirs = (theirs * &r)?.sum_all()?.backward()?;
-        for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
-            let (a, t) = (g_ours.get(v).unwrap(), g_theirs.get(v).unwrap());
-            let diff = max((a - t)?)?;
-            let scale = max(t.clone())?;
-            assert!(diff < 1e-10 * scale.max(1.0), "d{name} differs by {diff}");
+        for (channels, groups, eps) in [(3, 1, NORM_EPS), (6, 3, 1e-6)] {
+            let shape = (5, channels, 7, 4);
+            let x = Var::from_tensor(&((Tensor::randn(0f64, 1.0, shape, &dev)? * 3.0)? + 2.0)?)?;
+            let w = Var::from_tensor(&(Tensor::randn(0f64, 0.5, channels, &dev)? + 1.0)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f64, 0.5, channels, &dev)?)?;
+            let r = Tensor::randn(0f64, 1.0, shape, &dev)?;
+            let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+            let ours = match groups {
+                1 => group_norm(xt, wt, bt)?,
+                g => group_norm_grouped(xt, wt, bt, g, eps)?,
+            };
+            let affine = |t: &Tensor| t.reshape((1, channels, 1, 1));
+            let theirs = standardize_last(&xt.reshape((5, groups, ()))?, eps)?
+                .reshape(shape)?
+                .broadcast_mul(&affine(wt)?)?
+                .broadcast_add(&affine(bt)?)?;
+            let max = |t: Tensor| t.abs()?.max_all()?.to_scalar::<f64>();
+            let diff = max((&ours - &theirs)?)?;
+            assert!(diff < 1e-10, "{groups} groups: forward differs by {diff}");
+            let g_ours = (ours * &r)?.sum_all()?.backward()?;
+            let g_theirs = (theirs * &r)?.sum_all()?.backward()?;
+            for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+                let (a, t) = (g_ours.get(v).unwrap(), g_theirs.get(v).unwrap());
+                let diff = max((a - t)?)?;
+                let scale = max(t.clone())?;
+                assert!(
+                    diff < 1e-10 * scale.max(1.0),
+                    "{groups} groups: d{name} differs by {diff}"
+                );
+            }
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 
 use super::cpu::{contiguous, fused_f32, par_map, Real};
 use super::dropout::{dropout, Dropout};
-use super::gelu::{gelu, gelu_f32, Gelu};
+use super::gelu::{gelu, gelu_f32, Gate, SelfGated};
 use super::norm::{group_norm, GroupNorm};
 
 /// Average pooling with a `kh × kw` window and the same stride over the last two axes of
@@ -217,7 +217,7 @@ impl CustomOp1 for GeluDropoutPool {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (activated, shape) = Gelu { tanh: false }.cpu_fwd(s, l)?;
+        let (activated, shape) = SelfGated { gate: Gate::Erf }.cpu_fwd(s, l)?;
         self.0.cpu_fwd(&activated, &Layout::contiguous(shape))
     }
 
@@ -255,7 +255,7 @@ impl CustomOp2 for GeluDropoutPoolBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let (d_activated, shape) = DropoutPoolBackward(self.0).cpu_fwd(gs, gl)?;
         let d = contiguous::<f32>(&d_activated, &Layout::contiguous(&shape))?;
-        let dx = gelu_f32(contiguous::<f32>(xs, xl)?, Some(d), false);
+        let dx = gelu_f32(contiguous::<f32>(xs, xl)?, Some(d), Gate::Erf);
         Ok((CpuStorage::F32(dx), shape))
     }
 
@@ -291,10 +291,10 @@ impl candle_core::CustomOp3 for NormDropoutPool {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (normed, shape) = if self.gelu_first {
-            let (a, shape) = Gelu { tanh: false }.cpu_fwd(xs, xl)?;
-            GroupNorm.cpu_fwd(&a, &Layout::contiguous(shape), ws, wl, bs, bl)?
+            let (a, shape) = SelfGated { gate: Gate::Erf }.cpu_fwd(xs, xl)?;
+            GroupNorm::ONE.cpu_fwd(&a, &Layout::contiguous(shape), ws, wl, bs, bl)?
         } else {
-            GroupNorm.cpu_fwd(xs, xl, ws, wl, bs, bl)?
+            GroupNorm::ONE.cpu_fwd(xs, xl, ws, wl, bs, bl)?
         };
         self.pool.cpu_fwd(&normed, &Layout::contiguous(shape))
     }
@@ -312,9 +312,9 @@ impl candle_core::CustomOp3 for NormDropoutPool {
         // The activation and the normalised tensor are temporaries, freed when this returns.
         let (normed, shape) = if self.gelu_first {
             let a = crate::ops::cuda::gelu_forward(xs, xl)?;
-            GroupNorm.cuda_fwd(&a, &Layout::contiguous(xl.shape()), ws, wl, bs, bl)?
+            GroupNorm::ONE.cuda_fwd(&a, &Layout::contiguous(xl.shape()), ws, wl, bs, bl)?
         } else {
-            GroupNorm.cuda_fwd(xs, xl, ws, wl, bs, bl)?
+            GroupNorm::ONE.cuda_fwd(xs, xl, ws, wl, bs, bl)?
         };
         self.pool.cuda(&normed, &Layout::contiguous(shape), false)
     }
@@ -332,11 +332,11 @@ impl candle_core::CustomOp3 for NormDropoutPool {
             .apply_op1_no_bwd(&DropoutPoolBackward(self.pool))?;
         if !self.gelu_first {
             // GroupNorm's backward reads x, w and the gradient, not its output.
-            return GroupNorm.bwd(x, w, b, &d_normed, &d_normed);
+            return GroupNorm::ONE.bwd(x, w, b, &d_normed, &d_normed);
         }
-        let gelu = Gelu { tanh: false };
+        let gelu = SelfGated { gate: Gate::Erf };
         let a = x.apply_op1_no_bwd(&gelu)?;
-        let (da, dw, db) = GroupNorm.bwd(&a, w, b, &d_normed, &d_normed)?;
+        let (da, dw, db) = GroupNorm::ONE.bwd(&a, w, b, &d_normed, &d_normed)?;
         let da = da.expect("GroupNorm's backward gives the input's gradient");
         Ok((gelu.bwd(x, &da, &da)?, dw, db))
     }
