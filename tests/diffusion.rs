@@ -397,7 +397,7 @@ fn hourglass_trains_resumes_exactly_and_samples() {
 /// weights are the pretrained ones with the adapters merged (every other tensor bit for bit the
 /// pretrained one), PEFT's adapter files beside them; a checkpoint holds only what trains; and
 /// sampling from a checkpoint (pretrained weights + adapters) and from the merged weights gives
-/// the same images.
+/// the same images; a resumed run repeats the uninterrupted one's losses.
 #[test]
 fn a_lora_dit_trains_only_its_adapters_and_samples_merged_or_not() {
     let tmp = tempfile::tempdir().unwrap();
@@ -466,6 +466,27 @@ fn a_lora_dit_trains_only_its_adapters_and_samples_merged_or_not() {
     let checkpoint = load(&run.join("checkpoints/last/model.safetensors"));
     assert!(!checkpoint.contains_key("transformer_blocks.0.attn1.to_q.weight"));
     assert!(checkpoint.contains_key("transformer_blocks.0.attn1.to_q.lora_B.weight"));
+    // Resumed from update 20 (the pretrained weights reloaded, the adapters and their AdamW
+    // state from the checkpoint), the later losses are the uninterrupted run's, dropout's
+    // masks included.
+    let resumed = tmp.path().join("resumed");
+    let from = resumed.join("run/checkpoints/checkpoint-20");
+    copy_dir(&run.join("checkpoints/checkpoint-20"), &from);
+    train(
+        lora_dit::run,
+        &[("dataset.name", data.display().to_string())],
+        &resumed,
+        Some(from),
+    );
+    let after: Vec<(u64, f64)> = series(&run, "train/loss")
+        .into_iter()
+        .filter(|(s, _)| *s > 20)
+        .collect();
+    assert_eq!(
+        after,
+        series(&resumed.join("run"), "train/loss"),
+        "losses after resume"
+    );
 
     let images = |dir: &Path, name: &str| {
         let out = tmp.path().join(name);
