@@ -19,19 +19,6 @@ use signal_diffusion_runtime::models::nn::Params;
 use signal_diffusion_runtime::models::unet::Unet;
 use signal_diffusion_runtime::train::optim::Optimizer;
 
-/// diffusers' SD LoRA scripts' targets: every attention projection (the MMDiT's text ones too).
-const UNET_TARGETS: &[&str] = &["to_q", "to_k", "to_v", "to_out.0"];
-const MMDIT_TARGETS: &[&str] = &[
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-];
-
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -51,10 +38,10 @@ fn main() -> Result<()> {
     let text = std::fs::read_to_string(config).expect("the config.json");
     let dir = std::path::Path::new(config).parent().unwrap();
     let dev = Device::Cpu;
-    let targets = if kind == "unet" {
-        UNET_TARGETS
-    } else {
-        MMDIT_TARGETS
+    // What diffusers' SD LoRA training scripts adapt: every attention projection.
+    let targets: &[&str] = match kind.as_str() {
+        "unet" => &signal_diffusion_runtime::models::unet::LORA_TARGETS,
+        _ => &signal_diffusion_runtime::models::mmdit::LORA_TARGETS,
     };
     let mut p = match rank {
         0 => Params::new(0, &dev),

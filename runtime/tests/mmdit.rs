@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use signal_diffusion_runtime::config::choice::LoraBias;
 use signal_diffusion_runtime::config::pretrained::parse_mmdit;
-use signal_diffusion_runtime::models::mmdit::Mmdit;
+use signal_diffusion_runtime::models::mmdit::{Mmdit, LORA_TARGETS};
 use signal_diffusion_runtime::models::nn::Params;
 use signal_diffusion_runtime::train::checkpoint::restore;
 
@@ -59,17 +59,8 @@ fn mmdit_equals_diffusers_forward_and_backward() {
 /// them (fixtures/lora/generate.py), equals PEFT's.
 #[test]
 fn lora_mmdit_equals_peft() {
-    let targets = [
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-    ];
-    let mut p = Params::with_lora(0, &Device::Cpu, lora_spec(&targets, LoraBias::None, 0.0));
+    let spec = lora_spec(&LORA_TARGETS, LoraBias::None, 0.0);
+    let mut p = Params::with_lora(0, &Device::Cpu, spec);
     let (out, saved) = run("lora/mmdit_lora.safetensors", &mut p);
     assert_trains_as_peft(&p, &out, &saved);
 }

@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor};
 use signal_diffusion_runtime::config::choice::LoraBias;
 use signal_diffusion_runtime::config::pretrained::parse_unet;
 use signal_diffusion_runtime::models::nn::Params;
-use signal_diffusion_runtime::models::unet::Unet;
+use signal_diffusion_runtime::models::unet::{Unet, LORA_TARGETS};
 use signal_diffusion_runtime::train::checkpoint::restore;
 
 /// The fixture `file` (under tests/fixtures) loaded into `p`'s tensors by name and the tiny
@@ -51,7 +51,7 @@ fn unet_equals_diffusers_forward_and_backward() {
 /// LoRA on every self- and cross-attention projection (fixtures/lora/generate.py) equals PEFT's.
 #[test]
 fn lora_unet_equals_peft() {
-    let spec = lora_spec(&["to_q", "to_k", "to_v", "to_out.0"], LoraBias::None, 0.0);
+    let spec = lora_spec(&LORA_TARGETS, LoraBias::None, 0.0);
     let mut p = Params::with_lora(0, &Device::Cpu, spec);
     let (out, saved) = run("lora/unet_lora.safetensors", &mut p);
     assert_trains_as_peft(&p, &out, &saved);

@@ -25,6 +25,19 @@ use crate::ops::norm::rms_normalize_last;
 /// The numbers of a `transformer/config.json` (read and checked at build time).
 pub use signal_diffusion_config::pretrained::Mmdit as MmditShape;
 
+/// The layers diffusers' SD 3 LoRA training script adapts: every attention projection, image
+/// and text.
+pub const LORA_TARGETS: [&str; 8] = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+];
+
 /// A feed-forward: GELU-tanh(x·W₁ + b₁)·W₂ + b₂, 4× wide (diffusers' `FeedForward`).
 struct FeedForward {
     proj: Linear,

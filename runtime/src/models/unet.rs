@@ -27,6 +27,10 @@ use crate::ops::precision::matmul;
 /// The numbers of a `unet/config.json` that shape the model (read and checked at build time).
 pub use signal_diffusion_config::pretrained::Unet as UnetShape;
 
+/// The layers diffusers' SD LoRA training scripts adapt: every attention projection, self and
+/// cross.
+pub const LORA_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
+
 fn time_dim(s: &UnetShape) -> usize {
     4 * s.block_out_channels[0]
 }
