@@ -128,6 +128,26 @@ pub(super) fn check(
             );
         }
     }
+    // The adapter's settings with LoRA off.
+    if !lora_enabled {
+        for key in [
+            "rank",
+            "alpha",
+            "dropout",
+            "target_modules",
+            "bias",
+            "scaling",
+        ] {
+            let key = format!("model.lora.{key}");
+            if ctx.loc(&key).is_some() {
+                ctx.warn(
+                    &key,
+                    format!("`{key}` has no effect: `model.lora.enabled` is not true"),
+                )
+                .help = Some("set `enabled = true` in [model.lora], or remove it".into());
+            }
+        }
+    }
     if lora_enabled && pretrained.is_none() {
         ctx.error(
             "model.lora.enabled",

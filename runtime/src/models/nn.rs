@@ -415,7 +415,7 @@ impl Linear {
 }
 
 /// A norm's per-channel affine: weight ones, bias zeros (PyTorch's init).
-fn affine(p: &mut Params, name: &str, channels: usize) -> Result<(Tensor, Tensor)> {
+pub(crate) fn affine(p: &mut Params, name: &str, channels: usize) -> Result<(Tensor, Tensor)> {
     Ok((
         p.constant(format!("{name}.weight"), &[channels], 1.0)?,
         p.constant(format!("{name}.bias"), &[channels], 0.0)?,

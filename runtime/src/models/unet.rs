@@ -18,7 +18,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::nn::{Conv, LayerNorm, Linear, Params};
+use super::nn::{affine, Conv, LayerNorm, Linear, Params};
 use crate::ops::attention::{attention, softmax_last};
 use crate::ops::gelu::silu;
 use crate::ops::norm::group_norm_grouped;
@@ -45,9 +45,10 @@ struct GroupNorm {
 
 impl GroupNorm {
     fn new(p: &mut Params, name: &str, channels: usize, groups: usize, eps: f64) -> Result<Self> {
+        let (weight, bias) = affine(p, name, channels)?;
         Ok(GroupNorm {
-            weight: p.constant(format!("{name}.weight"), &[channels], 1.0)?,
-            bias: p.constant(format!("{name}.bias"), &[channels], 0.0)?,
+            weight,
+            bias,
             groups,
             eps,
         })
