@@ -69,6 +69,10 @@ mod lora_dit {
     signal_diffusion_macros::trainer!("train/lora_dit.toml");
 }
 
+mod sd15_lora {
+    signal_diffusion_macros::trainer!("train/sd15_lora.toml");
+}
+
 /// Three samples of `checkpoint` into `out`, 3 denoising steps, in batches of 2, seed 1.
 fn three_samples(checkpoint: std::path::PathBuf, out: std::path::PathBuf) -> SampleOptions {
     SampleOptions {
@@ -421,33 +425,12 @@ fn a_lora_dit_trains_only_its_adapters_and_samples_merged_or_not() {
     );
 
     let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
-    let base = load(
-        &Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/lora_base/diffusion_pytorch_model.safetensors"),
+    assert_only_targets_changed(
+        "tests/fixtures/lora_base/diffusion_pytorch_model.safetensors",
+        &run,
+        &["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"],
+        true,
     );
-    let merged = load(&run.join("final/diffusion_pytorch_model.safetensors"));
-    let mut keys: Vec<&String> = base.keys().collect();
-    keys.sort();
-    assert_eq!(keys, {
-        let mut k: Vec<&String> = merged.keys().collect();
-        k.sort();
-        k
-    });
-    let targeted = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"];
-    for key in keys {
-        let module = key.rsplit_once('.').unwrap().0;
-        let trains = targeted.iter().any(|t| module.ends_with(&format!(".{t}")));
-        let same = (&base[key] - &merged[key])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            == 0.0;
-        assert_eq!(same, !trains, "{key}: changed {}, targeted {trains}", !same);
-    }
     let adapters = load(&run.join("final/lora/adapter_model.safetensors"));
     // 2 blocks × 5 layers × (A, B) and the 2 × 2 biases (to_out.0, ff.net.2; no q/k/v biases).
     assert_eq!(adapters.len(), 24);
@@ -488,19 +471,118 @@ fn a_lora_dit_trains_only_its_adapters_and_samples_merged_or_not() {
         "losses after resume"
     );
 
+    assert_adapted_samples_are_the_merged_ones(&run, tmp.path(), None, 16);
+}
+
+/// Stable Diffusion 1.5 with LoRA on the tiny random pipeline of tests/fixtures/sd15-tiny
+/// (tests/fixtures/sd15_tiny.py): captions embedded once into CLIP text states, images encoded
+/// by the pipeline's VAE, ε-prediction on its scaled-linear schedule. The loss falls, only the
+/// targeted layers change, the adapters are PEFT's, and samples of the adapted checkpoint are
+/// the merged model's.
+#[test]
+fn a_stable_diffusion_15_lora_run_trains_its_adapters_and_samples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_dataset(&data);
+    add_captions(&data, |row| {
+        match row.split(',').nth(2) == Some("F") {
+            true => "female",
+            false => "male",
+        }
+        .to_string()
+    });
+    let out = tmp.path().join("out");
+    train(
+        sd15_lora::run,
+        &[("dataset.name", data.display().to_string())],
+        &out,
+        None,
+    );
+    let run = only_run_dir(&out);
+    let losses: Vec<f64> = series(&run, "train/loss").iter().map(|(_, v)| *v).collect();
+    assert_eq!(losses.len(), 40);
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    let (first, last) = (mean(&losses[..10]), mean(&losses[30..]));
+    assert!(
+        last < 0.85 * first,
+        "the loss went from {first:.4} to {last:.4}: {losses:?}"
+    );
+    let targeted = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+    ];
+    assert_only_targets_changed(
+        "tests/fixtures/sd15-tiny/unet/diffusion_pytorch_model.safetensors",
+        &run,
+        &targeted,
+        false,
+    );
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let adapters = load(&run.join("final/lora/adapter_model.safetensors"));
+    // 4 transformers (one down, the middle's, two up) of 2 attentions × 4 projections and 2
+    // feed-forward layers, × (A, B).
+    assert_eq!(adapters.len(), 4 * 10 * 2, "{:?}", adapters.keys());
+    assert_adapted_samples_are_the_merged_ones(&run, tmp.path(), Some("female"), 32);
+}
+
+/// The merged weights of a LoRA `run` (`final/`) against the pretrained ones (`base`, under the
+/// project root): the same keys; a tensor changed exactly when its layer is `targeted` (its
+/// weight, and its bias with `biases`: `bias = "lora_only"`).
+fn assert_only_targets_changed(base: &str, run: &Path, targeted: &[&str], biases: bool) {
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let base = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join(base));
+    let merged = load(&run.join("final/diffusion_pytorch_model.safetensors"));
+    let mut keys: Vec<&String> = base.keys().collect();
+    keys.sort();
+    assert_eq!(keys, {
+        let mut k: Vec<&String> = merged.keys().collect();
+        k.sort();
+        k
+    });
+    for key in keys {
+        let (module, kind) = key.rsplit_once('.').unwrap();
+        let trains = targeted.iter().any(|t| module.ends_with(&format!(".{t}")))
+            && (kind == "weight" || biases);
+        let same = (&base[key] - &merged[key])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            == 0.0;
+        assert_eq!(same, !trains, "{key}: changed {}, targeted {trains}", !same);
+    }
+}
+
+/// Samples of a LoRA `run`'s last checkpoint (adapters over the pretrained weights) and of its
+/// merged final weights are the same images.
+/// `caption`: what a caption model samples; `side`: the dataset's resolution, which the images
+/// must have.
+fn assert_adapted_samples_are_the_merged_ones(
+    run: &Path,
+    tmp: &Path,
+    caption: Option<&str>,
+    side: usize,
+) {
     let images = |dir: &Path, name: &str| {
-        let out = tmp.path().join(name);
-        signal_diffusion_runtime::train::sample::run(&three_samples(
-            dir.to_path_buf(),
-            out.clone(),
-        ))
+        let out = tmp.join(name);
+        signal_diffusion_runtime::train::sample::run(&SampleOptions {
+            caption: caption.map(String::from),
+            ..three_samples(dir.to_path_buf(), out.clone())
+        })
         .unwrap();
         (0..3)
             .map(|i| {
                 let png = out.join(format!("train/synthetic/sample-{i:05}.png"));
-                signal_diffusion_runtime::data::io::read_png(&png)
-                    .unwrap()
-                    .0
+                let (pixels, _, h, w) = signal_diffusion_runtime::data::io::read_png(&png).unwrap();
+                assert_eq!((h, w), (side, side), "{}", png.display());
+                pixels
             })
             .collect::<Vec<_>>()
     };

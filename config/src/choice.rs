@@ -10,13 +10,15 @@ pub trait Choice: Copy + Sized + 'static {
     const ALL: &'static [Self];
     /// How the value is spelt in TOML.
     fn toml(self) -> &'static str;
+    /// Other spellings accepted for it (the reference's names), read as the value itself.
+    fn aliases(self) -> &'static [&'static str];
 }
 
 /// Declares an enum whose variants are spelt in TOML as given.
 macro_rules! choices {
     ($(
         $(#[$meta:meta])*
-        pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }
+        pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal $(| $alias:literal)*),+ $(,)? }
     )+) => {$(
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,6 +28,9 @@ macro_rules! choices {
             const ALL: &'static [Self] = &[$($name::$variant),+];
             fn toml(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }
+            }
+            fn aliases(self) -> &'static [&'static str] {
+                match self { $($name::$variant => &[$($alias),*]),+ }
             }
         }
 
@@ -71,9 +76,12 @@ impl OutputType {
     }
 }
 
-/// The value spelt `text`, if any.
+/// The value spelt `text` (or one of its aliases), if any.
 pub fn from_toml<C: Choice>(text: &str) -> Option<C> {
-    C::ALL.iter().copied().find(|c| c.toml() == text)
+    C::ALL
+        .iter()
+        .copied()
+        .find(|c| c.toml() == text || c.aliases().contains(&text))
 }
 
 /// The TOML spellings of `values`.
@@ -149,8 +157,10 @@ choices! {
         Dit = "dit",
         Hourglass = "hourglass",
         LocalMamba = "localmamba",
-        StableDiffusion15 = "stable-diffusion-v1-5",
-        StableDiffusion35 = "stable-diffusion-3.5-medium",
+        /// Stable Diffusion 1.5 (its UNet, VAE and CLIP-L text encoder).
+        StableDiffusion15 = "stable-diffusion" | "stable-diffusion-v1-5",
+        /// Stable Diffusion 3.5 medium (its MMDiT, VAE and two CLIP text encoders).
+        StableDiffusion35 = "stable-diffusion-35" | "stable-diffusion-3.5-medium",
     }
 
     /// `model.conditioning` (diffusion).
@@ -176,6 +186,10 @@ choices! {
         Ddpm = "ddpm",
         Ddim = "ddim",
     }
+
+    /// A VP path's β schedule (diffusers' `beta_schedule`): β linear in t, or √β linear in t
+    /// (Stable Diffusion's `scaled_linear`).
+    pub enum BetaSchedule { Linear = "linear", ScaledLinear = "scaled_linear" }
 
     /// `training.mixed_precision` (diffusion).
     pub enum MixedPrecision { No = "no", Fp16 = "fp16", Bf16 = "bf16" }

@@ -59,7 +59,7 @@ fn items(r: &Resolved, cuda: Option<&CudaBuild>) -> Result<Items, TokenStream> {
         imports: quote! {
             use ::signal_diffusion_runtime as rt;
             #[allow(unused_imports)]
-            use #rt::config::{choice::*, pretrained::{ClipText, Vae}, schema::*, settings::*, Config, Kind};
+            use #rt::config::{choice::*, pretrained::{ClipText, Unet, Vae}, schema::*, settings::*, Config, Kind};
             #[allow(unused_imports)]
             use ::std::{collections::BTreeMap, path::{Path, PathBuf}};
         },
@@ -359,7 +359,11 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
         // resolve() refuses captions without a text encoder, and on the hourglass and LocalMamba.
         Conditioning::Caption => match &m.text_encoder_config {
             Some(t) => {
-                let dim = t.pooled_dim();
+                // A UNet attends to the text states; the other models take the pooled embedding.
+                let dim = match m.unet_config {
+                    Some(_) => t.hidden_size,
+                    None => t.pooled_dim(),
+                };
                 quote! { #rt::Conditioning::Caption { dim: #dim } }
             }
             None => {
@@ -470,6 +474,24 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
                     frame: #frame,
                 }
             }
+        }
+        DiffusionModel::StableDiffusion15 => {
+            // resolve() reads the UNet's config.json for every SD 1.5 config.
+            let unet: TokenStream = match &m.unet_config {
+                Some(u) => u
+                    .literal(&At::top(std::path::Path::new(""), 0))
+                    .parse()
+                    .expect("a struct literal parses"),
+                None => {
+                    let msg = "signal-diffusion: Stable Diffusion 1.5 without its UNet's config";
+                    return quote! { compile_error!(#msg); };
+                }
+            };
+            let text_tokens = m
+                .text_encoder_config
+                .as_ref()
+                .map_or(77, |t| t.max_position_embeddings);
+            quote! { #rt::DenoiserShape::Unet { unet: #unet, text_tokens: #text_tokens, frame: #frame } }
         }
         _ => quote! {
             #rt::DenoiserShape::Dit(#rt::DitShape {

@@ -18,7 +18,7 @@ pub mod pretrained;
 pub mod schema;
 pub mod settings;
 mod support;
-pub use support::dit_linear_layers;
+pub use support::{dit_linear_layers, unet_linear_layers};
 pub mod tree;
 
 use std::path::{Path, PathBuf};
@@ -365,6 +365,7 @@ fn resolve_inner(
         Kind::Classification(c) => Some(plan::classification(c)),
         Kind::Diffusion(d) if d.model.name == DiffusionModel::Dit => Some(plan::dit(d)),
         Kind::Diffusion(d) if d.model.name == DiffusionModel::Hourglass => Some(plan::hourglass(d)),
+        Kind::Diffusion(d) if d.model.unet_config.is_some() => Some(plan::unet(d)),
         Kind::Diffusion(d) if d.model.name == DiffusionModel::LocalMamba => {
             Some(plan::localmamba(d))
         }

@@ -569,6 +569,149 @@ pub fn skeleton_class_rows(d: &Diffusion) -> usize {
     }
 }
 
+/// Plan of Stable Diffusion 1.5's UNet (diffusers' `UNet2DConditionModel`, the blocks
+/// runtime/src/models/unet.rs builds), at the latent side: per level its ResNets (two GroupNorms
+/// and 3×3 convolutions, the time projection, a 1×1 shortcut when the width changes) and
+/// transformers (GroupNorm, 1×1 or linear projections in and out, self-attention, cross-attention
+/// to the 77 text states, GEGLU feed-forward, three LayerNorms), the resampling convolutions, the
+/// middle block and the head. Attention FLOPs count the two products of each.
+pub fn unet(d: &Diffusion) -> Plan {
+    let u = d
+        .model
+        .unet_config
+        .as_ref()
+        .expect("SD 1.5 resolves its UNet");
+    let text = d
+        .model
+        .text_encoder_config
+        .as_ref()
+        .map_or(77, |t| t.max_position_embeddings);
+    let ch = &u.block_out_channels;
+    let (c0, td, ctx_dim) = (ch[0], 4 * ch[0], u.cross_attention_dim);
+    let side = d.model.sample_size;
+    let mut layers = vec![
+        linear("time_embedding.linear_1".into(), c0, td, 1, vec![td]),
+        linear("time_embedding.linear_2".into(), td, td, 1, vec![td]),
+        conv2d("conv_in".into(), u.in_channels, c0, 3, side, side),
+    ];
+    let resnet = |layers: &mut Vec<Layer>, name: String, cin: usize, cout: usize, s: usize| {
+        let conv1 = conv2d(format!("{name}.conv1"), cin, cout, 3, s, s);
+        let conv2 = conv2d(format!("{name}.conv2"), cout, cout, 3, s, s);
+        let shortcut = match cin != cout {
+            true => conv2d(format!("{name}.conv_shortcut"), cin, cout, 1, s, s).params,
+            false => 0,
+        };
+        let params =
+            (2 * (cin + cout) + td * cout + cout) as u64 + conv1.params + conv2.params + shortcut;
+        let shortcut_flops = if cin != cout {
+            2 * (cin * cout * s * s) as u64
+        } else {
+            0
+        };
+        layers.push(Layer {
+            name,
+            output: vec![cout, s, s],
+            params,
+            flops: conv1.flops + conv2.flops + shortcut_flops + 2 * (td * cout) as u64,
+        });
+    };
+    let transformer = |layers: &mut Vec<Layer>, name: String, c: usize, s: usize| {
+        let n = s * s;
+        let projections = 2 * (c * c + c);
+        let attention = 4 * c * c + c + (c * c + 2 * ctx_dim * c + c * c + c);
+        let ff = c * 8 * c + 8 * c + 4 * c * c + c;
+        let norms = 2 * c + 3 * 2 * c;
+        let params = projections + attention + ff + norms;
+        let flops = 2 * n * (2 * c * c + 4 * c * c + 2 * c * c + 12 * c * c)
+            + 2 * 2 * text * ctx_dim * c
+            + 4 * n * n * c
+            + 4 * n * text * c;
+        layers.push(Layer {
+            name,
+            output: vec![c, s, s],
+            params: params as u64,
+            flops: flops as u64,
+        });
+    };
+    let levels = ch.len();
+    let mut s = side;
+    for (i, &cout) in ch.iter().enumerate() {
+        let cin = if i == 0 { c0 } else { ch[i - 1] };
+        for j in 0..u.layers_per_block {
+            let rin = if j == 0 { cin } else { cout };
+            resnet(
+                &mut layers,
+                format!("down_blocks.{i}.resnets.{j}"),
+                rin,
+                cout,
+                s,
+            );
+            if u.down_attention[i] {
+                transformer(
+                    &mut layers,
+                    format!("down_blocks.{i}.attentions.{j}"),
+                    cout,
+                    s,
+                );
+            }
+        }
+        if i + 1 < levels {
+            s /= 2;
+            layers.push(conv2d(
+                format!("down_blocks.{i}.downsamplers.0.conv"),
+                cout,
+                cout,
+                3,
+                s,
+                s,
+            ));
+        }
+    }
+    let last = ch[levels - 1];
+    resnet(&mut layers, "mid_block.resnets.0".into(), last, last, s);
+    transformer(&mut layers, "mid_block.attentions.0".into(), last, s);
+    resnet(&mut layers, "mid_block.resnets.1".into(), last, last, s);
+    let reversed: Vec<usize> = ch.iter().rev().copied().collect();
+    for i in 0..levels {
+        let (prev, cout) = (reversed[i.saturating_sub(1)], reversed[i]);
+        let input = reversed[(i + 1).min(levels - 1)];
+        for j in 0..=u.layers_per_block {
+            let skip = if j == u.layers_per_block { input } else { cout };
+            let rin = if j == 0 { prev } else { cout };
+            resnet(
+                &mut layers,
+                format!("up_blocks.{i}.resnets.{j}"),
+                rin + skip,
+                cout,
+                s,
+            );
+            if u.up_attention[i] {
+                transformer(
+                    &mut layers,
+                    format!("up_blocks.{i}.attentions.{j}"),
+                    cout,
+                    s,
+                );
+            }
+        }
+        if i + 1 < levels {
+            s *= 2;
+            layers.push(conv2d(
+                format!("up_blocks.{i}.upsamplers.0.conv"),
+                cout,
+                cout,
+                3,
+                s,
+                s,
+            ));
+        }
+    }
+    layers.push(norm("conv_norm_out".into(), vec![c0, side, side], c0));
+    layers.push(conv2d("conv_out".into(), c0, u.out_channels, 3, side, side));
+    let input = vec![u.in_channels, side, side];
+    Plan::finish("stable-diffusion", d.dataset.batch_size, input, layers)
+}
+
 /// Plan of the hourglass transformer or LocalMamba: the frame they share (patch_in, the mapping
 /// network, 2×2 merges and splits, out_norm, patch_out) around each level's stack, whose
 /// layer `layer(level, width, tokens)` gives as (parameters, forward FLOPs per sample).
@@ -660,13 +803,33 @@ fn skeleton(
 /// it maps between; the caption text encoder and the width of its pooled embedding.
 pub fn pretrained_lines(d: &Diffusion) -> Vec<String> {
     let mut lines = vec![];
-    if let Some(t) = &d.model.text_encoder_config {
+    if let Some(u) = &d.model.unet_config {
+        let o = &d.objective;
         lines.push(format!(
-            "captions: text encoder {} (CLIP, {} layers, {} wide; pooled embedding {}), tokenizer {}",
+            "UNet {} (Stable Diffusion 1.5's blocks, widths {:?}, cross-attention to {}-wide text states); noise: {} β {} -> {} over {} steps",
+            u.dir.display(),
+            u.block_out_channels,
+            u.cross_attention_dim,
+            o.beta_schedule,
+            o.beta_start,
+            o.beta_end,
+            o.num_timesteps
+        ));
+    }
+    if let Some(t) = &d.model.text_encoder_config {
+        // A UNet attends to the text states; the other models take the pooled embedding.
+        let fed = match d.model.unet_config {
+            Some(_) => format!(
+                "text states [{}, {}]",
+                t.max_position_embeddings, t.hidden_size
+            ),
+            None => format!("pooled embedding {}", t.pooled_dim()),
+        };
+        lines.push(format!(
+            "captions: text encoder {} (CLIP, {} layers, {} wide; {fed}), tokenizer {}",
             t.dir.display(),
             t.num_hidden_layers,
             t.hidden_size,
-            t.pooled_dim(),
             t.tokenizer_dir.display()
         ));
     }

@@ -571,7 +571,7 @@ pub fn read_pretrained(
 /// A model's `config.json`, found as `locate` finds it (in `subfolder` of a pipeline) and read:
 /// (its directory, its text), added to the config's sources. Not found, an error at `key` naming
 /// the `what` and every path searched, with `help`.
-fn read_config(
+pub(crate) fn read_config(
     ctx: &mut Ctx,
     env: &Env,
     sources: &mut Sources,

@@ -55,25 +55,38 @@ fn check_diffusion(
         m.name,
         DiffusionModel::Hourglass | DiffusionModel::LocalMamba
     );
-    if m.name != DiffusionModel::Dit && !skeleton {
+    let sd15 = m.name == DiffusionModel::StableDiffusion15;
+    if m.name == DiffusionModel::StableDiffusion35 {
         let what = format!(
-            "the `{}` diffusion model (the trainer builds DiT, hourglass and LocalMamba)",
+            "the `{}` diffusion model (the trainer builds DiT, hourglass, LocalMamba and Stable Diffusion 1.5)",
             m.name
         );
         unsupported(
             ctx,
             "model.name",
             what,
-            "use `name = \"dit\"`, \"hourglass\" or \"localmamba\"; `sigdiff validate` checks this config",
+            "use `name = \"stable-diffusion\"` (1.5), \"dit\", \"hourglass\" or \"localmamba\"; `sigdiff validate` checks this config",
         );
         return;
     }
-    let rules: [(bool, &str, &str, &str); 2] = [
+    let rules: [(bool, &str, &str, &str); 4] = [
         (
-            m.lora_enabled && m.name != DiffusionModel::Dit,
+            sd15 && d.training.gradient_checkpointing,
+            "training.gradient_checkpointing",
+            "gradient checkpointing of the Stable Diffusion 1.5 UNet (the DiT and the hourglass-shaped models have it)",
+            "set `gradient_checkpointing = false`; LoRA (`[model.lora]`) cuts the optimizer's memory instead",
+        ),
+        (
+            m.lora_enabled && skeleton,
             "model.lora.enabled",
-            "LoRA on the hourglass-shaped models (the trainer adapts a DiT's linear layers)",
+            "LoRA on the hourglass-shaped models (the trainer adapts the linear layers of a DiT or a Stable Diffusion UNet)",
             "set `enabled = false` to fine-tune the whole model from `model.pretrained`",
+        ),
+        (
+            sd15 && m.conditioning != Conditioning::Caption,
+            "model.conditioning",
+            "Stable Diffusion 1.5 conditioned on anything but captions (its UNet attends to a text encoder's states)",
+            "use `conditioning = \"caption\"` with `dataset.caption_column`",
         ),
         (
             m.vae_tiling && !m.latent_space,
@@ -82,8 +95,20 @@ fn check_diffusion(
             "remove `vae_tiling`",
         ),
     ];
-    if m.lora_enabled && m.name == DiffusionModel::Dit {
-        check_lora_targets(ctx, m.conditioning, &m.lora_target_modules);
+    match (&m.unet_config, m.lora_enabled) {
+        (_, false) => {}
+        (Some(unet), true) => check_lora_targets(
+            ctx,
+            "UNet",
+            &unet_linear_layers(unet),
+            &m.lora_target_modules,
+        ),
+        (None, true) => check_lora_targets(
+            ctx,
+            "DiT",
+            &dit_linear_layers(m.conditioning),
+            &m.lora_target_modules,
+        ),
     }
     wandb_needs_project(
         ctx,
@@ -154,11 +179,55 @@ pub fn dit_linear_layers(conditioning: Conditioning) -> Vec<String> {
     layers
 }
 
-/// Every LoRA target names a linear layer of the DiT as PEFT matches names (the layer's path
-/// or a `.`-suffix of it, with any block index), and none the patch embedding's convolution
-/// (PEFT would adapt it; our adapters are on linear layers).
-fn check_lora_targets(ctx: &mut Ctx, conditioning: Conditioning, targets: &[String]) {
-    let layers = dit_linear_layers(conditioning);
+/// The linear layers of a Stable Diffusion 1.5 UNet as diffusers names them, every one (the
+/// runtime's UNet builds exactly these: runtime/tests/lora.rs checks it).
+pub fn unet_linear_layers(u: &crate::pretrained::Unet) -> Vec<String> {
+    let mut layers = vec![
+        "time_embedding.linear_1".to_string(),
+        "time_embedding.linear_2".to_string(),
+    ];
+    let transformer = |layers: &mut Vec<String>, at: String| {
+        if u.use_linear_projection {
+            layers.push(format!("{at}.proj_in"));
+        }
+        let block = format!("{at}.transformer_blocks.0");
+        for attn in ["attn1", "attn2"] {
+            for l in ["to_q", "to_k", "to_v", "to_out.0"] {
+                layers.push(format!("{block}.{attn}.{l}"));
+            }
+        }
+        layers.push(format!("{block}.ff.net.0.proj"));
+        layers.push(format!("{block}.ff.net.2"));
+        if u.use_linear_projection {
+            layers.push(format!("{at}.proj_out"));
+        }
+    };
+    let blocks = [
+        ("down_blocks", u.layers_per_block, &u.down_attention),
+        ("up_blocks", u.layers_per_block + 1, &u.up_attention),
+    ];
+    for (i, (kind, resnets, attention)) in blocks.into_iter().enumerate() {
+        for (b, &attends) in attention.iter().enumerate() {
+            for j in 0..resnets {
+                layers.push(format!("{kind}.{b}.resnets.{j}.time_emb_proj"));
+                if attends {
+                    transformer(&mut layers, format!("{kind}.{b}.attentions.{j}"));
+                }
+            }
+        }
+        if i == 0 {
+            layers.push("mid_block.resnets.0.time_emb_proj".into());
+            transformer(&mut layers, "mid_block.attentions.0".into());
+            layers.push("mid_block.resnets.1.time_emb_proj".into());
+        }
+    }
+    layers
+}
+
+/// Every LoRA target names a linear layer of the model (`what`, its `layers`) as PEFT matches
+/// names (the layer's path or a `.`-suffix of it, with any block index), and none the patch
+/// embedding's convolution (PEFT would adapt it; our adapters are on linear layers).
+fn check_lora_targets(ctx: &mut Ctx, what: &str, layers: &[String], targets: &[String]) {
     // A block index in a target (`transformer_blocks.3.attn1.to_q`) matches block 0's layer.
     let in_block_0 = |t: &str| {
         let mut parts: Vec<&str> = t.split('.').collect();
@@ -182,13 +251,27 @@ fn check_lora_targets(ctx: &mut Ctx, conditioning: Conditioning, targets: &[Stri
                 .help("name the linear layer (`ff.net.0.proj` rather than `proj`)".to_string()),
             );
         } else if !layers.iter().any(|l| matches(l, &t)) {
-            let names: Vec<&str> = layers
-                .iter()
-                .map(|l| l.strip_prefix("transformer_blocks.0.").unwrap_or(l))
-                .collect();
+            // The layers' names within their block (after `transformer_blocks.0.`, a UNet's
+            // `resnets.j.` or `attentions.j.`), each once.
+            let mut names: Vec<String> = vec![];
+            for l in layers {
+                let parts: Vec<&str> = l.split('.').collect();
+                let start = (1..parts.len())
+                    .rev()
+                    .find(|&i| {
+                        parts[i].parse::<usize>().is_ok()
+                            && ["transformer_blocks", "resnets", "attentions"]
+                                .contains(&parts[i - 1])
+                    })
+                    .map_or(0, |i| i + 1);
+                let name = parts[start..].join(".");
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
             ctx.diags.push(
-                Diagnostic::error(loc, format!("LoRA target `{target}` matches no linear layer of this DiT"))
-                    .help(format!("a target is a layer's name or its ending after a `.`; this DiT's linear layers (per block, then the head): {}", names.join(", "))),
+                Diagnostic::error(loc, format!("LoRA target `{target}` matches no linear layer of this {what}"))
+                    .help(format!("a target is a layer's name or its ending after a `.`; this {what}'s linear layers: {}", names.join(", "))),
             );
         }
     }

@@ -332,6 +332,11 @@ impl<'a> Section<'a> {
     /// A value from `allowed` (listed in messages in that order); an unknown value gets the list
     /// and the closest match, and reads as `default`.
     pub fn pick<C: Choice>(&self, ctx: &mut Ctx, key: &str, default: C, allowed: &[C]) -> C {
+        if let Some(v) = self.string(ctx, key) {
+            if let Some(c) = allowed.iter().find(|c| c.aliases().contains(&v.as_str())) {
+                return *c;
+            }
+        }
         let text = self.choice(ctx, key, default.toml(), &choice::names(allowed));
         choice::from_toml(&text).unwrap_or(default)
     }

@@ -72,7 +72,9 @@ fn diffusion_presets_build_or_stop_only_at_the_support_gate() {
             "hourglass-timeseries",
             "localmamba-db-only",
             "localmamba-timeseries",
-            "quickstart"
+            "quickstart",
+            "sd15-lora-db-only-tiny",
+            "sd15-lora-db-only"
         ]
     );
 }
@@ -415,5 +417,143 @@ fn hourglass_captions_take_the_text_encoders_pooled_width() {
     assert!(
         text.contains("`mapping_cond_dim` = 32, but `mapping_cond` = 24"),
         "{text}"
+    );
+}
+
+/// The errors of `preset` edited by `edit`, rendered, one string each.
+fn errors_of(preset: &str, tag: &str, edit: impl FnOnce(String) -> String) -> Vec<String> {
+    match resolve_edited(preset, tag, edit) {
+        Ok(_) => panic!("{tag}: resolved"),
+        Err(e) => e
+            .diagnostics
+            .errors()
+            .map(|d| format!("{}: {}", d.message, d.help.clone().unwrap_or_default()))
+            .collect(),
+    }
+}
+
+#[test]
+fn stable_diffusion_15_is_read_from_its_pipeline_in_the_hub_cache() {
+    let r = config::resolve(
+        Path::new("config/diffusion/sd15-lora-db-only.toml"),
+        &env(),
+        Target::default(),
+    )
+    .unwrap();
+    let Kind::Diffusion(d) = &r.config.kind else {
+        panic!()
+    };
+    // The published UNet: diffusers counts 859,520,964 parameters.
+    assert_eq!(r.plan.as_ref().unwrap().params, 859_520_964);
+    let unet = d.model.unet_config.as_ref().unwrap();
+    assert!(unet.dir.ends_with("unet"), "{}", unet.dir.display());
+    assert_eq!((unet.cross_attention_dim, unet.heads[0]), (768, 8));
+    // The latent space and the captions come from the same pipeline.
+    assert_eq!((d.model.in_channels, d.model.sample_size), (4, 32));
+    assert_eq!(
+        d.model.text_encoder_config.as_ref().unwrap().hidden_size,
+        768
+    );
+    let o = &d.objective;
+    assert_eq!(
+        (
+            o.beta_schedule.to_string(),
+            o.beta_start,
+            o.beta_end,
+            o.num_timesteps
+        ),
+        ("scaled_linear".to_string(), 0.00085, 0.012, 1000)
+    );
+    // The reference's name is the same model.
+    let aliased = resolve_edited(
+        "config/diffusion/sd15-lora-db-only.toml",
+        "sd15-alias",
+        |t| {
+            t.replace(
+                "name = \"stable-diffusion\"",
+                "name = \"stable-diffusion-v1-5\"",
+            )
+        },
+    )
+    .unwrap();
+    let Kind::Diffusion(a) = &aliased.config.kind else {
+        panic!()
+    };
+    assert_eq!(a.model.name, d.model.name);
+}
+
+#[test]
+fn stable_diffusion_15_errors_name_the_key_and_the_pipeline_file() {
+    let tiny = "config/diffusion/sd15-lora-db-only-tiny.toml";
+    let missing = errors_of(tiny, "sd15-missing", |t| {
+        t.replace(
+            "tests/fixtures/sd15-tiny",
+            "tests/fixtures/no-such-pipeline",
+        )
+    });
+    assert!(
+        missing[0].contains("no Stable Diffusion UNet")
+            && missing[0].contains("no-such-pipeline/unet/config.json"),
+        "{missing:?}"
+    );
+    let steps = errors_of(tiny, "sd15-steps", |t| {
+        t.replace(
+            "scheduler = \"ddpm\"",
+            "scheduler = \"ddpm\"\nnum_timesteps = 500",
+        )
+    });
+    assert!(
+        steps[0].contains("`num_timesteps` = 500, but the pipeline was trained over 1000")
+            && steps[0].contains("scheduler_config.json"),
+        "{steps:?}"
+    );
+    let text = errors_of(tiny, "sd15-text", |t| {
+        t.replace(
+            "[model.extras]",
+            "[model.extras]\ntext_encoder = \"stabilityai/stable-diffusion-3.5-medium\"",
+        )
+    });
+    assert!(
+        text[0].contains("the UNet attends to 32-wide text states")
+            && text[0].contains("the text encoder's are 768 wide"),
+        "{text:?}"
+    );
+    let widths = errors_of(tiny, "sd15-widths", |t| {
+        t.replace(
+            "[model.extras]",
+            "[model.extras]\nblock_out_channels = [32, 64]",
+        )
+    });
+    assert!(
+        widths[0]
+            .contains("`block_out_channels` = [32, 64], but the pretrained UNet's are [16, 32]"),
+        "{widths:?}"
+    );
+    let text_training = errors_of(tiny, "sd15-train-text", |t| {
+        t.replace(
+            "[model.extras]",
+            "[model.extras]\ntrain_text_encoder = true",
+        )
+    });
+    assert!(
+        text_training[0].starts_with("not yet supported: training the text encoder"),
+        "{text_training:?}"
+    );
+    let target = errors_of(tiny, "sd15-target", |t| {
+        t.replace("\"ff.net.2\"]", "\"proj_in\"]")
+    });
+    assert!(
+        target[0].contains("LoRA target `proj_in` matches no linear layer of this UNet")
+            && target[0].contains("time_emb_proj"),
+        "{target:?}"
+    );
+    let classes = errors_of(tiny, "sd15-classes", |t| {
+        t.replace("conditioning = \"caption\"", "conditioning = \"none\"")
+    });
+    assert!(
+        classes[0].starts_with(
+            "not yet supported: Stable Diffusion 1.5 conditioned on anything but captions"
+        ),
+        "{classes:?}"
     );
 }

@@ -56,3 +56,66 @@ fn lora_unet_equals_peft() {
     let (out, saved) = run("lora/unet_lora.safetensors", &mut p);
     assert_trains_as_peft(&p, &out, &saved);
 }
+
+/// Targeting every linear layer the build lists for a UNet adapts exactly those layers, with 1×1
+/// convolutions for `proj_in`/`proj_out` (SD 1.5's) and with linear ones (SD 2's): the build's
+/// target check and the model cannot drift apart.
+#[test]
+fn the_builds_linear_layers_are_the_unets() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unet");
+    let config = std::fs::read_to_string(root.join("config.json")).unwrap();
+    for linear_projection in [false, true] {
+        let mut json: serde_json::Value = serde_json::from_str(&config).unwrap();
+        json["use_linear_projection"] = linear_projection.into();
+        let shape = parse_unet(&json.to_string(), &root).unwrap();
+        let layers = signal_diffusion_runtime::config::unet_linear_layers(&shape);
+        let targets: Vec<&str> = layers.iter().map(String::as_str).collect();
+        let mut p = Params::with_lora(0, &Device::Cpu, lora_spec(&targets, LoraBias::None, 0.0));
+        Unet::new(&shape, &mut p).unwrap();
+        let adapted: std::collections::BTreeSet<String> = p
+            .trainable
+            .iter()
+            .filter_map(|(n, _)| n.strip_suffix(".lora_A.weight"))
+            .map(String::from)
+            .collect();
+        assert_eq!(adapted, layers.iter().cloned().collect());
+        assert_eq!(
+            layers.iter().any(|l| l.ends_with("proj_in")),
+            linear_projection
+        );
+    }
+}
+
+/// A model built on `Params::sharing` computes with the source's storage (its output is the
+/// source model's, and follows a later load) but records no autograd graph: no gradient reaches
+/// a parameter through it.
+#[test]
+fn a_sharing_twin_computes_the_same_without_a_graph() {
+    let mut p = Params::new(0, &Device::Cpu);
+    let (out, saved) = run("unet/unet.safetensors", &mut p);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let config = std::fs::read_to_string(root.join("unet/config.json")).unwrap();
+    let shape = parse_unet(&config, &root.join("unet")).unwrap();
+    let twin = Unet::new(&shape, &mut Params::sharing(&p)).unwrap();
+    let t: Vec<f32> = saved["timestep"].to_vec1().unwrap();
+    let forward = |m: &Unet| {
+        m.forward(&saved["input"], &t, &saved["encoder_hidden_states"])
+            .unwrap()
+    };
+    let twin_out = forward(&twin);
+    assert_eq!(max_abs_diff(&out, &twin_out), 0.0);
+    let grads = twin_out.sum_all().unwrap().backward().unwrap();
+    assert!(p.trainable.iter().all(|(_, v)| grads.get(v).is_none()));
+    // A later load is seen through the shared storage.
+    let (name, conv_out) = p
+        .trainable
+        .iter()
+        .find(|(n, _)| n == "conv_out.bias")
+        .unwrap();
+    conv_out
+        .set(&(conv_out.as_tensor() + 1.0).unwrap())
+        .unwrap();
+    let shifted = (forward(&twin) - &twin_out).unwrap();
+    let mean: f32 = shifted.mean_all().unwrap().to_scalar().unwrap();
+    assert!((mean - 1.0).abs() < 1e-5, "{name}: shifted by {mean}");
+}

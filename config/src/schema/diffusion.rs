@@ -3,9 +3,9 @@
 use serde::Serialize;
 
 use crate::choice::{
-    self, Choice, CompileMode, Conditioning, DataType, DatasetType, DiffusionModel, EvalStrategy,
-    FeedForward, Guidance, LoraBias, LrSchedule, MixedPrecision, NoiseScheduler, Objective,
-    OptimizerName, Sampler,
+    self, BetaSchedule, Choice, CompileMode, Conditioning, DataType, DatasetType, DiffusionModel,
+    EvalStrategy, FeedForward, Guidance, LoraBias, LrSchedule, MixedPrecision, NoiseScheduler,
+    Objective, OptimizerName, Sampler,
 };
 use crate::diag::Sources;
 use crate::literal::literal;
@@ -73,6 +73,8 @@ literal! {
         pub text_encoder: Option<String> = "model.extras.text_encoder",
         /// `caption` conditioning's text encoder, as its config.json describes it.
         pub text_encoder_config: Option<crate::pretrained::ClipText> = "model.extras.text_encoder (its config.json)",
+        /// Stable Diffusion 1.5's UNet, as its `unet/config.json` describes it.
+        pub unet_config: Option<crate::pretrained::Unet> = "model.pretrained (its unet/config.json)",
         pub in_channels: usize = "model.extras.in_channels",
         pub out_channels: usize = "model.extras.out_channels",
         pub cfg_dropout: f64 = "model.extras.cfg_dropout",
@@ -155,6 +157,11 @@ literal! {
         pub prediction_type: Objective,
         pub scheduler: NoiseScheduler,
         pub num_timesteps: usize,
+        /// A VP path's β from `beta_start` to `beta_end` over the timesteps: diffusers' DDPM
+        /// default (linear, 1e-4 to 0.02), or a pretrained pipeline's `scheduler_config.json`.
+        pub beta_schedule: BetaSchedule = "objective (the pipeline's scheduler_config.json)",
+        pub beta_start: f64 = "objective (the pipeline's scheduler_config.json)",
+        pub beta_end: f64 = "objective (the pipeline's scheduler_config.json)",
     }
 }
 
@@ -265,17 +272,41 @@ pub fn read_diffusion(
         inference,
         dataset_is_timeseries: ts,
     };
-    if diff.model.latent_space && !is_sd {
+    let sd15 = diff.model.name == DiffusionModel::StableDiffusion15;
+    if sd15 {
+        read_sd15(ctx, env, sources, root, &mut diff);
+    }
+    if (diff.model.latent_space && !is_sd) || sd15 {
         read_latent_space(ctx, env, sources, settings, &mut diff);
     }
     // Without a caption column diffusion_rules.rs reports that first.
     if diff.model.conditioning == Conditioning::Caption
-        && !is_sd
+        && (!is_sd || sd15)
         && diff.dataset.caption_column.is_some()
     {
         read_text_encoder(ctx, env, sources, settings, &mut diff.model);
     }
-    if let (Some(spec), false) = (diff.model.pretrained.clone(), is_sd) {
+    if let (true, Some(unet), Some(text)) = (
+        sd15,
+        &diff.model.unet_config,
+        &diff.model.text_encoder_config,
+    ) {
+        if unet.cross_attention_dim != text.hidden_size {
+            let key = pipeline_key(ctx, "model.extras.text_encoder");
+            ctx.error(
+                key,
+                format!(
+                    "the UNet attends to {}-wide text states ({}), but the text encoder's are {} wide ({})",
+                    unet.cross_attention_dim,
+                    unet.dir.join("config.json").display(),
+                    text.hidden_size,
+                    text.dir.join("config.json").display()
+                ),
+            )
+            .help = Some("use the pipeline's own text encoder: remove `model.extras.text_encoder`".into());
+        }
+    }
+    if let (Some(spec), false) = (diff.model.pretrained.clone(), is_sd || sd15) {
         let files = crate::pretrained::weight_files(diff.model.name);
         diff.model.pretrained_path = crate::pretrained::read_pretrained(
             ctx,
@@ -304,6 +335,11 @@ fn read_text_encoder(
         settings.hf_models.get("stable_diffusion_model_id"),
     ) {
         (Some(t), _) => (t.clone(), "model.extras.text_encoder"),
+        // A Stable Diffusion pipeline's own `text_encoder/` and `tokenizer/`.
+        (None, _) if m.unet_config.is_some() => match &m.pretrained {
+            Some(p) => (p.clone(), "model.pretrained"),
+            None => return,
+        },
         (None, Some(id)) => (id.clone(), "model.conditioning"),
         (None, None) => {
             ctx.error("model.conditioning", "caption conditioning needs a text encoder: set `model.extras.text_encoder` (a CLIP text encoder's directory, or a Hugging Face id)");
@@ -358,6 +394,11 @@ fn read_latent_space(
     let m = &mut d.model;
     let (spec, key) = match (&m.vae, settings.hf_models.get("stable_diffusion_model_id")) {
         (Some(v), _) => (v.clone(), "model.extras.vae"),
+        // A Stable Diffusion pipeline's own `vae/`.
+        (None, _) if m.unet_config.is_some() => match &m.pretrained {
+            Some(p) => (p.clone(), "model.pretrained"),
+            None => return,
+        },
         (None, Some(id)) => (id.clone(), "model.extras.latent_space"),
         (None, None) => return, // diffusion_rules.rs asks for a VAE.
     };
@@ -416,7 +457,213 @@ fn read_latent_space(
             .help = Some(format!("set `sample_size = {side}`, or remove it (it is computed)"));
     }
     m.sample_size = side;
+    if let Some(unet) = &m.unet_config {
+        let unet_config = unet.dir.join("config.json");
+        if (unet.in_channels, unet.out_channels) != (vae.latent_channels, vae.latent_channels) {
+            ctx.error(
+                pipeline_key(ctx, "model.extras.vae"),
+                format!(
+                    "the UNet maps {} to {} channels ({}), but the VAE's latents have {} ({})",
+                    unet.in_channels,
+                    unet.out_channels,
+                    unet_config.display(),
+                    vae.latent_channels,
+                    config.display()
+                ),
+            )
+            .help = Some("use the pipeline's own VAE: remove `model.extras.vae`".into());
+        }
+        let halvings = unet.block_out_channels.len() - 1;
+        if !side.is_multiple_of(1 << halvings) {
+            ctx.error(
+                "dataset.resolution",
+                format!("the {side}×{side} latents do not halve {halvings} times through the UNet's levels ({})", unet_config.display()),
+            )
+            .help = Some(format!(
+                "use a resolution that is a multiple of {}",
+                down << halvings
+            ));
+        }
+    }
     m.vae_config = Some(vae);
+}
+
+/// `key` when the config sets it, else `model.pretrained` (the pipeline that supplied the part).
+fn pipeline_key<'a>(ctx: &Ctx, key: &'a str) -> &'a str {
+    match ctx.loc(key) {
+        Some(_) => key,
+        None => "model.pretrained",
+    }
+}
+
+/// Stable Diffusion 1.5's pipeline, `model.pretrained` (a directory or a Hugging Face id): its
+/// `unet/config.json` and the β schedule of its `scheduler/scheduler_config.json`
+/// (SD 1.5's published one when the pipeline has none). Its VAE and text encoder are read by
+/// `read_latent_space` and `read_text_encoder`.
+fn read_sd15(ctx: &mut Ctx, env: &Env, sources: &mut Sources, root: &Section, d: &mut Diffusion) {
+    let key = "model.pretrained";
+    let Some(spec) = d.model.pretrained.clone() else {
+        ctx.error(
+            "model.name",
+            "Stable Diffusion 1.5 fine-tunes a pretrained pipeline, but `model.pretrained` is not set",
+        )
+        .help = Some("set `model.pretrained` to a local diffusers pipeline directory (with `unet/`, `vae/`, `text_encoder/`, `tokenizer/`), or its Hugging Face id in the local cache".into());
+        return;
+    };
+    let revision = d.model.revision.clone();
+    let help = "download it on a connected machine (`huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --include \"unet/*\" \"vae/*\" \"text_encoder/*\" \"tokenizer/*\" \"scheduler/*\"`) and copy the cache (HF_HOME), or set `model.pretrained` to the pipeline's directory".to_string();
+    let Some((dir, text)) = crate::pretrained::read_config(
+        ctx,
+        env,
+        sources,
+        (&spec, key, revision.as_deref()),
+        ("Stable Diffusion UNet", "unet"),
+        help,
+    ) else {
+        return;
+    };
+    let unet = match crate::pretrained::parse_unet(&text, &dir) {
+        Ok(u) => u,
+        Err(why) => {
+            ctx.error(key, format!("{}: {why}", dir.join("config.json").display()))
+                .help = Some(
+                "the UNet must be a diffusers UNet2DConditionModel of Stable Diffusion 1.5's kind"
+                    .into(),
+            );
+            return;
+        }
+    };
+    let extras = root.section(ctx, "model").section(ctx, "extras");
+    check_sd15_extras(ctx, &extras, &unet);
+    // Its weights are read when training starts (a cache of configurations builds, as the
+    // latent-space VAE's does); a missing file is a run-time error naming the directory.
+    read_scheduler_config(ctx, env, sources, &dir, &mut d.objective);
+    d.model.pretrained_path = Some(dir);
+    d.model.unet_config = Some(unet);
+    // Stable Diffusion trains in its VAE's latent space, always.
+    d.model.latent_space = true;
+}
+
+/// The contract's SD 1.5 `[model.extras]` keys: the UNet's shape (the pipeline's config decides
+/// it; written, it must agree) and the text encoder's training (not built: it stays frozen).
+fn check_sd15_extras(ctx: &mut Ctx, x: &Section, unet: &crate::pretrained::Unet) {
+    let config = unet.dir.join("config.json");
+    if let Some(channels) = x.int_list(ctx, "block_out_channels") {
+        let channels: Vec<usize> = channels.iter().map(|&c| c.max(0) as usize).collect();
+        if channels != unet.block_out_channels {
+            ctx.error(
+                "model.extras.block_out_channels",
+                format!(
+                    "`block_out_channels` = {channels:?}, but the pretrained UNet's are {:?} ({})",
+                    unet.block_out_channels,
+                    config.display()
+                ),
+            )
+            .help = Some("remove it: the UNet's config.json decides it".into());
+        }
+    }
+    if let Some(n) = x.count_opt(ctx, "num_res_blocks", 1) {
+        if n != unet.layers_per_block {
+            ctx.error(
+                "model.extras.num_res_blocks",
+                format!(
+                    "`num_res_blocks` = {n}, but the pretrained UNet has {} per level ({})",
+                    unet.layers_per_block,
+                    config.display()
+                ),
+            )
+            .help = Some("remove it: the UNet's config.json decides it".into());
+        }
+    }
+    let trains_text = x.bool_or(ctx, "train_text_encoder", false);
+    if trains_text {
+        ctx.error(
+            "model.extras.train_text_encoder",
+            "not yet supported: training the text encoder (it is frozen: each caption is embedded once per run)",
+        )
+        .help = Some("remove it; LoRA on the UNet (`[model.lora]`) adapts the model to the captions".into());
+    }
+    if x.float(ctx, "text_encoder_lr_scale").is_some() && !trains_text {
+        ctx.error(
+            "model.extras.text_encoder_lr_scale",
+            "`text_encoder_lr_scale` has no effect: the text encoder is frozen",
+        )
+        .help = Some("remove it".into());
+    }
+}
+
+/// The β schedule of the `scheduler/scheduler_config.json` beside a pipeline's `unet/`, checked
+/// against `[objective]`; SD 1.5's published values (scaled-linear 0.00085 → 0.012 over 1000
+/// steps, ε-prediction) when there is none.
+fn read_scheduler_config(
+    ctx: &mut Ctx,
+    env: &Env,
+    sources: &mut Sources,
+    unet_dir: &std::path::Path,
+    o: &mut DiffObjective,
+) {
+    (o.beta_schedule, o.beta_start, o.beta_end) = (BetaSchedule::ScaledLinear, 0.00085, 0.012);
+    let path = unet_dir
+        .with_file_name("scheduler")
+        .join("scheduler_config.json");
+    let text = match unet_dir.file_name().is_some_and(|n| n == "unet") {
+        true => env.read(&path).ok(),
+        false => None,
+    };
+    let Some(text) = text else { return };
+    sources.add(path.display().to_string(), Some(path.clone()), text.clone());
+    let at = path.display();
+    let v: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            ctx.error("model.pretrained", format!("{at}: not JSON: {e}"));
+            return;
+        }
+    };
+    match v["beta_schedule"].as_str().unwrap_or("linear") {
+        "linear" => o.beta_schedule = BetaSchedule::Linear,
+        "scaled_linear" => o.beta_schedule = BetaSchedule::ScaledLinear,
+        other => {
+            ctx.error(
+                "model.pretrained",
+                format!("{at}: `beta_schedule` is \"{other}\"; the VP paths built are \"linear\" and \"scaled_linear\""),
+            );
+        }
+    }
+    o.beta_start = v["beta_start"].as_f64().unwrap_or(0.0001);
+    o.beta_end = v["beta_end"].as_f64().unwrap_or(0.02);
+    if !(0.0 < o.beta_start && o.beta_start < o.beta_end && o.beta_end < 1.0) {
+        ctx.error(
+            "model.pretrained",
+            format!(
+                "{at}: β must rise within (0, 1), not from {} to {}",
+                o.beta_start, o.beta_end
+            ),
+        );
+    }
+    let steps = v["num_train_timesteps"].as_u64().unwrap_or(1000) as usize;
+    if steps != o.num_timesteps {
+        match ctx.loc("objective.num_timesteps") {
+            Some(_) => {
+                ctx.error(
+                    "objective.num_timesteps",
+                    format!(
+                        "`num_timesteps` = {}, but the pipeline was trained over {steps} ({at})",
+                        o.num_timesteps
+                    ),
+                )
+                .help = Some("remove it (the pipeline's scheduler config gives it)".into());
+            }
+            None => o.num_timesteps = steps,
+        }
+    }
+    let predicts = v["prediction_type"].as_str().unwrap_or("epsilon");
+    if predicts != "epsilon" {
+        ctx.error(
+            "model.pretrained",
+            format!("{at}: the pipeline predicts `{predicts}`; Stable Diffusion 1.5 fine-tuning trains ε-prediction"),
+        );
+    }
 }
 
 fn nonempty(s: Option<String>) -> Option<String> {
@@ -675,6 +922,7 @@ fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) ->
         conditioning,
         pretrained,
         pretrained_path: None,
+        unet_config: None,
         revision,
         sample_size,
         vae_tiling,
@@ -767,6 +1015,9 @@ fn read_objective(root: &Section, ctx: &mut Ctx) -> DiffObjective {
         prediction_type,
         scheduler,
         num_timesteps,
+        beta_schedule: BetaSchedule::Linear,
+        beta_start: 1e-4,
+        beta_end: 0.02,
     }
 }
 

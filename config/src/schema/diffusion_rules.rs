@@ -203,13 +203,13 @@ pub(super) fn check(
     if name_m == DiffusionModel::StableDiffusion15 && prediction_type != Objective::Epsilon {
         ctx.error(
             "objective.prediction_type",
-            "stable-diffusion-v1-5 is an epsilon-prediction model",
+            "Stable Diffusion 1.5 is an epsilon-prediction model",
         );
     }
     if ts && name_m == DiffusionModel::StableDiffusion15 {
         ctx.error(
             "model.name",
-            "stable-diffusion-v1-5 cannot model time series",
+            "Stable Diffusion 1.5 cannot model time series",
         );
     }
     if prediction_type == Objective::VectorField

@@ -40,8 +40,12 @@ const KEYS: &[(&str, Type, &[DiffusionModel])] = &[
     // them against the pretrained model's.
     ("latent_space", Type::Read, CUSTOM),
     ("vae", Type::Read, EVERY),
-    // The caption encoder (Stable Diffusion models bring their own).
-    ("text_encoder", Type::Read, CUSTOM),
+    // The caption encoder (SD 1.5's pipeline brings its own, which this replaces).
+    (
+        "text_encoder",
+        Type::Read,
+        &[Dit, Hourglass, LocalMamba, Sd15],
+    ),
     ("in_channels", Type::Read, EVERY),
     ("out_channels", Type::Read, EVERY),
     ("cfg_dropout", Type::Read, EVERY),

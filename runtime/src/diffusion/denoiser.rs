@@ -25,6 +25,7 @@ use crate::models::hourglass::{Hourglass, HourglassShape};
 use crate::models::localmamba::{LocalMamba, LocalMambaShape};
 use crate::models::nn::Params;
 use crate::models::tape::{Node, Tape};
+use crate::models::unet::{Unet, UnetShape};
 
 /// A denoiser's shape: the model's own and what the loop needs around it (`sampling.json` keeps
 /// it; a DiT's is its bare shape, as files written before the other families had it).
@@ -42,6 +43,13 @@ pub enum DenoiserShape {
         #[serde(flatten)]
         frame: Frame,
     },
+    /// Stable Diffusion 1.5's UNet, attending to `text_tokens` text states per caption.
+    Unet {
+        unet: UnetShape,
+        text_tokens: usize,
+        #[serde(flatten)]
+        frame: Frame,
+    },
 }
 
 /// The input of a hourglass-shaped model and how it is conditioned.
@@ -56,9 +64,9 @@ impl DenoiserShape {
     pub fn conditioning(&self) -> Conditioning {
         match self {
             DenoiserShape::Dit(s) => s.conditioning,
-            DenoiserShape::Hourglass { frame, .. } | DenoiserShape::LocalMamba { frame, .. } => {
-                frame.conditioning
-            }
+            DenoiserShape::Hourglass { frame, .. }
+            | DenoiserShape::LocalMamba { frame, .. }
+            | DenoiserShape::Unet { frame, .. } => frame.conditioning,
         }
     }
 
@@ -71,6 +79,9 @@ impl DenoiserShape {
             }
             DenoiserShape::LocalMamba { localmamba, frame } => {
                 (localmamba.in_channels, frame.height, frame.width)
+            }
+            DenoiserShape::Unet { unet, frame, .. } => {
+                (unet.in_channels, frame.height, frame.width)
             }
         }
     }
@@ -85,6 +96,7 @@ impl DenoiserShape {
             DenoiserShape::LocalMamba { localmamba: m, .. } => {
                 m.dropout > 0.0 || m.drop_path > 0.0 || m.level_dropout.iter().any(|p| *p > 0.0)
             }
+            DenoiserShape::Unet { .. } => false,
         }
     }
 
@@ -105,6 +117,7 @@ impl DenoiserShape {
             DenoiserShape::Dit(_) => DiffusionModel::Dit,
             DenoiserShape::Hourglass { .. } => DiffusionModel::Hourglass,
             DenoiserShape::LocalMamba { .. } => DiffusionModel::LocalMamba,
+            DenoiserShape::Unet { .. } => DiffusionModel::StableDiffusion15,
         }
     }
 
@@ -114,6 +127,7 @@ impl DenoiserShape {
             DenoiserShape::Dit(_) => "dit",
             DenoiserShape::Hourglass { .. } => "hourglass",
             DenoiserShape::LocalMamba { .. } => "localmamba",
+            DenoiserShape::Unet { .. } => "stable-diffusion",
         }
     }
 }
@@ -122,6 +136,7 @@ enum Net {
     Dit(Dit),
     Hourglass(Hourglass),
     LocalMamba(LocalMamba),
+    Unet(Box<Unet>),
 }
 
 pub struct Denoiser {
@@ -131,6 +146,9 @@ pub struct Denoiser {
     age_emb: Option<Tensor>,
     /// LoRA adapters with dropout on their inputs.
     lora_dropout: bool,
+    /// A UNet's null caption: the empty caption's text states (text_tokens, dim), set by whoever
+    /// holds the text encoder (`set_null_caption`).
+    null_caption: Option<Tensor>,
 }
 
 impl Denoiser {
@@ -146,9 +164,10 @@ impl Denoiser {
                 Net::LocalMamba(LocalMamba::new(localmamba, p)?),
                 localmamba.mapping_cond_dim,
             ),
+            DenoiserShape::Unet { unet, .. } => (Net::Unet(Box::new(Unet::new(unet, p)?)), 0),
         };
         let age_emb = match (&net, shape.conditioning()) {
-            (Net::Dit(_), _) => None,
+            (Net::Dit(_) | Net::Unet(_), _) => None,
             (_, Conditioning::GenderHealthAge) => {
                 if mapping_cond == 0 || !mapping_cond.is_multiple_of(2) {
                     candle_core::bail!(
@@ -164,7 +183,54 @@ impl Denoiser {
             net,
             age_emb,
             lora_dropout: p.lora().is_some_and(|l| l.dropout > 0.0),
+            null_caption: None,
         })
+    }
+
+    /// A UNet's null caption (what CFG dropout and unconditional sampling feed): the empty
+    /// caption's text states, (text_tokens · dim) values. The other families ignore it.
+    pub fn set_null_caption(&mut self, states: &[f32], device: &Device) -> Result<()> {
+        if let DenoiserShape::Unet {
+            text_tokens, frame, ..
+        } = &self.shape
+        {
+            let Conditioning::Caption { dim } = frame.conditioning else {
+                candle_core::bail!("a UNet is conditioned on captions")
+            };
+            self.null_caption = Some(Tensor::from_slice(states, (*text_tokens, dim), device)?);
+        }
+        Ok(())
+    }
+
+    /// Whether the model needs the null caption's text states (`set_null_caption`).
+    pub fn needs_null_caption(&self) -> bool {
+        matches!(self.net, Net::Unet(_))
+    }
+
+    /// A UNet's text states for a batch (B, text_tokens, dim): row `label − 1` of `cond.texts`
+    /// (each caption's states, row-major), the null caption's for label 0.
+    fn text_states(&self, cond: &Condition, device: &Device) -> Result<Tensor> {
+        let null = self
+            .null_caption
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("the UNet's null caption was not set".into()))?;
+        let (tokens, dim) = null.dims2()?;
+        let width = tokens * dim;
+        let rows = cond
+            .labels
+            .iter()
+            .map(|&label| match (&cond.texts, label) {
+                (Some(texts), 1..) => {
+                    let start = (label as usize - 1) * width;
+                    match texts.get(start..start + width) {
+                        Some(row) => Tensor::from_slice(row, (tokens, dim), device),
+                        None => candle_core::bail!("caption {label} has no text states"),
+                    }
+                }
+                _ => Ok(null.clone()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&rows, 0)
     }
 
     /// Whether a training forward draws random masks (dropout in the model or in its LoRA
@@ -191,9 +257,11 @@ impl Denoiser {
         cond: &Condition,
         seed: Option<u64>,
     ) -> Result<Tensor> {
-        if let Net::Dit(dit) = &self.net {
-            let t: Vec<f32> = levels.iter().map(|l| l.t).collect();
-            return dit.forward_with_dropout(x, &t, cond, seed);
+        let t: Vec<f32> = levels.iter().map(|l| l.t).collect();
+        match &self.net {
+            Net::Dit(dit) => return dit.forward_with_dropout(x, &t, cond, seed),
+            Net::Unet(unet) => return unet.forward(x, &t, &self.text_states(cond, x.device())?),
+            Net::Hourglass(_) | Net::LocalMamba(_) => {}
         }
         // The same draws as `loss_and_grads` with this seed.
         let mut tape = Tape::new(seed, false);
@@ -213,6 +281,12 @@ impl Denoiser {
         (seed, checkpointing): (Option<u64>, bool),
         loss_of: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, GradStore)> {
+        if let Net::Unet(_) = &self.net {
+            // config/src/support.rs refuses gradient checkpointing for the UNet.
+            let loss = loss_of(&self.forward_with_dropout(x, levels, cond, seed)?)?;
+            let grads = loss.backward()?;
+            return Ok((loss, grads));
+        }
         if let Net::Dit(dit) = &self.net {
             if checkpointing {
                 let t: Vec<f32> = levels.iter().map(|l| l.t).collect();
@@ -252,7 +326,9 @@ impl Denoiser {
         match &self.net {
             Net::Hourglass(h) => h.record(tape, x, conditions),
             Net::LocalMamba(m) => m.record(tape, x, conditions),
-            Net::Dit(_) => candle_core::bail!("a DiT is not recorded on a tape"),
+            Net::Dit(_) | Net::Unet(_) => {
+                candle_core::bail!("a DiT or UNet is not recorded on a tape")
+            }
         }
     }
 }

@@ -17,7 +17,8 @@
 use candle_core::{Result, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use signal_diffusion_config::choice::{NoiseScheduler, Objective};
+use serde::{Deserialize, Serialize};
+use signal_diffusion_config::choice::{BetaSchedule, NoiseScheduler, Objective};
 
 /// The forward (noising) process.
 #[derive(Debug, Clone)]
@@ -26,6 +27,33 @@ pub enum Path {
     Flow { timesteps: usize },
     /// Variance preserving with ᾱ per integer timestep.
     Vp { alphas_cumprod: Vec<f64> },
+}
+
+/// A VP path's β schedule (a pretrained pipeline's `scheduler_config.json`, else diffusers'
+/// DDPM default).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Betas {
+    pub schedule: BetaSchedule,
+    pub start: f64,
+    pub end: f64,
+}
+
+impl Betas {
+    /// The config's: a pretrained pipeline's, else diffusers' DDPM default.
+    pub fn of(o: &signal_diffusion_config::schema::DiffObjective) -> Betas {
+        Betas {
+            schedule: o.beta_schedule,
+            start: o.beta_start,
+            end: o.beta_end,
+        }
+    }
+
+    /// diffusers' `DDPMScheduler` default: linear from 1e-4 to 0.02.
+    pub const DDPM: Betas = Betas {
+        schedule: BetaSchedule::Linear,
+        start: 1e-4,
+        end: 0.02,
+    };
 }
 
 /// One sample's noise level: the model's time input and the path's coefficients.
@@ -51,24 +79,37 @@ impl Path {
 
     /// diffusers' DDPMScheduler default: β = linspace(1e-4, 0.02, T) in f32, ᾱ = Π(1 − β).
     pub fn vp_linear(timesteps: usize) -> Path {
+        Path::vp(&Betas::DDPM, timesteps)
+    }
+
+    /// A VP path with diffusers' β schedules, each β rounded to f32 as diffusers computes them:
+    /// `linear` β = linspace(start, end, T), `scaled_linear` (Stable Diffusion's) β =
+    /// linspace(√start, √end, T)²; ᾱ = Π(1 − β).
+    pub fn vp(betas: &Betas, timesteps: usize) -> Path {
         let mut acc = 1f64;
         let alphas_cumprod = (0..timesteps)
             .map(|i| {
                 let frac = i as f64 / (timesteps - 1).max(1) as f64;
-                let beta = (1e-4 + (0.02 - 1e-4) * frac) as f32 as f64;
-                acc *= 1.0 - beta;
+                let lerp = |a: f64, b: f64| a + (b - a) * frac;
+                let beta = match betas.schedule {
+                    BetaSchedule::Linear => lerp(betas.start, betas.end) as f32,
+                    BetaSchedule::ScaledLinear => {
+                        (lerp(betas.start.sqrt(), betas.end.sqrt()) as f32).powi(2)
+                    }
+                };
+                acc *= 1.0 - beta as f64;
                 acc
             })
             .collect();
         Path::Vp { alphas_cumprod }
     }
 
-    /// The path `objective.scheduler` names: rectified flow for `flow_match_euler`, VP for
-    /// `ddpm` and `ddim`.
-    pub fn for_scheduler(scheduler: NoiseScheduler, timesteps: usize) -> Path {
+    /// The path `objective.scheduler` names: rectified flow for `flow_match_euler`, VP with
+    /// `betas` for `ddpm` and `ddim`.
+    pub fn for_scheduler(scheduler: NoiseScheduler, betas: &Betas, timesteps: usize) -> Path {
         match scheduler {
             NoiseScheduler::FlowMatchEuler => Path::flow(timesteps),
-            NoiseScheduler::Ddpm | NoiseScheduler::Ddim => Path::vp_linear(timesteps),
+            NoiseScheduler::Ddpm | NoiseScheduler::Ddim => Path::vp(betas, timesteps),
         }
     }
 
@@ -207,5 +248,32 @@ mod tests {
             "{}",
             alphas_cumprod[999]
         );
+    }
+
+    #[test]
+    fn scaled_linear_schedule_matches_stable_diffusion_15s() {
+        // diffusers 0.42.1 DDPMScheduler(beta_start=0.00085, beta_end=0.012,
+        // beta_schedule="scaled_linear").alphas_cumprod at 0, 499, 999 (an f32 cumprod: the
+        // tolerance is its rounding over 1000 factors).
+        let sd15 = Betas {
+            schedule: BetaSchedule::ScaledLinear,
+            start: 0.00085,
+            end: 0.012,
+        };
+        let Path::Vp { alphas_cumprod } = Path::vp(&sd15, 1000) else {
+            unreachable!()
+        };
+        let want = [
+            (0, 0.9991499781608582),
+            (499, 0.27766942977905273),
+            (999, 0.00466009508818388),
+        ];
+        for (t, v) in want {
+            assert!(
+                (alphas_cumprod[t] - v).abs() < 2e-6 * v.max(0.01),
+                "ᾱ[{t}] = {} vs {v}",
+                alphas_cumprod[t]
+            );
+        }
     }
 }

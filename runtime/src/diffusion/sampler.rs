@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use signal_diffusion_config::choice::{self, NoiseScheduler, Objective, OutputType};
 
 use super::denoiser::{Denoiser, DenoiserShape};
-use super::path::{normals, Level, Path as NoisePath};
+use super::path::{normals, Betas, Level, Path as NoisePath};
 use crate::models::dit::{Condition, Conditioning};
 
 /// The (clean estimate, noise estimate) implied by a model output at level `l`.
@@ -330,6 +330,9 @@ pub struct SampleSpec {
     /// The noise path (and η for DDIM sampling: 1 on `ddpm`).
     pub scheduler: NoiseScheduler,
     pub timesteps: usize,
+    /// A VP path's β schedule (files written before it was recorded used diffusers' default).
+    #[serde(default = "default_betas")]
+    pub betas: Betas,
     pub sampler: choice::Sampler,
     pub denoising_steps: usize,
     pub cfg_scale: f64,
@@ -363,9 +366,13 @@ pub struct SampleSpec {
     pub lora: Option<crate::models::lora::LoraBase>,
 }
 
+fn default_betas() -> Betas {
+    Betas::DDPM
+}
+
 impl SampleSpec {
     pub fn path(&self) -> NoisePath {
-        NoisePath::for_scheduler(self.scheduler, self.timesteps)
+        NoisePath::for_scheduler(self.scheduler, &self.betas, self.timesteps)
     }
 
     /// The values a grid shows as black and white: [-1, 1] for images, ±3 for z-scored series.

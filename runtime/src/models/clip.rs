@@ -455,12 +455,22 @@ impl Captioner {
         self.encoder.forward(&ids)
     }
 
-    /// The pooled embeddings of `texts`, row-major (one row of `pooled_dim` per text), encoded
-    /// 32 at a time.
+    /// The pooled embeddings of `texts`, row-major (one row of `pooled_dim` per text).
     pub fn pooled(&self, texts: &[String]) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(texts.len() * self.encoder.config.pooled_dim());
+        self.rows(texts, |e| &e.pooled)
+    }
+
+    /// The last hidden states of `texts` (what a Stable Diffusion 1.5 UNet attends to),
+    /// row-major: one row of context × hidden values per text.
+    pub fn states(&self, texts: &[String]) -> Result<Vec<f32>> {
+        self.rows(texts, |e| &e.sequence)
+    }
+
+    /// `part` of the embeddings of `texts`, flattened, encoded 32 at a time.
+    fn rows(&self, texts: &[String], part: impl Fn(&TextEmbedding) -> &Tensor) -> Result<Vec<f32>> {
+        let mut out = vec![];
         for chunk in texts.chunks(32) {
-            out.extend(self.encode(chunk)?.pooled.flatten_all()?.to_vec1::<f32>()?);
+            out.extend(part(&self.encode(chunk)?).flatten_all()?.to_vec1::<f32>()?);
         }
         Ok(out)
     }

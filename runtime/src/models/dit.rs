@@ -453,7 +453,7 @@ impl Dit {
             Conditioning::Caption { dim } => Some(
                 p.buffer("caption_null.weight".into(), &[dim], 0.0)?
                     .as_tensor()
-                    .clone(),
+                    .detach(),
             ),
             _ => None,
         };

@@ -174,7 +174,7 @@ impl AxialRope {
             freqs.device(),
         )?)?;
         Ok(AxialRope {
-            freqs: freqs.as_tensor().clone(),
+            freqs: freqs.as_tensor().detach(),
         })
     }
 

@@ -293,7 +293,7 @@ impl Mmdit {
             shape: s.clone(),
             patch,
             patch_bias,
-            positions: positions.as_tensor().clone(),
+            positions: positions.as_tensor().detach(),
             time_1: Linear::new(p, "time_text_embed.timestep_embedder.linear_1", 256, dim)?,
             time_2: Linear::new(p, "time_text_embed.timestep_embedder.linear_2", dim, dim)?,
             text_1: Linear::new(

@@ -135,7 +135,11 @@ pub(super) fn benchmark_diffusion(
     dims.extend(compiled.input_shape);
     let x = Tensor::from_vec(normals(&mut rng, dims.iter().product()), dims, device)?;
     let cond = Condition::null(shape.conditioning(), bs);
-    let path = NoisePath::for_scheduler(cfg.objective.scheduler, cfg.objective.num_timesteps);
+    let path = NoisePath::for_scheduler(
+        cfg.objective.scheduler,
+        &crate::diffusion::path::Betas::of(&cfg.objective),
+        cfg.objective.num_timesteps,
+    );
     let objective = cfg.objective.prediction_type;
     let amp = precision::dtype_of(t.mixed_precision);
     let spec = StepSpec {

@@ -39,7 +39,7 @@ use crate::data::loader::{read_split, Loader, Samples, Split};
 use crate::diffusion::denoiser::{Denoiser, DenoiserShape};
 use crate::diffusion::ema::Ema;
 use crate::diffusion::loss::{diffusion_grads, StepSpec};
-use crate::diffusion::path::{normals, Path as NoisePath};
+use crate::diffusion::path::{normals, Betas, Path as NoisePath};
 use crate::diffusion::sampler::{conditions, SampleSpec};
 use crate::models::clip::Captioner;
 use crate::models::dit::{Condition, Conditioning};
@@ -302,6 +302,7 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
         objective: cfg.objective.prediction_type,
         scheduler: cfg.objective.scheduler,
         timesteps: cfg.objective.num_timesteps,
+        betas: Betas::of(&cfg.objective),
         sampler: cfg.inference.sampler,
         denoising_steps: cfg.inference.denoising_steps,
         cfg_scale: cfg.inference.cfg_scale,
@@ -341,7 +342,9 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
 
     // Model, optimizer, EMA.
     let mut params = model_params(cfg, &device);
-    let model = Denoiser::new(shape, &mut params, &device)?;
+    let mut model = Denoiser::new(shape, &mut params, &device)?;
+    // Evaluation samples with a detached twin on the same storage: no autograd graph.
+    let mut sampling_model = Denoiser::new(shape, &mut Params::sharing(&params), &device)?;
     // The build computed the count from the config alone (config/src/plan.rs).
     if params.count() as u64 != compiled.parameters {
         bail!(
@@ -385,8 +388,17 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
                 let empty = captioner.pooled(&[String::new()])?;
                 var.set(&Tensor::from_vec(empty, var.dims(), &device)?)?;
             }
+            // A UNet attends to the text states; the others take the pooled embedding.
+            if model.needs_null_caption() {
+                let null = captioner.states(&[String::new()])?;
+                model.set_null_caption(&null, &device)?;
+                sampling_model.set_null_caption(&null, &device)?;
+            }
             let embed = |split: &Split| -> Result<Option<Arc<Vec<f32>>>> {
-                Ok(Some(Arc::new(captioner.pooled(&split.texts)?)))
+                Ok(Some(Arc::new(match model.needs_null_caption() {
+                    true => captioner.states(&split.texts)?,
+                    false => captioner.pooled(&split.texts)?,
+                })))
             };
             let val_texts = val.as_deref().map(embed).transpose()?.flatten();
             println!(
@@ -513,7 +525,7 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
     };
     let mut eval = Evaluator {
         ctx: &ctx,
-        model: &model,
+        model: &sampling_model,
         trainable: &params.trainable,
         all_vars: &all_vars,
         val: val.as_ref(),
@@ -787,9 +799,6 @@ pub fn cache_latents(cfg: &Diffusion) -> Result<()> {
     Ok(())
 }
 
-/// The optimizer of `cfg` over the model's trainable tensors; the hourglass-shaped models get
-/// the reference's parameter groups (hourglass.rs `param_group`), rebuilt from the names on a
-/// resume.
 /// The parameters a model of this config is built with: seeded by `training.seed`, under its
 /// LoRA spec when `[model.lora]` is enabled.
 pub(super) fn model_params(cfg: &Diffusion, device: &Device) -> Params {
@@ -799,6 +808,9 @@ pub(super) fn model_params(cfg: &Diffusion, device: &Device) -> Params {
     }
 }
 
+/// The optimizer of `cfg` over the model's trainable tensors; the hourglass-shaped models get
+/// the reference's parameter groups (hourglass.rs `param_group`), rebuilt from the names on a
+/// resume.
 pub(super) fn optimizer(
     cfg: &Diffusion,
     shape: &DenoiserShape,
@@ -806,7 +818,7 @@ pub(super) fn optimizer(
 ) -> Result<Optimizer> {
     let opt = Optimizer::new(&cfg.optimizer, params.trainable.clone())?;
     Ok(match shape {
-        DenoiserShape::Dit(_) => opt,
+        DenoiserShape::Dit(_) | DenoiserShape::Unet { .. } => opt,
         DenoiserShape::Hourglass { .. } | DenoiserShape::LocalMamba { .. } => {
             opt.with_groups(|name| crate::models::hourglass::param_group(name).into())
         }

@@ -186,6 +186,16 @@ pub(super) fn save_weights(
             "_class_name": "LocalMamba2DModel",
             "shape": localmamba,
         }),
+        // The pretrained UNet's own config.json: the architecture is unchanged.
+        DenoiserShape::Unet { .. } => {
+            let dir = ctx.cfg.model.pretrained_path.as_ref();
+            let file = dir
+                .context("a UNet is fine-tuned from a pipeline")?
+                .join("config.json");
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {} (the UNet's config)", file.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))?
+        }
     };
     std::fs::write(
         tmp.join("config.json"),

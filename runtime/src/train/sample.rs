@@ -99,11 +99,13 @@ fn column_encoders(c: Conditioning) -> &'static [(&'static str, &'static str)] {
 }
 
 /// Caption conditions of `rows` (each one caption): labels (k + 1 for the k-th distinct caption,
-/// 0 for an empty one: the null caption) and the distinct captions' pooled embeddings by the
-/// training's text encoder.
+/// 0 for an empty one: the null caption) and the distinct captions' embeddings by the training's
+/// text encoder: pooled, or for a UNet its text states (and the empty caption's, set as the
+/// model's null caption).
 fn caption_conditions(
     rows: &[Vec<String>],
     spec: &SampleSpec,
+    model: &mut Denoiser,
     device: &Device,
 ) -> Result<(Vec<u32>, std::sync::Arc<Vec<f32>>)> {
     let cfg = spec
@@ -116,7 +118,14 @@ fn caption_conditions(
         .map(|r| texts.id(&r[0]).map_or(0, |k| k as u32 + 1))
         .collect();
     let captioner = crate::models::clip::Captioner::load(cfg, device)?;
-    Ok((labels, std::sync::Arc::new(captioner.pooled(&texts.texts)?)))
+    let embeddings = match model.needs_null_caption() {
+        true => {
+            model.set_null_caption(&captioner.states(&[String::new()])?, device)?;
+            captioner.states(&texts.texts)?
+        }
+        false => captioner.pooled(&texts.texts)?,
+    };
+    Ok((labels, std::sync::Arc::new(embeddings)))
 }
 
 /// One sample's condition from the raw texts of its columns (in `column_encoders` order).
@@ -369,7 +378,9 @@ pub fn run(args: &SampleOptions) -> Result<()> {
         Some(lora) => Params::with_lora(0, &device, lora.spec.clone()),
         None => Params::new(0, &device),
     };
-    let model = Denoiser::new(shape, &mut params, &device)?;
+    Denoiser::new(shape, &mut params, &device)?;
+    // Sampled by a detached twin on the same storage: no autograd graph.
+    let mut model = Denoiser::new(shape, &mut Params::sharing(&params), &device)?;
     if let Some(lora) = &spec.lora {
         super::export::load_pretrained(&lora.pretrained, shape, &params, &device)?;
     }
@@ -389,7 +400,7 @@ pub fn run(args: &SampleOptions) -> Result<()> {
     let rows = condition_rows(args, &spec, c)?;
     let (conds, texts): (Vec<(u32, f32)>, _) = match c {
         Conditioning::Caption { .. } => {
-            let (labels, texts) = caption_conditions(&rows, &spec, &device)?;
+            let (labels, texts) = caption_conditions(&rows, &spec, &mut model, &device)?;
             (
                 labels.into_iter().map(|l| (l, f32::NAN)).collect(),
                 Some(texts),

@@ -113,8 +113,12 @@ pub fn run(args: &SynthOptions) -> Result<()> {
     if args.windows == 0 {
         bail!("--windows 0: each subject needs at least one window");
     }
-    let (raw, stfts) = (args.out.join("raw/parkinsons"), args.out.join("stfts"));
-    for dir in [&raw, &stfts] {
+    let (raw, stfts, meta) = (
+        args.out.join("raw/parkinsons"),
+        args.out.join("stfts"),
+        args.out.join("meta"),
+    );
+    for dir in [&raw, &stfts, &meta] {
         if dir.exists() {
             if !args.overwrite {
                 bail!(
@@ -177,7 +181,8 @@ pub fn run(args: &SynthOptions) -> Result<()> {
         args.out.join("README.md"),
         "SYNTHETIC EEG, not recordings of people. Written by `sigdiff synth`: raw/parkinsons holds 64-channel 500 Hz \
          recordings in the OpenNeuro ds004584 layout whose rhythms depend on each synthetic subject's gender, health and \
-         age; stfts holds them preprocessed as the reference does (log-frequency db-only spectrograms).\n",
+         age; stfts holds them preprocessed as the reference does (log-frequency db-only spectrograms); meta holds \
+         them as the weighted meta-dataset with captions (`sigdiff meta-dataset`).\n",
     )?;
 
     // Preprocess as `sigdiff preprocess parkinsons` does, with the demo's own paths.
@@ -219,6 +224,19 @@ pub fn run(args: &SynthOptions) -> Result<()> {
     if !summary.skipped.is_empty() {
         bail!("synthetic recordings were skipped: {:?}", summary.skipped);
     }
+    // And as the weighted meta-dataset `sigdiff meta-dataset` writes (parquet, with the
+    // reference's captions), what the caption-conditioned presets read.
+    super::meta::run(
+        &super::meta::MetaOptions {
+            datasets: vec!["parkinsons".into()],
+            output_dir: Some("meta".into()),
+            copy_splits: ["train", "val", "test"].map(String::from).to_vec(),
+            max_sampling_weight: None,
+            overwrite: true,
+            jobs: args.jobs,
+        },
+        &settings,
+    )?;
     println!(
         "wrote {} synthetic subjects ({} spectrograms) to {} in {:.1} s",
         subjects.len(),
