@@ -526,6 +526,26 @@ fn a_stable_diffusion_15_lora_run_trains_its_adapters_and_samples() {
     // 4 transformers (one down, the middle's, two up) of 2 attentions × 4 projections and 2
     // feed-forward layers, × (A, B).
     assert_eq!(adapters.len(), 4 * 10 * 2, "{:?}", adapters.keys());
+    // And as diffusers' LoRA file (`pipe.load_lora_weights`, benches/sd15_lora_interop.py):
+    // the same tensors under `unet.`, the LoRA config in the file's metadata.
+    let file = run.join("final/lora/pytorch_lora_weights.safetensors");
+    let diffusers = load(&file);
+    assert_eq!(diffusers.len(), adapters.len());
+    for (key, t) in &diffusers {
+        let peft = format!("base_model.model.{}", key.strip_prefix("unet.").unwrap());
+        let diff = (t - &adapters[&peft])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{key}");
+    }
+    let header = python(
+        "import sys, json\nfrom safetensors import safe_open\nm = safe_open(sys.argv[1], 'numpy').metadata()\nc = json.loads(m['lora_adapter_metadata'])\nprint(c['unet.r'], c['unet.lora_alpha'], m['format'])",
+        &[&file],
+    );
+    assert_eq!(header.trim(), "4 4.0 pt");
     assert_adapted_samples_are_the_merged_ones(&run, tmp.path(), Some("female"), 32);
 }
 

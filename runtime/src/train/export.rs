@@ -13,7 +13,7 @@ use super::checkpoint;
 use super::diffusion::Ctx;
 use crate::diffusion::denoiser::DenoiserShape;
 use crate::diffusion::sampler::SampleSpec;
-use crate::models::lora::{merge, peft_state};
+use crate::models::lora::{diffusers_unet_state, merge, peft_state};
 use crate::models::nn::Params;
 
 /// A state dict by name, in f32: a safetensors file, or a PyTorch pickle (`torch.save` of a
@@ -146,6 +146,16 @@ pub(super) fn save_weights(
                 tmp.join("lora/adapter_config.json"),
                 serde_json::to_string_pretty(&lora.peft_config(&base.display().to_string()))?,
             )?;
+            if let DenoiserShape::Unet { .. } = ctx.shape {
+                match diffusers_unet_state(lora, &trained) {
+                    Some((adapters, config)) => save_with_lora_config(
+                        &adapters,
+                        &config,
+                        &tmp.join("lora/pytorch_lora_weights.safetensors"),
+                    )?,
+                    None => println!("the adapters are in PEFT's layout only (final/lora): diffusers' LoRA file holds no trained biases"),
+                }
+            }
             merge(lora, &trained, &params.frozen)?
         }
         None => trained,
@@ -216,4 +226,31 @@ pub(super) fn save_weights(
     std::fs::rename(&tmp, dir)
         .with_context(|| format!("cannot move weights into {}", dir.display()))?;
     Ok(())
+}
+
+/// `tensors` (f32) in a safetensors file whose metadata carries diffusers' LoRA config
+/// (`lora_adapter_metadata`, and `format` = `pt` as PyTorch writes it).
+fn save_with_lora_config(tensors: &[(String, Tensor)], config: &str, path: &Path) -> Result<()> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let values = t.flatten_all()?.to_vec1::<f32>()?;
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            Ok((name.clone(), t.dims().to_vec(), bytes))
+        })
+        .collect::<Result<_>>()?;
+    let views = bytes
+        .iter()
+        .map(|(name, shape, data)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)?;
+            Ok((name.as_str(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = std::collections::HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("lora_adapter_metadata".to_string(), config.to_string()),
+    ]);
+    safetensors::serialize_to_file(views, Some(metadata), path)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
