@@ -476,9 +476,10 @@ fn a_lora_dit_trains_only_its_adapters_and_samples_merged_or_not() {
 
 /// Stable Diffusion 1.5 with LoRA on the tiny random pipeline of tests/fixtures/sd15-tiny
 /// (tests/fixtures/sd15_tiny.py): captions embedded once into CLIP text states, images encoded
-/// by the pipeline's VAE, ε-prediction on its scaled-linear schedule. The loss falls, only the
-/// targeted layers change, the adapters are PEFT's, and samples of the adapted checkpoint are
-/// the merged model's.
+/// by the pipeline's VAE, ε-prediction on its scaled-linear schedule, the UNet checkpointed per
+/// block. The loss falls, only the targeted layers change, the adapters are PEFT's and
+/// diffusers', a resumed run repeats the same updates, and samples of the adapted checkpoint
+/// are the merged model's.
 #[test]
 fn a_stable_diffusion_15_lora_run_trains_its_adapters_and_samples() {
     let tmp = tempfile::tempdir().unwrap();
@@ -546,6 +547,22 @@ fn a_stable_diffusion_15_lora_run_trains_its_adapters_and_samples() {
         &[&file],
     );
     assert_eq!(header.trim(), "4 4.0 pt");
+    // Resumed from update 20, the later losses are the uninterrupted run's (LoRA's dropout
+    // masks and the checkpointed recompute included).
+    let resumed = tmp.path().join("resumed");
+    let from = resumed.join("run/checkpoints/checkpoint-20");
+    copy_dir(&run.join("checkpoints/checkpoint-20"), &from);
+    train(
+        sd15_lora::run,
+        &[("dataset.name", data.display().to_string())],
+        &resumed,
+        Some(from),
+    );
+    let after: Vec<(u64, f64)> = series(&run, "train/loss")
+        .into_iter()
+        .filter(|(s, _)| *s > 20)
+        .collect();
+    assert_eq!(after, series(&resumed.join("run"), "train/loss"));
     assert_adapted_samples_are_the_merged_ones(&run, tmp.path(), Some("female"), 32);
 }
 

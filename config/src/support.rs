@@ -69,13 +69,7 @@ fn check_diffusion(
         );
         return;
     }
-    let rules: [(bool, &str, &str, &str); 4] = [
-        (
-            sd15 && d.training.gradient_checkpointing,
-            "training.gradient_checkpointing",
-            "gradient checkpointing of the Stable Diffusion 1.5 UNet (the DiT and the hourglass-shaped models have it)",
-            "set `gradient_checkpointing = false`; LoRA (`[model.lora]`) cuts the optimizer's memory instead",
-        ),
+    let rules: [(bool, &str, &str, &str); 3] = [
         (
             m.lora_enabled && skeleton,
             "model.lora.enabled",

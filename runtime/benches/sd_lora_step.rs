@@ -5,10 +5,12 @@
 //! target, backward, clipped AdamW (lr 1e-4) on what trains. One warm-up step, then `steps`
 //! timed. Prints one JSON line: images/s, parameters, trained parameters.
 //! `cargo bench -p signal-diffusion-runtime --bench sd_lora_step -- <unet|mmdit> <config.json>
-//! <batch> <rank> <steps> [text tokens]`
+//! <batch> <rank> <steps> [text tokens] [--checkpointing]` (the UNet's per-block gradient
+//! checkpointing).
 
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Result, Tensor};
 use signal_diffusion_runtime::config::choice::{LoraBias, OptimizerName};
 use signal_diffusion_runtime::config::pretrained::{parse_mmdit, parse_unet};
@@ -60,13 +62,28 @@ fn main() -> Result<()> {
     };
     let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev);
     let t: Vec<f32> = (0..batch).map(|i| (37 + 311 * i % 1000) as f32).collect();
-    let forward: Box<dyn Fn() -> Result<Tensor>> = match kind.as_str() {
+    let checkpointing = std::env::args().any(|a| a == "--checkpointing");
+    // The loss of the forward against a target, and its gradients.
+    type LossAndGrads<'a> = Box<dyn Fn(&Tensor) -> Result<(Tensor, GradStore)> + 'a>;
+    let mse = |out: &Tensor, target: &Tensor| (out - target)?.sqr()?.mean_all();
+    let forward: Box<dyn Fn() -> Result<Tensor>>;
+    let step_grads: LossAndGrads;
+    match kind.as_str() {
         "unet" => {
             let s = parse_unet(&text, dir).expect("a UNet config");
-            let model = Unet::new(&s, &mut p)?;
+            let model = std::rc::Rc::new(Unet::new(&s, &mut p)?);
             let x = randn(&[batch, s.in_channels, s.sample_size, s.sample_size])?;
             let context = randn(&[batch, text_tokens, s.cross_attention_dim])?;
-            Box::new(move || model.forward(&x, &t, &context))
+            let (m, x2, c2, t2) = (model.clone(), x.clone(), context.clone(), t.clone());
+            forward = Box::new(move || m.forward(&x2, &t2, &c2));
+            step_grads = Box::new(move |target: &Tensor| match checkpointing {
+                true => model.checkpointed_backward(&x, &t, &context, |out| mse(out, target)),
+                false => {
+                    let loss = mse(&model.forward(&x, &t, &context)?, target)?;
+                    let grads = loss.backward()?;
+                    Ok((loss, grads))
+                }
+            });
         }
         _ => {
             let s = parse_mmdit(&text, dir).expect("an SD3 transformer config");
@@ -74,9 +91,17 @@ fn main() -> Result<()> {
             let x = randn(&[batch, s.in_channels, s.sample_size, s.sample_size])?;
             let context = randn(&[batch, text_tokens, s.joint_attention_dim])?;
             let pooled = randn(&[batch, s.pooled_projection_dim])?;
-            Box::new(move || model.forward(&x, &t, &context, &pooled))
+            let f: std::rc::Rc<dyn Fn() -> Result<Tensor>> =
+                std::rc::Rc::new(move || model.forward(&x, &t, &context, &pooled));
+            let g = f.clone();
+            forward = Box::new(move || f());
+            step_grads = Box::new(move |target: &Tensor| {
+                let loss = mse(&g()?, target)?;
+                let grads = loss.backward()?;
+                Ok((loss, grads))
+            });
         }
-    };
+    }
     let params = p.count();
     let trained = p.trainable_count();
     let cfg = schema::Optimizer {
@@ -90,8 +115,7 @@ fn main() -> Result<()> {
     let mut opt = Optimizer::new(&cfg, p.trainable.clone())?;
     let target = forward()?.randn_like(0.0, 1.0)?;
     let mut step = || -> Result<()> {
-        let loss = (forward()? - &target)?.sqr()?.mean_all()?;
-        let mut grads = loss.backward()?;
+        let (_, mut grads) = step_grads(&target)?;
         opt.step(&mut grads, 1e-4, Some(1.0))?;
         Ok(())
     };

@@ -119,3 +119,59 @@ fn a_sharing_twin_computes_the_same_without_a_graph() {
     let mean: f32 = shifted.mean_all().unwrap().to_scalar().unwrap();
     assert!((mean - 1.0).abs() < 1e-5, "{name}: shifted by {mean}");
 }
+
+/// Gradient checkpointing gives the loss and every gradient of the plain backward (the same
+/// numbers up to summation order: the skips' gradients are summed in another order), full
+/// fine-tune and LoRA (its B set non-zero, so every adapter's gradient is not trivial).
+#[test]
+fn checkpointed_gradients_equal_the_plain_backward() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let config = std::fs::read_to_string(root.join("unet/config.json")).unwrap();
+    let shape = parse_unet(&config, &root.join("unet")).unwrap();
+    let saved =
+        candle_core::safetensors::load(root.join("unet/unet.safetensors"), &Device::Cpu).unwrap();
+    for lora in [false, true] {
+        let mut p = match lora {
+            true => Params::with_lora(
+                0,
+                &Device::Cpu,
+                lora_spec(&LORA_TARGETS, LoraBias::None, 0.0),
+            ),
+            false => Params::new(0, &Device::Cpu),
+        };
+        let model = Unet::new(&shape, &mut p).unwrap();
+        for vars in [&p.frozen, &p.trainable] {
+            let base: Vec<_> = vars
+                .iter()
+                .filter(|(n, _)| !n.contains(".lora_"))
+                .cloned()
+                .collect();
+            restore(&base, &saved).unwrap();
+        }
+        for (n, v) in &p.trainable {
+            if n.contains(".lora_B") {
+                v.set(&(v.as_tensor() + 0.01).unwrap()).unwrap();
+            }
+        }
+        let t: Vec<f32> = saved["timestep"].to_vec1().unwrap();
+        let (x, ctx, up) = (
+            &saved["input"],
+            &saved["encoder_hidden_states"],
+            &saved["upstream"],
+        );
+        let loss_of = |out: &Tensor| (out * up).unwrap().sum_all();
+        let plain_loss = loss_of(&model.forward(x, &t, ctx).unwrap()).unwrap();
+        let plain = plain_loss.backward().unwrap();
+        let (loss, grads) = model.checkpointed_backward(x, &t, ctx, loss_of).unwrap();
+        let (a, b): (f32, f32) = (loss.to_scalar().unwrap(), plain_loss.to_scalar().unwrap());
+        assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "loss {a} vs {b}");
+        for (name, var) in &p.trainable {
+            let (g, want) = (grads.get(var).unwrap(), plain.get(var).unwrap());
+            let rel = max_abs_diff(g, want) / max_abs(want).max(1e-12);
+            assert!(
+                rel < 1e-4,
+                "lora {lora}, {name}: checkpointed gradient off by {rel}"
+            );
+        }
+    }
+}

@@ -23,6 +23,7 @@ use super::path::Level;
 use crate::models::dit::{age_features, Condition, Conditioning, Dit, DitShape};
 use crate::models::hourglass::{Hourglass, HourglassShape};
 use crate::models::localmamba::{LocalMamba, LocalMambaShape};
+use crate::models::lora::LoraDropout;
 use crate::models::nn::Params;
 use crate::models::tape::{Node, Tape};
 use crate::models::unet::{Unet, UnetShape};
@@ -260,7 +261,11 @@ impl Denoiser {
         let t: Vec<f32> = levels.iter().map(|l| l.t).collect();
         match &self.net {
             Net::Dit(dit) => return dit.forward_with_dropout(x, &t, cond, seed),
-            Net::Unet(unet) => return unet.forward(x, &t, &self.text_states(cond, x.device())?),
+            Net::Unet(unet) => {
+                // LoRA's dropout masks, drawn from the step's seed (none in evaluation).
+                let _lora = LoraDropout::enter(seed);
+                return unet.forward(x, &t, &self.text_states(cond, x.device())?);
+            }
             Net::Hourglass(_) | Net::LocalMamba(_) => {}
         }
         // The same draws as `loss_and_grads` with this seed.
@@ -281,8 +286,13 @@ impl Denoiser {
         (seed, checkpointing): (Option<u64>, bool),
         loss_of: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, GradStore)> {
+        if let (Net::Unet(unet), true) = (&self.net, checkpointing) {
+            let _lora = LoraDropout::enter(seed);
+            let t: Vec<f32> = levels.iter().map(|l| l.t).collect();
+            let context = self.text_states(cond, x.device())?;
+            return unet.checkpointed_backward(x, &t, &context, loss_of);
+        }
         if let Net::Unet(_) = &self.net {
-            // config/src/support.rs refuses gradient checkpointing for the UNet.
             let loss = loss_of(&self.forward_with_dropout(x, levels, cond, seed)?)?;
             let grads = loss.backward()?;
             return Ok((loss, grads));

@@ -659,10 +659,10 @@ fn block_seed(seed: Option<u64>, i: usize) -> Option<u64> {
 }
 
 /// Removes and returns the gradient of `x`, which every segment's input has.
-fn take_grad(grads: &mut GradStore, x: &Tensor) -> Result<Tensor> {
-    grads
-        .remove(x)
-        .ok_or_else(|| candle_core::Error::Msg("a DiT segment input got no gradient".into()))
+pub(crate) fn take_grad(grads: &mut GradStore, x: &Tensor) -> Result<Tensor> {
+    grads.remove(x).ok_or_else(|| {
+        candle_core::Error::Msg("a checkpointed segment's input got no gradient".into())
+    })
 }
 
 /// The number of trainable parameters of a DiT of this shape (built with zero weights).

@@ -16,7 +16,8 @@
 //! LayerNorm → self-attention, LayerNorm → cross-attention to the text tokens, LayerNorm →
 //! GEGLU feed-forward, each residual, then 1×1 `proj_out`, residual around the whole.
 
-use candle_core::{Result, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, Var};
 
 use super::nn::{affine, Conv, LayerNorm, Linear, Params};
 use crate::ops::attention::{attention, softmax_last};
@@ -440,44 +441,193 @@ impl Unet {
     /// to `context` (B, M, cross_attention_dim), the text encoder's hidden states -> the
     /// prediction, shaped like x.
     pub fn forward(&self, x: &Tensor, t: &[f32], context: &Tensor) -> Result<Tensor> {
+        let temb_act = self.time_embedding(t, x.device())?;
+        let mut values = vec![self.conv_in.forward(x)?];
+        for segment in self.segments() {
+            let h = values.last().expect("conv_in's output");
+            let skip = segment.skip.map(|i| &values[i]);
+            let out = segment.forward(h, skip, &temb_act, context)?;
+            values.push(out);
+        }
+        self.head(values.last().expect("the last block's output"))
+    }
+
+    /// SiLU of the time embedding, what every ResNet reads.
+    fn time_embedding(&self, t: &[f32], device: &candle_core::Device) -> Result<Tensor> {
         let c0 = self.shape.block_out_channels[0];
-        let features = super::dit::sinusoid(t, c0, self.shape.freq_shift, x.device())?;
+        let features = super::dit::sinusoid(t, c0, self.shape.freq_shift, device)?;
         let temb = self
             .time_2
             .forward(&silu(&self.time_1.forward(&features)?)?)?;
-        let temb_act = silu(&temb)?;
-        let mut h = self.conv_in.forward(x)?;
-        let mut skips = vec![h.clone()];
+        silu(&temb)
+    }
+
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        self.conv_out.forward(&silu(&self.norm_out.forward(h)?)?)
+    }
+
+    /// The blocks after `conv_in`, in order, each taking the previous one's output (value k − 1
+    /// for block k, value 0 being conv_in's) and an up-block ResNet also the skip it reads (the
+    /// index of a down-path value).
+    fn segments(&self) -> Vec<Segment<'_>> {
+        let mut segments = vec![];
+        let mut skips = vec![0];
+        fn push<'a>(
+            segments: &mut Vec<Segment<'a>>,
+            block: Block<'a>,
+            skip: Option<usize>,
+        ) -> usize {
+            segments.push(Segment { block, skip });
+            segments.len()
+        }
         for level in &self.down {
             for (j, resnet) in level.resnets.iter().enumerate() {
-                h = resnet.forward(&h, &temb_act)?;
+                let mut out = push(&mut segments, Block::Resnet(resnet), None);
                 if let Some(t) = level.transformers.get(j) {
-                    h = t.forward(&h, context)?;
+                    out = push(&mut segments, Block::Transformer(t), None);
                 }
-                skips.push(h.clone());
+                skips.push(out);
             }
             if let Some(down) = &level.resample {
-                h = down.down(&h)?;
-                skips.push(h.clone());
+                skips.push(push(&mut segments, Block::Down(down), None));
             }
         }
         let (r0, attn, r1) = &self.mid;
-        h = r1.forward(
-            &attn.forward(&r0.forward(&h, &temb_act)?, context)?,
-            &temb_act,
-        )?;
+        for block in [
+            Block::Resnet(r0),
+            Block::Transformer(attn),
+            Block::Resnet(r1),
+        ] {
+            push(&mut segments, block, None);
+        }
         for level in &self.up {
             for (j, resnet) in level.resnets.iter().enumerate() {
                 let skip = skips.pop().expect("one skip per up-block ResNet");
-                h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, &temb_act)?;
+                push(&mut segments, Block::Resnet(resnet), Some(skip));
                 if let Some(t) = level.transformers.get(j) {
-                    h = t.forward(&h, context)?;
+                    push(&mut segments, Block::Transformer(t), None);
                 }
             }
             if let Some(up) = &level.resample {
-                h = up.up(&h)?;
+                push(&mut segments, Block::Up(up), None);
             }
         }
-        self.conv_out.forward(&silu(&self.norm_out.forward(&h)?)?)
+        segments
+    }
+
+    /// Gradient checkpointing: `loss_of(self.forward(x, t, context))` and the gradients of
+    /// every parameter, keeping only each block's output during the forward (the skips are
+    /// among them) and recomputing one block at a time in the backward, last first, from the
+    /// gradient its output gathered (from the next block, and from the up-block that reads it
+    /// as a skip). The time embedding's gradient is summed over the ResNets, then taken through
+    /// its MLP. Costs one more forward of the blocks; the activations held are one block's.
+    pub fn checkpointed_backward(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        context: &Tensor,
+        loss_of: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore)> {
+        let temb_act = self.time_embedding(t, x.device())?;
+        let temb_in = Var::from_tensor(&temb_act.detach())?;
+        let segments = self.segments();
+        // Forward without graphs: detaching drops each block's activations at once.
+        let mut values = vec![self.conv_in.forward(x)?.detach()];
+        for segment in &segments {
+            let h = values.last().expect("conv_in's output");
+            let skip = segment.skip.map(|i| &values[i]);
+            let out = segment.forward(h, skip, temb_in.as_tensor(), context)?;
+            values.push(out.detach());
+        }
+        let last = Var::from_tensor(values.last().expect("the last block's output"))?;
+        let loss = loss_of(&self.head(last.as_tensor())?)?;
+        let mut total = loss.backward()?;
+        let mut grads: Vec<Option<Tensor>> = vec![None; values.len()];
+        grads[values.len() - 1] = Some(super::dit::take_grad(&mut total, last.as_tensor())?);
+        let mut temb_grad: Option<Tensor> = None;
+        let add = |slot: &mut Option<Tensor>, g: Tensor| -> Result<()> {
+            *slot = Some(match slot.take() {
+                Some(sum) => (sum + g)?,
+                None => g,
+            });
+            Ok(())
+        };
+        // Segment k's output is value k + 1; its input value k, and its skip.
+        for (k, segment) in segments.iter().enumerate().rev() {
+            let Some(upstream) = grads[k + 1].take() else {
+                continue;
+            };
+            let h = Var::from_tensor(&values[k])?;
+            let skip = segment
+                .skip
+                .map(|i| Var::from_tensor(&values[i]))
+                .transpose()?;
+            let temb = Var::from_tensor(temb_in.as_tensor())?;
+            let out = segment.forward(
+                h.as_tensor(),
+                skip.as_ref().map(Var::as_tensor),
+                temb.as_tensor(),
+                context,
+            )?;
+            let mut g = (out * &upstream)?.sum_all()?.backward()?;
+            g.remove(&upstream);
+            add(&mut grads[k], super::dit::take_grad(&mut g, h.as_tensor())?)?;
+            if let (Some(skip), Some(i)) = (&skip, segment.skip) {
+                add(
+                    &mut grads[i],
+                    super::dit::take_grad(&mut g, skip.as_tensor())?,
+                )?;
+            }
+            if let Block::Resnet(_) = segment.block {
+                add(
+                    &mut temb_grad,
+                    super::dit::take_grad(&mut g, temb.as_tensor())?,
+                )?;
+            }
+            total.extend(g)?;
+        }
+        // conv_in and the time embedding's MLP, from their outputs' gradients.
+        let conv_in = self.conv_in.forward(x)?;
+        let mut tail = match grads[0].take() {
+            Some(g) => (conv_in * g)?.sum_all()?,
+            None => Tensor::zeros((), conv_in.dtype(), x.device())?,
+        };
+        if let Some(g) = temb_grad {
+            tail = (tail + (temb_act * g)?.sum_all()?)?;
+        }
+        total.extend(tail.backward()?)?;
+        Ok((loss, total))
+    }
+}
+
+/// One block of the UNet between `conv_in` and the head.
+enum Block<'a> {
+    Resnet(&'a Resnet),
+    Transformer(&'a Transformer),
+    Down(&'a Resample),
+    Up(&'a Resample),
+}
+
+struct Segment<'a> {
+    block: Block<'a>,
+    /// The down-path value an up-block ResNet concatenates to its input.
+    skip: Option<usize>,
+}
+
+impl Segment<'_> {
+    fn forward(
+        &self,
+        h: &Tensor,
+        skip: Option<&Tensor>,
+        temb_act: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        match (&self.block, skip) {
+            (Block::Resnet(r), Some(skip)) => r.forward(&Tensor::cat(&[h, skip], 1)?, temb_act),
+            (Block::Resnet(r), None) => r.forward(h, temb_act),
+            (Block::Transformer(t), _) => t.forward(h, context),
+            (Block::Down(d), _) => d.down(h),
+            (Block::Up(u), _) => u.up(h),
+        }
     }
 }
