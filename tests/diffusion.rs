@@ -407,22 +407,7 @@ fn a_lora_dit_trains_only_its_adapters_and_samples_merged_or_not() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     write_dataset(&data);
-    let out = tmp.path().join("out");
-    train(
-        lora_dit::run,
-        &[("dataset.name", data.display().to_string())],
-        &out,
-        None,
-    );
-    let run = only_run_dir(&out);
-    let losses: Vec<f64> = series(&run, "train/loss").iter().map(|(_, v)| *v).collect();
-    assert_eq!(losses.len(), 40);
-    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
-    let (first, last) = (mean(&losses[..5]), mean(&losses[35..]));
-    assert!(
-        last < 0.85 * first,
-        "the loss went from {first:.4} to {last:.4}: {losses:?}"
-    );
+    let run = train_lora(lora_dit::run, &data, &tmp.path().join("out"), 5);
 
     let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
     assert_only_targets_changed(
@@ -449,27 +434,8 @@ fn a_lora_dit_trains_only_its_adapters_and_samples_merged_or_not() {
     let checkpoint = load(&run.join("checkpoints/last/model.safetensors"));
     assert!(!checkpoint.contains_key("transformer_blocks.0.attn1.to_q.weight"));
     assert!(checkpoint.contains_key("transformer_blocks.0.attn1.to_q.lora_B.weight"));
-    // Resumed from update 20 (the pretrained weights reloaded, the adapters and their AdamW
-    // state from the checkpoint), the later losses are the uninterrupted run's, dropout's
-    // masks included.
-    let resumed = tmp.path().join("resumed");
-    let from = resumed.join("run/checkpoints/checkpoint-20");
-    copy_dir(&run.join("checkpoints/checkpoint-20"), &from);
-    train(
-        lora_dit::run,
-        &[("dataset.name", data.display().to_string())],
-        &resumed,
-        Some(from),
-    );
-    let after: Vec<(u64, f64)> = series(&run, "train/loss")
-        .into_iter()
-        .filter(|(s, _)| *s > 20)
-        .collect();
-    assert_eq!(
-        after,
-        series(&resumed.join("run"), "train/loss"),
-        "losses after resume"
-    );
+    // Dropout's masks included.
+    assert_resumes_exactly_from_update_20(lora_dit::run, &data, &run, tmp.path());
 
     assert_adapted_samples_are_the_merged_ones(&run, tmp.path(), None, 16);
 }
@@ -492,22 +458,7 @@ fn a_stable_diffusion_15_lora_run_trains_its_adapters_and_samples() {
         }
         .to_string()
     });
-    let out = tmp.path().join("out");
-    train(
-        sd15_lora::run,
-        &[("dataset.name", data.display().to_string())],
-        &out,
-        None,
-    );
-    let run = only_run_dir(&out);
-    let losses: Vec<f64> = series(&run, "train/loss").iter().map(|(_, v)| *v).collect();
-    assert_eq!(losses.len(), 40);
-    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
-    let (first, last) = (mean(&losses[..10]), mean(&losses[30..]));
-    assert!(
-        last < 0.85 * first,
-        "the loss went from {first:.4} to {last:.4}: {losses:?}"
-    );
+    let run = train_lora(sd15_lora::run, &data, &tmp.path().join("out"), 10);
     let targeted = [
         "to_q",
         "to_k",
@@ -547,23 +498,53 @@ fn a_stable_diffusion_15_lora_run_trains_its_adapters_and_samples() {
         &[&file],
     );
     assert_eq!(header.trim(), "4 4.0 pt");
-    // Resumed from update 20, the later losses are the uninterrupted run's (LoRA's dropout
-    // masks and the checkpointed recompute included).
-    let resumed = tmp.path().join("resumed");
+    // LoRA's dropout masks and the checkpointed recompute included.
+    assert_resumes_exactly_from_update_20(sd15_lora::run, &data, &run, tmp.path());
+    assert_adapted_samples_are_the_merged_ones(&run, tmp.path(), Some("female"), 32);
+}
+
+/// A 40-update LoRA run of `trainer` on `data` into `out`: the mean loss of the last `window`
+/// updates must be below 0.85× that of the first. Returns the run directory.
+fn train_lora(trainer: Trainer, data: &Path, out: &Path, window: usize) -> std::path::PathBuf {
+    train(
+        trainer,
+        &[("dataset.name", data.display().to_string())],
+        out,
+        None,
+    );
+    let run = only_run_dir(out);
+    let losses: Vec<f64> = series(&run, "train/loss").iter().map(|(_, v)| *v).collect();
+    assert_eq!(losses.len(), 40);
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    let (first, last) = (mean(&losses[..window]), mean(&losses[40 - window..]));
+    assert!(
+        last < 0.85 * first,
+        "the loss went from {first:.4} to {last:.4}: {losses:?}"
+    );
+    run
+}
+
+/// Resumed from `run`'s checkpoint at update 20 (the pretrained weights reloaded, the adapters
+/// and their AdamW state from the checkpoint), the later losses are the uninterrupted run's.
+fn assert_resumes_exactly_from_update_20(trainer: Trainer, data: &Path, run: &Path, tmp: &Path) {
+    let resumed = tmp.join("resumed");
     let from = resumed.join("run/checkpoints/checkpoint-20");
     copy_dir(&run.join("checkpoints/checkpoint-20"), &from);
     train(
-        sd15_lora::run,
+        trainer,
         &[("dataset.name", data.display().to_string())],
         &resumed,
         Some(from),
     );
-    let after: Vec<(u64, f64)> = series(&run, "train/loss")
+    let after: Vec<(u64, f64)> = series(run, "train/loss")
         .into_iter()
         .filter(|(s, _)| *s > 20)
         .collect();
-    assert_eq!(after, series(&resumed.join("run"), "train/loss"));
-    assert_adapted_samples_are_the_merged_ones(&run, tmp.path(), Some("female"), 32);
+    assert_eq!(
+        after,
+        series(&resumed.join("run"), "train/loss"),
+        "losses after resume"
+    );
 }
 
 /// The merged weights of a LoRA `run` (`final/`) against the pretrained ones (`base`, under the
