@@ -498,6 +498,48 @@ fn a_stable_diffusion_15_lora_run_trains_its_adapters_and_samples() {
         &[&file],
     );
     assert_eq!(header.trim(), "4 4.0 pt");
+    // `sigdiff export` of the last checkpoint: merged, the final weights; unmerged, the final
+    // adapters; `--merge` of a checkpoint without adapters is an error.
+    use signal_diffusion_runtime::train::export::export;
+    let (merged, adapters_only) = (
+        tmp.path().join("exported"),
+        tmp.path().join("exported-adapters"),
+    );
+    export(&run.join("checkpoints/last"), &merged, false, true, false).unwrap();
+    export(
+        &run.join("checkpoints/last"),
+        &adapters_only,
+        false,
+        false,
+        false,
+    )
+    .unwrap();
+    let same_files = |a: &Path, b: &Path| {
+        let (a, b) = (load(a), load(b));
+        assert_eq!(a.len(), b.len());
+        for (k, t) in &a {
+            let diff = (t - &b[k]).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{k}");
+        }
+    };
+    let weights = "diffusion_pytorch_model.safetensors";
+    same_files(&merged.join(weights), &run.join("final").join(weights));
+    for f in [
+        "adapter_model.safetensors",
+        "pytorch_lora_weights.safetensors",
+    ] {
+        same_files(&adapters_only.join(f), &run.join("final/lora").join(f));
+    }
+    assert!(!adapters_only.join(weights).exists());
+    let err = export(
+        &run.join("final"),
+        &tmp.path().join("x"),
+        false,
+        true,
+        false,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("nothing to merge"), "{err}");
     // LoRA's dropout masks and the checkpointed recompute included.
     assert_resumes_exactly_from_update_20(sd15_lora::run, &data, &run, tmp.path());
     assert_adapted_samples_are_the_merged_ones(&run, tmp.path(), Some("female"), 32);

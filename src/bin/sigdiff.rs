@@ -46,6 +46,10 @@ enum Command {
     /// Generate a labelled synthetic dataset (preprocessed layout) from a trained diffusion
     /// checkpoint.
     Sample(SampleArgs),
+    /// Write a diffusion checkpoint's model in the layout of a run's final weights (diffusers'
+    /// for a DiT or a UNet): a LoRA checkpoint's adapters, or with `--merge` the weights with
+    /// them merged in.
+    Export(ExportArgs),
     /// Encode a latent-space config's training and validation images once into its latent
     /// cache (its trainer does the same on first use, and reuses the cache after).
     CacheLatents { file: PathBuf },
@@ -138,6 +142,26 @@ struct MetaArgs {
     /// Threads for re-encoding images.
     #[arg(long, default_value_t = 2)]
     jobs: usize,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct ExportArgs {
+    /// A checkpoint directory written by a diffusion trainer (it holds `sampling.json`).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Export the checkpoint's EMA weights.
+    #[arg(long)]
+    ema: bool,
+    /// Merge a LoRA checkpoint's adapters into the weights they adapt (diffusers'
+    /// `from_pretrained` loads the result; the adapters are kept in `lora/`).
+    #[arg(long)]
+    merge: bool,
+    /// Replace `--out` if it exists.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -371,6 +395,13 @@ fn main() -> ExitCode {
             &args.into(),
         )),
         Command::Sample(args) => report(signal_diffusion_runtime::train::sample::run(&args.into())),
+        Command::Export(a) => report(signal_diffusion_runtime::train::export::export(
+            &a.checkpoint,
+            &a.out,
+            a.ema,
+            a.merge,
+            a.overwrite,
+        )),
         Command::CacheLatents { file } => match config::plan_unchecked(&file, &env()) {
             Err(e) => {
                 eprintln!("{}", config::render(&e));

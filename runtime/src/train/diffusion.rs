@@ -701,9 +701,22 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
         false,
     )?;
     let final_dir = run_dir.join("final");
-    save_weights(&final_dir, &ctx, &params, &tensors(&params.trainable))?;
+    let pretrained = cfg.model.pretrained_path.as_deref();
+    save_weights(
+        &final_dir,
+        &ctx.spec,
+        pretrained,
+        &params,
+        &tensors(&params.trainable),
+    )?;
     if let Some(e) = &ema {
-        save_weights(&final_dir.join("ema"), &ctx, &params, &e.tensors)?;
+        save_weights(
+            &final_dir.join("ema"),
+            &ctx.spec,
+            pretrained,
+            &params,
+            &e.tensors,
+        )?;
     }
     // The lowest KID of the run (the first kept evaluation), in W&B's summary.
     let best: Vec<(&str, f64)> = state

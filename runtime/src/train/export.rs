@@ -10,10 +10,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use signal_diffusion_config::choice::Choice;
 
 use super::checkpoint;
-use super::diffusion::Ctx;
 use crate::diffusion::denoiser::DenoiserShape;
 use crate::diffusion::sampler::SampleSpec;
-use crate::models::lora::{diffusers_unet_state, merge, peft_state};
+use crate::models::lora::{diffusers_unet_state, merge, peft_state, LoraSpec};
 use crate::models::nn::Params;
 
 /// A state dict by name, in f32: a safetensors file, or a PyTorch pickle (`torch.save` of a
@@ -105,57 +104,26 @@ pub(super) fn load_pretrained(
 
 /// The final weights: for a DiT diffusers' `save_pretrained` layout
 /// (`diffusion_pytorch_model.safetensors` and the `config.json` that
-/// `DiTTransformer2DModel.from_pretrained` reads); for the hourglass and LocalMamba the
-/// reference's state-dict names in `hourglass_model.safetensors` / `localmamba_model.safetensors`
+/// `DiTTransformer2DModel.from_pretrained` reads), for a UNet the same with its pipeline's
+/// `config.json`; for the hourglass and LocalMamba the reference's state-dict names in
+/// `hourglass_model.safetensors` / `localmamba_model.safetensors`
 /// (`model.load_state_dict(safetensors.torch.load_file(..), strict=False)` loads them; the one
 /// extra tensor is our saved `age_emb.weight`) and a `config.json` of the shape. Plus
-/// `sampling.json`. `trained` are the values of the trainable parameters (live, or their EMA).
-/// A LoRA run's adapters are merged into the weights (a plain model loads them), and saved as
-/// they are in `lora/`, PEFT's layout (`adapter_model.safetensors`, `adapter_config.json`:
-/// `PeftModel.from_pretrained(base, "lora")`).
+/// `sampling.json`. `trained` are the values of the trainable parameters (live, or their EMA);
+/// `pretrained` the weights the run started from. A LoRA run's adapters are merged into the
+/// weights (a plain model loads them), and saved as they are in `lora/` (`save_adapters`).
 pub(super) fn save_weights(
     dir: &Path,
-    ctx: &Ctx,
+    spec: &SampleSpec,
+    pretrained: Option<&Path>,
     params: &Params,
     trained: &[Tensor],
 ) -> Result<()> {
-    let tmp = crate::data::io::temp_path_for(dir)?;
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    let trained: Vec<(String, Tensor)> = params
-        .trainable
-        .iter()
-        .map(|(n, _)| n.clone())
-        .zip(trained.iter().cloned())
-        .collect();
+    let tmp = staging(dir)?;
+    let trained = named_values(params, trained);
     let mut weights = match params.lora() {
         Some(lora) => {
-            std::fs::create_dir(tmp.join("lora"))?;
-            let adapters: HashMap<String, Tensor> =
-                peft_state(lora, &trained).into_iter().collect();
-            candle_core::safetensors::save(&adapters, tmp.join("lora/adapter_model.safetensors"))?;
-            let base = ctx
-                .cfg
-                .model
-                .pretrained_path
-                .as_deref()
-                .unwrap_or(Path::new(""));
-            std::fs::write(
-                tmp.join("lora/adapter_config.json"),
-                serde_json::to_string_pretty(&lora.peft_config(&base.display().to_string()))?,
-            )?;
-            if let DenoiserShape::Unet { .. } = ctx.shape {
-                match diffusers_unet_state(lora, &trained) {
-                    Some((adapters, config)) => save_with_lora_config(
-                        &adapters,
-                        &config,
-                        &tmp.join("lora/pytorch_lora_weights.safetensors"),
-                    )?,
-                    None => println!("the adapters are in PEFT's layout only (final/lora): diffusers' LoRA file holds no trained biases"),
-                }
-            }
+            save_adapters(&tmp.join("lora"), &spec.shape, pretrained, lora, &trained)?;
             merge(lora, &trained, &params.frozen)?
         }
         None => trained,
@@ -167,8 +135,8 @@ pub(super) fn save_weights(
             .map(|(n, v)| (n.clone(), v.as_tensor().clone())),
     );
     let map: HashMap<String, Tensor> = weights.into_iter().collect();
-    candle_core::safetensors::save(&map, tmp.join(ctx.shape.weights_file()))?;
-    let config = match ctx.shape {
+    candle_core::safetensors::save(&map, tmp.join(spec.shape.weights_file()))?;
+    let config = match &spec.shape {
         DenoiserShape::Dit(s) => serde_json::json!({
             "_class_name": "DiTTransformer2DModel",
             "num_attention_heads": s.heads,
@@ -198,8 +166,7 @@ pub(super) fn save_weights(
         }),
         // The pretrained UNet's own config.json: the architecture is unchanged.
         DenoiserShape::Unet { .. } => {
-            let dir = ctx.cfg.model.pretrained_path.as_ref();
-            let file = dir
+            let file = pretrained
                 .context("a UNet is fine-tuned from a pipeline")?
                 .join("config.json");
             let text = std::fs::read_to_string(&file)
@@ -214,16 +181,72 @@ pub(super) fn save_weights(
     // Merged: sampling needs neither the adapters nor the weights they adapted.
     let spec = SampleSpec {
         lora: None,
-        ..ctx.spec.clone()
+        ..spec.clone()
     };
     std::fs::write(
         tmp.join("sampling.json"),
         serde_json::to_string_pretty(&spec)?,
     )?;
+    publish(&tmp, dir)
+}
+
+/// A LoRA run's adapters in `dir`, as they are: PEFT's layout (`adapter_model.safetensors`,
+/// `adapter_config.json`: `PeftModel.from_pretrained(base, dir)`), and for a UNet diffusers'
+/// LoRA file too (`pytorch_lora_weights.safetensors`: `pipe.load_lora_weights(dir)`).
+fn save_adapters(
+    dir: &Path,
+    shape: &DenoiserShape,
+    pretrained: Option<&Path>,
+    lora: &LoraSpec,
+    trained: &[(String, Tensor)],
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let adapters: HashMap<String, Tensor> = peft_state(lora, trained).into_iter().collect();
+    candle_core::safetensors::save(&adapters, dir.join("adapter_model.safetensors"))?;
+    let base = pretrained.unwrap_or(Path::new(""));
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&lora.peft_config(&base.display().to_string()))?,
+    )?;
+    if let DenoiserShape::Unet { .. } = shape {
+        match diffusers_unet_state(lora, trained) {
+            Some((adapters, config)) => save_with_lora_config(
+                &adapters,
+                &config,
+                &dir.join("pytorch_lora_weights.safetensors"),
+            )?,
+            None => println!("the adapters are in PEFT's layout only: diffusers' LoRA file holds no trained biases"),
+        }
+    }
+    Ok(())
+}
+
+/// `trained` by the names of the parameters they are the values of.
+fn named_values(params: &Params, trained: &[Tensor]) -> Vec<(String, Tensor)> {
+    params
+        .trainable
+        .iter()
+        .map(|(n, _)| n.clone())
+        .zip(trained.iter().cloned())
+        .collect()
+}
+
+/// An empty staging directory beside `dir`, moved into place by `publish`.
+fn staging(dir: &Path) -> Result<std::path::PathBuf> {
+    let tmp = crate::data::io::temp_path_for(dir)?;
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    Ok(tmp)
+}
+
+/// `tmp` in place of `dir`: a reader sees the old directory or the whole new one.
+fn publish(tmp: &Path, dir: &Path) -> Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
     }
-    std::fs::rename(&tmp, dir)
+    std::fs::rename(tmp, dir)
         .with_context(|| format!("cannot move weights into {}", dir.display()))?;
     Ok(())
 }
@@ -253,4 +276,61 @@ fn save_with_lora_config(tensors: &[(String, Tensor)], config: &str, path: &Path
     ]);
     safetensors::serialize_to_file(views, Some(metadata), path)
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `sigdiff export`: a checkpoint's model where its users read it, in the layout of a run's
+/// final weights (diffusers' for a DiT or a UNet). A LoRA checkpoint holds adapters only: with
+/// `merge` they are folded into the weights they adapt (and kept beside them in `lora/`),
+/// without it `out` holds the adapters alone (PEFT's layout, and diffusers' LoRA file for a
+/// UNet). `ema`: the checkpoint's EMA weights.
+pub fn export(
+    checkpoint: &Path,
+    out: &Path,
+    ema: bool,
+    merge: bool,
+    overwrite: bool,
+) -> Result<()> {
+    if out.exists() && !overwrite {
+        anyhow::bail!("{} exists; pass `--overwrite` to replace it", out.display());
+    }
+    let device = Device::Cpu;
+    let (spec, params) = super::sample::load_checkpoint(checkpoint, ema, &device)?;
+    let trained: Vec<Tensor> = params
+        .trainable
+        .iter()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
+    // The weights the run started from: a LoRA run's base, a UNet's pipeline.
+    let pretrained = match (&spec.lora, &spec.shape) {
+        (Some(lora), _) => Some(lora.pretrained.clone()),
+        (None, DenoiserShape::Unet { unet, .. }) => Some(unet.dir.clone()),
+        (None, _) => None,
+    };
+    match (&spec.lora, merge) {
+        (Some(lora), false) => {
+            let tmp = staging(out)?;
+            let named = named_values(&params, &trained);
+            save_adapters(&tmp, &spec.shape, pretrained.as_deref(), &lora.spec, &named)?;
+            publish(&tmp, out)?;
+            println!(
+                "wrote the adapters of {} to {}",
+                checkpoint.display(),
+                out.display()
+            );
+        }
+        (None, true) => anyhow::bail!(
+            "{}: not a LoRA checkpoint, nothing to merge; drop `--merge`",
+            checkpoint.display()
+        ),
+        _ => {
+            save_weights(out, &spec, pretrained.as_deref(), &params, &trained)?;
+            println!(
+                "wrote the {} of {} to {}",
+                spec.shape.family(),
+                checkpoint.display(),
+                out.display()
+            );
+        }
+    }
+    Ok(())
 }

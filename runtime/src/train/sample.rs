@@ -353,36 +353,33 @@ fn write_image(
     crate::data::io::write_png(path, &pixels, channels, h, w)
 }
 
-pub fn run(args: &SampleOptions) -> Result<()> {
-    let spec_path = args.checkpoint.join("sampling.json");
+/// A diffusion checkpoint (or final export) as written: its `sampling.json` and the parameters
+/// of its model with its weights (the EMA's with `ema`), a LoRA run's over the pretrained
+/// weights they adapt.
+pub(crate) fn load_checkpoint(
+    checkpoint: &Path,
+    ema: bool,
+    device: &Device,
+) -> Result<(SampleSpec, Params)> {
+    let spec_path = checkpoint.join("sampling.json");
     let spec: SampleSpec =
         serde_json::from_str(&std::fs::read_to_string(&spec_path).with_context(|| {
             format!(
                 "cannot read {} (is {} a diffusion checkpoint?)",
                 spec_path.display(),
-                args.checkpoint.display()
+                checkpoint.display()
             )
         })?)
         .with_context(|| format!("{}: not a sampling spec", spec_path.display()))?;
-    if args.out.exists() && !args.overwrite {
-        bail!(
-            "{} exists; pass `--overwrite` to replace it",
-            args.out.display()
-        );
-    }
-    let device = Device::Cpu;
     let shape = &spec.shape;
-    let c = shape.conditioning();
     // A LoRA run's checkpoint holds what trained: the weights it adapted come first.
     let mut params = match &spec.lora {
-        Some(lora) => Params::with_lora(0, &device, lora.spec.clone()),
-        None => Params::new(0, &device),
+        Some(lora) => Params::with_lora(0, device, lora.spec.clone()),
+        None => Params::new(0, device),
     };
-    Denoiser::new(shape, &mut params, &device)?;
-    // Sampled by a detached twin on the same storage: no autograd graph.
-    let mut model = Denoiser::new(shape, &mut Params::sharing(&params), &device)?;
+    Denoiser::new(shape, &mut params, device)?;
     if let Some(lora) = &spec.lora {
-        super::export::load_pretrained(&lora.pretrained, shape, &params, &device)?;
+        super::export::load_pretrained(&lora.pretrained, shape, &params, device)?;
     }
     let vars: Vec<(String, Var)> = params
         .trainable
@@ -390,13 +387,23 @@ pub fn run(args: &SampleOptions) -> Result<()> {
         .chain(&params.buffers)
         .cloned()
         .collect();
-    load_weights(
-        &args.checkpoint,
-        args.ema,
-        shape.weights_file(),
-        &vars,
-        &device,
-    )?;
+    load_weights(checkpoint, ema, shape.weights_file(), &vars, device)?;
+    Ok((spec, params))
+}
+
+pub fn run(args: &SampleOptions) -> Result<()> {
+    if args.out.exists() && !args.overwrite {
+        bail!(
+            "{} exists; pass `--overwrite` to replace it",
+            args.out.display()
+        );
+    }
+    let device = Device::Cpu;
+    let (spec, params) = load_checkpoint(&args.checkpoint, args.ema, &device)?;
+    let shape = &spec.shape;
+    let c = shape.conditioning();
+    // Sampled by a detached twin on the same storage: no autograd graph.
+    let mut model = Denoiser::new(shape, &mut Params::sharing(&params), &device)?;
     let rows = condition_rows(args, &spec, c)?;
     let (conds, texts): (Vec<(u32, f32)>, _) = match c {
         Conditioning::Caption { .. } => {
