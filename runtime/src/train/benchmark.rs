@@ -125,9 +125,19 @@ pub(super) fn benchmark_diffusion(
     let bs = compiled.batch_size;
     // As the trainer builds it: a LoRA config's pretrained weights frozen under adapters.
     let mut params = super::diffusion::model_params(cfg, device);
-    let model = Denoiser::new(shape, &mut params, device)?;
+    let mut model = Denoiser::new(shape, &mut params, device)?;
     if let Some(path) = &cfg.model.pretrained_path {
         super::export::load_pretrained(path, shape, &params, device)?;
+    }
+    // The batch is unconditioned (random data): a UNet attends to a null caption of zeros (the
+    // same work as the empty caption's states; no text encoder is loaded).
+    if let DenoiserShape::Unet {
+        text_tokens, frame, ..
+    } = shape
+    {
+        if let crate::models::dit::Conditioning::Caption { dim } = frame.conditioning {
+            model.set_null_caption(&vec![0f32; text_tokens * dim], device)?;
+        }
     }
     let mut opt = super::diffusion::optimizer(cfg, shape, &params)?;
     let mut rng = ChaCha8Rng::seed_from_u64(t.seed);
