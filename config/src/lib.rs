@@ -374,6 +374,11 @@ fn resolve_inner(
     let plan = match (plan, &kind) {
         (Some(mut p), Kind::Diffusion(d)) => {
             p.pretrained = plan::pretrained_lines(d);
+            // LoRA: the weights need neither gradients nor AdamW moments (12 of their 16 bytes).
+            if d.model.lora_enabled {
+                p.frozen = true;
+                p.memory_bytes -= 12 * p.params;
+            }
             Some(p)
         }
         (p, _) => p,

@@ -28,8 +28,12 @@ pub struct Plan {
     pub params: u64,
     /// Forward + backward (≈ 3× forward) for one batch.
     pub flops_per_step: u64,
-    /// Parameters, gradients and two optimizer moments in f32, plus activations kept for backward.
+    /// Parameters, gradients and two optimizer moments in f32, plus activations kept for backward
+    /// (under LoRA the frozen weights alone: `frozen`).
     pub memory_bytes: u64,
+    /// LoRA: the model's weights are frozen (no gradients or optimizer moments; the adapters,
+    /// r·(in + out) per adapted layer, are not counted).
+    pub frozen: bool,
     /// The frozen pretrained models the run uses, one line each: the VAE and the image →
     /// latent shapes it gives; the caption text encoder and its pooled width.
     pub pretrained: Vec<String>,
@@ -63,6 +67,7 @@ impl Plan {
             params,
             flops_per_step: 3 * fwd * batch as u64,
             memory_bytes,
+            frozen: false,
             pretrained: vec![],
             scan_state: None,
             neighborhoods: vec![],
@@ -92,11 +97,15 @@ impl Plan {
             ));
         }
         s.push_str(&format!(
-            "total parameters {}\nFLOPs per training step {:.3} GFLOP (forward + backward, batch {})\nmemory estimate {:.1} MiB (f32 weights, grads, Adam moments, saved activations)\n",
+            "total parameters {}\nFLOPs per training step {:.3} GFLOP (forward + backward, batch {})\nmemory estimate {:.1} MiB ({})\n",
             group(self.params),
             self.flops_per_step as f64 / 1e9,
             self.batch,
-            self.memory_bytes as f64 / (1 << 20) as f64
+            self.memory_bytes as f64 / (1 << 20) as f64,
+            match self.frozen {
+                true => "LoRA: frozen f32 weights and saved activations; the adapters, their grads and Adam moments not counted",
+                false => "f32 weights, grads, Adam moments, saved activations",
+            }
         ));
         s
     }

@@ -444,7 +444,19 @@ fn stable_diffusion_15_is_read_from_its_pipeline_in_the_hub_cache() {
         panic!()
     };
     // The published UNet: diffusers counts 859,520,964 parameters.
-    assert_eq!(r.plan.as_ref().unwrap().params, 859_520_964);
+    let plan = r.plan.as_ref().unwrap();
+    assert_eq!(plan.params, 859_520_964);
+    // Under LoRA the frozen weights need no gradients or AdamW moments in the estimate.
+    let full = resolve_edited(
+        "config/diffusion/sd15-lora-db-only.toml",
+        "sd15-full",
+        |t| t.replace("enabled = true", "enabled = false"),
+    )
+    .unwrap()
+    .plan
+    .unwrap();
+    assert!(plan.frozen && !full.frozen);
+    assert_eq!(plan.memory_bytes + 12 * plan.params, full.memory_bytes);
     let unet = d.model.unet_config.as_ref().unwrap();
     assert!(unet.dir.ends_with("unet"), "{}", unet.dir.display());
     assert_eq!((unet.cross_attention_dim, unet.heads[0]), (768, 8));
