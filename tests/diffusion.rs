@@ -87,6 +87,18 @@ fn three_samples(checkpoint: std::path::PathBuf, out: std::path::PathBuf) -> Sam
 /// Train a DiT on `data` into `out`; the mean loss of the last `window` updates must be below
 /// 0.7× that of the first. Returns the run directory.
 fn train_dit(trainer: Trainer, data: &Path, out: &Path, window: usize) -> std::path::PathBuf {
+    train_until_loss_falls(trainer, data, out, window, 0.7)
+}
+
+/// Train `trainer` on `data` into `out`; the mean loss of the last `window` updates must be
+/// below `factor` × that of the first. Returns the run directory.
+fn train_until_loss_falls(
+    trainer: Trainer,
+    data: &Path,
+    out: &Path,
+    window: usize,
+    factor: f64,
+) -> std::path::PathBuf {
     train(
         trainer,
         &[("dataset.name", data.display().to_string())],
@@ -101,8 +113,8 @@ fn train_dit(trainer: Trainer, data: &Path, out: &Path, window: usize) -> std::p
         mean(&losses[losses.len() - window..]),
     );
     assert!(
-        last < 0.7 * first,
-        "the diffusion loss went from {first:.4} to {last:.4}"
+        last < factor * first,
+        "the diffusion loss went from {first:.4} to {last:.4}: {losses:?}"
     );
     run
 }
@@ -485,13 +497,7 @@ fn a_stable_diffusion_15_lora_run_trains_its_adapters_and_samples() {
     assert_eq!(diffusers.len(), adapters.len());
     for (key, t) in &diffusers {
         let peft = format!("base_model.model.{}", key.strip_prefix("unet.").unwrap());
-        let diff = (t - &adapters[&peft])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{key}");
+        assert_eq!(max_abs_diff(t, &adapters[&peft]), 0.0, "{key}");
     }
     let header = python(
         "import sys, json\nfrom safetensors import safe_open\nm = safe_open(sys.argv[1], 'numpy').metadata()\nc = json.loads(m['lora_adapter_metadata'])\nprint(c['unet.r'], c['unet.lora_alpha'], m['format'])",
@@ -518,8 +524,7 @@ fn a_stable_diffusion_15_lora_run_trains_its_adapters_and_samples() {
         let (a, b) = (load(a), load(b));
         assert_eq!(a.len(), b.len());
         for (k, t) in &a {
-            let diff = (t - &b[k]).unwrap().abs().unwrap().max_all().unwrap();
-            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{k}");
+            assert_eq!(max_abs_diff(t, &b[k]), 0.0, "{k}");
         }
     };
     let weights = "diffusion_pytorch_model.safetensors";
@@ -548,21 +553,8 @@ fn a_stable_diffusion_15_lora_run_trains_its_adapters_and_samples() {
 /// A 40-update LoRA run of `trainer` on `data` into `out`: the mean loss of the last `window`
 /// updates must be below 0.85× that of the first. Returns the run directory.
 fn train_lora(trainer: Trainer, data: &Path, out: &Path, window: usize) -> std::path::PathBuf {
-    train(
-        trainer,
-        &[("dataset.name", data.display().to_string())],
-        out,
-        None,
-    );
-    let run = only_run_dir(out);
-    let losses: Vec<f64> = series(&run, "train/loss").iter().map(|(_, v)| *v).collect();
-    assert_eq!(losses.len(), 40);
-    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
-    let (first, last) = (mean(&losses[..window]), mean(&losses[40 - window..]));
-    assert!(
-        last < 0.85 * first,
-        "the loss went from {first:.4} to {last:.4}: {losses:?}"
-    );
+    let run = train_until_loss_falls(trainer, data, out, window, 0.85);
+    assert_eq!(series(&run, "train/loss").len(), 40);
     run
 }
 
@@ -607,17 +599,16 @@ fn assert_only_targets_changed(base: &str, run: &Path, targeted: &[&str], biases
         let (module, kind) = key.rsplit_once('.').unwrap();
         let trains = targeted.iter().any(|t| module.ends_with(&format!(".{t}")))
             && (kind == "weight" || biases);
-        let same = (&base[key] - &merged[key])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            == 0.0;
+        let same = max_abs_diff(&base[key], &merged[key]) == 0.0;
         assert_eq!(same, !trains, "{key}: changed {}, targeted {trains}", !same);
     }
+}
+
+/// max |a − b| over every element.
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+        .unwrap()
 }
 
 /// Samples of a LoRA `run`'s last checkpoint (adapters over the pretrained weights) and of its

@@ -335,14 +335,11 @@ fn read_text_encoder(
         settings.hf_models.get("stable_diffusion_model_id"),
     ) {
         (Some(t), _) => (t.clone(), "model.extras.text_encoder"),
-        // A Stable Diffusion pipeline's own `text_encoder/` and `tokenizer/` (none when the
-        // pipeline was not found: that is reported already).
-        (None, _) if m.name == DiffusionModel::StableDiffusion15 => {
-            match (&m.pretrained, &m.unet_config) {
-                (Some(p), Some(_)) => (p.clone(), "model.pretrained"),
-                _ => return,
-            }
-        }
+        // A Stable Diffusion pipeline's own `text_encoder/` and `tokenizer/`.
+        (None, _) if m.name == DiffusionModel::StableDiffusion15 => match sd15_pipeline(m) {
+            Some(p) => (p, "model.pretrained"),
+            None => return,
+        },
         (None, Some(id)) => (id.clone(), "model.conditioning"),
         (None, None) => {
             ctx.error("model.conditioning", "caption conditioning needs a text encoder: set `model.extras.text_encoder` (a CLIP text encoder's directory, or a Hugging Face id)");
@@ -397,13 +394,11 @@ fn read_latent_space(
     let m = &mut d.model;
     let (spec, key) = match (&m.vae, settings.hf_models.get("stable_diffusion_model_id")) {
         (Some(v), _) => (v.clone(), "model.extras.vae"),
-        // A Stable Diffusion pipeline's own `vae/` (none when the pipeline was not found).
-        (None, _) if m.name == DiffusionModel::StableDiffusion15 => {
-            match (&m.pretrained, &m.unet_config) {
-                (Some(p), Some(_)) => (p.clone(), "model.pretrained"),
-                _ => return,
-            }
-        }
+        // A Stable Diffusion pipeline's own `vae/`.
+        (None, _) if m.name == DiffusionModel::StableDiffusion15 => match sd15_pipeline(m) {
+            Some(p) => (p, "model.pretrained"),
+            None => return,
+        },
         (None, Some(id)) => (id.clone(), "model.extras.latent_space"),
         (None, None) => return, // diffusion_rules.rs asks for a VAE.
     };
@@ -491,6 +486,12 @@ fn read_latent_space(
         }
     }
     m.vae_config = Some(vae);
+}
+
+/// The SD 1.5 pipeline its parts are read from: `model.pretrained` once its UNet was found
+/// (`None` when it was not: `read_sd15` reported that, and nothing else is looked for).
+fn sd15_pipeline(m: &DiffModel) -> Option<String> {
+    m.unet_config.as_ref().and(m.pretrained.clone())
 }
 
 /// `key` when the config sets it, else `model.pretrained` (the pipeline that supplied the part).

@@ -276,7 +276,8 @@ impl Denoiser {
 
     /// `loss_of` the training forward and the gradients of every parameter. With
     /// `checkpointing`, the forward keeps only each block's input and the backward recomputes
-    /// one block at a time (DiT: dit.rs; the hourglass-shaped models: models/tape.rs): the same
+    /// one block at a time (DiT: dit.rs; UNet: unet.rs; the hourglass-shaped models:
+    /// models/tape.rs): the same
     /// gradients up to summation order, for one more forward of the blocks.
     pub fn loss_and_grads(
         &self,
@@ -286,25 +287,20 @@ impl Denoiser {
         (seed, checkpointing): (Option<u64>, bool),
         loss_of: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, GradStore)> {
-        if let (Net::Unet(unet), true) = (&self.net, checkpointing) {
-            let _lora = LoraDropout::enter(seed);
-            let t: Vec<f32> = levels.iter().map(|l| l.t).collect();
-            let context = self.text_states(cond, x.device())?;
-            return unet.checkpointed_backward(x, &t, &context, loss_of);
-        }
-        if let Net::Unet(_) = &self.net {
-            let loss = loss_of(&self.forward_with_dropout(x, levels, cond, seed)?)?;
-            let grads = loss.backward()?;
-            return Ok((loss, grads));
-        }
-        if let Net::Dit(dit) = &self.net {
-            if checkpointing {
-                let t: Vec<f32> = levels.iter().map(|l| l.t).collect();
-                return dit.checkpointed_backward(x, &t, cond, seed, loss_of);
+        let t: Vec<f32> = levels.iter().map(|l| l.t).collect();
+        match (&self.net, checkpointing) {
+            (Net::Dit(dit), true) => return dit.checkpointed_backward(x, &t, cond, seed, loss_of),
+            (Net::Unet(unet), true) => {
+                let _lora = LoraDropout::enter(seed);
+                let context = self.text_states(cond, x.device())?;
+                return unet.checkpointed_backward(x, &t, &context, loss_of);
             }
-            let loss = loss_of(&self.forward_with_dropout(x, levels, cond, seed)?)?;
-            let grads = loss.backward()?;
-            return Ok((loss, grads));
+            (Net::Dit(_) | Net::Unet(_), false) => {
+                let loss = loss_of(&self.forward_with_dropout(x, levels, cond, seed)?)?;
+                let grads = loss.backward()?;
+                return Ok((loss, grads));
+            }
+            (Net::Hourglass(_) | Net::LocalMamba(_), _) => {}
         }
         let mut tape = Tape::new(seed, checkpointing);
         let out = self.record(&mut tape, x, levels, cond)?;
