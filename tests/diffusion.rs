@@ -73,6 +73,10 @@ mod sd15_lora {
     signal_diffusion_macros::trainer!("train/sd15_lora.toml");
 }
 
+mod sd35_lora {
+    signal_diffusion_macros::trainer!("train/sd35_lora.toml");
+}
+
 /// Three samples of `checkpoint` into `out`, 3 denoising steps, in batches of 2, seed 1.
 fn three_samples(checkpoint: std::path::PathBuf, out: std::path::PathBuf) -> SampleOptions {
     SampleOptions {
@@ -425,7 +429,7 @@ fn a_lora_dit_trains_only_its_adapters_and_samples_merged_or_not() {
     assert_only_targets_changed(
         "tests/fixtures/lora_base/diffusion_pytorch_model.safetensors",
         &run,
-        &["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"],
+        (&["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"], &[]),
         true,
     );
     let adapters = load(&run.join("final/lora/adapter_model.safetensors"));
@@ -482,7 +486,7 @@ fn a_stable_diffusion_15_lora_run_trains_its_adapters_and_samples() {
     assert_only_targets_changed(
         "tests/fixtures/sd15-tiny/unet/diffusion_pytorch_model.safetensors",
         &run,
-        &targeted,
+        (&targeted, &[]),
         false,
     );
     let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
@@ -550,6 +554,89 @@ fn a_stable_diffusion_15_lora_run_trains_its_adapters_and_samples() {
     assert_adapted_samples_are_the_merged_ones(&run, tmp.path(), Some("female"), 32);
 }
 
+/// Stable Diffusion 3.5 with LoRA on the tiny random pipeline of tests/fixtures/sd35-tiny
+/// (tests/fixtures/sd35_tiny.py): captions embedded once by CLIP-L and CLIP-G (their states side
+/// by side, T5's zero tokens after them, their pooled vectors), images encoded by the pipeline's
+/// VAE (shift and scale), the rectified flow on the pipeline's shifted timesteps, the MMDiT
+/// checkpointed per block. The loss falls, only the targeted layers change, the adapters are
+/// PEFT's and diffusers' (`transformer.`-prefixed), `sigdiff export` writes the same, a resumed
+/// run repeats the same updates, and samples of the adapted checkpoint are the merged model's.
+#[test]
+fn a_stable_diffusion_35_lora_run_trains_its_adapters_and_samples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_dataset(&data);
+    add_captions(&data, |row| {
+        match row.split(',').nth(2) == Some("F") {
+            true => "female",
+            false => "male",
+        }
+        .to_string()
+    });
+    let run = train_lora(sd35_lora::run, &data, &tmp.path().join("out"), 10);
+    let targeted = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "proj_out",
+    ];
+    assert_only_targets_changed(
+        "tests/fixtures/sd35-tiny/transformer/diffusion_pytorch_model.safetensors",
+        &run,
+        // The last block's text queries feed only its text outputs, which it drops: no gradient
+        // reaches them (diffusers' model has the same), so their adapters stay zero.
+        (&targeted, &["transformer_blocks.1.attn.add_q_proj"]),
+        false,
+    );
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let adapters = load(&run.join("final/lora/adapter_model.safetensors"));
+    // Block 0: 8 joint-attention projections, its second attention's 4 (SD 3.5's dual block)
+    // and 2 of `ff` (not `ff_context`: PEFT matches the name's last parts); the last block 7
+    // (no `to_add_out`) and 2; `proj_out`; × (A, B).
+    assert_eq!(adapters.len(), (14 + 9 + 1) * 2, "{:?}", adapters.keys());
+    let file = run.join("final/lora/pytorch_lora_weights.safetensors");
+    let diffusers = load(&file);
+    assert_eq!(diffusers.len(), adapters.len());
+    for (key, t) in &diffusers {
+        let peft = format!(
+            "base_model.model.{}",
+            key.strip_prefix("transformer.").unwrap()
+        );
+        assert_eq!(max_abs_diff(t, &adapters[&peft]), 0.0, "{key}");
+    }
+    let header = python(
+        "import sys, json\nfrom safetensors import safe_open\nm = safe_open(sys.argv[1], 'numpy').metadata()\nc = json.loads(m['lora_adapter_metadata'])\nprint(c['transformer.r'], c['transformer.lora_alpha'], m['format'])",
+        &[&file],
+    );
+    assert_eq!(header.trim(), "4 4.0 pt");
+    // The final weights are the pipeline's transformer: its config.json, every tensor.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("final/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["_class_name"], "SD3Transformer2DModel");
+    use signal_diffusion_runtime::train::export::export;
+    let merged = tmp.path().join("exported");
+    export(&run.join("checkpoints/last"), &merged, false, true, false).unwrap();
+    let weights = "diffusion_pytorch_model.safetensors";
+    let (a, b) = (
+        load(&merged.join(weights)),
+        load(&run.join("final").join(weights)),
+    );
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        assert_eq!(max_abs_diff(t, &b[k]), 0.0, "{k}");
+    }
+    assert_resumes_exactly_from_update_20(sd35_lora::run, &data, &run, tmp.path());
+    assert_adapted_samples_are_the_merged_ones(&run, tmp.path(), Some("female"), 32);
+}
+
 /// A 40-update LoRA run of `trainer` on `data` into `out`: the mean loss of the last `window`
 /// updates must be below 0.85× that of the first. Returns the run directory.
 fn train_lora(trainer: Trainer, data: &Path, out: &Path, window: usize) -> std::path::PathBuf {
@@ -583,8 +670,14 @@ fn assert_resumes_exactly_from_update_20(trainer: Trainer, data: &Path, run: &Pa
 
 /// The merged weights of a LoRA `run` (`final/`) against the pretrained ones (`base`, under the
 /// project root): the same keys; a tensor changed exactly when its layer is `targeted` (its
-/// weight, and its bias with `biases`: `bias = "lora_only"`).
-fn assert_only_targets_changed(base: &str, run: &Path, targeted: &[&str], biases: bool) {
+/// weight, and its bias with `biases`: `bias = "lora_only"`), unless the layer is `inert` (no
+/// gradient reaches it by construction: it must stay as it was).
+fn assert_only_targets_changed(
+    base: &str,
+    run: &Path,
+    (targeted, inert): (&[&str], &[&str]),
+    biases: bool,
+) {
     let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
     let base = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join(base));
     let merged = load(&run.join("final/diffusion_pytorch_model.safetensors"));
@@ -597,8 +690,12 @@ fn assert_only_targets_changed(base: &str, run: &Path, targeted: &[&str], biases
     });
     for key in keys {
         let (module, kind) = key.rsplit_once('.').unwrap();
-        let trains = targeted.iter().any(|t| module.ends_with(&format!(".{t}")))
-            && (kind == "weight" || biases);
+        // PEFT's match: the module's name, or its last dotted parts.
+        let trains = targeted
+            .iter()
+            .any(|t| module == *t || module.ends_with(&format!(".{t}")))
+            && (kind == "weight" || biases)
+            && !inert.contains(&module);
         let same = max_abs_diff(&base[key], &merged[key]) == 0.0;
         assert_eq!(same, !trains, "{key}: changed {}, targeted {trains}", !same);
     }

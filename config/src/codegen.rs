@@ -59,7 +59,7 @@ fn items(r: &Resolved, cuda: Option<&CudaBuild>) -> Result<Items, TokenStream> {
         imports: quote! {
             use ::signal_diffusion_runtime as rt;
             #[allow(unused_imports)]
-            use #rt::config::{choice::*, pretrained::{ClipText, Unet, Vae}, schema::*, settings::*, Config, Kind};
+            use #rt::config::{choice::*, pretrained::{ClipText, Mmdit, Unet, Vae}, schema::*, settings::*, Config, Kind};
             #[allow(unused_imports)]
             use ::std::{collections::BTreeMap, path::{Path, PathBuf}};
         },
@@ -359,10 +359,12 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
         // resolve() refuses captions without a text encoder, and on the hourglass and LocalMamba.
         Conditioning::Caption => match &m.text_encoder_config {
             Some(t) => {
-                // A UNet attends to the text states; the other models take the pooled embedding.
-                let dim = match m.unet_config {
-                    Some(_) => t.hidden_size,
-                    None => t.pooled_dim(),
+                // A UNet attends to the text states, an MMDiT to CLIP-L's and CLIP-G's side by
+                // side; the other models take the pooled embedding.
+                let dim = match (&m.unet_config, &m.text_encoder_2_config) {
+                    (Some(_), _) => t.hidden_size,
+                    (None, Some(g)) if m.mmdit_config.is_some() => t.hidden_size + g.hidden_size,
+                    (None, _) => t.pooled_dim(),
                 };
                 quote! { #rt::Conditioning::Caption { dim: #dim } }
             }
@@ -492,6 +494,25 @@ fn diffusion_items(d: &Diffusion) -> TokenStream {
                 .as_ref()
                 .map_or(77, |t| t.max_position_embeddings);
             quote! { #rt::DenoiserShape::Unet { unet: #unet, text_tokens: #text_tokens, frame: #frame } }
+        }
+        DiffusionModel::StableDiffusion35 => {
+            // resolve() reads the transformer's config.json for every SD 3.5 config.
+            let mmdit: TokenStream = match &m.mmdit_config {
+                Some(t) => t
+                    .literal(&At::top(std::path::Path::new(""), 0))
+                    .parse()
+                    .expect("a struct literal parses"),
+                None => {
+                    let msg =
+                        "signal-diffusion: Stable Diffusion 3.5 without its transformer's config";
+                    return quote! { compile_error!(#msg); };
+                }
+            };
+            let text_tokens = m
+                .text_encoder_config
+                .as_ref()
+                .map_or(77, |t| t.max_position_embeddings);
+            quote! { #rt::DenoiserShape::Mmdit { mmdit: #mmdit, text_tokens: #text_tokens, frame: #frame } }
         }
         _ => quote! {
             #rt::DenoiserShape::Dit(#rt::DitShape {

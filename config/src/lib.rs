@@ -18,7 +18,7 @@ pub mod pretrained;
 pub mod schema;
 pub mod settings;
 mod support;
-pub use support::{dit_linear_layers, unet_linear_layers};
+pub use support::{dit_linear_layers, mmdit_linear_layers, unet_linear_layers};
 pub mod tree;
 
 use std::path::{Path, PathBuf};
@@ -366,6 +366,7 @@ fn resolve_inner(
         Kind::Diffusion(d) if d.model.name == DiffusionModel::Dit => Some(plan::dit(d)),
         Kind::Diffusion(d) if d.model.name == DiffusionModel::Hourglass => Some(plan::hourglass(d)),
         Kind::Diffusion(d) if d.model.unet_config.is_some() => Some(plan::unet(d)),
+        Kind::Diffusion(d) if d.model.mmdit_config.is_some() => Some(plan::mmdit(d)),
         Kind::Diffusion(d) if d.model.name == DiffusionModel::LocalMamba => {
             Some(plan::localmamba(d))
         }

@@ -578,6 +578,153 @@ pub fn skeleton_class_rows(d: &Diffusion) -> usize {
     }
 }
 
+/// Plan of Stable Diffusion 3.5's MMDiT (diffusers' `SD3Transformer2DModel`, the blocks
+/// runtime/src/models/mmdit.rs builds) on the latent grid: per block the adaLN-Zero
+/// modulations of the image and text tokens, one joint attention over both (q and k RMS-normed
+/// per head), SD 3.5's second, image-only attention in the dual blocks, and the two
+/// feed-forwards; the last block keeps only the image tokens. Text tokens: CLIP's (77) and T5's
+/// zero tokens (`SD3_T5_TOKENS`).
+pub fn mmdit(d: &Diffusion) -> Plan {
+    let m = d
+        .model
+        .mmdit_config
+        .as_ref()
+        .expect("SD 3.5 resolves its transformer");
+    let text = d
+        .model
+        .text_encoder_config
+        .as_ref()
+        .map_or(77, |t| t.max_position_embeddings)
+        + crate::pretrained::SD3_T5_TOKENS;
+    let (dim, hd, p, side) = (
+        m.dim(),
+        m.attention_head_dim,
+        m.patch_size,
+        d.model.sample_size,
+    );
+    let (c, cout) = (m.in_channels, m.out_channels);
+    let n = (side / p) * (side / p);
+    let joint = n + text;
+    let mut layers = vec![
+        linear("pos_embed.proj".into(), c * p * p, dim, n, vec![n, dim]),
+        Layer {
+            name: "time_text_embed".into(),
+            output: vec![dim],
+            params: (256 * dim
+                + dim
+                + dim * dim
+                + dim
+                + m.pooled_projection_dim * dim
+                + dim
+                + dim * dim
+                + dim) as u64,
+            flops: 2 * (256 * dim + 2 * dim * dim + m.pooled_projection_dim * dim) as u64,
+        },
+        linear(
+            "context_embedder".into(),
+            m.joint_attention_dim,
+            dim,
+            text,
+            vec![text, dim],
+        ),
+    ];
+    let qk_norms = if m.qk_norm { 2 * hd } else { 0 };
+    for i in 0..m.num_layers {
+        let at = format!("transformer_blocks.{i}");
+        let (last, dual) = (i + 1 == m.num_layers, m.dual_attention_layers.contains(&i));
+        let modulations = if dual { 9 } else { 6 };
+        layers.push(linear(
+            format!("{at}.norm1.linear"),
+            dim,
+            modulations * dim,
+            1,
+            vec![modulations * dim],
+        ));
+        let context_modulations = if last { 2 } else { 6 };
+        layers.push(linear(
+            format!("{at}.norm1_context.linear"),
+            dim,
+            context_modulations * dim,
+            1,
+            vec![context_modulations * dim],
+        ));
+        // q, k, v of both streams, the image output projection (and the text one but in the
+        // last block), the q/k norms; scores and values over the joint sequence.
+        let projections = 7 + usize::from(!last);
+        layers.push(Layer {
+            name: format!("{at}.attn"),
+            output: vec![joint, dim],
+            params: (projections * (dim * dim + dim) + 2 * qk_norms) as u64,
+            flops: 2 * (4 * n + 3 * text + if last { 0 } else { text }) as u64 * (dim * dim) as u64
+                + 4 * (joint * joint * dim) as u64,
+        });
+        if dual {
+            layers.push(Layer {
+                name: format!("{at}.attn2"),
+                output: vec![n, dim],
+                params: (4 * (dim * dim + dim) + qk_norms) as u64,
+                flops: 8 * (n * dim * dim) as u64 + 4 * (n * n * dim) as u64,
+            });
+        }
+        let streams = if last {
+            vec![("ff", n)]
+        } else {
+            vec![("ff", n), ("ff_context", text)]
+        };
+        for (ff, tokens) in streams {
+            layers.push(linear(
+                format!("{at}.{ff}.net.0.proj"),
+                dim,
+                4 * dim,
+                tokens,
+                vec![tokens, 4 * dim],
+            ));
+            layers.push(linear(
+                format!("{at}.{ff}.net.2"),
+                4 * dim,
+                dim,
+                tokens,
+                vec![tokens, dim],
+            ));
+        }
+    }
+    layers.push(linear(
+        "norm_out.linear".into(),
+        dim,
+        2 * dim,
+        1,
+        vec![2 * dim],
+    ));
+    layers.push(linear(
+        "proj_out".into(),
+        dim,
+        p * p * cout,
+        n,
+        vec![cout, side, side],
+    ));
+    let mut plan = Plan::finish("mmdit", d.dataset.batch_size, vec![c, side, side], layers);
+    if d.training.gradient_checkpointing {
+        // Saved: every block's input (image and text tokens), one block's activations while it
+        // is recomputed, and the embeddings and head.
+        let outputs = |l: &Layer| l.output.iter().product::<usize>() as u64;
+        let block: u64 = plan
+            .layers
+            .iter()
+            .filter(|l| l.name.starts_with("transformer_blocks.0."))
+            .map(outputs)
+            .sum();
+        let ends: u64 = plan.layers[..3]
+            .iter()
+            .chain(plan.layers.iter().rev().take(2))
+            .map(outputs)
+            .sum();
+        // One tensor each, where `training_memory` counts two per output.
+        let inputs = ((m.num_layers + 1) * joint * dim) as u64 / 2;
+        plan.memory_bytes = training_memory(plan.params, block + ends + inputs, plan.batch);
+    }
+    plan
+}
+
 /// Plan of Stable Diffusion 1.5's UNet (diffusers' `UNet2DConditionModel`, the blocks
 /// runtime/src/models/unet.rs builds), at the latent side: per level its ResNets (two GroupNorms
 /// and 3×3 convolutions, the time projection, a 1×1 shortcut when the width changes) and
@@ -825,14 +972,40 @@ pub fn pretrained_lines(d: &Diffusion) -> Vec<String> {
             o.num_timesteps
         ));
     }
-    if let Some(t) = &d.model.text_encoder_config {
-        // A UNet attends to the text states; the other models take the pooled embedding.
-        let fed = match d.model.unet_config {
-            Some(_) => format!(
+    if let Some(m) = &d.model.mmdit_config {
+        lines.push(format!(
+            "transformer {} (SD3Transformer2DModel, {} blocks, {} wide, dual attention in {}); noise: rectified flow over {} steps, timestep shift {}",
+            m.dir.display(),
+            m.num_layers,
+            m.dim(),
+            m.dual_attention_layers.len(),
+            d.objective.num_timesteps,
+            d.objective.flow_shift
+        ));
+    }
+    for t in d
+        .model
+        .text_encoder_config
+        .iter()
+        .chain(&d.model.text_encoder_2_config)
+    {
+        // A UNet attends to the text states; an MMDiT reads both encoders' states (side by side,
+        // then T5's zero tokens) and pooled embeddings; the other models the pooled embedding.
+        let fed = match (&d.model.unet_config, &d.model.mmdit_config) {
+            (Some(_), _) => format!(
                 "text states [{}, {}]",
                 t.max_position_embeddings, t.hidden_size
             ),
-            None => format!("pooled embedding {}", t.pooled_dim()),
+            (_, Some(m)) => format!(
+                "penultimate states [{}, {}] into [{}, {}] with T5's zero tokens, pooled {} of {}",
+                t.max_position_embeddings,
+                t.hidden_size,
+                t.max_position_embeddings + crate::pretrained::SD3_T5_TOKENS,
+                m.joint_attention_dim,
+                t.pooled_dim(),
+                m.pooled_projection_dim
+            ),
+            (None, None) => format!("pooled embedding {}", t.pooled_dim()),
         };
         lines.push(format!(
             "captions: text encoder {} (CLIP, {} layers, {} wide; {fed}), tokenizer {}",

@@ -248,6 +248,10 @@ literal! {
     }
 }
 
+/// The T5 token count of SD 3's text sequence: diffusers' `StableDiffusion3Pipeline` default
+/// `max_sequence_length`, zeros when T5 is not loaded.
+pub const SD3_T5_TOKENS: usize = 256;
+
 impl Mmdit {
     pub fn dim(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim
@@ -614,33 +618,37 @@ pub(crate) fn read_config(
 }
 
 /// The CLIP text encoder `spec` names (a directory holding its config.json, or a diffusers
-/// pipeline's `text_encoder/`, locally or in the hub cache) with its tokenizer (`tokenizer/`
-/// beside a pipeline's `text_encoder/`, else the same directory), or errors at `key`.
+/// pipeline's `subfolder`, locally or in the hub cache: `text_encoder/`, or SD 3's second,
+/// `text_encoder_2/`) with its tokenizer (`tokenizer/` or `tokenizer_2/` beside a pipeline's
+/// encoder, else the same directory), or errors at `key`.
 pub fn read_clip_text(
     ctx: &mut Ctx,
     env: &Env,
     sources: &mut Sources,
     (spec, key): (&str, &str),
     revision: Option<&str>,
+    subfolder: &str,
 ) -> Option<ClipText> {
     let id = if is_hub_id(spec) {
         spec
     } else {
         "openai/clip-vit-large-patch14"
     };
+    // A pipeline's `text_encoder_2/` is read with its `tokenizer_2/`.
+    let tokenizer_folder = subfolder.replace("text_encoder", "tokenizer");
     let help = format!(
-        "download it on a connected machine (`huggingface-cli download {id} --include \"text_encoder/*\" \"tokenizer/*\"`) and copy the cache (HF_HOME), or set `model.extras.text_encoder` to a directory holding a CLIP text encoder's config.json, model.safetensors and its tokenizer"
+        "download it on a connected machine (`huggingface-cli download {id} --include \"{subfolder}/*\" \"{tokenizer_folder}/*\"`) and copy the cache (HF_HOME), or set `model.extras.text_encoder` to a directory holding a CLIP text encoder's config.json, model.safetensors and its tokenizer"
     );
     let (dir, text) = read_config(
         ctx,
         env,
         sources,
         (spec, key, revision),
-        ("text encoder", "text_encoder"),
+        ("text encoder", subfolder),
         help,
     )?;
-    let tokenizer = match dir.file_name().is_some_and(|n| n == "text_encoder") {
-        true => dir.with_file_name("tokenizer"),
+    let tokenizer = match dir.file_name().is_some_and(|n| n == subfolder) {
+        true => dir.with_file_name(&tokenizer_folder),
         false => dir.clone(),
     };
     // The tokenizer is read at run time (its vocabulary is not embedded): on the disk.

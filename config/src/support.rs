@@ -55,20 +55,10 @@ fn check_diffusion(
         m.name,
         DiffusionModel::Hourglass | DiffusionModel::LocalMamba
     );
-    let sd15 = m.name == DiffusionModel::StableDiffusion15;
-    if m.name == DiffusionModel::StableDiffusion35 {
-        let what = format!(
-            "the `{}` diffusion model (the trainer builds DiT, hourglass, LocalMamba and Stable Diffusion 1.5)",
-            m.name
-        );
-        unsupported(
-            ctx,
-            "model.name",
-            what,
-            "use `name = \"stable-diffusion\"` (1.5), \"dit\", \"hourglass\" or \"localmamba\"; `sigdiff validate` checks this config",
-        );
-        return;
-    }
+    let sd = matches!(
+        m.name,
+        DiffusionModel::StableDiffusion15 | DiffusionModel::StableDiffusion35
+    );
     let rules: [(bool, &str, &str, &str); 3] = [
         (
             m.lora_enabled && skeleton,
@@ -77,9 +67,9 @@ fn check_diffusion(
             "set `enabled = false` to fine-tune the whole model from `model.pretrained`",
         ),
         (
-            sd15 && m.conditioning != Conditioning::Caption,
+            sd && m.conditioning != Conditioning::Caption,
             "model.conditioning",
-            "Stable Diffusion 1.5 conditioned on anything but captions (its UNet attends to a text encoder's states)",
+            "Stable Diffusion conditioned on anything but captions (its UNet or transformer attends to text encoders' states)",
             "use `conditioning = \"caption\"` with `dataset.caption_column`",
         ),
         (
@@ -89,15 +79,21 @@ fn check_diffusion(
             "remove `vae_tiling`",
         ),
     ];
-    match (&m.unet_config, m.lora_enabled) {
-        (_, false) => {}
-        (Some(unet), true) => check_lora_targets(
+    match (&m.unet_config, &m.mmdit_config, m.lora_enabled) {
+        (_, _, false) => {}
+        (Some(unet), _, true) => check_lora_targets(
             ctx,
             "UNet",
             &unet_linear_layers(unet),
             &m.lora_target_modules,
         ),
-        (None, true) => check_lora_targets(
+        (_, Some(mmdit), true) => check_lora_targets(
+            ctx,
+            "transformer",
+            &mmdit_linear_layers(mmdit),
+            &m.lora_target_modules,
+        ),
+        (None, None, true) => check_lora_targets(
             ctx,
             "DiT",
             &dit_linear_layers(m.conditioning),
@@ -170,6 +166,40 @@ pub fn dit_linear_layers(conditioning: Conditioning) -> Vec<String> {
     ];
     layers.extend(block.iter().map(|l| format!("transformer_blocks.0.{l}")));
     layers.extend(["proj_out_1".to_string(), "proj_out_2".to_string()]);
+    layers
+}
+
+/// The linear layers of a Stable Diffusion 3.5 MMDiT as diffusers names them, every one (the
+/// runtime's MMDiT builds exactly these: runtime/tests/mmdit.rs checks it).
+pub fn mmdit_linear_layers(m: &crate::pretrained::Mmdit) -> Vec<String> {
+    let mut layers: Vec<String> = [
+        "time_text_embed.timestep_embedder.linear_1",
+        "time_text_embed.timestep_embedder.linear_2",
+        "time_text_embed.text_embedder.linear_1",
+        "time_text_embed.text_embedder.linear_2",
+        "context_embedder",
+    ]
+    .map(String::from)
+    .to_vec();
+    for i in 0..m.num_layers {
+        let last = i + 1 == m.num_layers;
+        let mut block = vec!["norm1.linear", "norm1_context.linear"];
+        block.extend(["attn.to_q", "attn.to_k", "attn.to_v"]);
+        block.extend(["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]);
+        block.push("attn.to_out.0");
+        if !last {
+            block.push("attn.to_add_out");
+        }
+        if m.dual_attention_layers.contains(&i) {
+            block.extend(["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]);
+        }
+        block.extend(["ff.net.0.proj", "ff.net.2"]);
+        if !last {
+            block.extend(["ff_context.net.0.proj", "ff_context.net.2"]);
+        }
+        layers.extend(block.iter().map(|l| format!("transformer_blocks.{i}.{l}")));
+    }
+    layers.extend(["norm_out.linear".to_string(), "proj_out".to_string()]);
     layers
 }
 

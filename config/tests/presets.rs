@@ -74,7 +74,11 @@ fn diffusion_presets_build_or_stop_only_at_the_support_gate() {
             "localmamba-timeseries",
             "quickstart",
             "sd15-lora-db-only-tiny",
-            "sd15-lora-db-only"
+            "sd15-lora-db-only",
+            "sd35-db-iq",
+            "sd35-db-only-tiny",
+            "sd35-db-only",
+            "sd35-db-polar"
         ]
     );
 }
@@ -566,8 +570,125 @@ fn stable_diffusion_15_errors_name_the_key_and_the_pipeline_file() {
     });
     assert!(
         classes[0].starts_with(
-            "not yet supported: Stable Diffusion 1.5 conditioned on anything but captions"
+            "not yet supported: Stable Diffusion conditioned on anything but captions"
         ),
         "{classes:?}"
+    );
+}
+
+#[test]
+fn stable_diffusion_35_is_read_from_its_pipeline_in_the_hub_cache() {
+    let r = config::resolve(
+        Path::new("config/diffusion/sd35-db-only.toml"),
+        &env(),
+        Target::default(),
+    )
+    .unwrap();
+    let Kind::Diffusion(d) = &r.config.kind else {
+        panic!()
+    };
+    // The published transformer: diffusers counts 2,243,171,520 parameters.
+    assert_eq!(r.plan.as_ref().unwrap().params, 2_243_171_520);
+    let m = d.model.mmdit_config.as_ref().unwrap();
+    assert!(m.dir.ends_with("transformer"), "{}", m.dir.display());
+    assert_eq!(
+        (m.dim(), m.num_layers, m.dual_attention_layers.len()),
+        (1536, 24, 13)
+    );
+    // Latents from the pipeline's VAE; captions from its two CLIP encoders; its shifted flow.
+    assert_eq!((d.model.in_channels, d.model.sample_size), (16, 32));
+    let (l, g) = (
+        d.model.text_encoder_config.as_ref().unwrap(),
+        d.model.text_encoder_2_config.as_ref().unwrap(),
+    );
+    assert_eq!((l.pooled_dim(), g.pooled_dim()), (768, 1280));
+    assert!(g.tokenizer_dir.ends_with("tokenizer_2"));
+    assert_eq!(
+        (d.objective.flow_shift, d.objective.num_timesteps),
+        (3.0, 1000)
+    );
+    // The reference's name is the same model (the preset writes it; the contract's is this).
+    let aliased = resolve_edited("config/diffusion/sd35-db-only.toml", "sd35-alias", |t| {
+        t.replace(
+            "name = \"stable-diffusion-3.5-medium\"",
+            "name = \"stable-diffusion-35\"",
+        )
+    })
+    .unwrap();
+    let Kind::Diffusion(a) = &aliased.config.kind else {
+        panic!()
+    };
+    assert_eq!(a.model.name, d.model.name);
+}
+
+#[test]
+fn stable_diffusion_35_errors_name_the_key_and_the_pipeline_file() {
+    let tiny = "config/diffusion/sd35-db-only-tiny.toml";
+    let missing = errors_of(tiny, "sd35-missing", |t| {
+        t.replace(
+            "tests/fixtures/sd35-tiny",
+            "tests/fixtures/no-such-pipeline",
+        )
+    });
+    // One error: the VAE and text encoders it would have held are not looked for elsewhere.
+    assert_eq!(missing.len(), 1, "{missing:?}");
+    assert!(
+        missing[0].contains("no Stable Diffusion 3 transformer")
+            && missing[0].contains("no-such-pipeline/transformer/config.json")
+            && missing[0].contains("text_encoder_2/*"),
+        "{missing:?}"
+    );
+    let t5 = errors_of(tiny, "sd35-t5", |t| {
+        t.replace("[model.extras]", "[model.extras]\nskip_t5 = false")
+    });
+    assert!(
+        t5[0].starts_with("not yet supported: the T5 text encoder"),
+        "{t5:?}"
+    );
+    let epsilon = errors_of(tiny, "sd35-eps", |t| {
+        t.replace("\"vector_field\"", "\"epsilon\"")
+    });
+    assert!(
+        epsilon
+            .iter()
+            .any(|e| e.starts_with("Stable Diffusion 3.5 is a rectified flow")),
+        "{epsilon:?}"
+    );
+    let layers = errors_of(tiny, "sd35-layers", |t| {
+        t.replace("[model.extras]", "[model.extras]\nnum_layers = 24")
+    });
+    assert!(
+        layers[0].contains("`num_layers` = 24, but the pretrained transformer's is 2")
+            && layers[0].contains("transformer/config.json"),
+        "{layers:?}"
+    );
+    let steps = errors_of(tiny, "sd35-steps", |t| {
+        t.replace(
+            "prediction_type = \"vector_field\"",
+            "prediction_type = \"vector_field\"\nnum_timesteps = 500",
+        )
+    });
+    assert!(
+        steps[0].contains("`num_timesteps` = 500, but the pipeline was trained over 1000")
+            && steps[0].contains("scheduler_config.json"),
+        "{steps:?}"
+    );
+    // 128 px: 64×64 latents in 32×32 patches, more than the tiny transformer's 16×16 table.
+    let large = errors_of(tiny, "sd35-large", |t| {
+        t.replace("resolution = 32", "resolution = 128")
+    });
+    assert!(
+        large[0].contains("are 32×32 patches, more than the transformer's position table (16×16"),
+        "{large:?}"
+    );
+    let target = errors_of(tiny, "sd35-target", |t| {
+        t.replace(
+            "[model.extras]",
+            "[model.lora]\nenabled = true\ntarget_modules = [\"to_q\", \"attn1.to_k\"]\n\n[model.extras]",
+        )
+    });
+    assert!(
+        target[0].contains("LoRA target `attn1.to_k` matches no linear layer of this transformer"),
+        "{target:?}"
     );
 }

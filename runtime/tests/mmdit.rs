@@ -64,3 +64,83 @@ fn lora_mmdit_equals_peft() {
     let (out, saved) = run("lora/mmdit_lora.safetensors", &mut p);
     assert_trains_as_peft(&p, &out, &saved);
 }
+
+/// Targeting every linear layer the build lists for an MMDiT adapts exactly those layers: the
+/// build's target check and the model cannot drift apart.
+#[test]
+fn the_builds_linear_layers_are_the_mmdits() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mmdit");
+    let config = std::fs::read_to_string(root.join("config.json")).unwrap();
+    let shape = parse_mmdit(&config, &root).unwrap();
+    let layers = signal_diffusion_runtime::config::mmdit_linear_layers(&shape);
+    let targets: Vec<&str> = layers.iter().map(String::as_str).collect();
+    let mut p = Params::with_lora(0, &Device::Cpu, lora_spec(&targets, LoraBias::None, 0.0));
+    Mmdit::new(&shape, &mut p, &Device::Cpu).unwrap();
+    let adapted: std::collections::BTreeSet<String> = p
+        .trainable
+        .iter()
+        .filter_map(|(n, _)| n.strip_suffix(".lora_A.weight"))
+        .map(String::from)
+        .collect();
+    assert_eq!(adapted, layers.iter().cloned().collect());
+}
+
+/// Gradient checkpointing gives the loss and every gradient of the plain backward (the same
+/// numbers up to summation order: the conditioning vector's gradient is summed over the blocks
+/// in another order), full fine-tune and LoRA (its B set non-zero, so every adapter's gradient is
+/// not trivial); q/k projections, their norms, and the last block's text-side layers included.
+#[test]
+fn checkpointed_gradients_equal_the_plain_backward() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let config = std::fs::read_to_string(root.join("mmdit/config.json")).unwrap();
+    let shape = parse_mmdit(&config, &root.join("mmdit")).unwrap();
+    let saved =
+        candle_core::safetensors::load(root.join("mmdit/mmdit.safetensors"), &Device::Cpu).unwrap();
+    for lora in [false, true] {
+        let mut p = match lora {
+            true => Params::with_lora(
+                0,
+                &Device::Cpu,
+                lora_spec(&LORA_TARGETS, LoraBias::None, 0.0),
+            ),
+            false => Params::new(0, &Device::Cpu),
+        };
+        let model = Mmdit::new(&shape, &mut p, &Device::Cpu).unwrap();
+        for vars in [&p.frozen, &p.trainable, &p.buffers] {
+            let base: Vec<_> = vars
+                .iter()
+                .filter(|(n, _)| !n.contains(".lora_"))
+                .cloned()
+                .collect();
+            restore(&base, &saved).unwrap();
+        }
+        for (n, v) in &p.trainable {
+            if n.contains(".lora_B") {
+                v.set(&(v.as_tensor() + 0.01).unwrap()).unwrap();
+            }
+        }
+        let t: Vec<f32> = saved["timestep"].to_vec1().unwrap();
+        let (x, text, pooled, up) = (
+            &saved["input"],
+            &saved["encoder_hidden_states"],
+            &saved["pooled_projections"],
+            &saved["upstream"],
+        );
+        let loss_of = |out: &Tensor| (out * up).unwrap().sum_all();
+        let plain_loss = loss_of(&model.forward(x, &t, text, pooled).unwrap()).unwrap();
+        let plain = plain_loss.backward().unwrap();
+        let (loss, grads) = model
+            .checkpointed_backward(x, &t, (text, pooled), loss_of)
+            .unwrap();
+        let (a, b): (f32, f32) = (loss.to_scalar().unwrap(), plain_loss.to_scalar().unwrap());
+        assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "loss {a} vs {b}");
+        for (name, var) in &p.trainable {
+            let (g, want) = (grads.get(var).unwrap(), plain.get(var).unwrap());
+            let rel = max_abs_diff(g, want) / max_abs(want).max(1e-12);
+            assert!(
+                rel < 1e-4,
+                "lora {lora}, {name}: checkpointed gradient off by {rel}"
+            );
+        }
+    }
+}

@@ -75,6 +75,11 @@ literal! {
         pub text_encoder_config: Option<crate::pretrained::ClipText> = "model.extras.text_encoder (its config.json)",
         /// Stable Diffusion 1.5's UNet, as its `unet/config.json` describes it.
         pub unet_config: Option<crate::pretrained::Unet> = "model.pretrained (its unet/config.json)",
+        /// Stable Diffusion 3.5's MMDiT, as its `transformer/config.json` describes it.
+        pub mmdit_config: Option<crate::pretrained::Mmdit> = "model.pretrained (its transformer/config.json)",
+        /// Stable Diffusion 3.5's second text encoder (CLIP-G, `text_encoder_2/`); the first
+        /// (CLIP-L) is `text_encoder_config`.
+        pub text_encoder_2_config: Option<crate::pretrained::ClipText> = "model.pretrained (its text_encoder_2/config.json)",
         pub in_channels: usize = "model.extras.in_channels",
         pub out_channels: usize = "model.extras.out_channels",
         pub cfg_dropout: f64 = "model.extras.cfg_dropout",
@@ -162,6 +167,9 @@ literal! {
         pub beta_schedule: BetaSchedule = "objective (the pipeline's scheduler_config.json)",
         pub beta_start: f64 = "objective (the pipeline's scheduler_config.json)",
         pub beta_end: f64 = "objective (the pipeline's scheduler_config.json)",
+        /// The flow path's timestep shift σ' = s·σ / (1 + (s − 1)·σ): 1 (none), or a pretrained
+        /// pipeline's `shift` (SD 3.5's 3.0), in training and sampling alike.
+        pub flow_shift: f64 = "objective (the pipeline's scheduler_config.json)",
     }
 }
 
@@ -272,41 +280,22 @@ pub fn read_diffusion(
         inference,
         dataset_is_timeseries: ts,
     };
-    let sd15 = diff.model.name == DiffusionModel::StableDiffusion15;
-    if sd15 {
-        read_sd15(ctx, env, sources, root, &mut diff);
+    // A Stable Diffusion pipeline's denoiser config and scheduler first: its VAE and text
+    // encoders are read from the same pipeline.
+    match diff.model.name {
+        DiffusionModel::StableDiffusion15 => read_sd15(ctx, env, sources, root, &mut diff),
+        DiffusionModel::StableDiffusion35 => read_sd35(ctx, env, sources, root, &mut diff),
+        _ => {}
     }
-    if (diff.model.latent_space && !is_sd) || sd15 {
+    if diff.model.latent_space || is_sd {
         read_latent_space(ctx, env, sources, settings, &mut diff);
     }
     // Without a caption column diffusion_rules.rs reports that first.
-    if diff.model.conditioning == Conditioning::Caption
-        && (!is_sd || sd15)
-        && diff.dataset.caption_column.is_some()
-    {
+    if diff.model.conditioning == Conditioning::Caption && diff.dataset.caption_column.is_some() {
         read_text_encoder(ctx, env, sources, settings, &mut diff.model);
     }
-    if let (true, Some(unet), Some(text)) = (
-        sd15,
-        &diff.model.unet_config,
-        &diff.model.text_encoder_config,
-    ) {
-        if unet.cross_attention_dim != text.hidden_size {
-            let key = pipeline_key(ctx, "model.extras.text_encoder");
-            ctx.error(
-                key,
-                format!(
-                    "the UNet attends to {}-wide text states ({}), but the text encoder's are {} wide ({})",
-                    unet.cross_attention_dim,
-                    unet.dir.join("config.json").display(),
-                    text.hidden_size,
-                    text.dir.join("config.json").display()
-                ),
-            )
-            .help = Some("use the pipeline's own text encoder: remove `model.extras.text_encoder`".into());
-        }
-    }
-    if let (Some(spec), false) = (diff.model.pretrained.clone(), is_sd || sd15) {
+    check_text_widths(ctx, &diff.model);
+    if let (Some(spec), false) = (diff.model.pretrained.clone(), is_sd) {
         let files = crate::pretrained::weight_files(diff.model.name);
         diff.model.pretrained_path = crate::pretrained::read_pretrained(
             ctx,
@@ -336,7 +325,7 @@ fn read_text_encoder(
     ) {
         (Some(t), _) => (t.clone(), "model.extras.text_encoder"),
         // A Stable Diffusion pipeline's own `text_encoder/` and `tokenizer/`.
-        (None, _) if m.name == DiffusionModel::StableDiffusion15 => match sd15_pipeline(m) {
+        (None, _) if is_stable_diffusion(m.name) => match sd_pipeline(m) {
             Some(p) => (p, "model.pretrained"),
             None => return,
         },
@@ -346,8 +335,26 @@ fn read_text_encoder(
             return;
         }
     };
-    m.text_encoder_config =
-        crate::pretrained::read_clip_text(ctx, env, sources, (&spec, key), m.revision.as_deref());
+    let revision = m.revision.as_deref();
+    m.text_encoder_config = crate::pretrained::read_clip_text(
+        ctx,
+        env,
+        sources,
+        (&spec, key),
+        revision,
+        "text_encoder",
+    );
+    // SD 3.5 embeds captions with CLIP-L and CLIP-G (T5 is not loaded).
+    if m.name == DiffusionModel::StableDiffusion35 {
+        m.text_encoder_2_config = crate::pretrained::read_clip_text(
+            ctx,
+            env,
+            sources,
+            (&spec, key),
+            revision,
+            "text_encoder_2",
+        );
+    }
     // The hourglass-shaped models take the pooled embedding through `mapping_cond_in_proj`.
     if let (Some(t), DiffusionModel::Hourglass | DiffusionModel::LocalMamba) =
         (&m.text_encoder_config, m.name)
@@ -395,7 +402,7 @@ fn read_latent_space(
     let (spec, key) = match (&m.vae, settings.hf_models.get("stable_diffusion_model_id")) {
         (Some(v), _) => (v.clone(), "model.extras.vae"),
         // A Stable Diffusion pipeline's own `vae/`.
-        (None, _) if m.name == DiffusionModel::StableDiffusion15 => match sd15_pipeline(m) {
+        (None, _) if is_stable_diffusion(m.name) => match sd_pipeline(m) {
             Some(p) => (p, "model.pretrained"),
             None => return,
         },
@@ -485,13 +492,130 @@ fn read_latent_space(
             ));
         }
     }
+    if let Some(mmdit) = &m.mmdit_config {
+        let transformer_config = mmdit.dir.join("config.json");
+        if (mmdit.in_channels, mmdit.out_channels) != (vae.latent_channels, vae.latent_channels) {
+            ctx.error(
+                pipeline_key(ctx, "model.extras.vae"),
+                format!(
+                    "the transformer maps {} to {} channels ({}), but the VAE's latents have {} ({})",
+                    mmdit.in_channels,
+                    mmdit.out_channels,
+                    transformer_config.display(),
+                    vae.latent_channels,
+                    config.display()
+                ),
+            )
+            .help = Some("use the pipeline's own VAE: remove `model.extras.vae`".into());
+        }
+        let (patch, max) = (mmdit.patch_size, mmdit.pos_embed_max_size);
+        if !side.is_multiple_of(patch) {
+            ctx.error(
+                "dataset.resolution",
+                format!(
+                    "the {side}×{side} latents are not whole {patch}×{patch} patches ({})",
+                    transformer_config.display()
+                ),
+            )
+            .help = Some(format!(
+                "use a resolution that is a multiple of {}",
+                down * patch
+            ));
+        } else if side / patch > max {
+            ctx.error(
+                "dataset.resolution",
+                format!(
+                    "the {side}×{side} latents are {0}×{0} patches, more than the transformer's position table ({max}×{max}, {1})",
+                    side / patch,
+                    transformer_config.display()
+                ),
+            )
+            .help = Some(format!("use a resolution of at most {}", max * patch * down));
+        }
+    }
     m.vae_config = Some(vae);
 }
 
-/// The SD 1.5 pipeline its parts are read from: `model.pretrained` once its UNet was found
-/// (`None` when it was not: `read_sd15` reported that, and nothing else is looked for).
-fn sd15_pipeline(m: &DiffModel) -> Option<String> {
-    m.unet_config.as_ref().and(m.pretrained.clone())
+/// The Stable Diffusion pipeline its parts are read from: `model.pretrained` once its UNet or
+/// transformer was found (`None` when it was not: `read_sd15` / `read_sd35` reported that, and
+/// nothing else is looked for).
+fn sd_pipeline(m: &DiffModel) -> Option<String> {
+    (m.unet_config.is_some() || m.mmdit_config.is_some())
+        .then(|| m.pretrained.clone())
+        .flatten()
+}
+
+fn is_stable_diffusion(name: DiffusionModel) -> bool {
+    matches!(
+        name,
+        DiffusionModel::StableDiffusion15 | DiffusionModel::StableDiffusion35
+    )
+}
+
+/// The denoiser's text inputs against the text encoders that feed them: SD 1.5's UNet attends
+/// to its encoder's states; SD 3.5's MMDiT reads CLIP-L's and CLIP-G's states side by side
+/// (zero-padded to its joint width, of the same token count) and their pooled embeddings
+/// side by side.
+fn check_text_widths(ctx: &mut Ctx, m: &DiffModel) {
+    let config = |dir: &std::path::Path| dir.join("config.json").display().to_string();
+    if let (Some(unet), Some(text)) = (&m.unet_config, &m.text_encoder_config) {
+        if unet.cross_attention_dim != text.hidden_size {
+            let key = pipeline_key(ctx, "model.extras.text_encoder");
+            ctx.error(
+                key,
+                format!(
+                    "the UNet attends to {}-wide text states ({}), but the text encoder's are {} wide ({})",
+                    unet.cross_attention_dim,
+                    config(&unet.dir),
+                    text.hidden_size,
+                    config(&text.dir)
+                ),
+            )
+            .help = Some("use the pipeline's own text encoder: remove `model.extras.text_encoder`".into());
+        }
+    }
+    let (Some(mmdit), Some(l), Some(g)) = (
+        &m.mmdit_config,
+        &m.text_encoder_config,
+        &m.text_encoder_2_config,
+    ) else {
+        return;
+    };
+    let (both, files) = (
+        format!("{} and {}", config(&l.dir), config(&g.dir)),
+        config(&mmdit.dir),
+    );
+    let pooled = l.pooled_dim() + g.pooled_dim();
+    if pooled != mmdit.pooled_projection_dim {
+        ctx.error(
+            "model.pretrained",
+            format!(
+                "the transformer reads a {}-wide pooled text vector ({files}), but the two text encoders' pooled embeddings are {} + {} = {pooled} wide ({both})",
+                mmdit.pooled_projection_dim,
+                l.pooled_dim(),
+                g.pooled_dim()
+            ),
+        );
+    }
+    let width = l.hidden_size + g.hidden_size;
+    if width > mmdit.joint_attention_dim {
+        ctx.error(
+            "model.pretrained",
+            format!(
+                "the two text encoders' states are {} + {} = {width} wide ({both}), more than the transformer's joint_attention_dim {} ({files})",
+                l.hidden_size, g.hidden_size, mmdit.joint_attention_dim
+            ),
+        );
+    }
+    if l.max_position_embeddings != g.max_position_embeddings {
+        ctx.error(
+            "model.pretrained",
+            format!(
+                "the two text encoders read {} and {} tokens ({both}); their states are joined token by token",
+                l.max_position_embeddings, g.max_position_embeddings
+            ),
+        );
+    }
 }
 
 /// `key` when the config sets it, else `model.pretrained` (the pipeline that supplied the part).
@@ -543,11 +667,93 @@ fn read_sd15(ctx: &mut Ctx, env: &Env, sources: &mut Sources, root: &Section, d:
     check_sd15_extras(ctx, &extras, &unet);
     // Its weights are read when training starts (a cache of configurations builds, as the
     // latent-space VAE's does); a missing file is a run-time error naming the directory.
-    read_scheduler_config(ctx, env, sources, &dir, &mut d.objective);
+    read_scheduler_config(ctx, env, sources, &dir, &mut d.objective, d.model.name);
     d.model.pretrained_path = Some(dir);
     d.model.unet_config = Some(unet);
     // Stable Diffusion trains in its VAE's latent space, always.
     d.model.latent_space = true;
+}
+
+/// Stable Diffusion 3.5's pipeline, `model.pretrained` (a directory or a Hugging Face id): its
+/// `transformer/config.json` and the timestep shift of its `scheduler/scheduler_config.json`
+/// (SD 3.5's published 3.0 when the pipeline has none). Its VAE and its two CLIP text encoders
+/// are read by `read_latent_space` and `read_text_encoder`.
+fn read_sd35(ctx: &mut Ctx, env: &Env, sources: &mut Sources, root: &Section, d: &mut Diffusion) {
+    let key = "model.pretrained";
+    let Some(spec) = d.model.pretrained.clone() else {
+        ctx.error(
+            "model.name",
+            "Stable Diffusion 3.5 fine-tunes a pretrained pipeline, but `model.pretrained` is not set",
+        )
+        .help = Some("set `model.pretrained` to a local diffusers pipeline directory (with `transformer/`, `vae/`, `text_encoder/`, `text_encoder_2/` and their tokenizers), or its Hugging Face id in the local cache".into());
+        return;
+    };
+    let revision = d.model.revision.clone();
+    let help = "download it on a connected machine (`huggingface-cli download stabilityai/stable-diffusion-3.5-medium --include \"transformer/*\" \"vae/*\" \"text_encoder/*\" \"text_encoder_2/*\" \"tokenizer/*\" \"tokenizer_2/*\" \"scheduler/*\"`) and copy the cache (HF_HOME), or set `model.pretrained` to the pipeline's directory".to_string();
+    let Some((dir, text)) = crate::pretrained::read_config(
+        ctx,
+        env,
+        sources,
+        (&spec, key, revision.as_deref()),
+        ("Stable Diffusion 3 transformer", "transformer"),
+        help,
+    ) else {
+        return;
+    };
+    let mmdit = match crate::pretrained::parse_mmdit(&text, &dir) {
+        Ok(m) => m,
+        Err(why) => {
+            ctx.error(key, format!("{}: {why}", dir.join("config.json").display()))
+                .help = Some(
+                "the transformer must be a diffusers SD3Transformer2DModel (Stable Diffusion 3 or 3.5)"
+                    .into(),
+            );
+            return;
+        }
+    };
+    let extras = root.section(ctx, "model").section(ctx, "extras");
+    check_sd35_extras(ctx, &extras, &mmdit);
+    read_scheduler_config(ctx, env, sources, &dir, &mut d.objective, d.model.name);
+    d.model.pretrained_path = Some(dir);
+    d.model.mmdit_config = Some(mmdit);
+    d.model.latent_space = true;
+}
+
+/// The contract's SD 3.5 `[model.extras]` keys: the transformer's shape (its config.json
+/// decides it; written, it must agree), T5 (not loaded: `skip_t5` must stay true) and the text
+/// encoders' training (not built).
+fn check_sd35_extras(ctx: &mut Ctx, x: &Section, m: &crate::pretrained::Mmdit) {
+    let config = m.dir.join("config.json");
+    for (k, value) in [
+        ("num_layers", m.num_layers),
+        ("attention_head_dim", m.attention_head_dim),
+        ("num_attention_heads", m.num_attention_heads),
+        ("joint_attention_dim", m.joint_attention_dim),
+        ("caption_projection_dim", m.dim()),
+        ("pooled_projection_dim", m.pooled_projection_dim),
+    ] {
+        match x.count_opt(ctx, k, 1) {
+            Some(n) if n != value => {
+                ctx.error(
+                    &format!("model.extras.{k}"),
+                    format!(
+                        "`{k}` = {n}, but the pretrained transformer's is {value} ({})",
+                        config.display()
+                    ),
+                )
+                .help = Some("remove it: the transformer's config.json decides it".into());
+            }
+            _ => {}
+        }
+    }
+    if !x.bool_or(ctx, "skip_t5", true) {
+        ctx.error(
+            "model.extras.skip_t5",
+            "not yet supported: the T5 text encoder (`text_encoder_3`); captions are embedded by CLIP-L and CLIP-G, with zeros where T5's tokens go, as diffusers' StableDiffusion3Pipeline does without T5",
+        )
+        .help = Some("set `skip_t5 = true` (or remove it)".into());
+    }
+    check_frozen_text_encoder(ctx, x);
 }
 
 /// The contract's SD 1.5 `[model.extras]` keys: the UNet's shape (the pipeline's config decides
@@ -581,6 +787,11 @@ fn check_sd15_extras(ctx: &mut Ctx, x: &Section, unet: &crate::pretrained::Unet)
             .help = Some("remove it: the UNet's config.json decides it".into());
         }
     }
+    check_frozen_text_encoder(ctx, x);
+}
+
+/// `train_text_encoder` (not built: the text encoders stay frozen) and its learning rate.
+fn check_frozen_text_encoder(ctx: &mut Ctx, x: &Section) {
     let trains_text = x.bool_or(ctx, "train_text_encoder", false);
     if trains_text {
         ctx.error(
@@ -598,21 +809,28 @@ fn check_sd15_extras(ctx: &mut Ctx, x: &Section, unet: &crate::pretrained::Unet)
     }
 }
 
-/// The β schedule of the `scheduler/scheduler_config.json` beside a pipeline's `unet/`, checked
-/// against `[objective]`; SD 1.5's published values (scaled-linear 0.00085 → 0.012 over 1000
-/// steps, ε-prediction) when there is none.
+/// The noise schedule of the `scheduler/scheduler_config.json` beside a pipeline's `unet/` or
+/// `transformer/`, checked against `[objective]`: SD 1.5's β (its published scaled-linear
+/// 0.00085 → 0.012 over 1000 steps, ε-prediction, when there is none); SD 3.5's flow shift (its
+/// published 3.0 when there is none).
 fn read_scheduler_config(
     ctx: &mut Ctx,
     env: &Env,
     sources: &mut Sources,
-    unet_dir: &std::path::Path,
+    denoiser_dir: &std::path::Path,
     o: &mut DiffObjective,
+    model: DiffusionModel,
 ) {
+    let flow = model == DiffusionModel::StableDiffusion35;
     (o.beta_schedule, o.beta_start, o.beta_end) = (BetaSchedule::ScaledLinear, 0.00085, 0.012);
-    let path = unet_dir
+    o.flow_shift = if flow { 3.0 } else { 1.0 };
+    let path = denoiser_dir
         .with_file_name("scheduler")
         .join("scheduler_config.json");
-    let text = match unet_dir.file_name().is_some_and(|n| n == "unet") {
+    let in_pipeline = denoiser_dir
+        .file_name()
+        .is_some_and(|n| n == "unet" || n == "transformer");
+    let text = match in_pipeline {
         true => env.read(&path).ok(),
         false => None,
     };
@@ -626,6 +844,31 @@ fn read_scheduler_config(
             return;
         }
     };
+    if flow {
+        read_flow_shift(ctx, &v, &at.to_string(), o);
+    } else {
+        read_betas(ctx, &v, &at.to_string(), o);
+    }
+    let steps = v["num_train_timesteps"].as_u64().unwrap_or(1000) as usize;
+    if steps != o.num_timesteps {
+        match ctx.loc("objective.num_timesteps") {
+            Some(_) => {
+                ctx.error(
+                    "objective.num_timesteps",
+                    format!(
+                        "`num_timesteps` = {}, but the pipeline was trained over {steps} ({at})",
+                        o.num_timesteps
+                    ),
+                )
+                .help = Some("remove it (the pipeline's scheduler config gives it)".into());
+            }
+            None => o.num_timesteps = steps,
+        }
+    }
+}
+
+/// SD 1.5's DDPM-family scheduler: its β schedule, and ε-prediction.
+fn read_betas(ctx: &mut Ctx, v: &serde_json::Value, at: &str, o: &mut DiffObjective) {
     match v["beta_schedule"].as_str().unwrap_or("linear") {
         "linear" => o.beta_schedule = BetaSchedule::Linear,
         "scaled_linear" => o.beta_schedule = BetaSchedule::ScaledLinear,
@@ -647,27 +890,37 @@ fn read_scheduler_config(
             ),
         );
     }
-    let steps = v["num_train_timesteps"].as_u64().unwrap_or(1000) as usize;
-    if steps != o.num_timesteps {
-        match ctx.loc("objective.num_timesteps") {
-            Some(_) => {
-                ctx.error(
-                    "objective.num_timesteps",
-                    format!(
-                        "`num_timesteps` = {}, but the pipeline was trained over {steps} ({at})",
-                        o.num_timesteps
-                    ),
-                )
-                .help = Some("remove it (the pipeline's scheduler config gives it)".into());
-            }
-            None => o.num_timesteps = steps,
-        }
-    }
     let predicts = v["prediction_type"].as_str().unwrap_or("epsilon");
     if predicts != "epsilon" {
         ctx.error(
             "model.pretrained",
             format!("{at}: the pipeline predicts `{predicts}`; Stable Diffusion 1.5 fine-tuning trains ε-prediction"),
+        );
+    }
+}
+
+/// SD 3.5's `FlowMatchEulerDiscreteScheduler`: its static timestep shift.
+fn read_flow_shift(ctx: &mut Ctx, v: &serde_json::Value, at: &str, o: &mut DiffObjective) {
+    let class = v["_class_name"]
+        .as_str()
+        .unwrap_or("FlowMatchEulerDiscreteScheduler");
+    if class != "FlowMatchEulerDiscreteScheduler" {
+        ctx.error(
+            "model.pretrained",
+            format!("{at}: the pipeline's scheduler is `{class}`; Stable Diffusion 3.5 trains on FlowMatchEulerDiscreteScheduler's rectified flow"),
+        );
+    }
+    if v["use_dynamic_shifting"].as_bool() == Some(true) {
+        ctx.error(
+            "model.pretrained",
+            format!("{at}: not yet supported: `use_dynamic_shifting` (a resolution-dependent shift); the static `shift` is built"),
+        );
+    }
+    o.flow_shift = v["shift"].as_f64().unwrap_or(1.0);
+    if !(o.flow_shift > 0.0 && o.flow_shift.is_finite()) {
+        ctx.error(
+            "model.pretrained",
+            format!("{at}: `shift` must be positive, not {}", o.flow_shift),
         );
     }
 }
@@ -929,6 +1182,8 @@ fn read_model(root: &Section, ctx: &mut Ctx, dataset: &DiffDataset, ts: bool) ->
         pretrained,
         pretrained_path: None,
         unet_config: None,
+        mmdit_config: None,
+        text_encoder_2_config: None,
         revision,
         sample_size,
         vae_tiling,
@@ -1024,6 +1279,7 @@ fn read_objective(root: &Section, ctx: &mut Ctx) -> DiffObjective {
         beta_schedule: BetaSchedule::Linear,
         beta_start: 1e-4,
         beta_end: 0.02,
+        flow_shift: 1.0,
     }
 }
 

@@ -206,10 +206,17 @@ pub(super) fn check(
             "Stable Diffusion 1.5 is an epsilon-prediction model",
         );
     }
-    if ts && name_m == DiffusionModel::StableDiffusion15 {
+    if name_m == DiffusionModel::StableDiffusion35 && prediction_type != Objective::VectorField {
+        ctx.error(
+            "objective.prediction_type",
+            "Stable Diffusion 3.5 is a rectified flow: it predicts the vector field",
+        )
+        .help = Some("set `prediction_type = \"vector_field\"`".into());
+    }
+    if ts && is_sd {
         ctx.error(
             "model.name",
-            "Stable Diffusion 1.5 cannot model time series",
+            format!("Stable Diffusion ({name_m}) cannot model time series: it trains in a VAE's latent space of images"),
         );
     }
     if prediction_type == Objective::VectorField

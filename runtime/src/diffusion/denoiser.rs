@@ -17,13 +17,15 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use signal_diffusion_config::choice::DiffusionModel;
-use signal_diffusion_config::pretrained::weight_files;
+use signal_diffusion_config::pretrained::{weight_files, ClipText, SD3_T5_TOKENS};
 
 use super::path::Level;
+use crate::models::clip::{sd3_sequence, CaptionEncoder, CaptionInput};
 use crate::models::dit::{age_features, Condition, Conditioning, Dit, DitShape};
 use crate::models::hourglass::{Hourglass, HourglassShape};
 use crate::models::localmamba::{LocalMamba, LocalMambaShape};
 use crate::models::lora::LoraDropout;
+use crate::models::mmdit::{Mmdit, MmditShape};
 use crate::models::nn::Params;
 use crate::models::tape::{Node, Tape};
 use crate::models::unet::{Unet, UnetShape};
@@ -51,6 +53,14 @@ pub enum DenoiserShape {
         #[serde(flatten)]
         frame: Frame,
     },
+    /// Stable Diffusion 3.5's MMDiT, reading per caption `text_tokens` CLIP-L ‖ CLIP-G states
+    /// (then T5's zero tokens) and the pooled vector.
+    Mmdit {
+        mmdit: MmditShape,
+        text_tokens: usize,
+        #[serde(flatten)]
+        frame: Frame,
+    },
 }
 
 /// The input of a hourglass-shaped model and how it is conditioned.
@@ -67,7 +77,8 @@ impl DenoiserShape {
             DenoiserShape::Dit(s) => s.conditioning,
             DenoiserShape::Hourglass { frame, .. }
             | DenoiserShape::LocalMamba { frame, .. }
-            | DenoiserShape::Unet { frame, .. } => frame.conditioning,
+            | DenoiserShape::Unet { frame, .. }
+            | DenoiserShape::Mmdit { frame, .. } => frame.conditioning,
         }
     }
 
@@ -84,6 +95,9 @@ impl DenoiserShape {
             DenoiserShape::Unet { unet, frame, .. } => {
                 (unet.in_channels, frame.height, frame.width)
             }
+            DenoiserShape::Mmdit { mmdit, frame, .. } => {
+                (mmdit.in_channels, frame.height, frame.width)
+            }
         }
     }
 
@@ -97,7 +111,7 @@ impl DenoiserShape {
             DenoiserShape::LocalMamba { localmamba: m, .. } => {
                 m.dropout > 0.0 || m.drop_path > 0.0 || m.level_dropout.iter().any(|p| *p > 0.0)
             }
-            DenoiserShape::Unet { .. } => false,
+            DenoiserShape::Unet { .. } | DenoiserShape::Mmdit { .. } => false,
         }
     }
 
@@ -119,6 +133,7 @@ impl DenoiserShape {
             DenoiserShape::Hourglass { .. } => DiffusionModel::Hourglass,
             DenoiserShape::LocalMamba { .. } => DiffusionModel::LocalMamba,
             DenoiserShape::Unet { .. } => DiffusionModel::StableDiffusion15,
+            DenoiserShape::Mmdit { .. } => DiffusionModel::StableDiffusion35,
         }
     }
 
@@ -129,6 +144,47 @@ impl DenoiserShape {
             DenoiserShape::Hourglass { .. } => "hourglass",
             DenoiserShape::LocalMamba { .. } => "localmamba",
             DenoiserShape::Unet { .. } => "stable-diffusion",
+            DenoiserShape::Mmdit { .. } => "stable-diffusion-35",
+        }
+    }
+
+    /// What the model reads of each caption: a UNet its text states, an MMDiT CLIP-L's and
+    /// CLIP-G's states and pooled vectors; the others the pooled embedding.
+    pub fn caption_input(&self) -> CaptionInput {
+        match self {
+            DenoiserShape::Unet { .. } => CaptionInput::States,
+            DenoiserShape::Mmdit { .. } => CaptionInput::Sd3,
+            _ => CaptionInput::Pooled,
+        }
+    }
+
+    /// The frozen text encoders that embed this model's captions: `first`, and for an MMDiT
+    /// `second` (CLIP-G) beside it.
+    pub fn caption_encoder(
+        &self,
+        (first, second): (&ClipText, Option<&ClipText>),
+        device: &Device,
+    ) -> anyhow::Result<CaptionEncoder> {
+        let joint = match self {
+            DenoiserShape::Mmdit { mmdit, .. } => mmdit.joint_attention_dim,
+            _ => 0,
+        };
+        CaptionEncoder::load(self.caption_input(), (first, second), joint, device)
+    }
+
+    /// The values per caption a UNet or an MMDiT reads (`Condition::texts` rows, and the null
+    /// caption's); 0 for the models that read the pooled embedding.
+    pub fn caption_width(&self) -> usize {
+        match self {
+            DenoiserShape::Unet {
+                text_tokens, frame, ..
+            } => text_tokens * frame.conditioning.caption_dim(),
+            DenoiserShape::Mmdit {
+                mmdit,
+                text_tokens,
+                frame,
+            } => text_tokens * frame.conditioning.caption_dim() + mmdit.pooled_projection_dim,
+            _ => 0,
         }
     }
 }
@@ -138,6 +194,7 @@ enum Net {
     Hourglass(Hourglass),
     LocalMamba(LocalMamba),
     Unet(Box<Unet>),
+    Mmdit(Box<Mmdit>),
 }
 
 pub struct Denoiser {
@@ -147,8 +204,8 @@ pub struct Denoiser {
     age_emb: Option<Tensor>,
     /// LoRA adapters with dropout on their inputs.
     lora_dropout: bool,
-    /// A UNet's null caption: the empty caption's text states (text_tokens, dim), set by whoever
-    /// holds the text encoder (`set_null_caption`).
+    /// A UNet's or an MMDiT's null caption: the empty caption's row (`caption_width` values),
+    /// set by whoever holds the text encoders (`set_null_caption`).
     null_caption: Option<Tensor>,
 }
 
@@ -166,9 +223,12 @@ impl Denoiser {
                 localmamba.mapping_cond_dim,
             ),
             DenoiserShape::Unet { unet, .. } => (Net::Unet(Box::new(Unet::new(unet, p)?)), 0),
+            DenoiserShape::Mmdit { mmdit, .. } => {
+                (Net::Mmdit(Box::new(Mmdit::new(mmdit, p, device)?)), 0)
+            }
         };
         let age_emb = match (&net, shape.conditioning()) {
-            (Net::Dit(_) | Net::Unet(_), _) => None,
+            (Net::Dit(_) | Net::Unet(_) | Net::Mmdit(_), _) => None,
             (_, Conditioning::GenderHealthAge) => {
                 if mapping_cond == 0 || !mapping_cond.is_multiple_of(2) {
                     candle_core::bail!(
@@ -188,35 +248,39 @@ impl Denoiser {
         })
     }
 
-    /// A UNet's null caption (what CFG dropout and unconditional sampling feed): the empty
-    /// caption's text states, (text_tokens · dim) values. The other families ignore it.
-    pub fn set_null_caption(&mut self, states: &[f32], device: &Device) -> Result<()> {
-        if let DenoiserShape::Unet {
-            text_tokens, frame, ..
-        } = &self.shape
-        {
-            let Conditioning::Caption { dim } = frame.conditioning else {
-                candle_core::bail!("a UNet is conditioned on captions")
-            };
-            self.null_caption = Some(Tensor::from_slice(states, (*text_tokens, dim), device)?);
+    /// A UNet's or an MMDiT's null caption (what CFG dropout and unconditional sampling feed):
+    /// the empty caption's row, `caption_width` values. The other families ignore it.
+    pub fn set_null_caption(&mut self, row: &[f32], device: &Device) -> Result<()> {
+        let width = self.shape.caption_width();
+        if width == 0 {
+            return Ok(());
         }
+        if row.len() != width {
+            candle_core::bail!(
+                "the null caption has {} values; the {} reads {width} per caption",
+                row.len(),
+                self.shape.family()
+            );
+        }
+        self.null_caption = Some(Tensor::from_slice(row, width, device)?);
         Ok(())
     }
 
-    /// Whether the model needs the null caption's text states (`set_null_caption`).
+    /// Whether the model needs the null caption's row (`set_null_caption`).
     pub fn needs_null_caption(&self) -> bool {
-        matches!(self.net, Net::Unet(_))
+        self.shape.caption_width() > 0
     }
 
-    /// A UNet's text states for a batch (B, text_tokens, dim): row `label − 1` of `cond.texts`
-    /// (each caption's states, row-major), the null caption's for label 0.
-    fn text_states(&self, cond: &Condition, device: &Device) -> Result<Tensor> {
-        let null = self
-            .null_caption
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("the UNet's null caption was not set".into()))?;
-        let (tokens, dim) = null.dims2()?;
-        let width = tokens * dim;
+    /// The caption rows of a batch (B, caption_width): row `label − 1` of `cond.texts` (each
+    /// caption's, row-major), the null caption's for label 0.
+    fn caption_rows(&self, cond: &Condition, device: &Device) -> Result<Tensor> {
+        let null = self.null_caption.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "the {}'s null caption was not set",
+                self.shape.family()
+            ))
+        })?;
+        let width = null.dim(0)?;
         let rows = cond
             .labels
             .iter()
@@ -224,7 +288,7 @@ impl Denoiser {
                 (Some(texts), 1..) => {
                     let start = (label as usize - 1) * width;
                     match texts.get(start..start + width) {
-                        Some(row) => Tensor::from_slice(row, (tokens, dim), device),
+                        Some(row) => Tensor::from_slice(row, width, device),
                         None => candle_core::bail!("caption {label} has no text states"),
                     }
                 }
@@ -232,6 +296,37 @@ impl Denoiser {
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::stack(&rows, 0)
+    }
+
+    /// A UNet's text states (B, text_tokens, dim).
+    fn unet_context(&self, cond: &Condition, device: &Device) -> Result<Tensor> {
+        let (tokens, dim) = match &self.shape {
+            DenoiserShape::Unet {
+                text_tokens, frame, ..
+            } => (*text_tokens, frame.conditioning.caption_dim()),
+            _ => candle_core::bail!("not a UNet"),
+        };
+        self.caption_rows(cond, device)?
+            .reshape((cond.len(), tokens, dim))
+    }
+
+    /// An MMDiT's text tokens (B, text_tokens + T5's, joint) and pooled vectors (B, pooled).
+    fn mmdit_text(&self, cond: &Condition, device: &Device) -> Result<(Tensor, Tensor)> {
+        let DenoiserShape::Mmdit {
+            mmdit,
+            text_tokens,
+            frame,
+        } = &self.shape
+        else {
+            candle_core::bail!("not an MMDiT")
+        };
+        let rows = self.caption_rows(cond, device)?;
+        let (b, width) = rows.dims2()?;
+        let states = text_tokens * frame.conditioning.caption_dim();
+        let clip = rows.narrow(1, 0, states)?.reshape((b, *text_tokens, ()))?;
+        let pooled = rows.narrow(1, states, width - states)?;
+        let sequence = sd3_sequence(&clip, mmdit.joint_attention_dim, SD3_T5_TOKENS)?;
+        Ok((sequence, pooled))
     }
 
     /// Whether a training forward draws random masks (dropout in the model or in its LoRA
@@ -264,7 +359,12 @@ impl Denoiser {
             Net::Unet(unet) => {
                 // LoRA's dropout masks, drawn from the step's seed (none in evaluation).
                 let _lora = LoraDropout::enter(seed);
-                return unet.forward(x, &t, &self.text_states(cond, x.device())?);
+                return unet.forward(x, &t, &self.unet_context(cond, x.device())?);
+            }
+            Net::Mmdit(mmdit) => {
+                let _lora = LoraDropout::enter(seed);
+                let (text, pooled) = self.mmdit_text(cond, x.device())?;
+                return mmdit.forward(x, &t, &text, &pooled);
             }
             Net::Hourglass(_) | Net::LocalMamba(_) => {}
         }
@@ -292,10 +392,15 @@ impl Denoiser {
             (Net::Dit(dit), true) => return dit.checkpointed_backward(x, &t, cond, seed, loss_of),
             (Net::Unet(unet), true) => {
                 let _lora = LoraDropout::enter(seed);
-                let context = self.text_states(cond, x.device())?;
+                let context = self.unet_context(cond, x.device())?;
                 return unet.checkpointed_backward(x, &t, &context, loss_of);
             }
-            (Net::Dit(_) | Net::Unet(_), false) => {
+            (Net::Mmdit(mmdit), true) => {
+                let _lora = LoraDropout::enter(seed);
+                let (text, pooled) = self.mmdit_text(cond, x.device())?;
+                return mmdit.checkpointed_backward(x, &t, (&text, &pooled), loss_of);
+            }
+            (Net::Dit(_) | Net::Unet(_) | Net::Mmdit(_), false) => {
                 let loss = loss_of(&self.forward_with_dropout(x, levels, cond, seed)?)?;
                 let grads = loss.backward()?;
                 return Ok((loss, grads));
@@ -332,8 +437,8 @@ impl Denoiser {
         match &self.net {
             Net::Hourglass(h) => h.record(tape, x, conditions),
             Net::LocalMamba(m) => m.record(tape, x, conditions),
-            Net::Dit(_) | Net::Unet(_) => {
-                candle_core::bail!("a DiT or UNet is not recorded on a tape")
+            Net::Dit(_) | Net::Unet(_) | Net::Mmdit(_) => {
+                candle_core::bail!("a DiT, UNet or MMDiT is not recorded on a tape")
             }
         }
     }

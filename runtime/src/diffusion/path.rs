@@ -23,8 +23,9 @@ use signal_diffusion_config::choice::{BetaSchedule, NoiseScheduler, Objective};
 /// The forward (noising) process.
 #[derive(Debug, Clone)]
 pub enum Path {
-    /// Rectified flow over `timesteps` discrete levels σ = k/T.
-    Flow { timesteps: usize },
+    /// Rectified flow over `timesteps` discrete levels σ = k/T, each moved by the timestep
+    /// `shift` (1: none; SD 3's 3.0), see [`shift_sigma`].
+    Flow { timesteps: usize, shift: f64 },
     /// Variance preserving with ᾱ per integer timestep.
     Vp { alphas_cumprod: Vec<f64> },
 }
@@ -74,7 +75,10 @@ impl Level {
 
 impl Path {
     pub fn flow(timesteps: usize) -> Path {
-        Path::Flow { timesteps }
+        Path::Flow {
+            timesteps,
+            shift: 1.0,
+        }
     }
 
     /// diffusers' DDPMScheduler default: β = linspace(1e-4, 0.02, T) in f32, ᾱ = Π(1 − β).
@@ -104,18 +108,22 @@ impl Path {
         Path::Vp { alphas_cumprod }
     }
 
-    /// The path `objective.scheduler` names: rectified flow for `flow_match_euler`, VP with
-    /// `betas` for `ddpm` and `ddim`.
-    pub fn for_scheduler(scheduler: NoiseScheduler, betas: &Betas, timesteps: usize) -> Path {
+    /// The path `objective.scheduler` names: rectified flow (timestep `shift`) for
+    /// `flow_match_euler`, VP with `betas` for `ddpm` and `ddim`.
+    pub fn for_scheduler(
+        scheduler: NoiseScheduler,
+        (betas, shift): (&Betas, f64),
+        timesteps: usize,
+    ) -> Path {
         match scheduler {
-            NoiseScheduler::FlowMatchEuler => Path::flow(timesteps),
+            NoiseScheduler::FlowMatchEuler => Path::Flow { timesteps, shift },
             NoiseScheduler::Ddpm | NoiseScheduler::Ddim => Path::vp(betas, timesteps),
         }
     }
 
     pub fn timesteps(&self) -> usize {
         match self {
-            Path::Flow { timesteps } => *timesteps,
+            Path::Flow { timesteps, .. } => *timesteps,
             Path::Vp { alphas_cumprod } => alphas_cumprod.len(),
         }
     }
@@ -139,19 +147,27 @@ impl Path {
     }
 
     /// A training level: flow σ = ceil(T·sigmoid(z))/T with z ~ N(0, 1) (the reference's
-    /// discretised logit-normal); VP t uniform in 0..T.
+    /// discretised logit-normal), shifted (diffusers' SD 3 training script draws the shifted
+    /// scheduler's σ at logit-normal indices); VP t uniform in 0..T.
     pub fn draw(&self, rng: &mut ChaCha8Rng) -> Level {
         match self {
-            Path::Flow { timesteps } => {
+            Path::Flow { timesteps, shift } => {
                 let u = 1.0 / (1.0 + (-normal(rng)).exp());
                 let k = ((*timesteps as f64 * u).ceil() as usize).clamp(1, *timesteps);
-                Path::flow_level(k as f64 / *timesteps as f64, *timesteps)
+                let sigma = shift_sigma(k as f64 / *timesteps as f64, *shift);
+                Path::flow_level(sigma, *timesteps)
             }
             Path::Vp { alphas_cumprod } => {
                 Path::vp_level(alphas_cumprod, rng.random_range(0..alphas_cumprod.len()))
             }
         }
     }
+}
+
+/// diffusers' static timestep shift of a flow σ: s·σ / (1 + (s − 1)·σ) (1 and 0 stay put; s > 1
+/// spends more of the levels at high noise, as SD 3 was trained).
+pub fn shift_sigma(sigma: f64, shift: f64) -> f64 {
+    shift * sigma / (1.0 + (shift - 1.0) * sigma)
 }
 
 /// The weight of one sample's loss (1 without `snr_gamma`), see the module docs.
@@ -204,6 +220,22 @@ pub fn per_sample(levels: &[Level], f: impl Fn(&Level) -> f64, like: &Tensor) ->
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn shifted_levels_are_the_shifted_draws() {
+        // SD 3's shift 3 moves σ = 0.5 to 0.75 and keeps the ends.
+        assert!((shift_sigma(0.5, 3.0) - 0.75).abs() < 1e-15);
+        assert_eq!((shift_sigma(0.0, 3.0), shift_sigma(1.0, 3.0)), (0.0, 1.0));
+        let shifted =
+            Path::for_scheduler(NoiseScheduler::FlowMatchEuler, (&Betas::DDPM, 3.0), 1000);
+        let (mut a, mut b) = (ChaCha8Rng::seed_from_u64(1), ChaCha8Rng::seed_from_u64(1));
+        for _ in 0..100 {
+            let (l, plain) = (shifted.draw(&mut a), Path::flow(1000).draw(&mut b));
+            let sigma = shift_sigma(plain.s, 3.0);
+            assert!((l.s - sigma).abs() < 1e-12 && (l.a - (1.0 - sigma)).abs() < 1e-12);
+            assert!((l.t as f64 - 1000.0 * sigma).abs() < 1e-3);
+        }
+    }
 
     #[test]
     fn logit_normal_levels_stay_on_the_grid() {

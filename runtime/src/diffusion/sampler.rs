@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use signal_diffusion_config::choice::{self, NoiseScheduler, Objective, OutputType};
 
 use super::denoiser::{Denoiser, DenoiserShape};
-use super::path::{normals, Betas, Level, Path as NoisePath};
+use super::path::{normals, shift_sigma, Betas, Level, Path as NoisePath};
 use crate::models::dit::{Condition, Conditioning};
 
 /// The (clean estimate, noise estimate) implied by a model output at level `l`.
@@ -67,20 +67,23 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(N) with shift 1 and
-    /// shift_terminal = max(1/T, 1/(2N)) (the reference): σ = linspace(1, 1/T, N) stretched so
-    /// that the last equals shift_terminal, then 0 appended.
-    pub fn flow_sigmas(timesteps: usize, steps: usize) -> Vec<f64> {
+    /// diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(N) with `shift` and
+    /// shift_terminal = max(1/T, 1/(2N)) (the reference's): σ = linspace(1, σ_min, N), where
+    /// σ_min is the shifted training grid's smallest, shift(1/T); shifted (diffusers shifts
+    /// σ_min twice, as here); stretched so that the last equals shift_terminal; 0 appended.
+    pub fn flow_sigmas(timesteps: usize, steps: usize, shift: f64) -> Vec<f64> {
         let t = timesteps as f64;
         let terminal = (1.0 / t).max(1.0 / (2.0 * steps as f64));
+        let min = shift_sigma(1.0 / t, shift);
         // diffusers computes in float32 from float64 numpy linspace; keep f64.
         let raw: Vec<f64> = (0..steps)
             .map(|i| {
-                if steps == 1 {
+                let sigma = if steps == 1 {
                     1.0
                 } else {
-                    1.0 + (1.0 / t - 1.0) * i as f64 / (steps - 1) as f64
-                }
+                    1.0 + (min - 1.0) * i as f64 / (steps - 1) as f64
+                };
+                shift_sigma(sigma, shift)
             })
             .collect();
         let scale = (1.0 - raw[steps - 1]) / (1.0 - terminal);
@@ -140,8 +143,8 @@ impl Sampler {
         let t_count = self.path.timesteps();
         let mut x = x;
         match (&self.path, self.method) {
-            (NoisePath::Flow { .. }, Method::Euler | Method::Heun) => {
-                let sig = Self::flow_sigmas(t_count, self.steps);
+            (NoisePath::Flow { shift, .. }, Method::Euler | Method::Heun) => {
+                let sig = Self::flow_sigmas(t_count, self.steps, *shift);
                 for i in 0..self.steps {
                     let (s0, s1) = (sig[i], sig[i + 1]);
                     let l0 = NoisePath::flow_level(s0, t_count);
@@ -272,10 +275,11 @@ impl DpmSolver2M {
             |start: f64, stop: f64, j: usize| j as f64 * ((stop - start) / steps as f64) + start;
         let mut levels: Vec<Level> = (0..steps)
             .map(|i| match path {
-                NoisePath::Flow { .. } => {
-                    // σ = 1 − linspace(1, 1/T, N + 1), reversed, without its final 0.
+                NoisePath::Flow { shift, .. } => {
+                    // σ = 1 − linspace(1, 1/T, N + 1), reversed, without its final 0; shifted
+                    // (`flow_shift`).
                     let sigma = 1.0 - linspace(1.0, 1.0 / t, steps - i);
-                    NoisePath::flow_level(sigma, t_count)
+                    NoisePath::flow_level(shift_sigma(sigma, *shift), t_count)
                 }
                 NoisePath::Vp { alphas_cumprod } => {
                     let k = linspace(0.0, t - 1.0, steps - i).round_ties_even() as usize;
@@ -333,6 +337,12 @@ pub struct SampleSpec {
     /// A VP path's β schedule (files written before it was recorded used diffusers' default).
     #[serde(default = "default_betas")]
     pub betas: Betas,
+    /// A flow path's timestep shift (1 in files written before it was recorded).
+    #[serde(default = "no_shift")]
+    pub flow_shift: f64,
+    /// SD 3's second text encoder (CLIP-G), with `text_encoder` (CLIP-L).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoder_2: Option<signal_diffusion_config::pretrained::ClipText>,
     pub sampler: choice::Sampler,
     pub denoising_steps: usize,
     pub cfg_scale: f64,
@@ -370,9 +380,17 @@ fn default_betas() -> Betas {
     Betas::DDPM
 }
 
+fn no_shift() -> f64 {
+    1.0
+}
+
 impl SampleSpec {
     pub fn path(&self) -> NoisePath {
-        NoisePath::for_scheduler(self.scheduler, &self.betas, self.timesteps)
+        NoisePath::for_scheduler(
+            self.scheduler,
+            (&self.betas, self.flow_shift),
+            self.timesteps,
+        )
     }
 
     /// The values a grid shows as black and white: [-1, 1] for images, ±3 for z-scored series.
@@ -464,10 +482,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shifted_flow_sigmas_match_diffusers() {
+        // diffusers 0.42.1 FlowMatchEulerDiscreteScheduler(1000, shift=3, shift_terminal=0.02)
+        // .set_timesteps(25).sigmas at 0, 1, 12, 23, 24, 25 (float32, printed to 7 places).
+        let s = Sampler::flow_sigmas(1000, 25, 3.0);
+        let want = [1.0, 0.9859174, 0.7539014, 0.1324811, 0.02, 0.0];
+        for (i, w) in [0, 1, 12, 23, 24, 25].into_iter().zip(want) {
+            assert!((s[i] - w).abs() < 1e-6, "σ[{i}] = {} vs {w}", s[i]);
+        }
+    }
+
+    #[test]
     fn flow_sigmas_match_diffusers_with_the_terminal_stretch() {
         // diffusers FlowMatchEulerDiscreteScheduler(1000, shift=1, shift_terminal=0.02)
         // .set_timesteps(25).sigmas: first 1.0, last before 0 = 0.02, evenly spaced.
-        let s = Sampler::flow_sigmas(1000, 25);
+        let s = Sampler::flow_sigmas(1000, 25, 1.0);
         assert_eq!(s.len(), 26);
         assert!((s[0] - 1.0).abs() < 1e-12);
         assert!((s[24] - 0.02).abs() < 1e-12);

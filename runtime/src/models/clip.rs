@@ -479,8 +479,9 @@ impl Captioner {
 /// Stable Diffusion 3's text conditioning without T5, as diffusers' `StableDiffusion3Pipeline`
 /// builds it when `text_encoder_3` is absent: the two CLIP encoders' states entering their last
 /// layers side by side (CLIP-L's 768 ‖ CLIP-G's 1280), zero-padded to the transformer's joint
-/// width, then `t5_tokens` zero tokens where T5's would be; and their pooled embeddings side by
-/// side (768 ‖ 1280 = 2048). The reference feeds an all-zero sequence instead: fixed here.
+/// width, then `t5_tokens` zero tokens where T5's would be (`sd3_sequence`); and their pooled
+/// embeddings side by side (768 ‖ 1280 = 2048). The reference feeds an all-zero sequence
+/// instead: fixed here.
 pub struct Sd3Text {
     l: Captioner,
     g: Captioner,
@@ -494,6 +495,15 @@ pub struct Sd3Embedding {
     pub tokens: Tensor,
     /// (B, pooled L + pooled G).
     pub pooled: Tensor,
+}
+
+/// SD 3's token sequence from the CLIP states (B, context, L ‖ G): zero-padded to `joint` wide,
+/// then `t5_tokens` zero tokens.
+pub fn sd3_sequence(clip: &Tensor, joint: usize, t5_tokens: usize) -> candle_core::Result<Tensor> {
+    let (b, _, width) = clip.dims3()?;
+    let clip = clip.pad_with_zeros(2, 0, joint - width)?;
+    let t5 = Tensor::zeros((b, t5_tokens, joint), clip.dtype(), clip.device())?;
+    Tensor::cat(&[&clip, &t5], 1)
 }
 
 impl Sd3Text {
@@ -519,15 +529,84 @@ impl Sd3Text {
         })
     }
 
-    pub fn embed(&self, texts: &[String]) -> Result<Sd3Embedding> {
+    /// The CLIP states side by side (B, context, L ‖ G) and the pooled vectors (B, L ‖ G).
+    fn encode(&self, texts: &[String]) -> Result<(Tensor, Tensor)> {
         let (l, g) = (self.l.encode(texts)?, self.g.encode(texts)?);
-        let clip = Tensor::cat(&[&l.penultimate, &g.penultimate], 2)?;
-        let (b, _, width) = clip.dims3()?;
-        let clip = clip.pad_with_zeros(2, 0, self.joint - width)?;
-        let t5 = Tensor::zeros((b, self.t5_tokens, self.joint), clip.dtype(), clip.device())?;
+        Ok((
+            Tensor::cat(&[&l.penultimate, &g.penultimate], 2)?,
+            Tensor::cat(&[&l.pooled, &g.pooled], 1)?,
+        ))
+    }
+
+    pub fn embed(&self, texts: &[String]) -> Result<Sd3Embedding> {
+        let (clip, pooled) = self.encode(texts)?;
         Ok(Sd3Embedding {
-            tokens: Tensor::cat(&[&clip, &t5], 1)?,
-            pooled: Tensor::cat(&[&l.pooled, &g.pooled], 1)?,
+            tokens: sd3_sequence(&clip, self.joint, self.t5_tokens)?,
+            pooled,
         })
+    }
+
+    /// Each caption's row as the denoiser keeps it (`Denoiser::caption_width` values): its CLIP
+    /// states (context × (L ‖ G)), then its pooled vector; the padding and T5's zeros are added
+    /// per batch, not stored.
+    pub fn rows(&self, texts: &[String]) -> Result<Vec<f32>> {
+        let mut out = vec![];
+        for chunk in texts.chunks(32) {
+            let (clip, pooled) = self.encode(chunk)?;
+            let row = Tensor::cat(&[&clip.flatten_from(1)?, &pooled], 1)?;
+            out.extend(row.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    }
+}
+
+/// What a denoiser reads of each caption (`DenoiserShape::caption_input`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptionInput {
+    /// The pooled embedding (DiT, hourglass, LocalMamba).
+    Pooled,
+    /// The last hidden states (SD 1.5's UNet).
+    States,
+    /// CLIP-L's and CLIP-G's penultimate states and pooled vectors (SD 3.5's MMDiT).
+    Sd3,
+}
+
+/// A run's frozen caption encoders, giving each caption's row as its denoiser reads it.
+pub enum CaptionEncoder {
+    Pooled(Captioner),
+    States(Captioner),
+    Sd3(Box<Sd3Text>),
+}
+
+impl CaptionEncoder {
+    /// The encoder `input` needs: for SD 3 `second` (CLIP-G) beside `first`, `joint` wide.
+    pub fn load(
+        input: CaptionInput,
+        (first, second): (&ClipText, Option<&ClipText>),
+        joint: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(match (input, second) {
+            (CaptionInput::Sd3, Some(g)) => CaptionEncoder::Sd3(Box::new(Sd3Text::load(
+                (first, g),
+                joint,
+                signal_diffusion_config::pretrained::SD3_T5_TOKENS,
+                device,
+            )?)),
+            (CaptionInput::Sd3, None) => {
+                bail!("Stable Diffusion 3 needs its second text encoder (text_encoder_2)")
+            }
+            (CaptionInput::States, _) => CaptionEncoder::States(Captioner::load(first, device)?),
+            (CaptionInput::Pooled, _) => CaptionEncoder::Pooled(Captioner::load(first, device)?),
+        })
+    }
+
+    /// The rows of `texts`, row-major, one per text.
+    pub fn rows(&self, texts: &[String]) -> Result<Vec<f32>> {
+        match self {
+            CaptionEncoder::Pooled(c) => c.pooled(texts),
+            CaptionEncoder::States(c) => c.states(texts),
+            CaptionEncoder::Sd3(t) => t.rows(texts),
+        }
     }
 }

@@ -67,6 +67,14 @@ impl Conditioning {
     pub fn is_conditional(&self) -> bool {
         *self != Conditioning::None
     }
+
+    /// A caption's width (`Caption { dim }`), 0 for the other conditionings.
+    pub fn caption_dim(&self) -> usize {
+        match self {
+            Conditioning::Caption { dim } => *dim,
+            _ => 0,
+        }
+    }
 }
 
 /// Shapes fixed at build time (generated from the config's plan).

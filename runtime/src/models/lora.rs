@@ -181,12 +181,15 @@ pub fn peft_state(spec: &LoraSpec, trained: &[(String, Tensor)]) -> Vec<(String,
         .collect()
 }
 
-/// diffusers' LoRA file of a Stable Diffusion UNet's adapters (`pytorch_lora_weights.safetensors`,
-/// what `pipe.load_lora_weights(dir)` reads), as `save_lora_weights(unet_lora_layers=...,
-/// unet_lora_adapter_metadata=...)` writes it: the adapters under `unet.<module>.lora_A.weight`
-/// and `.lora_B.weight`, and the LoRA config, its keys prefixed `unet.`, as the JSON of the
-/// file's `lora_adapter_metadata`. The format holds no bias: `None` when biases train.
-pub fn diffusers_unet_state(
+/// diffusers' LoRA file of a Stable Diffusion denoiser's adapters
+/// (`pytorch_lora_weights.safetensors`, what `pipe.load_lora_weights(dir)` reads), as
+/// `save_lora_weights(<component>_lora_layers=..., <component>_lora_adapter_metadata=...)` writes
+/// it: the adapters under `<component>.<module>.lora_A.weight` and `.lora_B.weight`, and the LoRA
+/// config, its keys prefixed `<component>.`, as the JSON of the file's `lora_adapter_metadata`.
+/// `component`: `unet` (SD 1.5) or `transformer` (SD 3). The format holds no bias: `None` when
+/// biases train.
+pub fn diffusers_lora_state(
+    component: &str,
     spec: &LoraSpec,
     trained: &[(String, Tensor)],
 ) -> Option<(Vec<(String, Tensor)>, String)> {
@@ -196,19 +199,24 @@ pub fn diffusers_unet_state(
     let adapters = trained
         .iter()
         .filter(|(name, _)| name.contains(".lora_"))
-        .map(|(name, t)| (format!("unet.{name}"), t.clone()))
+        .map(|(name, t)| (format!("{component}.{name}"), t.clone()))
         .collect();
     let config = serde_json::json!({
-        "unet.r": spec.rank,
-        "unet.lora_alpha": spec.scale * spec.rank as f64,
-        "unet.lora_dropout": spec.dropout,
-        "unet.target_modules": spec.target_modules,
-        "unet.bias": "none",
-        "unet.init_lora_weights": true,
-        "unet.use_dora": false,
-        "unet.use_rslora": false,
+        "r": spec.rank,
+        "lora_alpha": spec.scale * spec.rank as f64,
+        "lora_dropout": spec.dropout,
+        "target_modules": spec.target_modules,
+        "bias": "none",
+        "init_lora_weights": true,
+        "use_dora": false,
+        "use_rslora": false,
     });
-    Some((adapters, serde_json::to_string_pretty(&config).ok()?))
+    let prefixed: serde_json::Map<String, serde_json::Value> = config
+        .as_object()?
+        .iter()
+        .map(|(k, v)| (format!("{component}.{k}"), v.clone()))
+        .collect();
+    Some((adapters, serde_json::to_string_pretty(&prefixed).ok()?))
 }
 
 /// What sampling from a LoRA run's checkpoint needs besides it: the adapters' spec and the

@@ -13,9 +13,10 @@
 //!   gated GELU-tanh feed-forwards. The last block keeps only x (`context_pre_only`).
 //!   x ─ adaLN (scale, shift) ─ proj_out ─ unpatchify
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Result, Tensor, Var};
 
-use super::dit::{patches, sincos_positions_spread, sinusoid, unpatchify};
+use super::dit::{patches, sincos_positions_spread, sinusoid, take_grad, unpatchify};
 use super::nn::{Linear, Params};
 use crate::ops::adaln::{gated_residual, modulate};
 use crate::ops::attention::attention;
@@ -318,6 +319,80 @@ impl Mmdit {
     /// (B, M, joint_attention_dim) and the pooled text vector `pooled` (B, pooled dim) -> the
     /// prediction, shaped like x.
     pub fn forward(&self, x: &Tensor, t: &[f32], text: &Tensor, pooled: &Tensor) -> Result<Tensor> {
+        let Embedded {
+            mut x_tokens,
+            mut c,
+            temb_act,
+        } = self.embed(x, t, text, pooled)?;
+        for block in &self.blocks {
+            let (nx, nc) =
+                block.forward(&x_tokens, &c, &temb_act, self.shape.num_attention_heads)?;
+            x_tokens = nx;
+            if let Some(nc) = nc {
+                c = nc;
+            }
+        }
+        self.head(&x_tokens, &temb_act, x.dims4()?)
+    }
+
+    /// Gradient checkpointing: `loss_of(self.forward(..))` and the gradients of every
+    /// parameter, keeping only each block's inputs (image and text tokens) during the forward
+    /// and recomputing one block at a time in the backward, from the gradients of the next
+    /// block's inputs; the conditioning vector's gradient is summed over the blocks and sent
+    /// through the embedders last. Costs one more forward of the blocks.
+    pub fn checkpointed_backward(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        (text, pooled): (&Tensor, &Tensor),
+        loss_of: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore)> {
+        let heads = self.shape.num_attention_heads;
+        let embedded = self.embed(x, t, text, pooled)?;
+        let temb = Var::from_tensor(&embedded.temb_act.detach())?;
+        // Forward without graphs: detaching drops each block's activations at once.
+        let mut inputs = vec![(embedded.x_tokens.detach(), embedded.c.detach())];
+        for block in &self.blocks {
+            let (x_in, c_in) = inputs.last().expect("the embedded tokens");
+            let (nx, nc) = block.forward(x_in, c_in, temb.as_tensor(), heads)?;
+            let c_out = nc.map_or_else(|| c_in.clone(), |c| c.detach());
+            inputs.push((nx.detach(), c_out));
+        }
+        let (last, _) = inputs.pop().expect("the last block's output");
+        let last = Var::from_tensor(&last)?;
+        let loss = loss_of(&self.head(last.as_tensor(), temb.as_tensor(), x.dims4()?)?)?;
+        let mut total = loss.backward()?;
+        let mut grad_x = take_grad(&mut total, last.as_tensor())?;
+        let mut grad_temb = take_grad(&mut total, temb.as_tensor())?;
+        // The last block gives no text tokens: nothing flows into its text output.
+        let mut grad_c: Option<Tensor> = None;
+        for (block, (x_in, c_in)) in self.blocks.iter().zip(&inputs).rev() {
+            let (xv, cv) = (Var::from_tensor(x_in)?, Var::from_tensor(c_in)?);
+            let tv = Var::from_tensor(temb.as_tensor())?;
+            let (nx, nc) = block.forward(xv.as_tensor(), cv.as_tensor(), tv.as_tensor(), heads)?;
+            let mut surrogate = (nx * &grad_x)?.sum_all()?;
+            if let (Some(nc), Some(g)) = (nc, &grad_c) {
+                surrogate = (surrogate + (nc * g)?.sum_all()?)?;
+            }
+            let mut grads = surrogate.backward()?;
+            grad_x = take_grad(&mut grads, xv.as_tensor())?;
+            grad_c = Some(take_grad(&mut grads, cv.as_tensor())?);
+            grad_temb = (grad_temb + take_grad(&mut grads, tv.as_tensor())?)?;
+            total.extend(grads)?;
+        }
+        // The embedders, from their outputs' gradients.
+        let mut tail = ((&embedded.x_tokens * &grad_x)?.sum_all()?
+            + (&embedded.temb_act * &grad_temb)?.sum_all()?)?;
+        if let Some(g) = &grad_c {
+            tail = (tail + (&embedded.c * g)?.sum_all()?)?;
+        }
+        total.extend(tail.backward()?)?;
+        Ok((loss, total))
+    }
+
+    /// The image tokens (patches + positions), the text tokens and SiLU of the conditioning
+    /// vector (timestep and pooled text).
+    fn embed(&self, x: &Tensor, t: &[f32], text: &Tensor, pooled: &Tensor) -> Result<Embedded> {
         let s = &self.shape;
         let (b, _, h, w) = x.dims4()?;
         let (gh, gw) = (h / s.patch_size, w / s.patch_size);
@@ -343,23 +418,36 @@ impl Mmdit {
             .narrow(0, top, gh)?
             .narrow(1, left, gw)?
             .reshape((1, gh * gw, dim))?;
-        let mut x_tokens = tokens.broadcast_add(&positions)?;
         let time_features = self.time_1.forward(&sinusoid(t, 256, 0.0, x.device())?)?;
         let time = self.time_2.forward(&silu(&time_features)?)?;
         let temb = (time + self.text_2.forward(&silu(&self.text_1.forward(pooled)?)?)?)?;
-        let temb_act = silu(&temb)?;
-        let mut c = self.context.forward(text)?;
-        for block in &self.blocks {
-            let (nx, nc) = block.forward(&x_tokens, &c, &temb_act, s.num_attention_heads)?;
-            x_tokens = nx;
-            if let Some(nc) = nc {
-                c = nc;
-            }
-        }
-        let m = self.norm_out.forward(&temb_act)?.chunk(2, 1)?;
+        Ok(Embedded {
+            x_tokens: tokens.broadcast_add(&positions)?,
+            c: self.context.forward(text)?,
+            temb_act: silu(&temb)?,
+        })
+    }
+
+    /// x tokens ─ adaLN (scale, shift) ─ proj_out ─ unpatchify to `dims` (B, C, H, W).
+    fn head(
+        &self,
+        x_tokens: &Tensor,
+        temb_act: &Tensor,
+        dims: (usize, usize, usize, usize),
+    ) -> Result<Tensor> {
+        let s = &self.shape;
+        let (b, _, h, w) = dims;
+        let m = self.norm_out.forward(temb_act)?.chunk(2, 1)?;
         let y = self
             .proj_out
-            .forward(&modulate(&x_tokens, 1e-6, &m[1], &m[0])?)?;
+            .forward(&modulate(x_tokens, 1e-6, &m[1], &m[0])?)?;
         unpatchify(&y, (b, s.out_channels, h, w), [s.patch_size, s.patch_size])
     }
+}
+
+/// What the blocks read: image tokens, text tokens, SiLU(conditioning vector).
+struct Embedded {
+    x_tokens: Tensor,
+    c: Tensor,
+    temb_act: Tensor,
 }

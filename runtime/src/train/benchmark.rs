@@ -129,16 +129,9 @@ pub(super) fn benchmark_diffusion(
     if let Some(path) = &cfg.model.pretrained_path {
         super::export::load_pretrained(path, shape, &params, device)?;
     }
-    // The batch is unconditioned (random data): a UNet attends to a null caption of zeros (the
-    // same work as the empty caption's states; no text encoder is loaded).
-    if let DenoiserShape::Unet {
-        text_tokens, frame, ..
-    } = shape
-    {
-        if let crate::models::dit::Conditioning::Caption { dim } = frame.conditioning {
-            model.set_null_caption(&vec![0f32; text_tokens * dim], device)?;
-        }
-    }
+    // The batch is unconditioned (random data): a UNet or an MMDiT reads a null caption of
+    // zeros (the same work as the empty caption's; no text encoder is loaded).
+    model.set_null_caption(&vec![0f32; shape.caption_width()], device)?;
     let mut opt = super::diffusion::optimizer(cfg, shape, &params)?;
     let mut rng = ChaCha8Rng::seed_from_u64(t.seed);
     let mut dims = vec![bs];
@@ -147,7 +140,10 @@ pub(super) fn benchmark_diffusion(
     let cond = Condition::null(shape.conditioning(), bs);
     let path = NoisePath::for_scheduler(
         cfg.objective.scheduler,
-        &crate::diffusion::path::Betas::of(&cfg.objective),
+        (
+            &crate::diffusion::path::Betas::of(&cfg.objective),
+            cfg.objective.flow_shift,
+        ),
         cfg.objective.num_timesteps,
     );
     let objective = cfg.objective.prediction_type;

@@ -41,7 +41,6 @@ use crate::diffusion::ema::Ema;
 use crate::diffusion::loss::{diffusion_grads, StepSpec};
 use crate::diffusion::path::{normals, Betas, Path as NoisePath};
 use crate::diffusion::sampler::{conditions, SampleSpec};
-use crate::models::clip::Captioner;
 use crate::models::dit::{Condition, Conditioning};
 use crate::models::lora::{LoraBase, LoraSpec};
 use crate::models::nn::Params;
@@ -303,6 +302,8 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
         scheduler: cfg.objective.scheduler,
         timesteps: cfg.objective.num_timesteps,
         betas: Betas::of(&cfg.objective),
+        flow_shift: cfg.objective.flow_shift,
+        text_encoder_2: cfg.model.text_encoder_2_config.clone(),
         sampler: cfg.inference.sampler,
         denoising_steps: cfg.inference.denoising_steps,
         cfg_scale: cfg.inference.cfg_scale,
@@ -374,38 +375,36 @@ fn run(compiled: &Compiled, shape: &DenoiserShape, options: RunOptions) -> Resul
             params.count() + adapter_count - params.trainable_count(),
         );
     }
-    // Captions: each split's distinct captions embedded once, and a DiT's null caption (the
-    // empty one's embedding) set into the model, where sampling finds it.
+    // Captions: each split's distinct captions embedded once, and the null caption (the empty
+    // one's embedding) set into the model, where sampling finds it.
     let (train_texts, val_texts) = match &cfg.model.text_encoder_config {
         Some(text_encoder) => {
-            let captioner = Captioner::load(text_encoder, &device)?;
-            // The hourglass-shaped models have none: their null caption is zeros.
+            let second = cfg.model.text_encoder_2_config.as_ref();
+            let encoder = shape.caption_encoder((text_encoder, second), &device)?;
+            // A DiT's null caption is a buffer; the hourglass-shaped models' is zeros.
             let null = params
                 .buffers
                 .iter()
                 .find(|(n, _)| n == "caption_null.weight");
             if let Some((_, var)) = null {
-                let empty = captioner.pooled(&[String::new()])?;
+                let empty = encoder.rows(&[String::new()])?;
                 var.set(&Tensor::from_vec(empty, var.dims(), &device)?)?;
             }
-            // A UNet attends to the text states; the others take the pooled embedding.
             if model.needs_null_caption() {
-                let null = captioner.states(&[String::new()])?;
+                let null = encoder.rows(&[String::new()])?;
                 model.set_null_caption(&null, &device)?;
                 sampling_model.set_null_caption(&null, &device)?;
             }
             let embed = |split: &Split| -> Result<Option<Arc<Vec<f32>>>> {
-                Ok(Some(Arc::new(match model.needs_null_caption() {
-                    true => captioner.states(&split.texts)?,
-                    false => captioner.pooled(&split.texts)?,
-                })))
+                Ok(Some(Arc::new(encoder.rows(&split.texts)?)))
             };
             let val_texts = val.as_deref().map(embed).transpose()?.flatten();
             println!(
-                "captions: {} distinct in training, {} in validation, embedded by {}",
+                "captions: {} distinct in training, {} in validation, embedded by {}{}",
                 train.texts.len(),
                 val.as_ref().map_or(0, |v| v.texts.len()),
-                text_encoder.dir.display()
+                text_encoder.dir.display(),
+                second.map_or(String::new(), |g| format!(" and {}", g.dir.display()))
             );
             (embed(&train)?, val_texts)
         }
@@ -831,7 +830,7 @@ pub(super) fn optimizer(
 ) -> Result<Optimizer> {
     let opt = Optimizer::new(&cfg.optimizer, params.trainable.clone())?;
     Ok(match shape {
-        DenoiserShape::Dit(_) | DenoiserShape::Unet { .. } => opt,
+        DenoiserShape::Dit(_) | DenoiserShape::Unet { .. } | DenoiserShape::Mmdit { .. } => opt,
         DenoiserShape::Hourglass { .. } | DenoiserShape::LocalMamba { .. } => {
             opt.with_groups(|name| crate::models::hourglass::param_group(name).into())
         }

@@ -12,7 +12,7 @@ use signal_diffusion_config::choice::Choice;
 use super::checkpoint;
 use crate::diffusion::denoiser::DenoiserShape;
 use crate::diffusion::sampler::SampleSpec;
-use crate::models::lora::{diffusers_unet_state, merge, peft_state, LoraSpec};
+use crate::models::lora::{diffusers_lora_state, merge, peft_state, LoraSpec};
 use crate::models::nn::Params;
 
 /// A state dict by name, in f32: a safetensors file, or a PyTorch pickle (`torch.save` of a
@@ -104,7 +104,7 @@ pub(super) fn load_pretrained(
 
 /// The final weights: for a DiT diffusers' `save_pretrained` layout
 /// (`diffusion_pytorch_model.safetensors` and the `config.json` that
-/// `DiTTransformer2DModel.from_pretrained` reads), for a UNet the same with its pipeline's
+/// `DiTTransformer2DModel.from_pretrained` reads), for a UNet or an MMDiT the same with its pipeline's
 /// `config.json`; for the hourglass and LocalMamba the reference's state-dict names in
 /// `hourglass_model.safetensors` / `localmamba_model.safetensors`
 /// (`model.load_state_dict(safetensors.torch.load_file(..), strict=False)` loads them; the one
@@ -164,13 +164,13 @@ pub(super) fn save_weights(
             "_class_name": "LocalMamba2DModel",
             "shape": localmamba,
         }),
-        // The pretrained UNet's own config.json: the architecture is unchanged.
-        DenoiserShape::Unet { .. } => {
+        // The pretrained UNet's or transformer's own config.json: the architecture is unchanged.
+        DenoiserShape::Unet { .. } | DenoiserShape::Mmdit { .. } => {
             let file = pretrained
-                .context("a UNet is fine-tuned from a pipeline")?
+                .context("Stable Diffusion is fine-tuned from a pipeline")?
                 .join("config.json");
             let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {} (the UNet's config)", file.display()))?;
+                .with_context(|| format!("cannot read {} (the model's config)", file.display()))?;
             serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))?
         }
     };
@@ -191,7 +191,7 @@ pub(super) fn save_weights(
 }
 
 /// A LoRA run's adapters in `dir`, as they are: PEFT's layout (`adapter_model.safetensors`,
-/// `adapter_config.json`: `PeftModel.from_pretrained(base, dir)`), and for a UNet diffusers'
+/// `adapter_config.json`: `PeftModel.from_pretrained(base, dir)`), and for a UNet or an MMDiT diffusers'
 /// LoRA file too (`pytorch_lora_weights.safetensors`: `pipe.load_lora_weights(dir)`).
 fn save_adapters(
     dir: &Path,
@@ -208,8 +208,13 @@ fn save_adapters(
         dir.join("adapter_config.json"),
         serde_json::to_string_pretty(&lora.peft_config(&base.display().to_string()))?,
     )?;
-    if let DenoiserShape::Unet { .. } = shape {
-        match diffusers_unet_state(lora, trained) {
+    let component = match shape {
+        DenoiserShape::Unet { .. } => Some("unet"),
+        DenoiserShape::Mmdit { .. } => Some("transformer"),
+        _ => None,
+    };
+    if let Some(component) = component {
+        match diffusers_lora_state(component, lora, trained) {
             Some((adapters, config)) => save_with_lora_config(
                 &adapters,
                 &config,
@@ -282,7 +287,7 @@ fn save_with_lora_config(tensors: &[(String, Tensor)], config: &str, path: &Path
 /// final weights (diffusers' for a DiT or a UNet). A LoRA checkpoint holds adapters only: with
 /// `merge` they are folded into the weights they adapt (and kept beside them in `lora/`),
 /// without it `out` holds the adapters alone (PEFT's layout, and diffusers' LoRA file for a
-/// UNet). `ema`: the checkpoint's EMA weights.
+/// UNet or an MMDiT). `ema`: the checkpoint's EMA weights.
 pub fn export(
     checkpoint: &Path,
     out: &Path,
@@ -304,6 +309,7 @@ pub fn export(
     let pretrained = match (&spec.lora, &spec.shape) {
         (Some(lora), _) => Some(lora.pretrained.clone()),
         (None, DenoiserShape::Unet { unet, .. }) => Some(unet.dir.clone()),
+        (None, DenoiserShape::Mmdit { mmdit, .. }) => Some(mmdit.dir.clone()),
         (None, _) => None,
     };
     match (&spec.lora, merge) {

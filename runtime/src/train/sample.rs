@@ -100,8 +100,8 @@ fn column_encoders(c: Conditioning) -> &'static [(&'static str, &'static str)] {
 
 /// Caption conditions of `rows` (each one caption): labels (k + 1 for the k-th distinct caption,
 /// 0 for an empty one: the null caption) and the distinct captions' embeddings by the training's
-/// text encoder: pooled, or for a UNet its text states (and the empty caption's, set as the
-/// model's null caption).
+/// text encoders: pooled, or for a UNet its text states, for an MMDiT its two encoders' states
+/// and pooled vectors (and the empty caption's, set as the model's null caption).
 fn caption_conditions(
     rows: &[Vec<String>],
     spec: &SampleSpec,
@@ -117,14 +117,13 @@ fn caption_conditions(
         .iter()
         .map(|r| texts.id(&r[0]).map_or(0, |k| k as u32 + 1))
         .collect();
-    let captioner = crate::models::clip::Captioner::load(cfg, device)?;
-    let embeddings = match model.needs_null_caption() {
-        true => {
-            model.set_null_caption(&captioner.states(&[String::new()])?, device)?;
-            captioner.states(&texts.texts)?
-        }
-        false => captioner.pooled(&texts.texts)?,
-    };
+    let encoder = spec
+        .shape
+        .caption_encoder((cfg, spec.text_encoder_2.as_ref()), device)?;
+    if model.needs_null_caption() {
+        model.set_null_caption(&encoder.rows(&[String::new()])?, device)?;
+    }
+    let embeddings = encoder.rows(&texts.texts)?;
     Ok((labels, std::sync::Arc::new(embeddings)))
 }
 
