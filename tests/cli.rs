@@ -1,5 +1,6 @@
 //! `sigdiff validate` and `sigdiff plan`: the build's diagnostics without building.
 
+use std::path::Path;
 use std::process::Command;
 
 fn sigdiff(args: &[&str]) -> (bool, String, String) {
@@ -40,12 +41,23 @@ fn validate_reports_mistakes_with_locations_and_exit_1() {
 
 #[test]
 fn validate_accepts_configs_whose_trainer_is_not_built_yet() {
-    let (ok, out, err) = sigdiff(&["validate", "config/diffusion/sd35-db-only.toml"]);
+    // The quickstart asking for VAE tiling in pixel space: valid, but not built.
+    let quickstart = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/diffusion/quickstart.toml"),
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("tiling.toml");
+    std::fs::write(
+        &config,
+        quickstart.replace("sample_size = 64", "sample_size = 64\nvae_tiling = true"),
+    )
+    .unwrap();
+    let (ok, out, err) = sigdiff(&["validate", config.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(
-        out.contains(
-            "config/diffusion/sd35-db-only.toml: valid; building a trainer from it stops with"
-        ) && out.contains("not yet supported"),
+        out.contains("tiling.toml: valid; building a trainer from it stops with")
+            && out.contains("not yet supported: VAE tiling"),
         "{out}"
     );
 }

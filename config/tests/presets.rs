@@ -78,7 +78,8 @@ fn diffusion_presets_build_or_stop_only_at_the_support_gate() {
             "sd35-db-iq",
             "sd35-db-only-tiny",
             "sd35-db-only",
-            "sd35-db-polar"
+            "sd35-db-polar",
+            "sd35-lora-db-only-tiny"
         ]
     );
 }
