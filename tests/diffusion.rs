@@ -465,15 +465,7 @@ fn a_lora_dit_trains_only_its_adapters_and_samples_merged_or_not() {
 #[test]
 fn a_stable_diffusion_15_lora_run_trains_its_adapters_and_samples() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    write_dataset(&data);
-    add_captions(&data, |row| {
-        match row.split(',').nth(2) == Some("F") {
-            true => "female",
-            false => "male",
-        }
-        .to_string()
-    });
+    let data = gender_captioned_dataset(tmp.path());
     let run = train_lora(sd15_lora::run, &data, &tmp.path().join("out"), 10);
     let targeted = [
         "to_q",
@@ -564,15 +556,7 @@ fn a_stable_diffusion_15_lora_run_trains_its_adapters_and_samples() {
 #[test]
 fn a_stable_diffusion_35_lora_run_trains_its_adapters_and_samples() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    write_dataset(&data);
-    add_captions(&data, |row| {
-        match row.split(',').nth(2) == Some("F") {
-            true => "female",
-            false => "male",
-        }
-        .to_string()
-    });
+    let data = gender_captioned_dataset(tmp.path());
     let run = train_lora(sd35_lora::run, &data, &tmp.path().join("out"), 10);
     let targeted = [
         "to_q",
@@ -635,6 +619,20 @@ fn a_stable_diffusion_35_lora_run_trains_its_adapters_and_samples() {
     }
     assert_resumes_exactly_from_update_20(sd35_lora::run, &data, &run, tmp.path());
     assert_adapted_samples_are_the_merged_ones(&run, tmp.path(), Some("female"), 32);
+}
+
+/// The small image dataset of tests/common in `dir`/data, captioned "female" or "male".
+fn gender_captioned_dataset(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("data");
+    write_dataset(&data);
+    add_captions(&data, |row| {
+        match row.split(',').nth(2) == Some("F") {
+            true => "female",
+            false => "male",
+        }
+        .to_string()
+    });
+    data
 }
 
 /// A 40-update LoRA run of `trainer` on `data` into `out`: the mean loss of the last `window`

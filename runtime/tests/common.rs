@@ -254,3 +254,68 @@ pub fn trained_values(p: &signal_diffusion_runtime::models::nn::Params) -> Vec<(
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect()
 }
+
+/// A model built into fresh parameters by `build`, its weights (and buffers) loaded from the
+/// fixture `saved`: plain, or with LoRA on `lora_targets`, each B set to 0.01 so that every
+/// adapter's gradient is not trivial. For the checkpointing tests.
+pub fn model_from_fixture<M>(
+    lora_targets: Option<&[&str]>,
+    saved: &std::collections::HashMap<String, Tensor>,
+    build: impl FnOnce(&mut signal_diffusion_runtime::models::nn::Params) -> M,
+) -> (signal_diffusion_runtime::models::nn::Params, M) {
+    use signal_diffusion_runtime::models::nn::Params;
+    let mut p = match lora_targets {
+        Some(targets) => Params::with_lora(
+            0,
+            &Device::Cpu,
+            lora_spec(
+                targets,
+                signal_diffusion_runtime::config::choice::LoraBias::None,
+                0.0,
+            ),
+        ),
+        None => Params::new(0, &Device::Cpu),
+    };
+    let model = build(&mut p);
+    for vars in [&p.frozen, &p.trainable, &p.buffers] {
+        let base: Vec<_> = vars
+            .iter()
+            .filter(|(n, _)| !n.contains(".lora_") && saved.contains_key(n))
+            .cloned()
+            .collect();
+        signal_diffusion_runtime::train::checkpoint::restore(&base, saved).unwrap();
+    }
+    for (n, v) in &p.trainable {
+        if n.contains(".lora_B") {
+            v.set(&(v.as_tensor() + 0.01).unwrap()).unwrap();
+        }
+    }
+    (p, model)
+}
+
+/// A checkpointed backward's (loss, gradients) against the plain one's: the loss within 1e-5
+/// relative, every trainable tensor's gradient within 1e-4 of its largest (the same numbers up to
+/// summation order).
+pub fn assert_checkpointed_equals_plain(
+    p: &signal_diffusion_runtime::models::nn::Params,
+    plain: (&Tensor, &candle_core::backprop::GradStore),
+    checkpointed: (&Tensor, &candle_core::backprop::GradStore),
+    what: &str,
+) {
+    let (a, b): (f32, f32) = (
+        checkpointed.0.to_scalar().unwrap(),
+        plain.0.to_scalar().unwrap(),
+    );
+    assert!(
+        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+        "{what}: loss {a} vs {b}"
+    );
+    for (name, var) in &p.trainable {
+        let (g, want) = (checkpointed.1.get(var).unwrap(), plain.1.get(var).unwrap());
+        let rel = max_abs_diff(g, want) / max_abs(want).max(1e-12);
+        assert!(
+            rel < 1e-4,
+            "{what}, {name}: checkpointed gradient off by {rel}"
+        );
+    }
+}

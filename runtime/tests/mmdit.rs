@@ -7,7 +7,8 @@
 use std::path::Path;
 
 use crate::common::{
-    assert_gradients_equal_fixture, assert_trains_as_peft, lora_spec, max_abs, max_abs_diff,
+    assert_checkpointed_equals_plain, assert_gradients_equal_fixture, assert_trains_as_peft,
+    lora_spec, max_abs, max_abs_diff, model_from_fixture,
 };
 use std::collections::HashMap;
 
@@ -96,29 +97,10 @@ fn checkpointed_gradients_equal_the_plain_backward() {
     let shape = parse_mmdit(&config, &root.join("mmdit")).unwrap();
     let saved =
         candle_core::safetensors::load(root.join("mmdit/mmdit.safetensors"), &Device::Cpu).unwrap();
-    for lora in [false, true] {
-        let mut p = match lora {
-            true => Params::with_lora(
-                0,
-                &Device::Cpu,
-                lora_spec(&LORA_TARGETS, LoraBias::None, 0.0),
-            ),
-            false => Params::new(0, &Device::Cpu),
-        };
-        let model = Mmdit::new(&shape, &mut p, &Device::Cpu).unwrap();
-        for vars in [&p.frozen, &p.trainable, &p.buffers] {
-            let base: Vec<_> = vars
-                .iter()
-                .filter(|(n, _)| !n.contains(".lora_"))
-                .cloned()
-                .collect();
-            restore(&base, &saved).unwrap();
-        }
-        for (n, v) in &p.trainable {
-            if n.contains(".lora_B") {
-                v.set(&(v.as_tensor() + 0.01).unwrap()).unwrap();
-            }
-        }
+    for lora in [None, Some(&LORA_TARGETS[..])] {
+        let (p, model) = model_from_fixture(lora, &saved, |p| {
+            Mmdit::new(&shape, p, &Device::Cpu).unwrap()
+        });
         let t: Vec<f32> = saved["timestep"].to_vec1().unwrap();
         let (x, text, pooled, up) = (
             &saved["input"],
@@ -132,15 +114,7 @@ fn checkpointed_gradients_equal_the_plain_backward() {
         let (loss, grads) = model
             .checkpointed_backward(x, &t, (text, pooled), loss_of)
             .unwrap();
-        let (a, b): (f32, f32) = (loss.to_scalar().unwrap(), plain_loss.to_scalar().unwrap());
-        assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "loss {a} vs {b}");
-        for (name, var) in &p.trainable {
-            let (g, want) = (grads.get(var).unwrap(), plain.get(var).unwrap());
-            let rel = max_abs_diff(g, want) / max_abs(want).max(1e-12);
-            assert!(
-                rel < 1e-4,
-                "lora {lora}, {name}: checkpointed gradient off by {rel}"
-            );
-        }
+        let what = format!("lora {}", lora.is_some());
+        assert_checkpointed_equals_plain(&p, (&plain_loss, &plain), (&loss, &grads), &what);
     }
 }

@@ -626,47 +626,85 @@ fn pipeline_key<'a>(ctx: &Ctx, key: &'a str) -> &'a str {
     }
 }
 
-/// Stable Diffusion 1.5's pipeline, `model.pretrained` (a directory or a Hugging Face id): its
-/// `unet/config.json` and the β schedule of its `scheduler/scheduler_config.json`
-/// (SD 1.5's published one when the pipeline has none). Its VAE and text encoder are read by
-/// `read_latent_space` and `read_text_encoder`.
-fn read_sd15(ctx: &mut Ctx, env: &Env, sources: &mut Sources, root: &Section, d: &mut Diffusion) {
+/// What one Stable Diffusion version's pipeline holds, for `read_pipeline`.
+struct Pipeline<T> {
+    version: &'static str,
+    /// The denoiser's subfolder and what it is called in errors.
+    subfolder: &'static str,
+    denoiser: &'static str,
+    /// The class its config must describe (the help of a config that does not parse).
+    class: &'static str,
+    /// The subfolders a user downloads, and the hub id of the published pipeline.
+    parts: &'static str,
+    hub_id: &'static str,
+    parse: fn(&str, &std::path::Path) -> Result<T, String>,
+}
+
+/// A Stable Diffusion pipeline's denoiser config: `model.pretrained` (a directory or a Hugging
+/// Face id) `/<subfolder>/config.json`, parsed; `None` when it was reported missing or wrong. Its
+/// weights are read when training starts (a cache of configurations builds, as the latent-space
+/// VAE's does; a missing file is then a run-time error naming the directory).
+fn read_pipeline<T>(
+    ctx: &mut Ctx,
+    env: &Env,
+    sources: &mut Sources,
+    m: &DiffModel,
+    p: &Pipeline<T>,
+) -> Option<(std::path::PathBuf, T)> {
     let key = "model.pretrained";
-    let Some(spec) = d.model.pretrained.clone() else {
+    let Some(spec) = m.pretrained.clone() else {
         ctx.error(
             "model.name",
-            "Stable Diffusion 1.5 fine-tunes a pretrained pipeline, but `model.pretrained` is not set",
+            format!("Stable Diffusion {} fine-tunes a pretrained pipeline, but `model.pretrained` is not set", p.version),
         )
-        .help = Some("set `model.pretrained` to a local diffusers pipeline directory (with `unet/`, `vae/`, `text_encoder/`, `tokenizer/`), or its Hugging Face id in the local cache".into());
-        return;
+        .help = Some(format!("set `model.pretrained` to a local diffusers pipeline directory (with {}), or its Hugging Face id in the local cache", p.parts.replace('*', "")));
+        return None;
     };
-    let revision = d.model.revision.clone();
-    let help = "download it on a connected machine (`huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --include \"unet/*\" \"vae/*\" \"text_encoder/*\" \"tokenizer/*\" \"scheduler/*\"`) and copy the cache (HF_HOME), or set `model.pretrained` to the pipeline's directory".to_string();
-    let Some((dir, text)) = crate::pretrained::read_config(
+    let include: Vec<String> = p
+        .parts
+        .split(' ')
+        .map(|part| format!("\"{part}\""))
+        .collect();
+    let help = format!("download it on a connected machine (`huggingface-cli download {} --include {}`) and copy the cache (HF_HOME), or set `model.pretrained` to the pipeline's directory", p.hub_id, include.join(" "));
+    let (dir, text) = crate::pretrained::read_config(
         ctx,
         env,
         sources,
-        (&spec, key, revision.as_deref()),
-        ("Stable Diffusion UNet", "unet"),
+        (&spec, key, m.revision.as_deref()),
+        (p.denoiser, p.subfolder),
         help,
-    ) else {
-        return;
-    };
-    let unet = match crate::pretrained::parse_unet(&text, &dir) {
-        Ok(u) => u,
+    )?;
+    match (p.parse)(&text, &dir) {
+        Ok(config) => Some((dir, config)),
         Err(why) => {
             ctx.error(key, format!("{}: {why}", dir.join("config.json").display()))
-                .help = Some(
-                "the UNet must be a diffusers UNet2DConditionModel of Stable Diffusion 1.5's kind"
-                    .into(),
-            );
-            return;
+                .help = Some(format!(
+                "the {} must be a diffusers {}",
+                p.subfolder, p.class
+            ));
+            None
         }
+    }
+}
+
+/// Stable Diffusion 1.5's pipeline: its `unet/config.json` and the β schedule of its
+/// `scheduler/scheduler_config.json` (SD 1.5's published one when the pipeline has none). Its
+/// VAE and text encoder are read by `read_latent_space` and `read_text_encoder`.
+fn read_sd15(ctx: &mut Ctx, env: &Env, sources: &mut Sources, root: &Section, d: &mut Diffusion) {
+    let pipeline = Pipeline {
+        version: "1.5",
+        subfolder: "unet",
+        denoiser: "Stable Diffusion UNet",
+        class: "UNet2DConditionModel of Stable Diffusion 1.5's kind",
+        parts: "unet/* vae/* text_encoder/* tokenizer/* scheduler/*",
+        hub_id: "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        parse: crate::pretrained::parse_unet,
+    };
+    let Some((dir, unet)) = read_pipeline(ctx, env, sources, &d.model, &pipeline) else {
+        return;
     };
     let extras = root.section(ctx, "model").section(ctx, "extras");
     check_sd15_extras(ctx, &extras, &unet);
-    // Its weights are read when training starts (a cache of configurations builds, as the
-    // latent-space VAE's does); a missing file is a run-time error naming the directory.
     read_scheduler_config(ctx, env, sources, &dir, &mut d.objective, d.model.name);
     d.model.pretrained_path = Some(dir);
     d.model.unet_config = Some(unet);
@@ -674,42 +712,21 @@ fn read_sd15(ctx: &mut Ctx, env: &Env, sources: &mut Sources, root: &Section, d:
     d.model.latent_space = true;
 }
 
-/// Stable Diffusion 3.5's pipeline, `model.pretrained` (a directory or a Hugging Face id): its
-/// `transformer/config.json` and the timestep shift of its `scheduler/scheduler_config.json`
-/// (SD 3.5's published 3.0 when the pipeline has none). Its VAE and its two CLIP text encoders
-/// are read by `read_latent_space` and `read_text_encoder`.
+/// Stable Diffusion 3.5's pipeline: its `transformer/config.json` and the timestep shift of its
+/// `scheduler/scheduler_config.json` (SD 3.5's published 3.0 when the pipeline has none). Its
+/// VAE and its two CLIP text encoders are read by `read_latent_space` and `read_text_encoder`.
 fn read_sd35(ctx: &mut Ctx, env: &Env, sources: &mut Sources, root: &Section, d: &mut Diffusion) {
-    let key = "model.pretrained";
-    let Some(spec) = d.model.pretrained.clone() else {
-        ctx.error(
-            "model.name",
-            "Stable Diffusion 3.5 fine-tunes a pretrained pipeline, but `model.pretrained` is not set",
-        )
-        .help = Some("set `model.pretrained` to a local diffusers pipeline directory (with `transformer/`, `vae/`, `text_encoder/`, `text_encoder_2/` and their tokenizers), or its Hugging Face id in the local cache".into());
-        return;
+    let pipeline = Pipeline {
+        version: "3.5",
+        subfolder: "transformer",
+        denoiser: "Stable Diffusion 3 transformer",
+        class: "SD3Transformer2DModel (Stable Diffusion 3 or 3.5)",
+        parts: "transformer/* vae/* text_encoder/* text_encoder_2/* tokenizer/* tokenizer_2/* scheduler/*",
+        hub_id: "stabilityai/stable-diffusion-3.5-medium",
+        parse: crate::pretrained::parse_mmdit,
     };
-    let revision = d.model.revision.clone();
-    let help = "download it on a connected machine (`huggingface-cli download stabilityai/stable-diffusion-3.5-medium --include \"transformer/*\" \"vae/*\" \"text_encoder/*\" \"text_encoder_2/*\" \"tokenizer/*\" \"tokenizer_2/*\" \"scheduler/*\"`) and copy the cache (HF_HOME), or set `model.pretrained` to the pipeline's directory".to_string();
-    let Some((dir, text)) = crate::pretrained::read_config(
-        ctx,
-        env,
-        sources,
-        (&spec, key, revision.as_deref()),
-        ("Stable Diffusion 3 transformer", "transformer"),
-        help,
-    ) else {
+    let Some((dir, mmdit)) = read_pipeline(ctx, env, sources, &d.model, &pipeline) else {
         return;
-    };
-    let mmdit = match crate::pretrained::parse_mmdit(&text, &dir) {
-        Ok(m) => m,
-        Err(why) => {
-            ctx.error(key, format!("{}: {why}", dir.join("config.json").display()))
-                .help = Some(
-                "the transformer must be a diffusers SD3Transformer2DModel (Stable Diffusion 3 or 3.5)"
-                    .into(),
-            );
-            return;
-        }
     };
     let extras = root.section(ctx, "model").section(ctx, "extras");
     check_sd35_extras(ctx, &extras, &mmdit);
