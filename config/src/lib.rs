@@ -379,7 +379,13 @@ fn resolve_inner(
             if d.model.lora_enabled {
                 p.frozen = true;
                 p.memory_bytes -= 12 * p.params;
+            } else {
+                p.with_optimizer(d.optimizer.name);
             }
+            Some(p)
+        }
+        (Some(mut p), Kind::Classification(c)) => {
+            p.with_optimizer(c.optimizer.name);
             Some(p)
         }
         (p, _) => p,

@@ -34,6 +34,9 @@ pub struct Plan {
     /// LoRA: the model's weights are frozen (no gradients or optimizer moments; the adapters,
     /// r·(in + out) per adapted layer, are not counted).
     pub frozen: bool,
+    /// 8-bit AdamW: its two moments take 2 bytes per parameter (plus a block scale per 256:
+    /// runtime/src/train/adamw_8bit.rs), not 8.
+    pub moments_8bit: bool,
     /// The frozen pretrained models the run uses, one line each: the VAE and the image →
     /// latent shapes it gives; the caption text encoder and its pooled width.
     pub pretrained: Vec<String>,
@@ -68,9 +71,20 @@ impl Plan {
             flops_per_step: 3 * fwd * batch as u64,
             memory_bytes,
             frozen: false,
+            moments_8bit: false,
             pretrained: vec![],
             scan_state: None,
             neighborhoods: vec![],
+        }
+    }
+
+    /// The estimate with `optimizer`'s moments: 8-bit AdamW's 2.03 bytes per parameter in place
+    /// of f32 AdamW's 8.
+    pub fn with_optimizer(&mut self, optimizer: crate::choice::OptimizerName) {
+        if optimizer == crate::choice::OptimizerName::AdamW8bit && !self.frozen {
+            self.moments_8bit = true;
+            // 8 − 2.03 bytes per parameter, in hundredths.
+            self.memory_bytes -= self.params * 597 / 100;
         }
     }
 
@@ -102,9 +116,10 @@ impl Plan {
             self.flops_per_step as f64 / 1e9,
             self.batch,
             self.memory_bytes as f64 / (1 << 20) as f64,
-            match self.frozen {
-                true => "LoRA: frozen f32 weights and saved activations; the adapters, their grads and Adam moments not counted",
-                false => "f32 weights, grads, Adam moments, saved activations",
+            match (self.frozen, self.moments_8bit) {
+                (true, _) => "LoRA: frozen f32 weights and saved activations; the adapters, their grads and Adam moments not counted",
+                (false, true) => "f32 weights and grads, 8-bit Adam moments, saved activations",
+                (false, false) => "f32 weights, grads, Adam moments, saved activations",
             }
         ));
         s

@@ -589,7 +589,20 @@ fn stable_diffusion_35_is_read_from_its_pipeline_in_the_hub_cache() {
         panic!()
     };
     // The published transformer: diffusers counts 2,243,171,520 parameters.
-    assert_eq!(r.plan.as_ref().unwrap().params, 2_243_171_520);
+    let plan = r.plan.as_ref().unwrap();
+    assert_eq!(plan.params, 2_243_171_520);
+    // 8-bit AdamW's moments: 2.03 bytes per parameter in the estimate, not f32 AdamW's 8.
+    let f32_adamw = resolve_edited("config/diffusion/sd35-db-only.toml", "sd35-adamw", |t| {
+        t.replace("name = \"adamw_8bit\"", "name = \"adamw\"")
+    })
+    .unwrap()
+    .plan
+    .unwrap();
+    assert!(plan.moments_8bit && !f32_adamw.moments_8bit);
+    assert_eq!(
+        plan.memory_bytes + plan.params * 597 / 100,
+        f32_adamw.memory_bytes
+    );
     let m = d.model.mmdit_config.as_ref().unwrap();
     assert!(m.dir.ends_with("transformer"), "{}", m.dir.display());
     assert_eq!(
