@@ -77,6 +77,10 @@ mod sd35_lora {
     signal_diffusion_macros::trainer!("train/sd35_lora.toml");
 }
 
+mod sd35_full {
+    signal_diffusion_macros::trainer!("train/sd35_full.toml");
+}
+
 /// Three samples of `checkpoint` into `out`, 3 denoising steps, in batches of 2, seed 1.
 fn three_samples(checkpoint: std::path::PathBuf, out: std::path::PathBuf) -> SampleOptions {
     SampleOptions {
@@ -619,6 +623,39 @@ fn a_stable_diffusion_35_lora_run_trains_its_adapters_and_samples() {
     }
     assert_resumes_exactly_from_update_20(sd35_lora::run, &data, &run, tmp.path());
     assert_adapted_samples_are_the_merged_ones(&run, tmp.path(), Some("female"), 32);
+}
+
+/// Stable Diffusion 3.5 as the reference trains it: the whole tiny transformer fine-tuned with
+/// 8-bit AdamW and per-block checkpointing. The loss falls; every weight moves but the last
+/// block's text queries (no gradient reaches them: the block drops its text tokens), which stay
+/// as loaded; `final/` is the transformer under diffusers' names; a resumed run (the 8-bit
+/// moments from the checkpoint) repeats the same updates.
+#[test]
+fn a_stable_diffusion_35_full_fine_tune_trains_with_8bit_adamw_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = gender_captioned_dataset(tmp.path());
+    let run = train_until_loss_falls(sd35_full::run, &data, &tmp.path().join("out"), 10, 0.85);
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let base = load(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/sd35-tiny/transformer/diffusion_pytorch_model.safetensors"
+    )));
+    let trained = load(&run.join("final/diffusion_pytorch_model.safetensors"));
+    let mut keys: Vec<&String> = base.keys().collect();
+    keys.sort();
+    assert_eq!(keys, {
+        let mut k: Vec<&String> = trained.keys().collect();
+        k.sort();
+        k
+    });
+    for key in keys {
+        let inert = key.starts_with("transformer_blocks.1.attn.add_q_proj.")
+            || key.starts_with("transformer_blocks.1.attn.norm_added_q.")
+            || key == "pos_embed.pos_embed";
+        let same = max_abs_diff(&base[key], &trained[key]) == 0.0;
+        assert_eq!(same, inert, "{key}: changed {}", !same);
+    }
+    assert_resumes_exactly_from_update_20(sd35_full::run, &data, &run, tmp.path());
 }
 
 /// The small image dataset of tests/common in `dir`/data, captioned "female" or "male".
