@@ -10,16 +10,11 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options (read at start-up; `_RJEM_MALLOC_CONF` still overrides them). A training
-/// step frees and reallocates the same activation-sized buffers every op: no decay, so freed
-/// pages stay mapped for the next op instead of going back to the kernel and being faulted in
-/// again, zeroed; 2 MiB pages, so what is mapped is mapped in few faults; one arena, so a buffer
-/// freed by any thread serves the next allocation of any other. On the DiT benchmark step
-/// (docs/benchmarks.md) page faults fell from 3 M to 4 k and the step ran 2-3x faster; the peak
-/// RSS is unchanged. The process keeps its peak memory until it exits.
+/// jemalloc's options, chosen for the compiled model (`allocator_conf` in
+/// config/src/codegen.rs says why). The process keeps what it maps until it exits.
 #[cfg(all(unix, not(target_env = "musl")))]
 #[export_name = "_rjem_malloc_conf"]
-pub static MALLOC_CONF: &[u8] = b"narenas:1,thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1\0";
+pub static MALLOC_CONF: &[u8] = pipeline::ALLOCATOR_CONF;
 
 mod pipeline {
     include!(concat!(env!("OUT_DIR"), "/pipeline.rs"));
