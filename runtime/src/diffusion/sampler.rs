@@ -493,6 +493,24 @@ mod tests {
     }
 
     #[test]
+    fn shifted_dpm_solver_levels_match_diffusers() {
+        // diffusers 0.42.1 DPMSolverMultistepScheduler(1000, use_flow_sigmas=True, flow_shift=3,
+        // prediction_type="flow_prediction").set_timesteps(10).sigmas (float32, 7 places).
+        let want = [
+            0.9996665, 0.9639411, 0.9227217, 0.8746352, 0.8178097, 0.7496248, 0.6662961, 0.5621483,
+            0.4282652, 0.2497916, 0.0,
+        ];
+        let path =
+            NoisePath::for_scheduler(NoiseScheduler::FlowMatchEuler, (&Betas::DDPM, 3.0), 1000);
+        let levels = DpmSolver2M::new(&path, 10).levels;
+        assert_eq!(levels.len(), want.len());
+        for (l, w) in levels.iter().zip(want) {
+            assert!((l.s - w).abs() < 1e-6, "σ {} vs {w}", l.s);
+            assert!((l.a - (1.0 - w)).abs() < 1e-6);
+        }
+    }
+
+    #[test]
     fn flow_sigmas_match_diffusers_with_the_terminal_stretch() {
         // diffusers FlowMatchEulerDiscreteScheduler(1000, shift=1, shift_terminal=0.02)
         // .set_timesteps(25).sigmas: first 1.0, last before 0 = 0.02, evenly spaced.
