@@ -9,6 +9,7 @@
 //! CUDA side (`cuda`, `cudnn`), never a model.
 
 pub mod adaln;
+pub mod adam;
 pub mod attention;
 pub mod conv;
 pub mod cpu;

@@ -292,6 +292,22 @@ impl Optimizer {
                     } else {
                         g.clone()
                     };
+                    if theta.device().is_cpu() && theta.dtype() == DType::F32 {
+                        let hp = crate::ops::adam::AdamHyper {
+                            lr: lr as f32,
+                            beta1: b1 as f32,
+                            beta2: b2 as f32,
+                            eps: self.eps as f32,
+                            bc1: (1.0 - b1.powi(t)) as f32,
+                            bc2: (1.0 - b2.powi(t)) as f32,
+                            decay: match decoupled {
+                                true => (1.0 - lr * weight_decay) as f32,
+                                false => 1.0,
+                            },
+                        };
+                        crate::ops::adam::adam_update(var.as_tensor(), &g, (m, v), &hp)?;
+                        continue;
+                    }
                     let m_next = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
                     let v_next = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
                     let m_hat = (&m_next / (1.0 - b1.powi(t)))?;
