@@ -4,7 +4,8 @@
 //! whose decay the caller folds into g). Written as Candle ops the same update allocated a
 //! parameter-sized tensor for each of its dozen ops every step (fresh pages the kernel zeroes);
 //! these write into the tensors' own storage, which the weights' twins share (nn::Params::sharing).
-//! The CUDA twin is `ops::cuda::adam_step`.
+//! The CUDA twin is `ops::cuda::adam_step`. `update_in_place` runs a caller's update (8-bit AdamW's)
+//! on the weights' storage the same way.
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
@@ -46,6 +47,53 @@ pub fn adam_update(
         },
     )?;
     theta.inplace_op3(m, v, &Weights(*hp))
+}
+
+/// `update(θ, g)` on `theta`'s own storage (f32 on the CPU, contiguous) with the gradient `grad`:
+/// for an update whose state the caller keeps (8-bit AdamW's quantised moments,
+/// train/adamw_8bit.rs), without copying the weights out and back.
+pub fn update_in_place(
+    theta: &Tensor,
+    grad: &Tensor,
+    update: impl FnMut(&mut [f32], &[f32]) + Send,
+) -> Result<()> {
+    let grad = grad.contiguous()?;
+    theta.inplace_op2(&grad, &InPlace(std::sync::Mutex::new(update)))
+}
+
+/// A caller's update of the weights, as an in-place op.
+struct InPlace<F>(std::sync::Mutex<F>);
+
+impl<F: FnMut(&mut [f32], &[f32]) + Send> InplaceOp2 for InPlace<F> {
+    fn name(&self) -> &'static str {
+        "update-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        g: &CpuStorage,
+        g_l: &Layout,
+    ) -> Result<()> {
+        let (theta, g) = (
+            slice_mut(dst, dst_l, self.name())?,
+            slice(g, g_l, self.name())?,
+        );
+        if theta.len() != g.len() {
+            candle_core::bail!(
+                "update-in-place: {} weights against a gradient of {}",
+                theta.len(),
+                g.len()
+            );
+        }
+        let mut update = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("update-in-place: a poisoned lock".into()))?;
+        update(theta, g);
+        Ok(())
+    }
 }
 
 /// A contiguous f32 slice of a storage, or an error naming the op.

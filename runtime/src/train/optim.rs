@@ -269,21 +269,25 @@ impl Optimizer {
             let theta = &var.as_tensor().detach();
             match (&mut self.moments[i], self.kind) {
                 (Moments::Blockwise(state), _) => {
+                    let hyper = Hyper {
+                        lr: lr as f32,
+                        beta1: b1 as f32,
+                        beta2: b2 as f32,
+                        eps: self.eps as f32,
+                        weight_decay: weight_decay as f32,
+                        bc1: (1.0 - b1.powi(t)) as f32,
+                        bc2: (1.0 - b2.powi(t)) as f32,
+                    };
+                    if theta.device().is_cpu() && theta.dtype() == DType::F32 {
+                        let g = g.to_dtype(DType::F32)?;
+                        crate::ops::adam::update_in_place(var.as_tensor(), &g, |p, g| {
+                            state.step(p, g, &hyper)
+                        })?;
+                        continue;
+                    }
                     let host = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1();
                     let mut p: Vec<f32> = host(theta)?;
-                    state.step(
-                        &mut p,
-                        &host(g)?,
-                        &Hyper {
-                            lr: lr as f32,
-                            beta1: b1 as f32,
-                            beta2: b2 as f32,
-                            eps: self.eps as f32,
-                            weight_decay: weight_decay as f32,
-                            bc1: (1.0 - b1.powi(t)) as f32,
-                            bc2: (1.0 - b2.powi(t)) as f32,
-                        },
-                    );
+                    state.step(&mut p, &host(g)?, &hyper);
                     var.set(&Tensor::from_vec(p, theta.shape(), theta.device())?)?;
                 }
                 (Moments::F32 { m, v }, Kind::AdamW | Kind::Adam | Kind::AdamW8bit) => {
