@@ -4,10 +4,12 @@
 //! whose decay the caller folds into g). Written as Candle ops the same update allocated a
 //! parameter-sized tensor for each of its dozen ops every step (fresh pages the kernel zeroes);
 //! these write into the tensors' own storage, which the weights' twins share (nn::Params::sharing).
-//! The CUDA twin is `ops::cuda::adam_step`. `update_in_place` runs a caller's update (8-bit AdamW's)
-//! on the weights' storage the same way.
+//! The CUDA twin is `ops::cuda::adam_step`. `update_in_place`, the moments' op, also runs a
+//! caller's update (8-bit AdamW's) on the weights' storage.
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+
+use super::cpu::on_row_chunks;
 
 /// The step's constants.
 #[derive(Debug, Clone, Copy)]
@@ -32,36 +34,37 @@ pub fn adam_update(
     hp: &AdamHyper,
 ) -> Result<()> {
     let grad = grad.contiguous()?;
-    m.inplace_op2(
-        &grad,
-        &Moment {
-            beta: hp.beta1,
-            squared: false,
-        },
-    )?;
-    v.inplace_op2(
-        &grad,
-        &Moment {
-            beta: hp.beta2,
-            squared: true,
-        },
-    )?;
+    running_average(m, &grad, hp.beta1, false)?;
+    running_average(v, &grad, hp.beta2, true)?;
     theta.inplace_op3(m, v, &Weights(*hp))
 }
 
-/// `update(θ, g)` on `theta`'s own storage (f32 on the CPU, contiguous) with the gradient `grad`:
-/// for an update whose state the caller keeps (8-bit AdamW's quantised moments,
-/// train/adamw_8bit.rs), without copying the weights out and back.
+/// A moment's running average, in place: m ← β·m + (1 − β)·g (g² when `squared`).
+fn running_average(moment: &Tensor, grad: &Tensor, beta: f32, squared: bool) -> Result<()> {
+    update_in_place(moment, grad, |moment, g| {
+        on_row_chunks(moment, 1, |at, part| {
+            let g = &g[at..at + part.len()];
+            for (m, &g) in part.iter_mut().zip(g) {
+                let g = if squared { g * g } else { g };
+                *m = *m * beta + g * (1.0 - beta);
+            }
+        })
+    })
+}
+
+/// `update(x, g)` on `x`'s own storage (f32 on the CPU, contiguous) with the gradient `grad`: the
+/// moments above, and an update whose state the caller keeps (8-bit AdamW's quantised moments,
+/// train/adamw_8bit.rs), without copying the tensor out and back.
 pub fn update_in_place(
-    theta: &Tensor,
+    x: &Tensor,
     grad: &Tensor,
     update: impl FnMut(&mut [f32], &[f32]) + Send,
 ) -> Result<()> {
     let grad = grad.contiguous()?;
-    theta.inplace_op2(&grad, &InPlace(std::sync::Mutex::new(update)))
+    x.inplace_op2(&grad, &InPlace(std::sync::Mutex::new(update)))
 }
 
-/// A caller's update of the weights, as an in-place op.
+/// A caller's update of a tensor, as an in-place op.
 struct InPlace<F>(std::sync::Mutex<F>);
 
 impl<F: FnMut(&mut [f32], &[f32]) + Send> InplaceOp2 for InPlace<F> {
@@ -76,14 +79,14 @@ impl<F: FnMut(&mut [f32], &[f32]) + Send> InplaceOp2 for InPlace<F> {
         g: &CpuStorage,
         g_l: &Layout,
     ) -> Result<()> {
-        let (theta, g) = (
+        let (x, g) = (
             slice_mut(dst, dst_l, self.name())?,
             slice(g, g_l, self.name())?,
         );
-        if theta.len() != g.len() {
+        if x.len() != g.len() {
             candle_core::bail!(
-                "update-in-place: {} weights against a gradient of {}",
-                theta.len(),
+                "update-in-place: {} values against a gradient of {}",
+                x.len(),
                 g.len()
             );
         }
@@ -91,7 +94,7 @@ impl<F: FnMut(&mut [f32], &[f32]) + Send> InplaceOp2 for InPlace<F> {
             .0
             .lock()
             .map_err(|_| candle_core::Error::Msg("update-in-place: a poisoned lock".into()))?;
-        update(theta, g);
+        update(x, g);
         Ok(())
     }
 }
@@ -108,60 +111,6 @@ fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut 
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
         _ => candle_core::bail!("{op}: needs contiguous f32 tensors"),
-    }
-}
-
-/// Values per thread's run: below this one thread does it all.
-const CHUNK: usize = 1 << 16;
-
-/// `f(offset, part)` over `data` in runs of `CHUNK`, on the thread pool.
-fn on_chunks(data: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
-    rayon::scope(|scope| {
-        for (k, part) in data.chunks_mut(CHUNK).enumerate() {
-            let f = &f;
-            scope.spawn(move |_| f(k * CHUNK, part));
-        }
-    });
-}
-
-/// A moment's running average: m ← β·m + (1 − β)·g (g² when `squared`).
-struct Moment {
-    beta: f32,
-    squared: bool,
-}
-
-impl InplaceOp2 for Moment {
-    fn name(&self) -> &'static str {
-        "adam-moment"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        g: &CpuStorage,
-        g_l: &Layout,
-    ) -> Result<()> {
-        let (moment, g) = (
-            slice_mut(dst, dst_l, self.name())?,
-            slice(g, g_l, self.name())?,
-        );
-        if moment.len() != g.len() {
-            candle_core::bail!(
-                "adam-moment: {} values against a gradient of {}",
-                moment.len(),
-                g.len()
-            );
-        }
-        let (beta, rest, squared) = (self.beta, 1.0 - self.beta, self.squared);
-        on_chunks(moment, |at, part| {
-            let g = &g[at..at + part.len()];
-            for (m, &g) in part.iter_mut().zip(g) {
-                let g = if squared { g * g } else { g };
-                *m = *m * beta + g * rest;
-            }
-        });
-        Ok(())
     }
 }
 
@@ -197,7 +146,7 @@ impl InplaceOp3 for Weights {
             );
         }
         let hp = self.0;
-        on_chunks(theta, |at, part| {
+        on_row_chunks(theta, 1, |at, part| {
             let n = part.len();
             let (m, v) = (&m[at..at + n], &v[at..at + n]);
             for ((t, &m), &v) in part.iter_mut().zip(m).zip(v) {
