@@ -16,6 +16,67 @@ pub struct Layer {
     pub params: u64,
     /// Forward multiply-adds × 2, per sample.
     pub flops: u64,
+    /// A convolution's shape and the algorithm its CPU op runs.
+    pub conv: Option<ConvShape>,
+}
+
+/// A stride-1 convolution as its op sees it (a 1-D one is 2-D with height 1).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ConvShape {
+    pub cin: usize,
+    pub cout: usize,
+    /// (height, width).
+    pub kernel: [usize; 2],
+    /// The output's (height, width).
+    pub side: [usize; 2],
+    pub algorithm: ConvAlgorithm,
+}
+
+impl ConvShape {
+    fn new(cin: usize, cout: usize, kernel: [usize; 2], side: [usize; 2]) -> Self {
+        let algorithm = ConvAlgorithm::for_shape(cin, cout, kernel, side);
+        ConvShape {
+            cin,
+            cout,
+            kernel,
+            side,
+            algorithm,
+        }
+    }
+}
+
+/// How a convolution runs on the CPU (runtime/src/ops/conv.rs and winograd.rs): the same rule
+/// picks it here, for `train --plan`, and in the op, from the layer's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ConvAlgorithm {
+    /// An im2col band, then one GEMM.
+    Im2colGemm,
+    /// Winograd F(4×4, 3×3): 36 GEMMs over transformed tiles, 4× fewer multiply-adds.
+    WinogradF4x3,
+}
+
+impl ConvAlgorithm {
+    /// The algorithm for a stride-1 convolution of `cin` → `cout` channels with a `kernel`
+    /// (height, width) and an output of `side` (height, width), by measurement
+    /// (`cargo bench -p signal-diffusion-runtime --bench conv`, docs/benchmarks.md): Winograd for
+    /// a 3×3 kernel from 16 channels each side and 16² outputs (16 tiles a sample), where its
+    /// transforms, linear in the channels, are small next to its GEMMs, quadratic in them; im2col
+    /// below that, for every other kernel, and for 1-D convolutions.
+    pub fn for_shape(cin: usize, cout: usize, kernel: [usize; 2], side: [usize; 2]) -> Self {
+        let winograd =
+            kernel == [3, 3] && cin >= 16 && cout >= 16 && side[0] >= 16 && side[1] >= 16;
+        match winograd {
+            true => ConvAlgorithm::WinogradF4x3,
+            false => ConvAlgorithm::Im2colGemm,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvAlgorithm::Im2colGemm => "im2col+GEMM",
+            ConvAlgorithm::WinogradF4x3 => "Winograd F(4x4,3x3)",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -98,17 +159,20 @@ impl Plan {
             s.push('\n');
         }
         s.push_str(&format!(
-            "{:<40} {:>18} {:>12} {:>13}\n",
-            "layer", "output", "params", "MFLOP/sample"
+            "{:<40} {:>18} {:>12} {:>13}  {}\n",
+            "layer", "output", "params", "MFLOP/sample", "convolution on the CPU"
         ));
         for l in &self.layers {
-            s.push_str(&format!(
-                "{:<40} {:>18} {:>12} {:>13.1}\n",
+            let line = format!(
+                "{:<40} {:>18} {:>12} {:>13.1}  {}",
                 l.name,
                 format!("{:?}", l.output),
                 group(l.params),
-                l.flops as f64 / 1e6
-            ));
+                l.flops as f64 / 1e6,
+                l.conv.map_or("", |c| c.algorithm.name())
+            );
+            s.push_str(line.trim_end());
+            s.push('\n');
         }
         s.push_str(&format!(
             "total parameters {}\nFLOPs per training step {:.3} GFLOP (forward + backward, batch {})\nmemory estimate {:.1} MiB ({})\n",
@@ -142,6 +206,7 @@ pub fn group(n: u64) -> String {
 fn conv2d(name: String, cin: usize, cout: usize, k: usize, h: usize, w: usize) -> Layer {
     let params = (cin * cout * k * k + cout) as u64;
     Layer {
+        conv: Some(ConvShape::new(cin, cout, [k, k], [h, w])),
         name,
         output: vec![cout, h, w],
         params,
@@ -151,6 +216,7 @@ fn conv2d(name: String, cin: usize, cout: usize, k: usize, h: usize, w: usize) -
 
 fn conv1d(name: String, cin: usize, cout: usize, k: usize, l: usize) -> Layer {
     Layer {
+        conv: Some(ConvShape::new(cin, cout, [1, k], [1, l])),
         name,
         output: vec![cout, l],
         params: (cin * cout * k + cout) as u64,
@@ -160,6 +226,7 @@ fn conv1d(name: String, cin: usize, cout: usize, k: usize, l: usize) -> Layer {
 
 fn linear(name: String, din: usize, dout: usize, tokens: usize, out_shape: Vec<usize>) -> Layer {
     Layer {
+        conv: None,
         name,
         output: out_shape,
         params: (din * dout + dout) as u64,
@@ -170,6 +237,7 @@ fn linear(name: String, din: usize, dout: usize, tokens: usize, out_shape: Vec<u
 fn norm(name: String, shape: Vec<usize>, channels: usize) -> Layer {
     let n: usize = shape.iter().product();
     Layer {
+        conv: None,
         name,
         output: shape,
         params: 2 * channels as u64,
@@ -309,6 +377,7 @@ pub fn classification(c: &Classification) -> Plan {
                 cin = cout;
             }
             layers.push(Layer {
+                conv: None,
                 name: "backbone.pool".into(),
                 output: vec![cin],
                 params: 0,
@@ -395,6 +464,7 @@ pub fn classification(c: &Classification) -> Plan {
                 cin = cout;
             }
             layers.push(Layer {
+                conv: None,
                 name: "backbone.pool".into(),
                 output: vec![cin],
                 params: 0,
@@ -415,6 +485,7 @@ pub fn classification(c: &Classification) -> Plan {
             ));
             let extra = (positions * h + if m.pooling == Pooling::Cls { h } else { 0 }) as u64;
             layers.push(Layer {
+                conv: None,
                 name: "backbone.pos_embed (+cls_token)".into(),
                 output: vec![positions, h],
                 params: extra,
@@ -426,6 +497,7 @@ pub fn classification(c: &Classification) -> Plan {
                 let attn_flops =
                     2 * 4 * (h * h * positions) as u64 + 2 * 2 * (positions * positions * h) as u64;
                 layers.push(Layer {
+                    conv: None,
                     name: format!("{n}.self_attn"),
                     output: vec![positions, h],
                     params: (4 * h * h + 4 * h) as u64,
@@ -508,6 +580,7 @@ pub fn dit(d: &Diffusion) -> Plan {
     for b in 0..m.num_layers {
         let p = format!("transformer_blocks.{b}");
         layers.push(Layer {
+            conv: None,
             name: format!("{p}.norm1.emb"),
             output: vec![dim],
             params: (256 * dim + dim + dim * dim + dim + table_rows * dim + age) as u64,
@@ -526,6 +599,7 @@ pub fn dit(d: &Diffusion) -> Plan {
         let attn_flops =
             2 * 4 * (dim * dim * tokens) as u64 + 2 * 2 * (tokens * tokens * dim) as u64;
         layers.push(Layer {
+            conv: None,
             name: format!("{p}.attn1"),
             output: vec![tokens, dim],
             params: attn_params,
@@ -533,6 +607,7 @@ pub fn dit(d: &Diffusion) -> Plan {
         });
         if m.norm_elementwise_affine {
             layers.push(Layer {
+                conv: None,
                 name: format!("{p}.norm3"),
                 output: vec![tokens, dim],
                 params: 2 * dim as u64,
@@ -623,6 +698,7 @@ pub fn mmdit(d: &Diffusion) -> Plan {
     let mut layers = vec![
         linear("pos_embed.proj".into(), c * p * p, dim, n, vec![n, dim]),
         Layer {
+            conv: None,
             name: "time_text_embed".into(),
             output: vec![dim],
             params: (256 * dim
@@ -667,6 +743,7 @@ pub fn mmdit(d: &Diffusion) -> Plan {
         // last block), the q/k norms; scores and values over the joint sequence.
         let projections = 7 + usize::from(!last);
         layers.push(Layer {
+            conv: None,
             name: format!("{at}.attn"),
             output: vec![joint, dim],
             params: (projections * (dim * dim + dim) + 2 * qk_norms) as u64,
@@ -675,6 +752,7 @@ pub fn mmdit(d: &Diffusion) -> Plan {
         });
         if dual {
             layers.push(Layer {
+                conv: None,
                 name: format!("{at}.attn2"),
                 output: vec![n, dim],
                 params: (4 * (dim * dim + dim) + qk_norms) as u64,
@@ -780,6 +858,7 @@ pub fn unet(d: &Diffusion) -> Plan {
             0
         };
         layers.push(Layer {
+            conv: None,
             name,
             output: vec![cout, s, s],
             params,
@@ -798,6 +877,7 @@ pub fn unet(d: &Diffusion) -> Plan {
             + 4 * n * n * c
             + 4 * n * text * c;
         layers.push(Layer {
+            conv: None,
             name,
             output: vec![c, s, s],
             params: params as u64,
@@ -899,6 +979,7 @@ fn skeleton(
     let grid = |i: usize| ((h / ph) >> i, (w / pw) >> i);
     let (gh, gw) = grid(0);
     let mut layers = vec![Layer {
+        conv: None,
         name: "patch_in".into(),
         output: vec![gh, gw, widths[0]],
         params: (cin * ph * pw * widths[0]) as u64,
@@ -910,6 +991,7 @@ fn skeleton(
     let inputs = 2 * mw * mw + rows * mw + m.mapping_cond_dim * mw;
     let blocks = m.mapping_depth * (mw + mw * 2 * mf + mf * mw);
     layers.push(Layer {
+        conv: None,
         name: "mapping".into(),
         output: vec![mw],
         params: (inputs + 2 * mw + blocks) as u64,
@@ -919,6 +1001,7 @@ fn skeleton(
         let (gh, gw) = grid(i);
         let (params, flops) = layer(i, widths[i], gh * gw);
         Layer {
+            conv: None,
             name,
             output: vec![gh, gw, widths[i]],
             params: params * depth as u64,
@@ -930,6 +1013,7 @@ fn skeleton(
         layers.push(stack(format!("down_levels.{i}"), i, m.depths[i]));
         let (gh, gw) = grid(i + 1);
         layers.push(Layer {
+            conv: None,
             name: format!("merges.{i}"),
             output: vec![gh, gw, widths[i + 1]],
             params: (4 * widths[i] * widths[i + 1]) as u64,
@@ -940,6 +1024,7 @@ fn skeleton(
     for i in (0..last).rev() {
         let (gh, gw) = grid(i);
         layers.push(Layer {
+            conv: None,
             name: format!("splits.{i}"),
             output: vec![gh, gw, widths[i]],
             // The projection and the learnable lerp factor.
@@ -950,6 +1035,7 @@ fn skeleton(
     }
     let cout = m.out_channels;
     layers.push(Layer {
+        conv: None,
         name: "out_norm + patch_out".into(),
         output: vec![cout, h, w],
         params: (widths[0] + widths[0] * cout * ph * pw) as u64,

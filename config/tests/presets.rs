@@ -125,6 +125,47 @@ fn cnn_parameter_counts_equal_the_reference() {
     );
 }
 
+/// `--plan` names each convolution's CPU algorithm, chosen by its shape: the baseline's 5×5
+/// stem by im2col + GEMM, its nine 3×3 block convolutions by Winograd; the 1-D CNN's kernels
+/// and the quickstart's 8-channel first block (too narrow for Winograd's transforms to pay) by
+/// im2col.
+#[test]
+fn the_plan_names_each_convolutions_algorithm() {
+    let plan = |p: &str| {
+        config::resolve(Path::new(p), &env(), Target::default())
+            .unwrap()
+            .plan
+            .unwrap()
+    };
+    let algorithms = |p: &str| -> Vec<(String, &'static str)> {
+        plan(p)
+            .layers
+            .iter()
+            .filter_map(|l| l.conv.map(|c| (l.name.clone(), c.algorithm.name())))
+            .collect()
+    };
+    let baseline = algorithms("config/classification/baseline.toml");
+    assert_eq!(baseline.len(), 10);
+    assert_eq!(baseline[0], ("backbone.input_conv.0".into(), "im2col+GEMM"));
+    assert!(baseline[1..]
+        .iter()
+        .all(|(_, a)| *a == "Winograd F(4x4,3x3)"));
+    let text = plan("config/classification/baseline.toml").render();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("backbone.blocks.2.5"))
+        .unwrap();
+    assert!(line.ends_with("2717.9  Winograd F(4x4,3x3)"), "{line}");
+    let series = algorithms("config/classification/baseline-timeseries.toml");
+    assert!(
+        series.iter().all(|(_, a)| *a == "im2col+GEMM"),
+        "{series:?}"
+    );
+    let quickstart = algorithms("config/classification/quickstart.toml");
+    assert_eq!(quickstart[1], ("backbone.blocks.0.1".into(), "im2col+GEMM"));
+    assert_eq!(quickstart[2].1, "Winograd F(4x4,3x3)");
+}
+
 #[test]
 fn dit_parameter_counts_equal_the_reference() {
     let r = config::plan_unchecked(Path::new("config/diffusion/baseline.toml"), &env()).unwrap();

@@ -7,6 +7,7 @@ mod common;
 mod adapters;
 mod cache;
 mod clip;
+mod conv;
 mod cuda;
 mod decimate_parity;
 mod dit;

@@ -20,6 +20,8 @@ use candle_core::{
 use crate::ops::precision::{operand, round_in_place, round_tensor};
 
 use crate::ops::cpu::contiguous as values;
+use crate::ops::winograd::{self, Float};
+pub use signal_diffusion_config::plan::ConvAlgorithm;
 
 /// Convolution of `x` (B, C, [H,] W) with `w` (O, C, [kh,] kw), zero padding `padding` on every
 /// spatial side, plus `bias` (O) when given; differentiable in all of them. Under autocast the
@@ -27,7 +29,36 @@ use crate::ops::cpu::contiguous as values;
 /// on the CPU (these kernels are f32), cast for cuDNN's 16-bit convolutions on a GPU
 /// (precision.rs).
 pub fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Tensor> {
-    conv_op(x, w, bias, padding, crate::ops::precision::autocast_dtype())
+    let (kernel, side) = match (x.dims(), w.dims()) {
+        (&[_, _, h, wd], &[_, _, kh, kw]) => ([kh, kw], [h + 2 * padding, wd + 2 * padding]),
+        (&[_, _, l], &[_, _, k]) => ([1, k], [1, l + 2 * padding]),
+        _ => candle_core::bail!("convolution of {:?} with {:?}", x.dims(), w.dims()),
+    };
+    let side = [
+        side[0] + 1 - kernel[0].min(side[0]),
+        side[1] + 1 - kernel[1].min(side[1]),
+    ];
+    let algorithm = ConvAlgorithm::for_shape(x.dim(1)?, w.dim(0)?, kernel, side);
+    conv_with(x, w, bias, padding, algorithm)
+}
+
+/// `conv` by the given algorithm on the CPU (the benchmarks compare them per shape; a GPU runs
+/// cuDNN's whichever is given). Winograd needs a 3×3 kernel.
+pub fn conv_with(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    algorithm: ConvAlgorithm,
+) -> Result<Tensor> {
+    conv_op(
+        x,
+        w,
+        bias,
+        padding,
+        algorithm,
+        crate::ops::precision::autocast_dtype(),
+    )
 }
 
 /// The op, rounding operands, gradients and results to `round` itself (autocast).
@@ -36,8 +67,12 @@ fn conv_op(
     w: &Tensor,
     bias: Option<&Tensor>,
     padding: usize,
+    algorithm: ConvAlgorithm,
     round: Option<DType>,
 ) -> Result<Tensor> {
+    if algorithm == ConvAlgorithm::WinogradF4x3 && w.dims()[w.rank() - 2..] != [3, 3] {
+        candle_core::bail!("Winograd F(4x4,3x3) of a {:?} kernel", w.dims());
+    }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let (x4, w4, pad) = match x.rank() {
         4 => (x.clone(), w, [padding, padding]),
@@ -53,8 +88,23 @@ fn conv_op(
         r => candle_core::bail!("convolution of a rank-{r} tensor"),
     };
     let y = match bias {
-        Some(b) => x4.apply_op3(&w4, &b.contiguous()?, Conv { pad, round })?,
-        None => x4.apply_op2(&w4, Conv { pad, round })?,
+        Some(b) => x4.apply_op3(
+            &w4,
+            &b.contiguous()?,
+            Conv {
+                pad,
+                algorithm,
+                round,
+            },
+        )?,
+        None => x4.apply_op2(
+            &w4,
+            Conv {
+                pad,
+                algorithm,
+                round,
+            },
+        )?,
     };
     match x.rank() {
         3 => y.squeeze(2),
@@ -66,22 +116,27 @@ fn conv_op(
 /// backward ops): autocast's 16-bit type, to which the CPU passes round operands and results.
 struct Conv {
     pad: [usize; 2],
+    algorithm: ConvAlgorithm,
     round: Option<DType>,
 }
 
 /// ∂L/∂x from (∂L/∂y, w); the input's shape is not recoverable from those, so it travels here.
+#[derive(Clone, Copy)]
 struct BackwardData {
     pad: [usize; 2],
     x_dims: [usize; 4],
     w_dims: [usize; 4],
+    algorithm: ConvAlgorithm,
     round: Option<DType>,
 }
 
 /// ∂L/∂w from (x, ∂L/∂y).
+#[derive(Clone, Copy)]
 struct BackwardFilter {
     pad: [usize; 2],
     w_dims: [usize; 4],
     x_dims: [usize; 4],
+    algorithm: ConvAlgorithm,
     round: Option<DType>,
 }
 
@@ -114,6 +169,7 @@ impl Conv {
                     pad: self.pad,
                     x_dims,
                     w_dims,
+                    algorithm: self.algorithm,
                     round: self.round,
                 },
             )?),
@@ -125,6 +181,7 @@ impl Conv {
                 pad: self.pad,
                 w_dims,
                 x_dims,
+                algorithm: self.algorithm,
                 round: self.round,
             },
         )?;
@@ -176,7 +233,7 @@ fn im2col<T: Copy + Default>(
 
 /// A matrix operand of `matmul`: element (r, c) at `data[r·rs + c·cs]`.
 #[derive(Clone, Copy)]
-struct Strided<'a, T> {
+pub(super) struct Strided<'a, T> {
     data: &'a [T],
     rs: usize,
     cs: usize,
@@ -184,12 +241,12 @@ struct Strided<'a, T> {
 
 impl<'a, T> Strided<'a, T> {
     /// Row-major rows `rs` apart.
-    fn rows(data: &'a [T], rs: usize) -> Self {
+    pub(super) fn rows(data: &'a [T], rs: usize) -> Self {
         Strided { data, rs, cs: 1 }
     }
 
     /// The transpose of a row-major matrix whose rows are `rs` apart.
-    fn transposed(data: &'a [T], rs: usize) -> Self {
+    pub(super) fn transposed(data: &'a [T], rs: usize) -> Self {
         Strided {
             data,
             rs: 1,
@@ -210,7 +267,7 @@ impl<'a, T> Strided<'a, T> {
 /// # Safety
 /// `dst` must be valid for writes of m rows of n values, `dst_rs` apart, that no one else reads
 /// or writes meanwhile.
-unsafe fn matmul<T: 'static + candle_core::WithDType>(
+pub(super) unsafe fn matmul<T: 'static + candle_core::WithDType>(
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
     dst_rs: usize,
@@ -248,7 +305,7 @@ unsafe fn matmul<T: 'static + candle_core::WithDType>(
 
 /// Runs `work(sample, state)` for every sample of the batch on Candle's thread count, each
 /// thread with its own `state` (buffers, partial sums); returns the states.
-fn per_sample<S: Send>(
+pub(super) fn per_sample<S: Send>(
     batch: usize,
     state: impl Fn() -> S + Sync,
     work: impl Fn(usize, &mut S) + Sync,
@@ -276,7 +333,7 @@ fn per_sample<S: Send>(
 /// Floats of one im2col tile: large images are convolved a band of output rows at a time, so
 /// the column matrix stays in the caches (a 3×3 convolution of 128 channels at 256² would
 /// otherwise expand to 300 MB per image, and the time go to page faults and memory traffic).
-const COL_TILE: usize = 1 << 21;
+pub(super) const COL_TILE: usize = 1 << 21;
 
 /// The forward on the CPU: per sample and band of output rows, im2col then one GEMM; `bias`
 /// added per channel. The (sample, band) pairs are shared out to the threads.
@@ -338,7 +395,7 @@ fn forward_cpu<T: 'static + candle_core::WithDType + Default>(
 }
 
 /// A pointer to an output that threads fill in disjoint blocks.
-struct SharedOut<T>(*mut T);
+pub(crate) struct SharedOut<T>(pub(super) *mut T);
 
 // SAFETY: only used to hand disjoint blocks of one buffer to the threads of `per_sample`.
 unsafe impl<T> Sync for SharedOut<T> {}
@@ -347,7 +404,7 @@ impl<T> SharedOut<T> {
     /// # Safety
     /// No two live blocks may overlap, and the block must lie inside the buffer.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn block(&self, start: usize, len: usize) -> &mut [T] {
+    pub(super) unsafe fn block(&self, start: usize, len: usize) -> &mut [T] {
         std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
 }
@@ -419,12 +476,13 @@ fn backward_filter_cpu<T: 'static + candle_core::WithDType + Default>(
 
 /// ∂L/∂x: the forward of ∂L/∂y with the kernel flipped in space and its channel axes swapped,
 /// padded by k − 1 − p (stride 1).
-fn backward_data_cpu<T: 'static + candle_core::WithDType + Default>(
+fn backward_data_cpu<T: Float>(
     dy: &[T],
     w: &[T],
     w_dims: [usize; 4],
     x_dims: [usize; 4],
     pad: [usize; 2],
+    algorithm: ConvAlgorithm,
 ) -> Vec<T> {
     let [o, c, kh, kw] = w_dims;
     let mut flipped = vec![T::default(); w.len()];
@@ -439,7 +497,8 @@ fn backward_data_cpu<T: 'static + candle_core::WithDType + Default>(
         }
     }
     let dy_dims = out_dims(x_dims, w_dims, pad);
-    forward_cpu(
+    forward_by(
+        algorithm,
         dy,
         dy_dims,
         &flipped,
@@ -451,7 +510,7 @@ fn backward_data_cpu<T: 'static + candle_core::WithDType + Default>(
 
 /// A CPU pass, generic over the float type; inputs are contiguous slices in op order.
 trait CpuPass {
-    fn run<T: 'static + candle_core::WithDType + Default>(&self, inputs: &[&[T]]) -> Vec<T>;
+    fn run<T: Float>(&self, inputs: &[&[T]]) -> Vec<T>;
 }
 
 /// The forward; a third input is the bias.
@@ -459,23 +518,56 @@ struct Forward {
     x: [usize; 4],
     w: [usize; 4],
     pad: [usize; 2],
+    algorithm: ConvAlgorithm,
+}
+
+/// The forward of `x` with `w` by `algorithm`.
+fn forward_by<T: Float>(
+    algorithm: ConvAlgorithm,
+    x: &[T],
+    x_dims: [usize; 4],
+    w: &[T],
+    w_dims: [usize; 4],
+    bias: Option<&[T]>,
+    pad: [usize; 2],
+) -> Vec<T> {
+    match algorithm {
+        ConvAlgorithm::Im2colGemm => forward_cpu(x, x_dims, w, w_dims, bias, pad),
+        ConvAlgorithm::WinogradF4x3 => winograd::forward(x, x_dims, w, w_dims, bias, pad),
+    }
 }
 
 impl CpuPass for Forward {
-    fn run<T: 'static + candle_core::WithDType + Default>(&self, v: &[&[T]]) -> Vec<T> {
-        forward_cpu(v[0], self.x, v[1], self.w, v.get(2).copied(), self.pad)
+    fn run<T: Float>(&self, v: &[&[T]]) -> Vec<T> {
+        let bias = v.get(2).copied();
+        forward_by(self.algorithm, v[0], self.x, v[1], self.w, bias, self.pad)
     }
 }
 
 impl CpuPass for BackwardData {
-    fn run<T: 'static + candle_core::WithDType + Default>(&self, v: &[&[T]]) -> Vec<T> {
-        backward_data_cpu(v[0], v[1], self.w_dims, self.x_dims, self.pad)
+    fn run<T: Float>(&self, v: &[&[T]]) -> Vec<T> {
+        backward_data_cpu(
+            v[0],
+            v[1],
+            self.w_dims,
+            self.x_dims,
+            self.pad,
+            self.algorithm,
+        )
     }
 }
 
 impl CpuPass for BackwardFilter {
-    fn run<T: 'static + candle_core::WithDType + Default>(&self, v: &[&[T]]) -> Vec<T> {
-        backward_filter_cpu(v[0], self.x_dims, v[1], self.w_dims, self.pad)
+    fn run<T: Float>(&self, v: &[&[T]]) -> Vec<T> {
+        let (x, dy) = (v[0], v[1]);
+        match self.algorithm {
+            ConvAlgorithm::Im2colGemm => {
+                backward_filter_cpu(x, self.x_dims, dy, self.w_dims, self.pad)
+            }
+            ConvAlgorithm::WinogradF4x3 => {
+                winograd::backward_filter(x, self.x_dims, dy, self.w_dims, self.pad)
+            }
+        }
     }
 }
 
@@ -561,6 +653,7 @@ impl CustomOp2 for Conv {
                 x,
                 w,
                 pad: self.pad,
+                algorithm: self.algorithm,
             },
             self.round,
         )?;
@@ -614,6 +707,7 @@ impl CustomOp3 for Conv {
                 x,
                 w,
                 pad: self.pad,
+                algorithm: self.algorithm,
             },
             self.round,
         )?;
@@ -720,10 +814,8 @@ impl CustomOp2 for BackwardData {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let pass = BackwardData {
-            pad: self.pad,
-            x_dims: self.x_dims,
             w_dims: dims4(wl)?,
-            round: self.round,
+            ..*self
         };
         let dx = on_cpu(&[(dys, dyl), (ws, wl)], &pass, self.round)?;
         Ok((dx, Shape::from(self.x_dims.to_vec())))
@@ -761,10 +853,8 @@ impl CustomOp2 for BackwardFilter {
         dyl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let pass = BackwardFilter {
-            pad: self.pad,
-            w_dims: self.w_dims,
             x_dims: dims4(xl)?,
-            round: self.round,
+            ..*self
         };
         let dw = on_cpu(&[(xs, xl), (dys, dyl)], &pass, self.round)?;
         Ok((dw, Shape::from(self.w_dims.to_vec())))

@@ -27,6 +27,7 @@ pub mod pool;
 pub mod precision;
 pub mod rope;
 pub mod selective_scan;
+pub mod winograd;
 
 /// The sizes a trainer's CUDA kernels are specialised to (config::cuda::KernelSizes, as the
 /// generated code's constants). Defined in every build, so a CPU trainer names the same type.
