@@ -340,6 +340,19 @@ fn input_tiles<T: WithDType + Default>(
             }
             let (b, r0, c0) = t.locate(tile);
             let image = &x[(b * t.c + ci) * plane..][..plane];
+            let (top, left) = (r0.wrapping_sub(t.pad[0]), c0.wrapping_sub(t.pad[1]));
+            if top.checked_add(A).is_some_and(|end| end <= t.h)
+                && left.checked_add(A).is_some_and(|end| end <= t.w)
+            {
+                // Inside the image (most tiles): six rows of six, no bounds to test.
+                for r in 0..A {
+                    let src = &image[(top + r) * t.w + left..][..A];
+                    for (k, &value) in src.iter().enumerate() {
+                        gathered[(r * A + k) * n + p] = value;
+                    }
+                }
+                continue;
+            }
             for r in 0..A {
                 let row = (r0 + r).checked_sub(t.pad[0]).filter(|&row| row < t.h);
                 for k in 0..A {
@@ -419,6 +432,18 @@ fn gradient_tiles<T: WithDType + Default>(
         for p in 0..n {
             let tile = first + p;
             let inside = (tile < t.count).then(|| t.locate(tile));
+            if let Some((b, r0, c0)) =
+                inside.filter(|&(_, r0, c0)| r0 + M <= t.ho && c0 + M <= t.wo)
+            {
+                // A whole tile of the output (most are): four rows of four.
+                for a in 0..M {
+                    let src = &dy[(b * o + oc) * plane + (r0 + a) * t.wo + c0..][..M];
+                    for (j, &value) in src.iter().enumerate() {
+                        gathered[(a * M + j) * n + p] = value;
+                    }
+                }
+                continue;
+            }
             for a in 0..M {
                 for j in 0..M {
                     gathered[(a * M + j) * n + p] = match inside {
