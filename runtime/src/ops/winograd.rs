@@ -80,12 +80,11 @@ impl Tiles {
     }
 }
 
-/// The float types the transforms run in: f32 on the widest vector unit (`cpu::vectorised`),
-/// f64 (the tests' reference precision) as plain loops.
+/// The float types the transforms run in (f32, and f64 for the tests' reference precision), each
+/// compiled for the widest vector unit the CPU has (`cpu::vectorised`).
 pub(crate) trait Float: 'static + WithDType + Default {
-    /// `v[ξ][c][..n]` (rows `c_stride` apart within a point, `xi_stride` between points) = the
-    /// transformed 6×6 input tiles of channel `c` for tiles `first..first + n`.
-    #[allow(clippy::too_many_arguments)]
+    /// `v[ξ][c][..n]` (a C×n matrix per point ξ) = the transformed 6×6 input tiles of every
+    /// channel for tiles `first..first + n`; `d` is scratch of 72·n.
     fn input_tiles(x: &[Self], t: &Tiles, first: usize, n: usize, d: &mut [Self], v: &mut [Self]);
     /// `y` at the block's tiles = Aᵀ M A (+ bias), M the block's `o·n`-strided products.
     #[allow(clippy::too_many_arguments)]
