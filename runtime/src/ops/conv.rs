@@ -464,14 +464,20 @@ fn backward_filter_cpu<T: 'static + candle_core::WithDType + Default>(
             *started = true;
         },
     );
-    let mut sums = partial.into_iter().map(|(_, dw, _)| dw);
-    let mut dw = sums.next().expect("at least one thread");
-    for other in sums {
-        for (a, b) in dw.iter_mut().zip(other) {
+    sum_partials(partial.into_iter().map(|(_, dw, _)| dw))
+}
+
+/// The elementwise sum of the threads' partial filter gradients (at least one).
+pub(super) fn sum_partials<T: candle_core::WithDType>(
+    mut parts: impl Iterator<Item = Vec<T>>,
+) -> Vec<T> {
+    let mut sum = parts.next().expect("at least one thread's sum");
+    for other in parts {
+        for (a, b) in sum.iter_mut().zip(other) {
             *a += b;
         }
     }
-    dw
+    sum
 }
 
 /// ∂L/∂x: the forward of ∂L/∂y with the kernel flipped in space and its channel axes swapped,

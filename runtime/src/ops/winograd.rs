@@ -20,7 +20,7 @@
 
 use candle_core::WithDType;
 
-use crate::ops::conv::{matmul, per_sample, SharedOut, Strided, COL_TILE};
+use crate::ops::conv::{matmul, per_sample, sum_partials, SharedOut, Strided, COL_TILE};
 
 /// Output tile side, input tile side (4 + 3 − 1), and points of the transformed tile.
 const M: usize = 4;
@@ -600,16 +600,12 @@ pub(crate) fn backward_filter<T: Float>(
             *started = true;
         },
     );
-    let mut sums = partial
-        .into_iter()
-        .filter(|(_, _, started)| *started)
-        .map(|(_, du, _)| du);
-    let mut du = sums.next().expect("at least one block");
-    for other in sums {
-        for (a, b) in du.iter_mut().zip(other) {
-            *a += b;
-        }
-    }
+    let du = sum_partials(
+        partial
+            .into_iter()
+            .filter(|(_, _, started)| *started)
+            .map(|(_, du, _)| du),
+    );
     filter_gradient(&du, o, c)
 }
 
